@@ -1,0 +1,5 @@
+import sys
+
+from flystage.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""The `flystage` command line: one sub-command per pipeline stage.
+
+Each command lives in its own module, which provides ``configure_parser(parser)`` and
+``run(args) -> int``. Modules are imported only when their command runs, so that
+``flystage predict`` works without torch installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from flystage import __version__
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "organise": ("flystage.organise", "scan image folders and write a split manifest (CSV)"),
+    "augment": ("flystage.augment", "write an offline augmented copy of one split as PNG"),
+    "train": ("flystage.train", "train a stage classifier and write the model artefact"),
+    "evaluate": ("flystage.evaluate", "score a model on a manifest split: accuracy, recall, confusion"),
+    "crossval": ("flystage.crossval", "leave-one-group-out cross-validation"),
+    "predict": ("flystage.predict", "top-3 stages for every image in a folder (CSV/JSON, --rename)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its options."""
+    parser = argparse.ArgumentParser(
+        prog="flystage",
+        description="Stage Drosophila embryo images: organise, train, evaluate, predict.",
+    )
+    parser.add_argument("--version", action="version", version=f"flystage {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        if name == command:
+            importlib.import_module(module_name).configure_parser(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Importing only the chosen command's module keeps `flystage --help` fast and
+    # `flystage predict` free of torch.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
