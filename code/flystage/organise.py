@@ -1,0 +1,615 @@
+"""Organise lab image folders into one manifest CSV with a grouped, stratified split.
+
+``flystage organise FOLDER [FOLDER ...] --out manifest.csv`` walks the folders as a lab
+shares them (nested, mixed formats, stray files, notebook checkpoint folders), takes each
+image's stage label from its folder name, a filename pattern or a CSV, maps and drops labels,
+removes exact duplicates by content hash, and splits into train/valid/test so that every group
+(an embryo, a gene, a session) lies in one split only.
+
+The manifest (``path,label,group,split,sha1``) is the contract every later stage reads; see
+``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import math
+import os
+import random
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
+SPLITS = ("train", "valid", "test")
+MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha1")
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+# A folder name that looks like a stage: "11", "13-16", "stage 9-10", "st13", "Stage_4_6".
+DEFAULT_LABEL_PATTERN = r"(?i)^(?:stage|st)?[\s_-]*\d{1,2}(?:\s*(?:-|_|to)\s*\d{1,2})?$"
+# Folders a lab's tools leave behind that never hold training images.
+JUNK_FOLDERS = {".ipynb_checkpoints": "checkpoint folder", "__MACOSX": "__MACOSX folder"}
+
+
+class OrganiseError(ValueError):
+    """Bad input to organise, or a manifest that cannot be used; the message says what to do."""
+
+
+# Readers of manifests catch this name; it is the same error type.
+ManifestError = OrganiseError
+
+
+@dataclass
+class Record:
+    """One image of a manifest. ``path`` is absolute once read or organised."""
+
+    path: Path
+    label: str
+    group: str
+    split: str
+    sha1: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# ---- scanning ------------------------------------------------------------------------------
+
+
+def _ignore_reason(name: str, is_dir: bool) -> str | None:
+    if name in JUNK_FOLDERS and is_dir:
+        return JUNK_FOLDERS[name]
+    if name.startswith("."):
+        return "hidden folder" if is_dir else "hidden file"
+    return None
+
+
+def _count_files(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Counter]:
+    """(root, image path) pairs in a stable sorted order, and ignored-file counts by reason."""
+    found: list[tuple[Path, Path]] = []
+    ignored: Counter = Counter()
+    for folder in folders:
+        root = Path(folder).expanduser().resolve()
+        if root.is_file():
+            # A single file given directly: kept if it is an image.
+            if root.suffix.lower() in IMAGE_SUFFIXES:
+                found.append((root.parent, root))
+            else:
+                ignored[f"not an image ({root.suffix.lower() or 'no suffix'})"] += 1
+            continue
+        if not root.is_dir():
+            raise OrganiseError(f"{root}: no such folder; give the folder that holds the images")
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            kept_dirs = []
+            for d in sorted(dirnames):
+                reason = _ignore_reason(d, is_dir=True)
+                if reason:
+                    # Count what we skip, so "where did my images go" has an answer.
+                    ignored[f"in {reason}"] += _count_files(here / d)
+                else:
+                    kept_dirs.append(d)
+            dirnames[:] = kept_dirs
+            for name in sorted(filenames):
+                reason = _ignore_reason(name, is_dir=False)
+                suffix = Path(name).suffix.lower()
+                if reason:
+                    ignored[reason] += 1
+                elif suffix not in IMAGE_SUFFIXES:
+                    ignored[f"not an image ({suffix or 'no suffix'})"] += 1
+                else:
+                    found.append((root, here / name))
+    return found, ignored
+
+
+def iter_images(folders: Iterable[str | Path]) -> tuple[list[Path], Counter]:
+    """Every image file under ``folders`` (recursive, sorted), and counts of what was ignored.
+
+    Images are files ending in .tif/.tiff/.png/.bmp/.jpg/.jpeg (any case). Hidden files and
+    folders, ``.ipynb_checkpoints`` and ``__MACOSX`` are skipped. A path that is itself an
+    image file is kept as is.
+    """
+    found, ignored = _scan(folders)
+    return [path for _, path in found], ignored
+
+
+def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-1 of a file's bytes (exact-duplicate detection; matches BDGP's labels.csv)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- labels ----------------------------------------------------------------------------------
+
+
+def sort_labels(labels: Iterable[str]) -> list[str]:
+    """Unique labels in stage order: by the first number in the label, then by text.
+
+    ``["13-16", "1-3", "9-10", "4-6"] -> ["1-3", "4-6", "9-10", "13-16"]``; labels without a
+    number come last, alphabetically.
+    """
+
+    def key(label: str) -> tuple[float, str]:
+        m = re.search(r"\d+", label)
+        return (int(m.group()) if m else math.inf, label)
+
+    return sorted(set(labels), key=key)
+
+
+def _parse_map(pairs: Sequence[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise OrganiseError(f"--map {pair!r}: write it as OLD=NEW, for example --map 'stage 11=11-12'")
+        mapping[old.strip()] = new.strip()
+    return mapping
+
+
+def _split_list(text: str | None) -> set[str] | None:
+    if text is None:
+        return None
+    return {item.strip() for item in text.split(",") if item.strip()}
+
+
+def _compile(pattern: str, group: str, option: str) -> re.Pattern[str]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise OrganiseError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from None
+    if group not in regex.groupindex:
+        raise OrganiseError(f"{option} {pattern!r} needs a named group (?P<{group}>...)")
+    return regex
+
+
+def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> dict[Path, tuple[str, str | None]]:
+    """Absolute image path -> (label, group or None) from a CSV with path,label[,group]."""
+    if not csv_path.is_file():
+        raise OrganiseError(f"{csv_path}: labels CSV not found")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("path", label_column) if c not in columns]
+        if missing:
+            raise OrganiseError(
+                f"{csv_path}: missing column(s) {missing}; it has {columns}. "
+                "Give a CSV with path,label[,group] or name the columns with --label-column/--group-column"
+            )
+        table = {}
+        for row in reader:
+            path = Path(row["path"]).expanduser()
+            path = (path if path.is_absolute() else csv_path.parent / path).resolve()
+            group = row.get(group_column) or None if group_column in columns else None
+            table[path] = (row[label_column].strip(), group)
+    return table
+
+
+def _folder_label(path: Path, root: Path, level: int | None, pattern: re.Pattern[str]) -> str | None:
+    parents = list(path.parents)
+    if level is not None:
+        return parents[level - 1].name if level <= len(parents) else None
+    # Nearest ancestor first, up to and including the scanned folder itself.
+    for parent in parents:
+        if pattern.match(parent.name):
+            return parent.name
+        if parent == root:
+            break
+    return None
+
+
+# ---- split -----------------------------------------------------------------------------------
+
+
+def split_groups(
+    group_labels: dict[str, Counter], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
+) -> dict[str, str]:
+    """Assign each group to a split so that every split's label counts approach its fraction.
+
+    ``group_labels`` maps group -> Counter of labels. Groups are visited largest first (a
+    seeded shuffle orders groups of equal size); each goes to the split where it most reduces
+    the squared shortfall from the target counts, per label (weighted by 1 / label total, so
+    rare stages count as much as common ones) and in total. Returns group -> split.
+    """
+    if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise OrganiseError(f"split fractions {list(fractions)}: give three non-negative numbers, e.g. 0.7,0.15,0.15")
+    total_f = sum(fractions)
+    fractions = [f / total_f for f in fractions]
+    label_totals: Counter = Counter()
+    for counts in group_labels.values():
+        label_totals.update(counts)
+    n = sum(label_totals.values())
+    target = [{label: f * t for label, t in label_totals.items()} for f in fractions]
+    current: list[Counter] = [Counter() for _ in SPLITS]
+    size = [0] * len(SPLITS)
+
+    order = sorted(group_labels)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -sum(group_labels[g].values()))  # stable: shuffle breaks ties
+
+    assignment: dict[str, str] = {}
+    for g in order:
+        counts = group_labels[g]
+        g_size = sum(counts.values())
+        best, best_cost = None, math.inf
+        for s, f in enumerate(fractions):
+            if f == 0:
+                continue
+            # Change in sum of squared (current - target) if g joins split s.
+            cost = sum(
+                k * (k + 2 * (current[s][label] - target[s][label])) / label_totals[label]
+                for label, k in counts.items()
+            )
+            cost += g_size * (g_size + 2 * (size[s] - f * n)) / n
+            if cost < best_cost - 1e-12:
+                best, best_cost = s, cost
+        assignment[g] = SPLITS[best]
+        current[best].update(counts)
+        size[best] += g_size
+
+    # A split with a share must not end up empty when another split can spare a group.
+    for s, f in enumerate(fractions):
+        members = [g for g, sp in assignment.items() if sp == SPLITS[s]]
+        if f > 0 and not members:
+            by_split = Counter(assignment.values())
+            donor = max(by_split, key=lambda sp: by_split[sp])
+            if by_split[donor] > 1:
+                smallest = min(
+                    (g for g, sp in assignment.items() if sp == donor),
+                    key=lambda g: (sum(group_labels[g].values()), order.index(g)),
+                )
+                assignment[smallest] = SPLITS[s]
+    return assignment
+
+
+# ---- organise --------------------------------------------------------------------------------
+
+
+@dataclass
+class OrganiseResult:
+    """The records to write and what happened to every file that was left out."""
+
+    records: list[Record]
+    ignored: Counter  # reason -> file count (not images, hidden, checkpoints)
+    unlabelled: list[Path]
+    mapped: Counter  # "old -> new" -> count
+    dropped: Counter  # label -> count removed by --keep/--drop
+    duplicates: list[tuple[Path, list[Path]]]  # (kept, removed copies with the same label)
+    conflicts: list[tuple[str, list[tuple[Path, str]]]]  # (sha1, [(path, label)]) all dropped
+
+
+def organise(
+    folders: Sequence[str | Path],
+    *,
+    label_level: int | None = None,
+    label_pattern: str = DEFAULT_LABEL_PATTERN,
+    label_regex: str | None = None,
+    labels_csv: str | Path | None = None,
+    label_column: str = "label",
+    group_column: str = "group",
+    group_regex: str | None = None,
+    mapping: dict[str, str] | None = None,
+    keep: set[str] | None = None,
+    drop: set[str] | None = None,
+    split: str = "stratified",
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+) -> OrganiseResult:
+    """Scan ``folders`` and return labelled, de-duplicated, split records (nothing is written).
+
+    Labels come from ``labels_csv`` if given, else ``label_regex`` (named group ``label``,
+    searched in the path relative to its scanned folder), else the folder name (the
+    ``label_level``-th parent, or the nearest ancestor matching ``label_pattern``).
+    Groups come from the CSV's ``group_column``, else ``group_regex`` (named group ``group``),
+    else each image is its own group. ``split`` is ``"stratified"`` or ``"none"`` (all train,
+    for cross-validation).
+    """
+    if split not in ("stratified", "none"):
+        raise OrganiseError(f"split {split!r}: use 'stratified' or 'none'")
+    if label_level is not None and label_level < 1:
+        raise OrganiseError(f"--label-level {label_level}: 1 is the image's own folder, 2 its parent, ...")
+    label_re = _compile(label_regex, "label", "--label-regex") if label_regex else None
+    group_re = _compile(group_regex, "group", "--group-regex") if group_regex else None
+    try:
+        folder_re = re.compile(label_pattern)
+    except re.error as exc:
+        raise OrganiseError(f"--label-pattern {label_pattern!r} is not a valid regular expression: {exc}") from None
+    table = _read_labels_csv(Path(labels_csv).resolve(), label_column, group_column) if labels_csv else None
+    mapping = mapping or {}
+
+    found, ignored = _scan(folders)
+    if not found:
+        raise OrganiseError(
+            f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {', '.join(map(str, folders))}; "
+            f"ignored: {dict(ignored) or 'nothing'}"
+        )
+
+    unlabelled: list[Path] = []
+    mapped: Counter = Counter()
+    dropped: Counter = Counter()
+    unmatched_groups: list[Path] = []
+    labelled: list[Record] = []
+    for root, path in found:
+        rel = path.relative_to(root).as_posix()
+        csv_group = None
+        if table is not None:
+            if path not in table:
+                ignored["not in the labels CSV"] += 1
+                continue
+            label, csv_group = table[path]
+        elif label_re is not None:
+            m = label_re.search(rel)
+            label = m.group("label") if m and m.group("label") else None
+        else:
+            label = _folder_label(path, root, label_level, folder_re)
+        if not label:
+            unlabelled.append(path)
+            continue
+        if label in mapping:
+            mapped[f"{label} -> {mapping[label]}"] += 1
+            label = mapping[label]
+        if (keep is not None and label not in keep) or (drop is not None and label in drop):
+            dropped[label] += 1
+            continue
+        if csv_group:
+            group = csv_group
+        elif group_re is not None:
+            m = group_re.search(rel)
+            if not m or not m.group("group"):
+                unmatched_groups.append(path)
+                continue
+            group = m.group("group")
+        else:
+            group = rel if len(folders) == 1 else path.as_posix()
+        labelled.append(Record(path=path, label=label, group=group, split="train", sha1=""))
+
+    if unmatched_groups:
+        # Guessing a group could leak an embryo across splits: stop and say which files.
+        shown = "\n  ".join(str(p) for p in unmatched_groups[:10])
+        raise OrganiseError(
+            f"--group-regex {group_regex!r} did not match {len(unmatched_groups)} image path(s), e.g.\n  {shown}\n"
+            "Fix the pattern (it is searched in the path relative to the scanned folder) or move those files."
+        )
+    if not labelled:
+        raise OrganiseError(
+            f"no labelled images left ({len(unlabelled)} without a label, dropped {dict(dropped)}); "
+            "check --label-level/--label-regex/--labels-csv and --keep/--drop"
+        )
+
+    records, duplicates, conflicts = _deduplicate(labelled)
+    if not records:
+        raise OrganiseError("every image was a duplicate with conflicting labels; nothing to write")
+    if split == "none":
+        for r in records:
+            r.split = "train"
+    else:
+        per_group: dict[str, Counter] = defaultdict(Counter)
+        for r in records:
+            per_group[r.group][r.label] += 1
+        assignment = split_groups(per_group, fractions, seed)
+        for r in records:
+            r.split = assignment[r.group]
+    return OrganiseResult(records, ignored, unlabelled, mapped, dropped, duplicates, conflicts)
+
+
+def _deduplicate(records: list[Record]) -> tuple[list[Record], list, list]:
+    """Keep the first of identical files; drop every copy when copies disagree on the label."""
+    by_sha: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        r.sha1 = file_sha1(r.path)
+        by_sha[r.sha1].append(r)
+    kept, duplicates, conflicts = [], [], []
+    for sha1, copies in by_sha.items():
+        if len({c.label for c in copies}) > 1:
+            conflicts.append((sha1, [(c.path, c.label) for c in copies]))
+            continue
+        kept.append(copies[0])
+        if len(copies) > 1:
+            duplicates.append((copies[0].path, [c.path for c in copies[1:]]))
+    kept.sort(key=lambda r: r.path.as_posix())
+    return kept, duplicates, conflicts
+
+
+# ---- manifest I/O ----------------------------------------------------------------------------
+
+
+def _manifest_path_text(path: Path, folder: Path) -> str:
+    try:
+        return path.resolve().relative_to(folder).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def write_manifest(records: Sequence[Record], path: str | Path, force: bool = False) -> Path:
+    """Write ``records`` as a manifest CSV; image paths below its folder are made relative.
+
+    Refuses to replace an existing file unless ``force``. Written to a temporary file first,
+    so a crash never leaves half a manifest. Returns the manifest path.
+    """
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not force:
+        raise OrganiseError(f"{path} already exists; choose another --out or pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra_columns = sorted({k for r in records for k in r.extra} - set(MANIFEST_COLUMNS))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([*MANIFEST_COLUMNS, *extra_columns])
+        for r in records:
+            writer.writerow(
+                [_manifest_path_text(r.path, path.parent), r.label, r.group, r.split, r.sha1]
+                + [r.extra.get(c, "") for c in extra_columns]
+            )
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
+    """Records of a manifest CSV, with image paths resolved against the manifest's folder.
+
+    Raises ``ManifestError`` for a missing file, missing columns, an empty manifest, bad
+    split values, a group in two splits, or (with ``check_files``) images that do not exist.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found; make one with `flystage organise`")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+        if missing:
+            raise ManifestError(
+                f"{path}: missing column(s) {missing}; a manifest has {','.join(MANIFEST_COLUMNS)} "
+                "(make one with `flystage organise`)"
+            )
+        rows = list(reader)
+    if not rows:
+        raise ManifestError(f"{path}: the manifest has no rows")
+    records, bad_split, missing_files = [], [], []
+    for line, row in enumerate(rows, start=2):
+        image = Path(row["path"]).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        if row["split"] not in SPLITS:
+            bad_split.append(f"line {line}: {row['split']!r}")
+        if not row["label"]:
+            raise ManifestError(f"{path}: line {line} has an empty label")
+        if check_files and not image.is_file():
+            missing_files.append(str(image))
+        extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k is not None}
+        records.append(Record(image, row["label"], row["group"], row["split"], row["sha1"], extra))
+    if bad_split:
+        raise ManifestError(
+            f"{path}: split must be one of {', '.join(SPLITS)}; found " + "; ".join(bad_split[:10])
+            + (f" and {len(bad_split) - 10} more" if len(bad_split) > 10 else "")
+        )
+    if missing_files:
+        raise ManifestError(
+            f"{path}: {len(missing_files)} image(s) listed but not found, e.g.\n  " + "\n  ".join(missing_files[:10])
+            + "\nMove the manifest with its images, or organise again."
+        )
+    splits_of_group: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        splits_of_group[r.group].add(r.split)
+    leaking = sorted(g for g, s in splits_of_group.items() if len(s) > 1)
+    if leaking:
+        raise ManifestError(f"{path}: group(s) {leaking[:10]} appear in more than one split; organise again")
+    return records
+
+
+def manifest_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the manifest file's bytes (recorded in the model artefact)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- reporting -------------------------------------------------------------------------------
+
+
+def summary_table(records: Sequence[Record]) -> str:
+    """A text table: one row per split, one column per label (stage order), groups, total."""
+    labels = sort_labels(r.label for r in records)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    groups: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        counts[r.split][r.label] += 1
+        groups[r.split].add(r.group)
+    header = ["split", *labels, "images", "groups"]
+    rows = [header]
+    for s in SPLITS:
+        if counts[s]:
+            rows.append([s, *(str(counts[s][l]) for l in labels), str(sum(counts[s].values())), str(len(groups[s]))])
+    all_groups = {r.group for r in records}
+    rows.append(["all", *(str(sum(c[l] for c in counts.values())) for l in labels), str(len(records)), str(len(all_groups))])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def report_text(result: OrganiseResult) -> str:
+    """What was kept, ignored, mapped, dropped and de-duplicated, in a few lines."""
+    lines = []
+    if result.ignored:
+        lines.append("ignored files: " + ", ".join(f"{n} {why}" for why, n in sorted(result.ignored.items())))
+    if result.unlabelled:
+        lines.append(f"no label found for {len(result.unlabelled)} image(s), e.g. {result.unlabelled[0]}")
+    for change, n in sorted(result.mapped.items()):
+        lines.append(f"mapped {change}: {n}")
+    if result.dropped:
+        lines.append("dropped out-of-scope labels: " + ", ".join(f"{l} ({n})" for l, n in sorted(result.dropped.items())))
+    for kept, removed in result.duplicates:
+        lines.append(f"duplicate: kept {kept}, removed {', '.join(map(str, removed))}")
+    for sha1, copies in result.conflicts:
+        lines.append(
+            f"conflict: identical files with different labels, all dropped (sha1 {sha1[:12]}): "
+            + ", ".join(f"{p} [{l}]" for p, l in copies)
+        )
+    lines.append(summary_table(result.records))
+    return "\n".join(lines)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folders", nargs="+", type=Path, help="folders to scan recursively")
+    parser.add_argument("--out", type=Path, default=Path("manifest.csv"), help="manifest CSV to write (default manifest.csv)")
+    parser.add_argument("--force", action="store_true", help="replace an existing manifest")
+    how = parser.add_argument_group("labels (default: the nearest folder whose name looks like a stage)")
+    how.add_argument("--label-level", type=int, help="take the label from the N-th folder up (1 = the image's own folder)")
+    how.add_argument("--label-pattern", default=DEFAULT_LABEL_PATTERN, help="regex a folder name must match to be a label")
+    how.add_argument("--label-regex", help="regex with a named group 'label', searched in the path below the scanned folder")
+    how.add_argument("--labels-csv", type=Path, help="CSV with path,label[,group] (paths relative to the CSV's folder)")
+    how.add_argument("--label-column", default="label", help="label column of --labels-csv (default label)")
+    how.add_argument("--group-column", default="group", help="group column of --labels-csv (default group)")
+    how.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="rename a label (repeatable)")
+    how.add_argument("--keep", help="comma-separated labels to keep (after --map); others are dropped")
+    how.add_argument("--drop", help="comma-separated labels to drop (after --map)")
+    sp = parser.add_argument_group("groups and split")
+    sp.add_argument("--group-regex", help="regex with a named group 'group' on the path below the scanned folder, e.g. '^(?P<group>[^/]+)/'")
+    sp.add_argument("--split", choices=["stratified", "none"], default="stratified", help="'none' marks every image train (for crossval)")
+    sp.add_argument("--fractions", default="0.7,0.15,0.15", help="train,valid,test fractions (default 0.7,0.15,0.15)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the group order (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        fractions = [float(x) for x in args.fractions.split(",")]
+    except ValueError:
+        print(f"error: --fractions {args.fractions!r}: give three numbers such as 0.7,0.15,0.15", file=sys.stderr)
+        return 2
+    try:
+        if args.out.exists() and not args.force:
+            raise OrganiseError(f"{args.out} already exists; choose another --out or pass --force to replace it")
+        result = organise(
+            args.folders,
+            label_level=args.label_level,
+            label_pattern=args.label_pattern,
+            label_regex=args.label_regex,
+            labels_csv=args.labels_csv,
+            label_column=args.label_column,
+            group_column=args.group_column,
+            group_regex=args.group_regex,
+            mapping=_parse_map(args.map),
+            keep=_split_list(args.keep),
+            drop=_split_list(args.drop),
+            split=args.split,
+            fractions=fractions,
+            seed=args.seed,
+        )
+        out = write_manifest(result.records, args.out, force=args.force)
+    except OrganiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report_text(result))
+    print(f"wrote {out} ({len(result.records)} images, {len({r.group for r in result.records})} groups)")
+    return 0
