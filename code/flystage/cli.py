@@ -15,6 +15,7 @@ from flystage import __version__
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "fetch": ("flystage.datasets", "download and verify the default BDGP example images"),
     "organise": ("flystage.organise", "scan image folders and write a split manifest (CSV)"),
     "augment": ("flystage.augment", "write an offline augmented copy of one split as PNG"),
     "train": ("flystage.train", "train a stage classifier and write the model artefact"),
