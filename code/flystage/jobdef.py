@@ -6,7 +6,9 @@ and metric regexes from here, so what is proven locally is what runs on SageMake
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any, Mapping
 
 # The training program prints one line per epoch, for example
 #   epoch=3 train_loss=0.8123 valid_loss=0.4100 valid_top1=0.8200 valid_top3=0.9700
@@ -42,3 +44,109 @@ def metric_regex(name: str) -> re.Pattern[str]:
 def read_metric(log: str, name: str = OBJECTIVE_METRIC) -> list[float]:
     """Every value of metric ``name`` in a job log, in order (as SageMaker would chart them)."""
     return [float(m.group(1)) for m in metric_regex(name).finditer(log)]
+
+
+# ---- the SageMaker requests -------------------------------------------------------------
+
+# Where SageMaker mirrors CheckpointConfig.S3Uri inside the container (also its default).
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+_JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+
+
+def hyperparameter_strings(hyperparameters: Mapping[str, Any]) -> dict[str, str]:
+    """SageMaker takes hyperparameters as strings; the training toolkit JSON-decodes them back.
+
+    Strings pass as they are, booleans become ``"true"``/``"false"`` (the train program parses
+    those itself), everything else is JSON (``0.01`` -> ``"0.01"``, ``[1, 2]`` -> ``"[1, 2]"``).
+    """
+    out = {}
+    for key, value in hyperparameters.items():
+        if "-" in key:
+            raise ValueError(f"hyperparameter {key!r}: use underscores, not dashes, in names")
+        out[key] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def training_job_request(
+    settings: Any,
+    image_uri: str,
+    hyperparameters: Mapping[str, Any],
+    channels: Mapping[str, str],
+    *,
+    job_name: str,
+    output_uri: str | None = None,
+    checkpoint_uri: str | None = None,
+) -> dict[str, Any]:
+    """The exact ``sagemaker.create_training_job`` request (keyword arguments) for one job.
+
+    This is the single definition of a training job: the cloud ``train`` target sends it,
+    the tuning job reuses its parts as its ``TrainingJobDefinition`` (``flystage.cloud.tuning``),
+    and local mode turns it into a ``/opt/ml`` tree (HyperParameters ->
+    ``input/config/hyperparameters.json``, InputDataConfig -> ``inputdataconfig.json`` and
+    ``input/data/<channel>/``, ResourceConfig.InstanceCount -> ``resourceconfig.json`` hosts,
+    CheckpointConfig.LocalPath -> the checkpoint folder). Keep the signature stable.
+
+    - ``settings``: a ``flystage.cloud.settings.Settings`` (read: ``role_arn``, ``instance_type``,
+      ``instance_count``, ``volume_size_gb``, ``max_runtime_s``, ``spot``, ``max_wait_s``,
+      ``tags``, and ``bucket``/``prefix`` when no ``output_uri`` is given). ``Settings()``
+      with defaults is fine for local mode (the role is then an empty string).
+    - ``image_uri``: the train image (ECR URI, or the local tag in local mode).
+    - ``hyperparameters``: name -> value (underscored names; values made strings here).
+    - ``channels``: channel name (``train``, ``valid``, ...) -> ``s3://`` URI of its prefix,
+      or ``file://`` folder in local mode.
+    - ``job_name``: 1-63 letters, digits and dashes (``flystage.cloud.training.job_name``).
+    - ``output_uri``: where ``model.tar.gz`` goes; default ``s3://bucket/prefix/output``.
+    - ``checkpoint_uri``: default ``s3://bucket/prefix/checkpoints/<job_name>`` when spot
+      training is on (spot needs checkpoints to resume), else no CheckpointConfig.
+    """
+    if not _JOB_NAME.fullmatch(job_name):
+        raise ValueError(f"job name {job_name!r}: use 1-63 letters, digits and dashes")
+    if not channels:
+        raise ValueError("a training job needs at least one input channel (for example 'train')")
+    for name, uri in channels.items():
+        if not uri.startswith(("s3://", "file://")):
+            raise ValueError(f"channel {name!r}: {uri!r} is neither an s3:// nor a file:// URI")
+    if output_uri is None:
+        output_uri = settings.s3_uri("output")
+    if checkpoint_uri is None and settings.spot:
+        checkpoint_uri = settings.s3_uri("checkpoints", job_name)
+    stopping: dict[str, int] = {"MaxRuntimeInSeconds": int(settings.max_runtime_s)}
+    request: dict[str, Any] = {
+        "TrainingJobName": job_name,
+        "RoleArn": settings.role_arn,
+        "AlgorithmSpecification": {
+            "TrainingImage": image_uri,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": [dict(d) for d in METRIC_DEFINITIONS],
+        },
+        "HyperParameters": hyperparameter_strings(hyperparameters),
+        "InputDataConfig": [
+            {
+                "ChannelName": name,
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": uri,
+                        # Every instance sees the whole data set; the train program shards it.
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+                "InputMode": "File",
+            }
+            for name, uri in channels.items()
+        ],
+        "OutputDataConfig": {"S3OutputPath": output_uri},
+        "ResourceConfig": {
+            "InstanceType": settings.instance_type,
+            "InstanceCount": int(settings.instance_count),
+            "VolumeSizeInGB": int(settings.volume_size_gb),
+        },
+        "StoppingCondition": stopping,
+        "EnableManagedSpotTraining": bool(settings.spot),
+        "Tags": [{"Key": k, "Value": str(v)} for k, v in sorted(settings.tags.items())],
+    }
+    if settings.spot:
+        stopping["MaxWaitTimeInSeconds"] = int(settings.max_wait_s)
+    if checkpoint_uri is not None:
+        request["CheckpointConfig"] = {"S3Uri": checkpoint_uri, "LocalPath": CHECKPOINT_LOCAL_PATH}
+    return request
