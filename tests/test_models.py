@@ -1,0 +1,89 @@
+"""Every arch builds and runs on grey and RGB non-square input; pretrained loading is honest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flystage.models import (
+    ARCHS,
+    TORCHVISION_ARCHS,
+    WeightsUnavailableError,
+    build_model,
+    count_parameters,
+    weights_cache_path,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_non_square(arch: str, channels: int) -> None:
+    model = build_model(arch, num_classes=6, channels=channels).eval()
+    x = torch.rand(2, channels, 40, 104)
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (2, 6)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    # The two images differ, so must their logits (the input reaches the head). In train mode:
+    # untrained eval-mode BatchNorm (unit running variance) can shrink activations to ~1e-8.
+    model.train()
+    logits = model(x)
+    assert not torch.allclose(logits[0], logits[1])
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_required_archs_present_and_sizes_distinct() -> None:
+    required = {"resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"}
+    assert required <= set(ARCHS)
+    counts = {arch: count_parameters(build_model(arch, 6, 3)) for arch in ARCHS}
+    assert len(set(counts.values())) == len(counts), counts
+    assert counts["mobilenet_v3_small"] < counts["resnet18"] < counts["resnet34"] < counts["resnet50"]
+
+
+def test_normalisation_inside_model() -> None:
+    model = build_model("resnet18", 4, 3)
+    assert torch.allclose(model.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    grey = build_model("resnet18", 4, 1)
+    assert grey.mean.shape == (1, 1, 1, 1)
+    # The buffers belong to the state dict, so the artefact and its ONNX export carry them.
+    assert {"mean", "std"} <= set(grey.state_dict())
+
+
+def test_bad_arguments_are_clear() -> None:
+    with pytest.raises(ValueError, match="unknown arch 'resnet7'.*resnet18"):
+        build_model("resnet7", 6, 3)
+    with pytest.raises(ValueError, match="channels must be 1"):
+        build_model("resnet18", 6, 2)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model("small_cnn", 6, 3, pretrained=True)
+
+
+def test_pretrained_unavailable_fails_fast_and_clearly(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model("resnet18", 6, 1, pretrained=True)
+    message = str(info.value)
+    assert str(weights_cache_path("resnet18")) in message
+    assert "pretrained=false" in message and "--download resnet18" in message
+
+
+def test_pretrained_from_hub_cache_grey_sums_rgb_kernels(tmp_path, monkeypatch) -> None:
+    """With the weights file in the torch hub cache (as baked into the train image) no network
+    is needed; a grey model's first conv is the sum of the RGB kernels."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    reference = TORCHVISION_ARCHS["resnet18"](weights=None)
+    path = weights_cache_path("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+
+    grey = build_model("resnet18", 6, 1, pretrained=True)
+    expected = reference.conv1.weight.sum(dim=1, keepdim=True)
+    assert torch.equal(grey.backbone.conv1.weight, expected)
+    assert torch.equal(grey.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert grey.backbone.fc.out_features == 6
+    rgb = build_model("resnet18", 6, 3, pretrained=True)
+    assert torch.equal(rgb.backbone.conv1.weight, reference.conv1.weight)
