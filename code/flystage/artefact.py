@@ -1,0 +1,325 @@
+"""The model artefact: the directory SageMaker tars as ``model.tar.gz``.
+
+It holds everything serving needs and nothing else:
+
+- ``model.onnx``: input ``image`` float32 ``(N, C, H, W)`` in [0, 1] (dynamic batch), output
+  ``logits`` ``(N, K)``; checked against torch when saved.
+- ``weights.pt``: ``{"arch", "labels", "channels", "state_dict"}`` for torch users
+  (fine-tuning, the eager baseline).
+- ``metadata.json``: ``format_version``, ``flystage_version``, ``arch``, ``labels`` (output
+  order), ``preprocess`` (``PreprocessConfig.to_dict()``), ``input_shape`` ``[C, H, W]``,
+  ``metrics``, ``manifest_sha256``, ``created`` and export details.
+
+Loading needs only numpy and onnxruntime (the serve image has no torch); torch is imported
+inside the functions that write or rebuild a torch model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flystage import __version__
+from flystage.imaging import PreprocessConfig
+
+FORMAT_VERSION = 1
+ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.pt"
+METADATA_FILE = "metadata.json"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+OPSET = 17
+
+
+_CORE_FIELDS = frozenset(
+    {"format_version", "flystage_version", "arch", "labels", "preprocess", "input_shape", "metrics", "manifest_sha256", "created"}
+)
+
+
+class ArtefactError(ValueError):
+    """A model directory that is missing, incomplete or inconsistent; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """``metadata.json`` of a model artefact, parsed. ``labels[i]`` is output index i."""
+
+    format_version: int
+    flystage_version: str
+    arch: str
+    labels: list[str]
+    preprocess: PreprocessConfig
+    input_shape: tuple[int, int, int]  # (C, H, W) of the model input
+    metrics: dict[str, Any]
+    manifest_sha256: str | None
+    created: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "flystage_version": self.flystage_version,
+            "arch": self.arch,
+            "labels": list(self.labels),
+            "preprocess": self.preprocess.to_dict(),
+            "input_shape": list(self.input_shape),
+            "metrics": self.metrics,
+            "manifest_sha256": self.manifest_sha256,
+            "created": self.created,
+            **{k: v for k, v in self.extra.items() if k not in _CORE_FIELDS},
+        }
+
+
+def _input_shape(config: PreprocessConfig) -> tuple[int, int, int]:
+    return (int(config.channels), int(config.height), int(config.width))
+
+
+def _json_safe(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    # numpy scalars from training loops are not JSON serialisable; fail here, not at load.
+    return json.loads(json.dumps(metrics or {}, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def save_artefact(
+    model_dir: str | Path,
+    model: Any,
+    arch: str,
+    labels: Sequence[str],
+    preprocess_config: PreprocessConfig,
+    metrics: dict[str, Any] | None = None,
+    manifest_sha256: str | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+    opset: int = OPSET,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> Metadata:
+    """Write ``model.onnx``, ``weights.pt`` and ``metadata.json`` into ``model_dir``.
+
+    ``model`` is a torch ``nn.Module`` taking float32 ``(N, C, H, W)`` in [0, 1] and returning
+    logits ``(N, len(labels))``. The ONNX export is run by onnxruntime on random inputs of a
+    batch size other than the export's, and must match torch within
+    ``atol + rtol * max|logits|``; otherwise ``ArtefactError`` is raised and nothing is left
+    in ``model_dir``. Other files in ``model_dir`` are left alone.
+    """
+    import torch  # training side only: serving never reaches this function
+
+    labels = [str(label) for label in labels]
+    if not labels or len(set(labels)) != len(labels):
+        raise ArtefactError(f"labels {labels}: need a non-empty list of distinct labels")
+    c, h, w = _input_shape(preprocess_config)
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
+            tmp = Path(tmp)
+            with torch.no_grad():
+                out = model(torch.zeros(1, c, h, w))
+            if tuple(out.shape) != (1, len(labels)):
+                raise ArtefactError(
+                    f"the model returns shape {tuple(out.shape)} for one image but there are {len(labels)} labels"
+                )
+            with warnings.catch_warnings():
+                # The TorchScript exporter is chosen on purpose (dynamo=False: no onnxscript
+                # dependency, proven on these models); its deprecation notice is noise here.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    model,
+                    (torch.rand(1, c, h, w),),
+                    str(tmp / ONNX_FILE),
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    opset_version=opset,
+                    dynamo=False,
+                )
+            max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
+            torch.save(
+                {"arch": arch, "labels": labels, "channels": c, "state_dict": model.state_dict()},
+                tmp / WEIGHTS_FILE,
+            )
+            metadata = Metadata(
+                format_version=FORMAT_VERSION,
+                flystage_version=__version__,
+                arch=arch,
+                labels=labels,
+                preprocess=preprocess_config,
+                input_shape=(c, h, w),
+                metrics=_json_safe(metrics),
+                manifest_sha256=manifest_sha256,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                extra={
+                    **_json_safe(extra),
+                    "input_name": INPUT_NAME,
+                    "output_name": OUTPUT_NAME,
+                    "onnx_opset": opset,
+                    "onnx_max_abs_diff": max_diff,
+                    "torch_version": torch.__version__,
+                },
+            )
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n", encoding="utf-8")
+            # Metadata last: a reader never sees new metadata next to an old model.
+            for name in (ONNX_FILE, WEIGHTS_FILE, METADATA_FILE):
+                os.replace(tmp / name, model_dir / name)
+    finally:
+        model.train(was_training)
+    return metadata
+
+
+def _check_onnx_matches_torch(model: Any, onnx_path: Path, chw: tuple[int, int, int], atol: float, rtol: float) -> float:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.rand(3, *chw, generator=generator)  # batch 3: proves the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    got = open_session(onnx_path.parent, threads=1).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ArtefactError(f"ONNX export returns shape {got.shape}, torch {expected.shape}")
+    max_diff = float(np.max(np.abs(got - expected)))
+    tolerance = atol + rtol * float(np.max(np.abs(expected)))
+    if not max_diff <= tolerance:
+        raise ArtefactError(
+            f"ONNX export disagrees with torch: max |difference| {max_diff:.3g} > {tolerance:.3g}; "
+            "the model uses an operation the exporter does not translate faithfully"
+        )
+    return max_diff
+
+
+def load_metadata(model_dir: str | Path) -> Metadata:
+    """Parse and check ``metadata.json`` of a model directory (files present, fields valid).
+
+    Raises ``ArtefactError`` naming the directory for a missing directory or file, bad JSON,
+    missing fields, an unknown format version, duplicate labels, or a preprocessing config
+    that does not match ``input_shape``. ``check_artefact`` also opens the ONNX model.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ArtefactError(f"{model_dir}: no such model directory; train a model or unpack model.tar.gz there")
+    missing = [name for name in (ONNX_FILE, METADATA_FILE) if not (model_dir / name).is_file()]
+    if missing:
+        raise ArtefactError(
+            f"{model_dir}: missing {', '.join(missing)}; a model directory holds {ONNX_FILE}, {WEIGHTS_FILE} "
+            f"and {METADATA_FILE} (written by `flystage train`)"
+        )
+    try:
+        raw = json.loads((model_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: not valid JSON ({exc}); re-export the model") from None
+    if not isinstance(raw, dict):
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: expected a JSON object; re-export the model")
+    required = ("format_version", "arch", "labels", "preprocess")
+    absent = [key for key in required if key not in raw]
+    if absent:
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: missing field(s) {absent}; re-export the model")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise ArtefactError(
+            f"{model_dir / METADATA_FILE}: format_version {raw['format_version']!r}, this flystage "
+            f"{__version__} reads {FORMAT_VERSION}; use the matching flystage version or re-export"
+        )
+    labels = raw["labels"]
+    if not isinstance(labels, list) or not labels or len(set(map(str, labels))) != len(labels):
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: 'labels' must be a non-empty list of distinct labels")
+    try:
+        config = PreprocessConfig.from_dict(raw["preprocess"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: bad 'preprocess' settings ({exc}); re-export the model") from None
+    shape = _input_shape(config)
+    if "input_shape" in raw and tuple(raw["input_shape"]) != shape:
+        raise ArtefactError(
+            f"{model_dir / METADATA_FILE}: input_shape {raw['input_shape']} does not match the preprocess "
+            f"settings {list(shape)}"
+        )
+    return Metadata(
+        format_version=raw["format_version"],
+        flystage_version=str(raw.get("flystage_version", "")),
+        arch=str(raw["arch"]),
+        labels=[str(label) for label in labels],
+        preprocess=config,
+        input_shape=shape,
+        metrics=raw.get("metrics") or {},
+        manifest_sha256=raw.get("manifest_sha256"),
+        created=str(raw.get("created", "")),
+        extra={k: v for k, v in raw.items() if k not in _CORE_FIELDS},
+    )
+
+
+def open_session(model_dir: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session on ``model_dir/model.onnx``; ``threads`` None = all cores."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or 0)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    path = Path(model_dir) / ONNX_FILE
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
+        raise ArtefactError(f"{path}: onnxruntime cannot load it ({exc}); re-export the model") from None
+
+
+def check_session(session: Any, metadata: Metadata, model_dir: str | Path) -> None:
+    """Raise ``ArtefactError`` unless the ONNX graph's input/output match the metadata."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    where = Path(model_dir) / ONNX_FILE
+    if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
+        raise ArtefactError(
+            f"{where}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}', found inputs "
+            f"{[i.name for i in inputs]} and outputs {[o.name for o in outputs]}"
+        )
+    in_shape = inputs[0].shape
+    if len(in_shape) != 4 or [d for d in in_shape[1:]] != list(metadata.input_shape):
+        raise ArtefactError(f"{where}: input shape {in_shape} does not match metadata input_shape {list(metadata.input_shape)}")
+    out_shape = next(o.shape for o in outputs if o.name == OUTPUT_NAME)
+    if len(out_shape) != 2 or out_shape[1] != len(metadata.labels):
+        raise ArtefactError(
+            f"{where}: the model has {out_shape[-1]} outputs but metadata.json lists {len(metadata.labels)} "
+            "labels; the files come from different models"
+        )
+
+
+def check_artefact(model_dir: str | Path, threads: int | None = 1) -> Metadata:
+    """Load the metadata and the ONNX model, and run one batch; raise ``ArtefactError`` if anything is off.
+
+    The serve image calls this before starting its server so a broken model never reports
+    healthy.
+    """
+    metadata = load_metadata(model_dir)
+    session = open_session(model_dir, threads)
+    check_session(session, metadata, model_dir)
+    batch = np.zeros((2, *metadata.input_shape), dtype=np.float32)
+    try:
+        logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    except Exception as exc:
+        raise ArtefactError(f"{Path(model_dir) / ONNX_FILE}: a trial batch failed ({exc}); re-export the model") from None
+    if logits.shape != (2, len(metadata.labels)) or not np.all(np.isfinite(logits)):
+        raise ArtefactError(f"{Path(model_dir) / ONNX_FILE}: a trial batch gave shape {logits.shape} or non-finite logits")
+    return metadata
+
+
+def load_torch_model(model_dir: str | Path):
+    """The torch model of ``weights.pt`` rebuilt with ``flystage.models.build_model``, in eval mode."""
+    import torch
+
+    from flystage.models import build_model
+
+    path = Path(model_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ArtefactError(f"{path}: not found; this model directory has no torch weights")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtefactError(f"{path}: cannot read the torch weights ({exc}); re-export the model") from None
+    model = build_model(saved["arch"], num_classes=len(saved["labels"]), channels=saved["channels"], pretrained=False)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
