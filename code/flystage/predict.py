@@ -1,0 +1,428 @@
+"""Top-k stages for every image in a folder, with onnxruntime (no torch on this path).
+
+``flystage predict FOLDER --model DIR`` writes a CSV (``file, stage_1, p_1, ..., error``) and
+a JSON file; ``--rename`` appends the top-3 to each file name
+(``embryo12.tif -> embryo12__s11-12_s13-16_s9-10.tif``) after writing an undo manifest, and
+``flystage predict --undo MANIFEST`` restores the names.
+
+The loop is split so that the model can live elsewhere: anything with
+``predict_sources(sources, k, names) -> list[Prediction]`` (a ``SourcePredictor``: the local
+``Predictor`` here, or an HTTP client for the serve container or a SageMaker endpoint) plugs
+into ``predict_files``, ``write_csv``/``write_json`` and ``rename_files``/``undo_renames``,
+and ``add_output_arguments`` + ``run_with`` give it the same command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from flystage.artefact import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ArtefactError,
+    Metadata,
+    check_session,
+    load_metadata,
+    open_session,
+)
+from flystage.imaging import ImageError, load
+from flystage.organise import iter_images
+
+Source = str | Path | bytes
+
+# What --rename appends: "__s<label>_s<label>_s<label>" before the suffix.
+RENAMED_RE = re.compile(r"__s[A-Za-z0-9.+-]+(?:_s[A-Za-z0-9.+-]+)*$")
+UNDO_COLUMNS = ("old", "new")
+
+
+@dataclass
+class Prediction:
+    """The top-k (label, probability) pairs for one image, or the reason it has none."""
+
+    source: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.source,
+            "top": [{"stage": label, "probability": round(p, 6)} for label, p in self.top],
+            "error": self.error,
+        }
+
+
+class SourcePredictor(Protocol):
+    """Sends a batch of images somewhere and gets the top-k back (local ONNX or remote)."""
+
+    def predict_sources(
+        self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None
+    ) -> list[Prediction]: ...
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``(N, K)`` logits, float32, computed stably in float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def top_k(probs: np.ndarray, labels: Sequence[str], k: int = 3) -> list[list[tuple[str, float]]]:
+    """For each row of ``(N, K)`` probabilities, the ``min(k, K)`` best (label, probability)."""
+    k = max(1, min(int(k), probs.shape[1]))
+    # A stable sort keeps stage order among ties, so equal probabilities list deterministically.
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(labels[j], float(row[j])) for j in idx] for row, idx in zip(probs, order)]
+
+
+class Predictor:
+    """The artefact's ONNX model on onnxruntime, with the artefact's own preprocessing.
+
+    ``threads`` bounds onnxruntime's intra-op threads (None: all cores).
+    """
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.metadata: Metadata = load_metadata(self.model_dir)
+        self.session = open_session(self.model_dir, threads)
+        check_session(self.session, self.metadata, self.model_dir)
+        self.labels = list(self.metadata.labels)
+        self.config = self.metadata.preprocess
+
+    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, K)`` float32 for a preprocessed batch float32 ``(N, C, H, W)`` in [0, 1]."""
+        batch = np.asarray(batch)
+        expected = tuple(self.metadata.input_shape)
+        if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(f"batch must be float32 (N, {', '.join(map(str, expected))}), got {batch.dtype} {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch)})[0]
+        return softmax(logits)
+
+    def predict_sources(
+        self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Top-k for each image (path or bytes); an unreadable image gets its ``error`` instead."""
+        names = list(names) if names is not None else [_name(s, i) for i, s in enumerate(sources)]
+        predictions = [Prediction(name) for name in names]
+        arrays, good = [], []
+        for i, (source, name) in enumerate(zip(sources, names)):
+            try:
+                arrays.append(load(source, self.config, name=name))
+                good.append(i)
+            except ImageError as exc:
+                predictions[i].error = str(exc)
+        if arrays:
+            probs = self.predict_arrays(np.stack(arrays))
+            for i, top in zip(good, top_k(probs, self.labels, k)):
+                predictions[i].top = top
+        return predictions
+
+
+def _name(source: Source, index: int) -> str:
+    return f"<image {index}>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+
+
+# ---- folders ---------------------------------------------------------------------------------
+
+
+def predict_files(
+    predictor: SourcePredictor,
+    paths: Sequence[Path],
+    root: Path | None = None,
+    k: int = 3,
+    batch_size: int = 16,
+    progress: bool | None = None,
+) -> list[Prediction]:
+    """Predictions for ``paths`` in batches, named relative to ``root``; a tqdm bar on a terminal."""
+    from tqdm import tqdm
+
+    names = [_relative_name(p, root) for p in paths]
+    out: list[Prediction] = []
+    # disable=None: a bar on a terminal, silence in logs and CI.
+    with tqdm(total=len(paths), unit="img", disable=None if progress is None else not progress) as bar:
+        for start in range(0, len(paths), max(1, batch_size)):
+            chunk = slice(start, start + batch_size)
+            out.extend(predictor.predict_sources(list(paths[chunk]), k=k, names=names[chunk]))
+            bar.update(len(paths[chunk]))
+    return out
+
+
+def _relative_name(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _open_new(path: Path, force: bool):
+    """Open ``path`` for writing text; refuse to replace an existing file unless ``force``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return open(path, "w" if force else "x", newline="", encoding="utf-8")
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; choose another name or pass --force to replace it") from None
+
+
+def write_csv(predictions: Sequence[Prediction], path: str | Path, k: int = 3, force: bool = False) -> Path:
+    """CSV with ``file, stage_1, p_1, ..., stage_k, p_k, error`` (one row per image)."""
+    path = Path(path)
+    with _open_new(path, force) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file", *[c for i in range(1, k + 1) for c in (f"stage_{i}", f"p_{i}")], "error"])
+        for p in predictions:
+            cells = [c for label, prob in p.top[:k] for c in (label, f"{prob:.4f}")]
+            cells += [""] * (2 * k - len(cells))
+            writer.writerow([p.source, *cells, p.error or ""])
+    return path
+
+
+def write_json(predictions: Sequence[Prediction], path: str | Path, model: dict[str, Any] | None = None, force: bool = False) -> Path:
+    """JSON ``{"model": {...}, "n": N, "errors": E, "predictions": [{"file", "top", "error"}]}``."""
+    path = Path(path)
+    document = {
+        "model": model or {},
+        "n": len(predictions),
+        "errors": sum(p.error is not None for p in predictions),
+        "predictions": [p.to_dict() for p in predictions],
+    }
+    with _open_new(path, force) as f:
+        json.dump(document, f, indent=1)
+        f.write("\n")
+    return path
+
+
+# ---- renaming --------------------------------------------------------------------------------
+
+
+def safe_label(label: str) -> str:
+    """A label fit for a file name part: letters, digits, ``.``, ``+`` and ``-`` only (``_`` separates stages)."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", label).strip("-") or "x"
+
+
+def renamed_path(path: Path, labels: Sequence[str]) -> Path:
+    """``embryo12.tif`` + (11-12, 13-16, 9-10) -> ``embryo12__s11-12_s13-16_s9-10.tif``."""
+    tag = "_".join(f"s{safe_label(label)}" for label in labels)
+    return path.with_name(f"{path.stem}__{tag}{path.suffix}")
+
+
+def is_renamed(path: Path) -> bool:
+    """True when the file name already ends with a ``__s..._s...`` stage tag."""
+    return bool(RENAMED_RE.search(path.stem))
+
+
+def _move_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, raising FileExistsError rather than replacing ``dst``."""
+    try:
+        # link() fails if dst exists, atomically; os.rename would silently replace it.
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        # Filesystems without hard links (FAT, some network shares): check, then rename.
+        if os.path.lexists(dst):
+            raise FileExistsError(dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+@dataclass
+class RenameReport:
+    renamed: list[tuple[Path, Path]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
+    problems: int = 0  # skips the user should look at (not "already renamed" or "no prediction")
+
+    def text(self) -> str:
+        lines = [f"renamed {len(self.renamed)} file(s), skipped {len(self.skipped)}"]
+        lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
+        return "\n".join(lines)
+
+
+def rename_files(
+    paths: Sequence[Path], predictions: Sequence[Prediction], undo_path: str | Path, k: int = 3
+) -> RenameReport:
+    """Append the top-k stages to each file name; write each old->new pair to ``undo_path`` first.
+
+    Never replaces an existing file, skips files already renamed or without a prediction.
+    The undo manifest (CSV ``old,new``, absolute paths) is flushed before each rename, so a
+    crash leaves it valid; it must not exist yet.
+    """
+    report = RenameReport()
+    undo_path = Path(undo_path)
+    with _open_new(undo_path, force=False) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(UNDO_COLUMNS)
+        f.flush()
+        for path, prediction in zip(paths, predictions):
+            path = Path(path).resolve()
+            if is_renamed(path):
+                report.skipped.append((path, "already renamed"))
+                continue
+            if prediction.error or not prediction.top:
+                report.skipped.append((path, "no prediction (unreadable image)"))
+                report.problems += 1
+                continue
+            target = renamed_path(path, [label for label, _ in prediction.top[:k]])
+            if os.path.lexists(target):
+                report.skipped.append((path, f"{target.name} already exists"))
+                report.problems += 1
+                continue
+            writer.writerow([str(path), str(target)])
+            f.flush()
+            os.fsync(f.fileno())
+            try:
+                _move_no_replace(path, target)
+            except FileExistsError:
+                report.skipped.append((path, f"{target.name} already exists"))
+                report.problems += 1
+                continue
+            except OSError as exc:
+                report.skipped.append((path, f"cannot rename: {exc.strerror or exc}"))
+                report.problems += 1
+                continue
+            report.renamed.append((path, target))
+    return report
+
+
+def undo_renames(undo_path: str | Path) -> RenameReport:
+    """Restore the names listed in an undo manifest (last rename first).
+
+    Skips, and reports, files that are no longer at their new name and originals whose name
+    has been taken since.
+    """
+    undo_path = Path(undo_path)
+    if not undo_path.is_file():
+        raise FileNotFoundError(f"{undo_path}: undo manifest not found")
+    with open(undo_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if list(reader.fieldnames or []) != list(UNDO_COLUMNS):
+            raise ValueError(f"{undo_path}: not an undo manifest (expected columns {','.join(UNDO_COLUMNS)})")
+        rows = [(Path(r["old"]), Path(r["new"])) for r in reader if r["old"] and r["new"]]
+    report = RenameReport()
+    for old, new in reversed(rows):
+        if not os.path.lexists(new):
+            if os.path.lexists(old):
+                report.skipped.append((new, "already restored"))
+            else:
+                report.skipped.append((new, "not found (moved or deleted since the rename)"))
+                report.problems += 1
+            continue
+        if os.path.lexists(old):
+            report.skipped.append((new, f"{old.name} exists again; restore it by hand"))
+            report.problems += 1
+            continue
+        try:
+            _move_no_replace(new, old)
+        except OSError as exc:
+            report.skipped.append((new, f"cannot rename: {exc}"))
+            report.problems += 1
+            continue
+        report.renamed.append((new, old))
+    return report
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every folder predictor shares (local model, local container, endpoint)."""
+    parser.add_argument("folder", nargs="?", type=Path, help="folder of images (searched recursively) or one image")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default predictions.csv)")
+    parser.add_argument("--json", type=Path, help="JSON to write (default: the CSV's name with .json)")
+    parser.add_argument("--force", action="store_true", help="replace existing CSV/JSON outputs")
+    parser.add_argument("--k", type=int, default=3, help="how many stages per image (default 3)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--rename", action="store_true", help="append the top-k stages to each file name")
+    parser.add_argument("--undo-manifest", type=Path, help="where --rename records old->new names (default: next to --out)")
+    parser.add_argument("--undo", type=Path, metavar="MANIFEST", help="restore the names recorded by an earlier --rename")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_output_arguments(parser)
+    parser.add_argument("--model", type=Path, help="model directory (model.onnx + metadata.json)")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+
+
+def run_undo(manifest: Path) -> int:
+    try:
+        report = undo_renames(manifest)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.text().replace("renamed", "restored", 1))
+    return 1 if report.problems else 0
+
+
+def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: dict[str, Any] | None = None) -> int:
+    """Predict ``args.folder`` with ``predictor``, write CSV/JSON, rename if asked.
+
+    Exit code 0 when every image was predicted (and renamed if asked), 1 when some were not.
+    """
+    folder = args.folder.expanduser().resolve()
+    if not folder.exists():
+        print(f"error: {folder}: no such folder or file", file=sys.stderr)
+        return 2
+    paths, ignored = iter_images([folder])
+    if ignored:
+        print("ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(ignored.items())), file=sys.stderr)
+    if not paths:
+        print(f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr)
+        return 2
+    json_path = args.json or args.out.with_suffix(".json")
+    for out in (args.out, json_path):
+        if out.exists() and not args.force:
+            print(f"error: {out} already exists; choose another name or pass --force", file=sys.stderr)
+            return 2
+    undo_path = args.undo_manifest or args.out.with_name(f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv")
+    if args.rename and undo_path.exists():
+        print(f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr)
+        return 2
+    root = folder if folder.is_dir() else folder.parent
+    predictions = predict_files(predictor, paths, root=root, k=args.k, batch_size=args.batch_size)
+    write_csv(predictions, args.out, k=args.k, force=args.force)
+    write_json(predictions, json_path, model=model_info, force=args.force)
+    errors = [p for p in predictions if p.error]
+    for p in errors:
+        print(f"unreadable: {p.error}", file=sys.stderr)
+    print(f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s); wrote {args.out} and {json_path}")
+    status = 1 if errors else 0
+    if args.rename:
+        report = rename_files(paths, predictions, undo_path, k=args.k)
+        print(report.text())
+        print(f"undo with: flystage predict --undo {undo_path}")
+        status = 1 if report.problems or errors else 0
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.undo:
+        return run_undo(args.undo)
+    if args.folder is None or args.model is None:
+        print("error: give a FOLDER and --model DIR (or --undo MANIFEST)", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor(args.model, threads=args.threads)
+    except ArtefactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md = predictor.metadata
+    info = {"model_dir": str(args.model), "arch": md.arch, "labels": md.labels, "flystage_version": md.flystage_version, "created": md.created, "manifest_sha256": md.manifest_sha256}
+    return run_with(predictor, args, info)
