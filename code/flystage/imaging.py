@@ -425,7 +425,7 @@ def to_float(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _subsample(image: np.ndarray, target: int = 65536) -> np.ndarray:
+def _subsample(image: np.ndarray, target: int = 20000) -> np.ndarray:
     """A strided view with about ``target`` pixels: percentiles of it are close enough."""
     h, w = image.shape[:2]
     step = max(1, int(math.sqrt(h * w / target)))
@@ -451,14 +451,10 @@ def has_light_background(image: np.ndarray, border: float = 0.04) -> bool:
         True when the median of the border strip is above the middle of the image's 1st-99th
         percentile range, i.e. the frame around the embryo is brighter than the embryo.
     """
-    grey = _grey(to_float(image))
-    h, w = grey.shape
-    bh, bw = max(1, int(h * border)), max(1, int(w * border))
-    strip = np.concatenate([
-        grey[:bh].ravel(), grey[-bh:].ravel(), grey[:, :bw].ravel(), grey[:, -bw:].ravel()
-    ])
-    lo, hi = np.percentile(_subsample(grey), [1.0, 99.0])
-    return bool(np.median(strip) > (lo + hi) / 2.0)
+    grey = _grey(image)
+    strip = _border_strip(grey, border)
+    lo, hi = np.percentile(_subsample(grey).astype(np.float32), [1.0, 99.0])
+    return bool(np.median(strip.astype(np.float32)) > (lo + hi) / 2.0)
 
 
 def stretch_contrast(
@@ -475,7 +471,7 @@ def stretch_contrast(
         One set of bounds is used for all channels, so colours keep their hue.
     low_percentile, high_percentile : float
         Percentiles (0-100) of the output's dark and bright ends; computed on a strided
-        subsample of about 65k pixels, which is fast and within a grey level of exact.
+        subsample of about 20k pixels: fast, and a rank error under 0.1 %.
     invert : bool
         Return ``1 - stretched`` (for light backgrounds); the percentiles still name the
         output's dark and bright ends.
@@ -505,6 +501,15 @@ def stretch_contrast(
     return out
 
 
+def _border_strip(image: np.ndarray, border: float) -> np.ndarray:
+    """The pixels of a strip ``border`` (fraction of each side) wide around the frame."""
+    h, w = image.shape[:2]
+    bh, bw = max(1, int(h * border)), max(1, int(w * border))
+    return np.concatenate([
+        image[:bh].ravel(), image[-bh:].ravel(), image[:, :bw].ravel(), image[:, -bw:].ravel()
+    ])
+
+
 def foreground_mask(image: np.ndarray, smooth: float = 0.02, work_size: int = 256) -> np.ndarray:
     """The embryo: a filled, single blob.
 
@@ -522,21 +527,31 @@ def foreground_mask(image: np.ndarray, smooth: float = 0.02, work_size: int = 25
     Returns
     -------
     ndarray, bool, (H, W)
-        True on the embryo: Otsu's threshold on the blurred image, the largest connected
-        region, holes filled. When no plausible embryo is found (nothing above the threshold,
-        or a region under 1 % of the frame) the whole frame is True, so nothing is lost.
+        True on the embryo: the blurred image above a threshold, the largest connected
+        region, holes filled. The threshold is Otsu's, lowered to just above the background
+        when the frame's border shows a clean background (median + 6 robust SDs), so that
+        faint parts of an embryo (an unstained end, a dim edge) stay in. When no plausible
+        embryo is found (a blank image, or a region under 1 % of the frame) the whole frame
+        is True, so nothing is lost.
     """
     grey = _grey(np.asarray(image, np.float32))
     h, w = grey.shape
     scale = min(1.0, work_size / max(h, w))
-    small = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA) if scale < 1 else grey
+    if scale < 1.0:
+        small = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    else:
+        small = grey
     sh, sw = small.shape
-    sigma = max(1.0, smooth * min(sh, sw))
-    blurred = cv2.GaussianBlur(small, (0, 0), sigma)
+    blurred = cv2.GaussianBlur(small, (0, 0), max(1.0, smooth * min(sh, sw)))
     u8 = np.clip(blurred * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if int(u8.max()) == int(u8.min()):
         return np.ones((h, w), bool)
-    thresh, binary = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    strip = _border_strip(u8, 0.03).astype(np.float32)
+    centre = float(np.median(strip))
+    spread = 1.4826 * float(np.median(np.abs(strip - centre)))
+    threshold = min(float(otsu), centre + max(6.0 * spread, 5.0))
+    binary = (u8 > threshold).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return np.ones((h, w), bool)
@@ -607,21 +622,28 @@ def crop_to_mask(
     mask : ndarray, bool, (H, W)
     margin : float
         Added on each side, as a fraction of the box's width (left/right) and height
-        (top/bottom); clipped at the frame.
+        (top/bottom). Where the margin reaches beyond the frame (an embryo touching the
+        edge), it is padded with 0, so the embryo fills the same share of every crop.
 
     Returns
     -------
     image, mask : ndarray
-        Views of the inputs; unchanged when the mask is empty.
+        The crops; the inputs unchanged when the mask is empty.
     """
     x, y, bw, bh = cv2.boundingRect(mask.astype(np.uint8))
     if bw == 0 or bh == 0:
         return image, mask
     h, w = mask.shape
     mx, my = int(round(margin * bw)), int(round(margin * bh))
-    x0, y0 = max(0, x - mx), max(0, y - my)
-    x1, y1 = min(w, x + bw + mx), min(h, y + bh + my)
-    return image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    x0, y0, x1, y1 = x - mx, y - my, x + bw + mx, y + bh + my
+    pads = (max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w))
+    image = image[max(0, y0):y1, max(0, x0):x1]
+    mask = mask[max(0, y0):y1, max(0, x0):x1]
+    if any(pads):
+        top, bottom, left, right = pads
+        image = np.pad(image, ((top, bottom), (left, right)) + ((0, 0),) * (image.ndim - 2))
+        mask = np.pad(mask, ((top, bottom), (left, right)))
+    return image, mask
 
 
 def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:

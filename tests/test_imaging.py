@@ -1,0 +1,376 @@
+"""flystage.imaging: reading every format the lab meets, bad files, and the preprocessing."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from flystage.imaging import (
+    ImageError,
+    PreprocessConfig,
+    align_long_axis,
+    crop_to_mask,
+    foreground_mask,
+    has_light_background,
+    letterbox,
+    load,
+    preprocess,
+    read_image,
+    stretch_contrast,
+)
+from imaging_helpers import (
+    LAB_HEIGHT,
+    LAB_WIDTH,
+    brightfield_embryo,
+    dim_embryo,
+    ellipse_mask,
+    encode,
+    foreground_box,
+    tiff_bytes,
+)
+
+
+@pytest.fixture(scope="module")
+def lab_image() -> np.ndarray:
+    return dim_embryo()
+
+
+@pytest.fixture
+def lab_tiff(tmp_path: Path, lab_image: np.ndarray) -> Path:
+    path = tmp_path / "embryo.tif"
+    tifffile.imwrite(path, lab_image)
+    return path
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def test_reads_lab_16bit_tiff_unchanged(lab_tiff: Path, lab_image: np.ndarray) -> None:
+    out = read_image(lab_tiff)
+    assert out.shape == (LAB_HEIGHT, LAB_WIDTH) and out.dtype == np.uint16
+    np.testing.assert_array_equal(out, lab_image)
+    assert 100 <= out.min() and out.max() <= 900
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int16, np.uint32, np.float64])
+def test_tiff_pixel_types(dtype) -> None:
+    img = (np.arange(40 * 60).reshape(40, 60) % 250).astype(dtype)
+    out = read_image(tiff_bytes(img))
+    expected = dtype if dtype in (np.uint8, np.uint16, np.float32) else np.float32
+    assert out.dtype == expected
+    np.testing.assert_array_equal(out, img.astype(expected))
+
+
+def test_multipage_tiff_page_choice_and_range(tmp_path: Path) -> None:
+    pages = np.stack([np.full((30, 50), 10 * (i + 1), np.uint16) for i in range(3)])
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, pages, photometric="minisblack")
+    assert read_image(path).max() == 10
+    assert read_image(path, page=2).max() == 30
+    with pytest.raises(ImageError, match=r"stack\.tif.*page 3.*3 pages \(0 to 2\)"):
+        read_image(path, page=3)
+    # load() takes the page from the config
+    a = load(path, PreprocessConfig(page=0, mask=False, align=False, crop=False))
+    assert a.shape == (1, 128, 320)
+    with pytest.raises(ImageError, match="3 pages"):
+        load(path, PreprocessConfig(page=5))
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_rgb_tiff(planar: str) -> None:
+    img = np.zeros((20, 30, 3), np.uint8)
+    img[..., 0] = 200  # red
+    data = tiff_bytes(img if planar == "contig" else np.moveaxis(img, -1, 0),
+                      photometric="rgb", planarconfig=planar)
+    out = read_image(data)
+    assert out.shape == (20, 30, 3)
+    assert out[..., 0].min() == 200 and out[..., 1:].max() == 0
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".jpg"])
+@pytest.mark.parametrize("colour", [False, True])
+def test_opencv_formats_grey_and_rgb(tmp_path: Path, ext: str, colour: bool) -> None:
+    img = np.zeros((40, 100, 3), np.uint8)
+    img[:, :50] = (220, 30, 30)  # red half, in RGB
+    img = img if colour else img[..., 0]
+    path = tmp_path / f"x{ext}"
+    path.write_bytes(encode(img, ext))
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    tol = 12 if ext == ".jpg" else 0
+    assert np.abs(out.astype(int) - img.astype(int))[5:-5, 5:45].max() <= tol
+    if colour:
+        assert out[20, 10, 0] > 200 and out[20, 10, 2] < 50  # RGB, not OpenCV's BGR
+
+
+def test_png_16bit_and_rgba(tmp_path: Path) -> None:
+    img16 = (np.arange(50 * 70).reshape(50, 70) * 17).astype(np.uint16)
+    out = read_image(encode(img16, ".png"))
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, img16)
+    rgba = np.zeros((10, 20, 4), np.uint8)
+    rgba[..., 2] = 255  # blue
+    rgba[..., 3] = 128
+    out = read_image(encode(rgba, ".png"))
+    assert out.shape == (10, 20, 3) and out[..., 2].min() == 255 and out[..., :2].max() == 0
+
+
+def test_format_comes_from_content_not_extension(tmp_path: Path, lab_image: np.ndarray) -> None:
+    path = tmp_path / "really_a_png.tif"
+    path.write_bytes(encode(lab_image, ".png"))
+    np.testing.assert_array_equal(read_image(path), lab_image)
+
+
+def test_bytes_input_matches_path(lab_tiff: Path) -> None:
+    np.testing.assert_array_equal(read_image(lab_tiff.read_bytes()), read_image(lab_tiff))
+    np.testing.assert_array_equal(read_image(bytearray(lab_tiff.read_bytes())), read_image(lab_tiff))
+
+
+# ---- bad files -------------------------------------------------------------------------------
+
+def _truncate(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+def _bad_files(lab_image: np.ndarray) -> dict[str, bytes]:
+    png = encode(lab_image, ".png")
+    jpg = encode((lab_image // 4).astype(np.uint8), ".jpg")
+    bmp = encode((lab_image // 4).astype(np.uint8), ".bmp")
+    tif = tiff_bytes(lab_image)
+    return {
+        "empty.tif": b"",
+        "text.tif": b"stage,label\nembryo 1, 11-12\n",
+        "corrupt.tif": tif[:8] + b"\xff" * 200,
+        "truncated.tif": _truncate(tif),
+        "corrupt.png": png[:40] + bytes(range(256)) * 4,
+        "truncated.png": _truncate(png),
+        "truncated.jpg": _truncate(jpg),
+        "truncated.bmp": _truncate(bmp),
+        "animation.gif": b"GIF89a" + b"\x00" * 100,
+    }
+
+
+@pytest.mark.parametrize("filename", list(_bad_files(np.zeros((2, 2), np.uint16))))
+def test_bad_file_raises_image_error_naming_it(tmp_path: Path, lab_image: np.ndarray, filename: str) -> None:
+    path = tmp_path / filename
+    path.write_bytes(_bad_files(lab_image)[filename])
+    with pytest.raises(ImageError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert str(path) in message
+    # says what to do
+    assert any(word in message for word in ("copy it again", "save it as", "re-export", "re-save"))
+    # bytes input is named by `name`
+    with pytest.raises(ImageError, match="upload-7"):
+        read_image(path.read_bytes(), name="upload-7")
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not found"):
+        read_image(tmp_path / "nope.tif")
+    with pytest.raises(ImageError, match="not a file"):
+        read_image(tmp_path)
+
+
+def test_image_error_is_a_value_error() -> None:
+    assert issubclass(ImageError, ValueError)
+
+
+def _patch_png_size(png: bytes, width: int, height: int) -> bytes:
+    return png[:16] + struct.pack(">II", width, height) + png[24:]
+
+
+def test_decompression_bomb_and_zero_size_refused_before_decoding() -> None:
+    png = encode(np.zeros((10, 10), np.uint8), ".png")
+    with pytest.raises(ImageError, match="40000x40000 pixels is more than the limit"):
+        read_image(_patch_png_size(png, 40000, 40000), name="bomb.png")
+    with pytest.raises(ImageError, match="zero size"):
+        read_image(_patch_png_size(png, 0, 10), name="empty.png")
+    with pytest.raises(ImageError, match="limit"):
+        read_image(tiff_bytes(np.zeros((100, 100), np.uint8)), max_pixels=5000)
+    with pytest.raises(ImageError, match="limit"):
+        read_image(encode(np.zeros((100, 100), np.uint8), ".jpg"), max_pixels=5000)
+    assert read_image(tiff_bytes(np.zeros((100, 100), np.uint8)), max_pixels=10000).shape == (100, 100)
+
+
+def test_page_beyond_single_page_formats() -> None:
+    with pytest.raises(ImageError, match="only one page"):
+        read_image(encode(np.zeros((10, 10), np.uint8), ".png"), page=1, name="a.png")
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+def test_config_round_trips_through_json() -> None:
+    cfg = PreprocessConfig(height=96, width=240, channels=3, background="light", align=False)
+    again = PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert PreprocessConfig.from_dict({}) == PreprocessConfig()
+
+
+def test_config_rejects_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="unknown preprocessing setting.*'gamma'"):
+        PreprocessConfig.from_dict({"gamma": 2.0})
+    for bad in ({"channels": 2}, {"low_percentile": 99, "high_percentile": 1}, {"background": "grey"},
+                {"height": 0}, {"page": -1}, {"margin": 3.0}):
+        with pytest.raises(ValueError):
+            PreprocessConfig(**bad)
+    with pytest.raises(Exception):
+        PreprocessConfig().height = 5  # frozen
+
+
+# ---- the steps -------------------------------------------------------------------------------
+
+def test_stretch_contrast_maps_percentiles_to_0_and_1() -> None:
+    img = np.linspace(100, 900, 200 * 100).reshape(100, 200).astype(np.uint16)
+    out = stretch_contrast(img, 1.0, 99.0)
+    assert out.dtype == np.float32 and out.shape == img.shape
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert abs(float(np.mean(out == 0.0)) - 0.01) < 0.005
+    assert abs(float(np.median(out)) - 0.5) < 0.01
+    inv = stretch_contrast(img, 1.0, 99.0, invert=True)
+    assert inv[0, 0] == 1.0 and inv[-1, -1] == 0.0
+    assert not stretch_contrast(np.full((5, 5), 7, np.uint16)).any()
+
+
+def test_light_background_detection() -> None:
+    assert has_light_background(brightfield_embryo())
+    assert not has_light_background(dim_embryo())
+
+
+def test_foreground_mask_finds_the_embryo_in_a_dim_image(lab_image: np.ndarray) -> None:
+    x = stretch_contrast(lab_image)
+    mask = foreground_mask(x)
+    truth = ellipse_mask(LAB_HEIGHT, LAB_WIDTH, 0.7 * min(LAB_WIDTH, LAB_HEIGHT * 2.6))
+    assert mask.dtype == bool and mask.shape == truth.shape
+    # all of the embryo, and only a thin rim of background (the blur's reach) besides
+    assert (mask & truth).sum() / truth.sum() > 0.99
+    assert mask.sum() / truth.sum() < 1.2
+
+
+def test_foreground_mask_of_a_blank_image_keeps_everything() -> None:
+    assert foreground_mask(np.zeros((50, 80), np.float32)).all()
+
+
+def test_align_long_axis_turns_a_tilted_ellipse_horizontal() -> None:
+    mask = ellipse_mask(300, 300, 240, 2.6, angle=35)
+    img = mask.astype(np.float32)
+    out, out_mask, angle = align_long_axis(img, mask)
+    assert abs(abs(angle) - 35) < 2
+    h, w = foreground_box(out)
+    assert 2.3 < w / h < 2.9, (w, h)
+    assert abs(out_mask.sum() - mask.sum()) / mask.sum() < 0.03  # nothing cut off
+
+
+def test_crop_to_mask_adds_margin_and_pads() -> None:
+    mask = np.zeros((100, 200), bool)
+    mask[40:60, 50:150] = True
+    img = np.arange(100 * 200, dtype=np.float32).reshape(100, 200)
+    out, m = crop_to_mask(img, mask, margin=0.1)
+    assert out.shape == (20 + 2 * 2, 100 + 2 * 10) and m.shape == out.shape
+    out, m = crop_to_mask(img, mask, margin=1.0)
+    assert out.shape == (60, 300)  # padded with 0 beyond the frame
+    assert out[:, :50].max() == 0.0 and not m[:, :50].any() and out[:, 50:100].min() > 0
+
+
+def test_letterbox_keeps_aspect_and_pads_black() -> None:
+    img = np.ones((50, 50, 2), np.float32)
+    out = letterbox(img, 64, 160)
+    assert out.shape == (64, 160, 2) and out.dtype == np.float32
+    assert foreground_box(out[..., 0], 0.5) == (64, 64)
+    assert out[:, :40].max() == 0.0 and out[:, -40:].max() == 0.0
+
+
+# ---- the pipeline ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [(128, 320), (64, 160)])
+def test_preprocess_shape_dtype_range(lab_image: np.ndarray, channels: int, size: tuple[int, int]) -> None:
+    cfg = PreprocessConfig(height=size[0], width=size[1], channels=channels)
+    for image in (lab_image, brightfield_embryo(), lab_image.astype(np.float32), (lab_image // 4).astype(np.uint8)):
+        out = preprocess(image, cfg)
+        assert out.shape == (channels, *size) and out.dtype == np.float32
+        assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.5
+
+
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("crop", [False, True])
+def test_preprocess_keeps_the_aspect_ratio(align: bool, crop: bool) -> None:
+    image = dim_embryo(aspect=2.6)
+    out = preprocess(image, PreprocessConfig(align=align, crop=crop))
+    h, w = foreground_box(out[0])
+    assert 2.4 < w / h < 2.8, (w, h)
+    if crop:  # the embryo fills the input
+        assert w > 0.85 * 320
+
+
+def test_preprocess_mask_zeroes_background_and_keeps_embryo(lab_image: np.ndarray) -> None:
+    cfg = PreprocessConfig(align=False, crop=False)
+    masked = preprocess(lab_image, cfg)[0]
+    unmasked = preprocess(lab_image, PreprocessConfig(align=False, crop=False, mask=False))[0]
+    # letterboxed 1110x420 -> 320x121; the corners are background
+    corner = (slice(10, 30), slice(5, 40))
+    assert masked[corner].max() == 0.0
+    assert unmasked[corner].mean() > 0.01  # the background noise is there without the mask
+    inner = ellipse_mask(128, 320, 150)
+    assert masked[inner].mean() > 0.2 and np.mean(masked[inner] > 0) > 0.99
+
+
+def test_preprocess_aligns_a_tilted_embryo(lab_image: np.ndarray) -> None:
+    tilted = dim_embryo(angle=30, length=500)
+    h, w = foreground_box(preprocess(tilted, PreprocessConfig(align=True))[0])
+    assert 2.3 < w / h < 2.9, (w, h)
+    h, w = foreground_box(preprocess(tilted, PreprocessConfig(align=False))[0])
+    assert w / h < 2.0, (w, h)
+
+
+def test_light_background_is_inverted_to_embryo_bright_on_black() -> None:
+    image = brightfield_embryo()
+    out = preprocess(image, PreprocessConfig(channels=3, align=False, crop=False))
+    body = ellipse_mask(128, 320, 0.85 * 320 * 0.9)
+    assert out[:, ~ellipse_mask(128, 320, 0.85 * 320 * 1.1)].max() == 0.0
+    assert out[:, body].mean() > 0.1
+    # the purple stain is brighter than the unstained embryo after inversion
+    stain = ellipse_mask(128, 320, 0.2 * 320, 1.5, centre=(320 // 3, 64))
+    assert out[:, stain].mean() > out[:, body & ~stain].mean() + 0.3
+    forced_dark = preprocess(image, PreprocessConfig(channels=3, align=False, crop=False, background="dark"))
+    assert not np.allclose(forced_dark, out)
+
+
+def test_preprocess_survives_blank_and_nan_images() -> None:
+    assert not preprocess(np.zeros((420, 1110), np.uint16)).any()
+    img = dim_embryo().astype(np.float32)
+    img[:10] = np.nan
+    img[-10:] = np.inf
+    out = preprocess(img)
+    assert np.isfinite(out).all() and out.max() > 0.5
+
+
+def test_load_reads_and_preprocesses(lab_tiff: Path, lab_image: np.ndarray) -> None:
+    cfg = PreprocessConfig()
+    np.testing.assert_array_equal(load(lab_tiff, cfg), preprocess(lab_image, cfg))
+    np.testing.assert_array_equal(load(lab_tiff.read_bytes(), cfg), preprocess(lab_image, cfg))
+
+
+def test_real_bdgp_images_preprocess_sensibly(bdgp_root: Path) -> None:
+    paths = sorted(bdgp_root.glob("*/*/*.bmp"))[::40]
+    assert len(paths) >= 4
+    cfg = PreprocessConfig(channels=3)
+    for path in paths:
+        raw = read_image(path)
+        assert raw.shape == (128, 320, 3) and raw.dtype == np.uint8
+        assert has_light_background(raw)
+        out = load(path, cfg)
+        assert out.shape == (3, 128, 320)
+        grey = out.mean(axis=0)
+        # background black, the embryo (cropped, aligned) fills most of the frame and is lit
+        assert grey[:, :5].max() < 0.05 and grey[:, -5:].max() < 0.05, path
+        fg = grey > 0.02
+        assert 0.5 < fg.mean() < 0.95, (path, fg.mean())
+        h, w = foreground_box(grey, 0.02)
+        assert w > 0.85 * 320 and 1.8 < w / h < 3.5, (path, h, w)
+        assert grey[fg].mean() > 0.15, path
