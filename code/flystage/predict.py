@@ -250,6 +250,21 @@ class RenameReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
     problems: int = 0  # skips the user should look at (not "already renamed" or "no prediction")
 
+    def skip(self, path: Path, why: str, problem: bool = True) -> None:
+        self.skipped.append((path, why))
+        self.problems += int(problem)
+
+    def move(self, src: Path, dst: Path) -> None:
+        """Rename ``src`` to ``dst`` unless ``dst`` exists; record either outcome."""
+        try:
+            _move_no_replace(src, dst)
+        except FileExistsError:
+            self.skip(src, f"{dst.name} already exists")
+        except OSError as exc:
+            self.skip(src, f"cannot rename: {exc.strerror or exc}")
+        else:
+            self.renamed.append((src, dst))
+
     def text(self) -> str:
         lines = [f"renamed {len(self.renamed)} file(s), skipped {len(self.skipped)}"]
         lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
@@ -274,31 +289,19 @@ def rename_files(
         for path, prediction in zip(paths, predictions):
             path = Path(path).resolve()
             if is_renamed(path):
-                report.skipped.append((path, "already renamed"))
+                report.skip(path, "already renamed", problem=False)
                 continue
             if prediction.error or not prediction.top:
-                report.skipped.append((path, "no prediction (unreadable image)"))
-                report.problems += 1
+                report.skip(path, "no prediction (unreadable image)")
                 continue
             target = renamed_path(path, [label for label, _ in prediction.top[:k]])
             if os.path.lexists(target):
-                report.skipped.append((path, f"{target.name} already exists"))
-                report.problems += 1
+                report.skip(path, f"{target.name} already exists")
                 continue
             writer.writerow([str(path), str(target)])
             f.flush()
             os.fsync(f.fileno())
-            try:
-                _move_no_replace(path, target)
-            except FileExistsError:
-                report.skipped.append((path, f"{target.name} already exists"))
-                report.problems += 1
-                continue
-            except OSError as exc:
-                report.skipped.append((path, f"cannot rename: {exc.strerror or exc}"))
-                report.problems += 1
-                continue
-            report.renamed.append((path, target))
+            report.move(path, target)
     return report
 
 
@@ -320,22 +323,13 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
     for old, new in reversed(rows):
         if not os.path.lexists(new):
             if os.path.lexists(old):
-                report.skipped.append((new, "already restored"))
+                report.skip(new, "already restored", problem=False)
             else:
-                report.skipped.append((new, "not found (moved or deleted since the rename)"))
-                report.problems += 1
-            continue
-        if os.path.lexists(old):
-            report.skipped.append((new, f"{old.name} exists again; restore it by hand"))
-            report.problems += 1
-            continue
-        try:
-            _move_no_replace(new, old)
-        except OSError as exc:
-            report.skipped.append((new, f"cannot rename: {exc}"))
-            report.problems += 1
-            continue
-        report.renamed.append((new, old))
+                report.skip(new, "not found (moved or deleted since the rename)")
+        elif os.path.lexists(old):
+            report.skip(new, f"{old.name} exists again; restore it by hand")
+        else:
+            report.move(new, old)
     return report
 
 

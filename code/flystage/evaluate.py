@@ -1,0 +1,200 @@
+"""Score a model on a manifest split: top-1/top-3 accuracy, per-stage recall and precision,
+a confusion matrix picture and a JSON report.
+
+``flystage evaluate --model DIR --manifest M [--split test] --out DIR`` runs the artefact's
+ONNX model (onnxruntime, the same path as serving) and writes ``report.json`` and
+``confusion.png``. ``evaluate_probs`` is the pure scoring function: cross-validation pools
+its folds' probabilities and calls it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flystage.artefact import ArtefactError
+from flystage.imaging import ImageError, load
+from flystage.predict import Predictor
+from flystage.organise import SPLITS, ManifestError, manifest_sha256, read_manifest
+
+
+def topk_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:
+    """Fraction of rows of ``probs`` ``(N, K)`` whose target index is among the k highest."""
+    probs, targets = np.asarray(probs), np.asarray(targets, dtype=np.int64)
+    if probs.ndim != 2 or len(probs) != len(targets):
+        raise ValueError(f"probs must be (N, K) and targets (N,), got {probs.shape} and {targets.shape}")
+    if len(targets) == 0:
+        return float("nan")
+    # The same ranking as predict's top-k (stable: ties go to the earlier stage), so the
+    # score matches what a user reads in the predictions CSV; a constant model scores low.
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : max(1, k)]
+    return float(np.mean((order == targets[:, None]).any(axis=1)))
+
+
+def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K, K)`` int64 counts; row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(targets, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
+    return cm
+
+
+def recall_precision(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class recall (row-wise) and precision (column-wise) of a confusion matrix.
+
+    A class with no true images has recall NaN; one never predicted has precision NaN.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    diag = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = diag / cm.sum(axis=1)
+        precision = diag / cm.sum(axis=0)
+    return recall, precision
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else round(float(x), 6)
+
+
+def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Scores of probabilities ``(N, K)`` against target indices ``(N,)`` (``labels[i]`` = class i).
+
+    Returns a JSON-safe dict: ``n``, ``top1``, ``top3``, ``mean_recall``, ``labels``,
+    ``per_stage`` {label: recall, precision, support} (None where undefined) and
+    ``confusion`` (rows true, columns predicted).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    labels = list(labels)
+    if probs.ndim != 2 or probs.shape[1] != len(labels):
+        raise ValueError(f"probs must be (N, {len(labels)}) for {len(labels)} labels, got {probs.shape}")
+    if len(targets) and (targets.min() < 0 or targets.max() >= len(labels)):
+        raise ValueError(f"targets must be class indices in [0, {len(labels)})")
+    cm = confusion_matrix(targets, np.argsort(-probs, axis=1, kind="stable")[:, 0], len(labels))
+    recall, precision = recall_precision(cm)
+    support = cm.sum(axis=1)
+    return {
+        "n": int(len(targets)),
+        "top1": _num(topk_accuracy(probs, targets, 1)),
+        "top3": _num(topk_accuracy(probs, targets, 3)),
+        # Mean over stages present: what a lab gets across stages, whatever their frequency.
+        "mean_recall": _num(np.nanmean(recall)) if np.any(support) else None,
+        "labels": labels,
+        "per_stage": {
+            label: {"recall": _num(recall[i]), "precision": _num(precision[i]), "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
+        "confusion": cm.tolist(),
+    }
+
+
+def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, title: str | None = None) -> Path:
+    """Save the confusion matrix as a PNG: counts in the cells, rows true, columns predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k), dpi=120)
+    try:
+        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        ax.set_xticks(range(k), labels, rotation=45, ha="right")
+        ax.set_yticks(range(k), labels)
+        ax.set_xlabel("predicted stage")
+        ax.set_ylabel("true stage")
+        if title:
+            ax.set_title(title)
+        threshold = cm.max() / 2 if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """A few readable lines: accuracy, then recall/precision/support per stage."""
+
+    def pct(x: float | None) -> str:
+        return "   n/a" if x is None else f"{100 * x:5.1f}%"
+
+    lines = [f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"]
+    width = max(len("stage"), *(len(label) for label in report["labels"]))
+    lines.append(f"{'stage':>{width}}  recall  precision  support")
+    for label, s in report["per_stage"].items():
+        lines.append(f"{label:>{width}}  {pct(s['recall'])}     {pct(s['precision'])}  {s['support']:7d}")
+    return "\n".join(lines)
+
+
+def evaluate_manifest(
+    model_dir: str | Path, manifest: str | Path, split: str = "test", batch_size: int = 32, threads: int | None = None
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Run the model on one split of a manifest; returns (report, probs (N, K), targets (N,))."""
+    predictor = Predictor(model_dir, threads=threads)
+    labels = predictor.labels
+    records = read_manifest(manifest)
+    if split != "all":
+        records = [r for r in records if r.split == split]
+    if not records:
+        raise ManifestError(f"{manifest}: no images in split {split!r}; choose another --split")
+    unknown = sorted({r.label for r in records} - set(labels))
+    if unknown:
+        raise ManifestError(f"{manifest}: label(s) {unknown} are not among the model's labels {labels}; map them with organise --map")
+    index = {label: i for i, label in enumerate(labels)}
+    targets = np.array([index[r.label] for r in records], dtype=np.int64)
+    chunks = []
+    for start in range(0, len(records), batch_size):
+        batch = np.stack([load(r.path, predictor.config) for r in records[start : start + batch_size]])
+        chunks.append(predictor.predict_arrays(batch))
+    probs = np.concatenate(chunks)
+    report = evaluate_probs(probs, targets, labels)
+    md = predictor.metadata
+    report.update(
+        split=split,
+        manifest=str(Path(manifest).resolve()),
+        manifest_sha256=manifest_sha256(manifest),
+        model={"model_dir": str(Path(model_dir).resolve()), **md.to_dict()},
+        # Whether the model was trained on this manifest; evaluating on a split it was not
+        # trained from is fine, this only makes it visible.
+        same_manifest_as_training=md.manifest_sha256 == manifest_sha256(manifest),
+    )
+    return report, probs, targets
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model directory (model.onnx + metadata.json)")
+    parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV from `flystage organise`")
+    parser.add_argument("--split", choices=[*SPLITS, "all"], default="test", help="which split to score (default test)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.json and confusion.png")
+    parser.add_argument("--force", action="store_true", help="replace an existing report in --out")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report_path, png_path = args.out / "report.json", args.out / "confusion.png"
+    if not args.force and (report_path.exists() or png_path.exists()):
+        print(f"error: {args.out} already holds a report; choose another --out or pass --force", file=sys.stderr)
+        return 2
+    try:
+        report, _, _ = evaluate_manifest(args.model, args.manifest, args.split, args.batch_size, args.threads)
+    except (ArtefactError, ManifestError, ImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_confusion(np.array(report["confusion"]), report["labels"], png_path, title=f"{args.split} split, n={report['n']}")
+    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(report_text(report))
+    print(f"wrote {report_path} and {png_path}")
+    return 0
