@@ -1,0 +1,163 @@
+"""The serve image on a local model artefact, and an HTTP predictor that talks to it.
+
+``start_server`` unpacks a ``model.tar.gz`` (as SageMaker unpacks it into ``/opt/ml/model``),
+starts ``IMAGE serve`` with that folder mounted read-only and port 8080 published on
+127.0.0.1, and waits until ``GET /ping`` answers 200. ``ContainerPredictor`` sends images to
+``POST /invocations`` and plugs into :mod:`flystage.predict`'s folder, CSV and rename code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import requests
+
+from flystage.predict import Prediction, Source
+
+from flystage_local import LocalModeError, containers
+
+SERVER_NAME = "flystage-local-serve"
+DEFAULT_PORT = 8080
+# SageMaker gives a container 4 minutes to answer /ping; locally a healthy start takes seconds.
+DEFAULT_START_TIMEOUT = 120.0
+# SageMaker's invocation timeout (seconds).
+INVOKE_TIMEOUT = 60.0
+CONTENT_TYPES = {
+    ".tif": "image/tiff", ".tiff": "image/tiff", ".png": "image/png",
+    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
+}
+
+
+def unpack_model(archive: str | Path, models_root: str | Path) -> Path:
+    """Unpack ``archive`` into ``models_root/<sha256 prefix>/`` (reused if already there)."""
+    archive = Path(archive).expanduser().resolve()
+    if not archive.is_file():
+        raise LocalModeError(f"{archive}: model artefact not found; train one with `make local-train`")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
+    target = Path(models_root).resolve() / digest
+    if (target / ".complete").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            # filter="data": no absolute paths, links out of the folder or device files.
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise LocalModeError(f"{archive}: not a readable model.tar.gz ({exc}); train again or give another MODEL") from None
+    (target / ".complete").write_text(str(archive) + "\n", encoding="utf-8")
+    return target
+
+
+def server_url(port: int = DEFAULT_PORT) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(url: str, container, timeout: float) -> float:
+    """Poll ``url``/ping until 200; returns the seconds it took. Raises with the log if not."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        container.reload()
+        if container.status in ("exited", "dead"):
+            break
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    container.reload()
+    log = containers.container_log(container)
+    state = container.status
+    raise LocalModeError(
+        f"the serve container did not become healthy within {timeout:.0f} s (state: {state}); its log:\n{log[-6000:]}"
+    )
+
+
+def start_server(
+    model: str | Path,
+    image: str,
+    models_root: str | Path,
+    port: int = DEFAULT_PORT,
+    timeout: float = DEFAULT_START_TIMEOUT,
+    environment: dict[str, str] | None = None,
+) -> tuple[str, float]:
+    """Start the serve image on ``model`` (a model.tar.gz or an unpacked model folder).
+
+    Returns the server's URL and the seconds from start to healthy. A container that does
+    not become healthy is removed, and its log is in the error.
+    """
+    model = Path(model)
+    model_dir = model if model.is_dir() else unpack_model(model, models_root)
+    client = containers.connect()
+    containers.require_image(client, image)
+    if containers.find_container(client, SERVER_NAME):
+        raise LocalModeError(f"a local server ({SERVER_NAME}) already exists; `make local-stop` removes it")
+    container = containers.start_server(client, image, SERVER_NAME, model_dir, port, environment or {})
+    url = server_url(port)
+    try:
+        seconds = wait_healthy(url, container, timeout)
+    except LocalModeError:
+        container.remove(force=True)
+        raise
+    return url, seconds
+
+
+class ContainerPredictor:
+    """A ``flystage.predict.SourcePredictor`` over HTTP: one ``POST /invocations`` per image."""
+
+    def __init__(self, url: str = server_url(), timeout: float = INVOKE_TIMEOUT):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def check(self) -> None:
+        """Raise LocalModeError unless the server answers /ping with 200."""
+        try:
+            response = self.session.get(f"{self.url}/ping", timeout=5)
+        except requests.RequestException as exc:
+            raise LocalModeError(f"no server at {self.url} ({exc.__class__.__name__}); start one with `make local-serve`") from None
+        if response.status_code != 200:
+            raise LocalModeError(f"the server at {self.url} is not healthy (/ping {response.status_code}): {response.text[:500]}")
+
+    def predict_one(self, body: bytes, content_type: str, k: int) -> dict:
+        """The server's JSON answer for one image; raises ``ValueError`` with its message on a 4xx."""
+        response = self.session.post(
+            f"{self.url}/invocations",
+            data=body,
+            headers={"Content-Type": content_type, "Accept": "application/json",
+                     "X-Amzn-SageMaker-Custom-Attributes": f"k={k}"},
+            timeout=self.timeout,
+        )
+        if response.status_code != 200:
+            raise ValueError(f"HTTP {response.status_code}: {response.text.strip()[:500]}")
+        return response.json()
+
+    def predict_sources(self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None) -> list[Prediction]:
+        out = []
+        for i, source in enumerate(sources):
+            name = names[i] if names else str(source)
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                body, content_type = bytes(source), "application/x-image"
+            else:
+                path = Path(source)
+                body = path.read_bytes()
+                content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/x-image")
+            try:
+                answer = self.predict_one(body, content_type, k)
+            except ValueError as exc:
+                out.append(Prediction(name, error=f"{name}: {exc}"))
+                continue
+            except requests.RequestException as exc:
+                raise LocalModeError(f"lost the server at {self.url} while sending {name}: {exc}") from None
+            out.append(Prediction(name, top=parse_top(answer)[:k]))
+        return out
+
+
+def parse_top(answer: dict) -> list[tuple[str, float]]:
+    """(stage, probability) pairs of one image from the server's JSON answer."""
+    top = answer["predictions"][0]["top"] if "predictions" in answer else answer["top"]
+    return [(item["stage"], float(item["probability"])) for item in top]
