@@ -1,0 +1,269 @@
+"""organise: scanning lab folders, labels, duplicates, grouped stratified splits, manifests."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from flystage import cli
+from flystage.organise import (
+    OrganiseError,
+    Record,
+    iter_images,
+    manifest_sha256,
+    organise,
+    read_manifest,
+    sort_labels,
+    split_groups,
+    write_manifest,
+)
+
+
+def touch(path: Path, content: str | bytes | None = None) -> Path:
+    """A file with distinct content (organise only hashes files; it never decodes them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = content if content is not None else f"image {path.as_posix()}"
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+@pytest.fixture
+def lab_tree(tmp_path: Path) -> Path:
+    """A folder as a lab emails it: nested stages, strays, hidden and checkpoint folders."""
+    root = tmp_path / "from_lab"
+    for stage, n in (("stage 11-12", 3), ("13-16", 2), ("9-10", 2)):
+        for i in range(n):
+            touch(root / "session1" / stage / f"embryo{i}.TIF")
+    touch(root / "session2" / "13-16" / "e7.png")
+    touch(root / "session2" / "13-16" / "e8.jpeg")
+    touch(root / "session2" / "13-16" / "notes.txt")
+    touch(root / "session2" / "Thumbs.db")
+    touch(root / ".ipynb_checkpoints" / "13-16" / "e7-checkpoint.png")
+    touch(root / "session1" / ".hidden" / "x.png")
+    touch(root / "session1" / ".DS_Store")
+    touch(root / "__MACOSX" / "session1" / "._embryo0.TIF")
+    touch(root / "session2" / "misc" / "unlabelled.bmp")
+    return root
+
+
+def test_iter_images_keeps_images_and_counts_what_it_ignores(lab_tree: Path):
+    paths, ignored = iter_images([lab_tree])
+    names = sorted(p.name for p in paths)
+    assert names == sorted(["embryo0.TIF", "embryo1.TIF", "embryo2.TIF"] + ["embryo0.TIF", "embryo1.TIF"] * 2 + ["e7.png", "e8.jpeg", "unlabelled.bmp"])
+    assert ignored == Counter(
+        {"not an image (.txt)": 1, "not an image (.db)": 1, "in checkpoint folder": 1, "in hidden folder": 1,
+         "hidden file": 1, "in __MACOSX folder": 1}
+    )
+    assert len(set(paths)) == len(paths) and iter_images([lab_tree])[0] == paths  # stable order
+    # A single image path is accepted as is.
+    one, _ = iter_images([paths[0]])
+    assert one == [paths[0].resolve()]
+
+
+def test_folder_labels_and_unlabelled_report(lab_tree: Path):
+    result = organise([lab_tree], split="none")
+    labels = Counter(r.label for r in result.records)
+    assert labels == {"stage 11-12": 3, "13-16": 4, "9-10": 2}
+    assert [p.name for p in result.unlabelled] == ["unlabelled.bmp"]
+    assert {r.split for r in result.records} == {"train"}
+    # Without a group, every image is its own group.
+    assert len({r.group for r in result.records}) == len(result.records)
+
+
+def test_label_level_map_keep_and_drop(lab_tree: Path):
+    result = organise([lab_tree], label_level=1, mapping={"stage 11-12": "11-12", "misc": "13-16"}, split="none")
+    assert Counter(r.label for r in result.records) == {"11-12": 3, "13-16": 5, "9-10": 2}
+    assert result.mapped == {"stage 11-12 -> 11-12": 3, "misc -> 13-16": 1}
+    kept = organise([lab_tree], mapping={"stage 11-12": "11-12"}, keep={"11-12", "13-16"}, split="none")
+    assert set(r.label for r in kept.records) == {"11-12", "13-16"}
+    assert kept.dropped == {"9-10": 2}
+    dropped = organise([lab_tree], drop={"13-16"}, split="none")
+    assert "13-16" not in {r.label for r in dropped.records} and dropped.dropped == {"13-16": 4}
+
+
+def test_duplicates_kept_once_and_conflicts_dropped(tmp_path: Path):
+    root = tmp_path / "d"
+    touch(root / "1-3" / "a.png", "same bytes")
+    touch(root / "1-3" / "copy_of_a.png", "same bytes")
+    touch(root / "4-6" / "b.png", "conflict bytes")
+    touch(root / "7-8" / "b_again.png", "conflict bytes")
+    touch(root / "7-8" / "c.png")
+    result = organise([root], split="none")
+    assert sorted(r.path.name for r in result.records) == ["a.png", "c.png"]
+    assert [(k.name, [r.name for r in removed]) for k, removed in result.duplicates] == [("a.png", ["copy_of_a.png"])]
+    assert len(result.conflicts) == 1
+    assert sorted((p.name, label) for p, label in result.conflicts[0][1]) == [("b.png", "4-6"), ("b_again.png", "7-8")]
+    assert all(r.sha1 == hashlib.sha1(r.path.read_bytes()).hexdigest() for r in result.records)
+
+
+def test_label_regex_and_group_regex(tmp_path: Path):
+    root = tmp_path / "flat"
+    for emb in ("E1", "E2", "E3"):
+        for stage in (5, 11):
+            touch(root / emb / f"{emb}_t{stage}_stage{stage}.tif")
+    result = organise(
+        [root], label_regex=r"stage(?P<label>\d+)\.tif$", group_regex=r"^(?P<group>E\d)/", split="none"
+    )
+    assert Counter(r.label for r in result.records) == {"5": 3, "11": 3}
+    assert Counter(r.group for r in result.records) == {"E1": 2, "E2": 2, "E3": 2}
+    with pytest.raises(OrganiseError, match="did not match 6 image"):
+        organise([root], label_regex=r"stage(?P<label>\d+)", group_regex=r"^(?P<group>X\d)/")
+    with pytest.raises(OrganiseError, match=r"named group \(\?P<label>"):
+        organise([root], label_regex=r"stage(\d+)")
+
+
+def test_labels_csv_with_groups(tmp_path: Path):
+    root = tmp_path / "imgs"
+    for i in range(6):
+        touch(root / f"img{i}.png")
+    touch(root / "not_listed.png")
+    table = tmp_path / "labels.csv"
+    rows = [{"path": f"imgs/img{i}.png", "stage": "4-6" if i % 2 else "13-16", "embryo": f"e{i // 2}"} for i in range(6)]
+    rows.append({"path": "imgs/gone.png", "stage": "4-6", "embryo": "e9"})
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "stage", "embryo"])
+        w.writeheader()
+        w.writerows(rows)
+    result = organise([root], labels_csv=table, label_column="stage", group_column="embryo", split="none")
+    assert len(result.records) == 6
+    assert result.ignored["not in the labels CSV"] == 1
+    assert {r.path.name: (r.label, r.group) for r in result.records}["img3.png"] == ("4-6", "e1")
+    with pytest.raises(OrganiseError, match=r"missing column\(s\) \['label'\]"):
+        organise([root], labels_csv=table)
+
+
+def test_split_keeps_groups_apart_stratifies_and_is_deterministic():
+    # 30 groups of 1-4 images with 3 labels.
+    groups = {f"g{i}": Counter({["a", "b", "c"][i % 3]: 1 + i % 4}) for i in range(30)}
+    first = split_groups(groups, (0.6, 0.2, 0.2), seed=1)
+    assert first == split_groups(groups, (0.6, 0.2, 0.2), seed=1)
+    sizes: dict[str, Counter] = defaultdict(Counter)
+    for g, s in first.items():
+        sizes[s].update(groups[g])
+    total = sum(sum(c.values()) for c in groups.values())
+    for split, frac in (("train", 0.6), ("valid", 0.2), ("test", 0.2)):
+        n = sum(sizes[split].values())
+        assert abs(n / total - frac) < 0.05, (split, n)
+        assert set(sizes[split]) == {"a", "b", "c"}  # every label in every split
+    # Singleton groups: the split follows the fractions per label within one image.
+    singles = {f"s{i}": Counter({"x" if i < 40 else "y": 1}) for i in range(60)}
+    counts = Counter((s, next(iter(groups_c))) for g, s in split_groups(singles, seed=5).items() for groups_c in [singles[g]])
+    assert counts[("train", "x")] == 28 and counts[("valid", "x")] == 6 and counts[("test", "x")] == 6
+    assert counts[("train", "y")] == 14 and counts[("valid", "y")] + counts[("test", "y")] == 6
+    # Different seeds order equal-size groups differently.
+    assert split_groups(singles, seed=5) != split_groups(singles, seed=6)
+
+
+def test_split_gives_every_split_a_group_when_possible():
+    groups = {"big": Counter({"a": 50}), "mid": Counter({"a": 3}), "small": Counter({"a": 2})}
+    assert set(split_groups(groups).values()) == {"train", "valid", "test"}
+    with pytest.raises(OrganiseError, match="fractions"):
+        split_groups(groups, (0.5, 0.5))
+
+
+def test_sort_labels_in_stage_order():
+    assert sort_labels(["13-16", "1-3", "9-10", "11-12", "4-6", "7-8", "4-6"]) == ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
+    assert sort_labels(["stage 17", "stage 2", "unknown", "stage 10"]) == ["stage 2", "stage 10", "stage 17", "unknown"]
+
+
+def test_manifest_round_trip_relative_and_absolute(tmp_path: Path):
+    inside = touch(tmp_path / "data" / "1-3" / "a.png")
+    outside = touch(tmp_path / "elsewhere" / "b.png")
+    records = [
+        Record(inside, "1-3", "g1", "train", "aa", {"note": "x"}),
+        Record(outside, "4-6", "g2", "test", "bb"),
+    ]
+    manifest = write_manifest(records, tmp_path / "data" / "manifest.csv")
+    rows = list(csv.DictReader(open(manifest)))
+    assert rows[0]["path"] == "1-3/a.png"  # below the manifest's folder: relative
+    assert rows[1]["path"] == str(outside.resolve())  # elsewhere: absolute
+    assert list(rows[0]) == ["path", "label", "group", "split", "sha1", "note"]
+    back = read_manifest(manifest)
+    assert [(r.path, r.label, r.group, r.split, r.sha1) for r in back] == [
+        (inside.resolve(), "1-3", "g1", "train", "aa"),
+        (outside.resolve(), "4-6", "g2", "test", "bb"),
+    ]
+    assert back[0].extra == {"note": "x"}
+    assert manifest_sha256(manifest) == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    with pytest.raises(OrganiseError, match="already exists"):
+        write_manifest(records, manifest)
+    write_manifest(records[:1], manifest, force=True)
+    assert len(read_manifest(manifest)) == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("path,label,split\na.png,1-3,train\n", r"missing column\(s\) \['group', 'sha1'\]"),
+        ("path,label,group,split,sha1\n", "no rows"),
+        ("path,label,group,split,sha1\na.png,1-3,g,training,x\n", "split must be one of train, valid, test; found line 2: 'training'"),
+        ("path,label,group,split,sha1\nmissing.png,1-3,g,train,x\n", r"1 image\(s\) listed but not found"),
+        ("path,label,group,split,sha1\na.png,1-3,g,train,x\na.png,1-3,g,test,x\n", "more than one split"),
+    ],
+)
+def test_read_manifest_errors(tmp_path: Path, text: str, message: str):
+    touch(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(OrganiseError, match=message):
+        read_manifest(manifest)
+    with pytest.raises(OrganiseError, match="not found"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_cli_writes_manifest_and_refuses_to_overwrite(lab_tree: Path, tmp_path: Path, capsys):
+    out = tmp_path / "m.csv"
+    assert cli.main(["organise", str(lab_tree), "--out", str(out), "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 in checkpoint folder" in printed and "no label found for 1 image" in printed
+    assert "wrote" in printed and len(read_manifest(out)) == 9
+    before = out.read_bytes()
+    assert cli.main(["organise", str(lab_tree), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert cli.main(["organise", str(lab_tree), "--out", str(out), "--force", "--split", "none"]) == 0
+    assert {r.split for r in read_manifest(out)} == {"train"}
+
+
+# ---- the real BDGP images ---------------------------------------------------------------------
+
+GENE = r"^(?P<group>[^/]+)/"
+
+
+def test_bdgp_by_gene(bdgp_root: Path, tmp_path: Path):
+    result = organise([bdgp_root], group_regex=GENE, seed=0)
+    records = result.records
+    assert len(records) == 193
+    assert len({r.group for r in records}) == 8
+    assert sort_labels(r.label for r in records) == ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
+    assert Counter(r.label for r in records) == {"1-3": 14, "4-6": 41, "7-8": 27, "9-10": 17, "11-12": 45, "13-16": 49}
+    assert result.ignored == {"not an image (.csv)": 1, "not an image (.md)": 1, "not an image (no suffix)": 1}
+    # The gene is the group, and a gene never spans two splits.
+    assert all(r.group == r.path.relative_to(bdgp_root.resolve()).parts[0] for r in records)
+    splits_of = defaultdict(set)
+    for r in records:
+        splits_of[r.group].add(r.split)
+    assert all(len(s) == 1 for s in splits_of.values())
+    # Reasonable stratification: train holds most images and every stage; valid and test exist.
+    per_split = Counter(r.split for r in records)
+    assert 0.55 <= per_split["train"] / 193 <= 0.85 and per_split["valid"] > 0 and per_split["test"] > 0
+    assert {r.label for r in records if r.split == "train"} == set(Counter(r.label for r in records))
+    # The sha1 column agrees with the dataset's own labels.csv.
+    listed = {row["path"]: row["sha1"] for row in csv.DictReader(open(bdgp_root / "labels.csv"))}
+    assert {r.path.relative_to(bdgp_root.resolve()).as_posix(): r.sha1 for r in records} == listed
+    # Deterministic: the same seed gives the same manifest, byte for byte.
+    a = write_manifest(records, tmp_path / "a.csv")
+    b = write_manifest(organise([bdgp_root], group_regex=GENE, seed=0).records, tmp_path / "b.csv")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_bdgp_labels_csv_matches_folder_labels(bdgp_root: Path):
+    by_csv = organise([bdgp_root], labels_csv=bdgp_root / "labels.csv", label_column="stage_range", group_column="gene")
+    by_folder = organise([bdgp_root], group_regex=GENE)
+    assert [(r.path, r.label, r.group, r.split) for r in by_csv.records] == [
+        (r.path, r.label, r.group, r.split) for r in by_folder.records
+    ]
