@@ -1,0 +1,166 @@
+"""artefact: a real torch -> ONNX export, checked by onnxruntime; broken artefacts fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from artefact_helpers import LABELS, make_artefact, tiny_config, tiny_model
+
+from flystage import __version__
+from flystage.artefact import (
+    ArtefactError,
+    check_artefact,
+    load_metadata,
+    load_torch_model,
+    save_artefact,
+)
+from flystage.imaging import PreprocessConfig
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def artefact(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    model_dir = tmp_path_factory.mktemp("artefact") / "model"
+    model, _ = make_artefact(model_dir)
+    return model_dir, model
+
+
+def test_save_writes_the_three_files_and_metadata(artefact):
+    model_dir, _ = artefact
+    assert sorted(p.name for p in model_dir.iterdir()) == ["metadata.json", "model.onnx", "weights.pt"]
+    raw = json.loads((model_dir / "metadata.json").read_text())
+    assert raw["format_version"] == 1 and raw["flystage_version"] == __version__
+    assert raw["arch"] == "tiny" and raw["labels"] == LABELS
+    assert raw["preprocess"] == tiny_config().to_dict()
+    assert raw["input_shape"] == [1, 32, 80]
+    assert raw["metrics"] == {"valid_top3": 0.5} and raw["manifest_sha256"] == "0" * 64
+    assert raw["created"].endswith("+00:00")
+    md = load_metadata(model_dir)
+    assert md.labels == LABELS and md.preprocess == tiny_config() and md.input_shape == (1, 32, 80)
+    assert md.extra["onnx_max_abs_diff"] < 1e-4
+
+
+def test_onnx_matches_torch_at_any_batch_size(artefact):
+    model_dir, model = artefact
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    for n in (1, 5):
+        x = np.random.default_rng(n).random((n, 1, 32, 80), dtype=np.float32)
+        got = session.run(["logits"], {"image": x})[0]
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        assert got.shape == (n, len(LABELS))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert check_artefact(model_dir).labels == LABELS
+
+
+def test_weights_rebuild_the_same_model(tmp_path: Path):
+    from flystage.models import build_model
+
+    model = build_model("small_cnn", num_classes=3, channels=1).eval()
+    config = PreprocessConfig(height=32, width=80, channels=1)
+    save_artefact(tmp_path, model, "small_cnn", ["a", "b", "c"], config, {}, None)
+    again = load_torch_model(tmp_path)
+    x = torch.rand(2, 1, 32, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+
+
+class BatchBlind(torch.nn.Module):
+    """Correct in torch, wrong in ONNX: the tracer freezes Python's int(batch size) to 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_model()
+
+    def forward(self, x):
+        return self.inner(x) * float(x.shape[0])
+
+
+def test_export_that_disagrees_with_torch_is_refused(tmp_path: Path):
+    with pytest.warns(torch.jit.TracerWarning), pytest.raises(ArtefactError, match="disagrees with torch"):
+        save_artefact(tmp_path, BatchBlind(), "tiny", LABELS, tiny_config())
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_model_and_labels_must_agree(tmp_path: Path):
+    with pytest.raises(ArtefactError, match="returns shape \\(1, 4\\) .* 3 labels"):
+        save_artefact(tmp_path, tiny_model(), "tiny", LABELS[:3], tiny_config())
+    with pytest.raises(ArtefactError, match="distinct"):
+        save_artefact(tmp_path, tiny_model(), "tiny", ["a", "a", "b", "c"], tiny_config())
+
+
+def test_saving_keeps_the_model_in_its_mode(tmp_path: Path):
+    model = tiny_model().train()
+    save_artefact(tmp_path, model, "tiny", LABELS, tiny_config())
+    assert model.training
+
+
+def broken_copy(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def edit_metadata(**changes):
+    def edit(d: Path):
+        raw = json.loads((d / "metadata.json").read_text())
+        raw.update(changes)
+        (d / "metadata.json").write_text(json.dumps(raw))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: (d / "model.onnx").unlink(), "missing model.onnx"),
+        (lambda d: (d / "metadata.json").unlink(), "missing metadata.json"),
+        (lambda d: (d / "metadata.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "metadata.json").write_text("[1, 2]"), "expected a JSON object"),
+        (edit_metadata(labels=[]), "non-empty list of distinct labels"),
+        (edit_metadata(format_version=99), "format_version 99"),
+        (edit_metadata(preprocess={"height": 32, "width": 80, "colour": "blue"}), "bad 'preprocess'"),
+        (edit_metadata(input_shape=[3, 32, 80]), "does not match the preprocess"),
+    ],
+)
+def test_broken_metadata_is_refused(artefact, tmp_path: Path, edit, message: str):
+    broken = broken_copy(artefact[0], tmp_path / "broken", edit)
+    with pytest.raises(ArtefactError, match=message) as info:
+        load_metadata(broken)
+    assert str(broken) in str(info.value)  # the message names the model directory
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (edit_metadata(labels=["a", "b", "c", "d", "e"]), "has 4 outputs but metadata.json lists 5 labels"),
+        (lambda d: (d / "model.onnx").write_bytes(b"not an onnx model"), "onnxruntime cannot load it"),
+        (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:300]), "onnxruntime cannot load it"),
+        (
+            edit_metadata(preprocess={**tiny_config().to_dict(), "width": 96}, input_shape=[1, 32, 96]),
+            "does not match metadata input_shape",
+        ),
+    ],
+)
+def test_broken_model_is_refused_by_check_artefact(artefact, tmp_path: Path, edit, message: str):
+    broken = broken_copy(artefact[0], tmp_path / "broken", edit)
+    with pytest.raises(ArtefactError, match=message):
+        check_artefact(broken)
+
+
+def test_missing_directory_and_weights(tmp_path: Path, artefact):
+    with pytest.raises(ArtefactError, match="no such model directory"):
+        load_metadata(tmp_path / "nowhere")
+    no_weights = broken_copy(artefact[0], tmp_path / "nw", lambda d: (d / "weights.pt").unlink())
+    assert check_artefact(no_weights).arch == "tiny"  # serving needs no weights.pt
+    with pytest.raises(ArtefactError, match="no torch weights"):
+        load_torch_model(no_weights)
