@@ -48,6 +48,10 @@ def read_metric(log: str, name: str = OBJECTIVE_METRIC) -> list[float]:
 
 # ---- the SageMaker requests -------------------------------------------------------------
 
+# The one input channel: a folder (S3 prefix) with manifest.csv and the images it lists,
+# paths relative to it (what `make upload` writes and local mode stages).
+DATA_CHANNEL = "train"
+DATA_MANIFEST = "manifest.csv"
 # Where SageMaker mirrors CheckpointConfig.S3Uri inside the container (also its default).
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 _JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")

@@ -1,0 +1,150 @@
+"""``flystage cloud TARGET``: push, upload, tune, train, deploy, predict, batch-predict, teardown.
+
+Settings come from ``flystage.toml`` (``--config``) and ``FLYSTAGE_*`` variables;
+``--dry-run`` prints each AWS request as JSON instead of sending it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TARGETS = {
+    "push": "create the ECR repositories, log in, tag and push the train and serve images",
+    "upload": "upload a manifest and its images to s3://bucket/prefix/data/ (skips unchanged files)",
+    "tune": "hyperparameter tuning job (Bayesian: learning_rate, batch_size; maximise valid:top3)",
+    "train": "training job with the best (or given) hyperparameters",
+    "deploy": "model, endpoint config and endpoint on the serve image; waits until InService",
+    "predict": "top-3 stages for a folder of images through the endpoint (CSV/JSON, --rename)",
+    "batch-predict": "batch transform over images in S3 (or a local folder, uploaded first)",
+    "teardown": "delete the endpoint, its config and model (never S3 data or images)",
+}
+
+
+def _hp_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hp", nargs="*", default=None, metavar="NAME=VALUE", help="hyperparameters (for example learning_rate=0.01 epochs=30)"
+    )
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="settings file (default: $FLYSTAGE_CONFIG or ./flystage.toml)")
+    parser.add_argument("--dry-run", action="store_true", help="print the AWS requests as JSON; send nothing")
+    sub = parser.add_subparsers(dest="target", metavar="TARGET")
+    sub.required = True
+    p = {name: sub.add_parser(name, help=text, description=text) for name, text in TARGETS.items()}
+
+    p["upload"].add_argument("manifest", type=Path, help="the manifest CSV (flystage organise) or of an augmented set")
+    p["upload"].add_argument("--multipart-threshold-mb", type=float, default=64, help="files above this go in parts")
+
+    _hp_argument(p["tune"])
+    p["tune"].add_argument("--max-jobs", type=int, help="trials in total (default: tuning_max_jobs)")
+    p["tune"].add_argument("--parallel-jobs", type=int, help="trials at once (default: tuning_parallel_jobs)")
+    p["tune"].add_argument("--no-wait", action="store_true", help="start the job and return")
+
+    _hp_argument(p["train"])
+    p["train"].add_argument("--tuning-job", help="take the best hyperparameters of this tuning job (default: the last)")
+    p["train"].add_argument("--instance-count", type=int, help="instances (data-parallel when > 1)")
+    p["train"].add_argument("--spot", action=argparse.BooleanOptionalAction, default=None, help="managed spot training")
+    p["train"].add_argument("--no-wait", action="store_true", help="start the job and return")
+
+    p["deploy"].add_argument("--model-data", help="s3://.../model.tar.gz (default: the last training job's)")
+    p["deploy"].add_argument("--serverless", action=argparse.BooleanOptionalAction, default=None, help="serverless endpoint")
+    p["deploy"].add_argument("--no-wait", action="store_true", help="return before the endpoint is InService")
+
+    from flystage.predict import add_output_arguments
+
+    add_output_arguments(p["predict"])
+    p["predict"].add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+
+    p["batch-predict"].add_argument("source", help="s3:// prefix of images, or a local folder (uploaded first)")
+    p["batch-predict"].add_argument("--model-data", help="s3://.../model.tar.gz (default: the last training job's)")
+    p["batch-predict"].add_argument("--out", type=Path, help="with a local folder: the top-3 CSV to write")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flystage.cloud.dryrun import DryRunApi
+    from flystage.cloud.session import Api
+    from flystage.cloud.settings import load_settings
+
+    settings = load_settings(args.config)
+    if getattr(args, "instance_count", None) is not None or getattr(args, "spot", None) is not None:
+        settings = settings.replace(instance_count=args.instance_count, spot=args.spot)
+    if getattr(args, "serverless", None) is not None:
+        settings = settings.replace(serverless=args.serverless)
+    api = (DryRunApi if args.dry_run else Api)(settings)
+    hps = None
+    if getattr(args, "hp", None) is not None:
+        from flystage.cloud.training import parse_hyperparameters
+
+        hps = parse_hyperparameters(args.hp)
+
+    if args.target == "push":
+        from flystage.cloud.ecr import push
+
+        for local, uri in push(api, settings).items():
+            print(f"{local} -> {uri}")
+    elif args.target == "upload":
+        from flystage.cloud.s3 import upload_dataset
+
+        report = upload_dataset(api, settings, args.manifest, multipart_threshold=int(args.multipart_threshold_mb * 2**20))
+        if not args.dry_run:
+            print(
+                f"{report.uri}: uploaded {len(report.uploaded)}, replaced {len(report.replaced)}, "
+                f"unchanged {len(report.skipped)}"
+            )
+    elif args.target == "tune":
+        from flystage.cloud.tuning import tune
+
+        tune(api, settings, hps, max_jobs=args.max_jobs, parallel_jobs=args.parallel_jobs, wait=not args.no_wait)
+    elif args.target == "train":
+        from flystage.cloud.training import train
+
+        train(api, settings, hps, tuning_job=args.tuning_job, wait=not args.no_wait)
+    elif args.target == "deploy":
+        from flystage.cloud.hosting import deploy
+
+        deploy(api, settings, args.model_data, wait=not args.no_wait)
+    elif args.target == "predict":
+        return _predict(api, settings, args)
+    elif args.target == "batch-predict":
+        from flystage.cloud.batch import batch_predict
+
+        print(batch_predict(api, settings, args.source, model_data=args.model_data, out_csv=args.out))
+    elif args.target == "teardown":
+        from flystage.cloud.hosting import teardown
+
+        teardown(api, settings)
+    return 0
+
+
+def _predict(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.hosting import EndpointPredictor
+    from flystage.predict import run_undo, run_with
+
+    if args.undo:
+        return run_undo(args.undo)
+    if args.folder is None:
+        print("error: give a FOLDER of images (DIR=...) or --undo MANIFEST", file=sys.stderr)
+        return 2
+    predictor = EndpointPredictor(api, settings.endpoint_name, concurrency=args.concurrency)
+    if args.dry_run:
+        from flystage.organise import iter_images
+
+        paths, _ = iter_images([args.folder.expanduser().resolve()])
+        for path in paths:
+            api.call("sagemaker-runtime", "invoke_endpoint", **predictor.request(path.read_bytes()))
+        return 0
+    return run_with(predictor, args, model_info={"endpoint": settings.endpoint_name, "region": api.region})
+
+
+def run(args: argparse.Namespace) -> int:
+    from flystage.cloud.settings import CloudError
+    from flystage.organise import OrganiseError
+
+    try:
+        return _run(args)
+    except (CloudError, OrganiseError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,131 @@
+"""Push the train and serve images to ECR, and find their URIs for the jobs.
+
+The docker SDK's ``images.push`` does not raise when a push fails: the failure arrives as an
+``error``/``errorDetail`` line in the stream, so every line is checked.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Iterable
+
+from flystage.cloud.session import Api
+from flystage.cloud.settings import CloudError, Settings
+
+
+def _host(endpoint: str) -> str:
+    """``https://123.dkr.ecr.r.amazonaws.com`` -> ``123.dkr.ecr.r.amazonaws.com``."""
+    return endpoint.split("://", 1)[-1].rstrip("/")
+
+
+def image_pairs(settings: Settings) -> list[tuple[str, str]]:
+    """(local image, ECR repository) for the train and the serve image."""
+    return [(settings.train_image, settings.train_repository), (settings.serve_image, settings.serve_repository)]
+
+
+def image_uri(api: Api, settings: Settings, repository: str) -> str:
+    """``<registry>/<repository>:<tag>`` of a pushed image; CloudError if it was not pushed."""
+    tag = settings.image_tag
+    if settings.registry_override:
+        return f"{_host(settings.registry_override)}/{repository}:{tag}"
+    if api.dry_run:
+        return f"<account-id>.dkr.ecr.{api.region}.amazonaws.com/{repository}:{tag}"
+    try:
+        repo = api.call("ecr", "describe_repositories", repositoryNames=[repository])["repositories"][0]
+        api.call("ecr", "describe_images", repositoryName=repository, imageIds=[{"imageTag": tag}])
+    except CloudError as err:
+        if api.error_code(err) in ("RepositoryNotFoundException", "ImageNotFoundException"):
+            raise CloudError(f"image {repository}:{tag} is not in ECR ({api.region}): run `make push` first") from None
+        raise
+    return f"{repo['repositoryUri']}:{tag}"
+
+
+def check_push_stream(lines: Iterable[dict[str, Any]], target: str) -> list[dict[str, Any]]:
+    """Consume a decoded ``images.push`` stream; raise CloudError on any error line."""
+    seen = []
+    for line in lines:
+        seen.append(line)
+        if "error" in line or "errorDetail" in line:
+            detail = line.get("errorDetail", {}).get("message") or line.get("error")
+            raise CloudError(f"push of {target} failed: {detail}")
+    if not any("aux" in line or "digest" in str(line.get("status", "")) for line in seen):
+        # A push that ends without a digest did not finish, whatever the daemon says.
+        raise CloudError(f"push of {target} ended without a digest: {seen[-3:] if seen else 'no output'}")
+    return seen
+
+
+def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, str]:
+    """Create the repositories, log in with the ECR token, tag and push both images.
+
+    Returns {local image: pushed URI}. The registry is ECR's ``proxyEndpoint`` unless
+    ``settings.registry_override`` names another (a local registry in tests).
+    """
+    if docker_client is None and not api.dry_run:
+        import docker
+
+        try:
+            docker_client = docker.from_env()
+            docker_client.ping()
+        except docker.errors.DockerException as err:
+            raise CloudError(f"cannot reach the Docker engine ({err}): start it (dockerd) and retry") from None
+    images = {}
+    for local, _ in image_pairs(settings):
+        if api.dry_run:
+            continue
+        import docker
+
+        try:
+            images[local] = docker_client.images.get(local)
+        except docker.errors.ImageNotFound:
+            raise CloudError(f"local image {local} not found: build it with `make images`") from None
+
+    for _, repository in image_pairs(settings):
+        try:
+            api.call(
+                "ecr",
+                "create_repository",
+                repositoryName=repository,
+                imageScanningConfiguration={"scanOnPush": True},
+                tags=settings.tag_list(),
+            )
+            api.say(f"created ECR repository {repository}")
+        except CloudError as err:
+            if api.error_code(err) != "RepositoryAlreadyExistsException":
+                raise
+
+    token = api.call("ecr", "get_authorization_token")
+    if api.dry_run:
+        registry = _host(settings.registry_override) if settings.registry_override else f"<account-id>.dkr.ecr.{api.region}.amazonaws.com"
+        uris = {}
+        for local, repository in image_pairs(settings):
+            uri = f"{registry}/{repository}:{settings.image_tag}"
+            api.call("docker", "push", image=local, repository=uri.rsplit(":", 1)[0], tag=settings.image_tag)
+            uris[local] = uri
+        return uris
+
+    auth = token["authorizationData"][0]
+    username, password = base64.b64decode(auth["authorizationToken"]).decode().split(":", 1)
+    registry = _host(settings.registry_override or auth["proxyEndpoint"])
+    import docker
+
+    try:
+        docker_client.login(username=username, password=password, registry=registry, reauth=True)
+    except docker.errors.APIError as err:
+        raise CloudError(f"docker login to {registry} failed: {err.explanation or err}") from None
+    credentials = {"username": username, "password": password}
+
+    uris = {}
+    for local, repository in image_pairs(settings):
+        target = f"{registry}/{repository}"
+        if not images[local].tag(target, tag=settings.image_tag):
+            raise CloudError(f"could not tag {local} as {target}:{settings.image_tag}")
+        api.say(f"pushing {local} -> {target}:{settings.image_tag}")
+        try:
+            stream = docker_client.images.push(
+                target, tag=settings.image_tag, stream=True, decode=True, auth_config=credentials
+            )
+            check_push_stream(stream, f"{target}:{settings.image_tag}")
+        except docker.errors.APIError as err:
+            raise CloudError(f"push of {target}:{settings.image_tag} failed: {err.explanation or err}") from None
+        uris[local] = f"{target}:{settings.image_tag}"
+    return uris

@@ -1,0 +1,258 @@
+"""Host the model on a SageMaker endpoint: deploy, tear down, and predict through it.
+
+Deploy = CreateModel (serve image + model.tar.gz) -> CreateEndpointConfig (real-time, or
+serverless) -> CreateEndpoint, or UpdateEndpoint when the endpoint exists (then the old
+config and model are deleted once the new one is in service). Teardown deletes the endpoint,
+its config and its model; never S3 data or images.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flystage.cloud import ecr
+from flystage.cloud.session import Api
+from flystage.cloud.settings import CloudError, Settings
+from flystage.cloud.state import read_state, update_state
+from flystage.cloud.training import job_name
+
+VARIANT = "AllTraffic"
+
+
+def model_data_uri(api: Api, settings: Settings, model_data: str | None = None) -> str:
+    """The model.tar.gz to serve: given, else the artefact of the last training job."""
+    if model_data:
+        if not model_data.startswith("s3://") or not model_data.endswith(".tar.gz"):
+            raise CloudError(f"model data {model_data!r}: give the s3://.../model.tar.gz of a training job")
+        return model_data
+    job = read_state(settings.state_file).get("training_job")
+    if not job:
+        raise CloudError(
+            f"no training job recorded in {settings.state_file}: run `make train` first, or give "
+            "MODEL_DATA=s3://.../model.tar.gz"
+        )
+    if api.dry_run:
+        return f"<S3ModelArtifacts of training job {job}>"
+    described = api.call("sagemaker", "describe_training_job", TrainingJobName=job)
+    if described["TrainingJobStatus"] != "Completed":
+        raise CloudError(f"training job {job} is {described['TrainingJobStatus']}, not Completed: nothing to deploy")
+    return described["ModelArtifacts"]["S3ModelArtifacts"]
+
+
+def model_request(settings: Settings, name: str, image_uri: str, model_data: str) -> dict[str, Any]:
+    return {
+        "ModelName": name,
+        "PrimaryContainer": {"Image": image_uri, "ModelDataUrl": model_data, "Mode": "SingleModel"},
+        "ExecutionRoleArn": settings.role_arn,
+        "Tags": settings.tag_list(),
+    }
+
+
+def endpoint_config_request(settings: Settings, name: str, model_name: str) -> dict[str, Any]:
+    """Real-time on ``endpoint_instance_type`` or, with ``serverless``, a ServerlessConfig."""
+    variant: dict[str, Any] = {"VariantName": VARIANT, "ModelName": model_name}
+    if settings.serverless:
+        variant["ServerlessConfig"] = {
+            "MemorySizeInMB": int(settings.serverless_memory_mb),
+            "MaxConcurrency": int(settings.serverless_max_concurrency),
+        }
+    else:
+        variant |= {
+            "InitialInstanceCount": int(settings.endpoint_instance_count),
+            "InstanceType": settings.endpoint_instance_type,
+            "InitialVariantWeight": 1.0,
+        }
+    return {"EndpointConfigName": name, "ProductionVariants": [variant], "Tags": settings.tag_list()}
+
+
+def current_endpoint(api: Api, name: str) -> dict[str, Any] | None:
+    """DescribeEndpoint, or None if there is no such endpoint."""
+    try:
+        return api.call("sagemaker", "describe_endpoint", EndpointName=name)
+    except CloudError as err:
+        # SageMaker answers a missing endpoint with a ValidationException "Could not find endpoint".
+        if api.error_code(err) == "ValidationException" and "ould not find" in str(err):
+            return None
+        raise
+
+
+def _config_models(api: Api, config_name: str) -> list[str]:
+    try:
+        config = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config_name)
+    except CloudError as err:
+        if api.error_code(err) == "ValidationException":
+            return []
+        raise
+    return [v["ModelName"] for v in config["ProductionVariants"]]
+
+
+def _delete_config_and_models(api: Api, config_name: str, models: list[str]) -> None:
+    api.call("sagemaker", "delete_endpoint_config", EndpointConfigName=config_name)
+    api.say(f"deleted endpoint config {config_name}")
+    for model in models:
+        api.call("sagemaker", "delete_model", ModelName=model)
+        api.say(f"deleted model {model}")
+
+
+def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait: bool = True) -> str:
+    """Create (or update) the endpoint ``settings.endpoint_name``; returns its name."""
+    settings.require("role_arn")
+    model_data = model_data_uri(api, settings, model_data)
+    image = ecr.image_uri(api, settings, settings.serve_repository)
+    stamp = job_name("x").removeprefix("flystage-x-")
+    model_name = f"{settings.endpoint_name}-model-{stamp}"
+    config_name = f"{settings.endpoint_name}-config-{stamp}"
+    existing = None if api.dry_run else current_endpoint(api, settings.endpoint_name)
+    api.call("sagemaker", "create_model", **model_request(settings, model_name, image, model_data))
+    api.call("sagemaker", "create_endpoint_config", **endpoint_config_request(settings, config_name, model_name))
+    if existing is None:
+        api.call(
+            "sagemaker", "create_endpoint", EndpointName=settings.endpoint_name, EndpointConfigName=config_name,
+            Tags=settings.tag_list(),
+        )
+    else:
+        if existing["EndpointStatus"] not in ("InService", "Failed"):
+            raise CloudError(
+                f"endpoint {settings.endpoint_name} is {existing['EndpointStatus']}: wait until it is InService "
+                "(or Failed) before deploying again"
+            )
+        old_config = existing["EndpointConfigName"]
+        old_models = _config_models(api, old_config)
+        api.call("sagemaker", "update_endpoint", EndpointName=settings.endpoint_name, EndpointConfigName=config_name)
+    if api.dry_run:
+        api.wait("sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name)
+        return settings.endpoint_name
+    update_state(settings.state_file, endpoint=settings.endpoint_name, model=model_name, endpoint_config=config_name)
+    api.say(f"{'updating' if existing else 'creating'} endpoint {settings.endpoint_name} ({model_data})")
+    if not wait:
+        return settings.endpoint_name
+    try:
+        api.wait("sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name)
+    except CloudError:
+        described = api.call("sagemaker", "describe_endpoint", EndpointName=settings.endpoint_name)
+        raise CloudError(
+            f"endpoint {settings.endpoint_name} is {described['EndpointStatus']}: "
+            f"{described.get('FailureReason', 'no reason given')}; the container log is in CloudWatch under "
+            f"/aws/sagemaker/Endpoints/{settings.endpoint_name}"
+        ) from None
+    if existing is not None and old_config != config_name:
+        _delete_config_and_models(api, old_config, old_models)
+    api.say(f"endpoint {settings.endpoint_name} is InService")
+    return settings.endpoint_name
+
+
+def teardown(api: Api, settings: Settings) -> list[str]:
+    """Delete the endpoint, its config and its model(s); returns what was deleted."""
+    name = settings.endpoint_name
+    if api.dry_run:
+        api.call("sagemaker", "describe_endpoint", EndpointName=name)
+        api.call("sagemaker", "delete_endpoint", EndpointName=name)
+        api.call("sagemaker", "delete_endpoint_config", EndpointConfigName=f"<EndpointConfigName of {name}>")
+        api.call("sagemaker", "delete_model", ModelName=f"<ModelName of each variant of that config>")
+        return []
+    existing = current_endpoint(api, name)
+    deleted = []
+    if existing is None:
+        api.say(f"no endpoint {name}: nothing to delete")
+        state = read_state(settings.state_file)
+        # A deploy that failed before CreateEndpoint can leave its config and model behind.
+        config, model = state.get("endpoint_config"), state.get("model")
+        if config and state.get("endpoint") == name:
+            models = _config_models(api, config) or ([model] if model else [])
+            try:
+                _delete_config_and_models(api, config, models)
+                deleted += [config, *models]
+            except CloudError as err:
+                if api.error_code(err) != "ValidationException":
+                    raise
+        return deleted
+    config = existing["EndpointConfigName"]
+    models = _config_models(api, config)
+    api.call("sagemaker", "delete_endpoint", EndpointName=name)
+    api.say(f"deleting endpoint {name}")
+    api.wait("sagemaker", "endpoint_deleted", min(settings.poll_s, 15), EndpointName=name)
+    _delete_config_and_models(api, config, models)
+    return [name, config, *models]
+
+
+# ---- prediction through the endpoint ----------------------------------------------------
+
+CONTENT_TYPES = {"tiff": "image/tiff", "png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
+
+
+def content_type(body: bytes) -> str:
+    """The image's MIME type from its magic bytes (the server checks them again)."""
+    from flystage.imaging import _MAGIC
+
+    for magic, kind in _MAGIC:
+        if body.startswith(magic):
+            return CONTENT_TYPES[kind]
+    return "application/octet-stream"
+
+
+def parse_top(payload: Any) -> list[tuple[str, float]]:
+    """The serve image's JSON answer -> [(stage, probability), ...], best first."""
+    if isinstance(payload, list) and len(payload) == 1:
+        payload = payload[0]
+    if isinstance(payload, Mapping):
+        for key in ("top", "predictions", "top_k"):
+            if key in payload:
+                payload = payload[key]
+                break
+    try:
+        return [(str(item["stage"]), float(item["probability"])) for item in payload]
+    except (TypeError, KeyError, ValueError):
+        raise CloudError(f"unexpected answer from the endpoint: {str(payload)[:300]}") from None
+
+
+class EndpointPredictor:
+    """A ``flystage.predict.SourcePredictor`` backed by ``sagemaker-runtime.invoke_endpoint``.
+
+    Each image is sent as its raw bytes with its MIME type; an image the server rejects (4xx,
+    ``ModelError``) gets that message as its error, other failures raise CloudError.
+    """
+
+    def __init__(self, api: Api, endpoint_name: str, concurrency: int = 4) -> None:
+        self.api = api
+        self.endpoint_name = endpoint_name
+        self.concurrency = max(1, concurrency)
+
+    def request(self, body: bytes) -> dict[str, Any]:
+        """The ``invoke_endpoint`` request for one image."""
+        return {"EndpointName": self.endpoint_name, "ContentType": content_type(body), "Accept": "application/json", "Body": body}
+
+    def invoke(self, body: bytes, k: int) -> list[tuple[str, float]]:
+        import json
+
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.api.client("sagemaker-runtime").invoke_endpoint(**self.request(body))
+        except ClientError as err:
+            error = err.response.get("Error", {})
+            if error.get("Code") == "ModelError":
+                raise ValueError(error.get("Message") or str(err)) from None
+            raise CloudError(f"invoke_endpoint {self.endpoint_name} failed: {error.get('Code')}: {error.get('Message')}") from None
+        return parse_top(json.loads(response["Body"].read()))[:k]
+
+    def predict_sources(self, sources, k: int = 3, names=None):
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+
+        from flystage.predict import Prediction, _name
+
+        names = list(names) if names is not None else [_name(s, i) for i, s in enumerate(sources)]
+
+        def one(item: tuple[Any, str]) -> Prediction:
+            source, name = item
+            try:
+                body = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+            except OSError as err:
+                return Prediction(name, error=f"{name}: cannot read ({err.strerror}); check the file")
+            try:
+                return Prediction(name, top=self.invoke(body, k))
+            except ValueError as err:
+                return Prediction(name, error=f"{name}: {err}")
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, zip(sources, names)))
