@@ -1,0 +1,689 @@
+"""Train a stage classifier: the ``flystage train`` command and the SageMaker training program.
+
+Read it top to bottom, like torchvision's references/classification/train.py:
+
+1. ``TrainConfig``: every hyperparameter with its default (change defaults here only).
+2. ``fit``: data (cached, augmented, balanced), model, optimiser and schedule, the epoch loop
+   with one metric line per epoch, early stopping on valid top-3, a checkpoint every epoch
+   (resumed on restart), and a clean stop on SIGTERM.
+3. ``main`` / ``run``: arguments and the SageMaker environment (``SM_*``), data-parallel
+   training over ``SM_HOSTS`` (torch.distributed, gloo), the model artefact, and the
+   ``output/failure`` file when anything goes wrong.
+
+The metric line, which SageMaker's metric definitions (``flystage.jobdef``) read::
+
+    epoch=3 train_loss=0.8123 valid_loss=0.4100 valid_top1=0.8200 valid_top3=0.9700
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from flystage.augment import AugmentConfig, build_train_transform
+from flystage.data import BALANCE_MODES, CACHE_DTYPES, DataError, ImageCache, StageDataset, class_weights, make_sampler, split_channels
+from flystage.imaging import PreprocessConfig
+from flystage.models import ARCHS, build_model
+from flystage.organise import Record, manifest_sha256, sort_labels
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "onecycle")
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+DEFAULT_DIST_PORT = 29500
+DEFAULT_DIST_TIMEOUT_S = 900
+EXIT_STOPPED = 3  # stopped early on request (SIGTERM, stop_after_epoch); a checkpoint was saved
+
+
+# ---- 1. configuration ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Every training hyperparameter and its default.
+
+    ``batch_size`` is the global batch (split across hosts when training data-parallel);
+    ``warmup_epochs`` ramps the learning rate up linearly before the cosine decay;
+    ``patience`` stops after that many epochs without a better valid top-3 (ties broken by
+    valid loss; 0 = never); ``threads`` 0 leaves torch's own choice; ``stop_after_epoch``
+    ends the run after that epoch with a checkpoint (a time-boxed job; rerun to resume).
+    """
+
+    arch: str = "resnet18"
+    pretrained: bool = False
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 0.003
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    balance: str = "loss"
+    patience: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    threads: int = 0
+    cache_dtype: str = "uint8"
+    stop_after_epoch: int = 0
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.arch in ARCHS, f"arch {self.arch!r}: choose one of {', '.join(ARCHS)}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}"),
+            (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r}: choose one of {SCHEDULERS}"),
+            (self.balance in BALANCE_MODES, f"balance {self.balance!r}: choose one of {BALANCE_MODES}"),
+            (self.cache_dtype in CACHE_DTYPES, f"cache_dtype {self.cache_dtype!r}: choose one of {CACHE_DTYPES}"),
+            (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, not {self.batch_size}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), not {self.label_smoothing}"),
+            (self.patience >= 0, f"patience must be >= 0 (0 = never stop early), not {self.patience}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, not {self.warmup_epochs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, nested: ``preprocess`` and ``augment`` as their own dicts."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["preprocess"] = self.preprocess.to_dict()
+        out["augment"] = self.augment.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        if isinstance(data.get("preprocess"), dict):
+            data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
+        if isinstance(data.get("augment"), dict):
+            data["augment"] = AugmentConfig.from_dict(data["augment"])
+        return cls(**data)
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the model (eval mode, best weights), its labels, and how it went."""
+
+    model: nn.Module
+    labels: list[str]
+    history: list[dict[str, float]]  # one dict per epoch: epoch, train_loss, valid_loss, valid_top1, valid_top3, ...
+    best: dict[str, float]  # the history entry of the best epoch
+    config: TrainConfig
+    samples_seen: int = 0  # training samples this process saw (all epochs of this run)
+
+
+class TrainingStopped(Exception):
+    """Training stopped on request (SIGTERM or ``stop_after_epoch``) after saving a checkpoint."""
+
+    def __init__(self, message: str, epoch: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.epoch = epoch
+        self.checkpoint = checkpoint
+
+
+# SIGTERM (SageMaker stop, spot interruption) sets this; the loop finishes the current step,
+# saves a checkpoint and raises TrainingStopped.
+STOP = threading.Event()
+
+
+# ---- 2. fit --------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader seeds torch per worker; numpy and random follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Sum ``values`` over all processes (identity when not distributed)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    if _dist_info()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # As torchvision's references: no weight decay on norm weights and biases.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = _parameter_groups(model, config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Stepped every batch: linear warm-up then cosine decay to 0, or one-cycle."""
+    total = config.epochs * steps_per_epoch
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total)
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def metric_line(entry: dict[str, float]) -> str:
+    """The per-epoch line that ``flystage.jobdef.METRIC_DEFINITIONS`` reads."""
+    return (
+        f"epoch={entry['epoch']} train_loss={entry['train_loss']:.4f} valid_loss={entry['valid_loss']:.4f} "
+        f"valid_top1={entry['valid_top1']:.4f} valid_top3={entry['valid_top3']:.4f}"
+    )
+
+
+def _is_better(entry: dict[str, float], best: dict[str, float] | None) -> bool:
+    if best is None:
+        return True
+    if entry["valid_top3"] != best["valid_top3"]:
+        return entry["valid_top3"] > best["valid_top3"]
+    return entry["valid_loss"] < best["valid_loss"]
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int) -> dict[str, float]:
+    """Valid loss (plain cross-entropy), top-1 and top-3 accuracy, summed over all processes."""
+    model.eval()
+    loss_sum = top1 = top3 = n = 0.0
+    k = min(3, num_classes)
+    for x, y in loader:
+        logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        ranked = logits.topk(k, dim=1).indices
+        top1 += (ranked[:, 0] == y).sum().item()
+        top3 += (ranked == y[:, None]).any(dim=1).sum().item()
+        n += len(y)
+    loss_sum, top1, top3, n = _all_reduce_sum([loss_sum, top1, top3, n])
+    return {"valid_loss": loss_sum / n, "valid_top1": top1 / n, "valid_top3": top3 / n}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically: a reader (or a restart after SIGKILL) sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict[str, Any]:
+    # Our own file (written by _save_checkpoint): it holds plain Python lists and dicts too.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a flystage checkpoint of format {CHECKPOINT_FORMAT}; remove it or use another checkpoint dir")
+    mismatch = []
+    if state["labels"] != labels:
+        mismatch.append(f"labels {state['labels']} (now {labels})")
+    for key in ("arch", "preprocess"):
+        saved, now = state["config"][key], config.to_dict()[key]
+        if saved != now:
+            mismatch.append(f"{key} {saved} (now {now})")
+    if mismatch:
+        raise DataError(
+            f"{path} belongs to another training run: " + "; ".join(mismatch)
+            + ". Use an empty checkpoint dir for a new run, or remove that file."
+        )
+    return state
+
+
+def fit(
+    train_records: Sequence[Record],
+    valid_records: Sequence[Record],
+    config: TrainConfig,
+    work_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    *,
+    labels: Sequence[str] | None = None,
+    image_cache: ImageCache | None = None,
+) -> FitResult:
+    """Train on ``train_records``, pick the best epoch on ``valid_records``.
+
+    ``work_dir`` is the checkpoint folder: a checkpoint is written there after every epoch
+    and training resumes from it when it holds one (None: no checkpoints). ``log`` receives
+    every line to print (the metric lines only on rank 0). ``labels`` fixes the label order
+    (default: every label of both sets, in stage order). ``image_cache`` shares
+    preprocessed images between calls (cross-validation folds); it must use
+    ``config.preprocess``. Runs data-parallel when torch.distributed is initialised.
+
+    Raises ``TrainingStopped`` on SIGTERM (``STOP``) or at ``config.stop_after_epoch``.
+    """
+    rank, world = _dist_info()
+    is_main = rank == 0
+    say = log if is_main else (lambda line: None)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+
+    # Data: the label order is the stage order; preprocess once, augment per sample.
+    if labels is None:
+        labels = sort_labels({r.label for r in train_records} | {r.label for r in valid_records})
+    labels = list(labels)
+    untrained = sorted(set(labels) - {r.label for r in train_records})
+    if untrained:
+        say(f"warning: no training images for label(s) {untrained}: the model cannot learn them")
+    if image_cache is None:
+        image_cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
+    elif image_cache.config != config.preprocess:
+        raise ValueError("image_cache was made for another PreprocessConfig than config.preprocess")
+    t0 = time.perf_counter()
+    augmenter = build_train_transform(config.augment, seed=config.seed)
+    train_set = StageDataset(train_records, labels, image_cache, augmenter, train=True)
+    valid_set = StageDataset(valid_records, labels, image_cache)
+    say(f"data: {len(train_set)} train, {len(valid_set)} valid images, labels {labels}, "
+        f"preprocessed in {time.perf_counter() - t0:.1f} s")
+
+    sampler = make_sampler(train_set.targets, config.balance, rank, world, config.seed)
+    per_rank_batch = max(1, config.batch_size // world)
+    # BatchNorm cannot train on a batch of one: drop a last batch of exactly one.
+    drop_last = len(sampler) % per_rank_batch == 1 and len(sampler) > 1
+    loader_args = dict(num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None)
+    train_loader = DataLoader(train_set, per_rank_batch, sampler=sampler, drop_last=drop_last, **loader_args)
+    valid_shard = Subset(valid_set, range(rank, len(valid_set), world))
+    valid_loader = DataLoader(valid_shard, per_rank_batch * 2, shuffle=False, **loader_args)
+
+    # Model, loss, optimiser, schedule. The same seed on every rank gives the same initial
+    # weights (DDP also broadcasts rank 0's).
+    _seed_everything(config.seed)
+    model = build_model(config.arch, len(labels), config.preprocess.channels, config.pretrained)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    weight = class_weights(train_set.targets, len(labels)) if config.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = len(train_loader)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+
+    # Resume after an interruption.
+    checkpoint = Path(work_dir) / CHECKPOINT_FILE if work_dir is not None else None
+    start_epoch, history, best, best_state, bad_epochs = 0, [], None, None, 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, labels, config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        best_state, bad_epochs = state["best_state"], state["bad_epochs"]
+        say(f"resuming from checkpoint {checkpoint} after epoch {start_epoch}"
+            + (f" (best valid_top3={best['valid_top3']:.4f} at epoch {best['epoch']})" if best else ""))
+
+    def save(epoch: int) -> None:
+        if checkpoint is None or not is_main:
+            return
+        _save_checkpoint(checkpoint, {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "labels": labels, "config": config.to_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": history, "best": best,
+            "best_state": best_state, "bad_epochs": bad_epochs,
+        })
+
+    def stop_requested() -> bool:
+        # Every rank must stop at the same step, or the others would wait in all-reduce.
+        return _all_reduce_sum([float(STOP.is_set())])[0] > 0 if world > 1 else STOP.is_set()
+
+    say(f"training {config.arch} ({sum(p.numel() for p in model.parameters()):,} parameters) for "
+        f"{config.epochs} epochs, {steps_per_epoch} steps of {per_rank_batch} x {world} images, "
+        f"{config.optimizer} lr {config.learning_rate:g}, {config.scheduler}, balance {config.balance}, "
+        f"{torch.get_num_threads()} threads")
+    samples_seen = 0
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        # Reseeding from (seed, rank, epoch) makes a resumed run draw what the original would.
+        _seed_everything(config.seed + 1000 * rank + epoch)
+        sampler.set_epoch(epoch)
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum = seen = 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if is_main else True)
+        for x, y in bar:
+            loss = criterion(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if stop_requested():
+                bar.close()
+                # The epoch is incomplete: the checkpoint says the one before, so a restart
+                # runs this epoch again (from the weights reached so far).
+                save(epoch - 1)
+                samples_seen += int(seen)
+                say(f"SIGTERM: stopped in epoch {epoch} after a step; checkpoint saved to {checkpoint}")
+                raise TrainingStopped(f"stopped by SIGTERM in epoch {epoch}", epoch - 1, checkpoint)
+        samples_seen += int(seen)
+        train_seconds = time.perf_counter() - t0
+        train_loss_sum, train_n = _all_reduce_sum([loss_sum, seen])
+
+        entry = {"epoch": epoch, "train_loss": train_loss_sum / train_n}
+        entry.update(evaluate_loader(net, valid_loader, len(labels)))
+        entry["lr"] = optimizer.param_groups[0]["lr"]
+        entry["seconds"] = time.perf_counter() - t0
+        entry["images_per_second"] = train_n / train_seconds
+        history.append(entry)
+        say(metric_line(entry))
+        say(f"epoch {epoch}/{config.epochs}: {int(train_n)} images in {train_seconds:.1f} s "
+            f"({entry['images_per_second']:.1f} images/s), lr {entry['lr']:.2e}")
+        if _is_better(entry, best):
+            best, bad_epochs = dict(entry), 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        save(epoch)
+        if config.patience and bad_epochs >= config.patience:
+            say(f"early stop: no better valid_top3 for {bad_epochs} epochs (best {best['valid_top3']:.4f} at epoch {best['epoch']})")
+            break
+        if config.stop_after_epoch and epoch >= config.stop_after_epoch and epoch < config.epochs:
+            say(f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to {checkpoint}")
+            raise TrainingStopped(f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint)
+
+    if best_state is None:  # resumed from a checkpoint of a run that had already finished
+        raise DataError(f"{checkpoint} holds no trained epoch; remove it and train again")
+    model.load_state_dict(best_state)
+    model.eval()
+    say(f"best epoch {best['epoch']}: valid_top1={best['valid_top1']:.4f} valid_top3={best['valid_top3']:.4f} "
+        f"valid_loss={best['valid_loss']:.4f}")
+    return FitResult(model, labels, history, best, config, samples_seen)
+
+
+# ---- 3. the program ------------------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """A bad argument or hyperparameter."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    # argparse exits on a bad argument; we raise instead, so the failure file gets written.
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"bad argument or hyperparameter: {message}")
+
+
+def parse_bool(text: str | bool) -> bool:
+    """SageMaker sends ``True``/``true``/``"true"``/``1``; argparse's ``type=bool`` would make
+    every non-empty string true."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().strip('"\'').lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _integer(text: str) -> int:
+    # A tuner may send an integer as "32.0".
+    value = float(text)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}")
+    return int(value)
+
+
+def _augment_json(text: str) -> dict[str, Any]:
+    if text.strip().strip('"').lower() in ("off", "none", "false"):
+        return AugmentConfig.off().to_dict()
+    return json.loads(text)
+
+
+def _argument_type(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, bool):
+        return parse_bool
+    if isinstance(default, int):
+        return _integer
+    if isinstance(default, (float, str)):
+        return type(default)
+    # Tuples and lists: JSON ("[45, 90]") or comma-separated ("45,90").
+    return lambda text: tuple(_json_or_text(text)) if str(text).startswith("[") else tuple(
+        _json_or_text(part) for part in str(text).split(",") if part.strip()
+    )
+
+
+def _add_dataclass_options(group: argparse._ArgumentGroup, instance: Any, prefix: str, skip: set[str]) -> None:
+    for f in dataclasses.fields(instance):
+        if f.name in skip:
+            continue
+        name = prefix + f.name
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        group.add_argument(*flags, dest=name, type=_argument_type(getattr(instance, f.name)), default=None,
+                           metavar=type(getattr(instance, f.name)).__name__.upper(),
+                           help=f"default {getattr(instance, f.name)!r}")
+
+
+def _base_dir() -> Path:
+    return Path(os.environ.get("SAGEMAKER_BASE_DIR", "/opt/ml"))
+
+
+def _in_sagemaker() -> bool:
+    return "SM_TRAINING_ENV" in os.environ or "SM_MODEL_DIR" in os.environ
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of ``flystage train`` and of the SageMaker program (hyperparameters with
+    underscores; hyphen aliases accepted). Paths default to the SageMaker environment."""
+    env = os.environ.get
+    io = parser.add_argument_group("data and output (defaults from the SageMaker environment)")
+    io.add_argument("--manifest", "--train", dest="train", default=env("SM_CHANNEL_TRAIN"),
+                    help="manifest CSV, a folder holding manifest.csv, or a <label>/<images> tree (SM_CHANNEL_TRAIN)")
+    io.add_argument("--valid", default=env("SM_CHANNEL_VALID"),
+                    help="validation channel, same forms (SM_CHANNEL_VALID); default: the manifest's valid rows")
+    io.add_argument("--model_dir", "--model-dir", dest="model_dir", default=env("SM_MODEL_DIR"),
+                    help="where the model artefact is written (SM_MODEL_DIR)")
+    io.add_argument("--output_data_dir", "--output-data-dir", dest="output_data_dir", default=env("SM_OUTPUT_DATA_DIR"),
+                    help="where per-epoch metrics are written (SM_OUTPUT_DATA_DIR)")
+    default_checkpoints = str(_base_dir() / "checkpoints") if _in_sagemaker() else None
+    io.add_argument("--checkpoint_dir", "--checkpoint-dir", dest="checkpoint_dir", default=default_checkpoints,
+                    help="checkpoint every epoch here and resume from it (SageMaker: <base>/checkpoints)")
+    io.add_argument("--hosts", type=json.loads, default=json.loads(env("SM_HOSTS", "[]")),
+                    help="JSON list of hosts (SM_HOSTS); more than one trains data-parallel")
+    io.add_argument("--current_host", "--current-host", dest="current_host", default=env("SM_CURRENT_HOST"),
+                    help="this host's name (SM_CURRENT_HOST)")
+
+    defaults = TrainConfig()
+    hp = parser.add_argument_group("training hyperparameters")
+    _add_dataclass_options(hp, defaults, "", {"preprocess", "augment"})
+    _add_dataclass_options(parser.add_argument_group("preprocessing"), defaults.preprocess, "", set())
+    _add_dataclass_options(parser.add_argument_group("augmentation"), defaults.augment, "", set())
+    parser.add_argument("--preprocess", dest="preprocess_json", type=json.loads, default=None,
+                        help="the whole preprocessing config as JSON (single options override it)")
+    parser.add_argument("--augment", dest="augment_json", type=_augment_json, default=None,
+                        help="the whole augmentation config as JSON, or 'off' (single options override it)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed options: defaults, then JSON configs, then single options."""
+    defaults = TrainConfig()
+
+    def merged(instance: Any, json_dict: dict | None, prefix: str) -> dict[str, Any]:
+        values = dataclasses.asdict(instance) | (json_dict or {})
+        for f in dataclasses.fields(instance):
+            given = getattr(args, prefix + f.name, None)
+            if given is not None:
+                values[f.name] = given
+        return values
+
+    top = merged(defaults, None, "")
+    try:
+        top["preprocess"] = PreprocessConfig.from_dict(merged(defaults.preprocess, args.preprocess_json, ""))
+        top["augment"] = AugmentConfig.from_dict(merged(defaults.augment, args.augment_json, ""))
+        if not top["threads"]:
+            top["threads"] = int(os.environ.get("SM_NUM_CPUS", 0))
+        return TrainConfig(**top)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad hyperparameter: {exc}") from exc
+
+
+def _init_distributed(hosts: list[str], current_host: str | None, log: Callable[[str], None]) -> tuple[int, int]:
+    """Join the process group when there is more than one host: master = the first host of the
+    sorted list (``FLYSTAGE_MASTER_ADDR`` overrides its address), port ``FLYSTAGE_DIST_PORT``."""
+    hosts = sorted(hosts)
+    if len(hosts) <= 1:
+        return 0, 1
+    if current_host not in hosts:
+        raise UsageError(f"current host {current_host!r} is not in the hosts {hosts} (SM_CURRENT_HOST, SM_HOSTS)")
+    rank, world = hosts.index(current_host), len(hosts)
+    master = os.environ.get("FLYSTAGE_MASTER_ADDR", hosts[0])
+    port = int(os.environ.get("FLYSTAGE_DIST_PORT", DEFAULT_DIST_PORT))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("FLYSTAGE_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)))
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.environ.get("SM_NETWORK_INTERFACE_NAME"):
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["SM_NETWORK_INTERFACE_NAME"]
+    log(f"host={current_host} rank={rank} world_size={world}: joining tcp://{master}:{port} (gloo)")
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world, timeout=timeout)
+    return rank, world
+
+
+def _write_history(output_dir: Path, history: list[dict[str, float]], best: dict[str, float]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[-1]))
+        writer.writeheader()
+        writer.writerows(history)
+    (output_dir / "metrics.json").write_text(json.dumps({"best": best, "history": history}, indent=2) + "\n")
+
+
+def _write_failure(message: str) -> Path | None:
+    """``<base>/output/failure``: SageMaker shows its first 1024 characters as FailureReason."""
+    if not _in_sagemaker():
+        return None
+    path = _base_dir() / "output" / "failure"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(message)
+    except OSError:
+        return None
+    return path
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train from parsed arguments; 0 on success, ``EXIT_STOPPED`` when stopped with a
+    checkpoint, 1 on an error (traceback in ``<base>/output/failure`` under SageMaker)."""
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    STOP.clear()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
+    try:
+        config = config_from_args(args)
+        if not args.train:
+            raise UsageError("no training data: give --manifest (or set SM_CHANNEL_TRAIN)")
+        if not args.model_dir:
+            raise UsageError("no model dir: give --model-dir (or set SM_MODEL_DIR)")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        rank, world = _init_distributed(args.hosts, args.current_host, _log)
+        train_records, valid_records, manifest = split_channels(args.train, args.valid, seed=config.seed)
+        result = fit(train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log)
+        _log(f"host={args.current_host or 'local'} rank={rank} world_size={world} samples={result.samples_seen}")
+        if rank == 0:
+            from flystage.artefact import save_artefact  # needs onnx: imported only where used
+
+            save_artefact(
+                args.model_dir, result.model, config.arch, result.labels, config.preprocess,
+                metrics=result.best, manifest_sha256=manifest_sha256(manifest) if manifest else None,
+                extra={"train_config": config.to_dict(), "train_images": len(train_records),
+                       "valid_images": len(valid_records), "world_size": world},
+            )
+            _log(f"model artefact written to {args.model_dir}")
+            if args.output_data_dir:
+                _write_history(Path(args.output_data_dir), result.history, result.best)
+        if world > 1:
+            dist.barrier()  # nobody leaves before rank 0 has written the artefact
+        return 0
+    except TrainingStopped as exc:
+        _log(f"{exc}; run again with the same checkpoint dir to resume")
+        _write_failure(f"{exc}: checkpoint {exc.checkpoint}; run again with the same checkpoint dir to resume\n")
+        return EXIT_STOPPED
+    except Exception as exc:
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = f"{cause}\n\n{traceback.format_exc()}"
+        where = _write_failure(text)
+        print(f"training failed: {cause}" + (f" (traceback in {where})" if where else ""), file=sys.stderr, flush=True)
+        if not isinstance(exc, (UsageError, DataError)):
+            traceback.print_exc()
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The SageMaker training program: ``train_flystage.py --key value ...``."""
+    parser = _ArgumentParser(prog="train_flystage.py", description="Train a flystage stage classifier.")
+    configure_parser(parser)
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        where = _write_failure(f"{exc}\n\n{parser.format_usage()}")
+        print(f"training failed: {exc}" + (f" (written to {where})" if where else ""), file=sys.stderr, flush=True)
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
