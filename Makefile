@@ -31,4 +31,32 @@ test: ## run the whole test suite (unit, training, SageMaker contract, container
 
 # ---- images and local mode (issue 3) ------------------------------------------------------
 
+# Local mode (local/flystage_local): the real images, run the way SageMaker runs them.
+TRAIN_IMAGE ?= flystage-train:latest
+SERVE_IMAGE ?= flystage-serve:latest
+LOCAL_MODE = PYTHONPATH=local $(PY) -m flystage_local --runs $(RUNS)/local
+INSTANCES ?= 1
+TRIALS ?= 4
+DATA ?= $(FLYSTAGE_DATA)
+HP ?=
+PORT ?= 8080
+OUT ?= $(RUNS)/local/predictions-$(shell date +%Y%m%d-%H%M%S).csv
+
+.PHONY: local-train local-tune local-serve local-predict local-stop
+
+local-train: ## train in the train image as SageMaker would: [INSTANCES=1|2] [DATA=folders] [HP='learning_rate=0.01 batch_size=32']
+	$(LOCAL_MODE) train --image $(TRAIN_IMAGE) --instances $(INSTANCES) --data $(DATA) --hp '$(HP)'
+
+local-tune: ## search learning_rate x batch_size with one train-image job per trial: [TRIALS=4] [DATA=...] [HP=fixed]
+	$(LOCAL_MODE) tune --image $(TRAIN_IMAGE) --instances $(INSTANCES) --trials $(TRIALS) --data $(DATA) --hp '$(HP)'
+
+local-serve: ## start the serve image on 127.0.0.1:$(PORT): [MODEL=runs/local/<job>/model.tar.gz] (default: newest)
+	$(LOCAL_MODE) serve --image $(SERVE_IMAGE) --port $(PORT) $(if $(MODEL),--model $(MODEL))
+
+local-predict: ## top-3 CSV for every image of DIR from the local server: DIR=... [RENAME=1] [OUT=x.csv] or UNDO=manifest
+	$(LOCAL_MODE) predict --port $(PORT) $(if $(UNDO),--undo $(UNDO),$(DIR) --out $(OUT) $(if $(RENAME),--rename))
+
+local-stop: ## remove every container and network local mode made (by label flystage.local=1)
+	$(LOCAL_MODE) stop
+
 # ---- AWS (issue 4) ------------------------------------------------------------------------

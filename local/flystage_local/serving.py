@@ -84,6 +84,7 @@ def start_server(
     port: int = DEFAULT_PORT,
     timeout: float = DEFAULT_START_TIMEOUT,
     environment: dict[str, str] | None = None,
+    name: str = SERVER_NAME,
 ) -> tuple[str, float]:
     """Start the serve image on ``model`` (a model.tar.gz or an unpacked model folder).
 
@@ -94,9 +95,9 @@ def start_server(
     model_dir = model if model.is_dir() else unpack_model(model, models_root)
     client = containers.connect()
     containers.require_image(client, image)
-    if containers.find_container(client, SERVER_NAME):
-        raise LocalModeError(f"a local server ({SERVER_NAME}) already exists; `make local-stop` removes it")
-    container = containers.start_server(client, image, SERVER_NAME, model_dir, port, environment or {})
+    if containers.find_container(client, name):
+        raise LocalModeError(f"a local server ({name}) already exists; `make local-stop` removes it")
+    container = containers.start_server(client, image, name, model_dir, port, environment or {})
     url = server_url(port)
     try:
         seconds = wait_healthy(url, container, timeout)
