@@ -18,7 +18,7 @@ def embryo(height: int = 42, width: int = 111, seed: int = 0, dtype=np.uint16) -
     mask = np.zeros((height, width), np.uint8)
     cv2.ellipse(mask, (width // 2, height // 2), (int(width * 0.4), int(height * 0.35)), 0, 0, 360, 1, -1)
     stripes = 1 + 0.5 * np.sin(np.arange(width) / (2 + seed % 5))[None, :]
-    img += mask * (600 + 150 * (seed % 4)) * stripes
+    img += mask.astype(np.float64) * (600 + 150 * (seed % 4)) * stripes
     top = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
     return np.clip(img if dtype != np.uint8 else img / 8, 0, top).astype(dtype)
 

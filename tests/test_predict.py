@@ -1,0 +1,264 @@
+"""predict: a real tiny ONNX model on a folder of images; CSV/JSON, errors, rename and undo."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from artefact_helpers import LABELS, make_artefact, tiny_config, write_image
+
+from flystage import cli
+from flystage.imaging import load
+from flystage.predict import (
+    Prediction,
+    Predictor,
+    is_renamed,
+    renamed_path,
+    safe_label,
+    softmax,
+    top_k,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    make_artefact(d)
+    return d
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Images as a lab leaves them: nested, mixed formats, a corrupt file, strays."""
+    root = tmp_path / "new_images"
+    write_image(root / "embryo1.tif", seed=1)
+    write_image(root / "embryo2.png", seed=2)
+    write_image(root / "day2" / "embryo3.TIF", seed=3)
+    write_image(root / "day2" / "embryo4.jpg", seed=4)
+    (root / "day2" / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)  # a truncated TIFF
+    (root / "day2" / "notes.txt").write_text("stray")
+    write_image(root / ".ipynb_checkpoints" / "embryo1-checkpoint.png", seed=9)
+    return root
+
+
+def predict(*args: str) -> int:
+    return cli.main(["predict", *map(str, args)])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_softmax_and_top_k():
+    probs = softmax(np.array([[0.0, 1.0, 2.0, 3.0], [5.0, 5.0, 0.0, -1000.0]], np.float32))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs[0], np.exp([0, 1, 2, 3]) / np.exp([0, 1, 2, 3]).sum(), rtol=1e-6)
+    top = top_k(probs, LABELS, k=3)
+    assert [label for label, _ in top[0]] == ["9-10", "7-8", "4-6"]
+    assert [label for label, _ in top[1]][:2] == ["1-3", "4-6"]  # a tie lists the earlier stage first
+    assert len(top_k(probs, LABELS, k=10)[0]) == 4
+
+
+def test_predictor_matches_torch_on_preprocessed_images(model_dir: Path, folder: Path):
+    import torch
+
+    from artefact_helpers import tiny_model
+
+    predictor = Predictor(model_dir, threads=1)
+    batch = np.stack([load(p, tiny_config()) for p in sorted(folder.glob("embryo*"))])
+    probs = predictor.predict_arrays(batch)
+    with torch.no_grad():
+        want = torch.softmax(tiny_model()(torch.from_numpy(batch)), dim=1).numpy()
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    assert not np.allclose(probs[0], probs[1])  # the images really differ
+    with pytest.raises(ValueError, match=r"float32 \(N, 1, 32, 80\)"):
+        predictor.predict_arrays(batch.astype(np.float64))
+
+
+def test_predict_sources_paths_bytes_and_errors(model_dir: Path, folder: Path):
+    predictor = Predictor(model_dir, threads=1)
+    tif = folder / "embryo1.tif"
+    preds = predictor.predict_sources([tif, tif.read_bytes(), b"not an image at all"], k=2, names=["a", "b", "c"])
+    assert [p.source for p in preds] == ["a", "b", "c"]
+    assert preds[0].top == preds[1].top and len(preds[0].top) == 2 and preds[0].error is None
+    assert preds[2].top == [] and "c" in preds[2].error
+    assert preds[0].top[0][1] >= preds[0].top[1][1]
+
+
+def test_folder_to_csv_and_json(model_dir: Path, folder: Path, tmp_path: Path, capsys):
+    out = tmp_path / "preds.csv"
+    assert predict(folder, "--model", model_dir, "--out", out, "--batch-size", 3) == 1  # 1: an unreadable file
+    rows = read_csv(out)
+    assert list(rows[0]) == ["file", "stage_1", "p_1", "stage_2", "p_2", "stage_3", "p_3", "error"]
+    assert sorted(r["file"] for r in rows) == sorted(
+        ["embryo1.tif", "embryo2.png", "day2/embryo3.TIF", "day2/embryo4.jpg", "day2/broken.tif"]
+    )
+    by_file = {r["file"]: r for r in rows}
+    broken = by_file.pop("day2/broken.tif")
+    assert "broken.tif" in broken["error"] and broken["stage_1"] == ""
+    predictor = Predictor(model_dir, threads=1)
+    for name, row in by_file.items():
+        assert row["error"] == ""
+        ps = [float(row[f"p_{i}"]) for i in (1, 2, 3)]
+        assert ps == sorted(ps, reverse=True) and sum(ps) <= 1.0001
+        want = predictor.predict_sources([folder / name], k=3)[0].top
+        assert [row[f"stage_{i}"] for i in (1, 2, 3)] == [label for label, _ in want]
+        assert ps == pytest.approx([p for _, p in want], abs=1e-4)
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["n"] == 5 and doc["errors"] == 1 and doc["model"]["labels"] == LABELS
+    one = next(p for p in doc["predictions"] if p["file"] == "embryo1.tif")
+    assert [t["stage"] for t in one["top"]] == [by_file["embryo1.tif"][f"stage_{i}"] for i in (1, 2, 3)]
+    err = capsys.readouterr().err
+    assert "unreadable: day2/broken.tif" in err and "1 in checkpoint folder" in err
+    # Existing outputs are never replaced without --force.
+    before = out.read_bytes()
+    assert predict(folder, "--model", model_dir, "--out", out) == 2
+    assert out.read_bytes() == before
+    assert predict(folder, "--model", model_dir, "--out", out, "--force", "--k", "2") == 1
+    assert "stage_3" not in read_csv(out)[0]
+
+
+def test_predict_path_never_imports_torch(model_dir: Path, folder: Path, tmp_path: Path):
+    code = (
+        "import sys\n"
+        "from flystage import cli\n"
+        f"rc = cli.main(['predict', {str(folder)!r}, '--model', {str(model_dir)!r}, '--out', {str(tmp_path / 'p.csv')!r}])\n"
+        "from flystage.artefact import check_artefact\n"
+        f"check_artefact({str(model_dir)!r})\n"
+        "assert rc == 1, rc\n"
+        "bad = [m for m in ('torch', 'matplotlib', 'torchvision') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_rename_names():
+    assert renamed_path(Path("/d/embryo12.tif"), ["11-12", "13-16", "9-10"]) == Path("/d/embryo12__s11-12_s13-16_s9-10.tif")
+    assert safe_label("stage 11/12") == "stage-11-12" and safe_label("st_5") == "st-5"
+    assert is_renamed(Path("embryo12__s11-12_s13-16_s9-10.tif"))
+    assert not is_renamed(Path("embryo12_s11.tif")) and not is_renamed(Path("embryo__12.tif"))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rename_twice_and_undo(model_dir: Path, folder: Path, tmp_path: Path, capsys):
+    original = snapshot(folder)
+    undo = tmp_path / "undo.csv"
+    assert predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo) == 1
+    rows = read_csv(tmp_path / "p.csv")
+    renamed = snapshot(folder)
+    assert sorted(renamed.values()) == sorted(original.values())  # same files, new names
+    for row in rows:
+        if row["error"]:
+            assert row["file"] in renamed  # unreadable: left alone
+            continue
+        old = Path(row["file"])
+        tag = "_".join("s" + row[f"stage_{i}"] for i in (1, 2, 3))
+        assert (old.parent / f"{old.stem}__{tag}{old.suffix}").as_posix() in renamed
+    undo_rows = read_csv(undo)
+    assert len(undo_rows) == 4 and all(Path(r["old"]).is_absolute() for r in undo_rows)
+    # A second run predicts the renamed files but renames nothing.
+    assert predict(folder, "--model", model_dir, "--out", tmp_path / "p2.csv", "--rename", "--undo-manifest", tmp_path / "undo2.csv") == 1
+    assert snapshot(folder) == renamed
+    assert "already renamed" in capsys.readouterr().out
+    assert read_csv(tmp_path / "undo2.csv") == []
+    # Undo restores every name.
+    assert predict("--undo", undo) == 0
+    assert snapshot(folder) == original
+    assert predict("--undo", undo) == 0  # twice is harmless: already restored
+
+
+def test_rename_never_overwrites(model_dir: Path, folder: Path, tmp_path: Path, capsys):
+    predictor = Predictor(model_dir, threads=1)
+    top = predictor.predict_sources([folder / "embryo1.tif"])[0].top
+    squatter = renamed_path(folder / "embryo1.tif", [label for label, _ in top])
+    squatter.write_bytes(b"someone else's file")
+    assert predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", tmp_path / "u.csv") == 1
+    assert squatter.read_bytes() == b"someone else's file"
+    assert (folder / "embryo1.tif").is_file()
+    assert f"{squatter.name} already exists" in capsys.readouterr().out
+    assert str(folder / "embryo1.tif") not in {r["old"] for r in read_csv(tmp_path / "u.csv")}
+
+
+def test_undo_after_a_file_moved_or_its_name_was_taken(model_dir: Path, folder: Path, tmp_path: Path, capsys):
+    undo = tmp_path / "undo.csv"
+    predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo)
+    rows = read_csv(undo)
+    moved_new, taken = Path(rows[0]["new"]), rows[1]
+    shutil.move(moved_new, tmp_path / moved_new.name)  # the user moved one file away
+    Path(taken["old"]).write_bytes(b"new file with the old name")  # and reused another's old name
+    capsys.readouterr()
+    assert predict("--undo", undo) == 1
+    out = capsys.readouterr().out
+    assert "restored 2 file(s), skipped 2" in out
+    assert "moved or deleted" in out and "exists again" in out
+    assert Path(taken["old"]).read_bytes() == b"new file with the old name"
+    assert Path(taken["new"]).is_file()
+    for r in rows[2:]:
+        assert Path(r["old"]).is_file() and not Path(r["new"]).exists()
+
+
+def test_undo_manifest_survives_a_crash_mid_rename(model_dir: Path, folder: Path, tmp_path: Path, monkeypatch):
+    """Every rename is on disk in the manifest before it happens, so a crash loses nothing."""
+    from flystage import predict as predict_module
+
+    calls = []
+    real = predict_module._move_no_replace
+
+    def crash_on_third(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C
+        real(src, dst)
+
+    monkeypatch.setattr(predict_module, "_move_no_replace", crash_on_third)
+    undo = tmp_path / "undo.csv"
+    with pytest.raises(KeyboardInterrupt):
+        predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo)
+    monkeypatch.undo()
+    assert len(read_csv(undo)) == 3  # two done, the third planned
+    assert predict("--undo", undo) == 0
+    assert not any(is_renamed(p) for p in folder.rglob("*.*"))
+
+
+def test_remote_predictor_plugs_into_the_same_loop(folder: Path, tmp_path: Path):
+    """Any object with predict_sources (an HTTP client, say) gets the folder loop, outputs and rename."""
+    import argparse
+
+    from flystage.predict import add_output_arguments, run_with
+
+    class Constant:
+        def __init__(self):
+            self.batches = []
+
+        def predict_sources(self, sources, k=3, names=None):
+            self.batches.append(len(sources))
+            return [Prediction(n, [("13-16", 0.9), ("11-12", 0.08), ("9-10", 0.02)][:k]) for n in names]
+
+    parser = argparse.ArgumentParser()
+    add_output_arguments(parser)
+    remote = Constant()
+    args = parser.parse_args([str(folder), "--out", str(tmp_path / "r.csv"), "--batch-size", "2", "--rename", "--undo-manifest", str(tmp_path / "u.csv")])
+    assert run_with(remote, args) == 0
+    assert remote.batches == [2, 2, 1]
+    assert (folder / "embryo1__s13-16_s11-12_s9-10.tif").is_file()
+    assert (folder / "day2" / "broken__s13-16_s11-12_s9-10.tif").is_file()
+
+
+def test_bad_model_directory_is_a_clear_error(tmp_path: Path, folder: Path, capsys):
+    assert predict(folder, "--model", tmp_path / "nope", "--out", tmp_path / "p.csv") == 2
+    assert "no such model directory" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+    assert predict(folder) == 2
+    assert os.listdir(tmp_path) == [folder.name]
