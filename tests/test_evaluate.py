@@ -1,0 +1,135 @@
+"""evaluate: metrics on hand-made probabilities, the confusion PNG, and a real model on a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from artefact_helpers import LABELS, make_artefact, write_image
+
+from flystage import cli
+from flystage.evaluate import (
+    confusion_matrix,
+    evaluate_manifest,
+    evaluate_probs,
+    plot_confusion,
+    recall_precision,
+    report_text,
+    topk_accuracy,
+)
+from flystage.organise import ManifestError, Record, write_manifest
+from flystage.predict import Predictor
+
+# Four images, three classes; targets 0, 0, 2, 1.
+PROBS = np.array(
+    [
+        [0.5, 0.3, 0.2],  # predicted 0, true 0: top-1 hit
+        [0.1, 0.2, 0.7],  # predicted 2, true 0: the true class is last
+        [0.3, 0.4, 0.3],  # predicted 1, true 2: a tie with class 0, which ranks first
+        [0.2, 0.6, 0.2],  # predicted 1, true 1: top-1 hit
+    ]
+)
+TARGETS = np.array([0, 0, 2, 1])
+
+
+def test_topk_accuracy_known_answers():
+    assert topk_accuracy(PROBS, TARGETS, 1) == 0.5
+    assert topk_accuracy(PROBS, TARGETS, 2) == 0.5  # row 2's true class loses the tie at rank 2
+    assert topk_accuracy(PROBS, TARGETS, 3) == 1.0
+    assert topk_accuracy(PROBS, TARGETS, 10) == 1.0
+    # A constant model is not rewarded for ties.
+    assert topk_accuracy(np.full((3, 4), 0.25), np.array([3, 3, 3]), 1) == 0.0
+    with pytest.raises(ValueError):
+        topk_accuracy(PROBS, TARGETS[:3], 1)
+
+
+def test_confusion_recall_precision_known_answers():
+    cm = confusion_matrix(TARGETS, PROBS.argmax(axis=1), 3)
+    assert cm.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 0]]
+    recall, precision = recall_precision(cm)
+    np.testing.assert_allclose(recall, [0.5, 1.0, 0.0])
+    np.testing.assert_allclose(precision, [1.0, 0.5, 0.0])
+    recall, precision = recall_precision(np.array([[2, 0], [0, 0]]))
+    assert recall[0] == 1.0 and np.isnan(recall[1]) and np.isnan(precision[1])
+
+
+def test_evaluate_probs_report():
+    report = evaluate_probs(PROBS, TARGETS, ["1-3", "4-6", "7-8"])
+    assert report["n"] == 4 and report["top1"] == 0.5 and report["top3"] == 1.0
+    assert report["mean_recall"] == 0.5
+    assert report["per_stage"]["1-3"] == {"recall": 0.5, "precision": 1.0, "support": 2}
+    assert report["per_stage"]["7-8"] == {"recall": 0.0, "precision": 0.0, "support": 1}
+    assert report["confusion"] == [[1, 0, 1], [0, 1, 0], [0, 1, 0]]
+    json.dumps(report)  # JSON-safe
+    absent = evaluate_probs(PROBS[:2], TARGETS[:2], ["1-3", "4-6", "7-8"])
+    assert absent["per_stage"]["4-6"] == {"recall": None, "precision": None, "support": 0}
+    text = report_text(absent)
+    assert "top-1 50.0%" in text and "n/a" in text
+    with pytest.raises(ValueError, match="for 2 labels"):
+        evaluate_probs(PROBS, TARGETS, ["a", "b"])
+
+
+def test_plot_confusion_writes_a_real_png(tmp_path: Path):
+    import matplotlib.image
+
+    cm = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 9]])
+    path = plot_confusion(cm, ["1-3", "4-6", "7-8"], tmp_path / "sub" / "cm.png", title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A real tiny model and a manifest of synthetic images with train and test splits."""
+    root = tmp_path_factory.mktemp("eval")
+    make_artefact(root / "model")
+    records = []
+    for i in range(10):
+        path = write_image(root / "data" / f"img{i}.{'tif' if i % 2 else 'png'}", seed=i)
+        split = "test" if i < 6 else "train"
+        records.append(Record(path, LABELS[i % len(LABELS)], f"g{i}", split, f"{i:040d}"))
+    manifest = write_manifest(records, root / "data" / "manifest.csv")
+    return root / "model", manifest, records
+
+
+def test_evaluate_manifest_agrees_with_the_predictor(setup):
+    model_dir, manifest, records = setup
+    report, probs, targets = evaluate_manifest(model_dir, manifest, "test", batch_size=4, threads=1)
+    test = [r for r in records if r.split == "test"]
+    assert report["n"] == 6 and probs.shape == (6, len(LABELS))
+    assert targets.tolist() == [LABELS.index(r.label) for r in test]
+    direct = Predictor(model_dir, threads=1).predict_sources([r.path for r in test], k=1)
+    assert [LABELS.index(p.top[0][0]) for p in direct] == probs.argmax(axis=1).tolist()
+    assert report["top1"] == pytest.approx(np.mean(probs.argmax(axis=1) == targets))
+    assert sum(map(sum, report["confusion"])) == 6
+    assert report["model"]["labels"] == LABELS and report["split"] == "test"
+    assert report["same_manifest_as_training"] is False
+    assert evaluate_manifest(model_dir, manifest, "all", threads=1)[0]["n"] == 10
+
+
+def test_evaluate_cli_writes_report_and_png(setup, tmp_path: Path, capsys):
+    model_dir, manifest, _ = setup
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "recall" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 6 and set(report["per_stage"]) == set(LABELS)
+    assert len(report["manifest_sha256"]) == 64
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out)]) == 2
+    assert "already holds a report" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_unknown_labels_and_empty_splits(setup, tmp_path: Path):
+    model_dir, _, records = setup
+    odd = [Record(r.path, "stage 17", r.group, r.split, r.sha1) for r in records]
+    manifest = write_manifest(odd, tmp_path / "odd.csv")
+    with pytest.raises(ManifestError, match="not among the model's labels"):
+        evaluate_manifest(model_dir, manifest, "test", threads=1)
+    with pytest.raises(ManifestError, match="no images in split 'valid'"):
+        evaluate_manifest(model_dir, manifest, "valid", threads=1)
