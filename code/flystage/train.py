@@ -351,8 +351,20 @@ def fit(
     # Resume after an interruption.
     checkpoint = Path(work_dir) / CHECKPOINT_FILE if work_dir is not None else None
     start_epoch, history, best, best_state, bad_epochs = 0, [], None, None, 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, labels, config)
+    state, error = None, None
+    if is_main and checkpoint is not None and checkpoint.is_file():
+        try:
+            state = _load_checkpoint(checkpoint, labels, config)
+        except DataError as exc:
+            error = exc
+    if world > 1:
+        # Rank 0's checkpoint is the truth (only rank 0 writes one); its error stops everyone.
+        shared = [state, str(error) if error else None]
+        dist.broadcast_object_list(shared, src=0)
+        state, error = shared[0], (error or (DataError(shared[1]) if shared[1] else None))
+    if error is not None:
+        raise error
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
