@@ -1,0 +1,150 @@
+"""Local stand-ins for AWS in the cloud tests: moto in server mode (a real HTTP API on
+loopback) and Debian's docker-registry standing in for ECR.
+
+Fake credentials are set only in the test's environment (monkeypatch), never on disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flystage.cloud.session import Api
+from flystage.cloud.settings import Settings
+
+REGION = "eu-west-1"
+# moto's fixed account id; a placeholder, not a real account.
+ACCOUNT = "123456789012"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/flystage-test"
+BUCKET = "flystage-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    """Until ``url`` answers at all (any HTTP status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    """A moto server on 127.0.0.1:<free port> for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/moto-api/")
+    yield url
+    server.stop()
+
+
+def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials moto accepts, in this test's environment only; no config files read."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def aws(moto_url, monkeypatch, tmp_path) -> tuple[Api, Settings]:
+    """(Api, Settings) against a freshly reset moto, with the bucket created."""
+    fake_credentials(monkeypatch)
+    urllib.request.urlopen(urllib.request.Request(moto_url + "/moto-api/reset", method="POST"), timeout=10)
+    settings = Settings(
+        region=REGION,
+        role_arn=ROLE,
+        bucket=BUCKET,
+        endpoint_url=moto_url,
+        state_file=str(tmp_path / "state.json"),
+        poll_s=1,
+    )
+    api = Api(settings)
+    api.call("s3", "create_bucket", Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    return api, settings
+
+
+# ---- a local registry standing in for ECR ---------------------------------------------------
+
+REGISTRY_CONFIG = """version: 0.1
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: false
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+def docker_client():
+    """The Docker engine, or a test failure saying how to start it."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as err:
+        pytest.fail(f"Docker engine not reachable ({err}): start it with `dockerd >/var/log/dockerd.log 2>&1 &`")
+    return client
+
+
+@pytest.fixture
+def local_registry(tmp_path):
+    """``docker-registry serve`` on 127.0.0.1:<free port>; yields ``127.0.0.1:<port>``."""
+    binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+    if not Path(binary).exists():
+        pytest.fail("docker-registry not installed: apt-get install docker-registry (the CI installs it)")
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(REGISTRY_CONFIG.format(root=tmp_path / "registry-data", port=port))
+    log = open(tmp_path / "registry.log", "wb")
+    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def tiny_image(client, tag: str, tmp_path: Path):
+    """A one-file image made with ``docker import`` (no registry pull), tagged ``tag``."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = f"flystage push test {tag} {time.time()}\n".encode()
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    repository, _, version = tag.partition(":")
+    client.api.import_image_from_data(buf.getvalue(), repository=repository, tag=version or "latest")
+    return client.images.get(tag)
