@@ -29,6 +29,9 @@ test: ## run the whole test suite (unit, training, SageMaker contract, container
 
 # ---- benchmarks ---------------------------------------------------------------------------
 
+bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model input (JSON line)
+	$(PY) bench/bench_preprocess.py
+
 # ---- images and local mode (issue 3) ------------------------------------------------------
 
 # Local mode (local/flystage_local): the real images, run the way SageMaker runs them.
