@@ -32,6 +32,9 @@ test: ## run the whole test suite (unit, training, SageMaker contract, container
 bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model input (JSON line)
 	$(PY) bench/bench_preprocess.py
 
+bench-predict: ## images/s of `flystage predict` over 200 lab-like 1110x420 16-bit TIFFs, ONNX model (JSON line; MODEL=dir, else untrained default)
+	$(PY) bench/bench_predict.py $(if $(MODEL),--model $(MODEL))
+
 # ---- images and local mode (issue 3) ------------------------------------------------------
 
 # Local mode (local/flystage_local): the real images, run the way SageMaker runs them.
