@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
@@ -22,6 +23,7 @@ from flystage.imaging import (
     load,
     preprocess,
     read_image,
+    sniff_format,
     stretch_contrast,
 )
 from imaging_helpers import (
@@ -81,6 +83,23 @@ def test_multipage_tiff_page_choice_and_range(tmp_path: Path) -> None:
         load(path, PreprocessConfig(page=5))
 
 
+def test_lzw_tiff_from_fiji_or_opencv(tmp_path: Path) -> None:
+    """LZW is the usual TIFF compression; tifffile alone cannot decode it (OpenCV can)."""
+    pages = [dim_embryo(60, 150, seed=i) for i in range(3)]
+    ok, buf = cv2.imencodemulti(".tif", pages)  # OpenCV writes LZW
+    assert ok and tifffile.TiffFile(io.BytesIO(buf.tobytes())).pages[0].compression == 5
+    path = tmp_path / "lzw.tif"
+    path.write_bytes(buf.tobytes())
+    np.testing.assert_array_equal(read_image(path, page=2), pages[2])
+    with pytest.raises(ImageError, match="3 pages"):
+        read_image(path, page=3)
+    rgb = np.zeros((20, 30, 3), np.uint16)
+    rgb[..., 0] = 40000  # red
+    ok, buf = cv2.imencode(".tif", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    out = read_image(buf.tobytes())
+    assert out.dtype == np.uint16 and out[..., 0].min() == 40000 and out[..., 1:].max() == 0
+
+
 @pytest.mark.parametrize("planar", ["contig", "separate"])
 def test_rgb_tiff(planar: str) -> None:
     img = np.zeros((20, 30, 3), np.uint8)
@@ -124,6 +143,15 @@ def test_format_comes_from_content_not_extension(tmp_path: Path, lab_image: np.n
     path = tmp_path / "really_a_png.tif"
     path.write_bytes(encode(lab_image, ".png"))
     np.testing.assert_array_equal(read_image(path), lab_image)
+
+
+def test_sniff_format() -> None:
+    img = np.zeros((8, 8), np.uint8)
+    assert sniff_format(tiff_bytes(img)) == "tiff"
+    assert sniff_format(tiff_bytes(img, bigtiff=True)) == "tiff"
+    for ext, kind in ((".png", "png"), (".jpg", "jpeg"), (".bmp", "bmp")):
+        assert sniff_format(encode(img, ext)[:16]) == kind
+    assert sniff_format(b"GIF89a") is None and sniff_format(b"") is None
 
 
 def test_bytes_input_matches_path(lab_tiff: Path) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "ImageError",
     "MAX_PIXELS",
     "read_image",
+    "sniff_format",
     "PreprocessConfig",
     "preprocess",
     "load",
@@ -91,7 +92,9 @@ _OTHER_MAGIC = [
 ]
 
 
-def _sniff(head: bytes) -> str | None:
+def sniff_format(head: bytes) -> str | None:
+    """``"tiff"``, ``"png"``, ``"jpeg"`` or ``"bmp"`` from a file's first bytes (16 are
+    enough), or None for anything else. Extensions are never trusted."""
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             return kind
@@ -162,7 +165,7 @@ def read_image(
             head = data[:16]
         if not head:
             raise ImageError(f"{label}: the file is empty (0 bytes); copy it again from its source")
-        kind = _sniff(head)
+        kind = sniff_format(head)
         if kind is None:
             raise ImageError(
                 f"{label}: cannot read it as an image: {_describe_unknown(head)}; "
@@ -234,7 +237,25 @@ def _read_tiff(source: Path | bytes, page: int, label: str, limit: int) -> np.nd
                     f"{label}: the TIFF is truncated (its pixel data runs past the end of the "
                     f"{size}-byte file); copy it again from its source"
                 )
-            arr = tp.asarray()
+            try:
+                return tp.asarray()
+            except (KeyError, ValueError, ImportError) as exc:
+                if "imagecodecs" not in str(exc) and not isinstance(exc, ImportError):
+                    raise
+                codec_error = exc
+    # tifffile alone cannot decompress LZW, PackBits or JPEG (it needs the imagecodecs
+    # package); OpenCV's libtiff can, so such files - common from Fiji and microscope
+    # software - are decoded by OpenCV instead.
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not ok or len(pages) <= page:
+        raise ImageError(
+            f"{label}: cannot decompress this TIFF ({codec_error}); re-save it uncompressed "
+            "or with zlib (Deflate) compression, or install the imagecodecs package"
+        )
+    arr = pages[page]
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return arr
 
 
