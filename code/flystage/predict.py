@@ -118,7 +118,7 @@ class Predictor:
         self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None
     ) -> list[Prediction]:
         """Top-k for each image (path or bytes); an unreadable image gets its ``error`` instead."""
-        names = list(names) if names is not None else [_name(s, i) for i, s in enumerate(sources)]
+        names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
         predictions = [Prediction(name) for name in names]
         arrays, good = [], []
         for i, (source, name) in enumerate(zip(sources, names)):
@@ -134,8 +134,12 @@ class Predictor:
         return predictions
 
 
-def _name(source: Source, index: int) -> str:
+def source_name(source: Source, index: int) -> str:
+    """What to call a source in outputs and errors: its path, or ``<image i>`` for bytes."""
     return f"<image {index}>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+
+
+_name = source_name  # the earlier private name, still imported by flystage.cloud.hosting
 
 
 # ---- folders ---------------------------------------------------------------------------------
