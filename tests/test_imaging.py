@@ -268,6 +268,11 @@ def test_stretch_contrast_maps_percentiles_to_0_and_1() -> None:
 def test_light_background_detection() -> None:
     assert has_light_background(brightfield_embryo())
     assert not has_light_background(dim_embryo())
+    # an embryo touching all four sides of the frame: the corners still show the background
+    assert not has_light_background(dim_embryo(length=LAB_WIDTH, aspect=LAB_WIDTH / LAB_HEIGHT))
+    filling = brightfield_embryo()
+    filling[ellipse_mask(128, 320, 320, 2.5)] = (225, 215, 190)
+    assert has_light_background(filling)
 
 
 def test_foreground_mask_finds_the_embryo_in_a_dim_image(lab_image: np.ndarray) -> None:

@@ -334,11 +334,11 @@ def _to_png_array(image: np.ndarray, eight_bit: bool) -> np.ndarray:
 
 
 def _background(image: np.ndarray) -> tuple[float, ...]:
-    """Per-channel median of the frame's border: the fill for rotated corners."""
-    b = max(1, min(image.shape[:2]) // 25)
-    strip = np.concatenate([image[:b].reshape(-1, *image.shape[2:]), image[-b:].reshape(-1, *image.shape[2:]),
-                            image[:, :b].reshape(-1, *image.shape[2:]), image[:, -b:].reshape(-1, *image.shape[2:])])
-    return tuple(float(v) for v in np.atleast_1d(np.median(strip, axis=0)))
+    """Per-channel median of the frame's corners: the fill for rotated corners."""
+    from flystage.imaging import _corners
+
+    planes = [image] if image.ndim == 2 else [image[:, :, i] for i in range(image.shape[2])]
+    return tuple(float(np.median(_corners(p))) for p in planes)
 
 
 def _write_png(path: Path, image: np.ndarray) -> str:

@@ -373,7 +373,7 @@ class PreprocessConfig:
         Contrast stretch: these percentiles of the image's intensities map to 0 and 1.
     background : str
         ``"dark"`` (fluorescence: embryo bright on black), ``"light"`` (brightfield: embryo
-        dark on white; inverted), or ``"auto"`` (decided per image from its border).
+        dark on white; inverted), or ``"auto"`` (decided per image from its corners).
     mask : bool
         Set the background (everything outside the embryo) to 0.
     align : bool
@@ -457,25 +457,37 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else image.mean(axis=2, dtype=np.float32)
 
 
-def has_light_background(image: np.ndarray, border: float = 0.04) -> bool:
+def _corners(image: np.ndarray, size: float = 0.08) -> np.ndarray:
+    """The pixels of the frame's four corner patches (``size`` of each side).
+
+    An embryo, an ellipse, never reaches them, even when it fills the frame edge to edge;
+    so they show the background.
+    """
+    h, w = image.shape[:2]
+    ch, cw = max(1, int(h * size)), max(1, int(w * size))
+    return np.concatenate([
+        image[:ch, :cw].ravel(), image[:ch, -cw:].ravel(), image[-ch:, :cw].ravel(), image[-ch:, -cw:].ravel()
+    ])
+
+
+def has_light_background(image: np.ndarray, corner: float = 0.08) -> bool:
     """Whether the image's background is light (brightfield) rather than dark (fluorescence).
 
     Parameters
     ----------
     image : ndarray, (H, W) or (H, W, C), any numeric dtype
-    border : float
-        Width of the border strip examined, as a fraction of each side.
+    corner : float
+        Size of the four corner patches examined, as a fraction of each side.
 
     Returns
     -------
     bool
-        True when the median of the border strip is above the middle of the image's 1st-99th
-        percentile range, i.e. the frame around the embryo is brighter than the embryo.
+        True when the median of the corners is above the middle of the image's 1st-99th
+        percentile range, i.e. the background is brighter than the embryo.
     """
     grey = _grey(image)
-    strip = _border_strip(grey, border)
     lo, hi = np.percentile(_subsample(grey).astype(np.float32), [1.0, 99.0])
-    return bool(np.median(strip.astype(np.float32)) > (lo + hi) / 2.0)
+    return bool(np.median(_corners(grey, corner).astype(np.float32)) > (lo + hi) / 2.0)
 
 
 def stretch_contrast(
@@ -522,15 +534,6 @@ def stretch_contrast(
     return out
 
 
-def _border_strip(image: np.ndarray, border: float) -> np.ndarray:
-    """The pixels of a strip ``border`` (fraction of each side) wide around the frame."""
-    h, w = image.shape[:2]
-    bh, bw = max(1, int(h * border)), max(1, int(w * border))
-    return np.concatenate([
-        image[:bh].ravel(), image[-bh:].ravel(), image[:, :bw].ravel(), image[:, -bw:].ravel()
-    ])
-
-
 def foreground_mask(image: np.ndarray, smooth: float = 0.02, work_size: int = 256) -> np.ndarray:
     """The embryo: a filled, single blob.
 
@@ -550,7 +553,7 @@ def foreground_mask(image: np.ndarray, smooth: float = 0.02, work_size: int = 25
     ndarray, bool, (H, W)
         True on the embryo: the blurred image above a threshold, the largest connected
         region, holes filled. The threshold is Otsu's, lowered to just above the background
-        when the frame's border shows a clean background (median + 6 robust SDs), so that
+        when the frame's corners show a clean background (median + 6 robust SDs), so that
         faint parts of an embryo (an unstained end, a dim edge) stay in. When no plausible
         embryo is found (a blank image, or a region under 1 % of the frame) the whole frame
         is True, so nothing is lost.
@@ -568,7 +571,7 @@ def foreground_mask(image: np.ndarray, smooth: float = 0.02, work_size: int = 25
     if int(u8.max()) == int(u8.min()):
         return np.ones((h, w), bool)
     otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    strip = _border_strip(u8, 0.03).astype(np.float32)
+    strip = _corners(u8).astype(np.float32)
     centre = float(np.median(strip))
     spread = 1.4826 * float(np.median(np.abs(strip - centre)))
     threshold = min(float(otsu), centre + max(6.0 * spread, 5.0))
