@@ -1,0 +1,222 @@
+"""The training program: real (tiny) training, metric lines, checkpoints, resume, SIGTERM,
+the artefact, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from flystage.artefact import check_artefact, load_metadata
+from flystage.augment import AugmentConfig
+from flystage.data import split_channels
+from flystage.imaging import PreprocessConfig
+from flystage.jobdef import METRIC_DEFINITIONS, read_metric
+from flystage.organise import manifest_sha256
+from flystage.train import (
+    CHECKPOINT_FILE,
+    EXIT_STOPPED,
+    TrainConfig,
+    TrainingStopped,
+    config_from_args,
+    fit,
+    main,
+    metric_line,
+    parse_bool,
+)
+from train_helpers import LABELS, TINY_PREPROCESS, make_manifest_set
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--arch", "small_cnn", "--batch_size", "8", "--threads", "1", "--height", "32", "--width", "80",
+             "--channels", "1"]
+
+
+def tiny_config(**changes) -> TrainConfig:
+    base = dict(arch="small_cnn", epochs=3, batch_size=8, learning_rate=0.003, threads=1,
+                preprocess=PreprocessConfig(**TINY_PREPROCESS))
+    return TrainConfig(**(base | changes))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return make_manifest_set(tmp_path_factory.mktemp("set"), train_per_class=6, valid_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def records(manifest: Path):
+    train, valid, _ = split_channels(manifest)
+    return train, valid
+
+
+def test_fit_learns_and_returns_best_model(records) -> None:
+    """Without augmentation, a few epochs separate the synthetic classes on the training set."""
+    train, valid = records
+    lines: list[str] = []
+    result = fit(train, valid, tiny_config(epochs=12, augment=AugmentConfig.off(), label_smoothing=0.0),
+                 log=lines.append)
+    assert result.labels == list(LABELS)
+    assert [e["epoch"] for e in result.history] == list(range(1, 13))
+    assert result.history[-1]["train_loss"] < 0.6 * result.history[0]["train_loss"]
+    assert not result.model.training
+    best = max(result.history, key=lambda e: (e["valid_top3"], -e["valid_loss"]))
+    assert result.best == best
+    # The returned weights are the best epoch's: they reproduce its valid loss.
+    from flystage.data import ImageCache, StageDataset
+
+    dataset = StageDataset(valid, result.labels, ImageCache(result.config.preprocess))
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor(dataset.targets)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(result.model(x), y).item()
+    assert loss == pytest.approx(best["valid_loss"], rel=1e-4)
+    assert result.samples_seen == 12 * len(train)
+
+
+def test_metric_lines_read_by_the_job_definition(records) -> None:
+    train, valid = records
+    lines: list[str] = []
+    result = fit(train, valid, tiny_config(epochs=2), log=lines.append)
+    log = "\n".join(lines)
+    metric_lines = [line for line in lines if line.startswith("epoch=")]
+    assert metric_lines == [metric_line(e) for e in result.history]
+    assert len(metric_lines) == 2
+    for definition in METRIC_DEFINITIONS:
+        key = {"train:loss": "train_loss", "valid:loss": "valid_loss", "valid:top1": "valid_top1",
+               "valid:top3": "valid_top3"}[definition["Name"]]
+        values = read_metric(log, definition["Name"])
+        assert values == pytest.approx([round(e[key], 4) for e in result.history], abs=1e-9)
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(records, tmp_path: Path) -> None:
+    train, valid = records
+    straight = fit(train, valid, tiny_config(), log=lambda line: None)
+
+    with pytest.raises(TrainingStopped) as stopped:
+        fit(train, valid, tiny_config(stop_after_epoch=1), work_dir=tmp_path, log=lambda line: None)
+    assert stopped.value.epoch == 1
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert {"model", "optimizer", "scheduler", "best", "best_state"} <= set(state)
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically
+
+    lines: list[str] = []
+    resumed = fit(train, valid, tiny_config(), work_dir=tmp_path, log=lines.append)
+    assert any(line.startswith("resuming from checkpoint") and "after epoch 1" in line for line in lines)
+    assert [line.split()[0] for line in lines if line.startswith("epoch=")] == ["epoch=2", "epoch=3"]
+    assert [e["epoch"] for e in resumed.history] == [1, 2, 3]
+    # Per-epoch reseeding makes the resumed run the same as the uninterrupted one.
+    for a, b in zip(straight.history, resumed.history):
+        for key in ("train_loss", "valid_loss", "valid_top1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6)
+
+
+def test_checkpoint_of_another_run_is_refused(records, tmp_path: Path) -> None:
+    train, valid = records
+    fit(train, valid, tiny_config(epochs=1), work_dir=tmp_path, log=lambda line: None)
+    other = tiny_config(epochs=1, preprocess=PreprocessConfig(height=32, width=96, channels=1))
+    with pytest.raises(ValueError, match="belongs to another training run.*empty checkpoint dir"):
+        fit(train, valid, other, work_dir=tmp_path, log=lambda line: None)
+
+
+@pytest.mark.parametrize("balance", ["sampler", "none"])
+def test_balance_options_train(records, balance: str) -> None:
+    train, valid = records
+    result = fit(train[:-4], valid, tiny_config(epochs=1, balance=balance, optimizer="sgd", scheduler="onecycle"),
+                 log=lambda line: None)
+    assert len(result.history) == 1
+
+
+def test_main_writes_artefact_history_and_checkpoint(manifest: Path, tmp_path: Path, capsys) -> None:
+    model_dir, out, ckpt = tmp_path / "model", tmp_path / "out", tmp_path / "ckpt"
+    code = main(["--manifest", str(manifest), "--model_dir", str(model_dir), "--output-data-dir", str(out),
+                 "--checkpoint_dir", str(ckpt), "--epochs", "2", "--pretrained", "False", *TINY_ARGS])
+    log = capsys.readouterr().out
+    assert code == 0, log
+    assert len(read_metric(log, "valid:top3")) == 2
+    metadata = check_artefact(model_dir)  # ONNX runs and matches the metadata
+    assert metadata.labels == list(LABELS)
+    assert metadata.arch == "small_cnn"
+    assert metadata.preprocess.to_dict() == PreprocessConfig(**TINY_PREPROCESS).to_dict()
+    assert metadata.manifest_sha256 == manifest_sha256(manifest)
+    assert set(metadata.metrics) >= {"valid_top1", "valid_top3", "valid_loss", "epoch"}
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [e["epoch"] for e in history] == [1, 2]
+    assert (out / "history.csv").read_text().startswith("epoch,train_loss,valid_loss,valid_top1,valid_top3")
+    assert (ckpt / CHECKPOINT_FILE).is_file()
+    assert "host=local rank=0 world_size=1 samples=36" in log
+
+
+def test_hyperparameters_as_sagemaker_sends_them(monkeypatch) -> None:
+    from flystage.train import _ArgumentParser, configure_parser
+
+    monkeypatch.setenv("SM_NUM_CPUS", "4")
+    parser = _ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(["--batch_size", "64.0", "--learning_rate", "0.01", "--pretrained", "True",
+                              "--mask", "false", "--angles", "[90, 180]", "--p-angle", "0.25",
+                              "--preprocess", '{"height": 48, "width": 120}', "--width", "128"])
+    config = config_from_args(args)
+    assert (config.batch_size, config.learning_rate, config.pretrained) == (64, 0.01, True)
+    assert config.threads == 4  # from SM_NUM_CPUS
+    assert (config.preprocess.height, config.preprocess.width, config.preprocess.mask) == (48, 128, False)
+    assert config.augment.angles == (90.0, 180.0) and config.augment.p_angle == 0.25
+    off = config_from_args(parser.parse_args(["--augment", "off"]))
+    assert off.augment == AugmentConfig.off()
+    for text, value in [("true", True), ('"false"', False), ("1", True), ("False", False)]:
+        assert parse_bool(text) is value
+    with pytest.raises(Exception, match="expected true or false"):
+        parse_bool("maybe")
+
+
+def test_bad_arguments_fail_with_a_clear_message(manifest: Path, tmp_path: Path, capsys) -> None:
+    assert main(["--manifest", str(manifest), "--model_dir", str(tmp_path), "--arch", "resnet7"]) == 1
+    assert "training failed: bad hyperparameter: arch 'resnet7': choose one of" in capsys.readouterr().err
+    assert main(["--manifest", str(manifest), "--model_dir", str(tmp_path), "--no_such_option", "1"]) == 2
+    assert "unrecognized arguments: --no_such_option" in capsys.readouterr().err
+    assert main(["--model_dir", str(tmp_path)]) == 1
+    assert "no training data: give --manifest" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path: Path) -> None:
+    """The real program in a subprocess: SIGTERM during training -> finish the step, save a
+    checkpoint, exit with EXIT_STOPPED; a restart resumes from that checkpoint."""
+    ckpt, model_dir = tmp_path / "ckpt", tmp_path / "model"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "flystage", "train", "--manifest", str(manifest), "--model-dir", str(model_dir),
+               "--checkpoint-dir", str(ckpt), *TINY_ARGS]
+    proc = subprocess.Popen(command + ["--epochs", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines: list[str] = []
+    timer = threading.Timer(240, proc.kill)  # a hang fails the test instead of blocking CI
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("epoch=1 "):
+                proc.send_signal(signal.SIGTERM)
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    log = "".join(lines)
+    assert code == EXIT_STOPPED, log
+    assert "SIGTERM: stopped in epoch" in log and "run again with the same checkpoint dir" in log
+    state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+    assert state["epoch"] >= 1
+    assert not model_dir.exists()  # no artefact from an interrupted run
+
+    # Restart: resumes after the saved epoch and finishes (a shorter job this time).
+    done = subprocess.run(command + ["--epochs", str(state["epoch"] + 1)], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming from checkpoint {ckpt / CHECKPOINT_FILE} after epoch {state['epoch']}" in done.stdout
+    assert read_metric(done.stdout, "valid:top3") and f"epoch={state['epoch'] + 1} " in done.stdout
+    assert load_metadata(model_dir).labels == list(LABELS)
