@@ -423,7 +423,7 @@ def augment_split(
                 f"{out_dir} already holds split(s) {others}; an augmented set holds one split only, "
                 "so choose another --out folder"
             )
-    angles = tuple(float(a) for a in angles)
+    angles = tuple(dict.fromkeys(float(a) for a in angles))  # each angle once, in order
     stems = _output_stems(records, out_dir, split)
     new_records: list[Record] = []
     failures: list[str] = []
