@@ -6,6 +6,7 @@ Fake credentials are set only in the test's environment (monkeypatch), never on 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import subprocess
@@ -51,6 +52,8 @@ def moto_url():
     """A moto server on 127.0.0.1:<free port> for the whole session."""
     from moto.server import ThreadedMotoServer
 
+    # One log line per request would bury the test output.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -94,15 +94,13 @@ class UploadReport:
 
 
 def _image_keys(paths: list[Path], manifest_dir: Path) -> dict[Path, str]:
-    """An ``images/...`` key per image: its path below the manifest's folder, or below the
-    common folder of the images that lie elsewhere."""
-    outside = [p for p in paths if not p.is_relative_to(manifest_dir)]
-    root = Path(os.path.commonpath([p.parent for p in outside])) if outside else manifest_dir
-    keys = {}
-    for p in paths:
-        rel = p.relative_to(manifest_dir) if p.is_relative_to(manifest_dir) else p.relative_to(root)
-        keys[p] = "images/" + rel.as_posix()
-    return keys
+    """An ``images/...`` key per image: its path below the manifest's folder or, when some
+    images lie elsewhere, below the common folder of all images (so keys never collide)."""
+    if all(p.is_relative_to(manifest_dir) for p in paths):
+        root = manifest_dir
+    else:
+        root = Path(os.path.commonpath([p.parent for p in paths]))
+    return {p: "images/" + p.relative_to(root).as_posix() for p in paths}
 
 
 def plan_dataset(manifest: str | Path, staging: Path) -> Plan:

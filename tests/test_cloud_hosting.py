@@ -1,0 +1,126 @@
+"""make deploy / teardown against moto's SageMaker over HTTP; the update path (moto lacks
+UpdateEndpoint) on botocore's Stubber."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import pytest
+from botocore.stub import ANY, Stubber
+
+from cloud_helpers import ACCOUNT, BUCKET, REGION, aws, moto_url  # noqa: F401 (fixtures)
+from flystage.cloud import hosting
+from flystage.cloud.settings import CloudError
+from flystage.cloud.state import read_state, update_state
+from test_cloud_jobs import SERVE_URI, put_images
+
+ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model/flystage-model"
+MODEL = f"s3://{BUCKET}/flystage/output/flystage-train-1/output/model.tar.gz"
+
+
+def listing(api) -> tuple[list, list, list]:
+    sm = "sagemaker"
+    return (
+        [m["ModelName"] for m in api.call(sm, "list_models")["Models"]],
+        [c["EndpointConfigName"] for c in api.call(sm, "list_endpoint_configs")["EndpointConfigs"]],
+        [e["EndpointName"] for e in api.call(sm, "list_endpoints")["Endpoints"]],
+    )
+
+
+def test_deploy_then_teardown_through_moto(aws):
+    api, settings = aws
+    api.out = io.StringIO()
+    put_images(api)
+    api.call("s3", "put_object", Bucket=BUCKET, Key="flystage/output/flystage-train-1/output/model.tar.gz", Body=b"x")
+    # The model of the last training job (make train recorded it).
+    api.call("sagemaker", "create_training_job", TrainingJobName="flystage-train-1", RoleArn=settings.role_arn,
+             AlgorithmSpecification={"TrainingImage": "x", "TrainingInputMode": "File"},
+             OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/flystage/output"},
+             ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+             StoppingCondition={"MaxRuntimeInSeconds": 60})
+    update_state(settings.state_file, training_job="flystage-train-1")
+    assert hosting.deploy(api, settings) == "flystage"
+
+    [model], [config], [endpoint] = listing(api)
+    described = api.call("sagemaker", "describe_model", ModelName=model)
+    assert described["PrimaryContainer"]["Image"] == SERVE_URI
+    assert described["PrimaryContainer"]["ModelDataUrl"] == MODEL
+    assert described["ExecutionRoleArn"] == settings.role_arn
+    [variant] = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config)["ProductionVariants"]
+    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (model, "ml.m5.xlarge", 1)
+    assert api.call("sagemaker", "describe_endpoint", EndpointName="flystage")["EndpointStatus"] == "InService"
+    assert "endpoint flystage is InService" in api.out.getvalue()
+
+    deleted = hosting.teardown(api, settings)
+    assert deleted == ["flystage", config, model]
+    assert listing(api) == ([], [], [])
+    # Never the data: the model artefact and the images stay in S3, the images in ECR.
+    assert api.call("s3", "head_object", Bucket=BUCKET, Key="flystage/output/flystage-train-1/output/model.tar.gz")
+    assert len(api.call("ecr", "describe_repositories")["repositories"]) == 2
+    # A second teardown finds nothing and says so.
+    assert hosting.teardown(api, settings) == []
+    assert "no endpoint flystage: nothing to delete" in api.out.getvalue()
+
+
+def test_serverless_endpoint_config(aws):
+    api, settings = aws
+    api.out = io.StringIO()
+    put_images(api)
+    hosting.deploy(api, settings.replace(serverless=True, serverless_memory_mb=4096, serverless_max_concurrency=2), MODEL)
+    [_], [config], [_] = listing(api)
+    [variant] = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config)["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 2}
+    assert "InstanceType" not in variant
+
+
+def test_deploy_needs_a_model(aws):
+    api, settings = aws
+    with pytest.raises(CloudError, match="run `make train` first, or give MODEL_DATA"):
+        hosting.deploy(api, settings)
+    with pytest.raises(CloudError, match="give the s3://.../model.tar.gz"):
+        hosting.deploy(api, settings, "s3://bucket/model")
+
+
+def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
+    api, settings = aws
+    api.out = io.StringIO()
+    settings = settings.replace(registry_override="registry.example:5000")
+    client = api.client("sagemaker")
+    arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/flystage"
+    endpoint = {"EndpointName": "flystage", "EndpointArn": arn, "EndpointConfigName": "flystage-config-old",
+                "EndpointStatus": "InService", "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
+    with Stubber(client) as stub:
+        stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
+        stub.add_response("create_model", {"ModelArn": ARN}, {
+            "ModelName": ANY, "ExecutionRoleArn": settings.role_arn, "Tags": settings.tag_list(),
+            "PrimaryContainer": {"Image": "registry.example:5000/flystage-serve:latest", "ModelDataUrl": MODEL, "Mode": "SingleModel"},
+        })
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": ARN},
+                          {"EndpointConfigName": ANY, "ProductionVariants": ANY, "Tags": ANY})
+        stub.add_response("describe_endpoint_config", {
+            "EndpointConfigName": "flystage-config-old", "EndpointConfigArn": ARN, "CreationTime": dt.datetime(2025, 1, 1),
+            "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "flystage-model-old"}],
+        }, {"EndpointConfigName": "flystage-config-old"})
+        stub.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "flystage", "EndpointConfigName": ANY})
+        stub.add_response("describe_endpoint", endpoint | {"EndpointConfigName": "new"}, {"EndpointName": "flystage"})
+        stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "flystage-config-old"})
+        stub.add_response("delete_model", {}, {"ModelName": "flystage-model-old"})
+        hosting.deploy(api, settings, MODEL)
+        stub.assert_no_pending_responses()
+    state = read_state(settings.state_file)
+    assert state["model"].startswith("flystage-model-") and state["endpoint_config"].startswith("flystage-config-")
+
+
+def test_redeploy_while_updating_is_refused(aws):
+    api, settings = aws
+    settings = settings.replace(registry_override="registry.example:5000")
+    client = api.client("sagemaker")
+    endpoint = {"EndpointName": "flystage", "EndpointArn": ARN, "EndpointConfigName": "c", "EndpointStatus": "Updating",
+                "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
+    with Stubber(client) as stub:
+        stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
+        stub.add_response("create_model", {"ModelArn": ARN}, None)
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": ARN}, None)
+        with pytest.raises(CloudError, match="endpoint flystage is Updating: wait until it is InService"):
+            hosting.deploy(api, settings, MODEL)

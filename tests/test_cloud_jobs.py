@@ -1,0 +1,210 @@
+"""make tune / train / batch-predict against moto's SageMaker over HTTP, and the request
+shapes moto does not check (or cannot answer) with botocore's Stubber."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+
+import pytest
+from botocore.stub import ANY, Stubber
+
+from cloud_helpers import ACCOUNT, BUCKET, REGION, aws, moto_url  # noqa: F401 (fixtures)
+from flystage import jobdef
+from flystage.cloud import batch, training, tuning
+from flystage.cloud.settings import CloudError
+from flystage.cloud.state import read_state, update_state
+
+TRAIN_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-train:latest"
+SERVE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-serve:latest"
+
+
+def put_images(api) -> None:
+    """Both repositories in moto's ECR with a `latest` image, as `make push` leaves them."""
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                           "config": {"digest": "sha256:" + "0" * 64, "size": 1, "mediaType": "application/vnd.docker.container.image.v1+json"},
+                           "layers": []})
+    for repo in ("flystage-train", "flystage-serve"):
+        api.call("ecr", "create_repository", repositoryName=repo)
+        api.call("ecr", "put_image", repositoryName=repo, imageManifest=manifest, imageTag="latest")
+
+
+@pytest.fixture
+def out(aws):
+    api, _ = aws
+    api.out = io.StringIO()
+    return api.out
+
+
+def test_jobs_refuse_an_image_that_was_not_pushed(aws):
+    api, settings = aws
+    with pytest.raises(CloudError, match=r"image flystage-train:latest is not in ECR \(eu-west-1\): run `make push` first"):
+        training.train(api, settings, {"epochs": "1"})
+
+
+def test_tune_through_moto(aws, out):
+    api, settings = aws
+    put_images(api)
+    described = tuning.tune(api, settings, {"epochs": 30, "arch": "resnet18"}, max_jobs=6, parallel_jobs=3, name="flystage-tune-1")
+    # What moto stored is what crossed HTTP.
+    config = described["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Bayesian"
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "valid:top3"}
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 3}
+    assert config["TrainingJobEarlyStoppingType"] == "Auto"
+    assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"}
+    ]
+    assert config["ParameterRanges"]["CategoricalParameterRanges"] == [{"Name": "batch_size", "Values": ["32", "64", "128", "256"]}]
+    definition = described["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["TrainingImage"] == TRAIN_URI
+    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == jobdef.METRIC_DEFINITIONS
+    assert definition["StaticHyperParameters"] == {"epochs": "30", "arch": "resnet18"}
+    assert definition["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/flystage/data/"
+    assert read_state(settings.state_file)["tuning_job"] == "flystage-tune-1"
+    assert "best job:" in out.getvalue() and "flystage-tune-1: Completed" in out.getvalue()
+
+
+def test_tuned_hyperparameters_cannot_also_be_fixed(aws):
+    api, settings = aws
+    with pytest.raises(CloudError, match=r"\['learning_rate'\] are tuned"):
+        tuning.tuning_job_request(settings, TRAIN_URI, {"learning_rate": "0.1"}, name="t")
+    with pytest.raises(CloudError, match="parallel jobs"):
+        tuning.tuning_job_request(settings, TRAIN_URI, {}, name="t", max_jobs=2, parallel_jobs=3)
+
+
+def tuning_description(status: str, best: bool, counts: dict) -> dict:
+    response = {
+        "HyperParameterTuningJobName": "flystage-tune-1",
+        "HyperParameterTuningJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:hyper-parameter-tuning-job/flystage-tune-1",
+        "HyperParameterTuningJobConfig": {"Strategy": "Bayesian", "ResourceLimits": {"MaxParallelTrainingJobs": 2}},
+        "TrainingJobDefinition": {
+            "AlgorithmSpecification": {"TrainingInputMode": "File"},
+            "RoleArn": "arn:aws:iam::000000000000:role/x",
+            "OutputDataConfig": {"S3OutputPath": "s3://b/o"},
+            "StoppingCondition": {},
+            "StaticHyperParameters": {"epochs": "30", "_tuning_objective_metric": "valid:top3"},
+        },
+        "HyperParameterTuningJobStatus": status,
+        "CreationTime": dt.datetime(2025, 1, 1),
+        "TrainingJobStatusCounters": {"Completed": counts.get("done", 0), "InProgress": counts.get("running", 0),
+                                      "RetryableError": 0, "NonRetryableError": counts.get("failed", 0), "Stopped": 0},
+        "ObjectiveStatusCounters": {},
+    }
+    if best:
+        response["BestTrainingJob"] = {
+            "TrainingJobName": "flystage-tune-1-003-abc", "TrainingJobArn": "arn:aws:sagemaker:x", "CreationTime": dt.datetime(2025, 1, 1),
+            "TrainingJobStatus": "Completed", "TunedHyperParameters": {"learning_rate": "0.0123", "batch_size": "\"64\""},
+            "FinalHyperParameterTuningJobObjectiveMetric": {"Type": "Maximize", "MetricName": "valid:top3", "Value": 0.93},
+        }
+    return response
+
+
+def test_tuning_wait_prints_a_line_per_change(aws, out):
+    """No waiter exists for tuning jobs; moto finishes at once, so the polling runs on stubs."""
+    api, settings = aws
+    client = api.client("sagemaker")
+    with Stubber(client) as stub:
+        request = {"HyperParameterTuningJobName": "flystage-tune-1"}
+        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("InProgress", False, {"running": 2}), request)
+        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("InProgress", False, {"running": 2}), request)
+        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("InProgress", True, {"done": 1, "running": 1}), request)
+        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("Completed", True, {"done": 2, "failed": 1}), request)
+        sleeps = []
+        final = tuning.wait_for_tuning(api, "flystage-tune-1", 30, sleep=sleeps.append)
+        stub.assert_no_pending_responses()
+    lines = out.getvalue().splitlines()
+    assert final["HyperParameterTuningJobStatus"] == "Completed" and sleeps == [30, 30, 30]
+    assert len(lines) == 3  # the repeated status is not printed again
+    assert lines[0].endswith("flystage-tune-1: InProgress, trials 0 done, 2 running, 0 failed, 0 stopped")
+    assert lines[2].endswith("Completed, trials 2 done, 0 running, 1 failed, 0 stopped; best valid:top3 = 0.9300 (flystage-tune-1-003-abc)")
+
+
+def test_train_through_moto_two_instances_spot_checkpoints(aws, out):
+    api, settings = aws
+    put_images(api)
+    settings = settings.replace(instance_count=2, spot=True, max_runtime_s=3600, max_wait_s=7200)
+    described = training.train(api, settings, {"learning_rate": "0.01", "batch_size": "64"}, name="flystage-train-1")
+    assert described["ResourceConfig"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30}
+    assert described["EnableManagedSpotTraining"] is True
+    assert described["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/flystage/checkpoints/flystage-train-1", "LocalPath": "/opt/ml/checkpoints"}
+    assert described["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert described["AlgorithmSpecification"]["TrainingImage"] == TRAIN_URI
+    assert described["HyperParameters"] == {"learning_rate": "0.01", "batch_size": "64"}
+    model = f"s3://{BUCKET}/flystage/output/flystage-train-1/output/model.tar.gz"
+    assert described["ModelArtifacts"]["S3ModelArtifacts"] == model
+    text = out.getvalue()
+    assert "training job flystage-train-1: Completed" in text and f"model: {model}" in text
+    assert read_state(settings.state_file)["training_job"] == "flystage-train-1"
+
+
+def test_train_with_the_best_of_the_last_tuning_job(aws, out):
+    """moto's BestTrainingJob is a fixed placeholder, so this flow runs on stubs, which also
+    pin the exact CreateTrainingJob request (MetricDefinitions included: moto rewrites them)."""
+    api, settings = aws
+    settings = settings.replace(registry_override="registry.example:5000")
+    update_state(settings.state_file, tuning_job="flystage-tune-1")
+    client = api.client("sagemaker")
+    image = "registry.example:5000/flystage-train:latest"
+    expected = jobdef.training_job_request(
+        settings, image, {"epochs": "30", "learning_rate": "0.0123", "batch_size": "\"64\""},
+        training.data_channels(settings), job_name="flystage-train-2",
+    )
+    finished = {
+        "TrainingJobName": "flystage-train-2", "TrainingJobArn": "arn:aws:sagemaker:x", "TrainingJobStatus": "Failed",
+        "SecondaryStatus": "Failed", "FailureReason": "AlgorithmError: see output/failure",
+        "AlgorithmSpecification": {"TrainingInputMode": "File"}, "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"},
+        "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        "StoppingCondition": {}, "CreationTime": dt.datetime(2025, 1, 1),
+        "FinalMetricDataList": [{"MetricName": "valid:top3", "Value": 0.5, "Timestamp": dt.datetime(2025, 1, 1)}],
+    }
+    s3 = api.client("s3")
+    with Stubber(client) as stub, Stubber(s3) as s3_stub:
+        s3_stub.add_response("head_bucket", {"BucketRegion": REGION}, {"Bucket": BUCKET})
+        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("Completed", True, {"done": 3}),
+                          {"HyperParameterTuningJobName": "flystage-tune-1"})
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:x"}, expected)
+        stub.add_response("describe_training_job", finished, {"TrainingJobName": "flystage-train-2"})
+        stub.add_response("describe_training_job", finished, {"TrainingJobName": "flystage-train-2"})
+        with pytest.raises(CloudError, match="training job flystage-train-2 Failed: AlgorithmError: see output/failure; its log is in CloudWatch"):
+            training.train(api, settings, None, name="flystage-train-2")
+        stub.assert_no_pending_responses()
+    text = out.getvalue()
+    assert "best job of flystage-tune-1: flystage-tune-1-003-abc" in text and "valid:top3 = 0.5000" in text
+
+
+def test_train_without_tuning_or_hyperparameters_says_what_to_do(aws):
+    api, settings = aws
+    with pytest.raises(CloudError, match="run `make tune` first, or give hyperparameters"):
+        training.train(api, settings, None)
+
+
+def test_parse_hyperparameters():
+    assert training.parse_hyperparameters(["learning_rate=0.01", "max-epochs = 3"]) == {"learning_rate": "0.01", "max_epochs": "3"}
+    with pytest.raises(CloudError, match="name=value"):
+        training.parse_hyperparameters(["0.01"])
+
+
+def test_batch_transform_through_moto(aws, out, tmp_path):
+    api, settings = aws
+    put_images(api)
+    folder = tmp_path / "new"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "e1.png").write_bytes(b"\x89PNG\r\n\x1a\n fake")
+    (folder / "e2.bmp").write_bytes(b"BM fake")
+    model = f"s3://{BUCKET}/flystage/output/job/output/model.tar.gz"
+    uri = batch.batch_predict(api, settings, str(folder), model_data=model)
+    assert uri.startswith(f"s3://{BUCKET}/flystage/batch/flystage-batch-") and uri.endswith("/output")
+    [job] = api.call("sagemaker", "list_transform_jobs")["TransformJobSummaries"]
+    described = api.call("sagemaker", "describe_transform_job", TransformJobName=job["TransformJobName"])
+    input_uri = uri.removesuffix("/output") + "/input"
+    assert described["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == input_uri
+    assert described["TransformInput"]["ContentType"] == "application/x-image"
+    assert described["TransformOutput"] == {"S3OutputPath": uri, "Accept": "application/json", "AssembleWith": "None"}
+    assert described["BatchStrategy"] == "SingleRecord"
+    # The images went up below the input prefix; the job's own model was deleted afterwards.
+    keys = {o["Key"] for o in api.call("s3", "list_objects_v2", Bucket=BUCKET)["Contents"]}
+    prefix = input_uri.removeprefix(f"s3://{BUCKET}/")
+    assert keys == {f"{prefix}/a/e1.png", f"{prefix}/e2.bmp"}
+    assert api.call("sagemaker", "list_models")["Models"] == []
