@@ -64,7 +64,8 @@ class AugmentConfig:
     ----------
     angles : tuple of float
         Large rotations in degrees (counter-clockwise as displayed); with probability
-        ``p_angle`` one of them is chosen uniformly.
+        ``p_angle`` one of them is chosen uniformly. With ``PreprocessConfig.align`` on,
+        inputs are always horizontal, so ``(180,)`` is the one that matters.
     max_rotation : float
         Small rotation drawn from [-max_rotation, max_rotation] degrees (``p_rotation``).
     max_scale : float
