@@ -12,7 +12,7 @@ Measures, on this machine:
 - ``images_per_s``: the real command, ``python -m flystage predict FOLDER --model DIR``, end
   to end (process start, model load, reading, preprocessing, inference, CSV/JSON);
 - ``steady_images_per_s``: the same loop in-process after loading (``predict_files``);
-- ``model_images_per_s``: onnxruntime alone on preprocessed batches.
+- ``model_images_per_s``: onnxruntime alone on preprocessed batches, one batch at a time.
 Prints one JSON line.
 """
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=["synthetic", "bdgp"], default="synthetic")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--workers", type=int, default=2, help="batches in flight (flystage predict's default 2)")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads per batch (default: cores / workers)")
     args = parser.parse_args(argv)
 
     from flystage.imaging import load
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             model = default_model(model_dir)
 
         command = [sys.executable, "-m", "flystage", "predict", str(folder), "--model", str(model_dir),
-                   "--out", str(tmp / "preds.csv"), "--batch-size", str(args.batch_size)]
+                   "--out", str(tmp / "preds.csv"), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
         if args.threads:
             command += ["--threads", str(args.threads)]
         start = time.perf_counter()
@@ -109,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         if result.returncode != 0:
             sys.exit(f"flystage predict failed ({result.returncode}):\n{result.stderr}")
 
-        predictor = Predictor(model_dir, threads=args.threads)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+        predictor = Predictor(model_dir, threads=threads)
         paths, _ = iter_images([folder])
         start = time.perf_counter()
-        predictions = predict_files(predictor, paths, root=folder, batch_size=args.batch_size, progress=False)
+        predictions = predict_files(
+            predictor, paths, root=folder, batch_size=args.batch_size, progress=False, workers=args.workers
+        )
         steady = time.perf_counter() - start
         assert all(p.error is None for p in predictions)
 
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "arch": predictor.metadata.arch,
         "input_shape": list(predictor.metadata.input_shape),
         "batch_size": args.batch_size,
-        "threads": args.threads or "all",
+        "workers": args.workers,
+        "threads_per_batch": threads,
         "cpus": os.cpu_count(),
         "n": len(paths),
         "seconds": round(end_to_end, 3),

@@ -262,3 +262,18 @@ def test_bad_model_directory_is_a_clear_error(tmp_path: Path, folder: Path, caps
     assert not (tmp_path / "p.csv").exists()
     assert predict(folder) == 2
     assert os.listdir(tmp_path) == [folder.name]
+
+
+def test_batches_in_flight_keep_order_and_results(model_dir: Path, folder: Path):
+    from flystage.organise import iter_images
+    from flystage.predict import predict_files
+
+    predictor = Predictor(model_dir, threads=1)
+    paths, _ = iter_images([folder])
+    one = predict_files(predictor, paths, root=folder, batch_size=2, workers=1, progress=False)
+    many = predict_files(predictor, paths, root=folder, batch_size=1, workers=3, progress=False)
+    assert [p.source for p in many] == [p.source for p in one] == [p.relative_to(folder).as_posix() for p in paths]
+    for a, b in zip(one, many):
+        assert a.error == b.error
+        assert [label for label, _ in a.top] == [label for label, _ in b.top]
+        assert [p for _, p in a.top] == pytest.approx([p for _, p in b.top], abs=1e-5)

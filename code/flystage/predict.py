@@ -152,18 +152,32 @@ def predict_files(
     k: int = 3,
     batch_size: int = 16,
     progress: bool | None = None,
+    workers: int = 1,
 ) -> list[Prediction]:
-    """Predictions for ``paths`` in batches, named relative to ``root``; a tqdm bar on a terminal."""
+    """Predictions for ``paths`` in batches, in order, named relative to ``root``.
+
+    ``workers`` > 1 keeps that many batches in flight on threads (onnxruntime and OpenCV
+    release the GIL, so one batch is decoded while another runs the model; for a remote
+    predictor, requests overlap). A tqdm bar shows on a terminal.
+    """
+    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
     names = [_relative_name(p, root) for p in paths]
+    step = max(1, batch_size)
+    chunks = [slice(start, start + step) for start in range(0, len(paths), step)]
     out: list[Prediction] = []
     # disable=None: a bar on a terminal, silence in logs and CI.
-    with tqdm(total=len(paths), unit="img", disable=None if progress is None else not progress) as bar:
-        for start in range(0, len(paths), max(1, batch_size)):
-            chunk = slice(start, start + batch_size)
-            out.extend(predictor.predict_sources(list(paths[chunk]), k=k, names=names[chunk]))
-            bar.update(len(paths[chunk]))
+    with tqdm(total=len(paths), unit="img", disable=None if progress is None else not progress) as bar, \
+            ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = []
+        for i, chunk in enumerate(chunks):
+            pending.append(pool.submit(predictor.predict_sources, list(paths[chunk]), k=k, names=names[chunk]))
+            # Collect in order, with at most `workers` + 1 batches in memory.
+            while pending and (len(pending) > max(1, workers) or i == len(chunks) - 1):
+                batch = pending.pop(0).result()
+                out.extend(batch)
+                bar.update(len(batch))
     return out
 
 
@@ -348,6 +362,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace existing CSV/JSON outputs")
     parser.add_argument("--k", type=int, default=3, help="how many stages per image (default 3)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--workers", type=int, default=1, help="batches in flight at once (default 1)")
     parser.add_argument("--rename", action="store_true", help="append the top-k stages to each file name")
     parser.add_argument("--undo-manifest", type=Path, help="where --rename records old->new names (default: next to --out)")
     parser.add_argument("--undo", type=Path, metavar="MANIFEST", help="restore the names recorded by an earlier --rename")
@@ -356,7 +371,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
     parser.add_argument("--model", type=Path, help="model directory (model.onnx + metadata.json)")
-    parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads per batch (default: cores / workers)")
+    # Two batches in flight: one decoding while the other runs the model (see bench-predict).
+    parser.set_defaults(workers=2)
 
 
 def run_undo(manifest: Path) -> int:
@@ -394,7 +411,9 @@ def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: d
         print(f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr)
         return 2
     root = folder if folder.is_dir() else folder.parent
-    predictions = predict_files(predictor, paths, root=root, k=args.k, batch_size=args.batch_size)
+    predictions = predict_files(
+        predictor, paths, root=root, k=args.k, batch_size=args.batch_size, workers=getattr(args, "workers", 1)
+    )
     write_csv(predictions, args.out, k=args.k, force=args.force)
     write_json(predictions, json_path, model=model_info, force=args.force)
     errors = [p for p in predictions if p.error]
@@ -417,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: give a FOLDER and --model DIR (or --undo MANIFEST)", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(args.model, threads=args.threads)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+        predictor = Predictor(args.model, threads=threads)
     except ArtefactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
