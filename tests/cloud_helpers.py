@@ -100,6 +100,9 @@ storage:
     rootdirectory: {root}
   delete:
     enabled: false
+  maintenance:
+    readonly:
+      enabled: {readonly}
 http:
   addr: 127.0.0.1:{port}
 """
@@ -118,20 +121,25 @@ def docker_client():
 
 
 @pytest.fixture
-def local_registry(tmp_path):
-    """``docker-registry serve`` on 127.0.0.1:<free port>; yields ``127.0.0.1:<port>``."""
+def start_registry(tmp_path):
+    """Start ``docker-registry serve`` on 127.0.0.1:<free port>: ``start(readonly=False)``
+    returns ``127.0.0.1:<port>``; a read-only registry refuses every push."""
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
     if not Path(binary).exists():
         pytest.fail("docker-registry not installed: apt-get install docker-registry (the CI installs it)")
-    port = free_port()
-    config = tmp_path / "registry.yml"
-    config.write_text(REGISTRY_CONFIG.format(root=tmp_path / "registry-data", port=port))
-    log = open(tmp_path / "registry.log", "wb")
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
+    procs = []
+
+    def start(readonly: bool = False) -> str:
+        port = free_port()
+        config = tmp_path / f"registry-{port}.yml"
+        config.write_text(REGISTRY_CONFIG.format(root=tmp_path / f"registry-{port}", port=port, readonly=str(readonly).lower()))
+        log = open(tmp_path / f"registry-{port}.log", "wb")
+        procs.append((subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT), log))
         wait_http(f"http://127.0.0.1:{port}/v2/")
-        yield f"127.0.0.1:{port}"
-    finally:
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for proc, log in procs:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
