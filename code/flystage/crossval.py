@@ -1,0 +1,263 @@
+"""Leave-one-group-out cross-validation: the honest accuracy on a small data set.
+
+With a few hundred images a single train/valid/test split is noise, and when the group (a
+gene, an embryo, a session) is confounded with the stage, a random split flatters the model.
+``crossval`` trains one model per group with that group held out, predicts the held-out
+group's images, pools the held-out probabilities of all folds and scores them once
+(``flystage.evaluate.evaluate_probs``), so every image is scored by a model that never saw
+its group.
+
+Each fold's early stopping needs a validation set; it is made of whole *training* groups
+(``inner_validation_groups``), never of the held-out group.
+
+``flystage crossval --manifest M --out DIR [training options]`` writes ``report.json`` and
+``confusion.png``; the training options are those of ``flystage train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flystage.data import DataError, ImageCache, to_float
+from flystage.evaluate import evaluate_probs, plot_confusion, report_text, topk_accuracy
+from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
+from flystage.train import TrainConfig, UsageError, config_from_args, fit
+
+PROTOCOL = "leave-one-group-out"
+
+
+class CrossvalError(ValueError):
+    """Records that cannot be cross-validated (too few groups, a missing group column)."""
+
+
+@dataclass
+class Fold:
+    """One fold: the held-out group and the records its model was given."""
+
+    group: str
+    train: list[Record]
+    valid: list[Record]
+    test: list[Record]
+
+
+def group_of(record: Record, group_column: str = "group") -> str:
+    """The record's group: the manifest's ``group`` column or any extra column."""
+    if group_column == "group":
+        return record.group
+    try:
+        return record.extra[group_column]
+    except KeyError:
+        raise CrossvalError(
+            f"{record.path}: the manifest has no column {group_column!r}; "
+            f"use 'group' or one of {sorted(record.extra)}"
+        ) from None
+
+
+def inner_validation_groups(groups: dict[str, int], fraction: float, seed: int) -> list[str]:
+    """Training groups to validate on: whole groups, about ``fraction`` of the images.
+
+    ``groups`` maps each training group to its image count. Groups are visited in a seeded
+    order and taken when that brings the valid share closer to ``fraction`` (so a group
+    larger than twice the target is never taken); if none is, the smallest is. At least one
+    group is always left to train on.
+    """
+    if len(groups) < 2:
+        raise CrossvalError(f"need at least 2 training groups to hold one out for validation, got {sorted(groups)}")
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    total = sum(groups.values())
+    chosen: list[str] = []
+    taken = 0
+    for name in order:
+        if len(chosen) == len(groups) - 1:
+            break
+        if abs((taken + groups[name]) / total - fraction) < abs(taken / total - fraction):
+            chosen.append(name)
+            taken += groups[name]
+    return chosen or [min(order, key=lambda name: (groups[name], name))]
+
+
+def make_folds(
+    records: Sequence[Record],
+    group_column: str = "group",
+    folds: Sequence[str] | None = None,
+    valid_fraction: float = 0.15,
+    seed: int = 0,
+) -> list[Fold]:
+    """One fold per group (or per group in ``folds``): that group is the test set, a few other
+    groups the validation set, the rest the training set."""
+    by_group: dict[str, list[Record]] = {}
+    for record in records:
+        by_group.setdefault(group_of(record, group_column), []).append(record)
+    if len(by_group) < 3:
+        raise CrossvalError(
+            f"leave-one-group-out needs at least 3 groups (test, valid, train), got {len(by_group)}: "
+            f"{sorted(by_group)}; check the manifest's {group_column!r} column"
+        )
+    held_out = sorted(by_group) if folds is None else list(folds)
+    unknown = sorted(set(held_out) - set(by_group))
+    if unknown:
+        raise CrossvalError(f"fold group(s) {unknown} are not in the manifest; groups: {sorted(by_group)}")
+    out = []
+    for i, group in enumerate(held_out):
+        rest = {g: len(rs) for g, rs in by_group.items() if g != group}
+        valid_groups = set(inner_validation_groups(rest, valid_fraction, seed + i))
+        out.append(Fold(
+            group=group,
+            train=[r for g, rs in by_group.items() if g != group and g not in valid_groups for r in rs],
+            valid=[r for g in sorted(valid_groups) for r in by_group[g]],
+            test=list(by_group[group]),
+        ))
+    return out
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Softmax probabilities ``(N, K)`` float64 of cached images ``(N, C, H, W)``."""
+    model.eval()
+    chunks = [
+        torch.softmax(model(to_float(images[i : i + batch_size])), dim=1).double().numpy()
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0))
+
+
+def crossval(
+    records: Sequence[Record],
+    config: TrainConfig,
+    group_column: str = "group",
+    folds: Sequence[str] | None = None,
+    *,
+    valid_fraction: float = 0.15,
+    log: Callable[[str], None] = print,
+    fit_fn: Callable[..., Any] = fit,
+) -> dict[str, Any]:
+    """Train and test one model per held-out group; score the pooled held-out probabilities.
+
+    Returns a JSON-safe report: ``protocol``, ``group_column``, ``n`` ... ``confusion`` of
+    :func:`flystage.evaluate.evaluate_probs` over all held-out images, ``folds`` (per fold:
+    group, image counts, valid groups, top-1/top-3, best epoch, seconds), ``predictions``
+    (per image: path, group, label, probabilities), ``config`` and ``seconds``.
+    ``fit_fn`` is :func:`flystage.train.fit` (replaceable to watch what each fold is given).
+    """
+    t_start = time.perf_counter()
+    labels = sort_labels({r.label for r in records})
+    index = {label: i for i, label in enumerate(labels)}
+    plan = make_folds(records, group_column, folds, valid_fraction, config.seed)
+    # One cache for every fold: each image is preprocessed once.
+    cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
+    fold_reports, all_probs, all_targets, predictions = [], [], [], []
+    for i, fold in enumerate(plan, 1):
+        t0 = time.perf_counter()
+        log(f"fold {i}/{len(plan)}: hold out {group_column}={fold.group} ({len(fold.test)} images); "
+            f"train {len(fold.train)}, valid {len(fold.valid)} "
+            f"({', '.join(sorted({group_of(r, group_column) for r in fold.valid}))})")
+        result = fit_fn(fold.train, fold.valid, config, log=lambda line: None, labels=labels, image_cache=cache)
+        probs = predict_probs(result.model, cache.get([r.path for r in fold.test]))
+        targets = np.array([index[r.label] for r in fold.test], dtype=np.int64)
+        seconds = time.perf_counter() - t0
+        fold_reports.append({
+            "group": fold.group,
+            "n_test": len(fold.test),
+            "n_train": len(fold.train),
+            "n_valid": len(fold.valid),
+            "valid_groups": sorted({group_of(r, group_column) for r in fold.valid}),
+            "top1": round(topk_accuracy(probs, targets, 1), 6),
+            "top3": round(topk_accuracy(probs, targets, 3), 6),
+            "best_epoch": int(result.best["epoch"]),
+            "epochs_run": len(result.history),
+            "seconds": round(seconds, 1),
+        })
+        log(f"fold {i}/{len(plan)}: {group_column}={fold.group} top1={fold_reports[-1]['top1']:.3f} "
+            f"top3={fold_reports[-1]['top3']:.3f} best_epoch={fold_reports[-1]['best_epoch']} "
+            f"{seconds:.0f} s")
+        all_probs.append(probs)
+        all_targets.append(targets)
+        predictions += [
+            {"path": str(r.path), "group": fold.group, "label": r.label, "probs": [round(float(p), 6) for p in row]}
+            for r, row in zip(fold.test, probs)
+        ]
+    report = evaluate_probs(np.concatenate(all_probs), np.concatenate(all_targets), labels)
+    report.update(
+        protocol=PROTOCOL,
+        group_column=group_column,
+        folds=fold_reports,
+        valid_fraction=valid_fraction,
+        config=config.to_dict(),
+        seconds=round(time.perf_counter() - t_start, 1),
+        predictions=predictions,
+    )
+    return report
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flystage import train
+
+    parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV from `flystage organise` (every split is used)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.json and confusion.png")
+    parser.add_argument("--force", action="store_true", help="replace an existing report in --out")
+    parser.add_argument("--group-column", default="group", help="manifest column whose values are held out one at a time (default group)")
+    parser.add_argument("--folds", help="comma-separated groups to hold out (default: every group)")
+    parser.add_argument("--valid-fraction", type=float, default=0.15,
+                        help="share of each fold's training images (whole groups) used for early stopping (default 0.15)")
+    # The training options of `flystage train`, with the same names and defaults.
+    defaults = TrainConfig()
+    train._add_dataclass_options(parser.add_argument_group("training hyperparameters"), defaults, "", {"preprocess", "augment"})
+    train._add_dataclass_options(parser.add_argument_group("preprocessing"), defaults.preprocess, "", set())
+    train._add_dataclass_options(parser.add_argument_group("augmentation"), defaults.augment, "", set())
+    parser.add_argument("--preprocess", dest="preprocess_json", type=json.loads, default=None,
+                        help="the whole preprocessing config as JSON (single options override it)")
+    parser.add_argument("--augment", dest="augment_json", type=train._augment_json, default=None,
+                        help="the whole augmentation config as JSON, or 'off' (single options override it)")
+
+
+def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> tuple[Path, Path]:
+    """``report.json`` and ``confusion.png`` in ``out``; refuses to replace them unless ``force``."""
+    out = Path(out)
+    report_path, png_path = out / "report.json", out / "confusion.png"
+    if not force and (report_path.exists() or png_path.exists()):
+        raise CrossvalError(f"{out} already holds a report; choose another --out or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{report['protocol']} ({report['group_column']}), n={report['n']}"
+    plot_confusion(np.array(report["confusion"]), report["labels"], png_path, title=title)
+    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report_path, png_path
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if not args.force and ((args.out / "report.json").exists() or (args.out / "confusion.png").exists()):
+            raise CrossvalError(f"{args.out} already holds a report; choose another --out or pass --force")
+        if not 0.0 < args.valid_fraction < 1.0:
+            raise CrossvalError(f"--valid-fraction {args.valid_fraction}: give a share between 0 and 1, e.g. 0.15")
+        config = config_from_args(args)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        records = read_manifest(args.manifest)
+        folds = [g.strip() for g in args.folds.split(",") if g.strip()] if args.folds else None
+        report = crossval(records, config, args.group_column, folds, valid_fraction=args.valid_fraction,
+                          log=lambda line: print(line, flush=True))
+        report["manifest"] = str(args.manifest.resolve())
+        report["manifest_sha256"] = manifest_sha256(args.manifest)
+        report_path, png_path = write_report(report, args.out, args.force)
+    except (CrossvalError, ManifestError, DataError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report_text(report))
+    print(f"pooled over {len(report['folds'])} folds in {report['seconds']:.0f} s")
+    print(f"wrote {report_path} and {png_path}")
+    return 0

@@ -1,0 +1,135 @@
+"""Leave-one-group-out cross-validation: real (tiny) training on synthetic groups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from flystage.cli import main as cli_main
+from flystage.crossval import CrossvalError, crossval, inner_validation_groups, make_folds
+from flystage.evaluate import evaluate_probs
+from flystage.imaging import PreprocessConfig
+from flystage.organise import Record, file_sha1, read_manifest, write_manifest
+from flystage.train import TrainConfig, fit
+from train_helpers import LABELS, TINY_PREPROCESS, embryo_image
+
+torch.set_num_threads(1)
+GROUPS = ("geneA", "geneB", "geneC")
+TINY_ARGS = ["--arch", "small_cnn", "--epochs", "2", "--batch_size", "8", "--threads", "1",
+             "--height", "32", "--width", "80", "--channels", "1"]
+
+
+def tiny_config(**changes) -> TrainConfig:
+    base = dict(arch="small_cnn", epochs=6, batch_size=8, learning_rate=0.003, threads=1, patience=0,
+                preprocess=PreprocessConfig(**TINY_PREPROCESS))
+    return TrainConfig(**(base | changes))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """3 groups x 3 labels x 3 images: ``<group>/<label>/<i>.png`` and a manifest whose
+    group column is the gene (as BDGP organised by gene)."""
+    root = tmp_path_factory.mktemp("groups")
+    records = []
+    for g, group in enumerate(GROUPS):
+        for k, label in enumerate(LABELS):
+            (root / group / label).mkdir(parents=True)
+            for i in range(3):
+                path = root / group / label / f"{i}.png"
+                cv2.imwrite(str(path), embryo_image(k, 1000 * g + 10 * k + i))
+                records.append(Record(path, label, group, "train", file_sha1(path)))
+    return write_manifest(records, root / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def watched_run(manifest: Path):
+    """One real cross-validation, with every call of ``fit`` recorded (records as given)."""
+    calls = []
+
+    def watching_fit(train_records, valid_records, config, **kwargs):
+        calls.append((list(train_records), list(valid_records)))
+        return fit(train_records, valid_records, config, **kwargs)
+
+    records = read_manifest(manifest)
+    report = crossval(records, tiny_config(), "group", log=lambda line: None, fit_fn=watching_fit)
+    return records, report, calls
+
+
+def test_each_group_is_held_out_once_and_never_trained_on(watched_run) -> None:
+    records, report, calls = watched_run
+    assert [f["group"] for f in report["folds"]] == sorted(GROUPS)
+    assert len(calls) == len(GROUPS)
+    for fold, (train_records, valid_records) in zip(report["folds"], calls):
+        held_out = {r.path for r in records if r.group == fold["group"]}
+        given = {r.path for r in train_records} | {r.path for r in valid_records}
+        assert not held_out & given, f"fold {fold['group']} trained or validated on its held-out images"
+        # Validation is made of whole training groups, distinct from the training groups.
+        assert {r.group for r in train_records}.isdisjoint({r.group for r in valid_records})
+        assert valid_records and train_records
+        assert fold["n_test"] == len(held_out) and fold["n_train"] == len(train_records)
+    # Every image is scored exactly once, by the fold that held its group out.
+    scored = [p["path"] for p in report["predictions"]]
+    assert sorted(scored) == sorted(str(r.path) for r in records)
+    by_path = {str(r.path): r.group for r in records}
+    assert all(by_path[p["path"]] == p["group"] for p in report["predictions"])
+
+
+def test_pooled_metrics_equal_evaluate_on_pooled_probabilities(watched_run) -> None:
+    _, report, _ = watched_run
+    labels = report["labels"]
+    assert labels == list(LABELS)
+    probs = np.array([p["probs"] for p in report["predictions"]])
+    targets = np.array([labels.index(p["label"]) for p in report["predictions"]])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    expected = evaluate_probs(probs, targets, labels)
+    for key in ("n", "top1", "top3", "confusion", "per_stage", "mean_recall"):
+        assert report[key] == expected[key], key
+    assert report["protocol"] == "leave-one-group-out"
+    # Per-fold top-1 weighted by fold size is the pooled top-1.
+    weighted = sum(f["top1"] * f["n_test"] for f in report["folds"]) / report["n"]
+    assert weighted == pytest.approx(report["top1"], abs=1e-5)
+
+
+def test_inner_validation_takes_whole_groups_near_the_fraction() -> None:
+    groups = {"a": 70, "b": 24, "c": 9, "d": 31, "e": 10, "f": 11, "g": 9, "h": 28}
+    for seed in range(10):
+        chosen = inner_validation_groups(groups, 0.15, seed)
+        share = sum(groups[g] for g in chosen) / sum(groups.values())
+        assert 0.05 <= share <= 0.25 and "a" not in chosen
+        assert chosen == inner_validation_groups(groups, 0.15, seed)  # deterministic
+    # Never every group: one is left to train on; a lone group cannot validate.
+    assert len(inner_validation_groups({"x": 5, "y": 5}, 0.9, 0)) == 1
+    with pytest.raises(CrossvalError, match="at least 2 training groups"):
+        inner_validation_groups({"x": 5}, 0.15, 0)
+
+
+def test_bad_folds_and_too_few_groups_are_refused(manifest: Path) -> None:
+    records = read_manifest(manifest)
+    with pytest.raises(CrossvalError, match="geneZ"):
+        make_folds(records, folds=["geneZ"])
+    with pytest.raises(CrossvalError, match="at least 3 groups"):
+        make_folds([r for r in records if r.group != "geneA"])
+    with pytest.raises(CrossvalError, match="no column 'embryo'"):
+        make_folds(records, group_column="embryo")
+
+
+def test_command_writes_report_and_never_overwrites(manifest: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cv"
+    assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(out), "--folds", "geneA,geneC", *TINY_ARGS]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [f["group"] for f in report["folds"]] == ["geneA", "geneC"]
+    assert report["n"] == 18 and report["config"]["epochs"] == 2
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "top-3" in capsys.readouterr().out
+    before = (out / "report.json").read_bytes()
+    assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(out), *TINY_ARGS]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before
+    assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(tmp_path / "x"),
+                     "--group-column", "embryo", *TINY_ARGS]) == 2
+    assert "no column 'embryo'" in capsys.readouterr().err
