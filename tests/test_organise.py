@@ -267,3 +267,34 @@ def test_bdgp_labels_csv_matches_folder_labels(bdgp_root: Path):
     assert [(r.path, r.label, r.group, r.split) for r in by_csv.records] == [
         (r.path, r.label, r.group, r.split) for r in by_folder.records
     ]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--map", "11-12"], "write it as OLD=NEW"),
+        (["--fractions", "0.7,x,0.1"], "give three numbers"),
+        (["--fractions", "0.7,0.3"], "give three non-negative numbers"),
+        (["--label-level", "0"], "1 is the image's own folder"),
+        (["--group-regex", "(?P<group>[unclosed"], "not a valid regular expression"),
+    ],
+)
+def test_cli_bad_options_say_what_to_do(lab_tree: Path, tmp_path: Path, capsys, options, message):
+    out = tmp_path / "m.csv"
+    assert cli.main(["organise", str(lab_tree), "--out", str(out), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_several_folders_and_a_missing_one(lab_tree: Path, tmp_path: Path):
+    other = tmp_path / "second_lab"
+    touch(other / "9-10" / "x.tif")
+    result = organise([lab_tree, other], split="none")
+    assert len(result.records) == 10
+    assert len({r.group for r in result.records}) == 10  # absolute paths: unique across folders
+    with pytest.raises(OrganiseError, match="no such folder"):
+        organise([tmp_path / "nope"])
+    empty = tmp_path / "empty"
+    touch(empty / "readme.txt")
+    with pytest.raises(OrganiseError, match=r"no images .* ignored: \{'not an image \(.txt\)': 1\}"):
+        organise([empty])
