@@ -66,3 +66,40 @@ local-stop: ## remove every container and network local mode made (by label flys
 	$(LOCAL_MODE) stop
 
 # ---- AWS (issue 4) ------------------------------------------------------------------------
+
+# The cloud half (code/flystage/cloud, docs/aws.md): settings in flystage.toml (copy
+# flystage.toml.example) or FLYSTAGE_* variables. DRY_RUN=1 prints every AWS request as JSON
+# and sends nothing (no credentials needed).
+CLOUD = $(PY) -m flystage cloud $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(CONFIG),--config $(CONFIG))
+CLOUD_MANIFEST ?= $(RUNS)/cloud/manifest.csv
+CLOUD_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(RUNS)/cloud/predictions-$(shell date +%Y%m%d-%H%M%S).csv)
+
+.PHONY: push upload tune train deploy predict batch-predict teardown
+
+push: ## create the ECR repositories, log in, push flystage-train/serve; prints the image URIs [DRY_RUN=1]
+	$(CLOUD) push
+
+upload: ## upload a manifest + images to s3://bucket/prefix/data/ (unchanged files skipped): [MANIFEST=x.csv] (default: organise DATA) [DRY_RUN=1]
+	$(if $(MANIFEST),,$(PY) -m flystage organise $(DATA) --out $(CLOUD_MANIFEST) --force --group-regex '^(?P<group>[^/]+)/' &&) \
+	$(CLOUD) upload $(or $(MANIFEST),$(CLOUD_MANIFEST))
+
+tune: ## SageMaker tuning job (Bayesian learning_rate x batch_size, max valid:top3): [MAX_JOBS=20] [PARALLEL_JOBS=2] [HP=fixed] [DRY_RUN=1]
+	$(CLOUD) tune $(if $(MAX_JOBS),--max-jobs $(MAX_JOBS)) $(if $(PARALLEL_JOBS),--parallel-jobs $(PARALLEL_JOBS)) $(if $(HP),--hp $(HP))
+
+train: ## SageMaker training job, best of the last tuning job or HP='learning_rate=0.01 batch_size=64': [INSTANCE_COUNT=2] [SPOT=1] [DRY_RUN=1]
+	$(CLOUD) train $(if $(TUNING_JOB),--tuning-job $(TUNING_JOB)) $(if $(INSTANCE_COUNT),--instance-count $(INSTANCE_COUNT)) \
+	$(if $(filter 1,$(SPOT)),--spot) $(if $(HP),--hp $(HP))
+
+deploy: ## model + endpoint config + endpoint on the serve image, waits for InService: [MODEL_DATA=s3://.../model.tar.gz] [SERVERLESS=1] [DRY_RUN=1]
+	$(CLOUD) deploy $(if $(MODEL_DATA),--model-data $(MODEL_DATA)) $(if $(filter 1,$(SERVERLESS)),--serverless)
+
+predict: ## top-3 CSV for every image of DIR through the endpoint: DIR=... [RENAME=1] [OUT=x.csv] or UNDO=manifest [DRY_RUN=1]
+	$(if $(or $(DIR),$(UNDO)),,$(error give DIR=folder of images, or UNDO=undo-manifest.csv))
+	$(CLOUD) predict $(if $(UNDO),--undo $(UNDO),$(DIR) --out $(CLOUD_OUT) $(if $(RENAME),--rename))
+
+batch-predict: ## batch transform over S3=s3://... or DIR=folder (uploaded, CSV written): [MODEL_DATA=...] [DRY_RUN=1]
+	$(if $(or $(S3),$(DIR)),,$(error give S3=s3://bucket/prefix/ or DIR=folder of images))
+	$(CLOUD) batch-predict $(or $(S3),$(DIR)) $(if $(DIR),--out $(CLOUD_OUT)) $(if $(MODEL_DATA),--model-data $(MODEL_DATA))
+
+teardown: ## delete the endpoint, its config and model (never S3 data or images) [DRY_RUN=1]
+	$(CLOUD) teardown

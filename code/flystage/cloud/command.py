@@ -74,6 +74,8 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "serverless", None) is not None:
         settings = settings.replace(serverless=args.serverless)
     api = (DryRunApi if args.dry_run else Api)(settings)
+    # A dry run's stdout is only the JSON requests; results go to stderr then.
+    emit = api.say if args.dry_run else print
     hps = None
     if getattr(args, "hp", None) is not None:
         from flystage.cloud.training import parse_hyperparameters
@@ -84,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         from flystage.cloud.ecr import push
 
         for local, uri in push(api, settings).items():
-            print(f"{local} -> {uri}")
+            emit(f"{local} -> {uri}")
     elif args.target == "upload":
         from flystage.cloud.s3 import upload_dataset
 
@@ -111,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.target == "batch-predict":
         from flystage.cloud.batch import batch_predict
 
-        print(batch_predict(api, settings, args.source, model_data=args.model_data, out_csv=args.out))
+        emit(batch_predict(api, settings, args.source, model_data=args.model_data, out_csv=args.out))
     elif args.target == "teardown":
         from flystage.cloud.hosting import teardown
 

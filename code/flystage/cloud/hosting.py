@@ -26,6 +26,8 @@ def model_data_uri(api: Api, settings: Settings, model_data: str | None = None) 
             raise CloudError(f"model data {model_data!r}: give the s3://.../model.tar.gz of a training job")
         return model_data
     job = read_state(settings.state_file).get("training_job")
+    if not job and api.dry_run:
+        return "<S3ModelArtifacts of the last training job>"
     if not job:
         raise CloudError(
             f"no training job recorded in {settings.state_file}: run `make train` first, or give "

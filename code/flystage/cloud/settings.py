@@ -62,7 +62,7 @@ class Settings:
     endpoint_url: str = ""
     registry_override: str = ""
     # Where the names of the last tuning and training jobs are kept between targets.
-    state_file: str = ".flystage/cloud-state.json"
+    state_file: str = "runs/cloud/state.json"
 
     # ---- derived names -------------------------------------------------------------------
     def s3_uri(self, *parts: str) -> str:

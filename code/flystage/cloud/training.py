@@ -44,6 +44,8 @@ def best_hyperparameters(api: Api, settings: Settings, tuning_job: str | None = 
     """The tuned hyperparameters of the best job of ``tuning_job`` (default: the last one
     started by ``make tune``). Empty in a dry run (shown as a placeholder note)."""
     tuning_job = tuning_job or read_state(settings.state_file).get("tuning_job")
+    if not tuning_job and api.dry_run:
+        tuning_job = "<the last tuning job>"
     if not tuning_job:
         raise CloudError(
             f"no tuning job recorded in {settings.state_file}: run `make tune` first, or give "
