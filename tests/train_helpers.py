@@ -57,10 +57,12 @@ def make_manifest_set(root: Path, train_per_class: int = 4, valid_per_class: int
     return write_manifest(records, root / "manifest.csv")
 
 
-def copy_bdgp_subset(bdgp_root: Path, dest: Path, per_stage: int = 3, stages=("4-6", "11-12", "13-16")) -> Path:
-    """Copy ``per_stage`` real BDGP images of each stage into ``dest/<stage>/`` (a channel tree)."""
+def copy_bdgp_subset(bdgp_root: Path, dest: Path, per_stage: int = 3, stages=("4-6", "11-12", "13-16"),
+                     skip: int = 0) -> Path:
+    """Copy real BDGP images into ``dest/<stage>/`` (a channel tree): of each stage, the
+    ``per_stage`` images after the first ``skip`` (by path)."""
     for stage in stages:
-        found = sorted(bdgp_root.glob(f"*/{stage}/*.bmp"))[:per_stage]
+        found = sorted(bdgp_root.glob(f"*/{stage}/*.bmp"))[skip:skip + per_stage]
         assert len(found) == per_stage, f"BDGP has fewer than {per_stage} images of {stage}"
         (dest / stage).mkdir(parents=True, exist_ok=True)
         for path in found:
