@@ -389,8 +389,17 @@ def run_undo(manifest: Path) -> int:
 def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: dict[str, Any] | None = None) -> int:
     """Predict ``args.folder`` with ``predictor``, write CSV/JSON, rename if asked.
 
-    Exit code 0 when every image was predicted (and renamed if asked), 1 when some were not.
+    Exit code 0 when every image was predicted (and renamed if asked), 1 when some were not,
+    2 for bad usage. ``args.undo`` restores names instead (no predictor call).
     """
+    if getattr(args, "undo", None):
+        return run_undo(args.undo)
+    if args.folder is None:
+        print("error: give the FOLDER of images to predict (or --undo MANIFEST)", file=sys.stderr)
+        return 2
+    if args.k < 1 or args.batch_size < 1:
+        print("error: --k and --batch-size must be at least 1", file=sys.stderr)
+        return 2
     folder = args.folder.expanduser().resolve()
     if not folder.exists():
         print(f"error: {folder}: no such folder or file", file=sys.stderr)
