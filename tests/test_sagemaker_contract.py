@@ -8,12 +8,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flystage.artefact import check_artefact
 from flystage.jobdef import METRIC_DEFINITIONS, read_metric
@@ -148,3 +150,34 @@ def test_two_hosts_train_data_parallel(tmp_path: Path, channels) -> None:
     assert read_metric(logs["algo-2"], "valid:top3") == []
     assert check_artefact(tmp_path / "algo-1" / "model").labels == list(STAGES)
     assert not any((tmp_path / "algo-2" / "model").iterdir())
+
+
+def test_stop_signal_checkpoints_and_the_restart_resumes(tmp_path: Path, channels) -> None:
+    """SageMaker stops a job (or spot takes the instance) with SIGTERM to the container, whose
+    init (tini -g in our image) passes it to the whole process group: the program finishes
+    its step and saves a checkpoint; the restarted job resumes from it."""
+    base = sagemaker_tree(tmp_path / "opt-ml", HYPERPARAMETERS | {"epochs": "1000"}, channels=channels)
+    proc = subprocess.Popen([str(TRAIN_COMMAND)], env=toolkit_env(base), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=base, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # until the program (which holds the pipe too) has exited
+            lines.append(line)
+            if line.startswith("epoch=1 "):
+                os.killpg(proc.pid, signal.SIGTERM)
+    finally:
+        proc.wait(timeout=TIMEOUT_S)
+    log = "".join(lines)
+    assert "SIGTERM: stopped in epoch" in log, log
+    saved = torch.load(base / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"]
+    assert saved >= 1
+    assert not any((base / "model").iterdir())
+
+    # The restarted job (same tree, as SageMaker restores the checkpoint dir) resumes.
+    (base / "input" / "config" / "hyperparameters.json").write_text(
+        json.dumps(HYPERPARAMETERS | {"epochs": str(saved + 1)}))
+    (base / "output" / "failure").unlink(missing_ok=True)
+    done = run_train(base)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"after epoch {saved}" in done.stdout and f"\nepoch={saved + 1} " in done.stdout
+    assert check_artefact(base / "model").labels == list(STAGES)
