@@ -159,3 +159,68 @@ def tiny_image(client, tag: str, tmp_path: Path):
     repository, _, version = tag.partition(":")
     client.api.import_image_from_data(buf.getvalue(), repository=repository, tag=version or "latest")
     return client.images.get(tag)
+
+
+# ---- the SageMaker runtime in front of a real serve container --------------------------------
+
+
+class RuntimeProxy:
+    """A loopback stand-in for the SageMaker runtime API in front of a serve container.
+
+    ``POST /endpoints/<name>/invocations`` goes to the container's ``POST /invocations`` with
+    the headers SageMaker passes on (Content-Type, Accept, custom attributes); a container
+    error comes back as SageMaker's ``ModelError`` (HTTP 424 with the original status and
+    message), an unknown endpoint as a ``ValidationError``, as the real service does.
+    """
+
+    def __init__(self, container_url: str, endpoint_name: str) -> None:
+        import http.server
+        import json
+        import threading
+        import urllib.error
+
+        proxy = self
+        self.requests: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def error(self, status: int, kind: str, fields: dict) -> None:
+                self.answer(status, json.dumps(fields).encode(), {"Content-Type": "application/json", "x-amzn-ErrorType": kind})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                proxy.requests.append({"path": self.path, "headers": dict(self.headers), "size": len(body)})
+                if self.path != f"/endpoints/{endpoint_name}/invocations":
+                    return self.error(400, "ValidationError", {"message": f"Endpoint {self.path.split('/')[2]} not found."})
+                passed = {k: self.headers[k] for k in ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes") if k in self.headers}
+                request = urllib.request.Request(container_url + "/invocations", data=body, headers=passed, method="POST")
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as response:
+                        self.answer(200, response.read(), {"Content-Type": response.headers.get("Content-Type", ""),
+                                                           "x-Amzn-Invoked-Production-Variant": "AllTraffic"})
+                except urllib.error.HTTPError as err:
+                    text = err.read().decode(errors="replace")
+                    self.error(424, "ModelError", {
+                        "ErrorCode": "CLIENT_ERROR_FROM_MODEL" if err.code < 500 else "SERVER_ERROR_FROM_MODEL",
+                        "Message": f"Received client error ({err.code}) from primary with message \"{text}\".",
+                        "OriginalStatusCode": err.code, "OriginalMessage": text,
+                    })
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

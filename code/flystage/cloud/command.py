@@ -136,7 +136,7 @@ def _predict(api, settings, args: argparse.Namespace) -> int:
 
         paths, _ = iter_images([args.folder.expanduser().resolve()])
         for path in paths:
-            api.call("sagemaker-runtime", "invoke_endpoint", **predictor.request(path.read_bytes()))
+            api.call("sagemaker-runtime", "invoke_endpoint", **predictor.request(path.read_bytes(), args.k))
         return 0
     return run_with(predictor, args, model_info={"endpoint": settings.endpoint_name, "region": api.region})
 

@@ -193,18 +193,19 @@ def content_type(body: bytes) -> str:
 
 
 def parse_top(payload: Any) -> list[tuple[str, float]]:
-    """The serve image's JSON answer -> [(stage, probability), ...], best first."""
-    if isinstance(payload, list) and len(payload) == 1:
-        payload = payload[0]
-    if isinstance(payload, Mapping):
-        for key in ("top", "predictions", "top_k"):
-            if key in payload:
-                payload = payload[key]
-                break
+    """The serve image's JSON answer for one image -> [(stage, probability), ...], best first.
+
+    The answer is ``{"predictions": [{"file", "top": [{"stage", "probability"}], "error"}], ...}``
+    (``flystage.serving.codec.encode_response``); an image the model could not read carries
+    ``error`` instead, raised here as ValueError.
+    """
     try:
-        return [(str(item["stage"]), float(item["probability"])) for item in payload]
-    except (TypeError, KeyError, ValueError):
-        raise CloudError(f"unexpected answer from the endpoint: {str(payload)[:300]}") from None
+        item = payload["predictions"][0] if "predictions" in payload else payload
+        if item.get("error"):
+            raise ValueError(item["error"])
+        return [(str(t["stage"]), float(t["probability"])) for t in item["top"]]
+    except (TypeError, KeyError, IndexError, AttributeError):
+        raise CloudError(f"unexpected answer from the model: {str(payload)[:300]}") from None
 
 
 class EndpointPredictor:
@@ -219,22 +220,31 @@ class EndpointPredictor:
         self.endpoint_name = endpoint_name
         self.concurrency = max(1, concurrency)
 
-    def request(self, body: bytes) -> dict[str, Any]:
+    def request(self, body: bytes, k: int = 3) -> dict[str, Any]:
         """The ``invoke_endpoint`` request for one image."""
-        return {"EndpointName": self.endpoint_name, "ContentType": content_type(body), "Accept": "application/json", "Body": body}
+        return {
+            "EndpointName": self.endpoint_name, "ContentType": content_type(body), "Accept": "application/json",
+            "CustomAttributes": f"k={k}", "Body": body,
+        }
 
     def invoke(self, body: bytes, k: int) -> list[tuple[str, float]]:
         import json
 
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            response = self.api.client("sagemaker-runtime").invoke_endpoint(**self.request(body))
+            response = self.api.client("sagemaker-runtime").invoke_endpoint(**self.request(body, k))
         except ClientError as err:
             error = err.response.get("Error", {})
             if error.get("Code") == "ModelError":
-                raise ValueError(error.get("Message") or str(err)) from None
-            raise CloudError(f"invoke_endpoint {self.endpoint_name} failed: {error.get('Code')}: {error.get('Message')}") from None
+                # The container answered 4xx/5xx: its own message says what was wrong.
+                raise ValueError(err.response.get("OriginalMessage") or error.get("Message") or str(err)) from None
+            raise CloudError(
+                f"invoke_endpoint {self.endpoint_name} failed: {error.get('Code')}: {error.get('Message')}"
+                " (is the endpoint deployed and InService? `make deploy`)"
+            ) from None
+        except BotoCoreError as err:
+            raise CloudError(f"invoke_endpoint {self.endpoint_name} failed: {err}") from None
         return parse_top(json.loads(response["Body"].read()))[:k]
 
     def predict_sources(self, sources, k: int = 3, names=None):

@@ -1,0 +1,121 @@
+"""make predict through sagemaker-runtime.invoke_endpoint against the real serve container.
+
+moto cannot carry binary bodies, so boto3's sagemaker-runtime client is pointed at a
+loopback stand-in of the runtime API (``cloud_helpers.RuntimeProxy``) in front of the real
+``flystage-serve`` container: the request is serialised, sent, answered and parsed by the
+same client code as against AWS. The answers must equal the local onnxruntime Predictor's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from artefact_helpers import make_artefact, write_image
+from cloud_helpers import REGION, RuntimeProxy, docker_client, fake_credentials, free_port
+from flystage.cloud.hosting import EndpointPredictor
+from flystage.cloud.session import Api
+from flystage.cloud.settings import CloudError, Settings
+from flystage.predict import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "local"))
+from flystage_local import serving  # noqa: E402
+
+SERVE_IMAGE = os.environ.get("SERVE_IMAGE", "flystage-serve:latest")
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    """(runtime URL, model dir): the serve image on a tiny real artefact, behind the proxy."""
+    client = docker_client()
+    try:
+        client.images.get(SERVE_IMAGE)
+    except Exception:
+        pytest.fail(f"{SERVE_IMAGE} not built: run `make images` first")
+    root = tmp_path_factory.mktemp("endpoint")
+    make_artefact(root / "model")
+    name = f"flystage-cloud-predict-test-{uuid.uuid4().hex[:6]}"
+    url, _ = serving.start_server(root / "model", SERVE_IMAGE, root / "models", port=free_port(), name=name)
+    proxy = RuntimeProxy(url, "flystage")
+    try:
+        yield proxy, root / "model"
+    finally:
+        proxy.close()
+        container = client.containers.list(all=True, filters={"name": f"^{name}$"})
+        for c in container:
+            c.remove(force=True)
+
+
+@pytest.fixture
+def api(endpoint, monkeypatch, tmp_path):
+    fake_credentials(monkeypatch)
+    proxy, _ = endpoint
+    settings = Settings(region=REGION, endpoint_url=proxy.url, state_file=str(tmp_path / "state.json"))
+    return Api(settings, out=io.StringIO())
+
+
+@pytest.fixture
+def folder(tmp_path):
+    folder = tmp_path / "new images"
+    for i, name in enumerate(["a/e1.tif", "a/e2.png", "b/e3.bmp", "e4.jpg"]):
+        write_image(folder / name, seed=i)
+    (folder / "b" / "broken.tif").write_bytes(b"II*\x00 truncated")
+    return folder
+
+
+def test_endpoint_predictor_matches_the_local_model(api, endpoint, folder):
+    proxy, model_dir = endpoint
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    names = [p.relative_to(folder).as_posix() for p in paths]
+    remote = EndpointPredictor(api, "flystage", concurrency=2).predict_sources(paths, k=3, names=names)
+    local = Predictor(model_dir, threads=1).predict_sources(paths, k=3, names=names)
+    by_name = {p.source: p for p in remote}
+    for expected in local:
+        got = by_name[expected.source]
+        if expected.error:
+            # The broken TIFF: the container's 4xx came back as ModelError, kept per image.
+            assert got.error and got.error.startswith(expected.source) and not got.top
+            continue
+        assert got.error is None, got.error
+        assert [s for s, _ in got.top] == [s for s, _ in expected.top]
+        assert [p for _, p in got.top] == pytest.approx([p for _, p in expected.top], abs=1e-4)
+    # Each image went as its raw bytes with its own content type and k in the custom attributes.
+    sent = {r["headers"]["Content-Type"] for r in proxy.requests[-len(paths):]}
+    assert sent == {"image/tiff", "image/png", "image/bmp", "image/jpeg"}
+    assert all(r["headers"].get("X-Amzn-SageMaker-Custom-Attributes") == "k=3" for r in proxy.requests[-len(paths):])
+
+
+def test_unknown_endpoint_is_a_clear_error(api, folder):
+    with pytest.raises(CloudError, match="ValidationError: Endpoint nowhere not found.*make deploy"):
+        EndpointPredictor(api, "nowhere").predict_sources([next(folder.rglob("*.png"))])
+
+
+def test_flystage_cloud_predict_writes_csv_renames_and_undoes(endpoint, folder, tmp_path, monkeypatch):
+    """The command line `make predict` runs: CSV, --rename with an undo manifest, --undo."""
+    from flystage.cli import main
+
+    proxy, _ = endpoint
+    fake_credentials(monkeypatch)
+    for key, value in {"FLYSTAGE_REGION": REGION, "FLYSTAGE_ENDPOINT_URL": proxy.url,
+                       "FLYSTAGE_STATE_FILE": str(tmp_path / "s.json")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("FLYSTAGE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    out, undo = tmp_path / "top3.csv", tmp_path / "undo.csv"
+    # 1: one image (the broken TIFF) has no prediction, the others are renamed.
+    assert main(["cloud", "predict", str(folder), "--out", str(out), "--rename", "--undo-manifest", str(undo)]) == 1
+    rows = {r["file"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"a/e1.tif", "a/e2.png", "b/e3.bmp", "e4.jpg", "b/broken.tif"}
+    assert rows["b/broken.tif"]["error"] and not rows["a/e1.tif"]["error"]
+    assert len(list(folder.rglob("*__s*"))) == 4 and (folder / "b" / "broken.tif").is_file()
+    assert main(["cloud", "predict", "--undo", str(undo)]) == 0
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
