@@ -29,6 +29,9 @@ test: ## run the whole test suite (unit, training, SageMaker contract, container
 
 # ---- benchmarks ---------------------------------------------------------------------------
 
+bench-accuracy: ## leave-one-gene-out cross-validation on BDGP with the defaults, 8 folds (JSON last line: top1, top3, seconds)
+	$(PY) bench/bench_accuracy.py --out $(RUNS)/bench-accuracy
+
 bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model input (JSON line)
 	$(PY) bench/bench_preprocess.py
 
