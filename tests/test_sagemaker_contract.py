@@ -28,7 +28,7 @@ STAGES = ("4-6", "11-12", "13-16")
 # As SageMaker sends them: every value a JSON-encoded string.
 HYPERPARAMETERS = {
     "arch": '"small_cnn"', "epochs": "2", "batch_size": "8", "learning_rate": "0.003",
-    "height": "32", "width": "80", "channels": "1", "threads": "1", "pretrained": '"false"',
+    "preprocess": '{"height": 32, "width": 80, "channels": 1}', "threads": "1", "pretrained": '"false"',
 }
 TIMEOUT_S = 300
 

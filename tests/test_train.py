@@ -170,6 +170,11 @@ def test_hyperparameters_as_sagemaker_sends_them(monkeypatch) -> None:
     assert config.augment.angles == (90.0, 180.0) and config.augment.p_angle == 0.25
     off = config_from_args(parser.parse_args(["--augment", "off"]))
     assert off.augment == AugmentConfig.off()
+    # A JSON object hyperparameter reaches the program as key=value pairs (sagemaker-training).
+    pairs = config_from_args(parser.parse_args(["--preprocess", "align=False,height=40,width=96",
+                                                "--augment", "angles=[180.0],p_angle=1"]))
+    assert (pairs.preprocess.height, pairs.preprocess.width, pairs.preprocess.align) == (40, 96, False)
+    assert pairs.augment.angles == (180.0,) and pairs.augment.p_angle == 1.0
     for text, value in [("true", True), ('"false"', False), ("1", True), ("False", False)]:
         assert parse_bool(text) is value
     with pytest.raises(Exception, match="expected true or false"):

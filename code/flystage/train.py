@@ -493,10 +493,22 @@ def _integer(text: str) -> int:
     return int(value)
 
 
-def _augment_json(text: str) -> dict[str, Any]:
+def _mapping(text: str) -> dict[str, Any]:
+    """A config as JSON (``{"height": 64}``), or as the SageMaker toolkit passes a JSON object
+    hyperparameter on the command line (``height=64,width=160``)."""
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if not all(len(pair) == 2 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected JSON or key=value,key=value, not {text!r}")
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _augment_mapping(text: str) -> dict[str, Any]:
     if text.strip().strip('"').lower() in ("off", "none", "false"):
         return AugmentConfig.off().to_dict()
-    return json.loads(text)
+    return _mapping(text)
 
 
 def _argument_type(default: Any) -> Callable[[str], Any]:
@@ -557,9 +569,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     _add_dataclass_options(hp, defaults, "", {"preprocess", "augment"})
     _add_dataclass_options(parser.add_argument_group("preprocessing"), defaults.preprocess, "", set())
     _add_dataclass_options(parser.add_argument_group("augmentation"), defaults.augment, "", set())
-    parser.add_argument("--preprocess", dest="preprocess_json", type=json.loads, default=None,
+    parser.add_argument("--preprocess", dest="preprocess_json", type=_mapping, default=None,
                         help="the whole preprocessing config as JSON (single options override it)")
-    parser.add_argument("--augment", dest="augment_json", type=_augment_json, default=None,
+    parser.add_argument("--augment", dest="augment_json", type=_augment_mapping, default=None,
                         help="the whole augmentation config as JSON, or 'off' (single options override it)")
 
 
@@ -568,7 +580,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     defaults = TrainConfig()
 
     def merged(instance: Any, json_dict: dict | None, prefix: str) -> dict[str, Any]:
-        values = dataclasses.asdict(instance) | (json_dict or {})
+        values = dataclasses.asdict(instance)
+        for key, value in (json_dict or {}).items():
+            # key=value text: typed like the default ("True" -> True, "64" -> 64).
+            default = values.get(key)
+            values[key] = _argument_type(default)(value) if isinstance(value, str) and default is not None else value
         for f in dataclasses.fields(instance):
             given = getattr(args, prefix + f.name, None)
             if given is not None:
