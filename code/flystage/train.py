@@ -311,6 +311,8 @@ def fit(
         torch.set_num_threads(config.threads)
 
     # Data: the label order is the stage order; preprocess once, augment per sample.
+    if not train_records or not valid_records:
+        raise DataError(f"need training and validation images; got {len(train_records)} and {len(valid_records)}")
     if labels is None:
         labels = sort_labels({r.label for r in train_records} | {r.label for r in valid_records})
     labels = list(labels)
@@ -422,7 +424,8 @@ def fit(
         train_loss_sum, train_n = _all_reduce_sum([loss_sum, seen])
 
         entry = {"epoch": epoch, "train_loss": train_loss_sum / train_n}
-        entry.update(evaluate_loader(net, valid_loader, len(labels)))
+        # The bare model: DDP's forward would sync buffers, and ranks may hold unequal shares.
+        entry.update(evaluate_loader(model, valid_loader, len(labels)))
         entry["lr"] = optimizer.param_groups[0]["lr"]
         entry["seconds"] = time.perf_counter() - t0
         entry["images_per_second"] = train_n / train_seconds
@@ -511,6 +514,10 @@ def _augment_mapping(text: str) -> dict[str, Any]:
     return _mapping(text)
 
 
+# The first name of _augment_mapping, still used by crossval's parser: use add_config_options.
+_augment_json = _augment_mapping
+
+
 def _argument_type(default: Any) -> Callable[[str], Any]:
     if isinstance(default, bool):
         return parse_bool
@@ -564,6 +571,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--current_host", "--current-host", dest="current_host", default=env("SM_CURRENT_HOST"),
                     help="this host's name (SM_CURRENT_HOST)")
 
+    add_config_options(parser)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig, PreprocessConfig and AugmentConfig field, plus
+    ``--preprocess``/``--augment`` for a whole config; ``config_from_args`` reads them back.
+    Shared by ``flystage train`` and every command that trains (``crossval``)."""
     defaults = TrainConfig()
     hp = parser.add_argument_group("training hyperparameters")
     _add_dataclass_options(hp, defaults, "", {"preprocess", "augment"})
