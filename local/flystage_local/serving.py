@@ -134,7 +134,7 @@ class ContainerPredictor:
             timeout=self.timeout,
         )
         if response.status_code != 200:
-            raise ValueError(f"HTTP {response.status_code}: {response.text.strip()[:500]}")
+            raise ValueError(f"HTTP {response.status_code}: {error_message(response)}")
         return response.json()
 
     def predict_sources(self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None) -> list[Prediction]:
@@ -162,3 +162,11 @@ def parse_top(answer: dict) -> list[tuple[str, float]]:
     """(stage, probability) pairs of one image from the server's JSON answer."""
     top = answer["predictions"][0]["top"] if "predictions" in answer else answer["top"]
     return [(item["stage"], float(item["probability"])) for item in top]
+
+
+def error_message(response: requests.Response) -> str:
+    """The server's error text: the ``error`` of its JSON answer, else the body's start."""
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.text.strip()[:500]

@@ -1,0 +1,247 @@
+"""Local mode: the real train and serve images, run on a small real BDGP subset as SageMaker would.
+
+The tests marked ``docker`` need the Docker engine and the images of ``make images``
+(``TRAIN_IMAGE``/``SERVE_IMAGE`` move them). One trained model is shared by the module.
+The others check the request -> ``/opt/ml`` conversion and the search design without Docker.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "local"))
+
+from flystage import jobdef  # noqa: E402
+from flystage.cloud.settings import Settings  # noqa: E402
+from flystage_local import LocalModeError, channels, containers, jobtree, serving, training, tuning  # noqa: E402
+from flystage_local.__main__ import build_request, main  # noqa: E402
+
+TRAIN_IMAGE = os.environ.get("TRAIN_IMAGE", "flystage-train:latest")
+SERVE_IMAGE = os.environ.get("SERVE_IMAGE", "flystage-serve:latest")
+# Five small genes (63 images): one gene or more in each of train, valid and test.
+SUBSET_GENES = ("DNaseII", "Dms", "Dmn", "Dif", "dhd")
+# Small enough for seconds per epoch on one core, real enough to train and export.
+TINY = {"arch": "small_cnn", "epochs": "2", "height": "32", "width": "80", "batch_size": "16", "threads": "1"}
+
+
+def _request(channel: Path, runs: Path, name: str, hps: dict[str, str], instances: int = 1) -> dict:
+    return build_request(TRAIN_IMAGE, hps, channel, instances, name, runs)
+
+
+# ---- without Docker ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def channel(tmp_path_factory: pytest.TempPathFactory, bdgp_root: Path) -> Path:
+    """The subset staged as a channel folder (manifest.csv + images), grouped by gene."""
+    subset = tmp_path_factory.mktemp("bdgp-subset")
+    for gene in SUBSET_GENES:
+        shutil.copytree(bdgp_root / gene, subset / gene)
+    folder, report = channels.stage_channel([subset], tmp_path_factory.mktemp("channels"))
+    assert "staged 63 images" in report
+    return folder
+
+
+def test_channel_is_a_manifest_with_every_split(channel: Path) -> None:
+    from flystage.organise import read_manifest
+
+    records = read_manifest(channel / "manifest.csv")
+    assert len(records) == 63
+    assert {r.split for r in records} == {"train", "valid", "test"}
+    # Grouped by gene: a gene never straddles two splits.
+    assert all(len({r.split for r in records if r.group == g}) == 1 for g in SUBSET_GENES)
+    assert all(r.path.is_relative_to(channel) for r in records)
+    # Staging the same images again reuses the folder.
+    again, report = channels.stage_channel([channel / "manifest.csv"], channel.parent)
+    assert again == channel and "reusing" in report
+
+
+def test_request_becomes_sagemaker_host_trees(channel: Path, tmp_path: Path) -> None:
+    request = _request(channel, tmp_path, "tree-test", {"learning_rate": "0.01", "batch_size": "32"}, instances=2)
+    assert request == jobdef.training_job_request(
+        Settings().replace(instance_count=2), TRAIN_IMAGE, {"learning_rate": "0.01", "batch_size": "32"},
+        {"train": f"file://{channel}"}, job_name="tree-test", output_uri=f"file://{tmp_path / 'tree-test'}",
+    )
+    sources = jobtree.channel_sources(request)
+    for host in ("algo-1", "algo-2"):
+        tree = jobtree.write_host_tree(tmp_path / host, request, host, sources)
+        config = tree / "input" / "config"
+        assert json.loads((config / "hyperparameters.json").read_text()) == {"learning_rate": "0.01", "batch_size": "32"}
+        assert json.loads((config / "inputdataconfig.json").read_text()) == {
+            "train": {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+        }
+        resource = json.loads((config / "resourceconfig.json").read_text())
+        assert resource["current_host"] == host and resource["hosts"] == ["algo-1", "algo-2"]
+        assert resource["network_interface_name"] == "eth0"
+        assert (tree / "input" / "data" / "train" / "manifest.csv").read_bytes() == (channel / "manifest.csv").read_bytes()
+        assert all((tree / d).is_dir() for d in ("model", "output/data", "checkpoints"))
+    with pytest.raises(LocalModeError, match="already exists"):
+        jobtree.write_host_tree(tmp_path / "algo-1", request, "algo-1", sources)
+
+
+def test_bad_requests_are_refused_with_what_to_do(channel: Path, tmp_path: Path) -> None:
+    request = _request(channel, tmp_path, "bad", {})
+    request["HyperParameters"] = {"epochs": 2}
+    with pytest.raises(LocalModeError, match="strings"):
+        jobtree.hyperparameters_json(request)
+    request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = "s3://bucket/data"
+    with pytest.raises(LocalModeError, match="file:///path"):
+        jobtree.channel_sources(request)
+    request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] = "ShardedByS3Key"
+    with pytest.raises(LocalModeError, match="FullyReplicated"):
+        jobtree.input_data_config(request)
+
+
+def test_search_design_covers_the_tuning_ranges() -> None:
+    dims = tuning.dimensions(jobdef.TUNING_RANGES)
+    points = tuning.trial_points(dims, 8, seed=1)
+    rates = [float(p["learning_rate"]) for p in points]
+    assert all(0.001 <= r <= 0.1 for r in rates)
+    # Log scale: as many points below the geometric middle (0.01) as above it, give or take one.
+    assert abs(sum(r < 0.01 for r in rates) - 4) <= 1
+    assert {p["batch_size"] for p in points} == {"32", "64", "128", "256"}
+    assert points == tuning.trial_points(dims, 8, seed=1) != tuning.trial_points(dims, 8, seed=2)
+
+
+# ---- with Docker and the images ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    client = containers.connect()
+    for image in (TRAIN_IMAGE, SERVE_IMAGE):
+        containers.require_image(client, image)
+    return client
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def trained(engine, channel: Path, runs: Path) -> training.JobResult:
+    """One single-host job on the subset; its model is shared by the serving tests."""
+    request = _request(channel, runs, "test-one-host", TINY)
+    return training.run_training_job(request, runs, write=None)
+
+
+@pytest.mark.docker
+def test_one_host_job_leaves_model_and_success(trained: training.JobResult) -> None:
+    assert trained.status == "Completed", trained.failure_reason
+    assert trained.exit_codes == {"algo-1": 0}
+    assert (trained.folder / "output" / "success").is_file()
+    assert not (trained.folder / "output" / "failure").exists()
+    with tarfile.open(trained.model_artefact) as tar:
+        assert {"model.onnx", "metadata.json"} <= set(tar.getnames())
+    # The metric regexes SageMaker will use read the image's real log: one value per epoch.
+    log = (trained.folder / "logs" / "algo-1.log").read_text()
+    assert len(jobdef.read_metric(log, "valid:top3")) == 2
+    assert 0.0 <= trained.final_metrics["valid:top3"] <= 1.0
+    assert "host=algo-1 rank=0 world_size=1" in log
+    described = json.loads((trained.folder / "job.json").read_text())
+    assert described["status"] == "Completed" and described["model_artefact"] == str(trained.model_artefact)
+
+
+@pytest.mark.docker
+def test_two_hosts_train_data_parallel(engine, channel: Path, runs: Path) -> None:
+    request = _request(channel, runs, "test-two-hosts", TINY, instances=2)
+    result = training.run_training_job(request, runs, write=None)
+    assert result.status == "Completed", result.failure_reason
+    assert result.exit_codes == {"algo-1": 0, "algo-2": 0}
+    # Both hosts joined one process group and trained their shard.
+    assert "host=algo-1 rank=0 world_size=2" in result.logs["algo-1"]
+    assert "host=algo-2 rank=1 world_size=2" in result.logs["algo-2"]
+    for host in ("algo-1", "algo-2"):
+        resource = json.loads((result.folder / host / "input/config/resourceconfig.json").read_text())
+        assert resource == {**resource, "current_host": host, "hosts": ["algo-1", "algo-2"]}
+    assert result.model_artefact and result.model_artefact.is_file()
+    # The job's network and containers are gone once it has finished.
+    assert not engine.networks.list(filters={"label": f"{containers.LABEL_JOB}=test-two-hosts"})
+
+
+@pytest.mark.docker
+def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> None:
+    """Through the make target: a bad hyperparameter fails the job, with its reason and exit status."""
+    env = {**os.environ, "TRAIN_IMAGE": TRAIN_IMAGE}
+    done = subprocess.run(
+        ["make", "-s", "local-train", f"RUNS={runs / 'make'}", f"DATA={channel / 'manifest.csv'}",
+         "HP=arch=no_such_arch epochs=1 height=32 width=80"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode != 0
+    job = next((runs / "make" / "local").glob("flystage-local-*"))
+    failure = (job / "output" / "failure").read_text()
+    assert "no_such_arch" in failure
+    assert "Failed" in done.stdout and "no_such_arch" in done.stdout
+    assert not (job / "model.tar.gz").exists() and not (job / "output" / "success").exists()
+    assert json.loads((job / "job.json").read_text())["status"] == "Failed"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.docker
+def test_serve_and_predict_a_folder_with_rename_and_undo(
+    engine, trained: training.JobResult, bdgp_root: Path, runs: Path, tmp_path: Path
+) -> None:
+    port = _free_port()
+    url, seconds = serving.start_server(
+        trained.model_artefact, SERVE_IMAGE, runs / "models", port=port, name="flystage-local-serve-test"
+    )
+    try:
+        folder = tmp_path / "new images"
+        sources = sorted((bdgp_root / "Dl").rglob("*.bmp"))[:5]
+        for i, src in enumerate(sources):
+            (folder / f"session{i % 2}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, folder / f"session{i % 2}" / src.name)
+        (folder / "notes.txt").write_text("not an image")
+        before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+        out, undo = tmp_path / "top3.csv", tmp_path / "undo.csv"
+        assert main(["predict", str(folder), "--port", str(port), "--out", str(out), "--rename", "--undo-manifest", str(undo)]) == 0
+        with open(out, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 5 and not any(r["error"] for r in rows)
+        labels = set(json.loads((runs / "models").glob("*/metadata.json").__next__().read_text())["labels"])
+        assert all({r["stage_1"], r["stage_2"], r["stage_3"]} <= labels for r in rows)
+        renamed = sorted(folder.rglob("*__s*.bmp"))
+        assert len(renamed) == 5 and (folder / "notes.txt").is_file()
+        assert main(["predict", "--undo", str(undo)]) == 0
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    finally:
+        container = containers.find_container(engine, "flystage-local-serve-test")
+        if container:
+            container.remove(force=True)
+
+
+@pytest.mark.docker
+def test_serve_refuses_a_broken_artefact_with_its_log(engine, runs: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not onnx")
+    with pytest.raises(LocalModeError, match="did not become healthy"):
+        serving.start_server(broken, SERVE_IMAGE, runs / "models", port=_free_port(), timeout=60, name="flystage-local-serve-broken")
+    assert containers.find_container(engine, "flystage-local-serve-broken") is None
+
+
+@pytest.mark.docker
+def test_stop_removes_every_container_and_network(engine) -> None:
+    network = containers.create_network(engine, "flystage-local-stop-test-net", "stop-test")
+    containers.create_training_container(engine, TRAIN_IMAGE, "stop-test", "algo-1", network, {}, {})
+    assert {"stop-test-algo-1"} <= set(containers.labelled(engine)[0])
+    assert main(["stop"]) == 0
+    assert containers.labelled(engine) == ([], [])
