@@ -161,7 +161,7 @@ def test_train_with_the_best_of_the_last_tuning_job(aws, out):
     }
     s3 = api.client("s3")
     with Stubber(client) as stub, Stubber(s3) as s3_stub:
-        s3_stub.add_response("head_bucket", {"BucketRegion": REGION}, {"Bucket": BUCKET})
+        s3_stub.add_response("get_bucket_location", {"LocationConstraint": REGION}, {"Bucket": BUCKET})
         stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("Completed", True, {"done": 3}),
                           {"HyperParameterTuningJobName": "flystage-tune-1"})
         stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:x"}, expected)

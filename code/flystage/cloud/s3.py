@@ -40,37 +40,36 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def check_bucket(api: Api, settings: Settings) -> None:
-    """CloudError unless the bucket exists, is reachable, and is in the jobs' region."""
+    """CloudError unless the bucket exists, is reachable, and is in the jobs' region.
+
+    GetBucketLocation needs only ``s3:GetBucketLocation``, not the right to list the bucket.
+    """
     settings.require("bucket")
     if api.dry_run:
         return
     try:
-        response = api.call("s3", "head_bucket", Bucket=settings.bucket)
+        response = api.call("s3", "get_bucket_location", Bucket=settings.bucket)
     except CloudError as err:
         code = api.error_code(err)
-        if code in ("404", "NoSuchBucket", "NotFound"):
+        if code in ("NoSuchBucket", "404", "NotFound"):
             raise CloudError(
                 f"bucket {settings.bucket} does not exist: create it with "
                 f"`aws s3 mb s3://{settings.bucket} --region {api.region}` or fix `bucket`"
             ) from None
-        if code in ("403", "AccessDenied"):
+        if code in ("AccessDenied", "403"):
             raise CloudError(
                 f"no access to bucket {settings.bucket}: it belongs to another account, or the operator "
-                "lacks s3:ListBucket (iam/operator-policy.json)"
-            ) from None
-        if code == "301":
-            raise CloudError(
-                f"bucket {settings.bucket} is in another region than {api.region}: SageMaker jobs must read "
-                "a bucket in their own region; set region to the bucket's, or use a bucket in this region"
+                "lacks s3:GetBucketLocation (iam/operator-policy.json)"
             ) from None
         raise
-    bucket_region = response.get("BucketRegion") or response["ResponseMetadata"]["HTTPHeaders"].get(
-        "x-amz-bucket-region", api.region
+    # us-east-1 is reported as no constraint, and old eu-west-1 buckets as "EU".
+    bucket_region = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(
+        response.get("LocationConstraint"), response.get("LocationConstraint")
     )
     if bucket_region != api.region:
         raise CloudError(
             f"bucket {settings.bucket} is in {bucket_region}, the jobs run in {api.region}: SageMaker "
-            "jobs must read a bucket in their own region; set region or bucket accordingly"
+            "jobs must read a bucket in their own region; set region to the bucket's, or use a bucket in this region"
         )
 
 
@@ -127,7 +126,10 @@ def _remote_matches(api: Api, bucket: str, key: str, sha: str, md5: str) -> bool
     try:
         head = api.call("s3", "head_object", Bucket=bucket, Key=key)
     except CloudError as err:
-        if api.error_code(err) in ("404", "NoSuchKey", "NotFound"):
+        # Without s3:ListBucket, S3 answers a missing key with 403 instead of 404; the operator
+        # policy grants GetObject on the prefix, so 403 here means "not there" (PutObject then
+        # fails with a clear error if the operator may not write either).
+        if api.error_code(err) in ("404", "NoSuchKey", "NotFound", "403"):
             return None
         raise
     if "sha256" in head.get("Metadata", {}):
