@@ -5,8 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Where the default dataset is read from when it cannot be downloaded.
-FLYSTAGE_DATA ?= $(abspath ../shared/data/bdgp-insitu)
+FLY := $(VENV)/bin/flystage
+# A local copy of the default dataset (BDGP) is used when present; without one,
+# `flystage fetch` downloads it and checks every file.
+FLYSTAGE_DATA ?= $(if $(wildcard ../shared/data/bdgp-insitu/labels.csv),$(abspath ../shared/data/bdgp-insitu))
 export FLYSTAGE_DATA
 RUNS ?= runs
 
@@ -26,6 +28,27 @@ test: ## run the whole test suite (unit, training, SageMaker contract, container
 	$(PY) -m pytest -q -ra
 
 # ---- the package (issue 2) ----------------------------------------------------------------
+
+DEMO ?= $(RUNS)/demo
+GENE_GROUP := '^(?P<group>[^/]+)/'
+
+demo: ## the main job on the default dataset (BDGP): fetch, organise by gene, train, evaluate, predict a folder
+	@mkdir -p $(DEMO)
+	$(FLY) fetch > $(DEMO)/data-path
+	$(FLY) organise "$$(cat $(DEMO)/data-path)" --group-regex $(GENE_GROUP) --out $(DEMO)/manifest.csv --force
+	@# A fresh model each run: an old checkpoint would be resumed.
+	rm -rf $(DEMO)/checkpoints $(DEMO)/model $(DEMO)/new-images
+	$(FLY) train --manifest $(DEMO)/manifest.csv --model-dir $(DEMO)/model \
+		--checkpoint-dir $(DEMO)/checkpoints --output-data-dir $(DEMO)/output
+	$(FLY) evaluate --model $(DEMO)/model --manifest $(DEMO)/manifest.csv --split test --out $(DEMO)/evaluation
+	@# "New" images: copies of the held-out test genes, so renaming touches no source file.
+	mkdir -p $(DEMO)/new-images
+	$(PY) -c 'import shutil, sys; from flystage.organise import read_manifest; \
+		[shutil.copy2(r.path, sys.argv[1]) for r in read_manifest(sys.argv[2]) if r.split == "test"]' \
+		$(DEMO)/new-images $(DEMO)/manifest.csv
+	$(FLY) predict $(DEMO)/new-images --model $(DEMO)/model --out $(DEMO)/predictions.csv --force --rename
+	@echo; echo "Demo done: report $(DEMO)/evaluation/report.json, confusion $(DEMO)/evaluation/confusion.png,"
+	@echo "predictions $(DEMO)/predictions.csv, renamed copies in $(DEMO)/new-images (undo: flystage predict --undo <manifest>)."
 
 # ---- benchmarks ---------------------------------------------------------------------------
 
