@@ -1,0 +1,131 @@
+"""The serve container's settings: the usual SageMaker environment variables, with defaults.
+
+Every setting is an environment variable, so a SageMaker model's ``Environment`` (or
+``docker run -e``) changes it:
+
+==========================================  ===========================================  ==========
+variable                                    meaning                                      default
+==========================================  ===========================================  ==========
+``SAGEMAKER_MODEL_SERVER_WORKERS``          worker processes (one model copy each)       CPUs
+``FLYSTAGE_INTRA_OP_THREADS``               onnxruntime threads per worker               CPUs // workers
+``SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS``  seconds a worker may take per request        60
+``SAGEMAKER_MAX_PAYLOAD_IN_MB``             request body limit (larger: HTTP 413)        6
+``FLYSTAGE_MAX_PIXELS``                     largest image accepted, in pixels            25,000,000
+``FLYSTAGE_MAX_BATCH``                      most images in one JSON request              16
+==========================================  ===========================================  ==========
+
+CPUs are those this container may use (CPU affinity and cgroup quota), not the host's. One
+worker per CPU with one thread each gives the most throughput under concurrent requests and
+never runs more busy threads than cores; on an ml.m5.xlarge (4 vCPUs) that is 4 workers.
+``SAGEMAKER_MODEL_SERVER_TIMEOUT`` is read by multi-model-server as *minutes*: use the
+``_SECONDS`` variable. Payload: SageMaker real-time endpoints accept 6 MB.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import MutableMapping
+
+WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"
+THREADS = "FLYSTAGE_INTRA_OP_THREADS"
+TIMEOUT_SECONDS = "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"
+MAX_PAYLOAD_MB = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
+MAX_PIXELS = "FLYSTAGE_MAX_PIXELS"
+MAX_BATCH = "FLYSTAGE_MAX_BATCH"
+
+DEFAULT_TIMEOUT_SECONDS = 60
+DEFAULT_MAX_PAYLOAD_MB = 6
+DEFAULT_MAX_PIXELS = 25_000_000
+DEFAULT_MAX_BATCH = 16
+
+
+class SettingsError(ValueError):
+    """A serving environment variable with a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    workers: int
+    threads: int
+    timeout_seconds: int
+    max_payload_mb: int
+    max_pixels: int
+    max_batch: int
+
+    def as_environment(self) -> dict[str, str]:
+        return {
+            WORKERS: str(self.workers),
+            THREADS: str(self.threads),
+            TIMEOUT_SECONDS: str(self.timeout_seconds),
+            MAX_PAYLOAD_MB: str(self.max_payload_mb),
+            MAX_PIXELS: str(self.max_pixels),
+            MAX_BATCH: str(self.max_batch),
+        }
+
+
+def available_cpus(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup v2 or v1 CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root))
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPUs allowed by the cgroup quota (``docker run --cpus``), or None if unlimited."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1_quota, v1_period = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+        if v1_quota.is_file() and v1_period.is_file():
+            quota_us = int(v1_quota.read_text())
+            return None if quota_us <= 0 else quota_us / int(v1_period.read_text())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _positive_int(environ: MutableMapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a whole number of at least 1") from None
+    if value < 1:
+        raise SettingsError(f"{name}={raw!r}: expected a whole number of at least 1")
+    return value
+
+
+def resolve(environ: MutableMapping[str, str] | None = None, cpus: int | None = None) -> ServeSettings:
+    """The settings from ``environ`` (default ``os.environ``), defaults filled in for ``cpus``."""
+    environ = os.environ if environ is None else environ
+    cpus = available_cpus() if cpus is None else cpus
+    workers = _positive_int(environ, WORKERS, cpus)
+    return ServeSettings(
+        workers=workers,
+        threads=_positive_int(environ, THREADS, max(1, cpus // workers)),
+        timeout_seconds=_positive_int(environ, TIMEOUT_SECONDS, DEFAULT_TIMEOUT_SECONDS),
+        max_payload_mb=_positive_int(environ, MAX_PAYLOAD_MB, DEFAULT_MAX_PAYLOAD_MB),
+        max_pixels=_positive_int(environ, MAX_PIXELS, DEFAULT_MAX_PIXELS),
+        max_batch=_positive_int(environ, MAX_BATCH, DEFAULT_MAX_BATCH),
+    )
+
+
+def apply(environ: MutableMapping[str, str] | None = None, cpus: int | None = None) -> ServeSettings:
+    """Resolve the settings and write them back into ``environ``, where the model server and its
+    workers (child processes) read them."""
+    environ = os.environ if environ is None else environ
+    settings = resolve(environ, cpus)
+    environ.update(settings.as_environment())
+    return settings
