@@ -208,3 +208,14 @@ def test_batch_transform_through_moto(aws, out, tmp_path):
     prefix = input_uri.removeprefix(f"s3://{BUCKET}/")
     assert keys == {f"{prefix}/a/e1.png", f"{prefix}/e2.bmp"}
     assert api.call("sagemaker", "list_models")["Models"] == []
+
+
+def test_best_job_that_tuned_other_hyperparameters_is_refused(aws):
+    """moto's tuning jobs report a placeholder best job tuning a hyperparameter called
+    'string': train must not start a job with it."""
+    api, settings = aws
+    put_images(api)
+    tuning.tune(api, settings, name="flystage-tune-9")
+    with pytest.raises(CloudError, match=r"tuned \['string'\], not \['batch_size', 'learning_rate'\]: it is not a flystage tuning job"):
+        training.train(api, settings, None)
+    assert api.call("sagemaker", "list_training_jobs")["TrainingJobSummaries"] == []

@@ -33,6 +33,11 @@ TUNING_RANGES: dict[str, dict] = {
 }
 
 
+def tuned_names() -> set[str]:
+    """The names of the tuned hyperparameters (``learning_rate``, ``batch_size``)."""
+    return {r["Name"] for ranges in TUNING_RANGES.values() for r in ranges}
+
+
 def metric_regex(name: str) -> re.Pattern[str]:
     """The compiled regex of metric ``name`` (for example ``valid:top3``)."""
     for definition in METRIC_DEFINITIONS:

@@ -63,6 +63,12 @@ def best_hyperparameters(api: Api, settings: Settings, tuning_job: str | None = 
         )
     static = (described.get("TrainingJobDefinition") or {}).get("StaticHyperParameters") or {}
     tuned = best["TunedHyperParameters"]
+    expected = jobdef.tuned_names()
+    if set(tuned) != expected:
+        raise CloudError(
+            f"the best job of tuning job {tuning_job} tuned {sorted(tuned)}, not {sorted(expected)}: "
+            "it is not a flystage tuning job; give TUNING_JOB=<name> or hyperparameters"
+        )
     api.say(f"best job of {tuning_job}: {best['TrainingJobName']} {tuned}")
     # The best job ran with the static values plus the tuned ones.
     return {**{k: v for k, v in static.items() if not k.startswith(("sagemaker_", "_tuning"))}, **tuned}

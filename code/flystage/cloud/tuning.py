@@ -30,10 +30,6 @@ _SHARED = (
 FINAL_STATES = ("Completed", "Failed", "Stopped")
 
 
-def tuned_names() -> set[str]:
-    return {r["Name"] for ranges in jobdef.TUNING_RANGES.values() for r in ranges}
-
-
 def tuning_job_request(
     settings: Settings,
     image_uri: str,
@@ -44,7 +40,7 @@ def tuning_job_request(
     parallel_jobs: int | None = None,
 ) -> dict[str, Any]:
     """The ``create_hyper_parameter_tuning_job`` request (keyword arguments)."""
-    clash = tuned_names() & set(static_hyperparameters)
+    clash = jobdef.tuned_names() & set(static_hyperparameters)
     if clash:
         raise CloudError(f"hyperparameter(s) {sorted(clash)} are tuned: do not also give them fixed values")
     max_jobs = settings.tuning_max_jobs if max_jobs is None else max_jobs
