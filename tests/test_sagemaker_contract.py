@@ -100,6 +100,7 @@ def test_one_host_writes_the_artefact(tmp_path: Path, channels) -> None:
          "bad hyperparameter: optimizer 'adam': choose one of"),
         ("unknown hyperparameter", HYPERPARAMETERS | {"lr": "0.1"}, ("train", "valid"),
          "bad argument or hyperparameter: unrecognized arguments: --lr 0.1"),
+        ("corrupt image", HYPERPARAMETERS, ("train", "valid"), "<the truncated file's path>"),
     ],
 )
 def test_failing_job_writes_its_cause(tmp_path: Path, channels, case, hyperparameters, channel_names, cause) -> None:
@@ -107,10 +108,14 @@ def test_failing_job_writes_its_cause(tmp_path: Path, channels, case, hyperparam
     if case == "empty channel":
         shutil.rmtree(base / "input" / "data" / "train")
         (base / "input" / "data" / "train").mkdir()
+    if case == "corrupt image":
+        corrupt = sorted((base / "input" / "data" / "train").glob("*/*.bmp"))[0]
+        corrupt.write_bytes(corrupt.read_bytes()[:100])  # truncated
+        cause = f"{corrupt}: the BMP is truncated"
     done = run_train(base)
     assert done.returncode != 0, done.stdout + done.stderr
     failure = (base / "output" / "failure").read_text()
-    assert failure.startswith(cause), failure[:500]
+    assert failure.startswith(cause), failure[:500]  # the first line says what went wrong
     assert not (base / "output" / "success").exists()
     assert not any((base / "model").iterdir())
 
