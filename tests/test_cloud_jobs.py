@@ -219,3 +219,11 @@ def test_best_job_that_tuned_other_hyperparameters_is_refused(aws):
     with pytest.raises(CloudError, match=r"tuned \['string'\], not \['batch_size', 'learning_rate'\]: it is not a flystage tuning job"):
         training.train(api, settings, None)
     assert api.call("sagemaker", "list_training_jobs")["TrainingJobSummaries"] == []
+
+
+def test_spot_tuning_trials_share_no_checkpoints(aws):
+    _, settings = aws
+    request = tuning.tuning_job_request(settings.replace(spot=True), TRAIN_URI, {}, name="flystage-tune-2")
+    definition = request["TrainingJobDefinition"]
+    assert definition["EnableManagedSpotTraining"] is True and "CheckpointConfig" not in definition
+    assert definition["StoppingCondition"]["MaxWaitTimeInSeconds"] >= definition["StoppingCondition"]["MaxRuntimeInSeconds"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -98,24 +99,27 @@ def test_unknown_endpoint_is_a_clear_error(api, folder):
         EndpointPredictor(api, "nowhere").predict_sources([next(folder.rglob("*.png"))])
 
 
-def test_flystage_cloud_predict_writes_csv_renames_and_undoes(endpoint, folder, tmp_path, monkeypatch):
-    """The command line `make predict` runs: CSV, --rename with an undo manifest, --undo."""
-    from flystage.cli import main
-
+def test_make_predict_writes_csv_renames_and_undoes(endpoint, folder, tmp_path, monkeypatch):
+    """`make predict DIR=... RENAME=1` and `make predict UNDO=...`, as a user runs them."""
     proxy, _ = endpoint
     fake_credentials(monkeypatch)
-    for key, value in {"FLYSTAGE_REGION": REGION, "FLYSTAGE_ENDPOINT_URL": proxy.url,
-                       "FLYSTAGE_STATE_FILE": str(tmp_path / "s.json")}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("FLYSTAGE_CONFIG", raising=False)
-    monkeypatch.chdir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYSTAGE_")} | {
+        "FLYSTAGE_REGION": REGION, "FLYSTAGE_ENDPOINT_URL": proxy.url, "FLYSTAGE_STATE_FILE": str(tmp_path / "s.json"),
+    }
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-s", "-C", str(REPO), "predict", *args], capture_output=True, text=True, env=env, timeout=300)
+
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    out, undo = tmp_path / "top3.csv", tmp_path / "undo.csv"
-    # 1: one image (the broken TIFF) has no prediction, the others are renamed.
-    assert main(["cloud", "predict", str(folder), "--out", str(out), "--rename", "--undo-manifest", str(undo)]) == 1
+    out = tmp_path / "top3.csv"
+    result = make(f"DIR={folder}", "RENAME=1", f"OUT={out}")
+    # Exit 1 (make: 2): one image, the broken TIFF, has no prediction; the others are renamed.
+    assert result.returncode != 0 and "predicted 4 of 5 image(s)" in result.stdout, result.stderr[-2000:]
     rows = {r["file"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"a/e1.tif", "a/e2.png", "b/e3.bmp", "e4.jpg", "b/broken.tif"}
     assert rows["b/broken.tif"]["error"] and not rows["a/e1.tif"]["error"]
     assert len(list(folder.rglob("*__s*"))) == 4 and (folder / "b" / "broken.tif").is_file()
-    assert main(["cloud", "predict", "--undo", str(undo)]) == 0
+    [undo] = tmp_path.glob("top3-undo-*.csv")
+    result = make(f"UNDO={undo}")
+    assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before

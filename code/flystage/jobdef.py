@@ -106,7 +106,8 @@ def training_job_request(
     - ``job_name``: 1-63 letters, digits and dashes (``flystage.cloud.training.job_name``).
     - ``output_uri``: where ``model.tar.gz`` goes; default ``s3://bucket/prefix/output``.
     - ``checkpoint_uri``: default ``s3://bucket/prefix/checkpoints/<job_name>`` when spot
-      training is on (spot needs checkpoints to resume), else no CheckpointConfig.
+      training is on (spot needs checkpoints to resume), else no CheckpointConfig; ``""``
+      means no CheckpointConfig at all.
     """
     if not _JOB_NAME.fullmatch(job_name):
         raise ValueError(f"job name {job_name!r}: use 1-63 letters, digits and dashes")
@@ -156,6 +157,6 @@ def training_job_request(
     }
     if settings.spot:
         stopping["MaxWaitTimeInSeconds"] = int(settings.max_wait_s)
-    if checkpoint_uri is not None:
+    if checkpoint_uri:
         request["CheckpointConfig"] = {"S3Uri": checkpoint_uri, "LocalPath": CHECKPOINT_LOCAL_PATH}
     return request

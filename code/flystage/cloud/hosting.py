@@ -184,12 +184,9 @@ CONTENT_TYPES = {"tiff": "image/tiff", "png": "image/png", "jpeg": "image/jpeg",
 
 def content_type(body: bytes) -> str:
     """The image's MIME type from its magic bytes (the server checks them again)."""
-    from flystage.imaging import _MAGIC
+    from flystage.imaging import sniff_format
 
-    for magic, kind in _MAGIC:
-        if body.startswith(magic):
-            return CONTENT_TYPES[kind]
-    return "application/octet-stream"
+    return CONTENT_TYPES.get(sniff_format(body[:16]) or "", "application/octet-stream")
 
 
 def parse_top(payload: Any) -> list[tuple[str, float]]:
@@ -251,9 +248,10 @@ class EndpointPredictor:
         from concurrent.futures import ThreadPoolExecutor
         from pathlib import Path
 
-        from flystage.predict import Prediction, _name
+        from flystage.predict import Prediction
 
-        names = list(names) if names is not None else [_name(s, i) for i, s in enumerate(sources)]
+        if names is None:
+            names = [f"<image {i}>" if isinstance(s, (bytes, bytearray, memoryview)) else str(s) for i, s in enumerate(sources)]
 
         def one(item: tuple[Any, str]) -> Prediction:
             source, name = item

@@ -47,14 +47,10 @@ def tuning_job_request(
     parallel_jobs = settings.tuning_parallel_jobs if parallel_jobs is None else parallel_jobs
     if not 1 <= parallel_jobs <= max_jobs:
         raise CloudError(f"parallel jobs ({parallel_jobs}) must be between 1 and max jobs ({max_jobs})")
-    # The trial's checkpoints: each trial gets its own folder under this URI from SageMaker.
+    # No CheckpointConfig for trials: every trial would share the one URI, and one trial must
+    # never resume from another's checkpoint. An interrupted spot trial restarts from scratch.
     training = jobdef.training_job_request(
-        settings,
-        image_uri,
-        static_hyperparameters,
-        data_channels(settings),
-        job_name=name,
-        checkpoint_uri=settings.s3_uri("checkpoints", name) if settings.spot else None,
+        settings, image_uri, static_hyperparameters, data_channels(settings), job_name=name, checkpoint_uri=""
     )
     definition = {k: training[k] for k in _SHARED if k in training}
     definition["AlgorithmSpecification"] = training["AlgorithmSpecification"]
