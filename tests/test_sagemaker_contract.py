@@ -31,6 +31,7 @@ HYPERPARAMETERS = {
     "preprocess": '{"height": 32, "width": 80, "channels": 1}', "threads": "1", "pretrained": '"false"',
 }
 TIMEOUT_S = 300
+pytestmark = pytest.mark.slow  # every test runs the toolkit in subprocesses
 
 
 def sagemaker_tree(base: Path, hyperparameters: dict[str, str], hosts=("algo-1",), current="algo-1",

@@ -191,6 +191,7 @@ def test_bad_arguments_fail_with_a_clear_message(manifest: Path, tmp_path: Path,
     assert not any(tmp_path.iterdir())  # nothing written for a run that never started
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path: Path) -> None:
     """The real program in a subprocess: SIGTERM during training -> finish the step, save a
     checkpoint, exit with EXIT_STOPPED; a restart resumes from that checkpoint."""

@@ -557,8 +557,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data and output (defaults from the SageMaker environment)")
     io.add_argument("--manifest", "--train", dest="train", default=env("SM_CHANNEL_TRAIN"),
                     help="manifest CSV, a folder holding manifest.csv, or a <label>/<images> tree (SM_CHANNEL_TRAIN)")
-    io.add_argument("--valid", default=env("SM_CHANNEL_VALID"),
-                    help="validation channel, same forms (SM_CHANNEL_VALID); default: the manifest's valid rows")
+    io.add_argument("--valid", default=env("SM_CHANNEL_VALID", env("SM_CHANNEL_VALIDATION")),
+                    help="validation channel, same forms (SM_CHANNEL_VALID or SM_CHANNEL_VALIDATION); "
+                         "default: the manifest's valid rows")
     io.add_argument("--model_dir", "--model-dir", dest="model_dir", default=env("SM_MODEL_DIR"),
                     help="where the model artefact is written (SM_MODEL_DIR)")
     io.add_argument("--output_data_dir", "--output-data-dir", dest="output_data_dir", default=env("SM_OUTPUT_DATA_DIR"),
