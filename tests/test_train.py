@@ -226,3 +226,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path:
     assert f"resuming from checkpoint {ckpt / CHECKPOINT_FILE} after epoch {state['epoch']}" in done.stdout
     assert read_metric(done.stdout, "valid:top3") and f"epoch={state['epoch'] + 1} " in done.stdout
     assert load_metadata(model_dir).labels == list(LABELS)
+
+
+def test_early_stopping_and_a_finished_run_is_not_retrained(records, tmp_path: Path) -> None:
+    train, valid = records
+    # A learning rate of ~0 cannot improve on epoch 1 (ties are broken by a lower valid loss).
+    config = tiny_config(epochs=20, patience=2, learning_rate=1e-12, warmup_epochs=0.0)
+    lines: list[str] = []
+    result = fit(train, valid, config, work_dir=tmp_path, log=lines.append)
+    assert len(result.history) < 20
+    assert any(line.startswith("early stop: no better valid_top3 for 2 epochs") for line in lines)
+    lines.clear()
+    again = fit(train, valid, config, work_dir=tmp_path, log=lines.append)
+    assert not [line for line in lines if line.startswith("epoch=")]
+    assert again.history == result.history and again.best == result.best

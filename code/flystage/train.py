@@ -394,7 +394,8 @@ def fit(
         f"{config.optimizer} lr {config.learning_rate:g}, {config.scheduler}, balance {config.balance}, "
         f"{torch.get_num_threads()} threads")
     samples_seen = 0
-    for epoch in range(start_epoch + 1, config.epochs + 1):
+    stopped_early = bool(config.patience) and bad_epochs >= config.patience  # a resumed, finished run
+    for epoch in range(start_epoch + 1, 0 if stopped_early else config.epochs + 1):
         # Reseeding from (seed, rank, epoch) makes a resumed run draw what the original would.
         _seed_everything(config.seed + 1000 * rank + epoch)
         sampler.set_epoch(epoch)
@@ -417,7 +418,8 @@ def fit(
                 # runs this epoch again (from the weights reached so far).
                 save(epoch - 1)
                 samples_seen += int(seen)
-                say(f"SIGTERM: stopped in epoch {epoch} after a step; checkpoint saved to {checkpoint}")
+                say(f"SIGTERM: stopped in epoch {epoch} after a step; "
+                    + (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint dir, nothing saved"))
                 raise TrainingStopped(f"stopped by SIGTERM in epoch {epoch}", epoch - 1, checkpoint)
         samples_seen += int(seen)
         train_seconds = time.perf_counter() - t0
