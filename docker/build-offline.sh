@@ -13,7 +13,8 @@
 #                from a loopback HTTP server (PIP_NO_INDEX + PIP_FIND_LINKS build arguments).
 #
 # Settings (environment): BASE_IMAGE, DEBIAN_MIRROR, WHEELHOUSE, TORCH_SPEC, TRAIN_IMAGE,
-# SERVE_IMAGE, HOST_PYTHON, WHEELHOUSE_PORT, PRETRAINED_WEIGHTS, BUILD_IMAGES (which images).
+# SERVE_IMAGE, BASELINE_IMAGE, HOST_PYTHON, WHEELHOUSE_PORT, PRETRAINED_WEIGHTS,
+# BUILD_IMAGES (which images: train serve by default; baseline is the benchmark's).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,8 @@ WHEELHOUSE="${WHEELHOUSE:-$REPO/wheelhouse}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 TRAIN_IMAGE="${TRAIN_IMAGE:-flystage-train:latest}"
 SERVE_IMAGE="${SERVE_IMAGE:-flystage-serve:latest}"
+# Benchmark-only (make bench-serve): the torch-eager baseline, built on the two images above.
+BASELINE_IMAGE="${BASELINE_IMAGE:-flystage-baseline:latest}"
 HOST_PYTHON="${HOST_PYTHON:-python3}"
 WHEELHOUSE_PORT="${WHEELHOUSE_PORT:-0}"
 PRETRAINED_WEIGHTS="${PRETRAINED_WEIGHTS:-}"
@@ -148,12 +151,14 @@ build_images() {
         case "$which" in
             train) tag="$TRAIN_IMAGE" ;;
             serve) tag="$SERVE_IMAGE" ;;
-            *) log "error: unknown image '$which' (train or serve)"; exit 2 ;;
+            baseline) tag="$BASELINE_IMAGE" ;;
+            *) log "error: unknown image '$which' (train, serve or baseline)"; exit 2 ;;
         esac
         start=$(date +%s)
         log "building $tag"
         local extra=()
         [[ "$which" == train ]] && extra=(--build-arg "PRETRAINED_WEIGHTS=$PRETRAINED_WEIGHTS")
+        [[ "$which" == baseline ]] && extra=(--build-arg "TRAIN_IMAGE=$TRAIN_IMAGE" --build-arg "SERVE_IMAGE=$SERVE_IMAGE")
         docker build "${common[@]}" "${extra[@]}" -f "docker/$which/Dockerfile" -t "$tag" .
         log "built $tag in $(( $(date +%s) - start )) s, $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
     done

@@ -1,0 +1,89 @@
+"""Test and benchmark helpers for serving: a small trained artefact, and lab-like request bodies."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+# Small model input: a real artefact that trains in seconds on 2 cores.
+TINY_HEIGHT, TINY_WIDTH = 32, 80
+
+
+def bdgp_records(bdgp_root: Path, train_per_stage: int = 3, valid_per_stage: int = 1):
+    """(train, valid) Records: the first images of every stage, grouped by gene, from labels.csv."""
+    from flystage.organise import Record
+
+    by_stage: dict[str, list[dict[str, str]]] = {}
+    with open(bdgp_root / "labels.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            by_stage.setdefault(row["stage_range"], []).append(row)
+    train, valid = [], []
+    for stage, rows in sorted(by_stage.items()):
+        for i, row in enumerate(rows[: train_per_stage + valid_per_stage]):
+            split = "train" if i < train_per_stage else "valid"
+            record = Record(bdgp_root / row["path"], stage, row["gene"], split, row["sha1"])
+            (train if split == "train" else valid).append(record)
+    return train, valid
+
+
+def train_artefact(model_dir: Path, bdgp_root: Path, epochs: int = 1):
+    """Train a small CNN on a few real BDGP images with ``flystage.train.fit`` and save the artefact."""
+    import torch
+
+    from flystage.artefact import save_artefact
+    from flystage.imaging import PreprocessConfig
+    from flystage.train import TrainConfig, fit
+
+    torch.set_num_threads(1)
+    train, valid = bdgp_records(bdgp_root)
+    config = TrainConfig(
+        arch="small_cnn", epochs=epochs, batch_size=8, threads=1, patience=0,
+        preprocess=PreprocessConfig(height=TINY_HEIGHT, width=TINY_WIDTH, channels=1),
+    )
+    result = fit(train, valid, config, log=lambda line: None)
+    return save_artefact(model_dir, result.model, config.arch, result.labels, config.preprocess, result.best)
+
+
+def default_artefact(model_dir: Path, labels: list[str]):
+    """The default architecture and input size (``TrainConfig()``), untrained: for speed figures only."""
+    import torch
+
+    from flystage.artefact import save_artefact
+    from flystage.models import build_model
+    from flystage.train import TrainConfig
+
+    torch.manual_seed(0)
+    config = TrainConfig()
+    model = build_model(config.arch, len(labels), config.preprocess.channels, pretrained=False).eval()
+    return save_artefact(model_dir, model, config.arch, labels, config.preprocess, {"note": "untrained"})
+
+
+def lab_image(height: int = 420, width: int = 1110, seed: int = 0) -> np.ndarray:
+    """A dim 16-bit fluorescence-like embryo (the lab's 1110 x 420 TIFFs): uint16 ``(H, W)``."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(300, 30, (height, width))
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, (width // 2, height // 2), (int(width * 0.4), int(height * 0.33)), 5 * seed, 0, 360, 1, -1)
+    stripes = 1 + 0.4 * np.sin(np.arange(width) / (6 + seed % 7))[None, :]
+    image += mask.astype(np.float64) * (1500 + 200 * (seed % 5)) * stripes
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+def tiff_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, image)
+    return buffer.getvalue()
+
+
+def encoded(image: np.ndarray, ext: str) -> bytes:
+    """``image`` as an 8-bit ``.png``/``.jpg``/``.bmp`` file's bytes."""
+    eight = (image / max(1, int(image.max())) * 255).astype(np.uint8) if image.dtype != np.uint8 else image
+    ok, data = cv2.imencode(ext, eight)
+    if not ok:
+        raise ValueError(f"OpenCV cannot encode {ext}")
+    return data.tobytes()

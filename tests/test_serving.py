@@ -1,0 +1,234 @@
+"""The serving code in-process: settings, request decoding, and the handler service as
+multi-model-server's worker runs it (its real Context and RequestProcessor), on a small model
+trained here. The same code in the real container: tests/test_images.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from http import HTTPStatus
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mms.context import Context, RequestProcessor
+
+from flystage.predict import Predictor
+from flystage.serving import codec, entrypoint, settings
+from flystage.serving.handler_service import HandlerService
+
+from serving_helpers import encoded, lab_image, tiff_bytes, train_artefact
+
+# ---- settings --------------------------------------------------------------------------------
+
+
+def test_defaults_use_one_worker_per_cpu_with_one_thread_each():
+    s = settings.resolve({}, cpus=4)
+    assert (s.workers, s.threads) == (4, 1)
+    assert s.timeout_seconds == 60 and s.max_payload_mb == 6
+
+
+def test_fewer_workers_get_the_spare_cores_as_threads():
+    s = settings.resolve({settings.WORKERS: "2"}, cpus=4)
+    assert (s.workers, s.threads) == (2, 2)
+    assert settings.resolve({settings.WORKERS: "3"}, cpus=4).threads == 1
+
+
+def test_apply_writes_every_setting_for_the_model_server():
+    env = {settings.TIMEOUT_SECONDS: "30"}
+    settings.apply(env, cpus=2)
+    assert env[settings.WORKERS] == "2" and env[settings.THREADS] == "1"
+    assert env[settings.TIMEOUT_SECONDS] == "30" and env[settings.MAX_PAYLOAD_MB] == "6"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_bad_setting_is_refused_with_its_name(value):
+    with pytest.raises(settings.SettingsError, match=settings.WORKERS):
+        settings.resolve({settings.WORKERS: value}, cpus=2)
+
+
+def test_cgroup_quota_caps_the_cpus(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert settings.available_cpus(tmp_path) <= 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert settings._cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert settings.available_cpus(tmp_path) == 1
+
+
+# ---- request decoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", sorted(codec.RAW_TYPES) + ["Image/TIFF; charset=binary"])
+def test_raw_body_is_one_image(content_type):
+    request = codec.decode_request(bytearray(b"II*\x00data"), content_type)
+    assert request.images == [b"II*\x00data"] and request.k == 3
+
+
+def test_json_single_batch_list_and_k():
+    one = base64.b64encode(b"abc").decode()
+    assert codec.decode_request(json.dumps({"image": one, "k": 2}), "application/json").k == 2
+    batch = codec.decode_request(json.dumps({"instances": [one, {"image": one}]}), "application/json")
+    assert batch.images == [b"abc", b"abc"] and batch.names == ["instances[0]", "instances[1]"]
+    assert len(codec.decode_request(json.dumps([one] * 3), "application/json").images) == 3
+
+
+def test_k_from_custom_attributes_header():
+    headers = {"X-Amzn-SageMaker-Custom-Attributes": "trace=1; k=5"}
+    assert codec.decode_request(b"x", "image/png", headers, num_labels=6).k == 5
+
+
+@pytest.mark.parametrize(
+    "body, content_type, headers, status, words",
+    [
+        (b"x", "text/plain", {}, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "not supported"),
+        (b"x", None, {}, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "not supported"),
+        (b"", "image/tiff", {}, HTTPStatus.BAD_REQUEST, "empty"),
+        ("{not json", "application/json", {}, HTTPStatus.BAD_REQUEST, "cannot be parsed"),
+        ('{"picture": "x"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "no \"image\""),
+        ('{"image": "***"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "base64"),
+        ('{"image": 7}', "application/json", {}, HTTPStatus.BAD_REQUEST, "base64 string"),
+        ('{"instances": []}', "application/json", {}, HTTPStatus.BAD_REQUEST, "no images"),
+        ('{"instances": "abc"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "must be a list"),
+        ('"abc"', "application/json", {}, HTTPStatus.BAD_REQUEST, "object or list"),
+        (json.dumps(["YQ=="] * 17), "application/json", {}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "at most 16"),
+        ('{"image": "YQ==", "k": 0}', "application/json", {}, HTTPStatus.BAD_REQUEST, "out of range"),
+        ('{"image": "YQ==", "k": 7}', "application/json", {}, HTTPStatus.BAD_REQUEST, "out of range"),
+        ('{"image": "YQ==", "k": true}', "application/json", {}, HTTPStatus.BAD_REQUEST, "whole number"),
+        (b"x", "image/png", {"x-amzn-sagemaker-custom-attributes": "k=three"}, HTTPStatus.BAD_REQUEST, "whole number"),
+    ],
+)
+def test_bad_requests_are_4xx_with_a_clear_message(body, content_type, headers, status, words):
+    with pytest.raises(codec.RequestError) as caught:
+        codec.decode_request(body, content_type, headers, num_labels=6)
+    assert caught.value.status_code == status
+    assert words in caught.value.message
+
+
+def test_accept_other_than_json_is_406():
+    codec.check_accept("application/json, text/plain")
+    codec.check_accept("*/*")
+    with pytest.raises(codec.RequestError) as caught:
+        codec.check_accept("text/csv")
+    assert caught.value.status_code == HTTPStatus.NOT_ACCEPTABLE
+
+
+# ---- the handler service, as a multi-model-server worker runs it ------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bdgp_root) -> Path:
+    folder = tmp_path_factory.mktemp("served-model")
+    train_artefact(folder, bdgp_root)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def service(model_dir):
+    """HandlerService initialised with MMS's own Context, as the model server's worker does."""
+    handler = HandlerService()
+    context = Context("model", str(model_dir), None, 1, None, "1.1.11")
+    handler.initialize(context)
+    return handler, context
+
+
+def invoke(service, body, content_type, headers=None):
+    handler, context = service
+    context.request_processor = [RequestProcessor({"Content-Type": content_type, **(headers or {})})]
+    # The toolkit decodes JSON bodies to str before input_fn; everything else stays bytes.
+    answer = handler.handle([{"body": bytearray(body)}], context)
+    return context.get_response_status(0)[0], json.loads(answer[0])
+
+
+@pytest.mark.parametrize("ext, content_type", [(".tif", "image/tiff"), (".png", "image/png"), (".jpg", "image/jpeg"),
+                                               (".bmp", "image/bmp"), (".png", "application/octet-stream")])
+def test_handler_answers_top3_with_model_and_timing(service, model_dir, ext, content_type):
+    image = lab_image(seed=3)
+    body = tiff_bytes(image) if ext == ".tif" else encoded(image, ext)
+    status, answer = invoke(service, body, content_type)
+    assert status == 200, answer
+    (prediction,) = answer["predictions"]
+    expected = Predictor(model_dir, threads=1).predict_sources([body], k=3, names=["request body"])[0]
+    assert [t["stage"] for t in prediction["top"]] == [s for s, _ in expected.top]
+    assert np.allclose([t["probability"] for t in prediction["top"]], [p for _, p in expected.top], atol=1e-5)
+    assert answer["model"]["arch"] == "small_cnn" and len(answer["model"]["version"]) == 16
+    assert answer["timing_ms"]["total"] >= answer["timing_ms"]["predict"] > 0
+
+
+def test_handler_batch_and_k_by_header(service):
+    one = base64.b64encode(tiff_bytes(lab_image(seed=1))).decode()
+    body = json.dumps({"instances": [one, one]}).encode()
+    status, answer = invoke(service, body, "application/json", {"X-Amzn-SageMaker-Custom-Attributes": "k=5"})
+    assert status == 200, answer
+    assert [len(p["top"]) for p in answer["predictions"]] == [5, 5]
+    assert answer["predictions"][0]["top"] == answer["predictions"][1]["top"]
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status, words",
+    [
+        (b"", "image/tiff", 400, "empty"),
+        (b"just some text, not an image", "image/png", 400, "not an image"),
+        (None, "image/tiff", 400, "request body"),  # truncated TIFF, filled in below
+        (b"\xff\xfe{", "application/json", 400, "UTF-8"),
+        (b"<xml/>", "application/xml", 415, "not supported"),
+    ],
+)
+def test_handler_bad_input_is_json_4xx_and_the_next_request_works(service, body, content_type, status, words):
+    if body is None:
+        whole = tiff_bytes(lab_image())
+        body = whole[: len(whole) // 3]
+    got, answer = invoke(service, body, content_type)
+    assert got == status and words in answer["error"], answer
+    got, answer = invoke(service, tiff_bytes(lab_image()), "image/tiff")
+    assert got == 200, answer
+
+
+def test_handler_refuses_an_image_over_the_pixel_limit(service, monkeypatch):
+    import flystage.imaging
+
+    monkeypatch.setattr(flystage.imaging, "MAX_PIXELS", 100_000)
+    got, answer = invoke(service, tiff_bytes(lab_image()), "image/tiff")
+    assert got == 400 and "more than the limit" in answer["error"], answer
+
+
+# ---- the entrypoint's model check -------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_environ():
+    """serve() writes its settings into os.environ for the model server; put it back after."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_serve_refuses_a_missing_model_before_starting_the_server(tmp_path, monkeypatch, caplog, saved_environ):
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
+    with caplog.at_level(logging.ERROR):
+        assert entrypoint.serve() == entrypoint.EXIT_BAD_MODEL
+    assert "NOT SERVING" in caplog.text and str(tmp_path / "model") in caplog.text
+
+
+def test_serve_refuses_a_corrupt_onnx(tmp_path, monkeypatch, caplog, model_dir, saved_environ):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for name in ("metadata.json", "weights.pt"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    (broken / "model.onnx").write_bytes((model_dir / "model.onnx").read_bytes()[:1000])
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
+    with caplog.at_level(logging.ERROR):
+        assert entrypoint.serve() == entrypoint.EXIT_BAD_MODEL
+    assert "model.onnx" in caplog.text
+
+
+def test_serve_refuses_bad_settings(tmp_path, monkeypatch, saved_environ):
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv(settings.WORKERS, "zero")
+    assert entrypoint.serve() == entrypoint.EXIT_BAD_SETTINGS
