@@ -66,6 +66,48 @@ bench-predict: ## images/s of `flystage predict` over 200 lab-like 1110x420 16-b
 # Local mode (local/flystage_local): the real images, run the way SageMaker runs them.
 TRAIN_IMAGE ?= flystage-train:latest
 SERVE_IMAGE ?= flystage-serve:latest
+# Images (docker/): OFFLINE=1 builds where no registry or public index can be reached (our CI):
+# a debootstrap base image, a wheelhouse downloaded on the host, served to the build on loopback
+# (docker/build-offline.sh; TORCH_SPEC picks torch there). Otherwise plain `docker build` with
+# the Dockerfiles' defaults (python:3.11-slim, PyPI, CPU-only torch). Once a wheelhouse exists,
+# OFFLINE defaults to 1, so later builds on that machine take the same route.
+OFFLINE ?= $(if $(wildcard wheelhouse/.complete),1,)
+BASE_IMAGE ?= $(if $(OFFLINE),flystage-base:bookworm,python:3.11-slim)
+PRETRAINED_WEIGHTS ?=
+BASELINE_IMAGE ?= flystage-baseline:latest
+IMAGE_ENV = BASE_IMAGE=$(BASE_IMAGE) TRAIN_IMAGE=$(TRAIN_IMAGE) SERVE_IMAGE=$(SERVE_IMAGE) \
+	BASELINE_IMAGE=$(BASELINE_IMAGE) PRETRAINED_WEIGHTS='$(PRETRAINED_WEIGHTS)' HOST_PYTHON=$(PY)
+BENCH_SERVE_REQUESTS ?= 1000
+
+.PHONY: images base-image wheelhouse baseline-image bench-serve
+
+images: ## build the train and serve images [OFFLINE=1] [BASE_IMAGE=...] [PRETRAINED_WEIGHTS=resnet18] [TORCH_SPEC=...]
+ifeq ($(OFFLINE),)
+	docker build -f docker/train/Dockerfile -t $(TRAIN_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg PRETRAINED_WEIGHTS='$(PRETRAINED_WEIGHTS)' .
+	docker build -f docker/serve/Dockerfile -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) .
+else
+	$(IMAGE_ENV) docker/build-offline.sh all
+endif
+
+base-image: ## make the local Debian base image flystage-base:bookworm with debootstrap (offline builds)
+	$(IMAGE_ENV) docker/build-offline.sh base
+
+wheelhouse: ## download every pinned requirement of the images into wheelhouse/ (offline builds)
+	$(IMAGE_ENV) docker/build-offline.sh wheelhouse
+
+baseline-image: ## the benchmark-only torch-eager serving baseline (on the train and serve images)
+ifeq ($(OFFLINE),)
+	docker build -f docker/baseline/Dockerfile -t $(BASELINE_IMAGE) \
+		--build-arg TRAIN_IMAGE=$(TRAIN_IMAGE) --build-arg SERVE_IMAGE=$(SERVE_IMAGE) .
+else
+	$(IMAGE_ENV) BUILD_IMAGES=baseline docker/build-offline.sh all
+endif
+
+bench-serve: baseline-image ## serve image vs torch-eager baseline: latency, throughput, start time, sizes [MODEL=dir]
+	$(PY) bench/bench_serve.py --serve-image $(SERVE_IMAGE) --baseline-image $(BASELINE_IMAGE) \
+		--train-image $(TRAIN_IMAGE) --requests $(BENCH_SERVE_REQUESTS) $(if $(MODEL),--model $(MODEL))
+
 LOCAL_MODE = PYTHONPATH=local $(PY) -m flystage_local --runs $(RUNS)/local
 INSTANCES ?= 1
 TRIALS ?= 4
@@ -96,7 +138,7 @@ local-stop: ## remove every container and network local mode made (by label flys
 # The cloud half (code/flystage/cloud, docs/aws.md): settings in flystage.toml (copy
 # flystage.toml.example) or FLYSTAGE_* variables. DRY_RUN=1 prints every AWS request as JSON
 # and sends nothing (no credentials needed).
-CLOUD = $(PY) -m flystage cloud $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(CONFIG),--config $(CONFIG))
+CLOUD = $(PY) -m flystage cloud $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(CONFIG),--config '$(CONFIG)')
 CLOUD_MANIFEST ?= $(RUNS)/cloud/manifest.csv
 CLOUD_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(RUNS)/cloud/predictions-$(shell date +%Y%m%d-%H%M%S).csv)
 
@@ -106,8 +148,8 @@ push: ## create the ECR repositories, log in, push flystage-train/serve; prints 
 	$(CLOUD) push
 
 upload: ## upload a manifest + images to s3://bucket/prefix/data/ (unchanged files skipped): [MANIFEST=x.csv] (default: organise DATA) [DRY_RUN=1]
-	$(if $(MANIFEST),,$(PY) -m flystage organise $(DATA) --out $(CLOUD_MANIFEST) --force --group-regex '^(?P<group>[^/]+)/' &&) \
-	$(CLOUD) upload $(or $(MANIFEST),$(CLOUD_MANIFEST))
+	$(if $(MANIFEST),,$(PY) -m flystage organise $(DATA) --out '$(CLOUD_MANIFEST)' --force --group-regex '^(?P<group>[^/]+)/' &&) \
+	$(CLOUD) upload '$(or $(MANIFEST),$(CLOUD_MANIFEST))'
 
 tune: ## SageMaker tuning job (Bayesian learning_rate x batch_size, max valid:top3): [MAX_JOBS=20] [PARALLEL_JOBS=2] [HP=fixed] [DRY_RUN=1]
 	$(CLOUD) tune $(if $(MAX_JOBS),--max-jobs $(MAX_JOBS)) $(if $(PARALLEL_JOBS),--parallel-jobs $(PARALLEL_JOBS)) $(if $(HP),--hp $(HP))
@@ -117,15 +159,15 @@ train: ## SageMaker training job, best of the last tuning job or HP='learning_ra
 	$(if $(filter 1,$(SPOT)),--spot) $(if $(HP),--hp $(HP))
 
 deploy: ## model + endpoint config + endpoint on the serve image, waits for InService: [MODEL_DATA=s3://.../model.tar.gz] [SERVERLESS=1] [DRY_RUN=1]
-	$(CLOUD) deploy $(if $(MODEL_DATA),--model-data $(MODEL_DATA)) $(if $(filter 1,$(SERVERLESS)),--serverless)
+	$(CLOUD) deploy $(if $(MODEL_DATA),--model-data '$(MODEL_DATA)') $(if $(filter 1,$(SERVERLESS)),--serverless)
 
 predict: ## top-3 CSV for every image of DIR through the endpoint: DIR=... [RENAME=1] [OUT=x.csv] or UNDO=manifest [DRY_RUN=1]
 	$(if $(or $(DIR),$(UNDO)),,$(error give DIR=folder of images, or UNDO=undo-manifest.csv))
-	$(CLOUD) predict $(if $(UNDO),--undo $(UNDO),$(DIR) --out $(CLOUD_OUT) $(if $(RENAME),--rename))
+	$(CLOUD) predict $(if $(UNDO),--undo '$(UNDO)','$(DIR)' --out '$(CLOUD_OUT)' $(if $(RENAME),--rename))
 
 batch-predict: ## batch transform over S3=s3://... or DIR=folder (uploaded, CSV written): [MODEL_DATA=...] [DRY_RUN=1]
 	$(if $(or $(S3),$(DIR)),,$(error give S3=s3://bucket/prefix/ or DIR=folder of images))
-	$(CLOUD) batch-predict $(or $(S3),$(DIR)) $(if $(DIR),--out $(CLOUD_OUT)) $(if $(MODEL_DATA),--model-data $(MODEL_DATA))
+	$(CLOUD) batch-predict '$(or $(S3),$(DIR))' $(if $(DIR),--out '$(CLOUD_OUT)') $(if $(MODEL_DATA),--model-data '$(MODEL_DATA)')
 
 teardown: ## delete the endpoint, its config and model (never S3 data or images) [DRY_RUN=1]
 	$(CLOUD) teardown
