@@ -13,13 +13,14 @@ import io
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from artefact_helpers import make_artefact, write_image
-from cloud_helpers import REGION, RuntimeProxy, docker_client, fake_credentials, free_port
+from cloud_helpers import BUCKET, REGION, RuntimeProxy, aws, docker_client, fake_credentials, free_port, moto_url  # noqa: F401
 from flystage.cloud.hosting import EndpointPredictor
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
@@ -123,3 +124,28 @@ def test_make_predict_writes_csv_renames_and_undoes(endpoint, folder, tmp_path, 
     result = make(f"UNDO={undo}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_batch_transform_answers_become_the_predict_csv(aws, endpoint, folder, tmp_path):
+    """What batch transform leaves in S3 (one ``<image>.out`` per image: the serve
+    container's own answer, produced here by the real container) becomes the same CSV."""
+    from flystage.cloud.batch import write_answers
+
+    api, _ = aws
+    proxy, model_dir = endpoint
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "broken.tif")
+    output = f"s3://{BUCKET}/flystage/batch/job/output"
+    for path in paths[1:]:  # the first image has no answer: a record the job could not do
+        request = urllib.request.Request(f"{proxy.url}/endpoints/flystage/invocations", data=path.read_bytes(),
+                                         headers={"Content-Type": "application/x-image"}, method="POST")
+        answer = urllib.request.urlopen(request, timeout=60).read()
+        api.call("s3", "put_object", Bucket=BUCKET, Key=f"flystage/batch/job/output/{path.relative_to(folder).as_posix()}.out", Body=answer)
+    out = tmp_path / "batch.csv"
+    write_answers(api, paths, folder, output, out, 3)
+    rows = {r["file"]: r for r in csv.DictReader(out.open())}
+    local = {p.source: p for p in Predictor(model_dir, threads=1).predict_sources(paths, k=3, names=[p.relative_to(folder).as_posix() for p in paths])}
+    first = paths[0].relative_to(folder).as_posix()
+    assert "no answer from the transform job" in rows[first]["error"]
+    for name, prediction in local.items():
+        if name != first:
+            assert [rows[name][f"stage_{i}"] for i in (1, 2, 3)] == [s for s, _ in prediction.top]
