@@ -120,7 +120,11 @@ def test_redeploy_while_updating_is_refused(aws):
                 "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
-        stub.add_response("create_model", {"ModelArn": ARN}, None)
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": ARN}, None)
         with pytest.raises(CloudError, match="endpoint flystage is Updating: wait until it is InService"):
             hosting.deploy(api, settings, MODEL)
+        stub.add_response("describe_endpoint", endpoint | {"EndpointStatus": "Failed", "FailureReason": "ping timed out"},
+                          {"EndpointName": "flystage"})
+        with pytest.raises(CloudError, match=r"Failed \(ping timed out\) and cannot be updated: run `make teardown`"):
+            hosting.deploy(api, settings, MODEL)
+        # Nothing was created for either refused deploy.
+        stub.assert_no_pending_responses()

@@ -105,6 +105,17 @@ def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait:
     model_name = f"{settings.endpoint_name}-model-{stamp}"
     config_name = f"{settings.endpoint_name}-config-{stamp}"
     existing = None if api.dry_run else current_endpoint(api, settings.endpoint_name)
+    # Checked before creating anything, so a refused deploy leaves nothing behind.
+    if existing is not None and existing["EndpointStatus"] == "Failed":
+        raise CloudError(
+            f"endpoint {settings.endpoint_name} is Failed ({existing.get('FailureReason', 'no reason given')}) and "
+            "cannot be updated: run `make teardown`, then `make deploy`"
+        )
+    if existing is not None and existing["EndpointStatus"] != "InService":
+        raise CloudError(
+            f"endpoint {settings.endpoint_name} is {existing['EndpointStatus']}: wait until it is InService "
+            "before deploying again"
+        )
     api.call("sagemaker", "create_model", **model_request(settings, model_name, image, model_data))
     api.call("sagemaker", "create_endpoint_config", **endpoint_config_request(settings, config_name, model_name))
     if existing is None:
@@ -113,11 +124,6 @@ def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait:
             Tags=settings.tag_list(),
         )
     else:
-        if existing["EndpointStatus"] not in ("InService", "Failed"):
-            raise CloudError(
-                f"endpoint {settings.endpoint_name} is {existing['EndpointStatus']}: wait until it is InService "
-                "(or Failed) before deploying again"
-            )
         old_config = existing["EndpointConfigName"]
         old_models = _config_models(api, old_config)
         api.call("sagemaker", "update_endpoint", EndpointName=settings.endpoint_name, EndpointConfigName=config_name)
@@ -264,5 +270,6 @@ class EndpointPredictor:
             except ValueError as err:
                 return Prediction(name, error=f"{name}: {err}")
 
+        self.api.client("sagemaker-runtime")  # made once here: creating clients is not thread-safe
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, zip(sources, names)))
