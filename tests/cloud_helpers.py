@@ -6,6 +6,7 @@ Fake credentials are set only in the test's environment (monkeypatch), never on 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -24,6 +25,19 @@ REGION = "eu-west-1"
 ACCOUNT = "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/flystage-test"
 BUCKET = "flystage-test"
+
+TRAIN_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-train:latest"
+SERVE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-serve:latest"
+
+
+def put_images(api) -> None:
+    """Both repositories in moto's ECR with a `latest` image, as `make push` leaves them."""
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                           "config": {"digest": "sha256:" + "0" * 64, "size": 1, "mediaType": "application/vnd.docker.container.image.v1+json"},
+                           "layers": []})
+    for repo in ("flystage-train", "flystage-serve"):
+        api.call("ecr", "create_repository", repositoryName=repo)
+        api.call("ecr", "put_image", repositoryName=repo, imageManifest=manifest, imageTag="latest")
 
 
 def free_port() -> int:

@@ -9,11 +9,10 @@ import io
 import pytest
 from botocore.stub import ANY, Stubber
 
-from cloud_helpers import ACCOUNT, BUCKET, REGION, aws, moto_url  # noqa: F401 (fixtures)
+from cloud_helpers import ACCOUNT, BUCKET, REGION, SERVE_URI, aws, moto_url, put_images  # noqa: F401 (fixtures)
 from flystage.cloud import hosting
 from flystage.cloud.settings import CloudError
 from flystage.cloud.state import read_state, update_state
-from test_cloud_jobs import SERVE_URI, put_images
 
 ARN = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:model/flystage-model"
 MODEL = f"s3://{BUCKET}/flystage/output/flystage-train-1/output/model.tar.gz"

@@ -5,30 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 
 import pytest
-from botocore.stub import ANY, Stubber
+from botocore.stub import Stubber
 
-from cloud_helpers import ACCOUNT, BUCKET, REGION, aws, moto_url  # noqa: F401 (fixtures)
+from cloud_helpers import ACCOUNT, BUCKET, REGION, TRAIN_URI, aws, moto_url, put_images  # noqa: F401 (fixtures)
 from flystage import jobdef
 from flystage.cloud import batch, training, tuning
 from flystage.cloud.settings import CloudError
 from flystage.cloud.state import read_state, update_state
-
-TRAIN_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-train:latest"
-SERVE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-serve:latest"
-
-
-def put_images(api) -> None:
-    """Both repositories in moto's ECR with a `latest` image, as `make push` leaves them."""
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                           "config": {"digest": "sha256:" + "0" * 64, "size": 1, "mediaType": "application/vnd.docker.container.image.v1+json"},
-                           "layers": []})
-    for repo in ("flystage-train", "flystage-serve"):
-        api.call("ecr", "create_repository", repositoryName=repo)
-        api.call("ecr", "put_image", repositoryName=repo, imageManifest=manifest, imageTag="latest")
-
 
 @pytest.fixture
 def out(aws):

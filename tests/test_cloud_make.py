@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_helpers import ACCOUNT, BUCKET, REGION, ROLE, aws, docker_client, moto_url, start_registry, tiny_image  # noqa: F401
+from cloud_helpers import BUCKET, REGION, ROLE, aws, docker_client, moto_url, start_registry, tiny_image  # noqa: F401
 from flystage.cloud.state import read_state
 from train_helpers import make_manifest_set
 

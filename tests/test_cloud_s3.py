@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cloud_helpers import BUCKET, REGION, aws, moto_url  # noqa: F401 (fixtures)
+from cloud_helpers import BUCKET, aws, moto_url  # noqa: F401 (fixtures)
 from flystage.cloud.s3 import check_bucket, upload_dataset
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError

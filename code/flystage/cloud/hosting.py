@@ -8,7 +8,7 @@ its config and its model; never S3 data or images.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 from flystage.cloud import ecr
 from flystage.cloud.session import Api
