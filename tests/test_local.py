@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -160,9 +161,13 @@ def test_two_hosts_train_data_parallel(engine, channel: Path, runs: Path) -> Non
     result = training.run_training_job(request, runs, write=None)
     assert result.status == "Completed", result.failure_reason
     assert result.exit_codes == {"algo-1": 0, "algo-2": 0}
-    # Both hosts joined one process group and trained their shard.
-    assert "host=algo-1 rank=0 world_size=2" in result.logs["algo-1"]
-    assert "host=algo-2 rank=1 world_size=2" in result.logs["algo-2"]
+    # Both hosts joined one process group and each trained on its shard of the images.
+    samples = {}
+    for rank, host in enumerate(("algo-1", "algo-2")):
+        found = re.search(rf"host={host} rank={rank} world_size=2 samples=(\d+)", result.logs[host])
+        assert found, result.logs[host][-2000:]
+        samples[host] = int(found.group(1))
+    assert min(samples.values()) > 0
     for host in ("algo-1", "algo-2"):
         resource = json.loads((result.folder / host / "input/config/resourceconfig.json").read_text())
         assert resource == {**resource, "current_host": host, "hosts": ["algo-1", "algo-2"]}
@@ -187,6 +192,25 @@ def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> N
     assert "Failed" in done.stdout and "no_such_arch" in done.stdout
     assert not (job / "model.tar.gz").exists() and not (job / "output" / "success").exists()
     assert json.loads((job / "job.json").read_text())["status"] == "Failed"
+
+
+@pytest.mark.docker
+def test_tune_reads_each_trials_objective_from_its_log(engine, channel: Path, runs: Path, capsys) -> None:
+    fixed = "arch=small_cnn epochs=1 height=32 width=80 threads=1"
+    argv = ["--runs", str(runs / "tune"), "tune", "--image", TRAIN_IMAGE, "--trials", "2",
+            "--data", str(channel / "manifest.csv"), "--hp", fixed, "--job-name", "test-tune"]
+    assert main(argv) == 0
+    summary = json.loads((runs / "tune" / "test-tune" / "tuning.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["Completed", "Completed"]
+    for trial in summary["trials"]:
+        job = runs / "tune" / "test-tune" / trial["job"]
+        sent = json.loads((job / "algo-1" / "input/config/hyperparameters.json").read_text())
+        assert sent["learning_rate"] == trial["hyperparameters"]["learning_rate"] and sent["epochs"] == "1"
+        assert sent["_tuning_objective_metric"] == jobdef.OBJECTIVE_METRIC
+        assert trial["objective"] == jobdef.read_metric((job / "logs/algo-1.log").read_text())[-1]
+    best = max(summary["trials"], key=lambda t: t["objective"])
+    assert summary["best"]["objective"] == best["objective"]
+    assert "best hyperparameters: learning_rate=" in capsys.readouterr().out
 
 
 def _free_port() -> int:
