@@ -195,6 +195,29 @@ def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> N
 
 
 @pytest.mark.docker
+def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(engine, channel: Path, runs: Path) -> None:
+    """SageMaker's spot/time-box flow: stopped at MaxRuntimeInSeconds, checkpoints kept, rerun resumes."""
+    checkpoints = runs / "kept-checkpoints"
+    long = {**TINY, "epochs": "500"}
+    request = build_request(TRAIN_IMAGE, long, channel, 1, "test-stopped", runs, checkpoints)
+    assert request["CheckpointConfig"] == {"S3Uri": f"file://{checkpoints}", "LocalPath": "/opt/ml/checkpoints"}
+    request["StoppingCondition"]["MaxRuntimeInSeconds"] = 12
+    stopped = training.run_training_job(request, runs, write=None, stop_grace=30)
+    assert stopped.status == "Stopped" and stopped.failure_reason.startswith("MaxRuntimeExceeded")
+    assert (stopped.folder / "output" / "failure").is_file()
+    assert any(checkpoints.iterdir()), "no checkpoint kept"
+    epochs_done = len(jobdef.read_metric(stopped.logs["algo-1"], "valid:top3"))
+    assert 0 < epochs_done < 500
+
+    rerun = build_request(TRAIN_IMAGE, {**TINY, "epochs": str(epochs_done + 1)}, channel, 1, "test-resumed", runs, checkpoints)
+    resumed = training.run_training_job(rerun, runs, write=None)
+    assert resumed.status == "Completed", resumed.failure_reason
+    assert "resuming from checkpoint" in resumed.logs["algo-1"]
+    # Only the epochs the first job did not finish are trained again.
+    assert len(jobdef.read_metric(resumed.logs["algo-1"], "valid:top3")) <= 2
+
+
+@pytest.mark.docker
 def test_tune_reads_each_trials_objective_from_its_log(engine, channel: Path, runs: Path, capsys) -> None:
     fixed = "arch=small_cnn epochs=1 height=32 width=80 threads=1"
     argv = ["--runs", str(runs / "tune"), "tune", "--image", TRAIN_IMAGE, "--trials", "2",

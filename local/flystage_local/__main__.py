@@ -38,17 +38,21 @@ def parse_hyperparameters(text: str | None) -> dict[str, str]:
     return hps
 
 
-def build_request(image: str, hyperparameters: dict[str, str], channel: Path, instances: int, name: str, jobs_root: Path) -> dict:
+def build_request(
+    image: str, hyperparameters: dict[str, str], channel: Path, instances: int, name: str, jobs_root: Path,
+    checkpoints: Path | None = None,
+) -> dict:
     """The CreateTrainingJob request, built by ``flystage.jobdef`` as the cloud target builds it.
 
     Cloud settings (flystage.toml / FLYSTAGE_* env) supply instance type, runtime and tags;
-    the data and output are local folders (``file://``) instead of S3.
+    the data, output and checkpoints are local folders (``file://``) instead of S3.
     """
     try:
         settings = load_settings().replace(instance_count=instances, spot=False)
         return jobdef.training_job_request(
             settings, image, hyperparameters, {TRAIN_CHANNEL: f"file://{channel}"},
             job_name=name, output_uri=f"file://{jobs_root.resolve() / name}",
+            checkpoint_uri=f"file://{checkpoints.resolve()}" if checkpoints else None,
         )
     except (CloudError, ValueError) as exc:
         raise LocalModeError(str(exc)) from None
@@ -63,7 +67,7 @@ def _stage(args: argparse.Namespace) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     channel = _stage(args)
     name = args.job_name or job_name()
-    request = build_request(args.image, parse_hyperparameters(args.hp), channel, args.instances, name, args.runs)
+    request = build_request(args.image, parse_hyperparameters(args.hp), channel, args.instances, name, args.runs, args.checkpoints)
     print(f"job {name}: {args.instances} host(s), image {args.image}, hyperparameters {request['HyperParameters']}")
     result = training.run_training_job(request, args.runs, stop_grace=args.stop_grace)
     print("\n".join(training.status_lines(result)))
@@ -145,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--image", default=os.environ.get("TRAIN_IMAGE", "flystage-train:latest"), help="train image")
         s.add_argument("--job-name", help="job (or tuning) name; default a fresh timestamped one")
         s.add_argument("--stop-grace", type=int, default=training.STOP_GRACE_SECONDS, help="seconds between SIGTERM and SIGKILL when a job is stopped")
+    sub.choices["train"].add_argument("--checkpoints", type=Path, help="checkpoint folder kept between jobs (CheckpointConfig); a rerun resumes from it")
     sub.choices["tune"].add_argument("--trials", type=int, default=4, help="training jobs to run (default 4)")
     sub.choices["tune"].add_argument("--seed", type=int, default=0, help="seed of the quasi-random design")
     s = sub.add_parser("serve", help="start the serve image on a model.tar.gz")

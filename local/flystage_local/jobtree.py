@@ -121,6 +121,19 @@ def checkpoint_path(request: Mapping) -> str:
     return (request.get("CheckpointConfig") or {}).get("LocalPath", DEFAULT_CHECKPOINT_PATH)
 
 
+def checkpoint_folder(request: Mapping, tree: Path) -> Path:
+    """The local folder behind the checkpoint path: a ``file://`` CheckpointConfig.S3Uri, which
+    outlives the job (as the S3 copy does, so a rerun resumes), else the tree's ``checkpoints/``."""
+    uri = (request.get("CheckpointConfig") or {}).get("S3Uri", "")
+    if urlparse(uri).scheme == "file":
+        folder = Path(urlparse(uri).path)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    if uri:
+        raise LocalModeError(f"CheckpointConfig.S3Uri {uri}: local mode keeps checkpoints in a folder; give file:///path")
+    return tree / "checkpoints"
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     # A hard link fills a host's channel instantly; the channel folders are local mode's own
     # staged copies (never the lab's originals), so sharing their inodes is safe.

@@ -76,7 +76,7 @@ def final_metrics(log: str) -> dict[str, float]:
 
 def _mounts(request: Mapping, tree: Path) -> dict[Path, str]:
     mounts = {tree / name: target for name, target in jobtree.CONTAINER_MOUNTS.items()}
-    mounts[tree / "checkpoints"] = jobtree.checkpoint_path(request)
+    mounts[jobtree.checkpoint_folder(request, tree)] = jobtree.checkpoint_path(request)
     return mounts
 
 
@@ -136,6 +136,7 @@ def run_training_job(
     containers.require_image(client, image)
     sources = jobtree.channel_sources(request, channels)
     hosts = jobtree.request_hosts(request)
+    mounts = {host: _mounts(request, folder / host) for host in hosts}
     for host in hosts:
         jobtree.write_host_tree(folder / host, request, host, sources)
     (folder / "request.json").write_text(json.dumps(request, indent=2) + "\n", encoding="utf-8")
@@ -147,7 +148,7 @@ def run_training_job(
         network = containers.create_network(client, f"{name}-net", name)
         running = [
             containers.create_training_container(
-                client, image, name, host, network, _mounts(request, folder / host), environment
+                client, image, name, host, network, mounts[host], environment
             )
             for host in hosts
         ]
