@@ -17,6 +17,7 @@ from typing import Sequence
 import requests
 
 from flystage.predict import Prediction, Source
+from flystage.serving.container import ContainerError, ServeContainer
 
 from flystage_local import LocalModeError, containers
 
@@ -56,27 +57,6 @@ def server_url(port: int = DEFAULT_PORT) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def wait_healthy(url: str, container, timeout: float) -> float:
-    """Poll ``url``/ping until 200; returns the seconds it took. Raises with the log if not."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        container.reload()
-        if container.status in ("exited", "dead"):
-            break
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    container.reload()
-    log = containers.container_log(container)
-    state = container.status
-    raise LocalModeError(
-        f"the serve container did not become healthy within {timeout:.0f} s (state: {state}); its log:\n{log[-6000:]}"
-    )
-
-
 def start_server(
     model: str | Path,
     image: str,
@@ -88,8 +68,8 @@ def start_server(
 ) -> tuple[str, float]:
     """Start the serve image on ``model`` (a model.tar.gz or an unpacked model folder).
 
-    Returns the server's URL and the seconds from start to healthy. A container that does
-    not become healthy is removed, and its log is in the error.
+    Returns the server's URL and the seconds from ``docker run`` to healthy. A container that
+    does not become healthy is removed, and its log is in the error.
     """
     model = Path(model)
     model_dir = model if model.is_dir() else unpack_model(model, models_root)
@@ -97,14 +77,16 @@ def start_server(
     containers.require_image(client, image)
     if containers.find_container(client, name):
         raise LocalModeError(f"a local server ({name}) already exists; `make local-stop` removes it")
+    started = time.monotonic()
     container = containers.start_server(client, image, name, model_dir, port, environment or {})
-    url = server_url(port)
+    # The serve image's own waiter: /ping until 200, or the container's log if it exits.
+    server = ServeContainer(container, started, server_url(port))
     try:
-        seconds = wait_healthy(url, container, timeout)
-    except LocalModeError:
+        seconds = server.wait_healthy(timeout)
+    except ContainerError as exc:
         container.remove(force=True)
-        raise
-    return url, seconds
+        raise LocalModeError(f"the serve container on {model_dir} did not become healthy: {exc}") from None
+    return server.url, seconds
 
 
 class ContainerPredictor:

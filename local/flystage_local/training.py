@@ -102,12 +102,16 @@ def _failure_reason(folder: Path, hosts: list[str], codes: dict[str, int | None]
     failed = [h for h in hosts if codes.get(h) not in (0, None)]
     # The host that failed first caused the stop; others may only have been terminated.
     first = next((h for h in hosts if cause and cause.startswith(h)), None)
+    written = None
     for host in [first, *failed, *hosts]:
         if host and (folder / host / "output" / "failure").is_file():
-            text = (folder / host / "output" / "failure").read_text(encoding="utf-8", errors="replace")
-            return text[:FAILURE_REASON_CHARS]
+            written = (folder / host / "output" / "failure").read_text(encoding="utf-8", errors="replace")
+            break
     if cause == "MaxRuntimeExceeded":
-        return "MaxRuntimeExceeded: the job ran longer than StoppingCondition.MaxRuntimeInSeconds"
+        reason = "MaxRuntimeExceeded: the job ran longer than StoppingCondition.MaxRuntimeInSeconds"
+        return (reason + (f"; the program wrote: {written}" if written else ""))[:FAILURE_REASON_CHARS]
+    if written is not None:
+        return written[:FAILURE_REASON_CHARS]
     if failed:
         return f"AlgorithmError: {failed[0]} exited with code {codes[failed[0]]} and wrote no output/failure"
     return None
