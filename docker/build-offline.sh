@@ -31,7 +31,8 @@ SERVE_IMAGE="${SERVE_IMAGE:-flystage-serve:latest}"
 # Benchmark-only (make bench-serve): the torch-eager baseline, built on the two images above.
 BASELINE_IMAGE="${BASELINE_IMAGE:-flystage-baseline:latest}"
 HOST_PYTHON="${HOST_PYTHON:-python3}"
-WHEELHOUSE_PORT="${WHEELHOUSE_PORT:-0}"
+# A fixed port: the wheelhouse URL is a build argument, so it is part of Docker's layer cache key.
+WHEELHOUSE_PORT="${WHEELHOUSE_PORT:-8737}"
 PRETRAINED_WEIGHTS="${PRETRAINED_WEIGHTS:-}"
 BUILD_IMAGES="${BUILD_IMAGES:-train serve}"
 REQUIREMENTS=(docker/train/requirements.txt docker/serve/requirements.txt docker/build-requirements.txt)
@@ -131,7 +132,7 @@ EOF
     done
     PORT="$(cat "$portfile")"
     rm -f "$portfile"
-    [[ -n "$PORT" ]] || { log "error: the wheelhouse server did not start"; exit 1; }
+    [[ -n "$PORT" ]] || { log "error: the wheelhouse server did not start (is port $WHEELHOUSE_PORT in use? set WHEELHOUSE_PORT)"; exit 1; }
     log "wheelhouse served on http://127.0.0.1:$PORT/"
 }
 
