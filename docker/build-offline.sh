@@ -30,7 +30,8 @@ TRAIN_IMAGE="${TRAIN_IMAGE:-flystage-train:latest}"
 SERVE_IMAGE="${SERVE_IMAGE:-flystage-serve:latest}"
 # Benchmark-only (make bench-serve): the torch-eager baseline, built on the two images above.
 BASELINE_IMAGE="${BASELINE_IMAGE:-flystage-baseline:latest}"
-HOST_PYTHON="${HOST_PYTHON:-python3}"
+# The host Python whose pip downloads the wheelhouse (the project venv when there is one).
+HOST_PYTHON="${HOST_PYTHON:-$( [[ -x "$REPO/.venv/bin/python" ]] && echo "$REPO/.venv/bin/python" || echo python3)}"
 # A fixed port: the wheelhouse URL is a build argument, so it is part of Docker's layer cache key.
 WHEELHOUSE_PORT="${WHEELHOUSE_PORT:-8737}"
 PRETRAINED_WEIGHTS="${PRETRAINED_WEIGHTS:-}"

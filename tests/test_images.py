@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def images(client):
     """Both images; the missing ones are built the documented offline way (cached steps are skipped)."""
     missing = [name for name, tag in (("train", TRAIN_IMAGE), ("serve", SERVE_IMAGE)) if not _exists(client, tag)]
     if missing:
-        env = {**os.environ, "BUILD_IMAGES": " ".join(missing), "TRAIN_IMAGE": TRAIN_IMAGE, "SERVE_IMAGE": SERVE_IMAGE}
+        env = {**os.environ, "BUILD_IMAGES": " ".join(missing), "TRAIN_IMAGE": TRAIN_IMAGE, "SERVE_IMAGE": SERVE_IMAGE,
+               "HOST_PYTHON": sys.executable}
         subprocess.run([str(REPO / "docker" / "build-offline.sh"), "all"], check=True, env=env, timeout=3600)
     return {"train": TRAIN_IMAGE, "serve": SERVE_IMAGE}
 
@@ -183,6 +185,12 @@ def test_bad_request_is_4xx_and_the_server_keeps_serving(server, case):
 def test_no_traceback_reaches_the_client(server):
     response = post(server, b"garbage", "image/tiff")
     assert response.status_code == 400 and "Traceback" not in response.text
+
+
+def test_serve_image_has_onnxruntime_and_no_torch(client, images):
+    # Any command other than `serve` is run as given (here through tini and the entrypoint).
+    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('onnxruntime') and not u.find_spec('torch') else 3)"
+    client.containers.run(images["serve"], ["python", "-c", probe], remove=True)
 
 
 # ---- honest health -------------------------------------------------------------------------------
