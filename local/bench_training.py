@@ -37,7 +37,7 @@ def main() -> int:
         runs = Path(scratch)
         channel, _ = channels.stage_channel(args.data, runs / "channels")
         for count in args.instances:
-            request = build_request(args.image, parse_hyperparameters(args.hp), channel, count, job_name("bench"), runs)
+            request = build_request(args.image, parse_hyperparameters(args.hp.split()), channel, count, job_name(f"bench{count}"), runs)
             result = training.run_training_job(request, runs, write=None)
             epochs = [float(s) for s in EPOCH_SECONDS.findall(result.logs["algo-1"])]
             print(json.dumps({

@@ -198,18 +198,20 @@ def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> N
 def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(engine, channel: Path, runs: Path) -> None:
     """SageMaker's spot/time-box flow: stopped at MaxRuntimeInSeconds, checkpoints kept, rerun resumes."""
     checkpoints = runs / "kept-checkpoints"
-    long = {**TINY, "epochs": "500"}
+    long = {**TINY, "epochs": "5000", "patience": "0"}  # no early stop: only the runtime ends it
     request = build_request(TRAIN_IMAGE, long, channel, 1, "test-stopped", runs, checkpoints)
     assert request["CheckpointConfig"] == {"S3Uri": f"file://{checkpoints}", "LocalPath": "/opt/ml/checkpoints"}
-    request["StoppingCondition"]["MaxRuntimeInSeconds"] = 12
+    # Long enough for a few epochs even on a loaded CI machine (an epoch here takes ~1 s).
+    request["StoppingCondition"]["MaxRuntimeInSeconds"] = 45
     stopped = training.run_training_job(request, runs, write=None, stop_grace=30)
     assert stopped.status == "Stopped" and stopped.failure_reason.startswith("MaxRuntimeExceeded")
     assert (stopped.folder / "output" / "failure").is_file()
     assert any(checkpoints.iterdir()), "no checkpoint kept"
     epochs_done = len(jobdef.read_metric(stopped.logs["algo-1"], "valid:top3"))
-    assert 0 < epochs_done < 500
+    assert 0 < epochs_done < 5000
 
-    rerun = build_request(TRAIN_IMAGE, {**TINY, "epochs": str(epochs_done + 1)}, channel, 1, "test-resumed", runs, checkpoints)
+    again = {**long, "epochs": str(epochs_done + 1)}
+    rerun = build_request(TRAIN_IMAGE, again, channel, 1, "test-resumed", runs, checkpoints)
     resumed = training.run_training_job(rerun, runs, write=None)
     assert resumed.status == "Completed", resumed.failure_reason
     assert "resuming from checkpoint" in resumed.logs["algo-1"]

@@ -6,36 +6,17 @@ The Makefile's ``local-*`` targets call these with ``local/`` on ``PYTHONPATH``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import secrets
 import sys
-import time
 from pathlib import Path
 
 from flystage import jobdef, predict
 from flystage.cloud.settings import CloudError, load_settings
+from flystage.cloud.training import job_name, parse_hyperparameters
 
 from flystage_local import LocalModeError, channels, containers, serving, training, tuning
 
 DEFAULT_DATA = os.environ.get("FLYSTAGE_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bdgp-insitu"))
-TRAIN_CHANNEL = "train"
-
-
-def job_name(prefix: str = "flystage-local") -> str:
-    """A unique SageMaker-valid job name: ``<prefix>-YYYYmmdd-HHMMSS-<4 hex>``."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def parse_hyperparameters(text: str | None) -> dict[str, str]:
-    """``'learning_rate=0.01 batch_size=32'`` -> ``{"learning_rate": "0.01", "batch_size": "32"}``."""
-    hps = {}
-    for pair in (text or "").split():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise LocalModeError(f"hyperparameter {pair!r}: write it as name=value, e.g. HP='learning_rate=0.01 epochs=5'")
-        hps[key] = value
-    return hps
 
 
 def build_request(
@@ -50,7 +31,7 @@ def build_request(
     try:
         settings = load_settings().replace(instance_count=instances, spot=False)
         return jobdef.training_job_request(
-            settings, image, hyperparameters, {TRAIN_CHANNEL: f"file://{channel}"},
+            settings, image, hyperparameters, {jobdef.DATA_CHANNEL: f"file://{channel}"},
             job_name=name, output_uri=f"file://{jobs_root.resolve() / name}",
             checkpoint_uri=f"file://{checkpoints.resolve()}" if checkpoints else None,
         )
@@ -66,8 +47,8 @@ def _stage(args: argparse.Namespace) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     channel = _stage(args)
-    name = args.job_name or job_name()
-    request = build_request(args.image, parse_hyperparameters(args.hp), channel, args.instances, name, args.runs, args.checkpoints)
+    name = args.job_name or job_name("local")
+    request = build_request(args.image, parse_hyperparameters(args.hp.split()), channel, args.instances, name, args.runs, args.checkpoints)
     print(f"job {name}: {args.instances} host(s), image {args.image}, hyperparameters {request['HyperParameters']}")
     result = training.run_training_job(request, args.runs, stop_grace=args.stop_grace)
     print("\n".join(training.status_lines(result)))
@@ -76,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     channel = _stage(args)
-    fixed = parse_hyperparameters(args.hp)
-    search = args.job_name or job_name("flystage-tune")
+    fixed = parse_hyperparameters(args.hp.split())
+    search = args.job_name or job_name("tune")
     folder = args.runs / search
     folder.mkdir(parents=True)
     print(f"tuning {search}: {args.trials} trial(s) over {[d.name for d in tuning.dimensions()]}, "
@@ -172,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except LocalModeError as exc:
+    except (LocalModeError, CloudError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

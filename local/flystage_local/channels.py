@@ -16,11 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from flystage.jobdef import DATA_MANIFEST
 from flystage.organise import OrganiseError, Record, organise, read_manifest, report_text, write_manifest
 
 from flystage_local import LocalModeError
 
-MANIFEST = "manifest.csv"
 # BDGP's layout is <gene>/<stage>/<id>.bmp: the gene, the first folder, is the group.
 GENE_GROUP_REGEX = r"^(?P<group>[^/]+)/"
 
@@ -56,7 +56,7 @@ def stage_channel(
         raise LocalModeError("no data given: name image folders (DATA=...) or a manifest CSV")
     records, report = _records(sources, group_regex, seed)
     channel = Path(channels_root).resolve() / f"channel-{_channel_key(records)}"
-    if (channel / MANIFEST).is_file():
+    if (channel / DATA_MANIFEST).is_file():
         return channel, report + f"\nreusing staged channel {channel}"
     channel.parent.mkdir(parents=True, exist_ok=True)
     common = Path(os.path.commonpath([r.path.resolve().parent for r in records]))
@@ -70,7 +70,7 @@ def stage_channel(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(r.path, target)
             staged.append(replace(r, path=target))
-        write_manifest(staged, scratch / MANIFEST)
+        write_manifest(staged, scratch / DATA_MANIFEST)
         os.replace(scratch, channel)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import requests
 
+from flystage.cloud.hosting import content_type, parse_top
+from flystage.cloud.settings import CloudError
 from flystage.predict import Prediction, Source
 from flystage.serving.container import ContainerError, ServeContainer
 
@@ -27,10 +29,6 @@ DEFAULT_PORT = 8080
 DEFAULT_START_TIMEOUT = 120.0
 # SageMaker's invocation timeout (seconds).
 INVOKE_TIMEOUT = 60.0
-CONTENT_TYPES = {
-    ".tif": "image/tiff", ".tiff": "image/tiff", ".png": "image/png",
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp",
-}
 
 
 def unpack_model(archive: str | Path, models_root: str | Path) -> Path:
@@ -123,27 +121,23 @@ class ContainerPredictor:
         out = []
         for i, source in enumerate(sources):
             name = names[i] if names else str(source)
-            if isinstance(source, (bytes, bytearray, memoryview)):
-                body, content_type = bytes(source), "application/x-image"
-            else:
-                path = Path(source)
-                body = path.read_bytes()
-                content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/x-image")
             try:
-                answer = self.predict_one(body, content_type, k)
+                body = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+            except OSError as exc:
+                out.append(Prediction(name, error=f"{name}: cannot read ({exc.strerror}); check the file"))
+                continue
+            try:
+                # The same request and answer parsing as the SageMaker endpoint's client.
+                top = parse_top(self.predict_one(body, content_type(body), k))[:k]
             except ValueError as exc:
                 out.append(Prediction(name, error=f"{name}: {exc}"))
                 continue
             except requests.RequestException as exc:
                 raise LocalModeError(f"lost the server at {self.url} while sending {name}: {exc}") from None
-            out.append(Prediction(name, top=parse_top(answer)[:k]))
+            except CloudError as exc:
+                raise LocalModeError(str(exc)) from None
+            out.append(Prediction(name, top=top))
         return out
-
-
-def parse_top(answer: dict) -> list[tuple[str, float]]:
-    """(stage, probability) pairs of one image from the server's JSON answer."""
-    top = answer["predictions"][0]["top"] if "predictions" in answer else answer["top"]
-    return [(item["stage"], float(item["probability"])) for item in top]
 
 
 def error_message(response: requests.Response) -> str:
