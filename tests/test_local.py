@@ -104,6 +104,18 @@ def test_bad_requests_are_refused_with_what_to_do(channel: Path, tmp_path: Path)
         jobtree.input_data_config(request)
 
 
+def test_unreadable_model_archives_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(LocalModeError, match="not found"):
+        serving.unpack_model(tmp_path / "missing.tar.gz", tmp_path / "models")
+    truncated = tmp_path / "model.tar.gz"
+    with tarfile.open(truncated, "w:gz") as tar:
+        (tmp_path / "metadata.json").write_text("{}" * 50_000)
+        tar.add(tmp_path / "metadata.json", arcname="metadata.json")
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(LocalModeError, match="not a readable model.tar.gz"):
+        serving.unpack_model(truncated, tmp_path / "models")
+
+
 def test_search_design_covers_the_tuning_ranges() -> None:
     dims = tuning.dimensions(jobdef.TUNING_RANGES)
     points = tuning.trial_points(dims, 8, seed=1)

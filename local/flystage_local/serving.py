@@ -9,6 +9,7 @@ starts ``IMAGE serve`` with that folder mounted read-only and port 8080 publishe
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -38,16 +39,19 @@ def unpack_model(archive: str | Path, models_root: str | Path) -> Path:
         raise LocalModeError(f"{archive}: model artefact not found; train one with `make local-train`")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
     target = Path(models_root).resolve() / digest
-    if (target / ".complete").is_file():
+    # The marker sits beside the folder: the folder itself is exactly what the server sees.
+    done = target.with_name(f"{digest}.from")
+    if done.is_file():
         return target
-    target.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)  # a half unpack from an interrupted run
+    target.mkdir(parents=True)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             # filter="data": no absolute paths, links out of the folder or device files.
             tar.extractall(target, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LocalModeError(f"{archive}: not a readable model.tar.gz ({exc}); train again or give another MODEL") from None
-    (target / ".complete").write_text(str(archive) + "\n", encoding="utf-8")
+    done.write_text(str(archive) + "\n", encoding="utf-8")
     return target
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
