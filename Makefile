@@ -63,7 +63,7 @@ bench-predict: ## images/s of `flystage predict` over 200 lab-like 1110x420 16-b
 
 # ---- images and local mode (issue 3) ------------------------------------------------------
 
-# Local mode (local/flystage_local): the real images, run the way SageMaker runs them.
+# The two images, as built by `make images` and run by local mode.
 TRAIN_IMAGE ?= flystage-train:latest
 SERVE_IMAGE ?= flystage-serve:latest
 # Images (docker/): OFFLINE=1 builds where no registry or public index can be reached (our CI):
@@ -108,6 +108,8 @@ bench-serve: baseline-image ## serve image vs torch-eager baseline: latency, thr
 	$(PY) bench/bench_serve.py --serve-image $(SERVE_IMAGE) --baseline-image $(BASELINE_IMAGE) \
 		--train-image $(TRAIN_IMAGE) --requests $(BENCH_SERVE_REQUESTS) $(if $(MODEL),--model $(MODEL))
 
+# Local mode (local/flystage_local): the real images, run the way SageMaker runs them; jobs,
+# staged channels and unpacked models under $(RUNS)/local.
 LOCAL_MODE = PYTHONPATH=local $(PY) -m flystage_local --runs $(RUNS)/local
 INSTANCES ?= 1
 TRIALS ?= 4
@@ -116,7 +118,7 @@ HP ?=
 PORT ?= 8080
 OUT ?= $(RUNS)/local/predictions-$(shell date +%Y%m%d-%H%M%S).csv
 
-.PHONY: local-train local-tune local-serve local-predict local-stop
+.PHONY: local-train local-tune local-serve local-predict local-stop bench-local-train
 
 local-train: ## train in the train image as SageMaker would: [INSTANCES=1|2] [DATA=folders] [HP='learning_rate=0.01 batch_size=32']
 	$(LOCAL_MODE) train --image $(TRAIN_IMAGE) --instances $(INSTANCES) --data $(DATA) --hp '$(HP)'
@@ -132,6 +134,9 @@ local-predict: ## top-3 CSV for every image of DIR from the local server: DIR=..
 
 local-stop: ## remove every container and network local mode made (by label flystage.local=1)
 	$(LOCAL_MODE) stop
+
+bench-local-train: ## one- vs two-host local training on BDGP, JSON lines (wall s, s/epoch, top-3) [HP=...]
+	$(PY) local/bench_training.py --image $(TRAIN_IMAGE) $(if $(HP),--hp '$(HP)')
 
 # ---- AWS (issue 4) ------------------------------------------------------------------------
 
