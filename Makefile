@@ -120,8 +120,9 @@ OUT ?= $(RUNS)/local/predictions-$(shell date +%Y%m%d-%H%M%S).csv
 
 .PHONY: local-train local-tune local-serve local-predict local-stop bench-local-train
 
-local-train: ## train in the train image as SageMaker would: [INSTANCES=1|2] [DATA=folders] [HP='learning_rate=0.01 batch_size=32']
-	$(LOCAL_MODE) train --image $(TRAIN_IMAGE) --instances $(INSTANCES) --data $(DATA) --hp '$(HP)'
+local-train: ## train in the train image as SageMaker would: [INSTANCES=1|2] [DATA=folders] [HP='learning_rate=0.01 batch_size=32'] [CHECKPOINTS=dir]
+	$(LOCAL_MODE) train --image $(TRAIN_IMAGE) --instances $(INSTANCES) --data $(DATA) --hp '$(HP)' \
+		$(if $(CHECKPOINTS),--checkpoints $(CHECKPOINTS))
 
 local-tune: ## search learning_rate x batch_size with one train-image job per trial: [TRIALS=4] [DATA=...] [HP=fixed]
 	$(LOCAL_MODE) tune --image $(TRAIN_IMAGE) --instances $(INSTANCES) --trials $(TRIALS) --data $(DATA) --hp '$(HP)'
