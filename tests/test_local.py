@@ -16,8 +16,11 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +189,33 @@ def test_two_hosts_train_data_parallel(engine, channel: Path, runs: Path) -> Non
     assert result.model_artefact and result.model_artefact.is_file()
     # The job's network and containers are gone once it has finished.
     assert not engine.networks.list(filters={"label": f"{containers.LABEL_JOB}=test-two-hosts"})
+
+
+@pytest.mark.docker
+def test_a_host_that_dies_fails_the_job_and_stops_its_peer(engine, channel: Path, runs: Path) -> None:
+    """An instance lost mid-training (killed once training runs): the job fails, naming it."""
+    endless = {**TINY, "epochs": "5000", "patience": "0"}
+    request = _request(channel, runs, "test-host-dies", endless, instances=2)
+
+    def kill_algo_2_once_training() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                if "epoch=1 " in engine.containers.get("test-host-dies-algo-1").logs().decode():
+                    engine.containers.get("test-host-dies-algo-2").kill()
+                    return
+            except docker.errors.NotFound:
+                continue
+
+    threading.Thread(target=kill_algo_2_once_training, daemon=True).start()
+    result = training.run_training_job(request, runs, write=None, stop_grace=20)
+    assert result.status == "Failed"
+    assert result.exit_codes["algo-2"] == 137 and result.exit_codes["algo-1"] != 0
+    assert result.failure_reason.startswith("AlgorithmError: algo-2 exited with code 137")
+    assert (result.folder / "output" / "failure").read_text() == result.failure_reason
+    assert result.model_artefact is None
+    assert not engine.containers.list(all=True, filters={"label": f"{containers.LABEL_JOB}=test-host-dies"})
 
 
 @pytest.mark.docker

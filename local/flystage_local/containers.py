@@ -116,13 +116,16 @@ def wait_for_exit(containers: list[Container], deadline: float, stop_grace: int,
     stopped_because = None
     while True:
         codes: dict[str, int | None] = {}
+        finished: dict[str, str] = {}
         for c in containers:
             c.reload()
             codes[c.name] = c.attrs["State"]["ExitCode"] if c.status in ("exited", "dead") else None
+            finished[c.name] = c.attrs["State"]["FinishedAt"]  # RFC 3339 UTC: sorts as text
         running = [c for c in containers if codes[c.name] is None]
         if not running:
             return codes, stopped_because
-        failed = [name for name, code in codes.items() if code not in (None, 0)]
+        # The first host to fail is the cause; the others fail because it went away.
+        failed = sorted((name for name, code in codes.items() if code not in (None, 0)), key=finished.get)
         if stopped_because is None and (failed or time.monotonic() > deadline):
             stopped_because = f"{failed[0]} failed" if failed else "MaxRuntimeExceeded"
             for c in running:

@@ -98,22 +98,24 @@ def _merge(hosts: list[str], folder: Path, part: str, into: Path) -> None:
 
 def _failure_reason(folder: Path, hosts: list[str], codes: dict[str, int | None], cause: str | None) -> str | None:
     """The job's FailureReason: the failing host's ``output/failure``, or what is known."""
-    failed = [h for h in hosts if codes.get(h) not in (0, None)]
-    # The host that failed first caused the stop; others may only have been terminated.
-    first = next((h for h in hosts if cause and cause.startswith(h)), None)
-    written = None
-    for host in [first, *failed, *hosts]:
-        if host and (folder / host / "output" / "failure").is_file():
-            written = (folder / host / "output" / "failure").read_text(encoding="utf-8", errors="replace")
-            break
+
+    def written(host: str) -> str | None:
+        path = folder / host / "output" / "failure"
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+    others = next((text for h in hosts if (text := written(h))), None)
     if cause == "MaxRuntimeExceeded":
         reason = "MaxRuntimeExceeded: the job ran longer than StoppingCondition.MaxRuntimeInSeconds"
-        return (reason + (f"; the program wrote: {written}" if written else ""))[:FAILURE_REASON_CHARS]
-    if written is not None:
-        return written[:FAILURE_REASON_CHARS]
-    if failed:
-        return f"AlgorithmError: {failed[0]} exited with code {codes[failed[0]]} and wrote no output/failure"
-    return None
+        return (reason + (f"; the program wrote: {others}" if others else ""))[:FAILURE_REASON_CHARS]
+    # The host that failed first caused the stop; the others may only have lost their peer.
+    failed = [h for h in hosts if codes.get(h) not in (0, None)]
+    first = next((h for h in hosts if cause and cause.startswith(f"{h} ")), failed[0] if failed else None)
+    if first is None:
+        return others[:FAILURE_REASON_CHARS] if others else None
+    if text := written(first):
+        return text[:FAILURE_REASON_CHARS]
+    reason = f"AlgorithmError: {first} exited with code {codes[first]} and wrote no output/failure"
+    return (reason + (f"; another host wrote: {others}" if others else ""))[:FAILURE_REASON_CHARS]
 
 
 def run_training_job(
