@@ -37,6 +37,9 @@ from imaging_helpers import (
     tiff_bytes,
 )
 
+# These tests place marks in pixels of a 128x320 model input.
+SIZE = {"height": 128, "width": 320}
+
 
 @pytest.fixture(scope="module")
 def lab_image() -> np.ndarray:
@@ -77,7 +80,7 @@ def test_multipage_tiff_page_choice_and_range(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"stack\.tif.*page 3.*3 pages \(0 to 2\)"):
         read_image(path, page=3)
     # load() takes the page from the config
-    a = load(path, PreprocessConfig(page=0, mask=False, align=False, crop=False))
+    a = load(path, PreprocessConfig(**SIZE, page=0, mask=False, align=False, crop=False))
     assert a.shape == (1, 128, 320)
     with pytest.raises(ImageError, match="3 pages"):
         load(path, PreprocessConfig(page=5))
@@ -334,7 +337,7 @@ def test_preprocess_shape_dtype_range(lab_image: np.ndarray, channels: int, size
 @pytest.mark.parametrize("crop", [False, True])
 def test_preprocess_keeps_the_aspect_ratio(align: bool, crop: bool) -> None:
     image = dim_embryo(aspect=2.6)
-    out = preprocess(image, PreprocessConfig(align=align, crop=crop))
+    out = preprocess(image, PreprocessConfig(**SIZE, align=align, crop=crop))
     h, w = foreground_box(out[0])
     assert 2.4 < w / h < 2.8, (w, h)
     if crop:  # the embryo fills the input
@@ -342,9 +345,9 @@ def test_preprocess_keeps_the_aspect_ratio(align: bool, crop: bool) -> None:
 
 
 def test_preprocess_mask_zeroes_background_and_keeps_embryo(lab_image: np.ndarray) -> None:
-    cfg = PreprocessConfig(align=False, crop=False)
+    cfg = PreprocessConfig(**SIZE, align=False, crop=False)
     masked = preprocess(lab_image, cfg)[0]
-    unmasked = preprocess(lab_image, PreprocessConfig(align=False, crop=False, mask=False))[0]
+    unmasked = preprocess(lab_image, PreprocessConfig(**SIZE, align=False, crop=False, mask=False))[0]
     # letterboxed 1110x420 -> 320x121; the corners are background
     corner = (slice(10, 30), slice(5, 40))
     assert masked[corner].max() == 0.0
@@ -355,22 +358,22 @@ def test_preprocess_mask_zeroes_background_and_keeps_embryo(lab_image: np.ndarra
 
 def test_preprocess_aligns_a_tilted_embryo(lab_image: np.ndarray) -> None:
     tilted = dim_embryo(angle=30, length=500)
-    h, w = foreground_box(preprocess(tilted, PreprocessConfig(align=True))[0])
+    h, w = foreground_box(preprocess(tilted, PreprocessConfig(**SIZE, align=True))[0])
     assert 2.3 < w / h < 2.9, (w, h)
-    h, w = foreground_box(preprocess(tilted, PreprocessConfig(align=False))[0])
+    h, w = foreground_box(preprocess(tilted, PreprocessConfig(**SIZE, align=False))[0])
     assert w / h < 2.0, (w, h)
 
 
 def test_light_background_is_inverted_to_embryo_bright_on_black() -> None:
     image = brightfield_embryo()
-    out = preprocess(image, PreprocessConfig(channels=3, align=False, crop=False))
+    out = preprocess(image, PreprocessConfig(**SIZE, channels=3, align=False, crop=False))
     body = ellipse_mask(128, 320, 0.85 * 320 * 0.9)
     assert out[:, ~ellipse_mask(128, 320, 0.85 * 320 * 1.1)].max() == 0.0
     assert out[:, body].mean() > 0.1
     # the purple stain is brighter than the unstained embryo after inversion
     stain = ellipse_mask(128, 320, 0.2 * 320, 1.5, centre=(320 // 3, 64))
     assert out[:, stain].mean() > out[:, body & ~stain].mean() + 0.3
-    forced_dark = preprocess(image, PreprocessConfig(channels=3, align=False, crop=False, background="dark"))
+    forced_dark = preprocess(image, PreprocessConfig(**SIZE, channels=3, align=False, crop=False, background="dark"))
     assert not np.allclose(forced_dark, out)
 
 
@@ -384,7 +387,7 @@ def test_preprocess_survives_blank_and_nan_images() -> None:
 
 
 def test_load_reads_and_preprocesses(lab_tiff: Path, lab_image: np.ndarray) -> None:
-    cfg = PreprocessConfig()
+    cfg = PreprocessConfig(**SIZE)
     np.testing.assert_array_equal(load(lab_tiff, cfg), preprocess(lab_image, cfg))
     np.testing.assert_array_equal(load(lab_tiff.read_bytes(), cfg), preprocess(lab_image, cfg))
 
@@ -392,7 +395,7 @@ def test_load_reads_and_preprocesses(lab_tiff: Path, lab_image: np.ndarray) -> N
 def test_real_bdgp_images_preprocess_sensibly(bdgp_root: Path) -> None:
     paths = sorted(bdgp_root.glob("*/*/*.bmp"))[::40]
     assert len(paths) >= 4
-    cfg = PreprocessConfig(channels=3)
+    cfg = PreprocessConfig(**SIZE, channels=3)
     for path in paths:
         raw = read_image(path)
         assert raw.shape == (128, 320, 3) and raw.dtype == np.uint8

@@ -88,7 +88,9 @@ class AugmentConfig:
         Left-right and up-down flips; 0 by default.
     """
 
-    angles: tuple[float, ...] = LAB_ANGLES
+    # With alignment on (the default) only the 180-degree turn changes what the model sees;
+    # the lab's other angles are one option away (angles=LAB_ANGLES) for unaligned images.
+    angles: tuple[float, ...] = (180.0,)
     p_angle: float = 0.5
     max_rotation: float = 10.0
     p_rotation: float = 0.5
