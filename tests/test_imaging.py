@@ -410,3 +410,18 @@ def test_real_bdgp_images_preprocess_sensibly(bdgp_root: Path) -> None:
         h, w = foreground_box(grey, 0.02)
         assert w > 0.85 * 320 and 1.8 < w / h < 3.5, (path, h, w)
         assert grey[fg].mean() > 0.15, path
+
+
+def test_grey_from_auto_takes_blue_for_brightfield_and_luminance_for_fluorescence() -> None:
+    rng = np.random.default_rng(0)
+    image = np.full((128, 320, 3), 230, np.uint8)  # a light (brightfield) background
+    image[32:96, 40:280] = rng.integers(60, 200, (64, 240, 3), dtype=np.uint8)  # the embryo
+    cfg = {"height": 64, "width": 160, "mask": False, "align": False, "crop": False}
+    auto = preprocess(image, PreprocessConfig(**cfg))
+    assert np.array_equal(auto, preprocess(image, PreprocessConfig(**cfg, grey_from="blue")))
+    assert not np.array_equal(auto, preprocess(image, PreprocessConfig(**cfg, grey_from="luminance")))
+    dark = 255 - image  # fluorescence: dark background
+    assert np.array_equal(preprocess(dark, PreprocessConfig(**cfg)),
+                          preprocess(dark, PreprocessConfig(**cfg, grey_from="luminance")))
+    with pytest.raises(ValueError, match="grey_from"):
+        PreprocessConfig(grey_from="purple")

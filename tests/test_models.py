@@ -39,7 +39,8 @@ def test_forward_non_square(arch: str, channels: int) -> None:
 def test_required_archs_present_and_sizes_distinct() -> None:
     required = {"resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"}
     assert required <= set(ARCHS)
-    counts = {arch: count_parameters(build_model(arch, 6, 3)) for arch in ARCHS}
+    # The two HOG networks share their weights' shapes (one only averages over the turn).
+    counts = {arch: count_parameters(build_model(arch, 6, 3)) for arch in ARCHS if arch != "hognet_turn"}
     assert len(set(counts.values())) == len(counts), counts
     assert counts["mobilenet_v3_small"] < counts["resnet18"] < counts["resnet34"] < counts["resnet50"]
 
@@ -87,3 +88,16 @@ def test_pretrained_from_hub_cache_grey_sums_rgb_kernels(tmp_path, monkeypatch) 
     assert grey.backbone.fc.out_features == 6
     rgb = build_model("resnet18", 6, 3, pretrained=True)
     assert torch.equal(rgb.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_hognet_turn_is_invariant_to_the_180_degree_turn_and_hognet_is_not() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 64, 160)
+    x[:, :, :, :40] = 0  # an asymmetric image
+    turned = torch.flip(x, dims=(2, 3))
+    invariant = build_model("hognet_turn", 6, 1).eval()
+    plain = build_model("hognet", 6, 1).eval()
+    plain.load_state_dict(invariant.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(invariant(x), invariant(turned), atol=1e-5)
+        assert not torch.allclose(plain(x), plain(turned), atol=1e-5)

@@ -88,10 +88,11 @@ class AugmentConfig:
         Left-right and up-down flips; 0 by default.
     """
 
-    # With alignment on (the default) only the 180-degree turn changes what the model sees;
-    # the lab's other angles are one option away (angles=LAB_ANGLES) for unaligned images.
+    # With alignment on (the default) only the 180-degree turn changes what the model sees,
+    # and on BDGP (heads all left) even that cost accuracy (docs/accuracy.md), so it is off;
+    # p_angle > 0 turns it on, angles=LAB_ANGLES gives the lab's angles for unaligned images.
     angles: tuple[float, ...] = (180.0,)
-    p_angle: float = 0.5
+    p_angle: float = 0.0
     max_rotation: float = 10.0
     p_rotation: float = 0.5
     max_scale: float = 0.1

@@ -41,7 +41,9 @@ SMALL_CNN_WIDTHS: dict[str, tuple[int, ...]] = {
 }
 # Fixed oriented-gradient features and a linear classifier: the best held-out-by-gene
 # accuracy on the BDGP images when no pretrained weights are available (docs/accuracy.md).
-HOG_ARCHS: tuple[str, ...] = ("hognet",)
+# "hognet_turn" also averages over the 180-degree turn, for sets where the head may point
+# either way (it cost accuracy on BDGP, whose embryos all face left).
+HOG_ARCHS: tuple[str, ...] = ("hognet", "hognet_turn")
 ARCHS: tuple[str, ...] = tuple(HOG_ARCHS) + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
 
 # A download that cannot reach its host must fail, not hang a training job.
@@ -132,20 +134,25 @@ class HOGFeatures(nn.Module):
 class HOGNet(nn.Module):
     """HOG features, standardised (batch norm), dropout and a linear classifier.
 
-    The logits are averaged over the image and its 180-degree turn, since which end of an
-    embryo lies left is arbitrary: the model is turn-invariant by construction.
+    With ``turn_invariant`` the logits are averaged over the image and its 180-degree turn,
+    for images whose embryos may face either way.
     """
 
-    def __init__(self, num_classes: int, bins: int = 9, cells: tuple[int, int] = (8, 20), dropout: float = 0.5):
+    def __init__(self, num_classes: int, bins: int = 9, cells: tuple[int, int] = (8, 20), dropout: float = 0.5,
+                 turn_invariant: bool = False):
         super().__init__()
+        self.turn_invariant = turn_invariant
         self.features = HOGFeatures(bins, cells)
         size = bins * cells[0] * cells[1]
         self.classifier = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(size), nn.Dropout(dropout),
                                         nn.Linear(size, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        turned = torch.flip(x, dims=(2, 3))
-        return (self.classifier(self.features(x)) + self.classifier(self.features(turned))) / 2
+        logits = self.classifier(self.features(x))
+        if self.turn_invariant:
+            turned = torch.flip(x, dims=(2, 3))
+            logits = (logits + self.classifier(self.features(turned))) / 2
+        return logits
 
 
 def _weights_enum(arch: str):
@@ -230,7 +237,7 @@ def build_model(arch: str, num_classes: int, channels: int, pretrained: bool = F
     if pretrained and arch not in TORCHVISION_ARCHS:
         raise ValueError(f"{arch} has no pretrained weights: train it with pretrained=false")
     if arch in HOG_ARCHS:
-        return HOGNet(num_classes)
+        return HOGNet(num_classes, turn_invariant=arch == "hognet_turn")
     if arch in SMALL_CNN_WIDTHS:
         return StageNet(SmallCNN(channels, num_classes, SMALL_CNN_WIDTHS[arch]), channels)
     backbone = _load_pretrained(arch) if pretrained else TORCHVISION_ARCHS[arch](weights=None)
