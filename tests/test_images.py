@@ -287,6 +287,10 @@ def test_train_container_runs_and_stops_promptly_on_sigterm(client, images, bdgp
         container.reload()
         code = container.attrs["State"]["ExitCode"]
         assert seconds < 30 and code != 137, f"{seconds:.1f} s, exit {code}; log:\n{container.logs(tail=30).decode()}"
+        # The program itself (not just the toolkit) saw the signal: it checkpointed and said so.
+        log = container.logs().decode("utf-8", "replace")
+        assert "stopped by SIGTERM" in log, log[-3000:]
+        assert "stopped by SIGTERM" in (tree / "output" / "failure").read_text()
     finally:
         container.remove(force=True)
 
