@@ -53,7 +53,7 @@ demo: ## the main job on the default dataset (BDGP): fetch, organise by gene, tr
 # ---- benchmarks ---------------------------------------------------------------------------
 
 bench-accuracy: ## leave-one-gene-out cross-validation on BDGP with the defaults, 8 folds (JSON last line: top1, top3, seconds)
-	$(PY) bench/bench_accuracy.py --out $(RUNS)/bench-accuracy
+	$(PY) bench/bench_accuracy.py --out $(RUNS)/bench-accuracy $(if $(THREADS),--threads $(THREADS))
 
 bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model input (JSON line)
 	$(PY) bench/bench_preprocess.py

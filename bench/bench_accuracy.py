@@ -35,13 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write report.json and confusion.png here")
     parser.add_argument("--folds", help="comma-separated genes to hold out (default: all 8)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default 0: torch's choice; 1 is much faster on a busy machine, same result)")
     args = parser.parse_args(argv)
     if not (DATA / "labels.csv").is_file():
         print(f"error: BDGP images not found at {DATA}: set FLYSTAGE_DATA to the bdgp-insitu folder", file=sys.stderr)
         return 2
 
     t0 = time.perf_counter()
-    config = TrainConfig()
+    config = TrainConfig(threads=args.threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     with tempfile.TemporaryDirectory(prefix="flystage-bench-") as tmp:
         # Labels and genes from the data set's own CSV; every image "train": crossval splits.
         result = organise([DATA], labels_csv=DATA / "labels.csv", label_column="stage_range",
