@@ -164,3 +164,17 @@ def test_missing_directory_and_weights(tmp_path: Path, artefact):
     assert check_artefact(no_weights).arch == "tiny"  # serving needs no weights.pt
     with pytest.raises(ArtefactError, match="no torch weights"):
         load_torch_model(no_weights)
+
+
+@pytest.mark.parametrize("arch", ["hognet", "hognet_turn", "small_cnn"])
+def test_the_default_and_small_models_export_and_match_onnx(tmp_path, arch):
+    """Every from-scratch arch exports at the default input size (ONNX checked against torch)."""
+    from flystage.imaging import PreprocessConfig
+    from flystage.models import build_model
+    from flystage.train import TrainConfig
+
+    assert TrainConfig().arch in ("hognet", "hognet_turn", "small_cnn")
+    labels = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
+    model = build_model(arch, len(labels), PreprocessConfig().channels).eval()
+    save_artefact(tmp_path / arch, model, arch, labels, PreprocessConfig())
+    check_artefact(tmp_path / arch)

@@ -35,12 +35,13 @@ def test_organise_train_evaluate_predict_rename_undo(tmp_path, bdgp_root):
     assert all(genes_by_split.values())
     assert not (genes_by_split["train"] & genes_by_split["test"])
 
-    # A few steps of real training at a tiny input size.
+    # A few steps of real training.
     model = tmp_path / "model"
     train = flystage(
         "train", "--manifest", str(manifest), "--model-dir", str(model),
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--output-data-dir", str(tmp_path / "out"),
-        "--arch", "small_cnn", "--epochs", "2", "--height", "32", "--width", "80", "--threads", "1",
+        # The default model and input, so that what `make demo` trains is what is tested.
+        "--epochs", "2", "--threads", "1",
         cwd=tmp_path,
     )
     assert "epoch=2 " in train.stdout + train.stderr

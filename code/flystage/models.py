@@ -120,8 +120,11 @@ class HOGFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.mean(dim=1, keepdim=True)
-        gx = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 0, 0), mode="replicate"), self.kx)
-        gy = nn.functional.conv2d(nn.functional.pad(x, (0, 0, 1, 1), mode="replicate"), self.ky)
+        # Zero padding: the preprocessed background and letterbox are black anyway, and the
+        # exporter keeps the spatial size static (replicate padding made it symbolic, which
+        # ONNX's adaptive pooling cannot take).
+        gx = nn.functional.conv2d(x, self.kx, padding=(0, 1))
+        gy = nn.functional.conv2d(x, self.ky, padding=(1, 0))
         energy = gx * gx + gy * gy + 1e-6
         # cos and sin of twice the gradient angle without atan2 (which ONNX lacks).
         cos2t, sin2t = (gx * gx - gy * gy) / energy, 2 * gx * gy / energy
