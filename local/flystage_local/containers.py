@@ -120,17 +120,28 @@ def wait_for_exit(containers: list[Container], deadline: float, stop_grace: int,
         for c in containers:
             c.reload()
             codes[c.name] = c.attrs["State"]["ExitCode"] if c.status in ("exited", "dead") else None
-            finished[c.name] = c.attrs["State"]["FinishedAt"]  # RFC 3339 UTC: sorts as text
+            finished[c.name] = _sortable_time(c.attrs["State"]["FinishedAt"])
         running = [c for c in containers if codes[c.name] is None]
-        if not running:
-            return codes, stopped_because
         # The first host to fail is the cause; the others fail because it went away.
         failed = sorted((name for name, code in codes.items() if code not in (None, 0)), key=finished.get)
+        if not running:
+            if failed and stopped_because != "MaxRuntimeExceeded":
+                # Decided again at the end: a killed host can still look "running" for a moment
+                # while its peer has already failed for want of it.
+                stopped_because = f"{failed[0]} failed"
+            return codes, stopped_because
         if stopped_because is None and (failed or time.monotonic() > deadline):
             stopped_because = f"{failed[0]} failed" if failed else "MaxRuntimeExceeded"
             for c in running:
                 c.stop(timeout=stop_grace)
         time.sleep(poll)
+
+
+def _sortable_time(rfc3339: str) -> str:
+    """Docker's FinishedAt (RFC 3339, UTC, trailing zeros of the fraction dropped), padded to
+    nanoseconds so that it sorts as text."""
+    whole, _, fraction = rfc3339.rstrip("Z").partition(".")
+    return f"{whole}.{fraction:0<9}"
 
 
 def container_log(container: Container) -> str:
