@@ -218,15 +218,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid-fraction", type=float, default=VALID_FRACTION,
                         help="share of each fold's training images (whole groups) used to choose the best epoch (default %(default)s)")
     # The training options of `flystage train`, with the same names and defaults.
-    defaults = TrainConfig()
-    train._add_dataclass_options(parser.add_argument_group("training hyperparameters"), defaults, "", {"preprocess", "augment"})
-    train._add_dataclass_options(parser.add_argument_group("preprocessing"), defaults.preprocess, "", set())
-    train._add_dataclass_options(parser.add_argument_group("augmentation"), defaults.augment, "", set())
-    parser.add_argument("--preprocess", dest="preprocess_json", type=json.loads, default=None,
-                        help="the whole preprocessing config as JSON (single options override it)")
-    parser.add_argument("--augment", dest="augment_json", type=train._augment_json, default=None,
-                        help="the whole augmentation config as JSON, or 'off' (single options override it)")
-
+    train.add_config_options(parser)
 
 def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> tuple[Path, Path]:
     """``report.json`` and ``confusion.png`` in ``out``; refuses to replace them unless ``force``."""

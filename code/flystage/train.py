@@ -518,10 +518,6 @@ def _augment_mapping(text: str) -> dict[str, Any]:
     return _mapping(text)
 
 
-# The first name of _augment_mapping, still used by crossval's parser: use add_config_options.
-_augment_json = _augment_mapping
-
-
 def _argument_type(default: Any) -> Callable[[str], Any]:
     if isinstance(default, bool):
         return parse_bool
