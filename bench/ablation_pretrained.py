@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hog", action="store_true", help="also each setting with the HOG features concatenated")
     parser.add_argument("--vflip", action="store_true", help="also each setting with features averaged over an up-down flip")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--save-probs", type=Path, help="also save each setting's pooled held-out probabilities (.npy) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("THREADS", "0")) or torch.get_num_threads())
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, x in variants:
                 t1 = time.perf_counter()
                 probs = logo(x, targets, groups, len(labels), float(l2))
+                if args.save_probs:
+                    args.save_probs.mkdir(parents=True, exist_ok=True)
+                    np.save(args.save_probs / "targets.npy", targets)
+                    np.save(args.save_probs / f"{arch}-{size}-{grey}-{taps}{name}-{l2}.npy", probs)
                 print(json.dumps({
                     "arch": arch, "input": f"{config.channels}x{h}x{w}", "grey": grey, "taps": taps + name,
                     "dim": x.shape[1], "l2": float(l2),

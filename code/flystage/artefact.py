@@ -97,6 +97,7 @@ def save_artefact(
     manifest_sha256: str | None = None,
     *,
     extra: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None,
     opset: int = OPSET,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -144,9 +145,11 @@ def save_artefact(
                 )
             max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
             torch.save(
-                {"arch": arch, "labels": labels, "channels": c, "state_dict": model.state_dict()},
+                {"arch": arch, "labels": labels, "channels": c, "spec": spec or {"arch": arch, "mode": "full"},
+                 "state_dict": model.state_dict()},
                 tmp / WEIGHTS_FILE,
             )
+            extra = {**(extra or {}), "model": spec or {"arch": arch, "mode": "full"}}
             metadata = Metadata(
                 format_version=FORMAT_VERSION,
                 flystage_version=__version__,
@@ -311,7 +314,7 @@ def load_torch_model(model_dir: str | Path):
     """The torch model of ``weights.pt`` rebuilt with ``flystage.models.build_model``, in eval mode."""
     import torch
 
-    from flystage.models import build_model
+    from flystage.models import build_from_spec
 
     path = Path(model_dir) / WEIGHTS_FILE
     if not path.is_file():
@@ -320,6 +323,7 @@ def load_torch_model(model_dir: str | Path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ArtefactError(f"{path}: cannot read the torch weights ({exc}); re-export the model") from None
-    model = build_model(saved["arch"], num_classes=len(saved["labels"]), channels=saved["channels"], pretrained=False)
+    spec = saved.get("spec") or {"arch": saved["arch"], "mode": "full"}
+    model = build_from_spec(spec, num_classes=len(saved["labels"]), channels=saved["channels"])
     model.load_state_dict(saved["state_dict"])
     return model.eval()

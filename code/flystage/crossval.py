@@ -32,7 +32,7 @@ import torch
 from flystage.data import DataError, ImageCache, to_float
 from flystage.evaluate import evaluate_probs, plot_confusion, report_text, topk_accuracy
 from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
-from flystage.train import TrainConfig, UsageError, config_from_args, fit
+from flystage.train import TrainConfig, UsageError, config_from_args, train_model
 
 PROTOCOL = "leave-one-group-out"
 # Share of each fold's training images (whole groups) kept for choosing the best epoch: on
@@ -144,7 +144,7 @@ def crossval(
     *,
     valid_fraction: float = VALID_FRACTION,
     log: Callable[[str], None] = print,
-    fit_fn: Callable[..., Any] = fit,
+    fit_fn: Callable[..., Any] = train_model,
 ) -> dict[str, Any]:
     """Train and test one model per held-out group; score the pooled held-out probabilities.
 
@@ -152,7 +152,7 @@ def crossval(
     :func:`flystage.evaluate.evaluate_probs` over all held-out images, ``folds`` (per fold:
     group, image counts, valid groups, top-1/top-3, best epoch, seconds), ``predictions``
     (per image: path, group, label, probabilities), ``config`` and ``seconds``.
-    ``fit_fn`` is :func:`flystage.train.fit` (replaceable to watch what each fold is given).
+    ``fit_fn`` is :func:`flystage.train.train_model` (replaceable to watch what each fold is given).
     """
     t_start = time.perf_counter()
     labels = sort_labels({r.label for r in records})
@@ -178,12 +178,13 @@ def crossval(
             "valid_groups": sorted({group_of(r, group_column) for r in fold.valid}),
             "top1": round(topk_accuracy(probs, targets, 1), 6),
             "top3": round(topk_accuracy(probs, targets, 3), 6),
-            "best_epoch": int(result.best["epoch"]),
+            "best_epoch": int(result.best["epoch"]) if "epoch" in result.best else None,
+            "temperature": result.best.get("temperature"),
             "epochs_run": len(result.history),
             "seconds": round(seconds, 1),
         })
         log(f"fold {i}/{len(plan)}: {group_column}={fold.group} top1={fold_reports[-1]['top1']:.3f} "
-            f"top3={fold_reports[-1]['top3']:.3f} best_epoch={fold_reports[-1]['best_epoch']} "
+            f"top3={fold_reports[-1]['top3']:.3f} best_epoch={fold_reports[-1]['best_epoch']} T={fold_reports[-1]['temperature'] or 1:.2f} "
             f"{seconds:.0f} s")
         all_probs.append(probs)
         all_targets.append(targets)

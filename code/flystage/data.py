@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ class ImageCache:
         self.dtype = np.dtype(dtype)
         self.workers = max(1, workers)
         self._images: dict[Path, np.ndarray] = {}
+        # Results derived from the cached images that callers share too (a linear probe's
+        # features per image and augmentation draw), by a key of their own.
+        self.derived: dict[Any, dict] = {}
 
     def _encode(self, path: Path) -> np.ndarray:
         x = load(path, self.config)

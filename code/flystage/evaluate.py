@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flystage.calibrate import coverage_table, expected_calibration_error
 from flystage.artefact import ArtefactError
 from flystage.imaging import ImageError, load
 from flystage.predict import Predictor
@@ -64,8 +65,10 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]
     """Scores of probabilities ``(N, K)`` against target indices ``(N,)`` (``labels[i]`` = class i).
 
     Returns a JSON-safe dict: ``n``, ``top1``, ``top3``, ``mean_recall``, ``labels``,
-    ``per_stage`` {label: recall, precision, support} (None where undefined) and
-    ``confusion`` (rows true, columns predicted).
+    ``per_stage`` {label: recall, precision, support} (None where undefined),
+    ``confusion`` (rows true, columns predicted), ``ece`` (expected calibration error) and
+    ``coverage`` (per top-1 probability threshold: share of images at or above it and their
+    top-1 accuracy; :func:`flystage.calibrate.coverage_table`).
     """
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
@@ -89,6 +92,8 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]
             for i, label in enumerate(labels)
         },
         "confusion": cm.tolist(),
+        "ece": _num(expected_calibration_error(probs, targets)),
+        "coverage": coverage_table(probs, targets),
     }
 
 
@@ -129,7 +134,8 @@ def report_text(report: dict[str, Any]) -> str:
     def pct(x: float | None) -> str:
         return "   n/a" if x is None else f"{100 * x:5.1f}%"
 
-    lines = [f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"]
+    lines = [f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"
+             + (f"   ECE {report['ece']:.3f}" if report.get("ece") is not None else "")]
     width = max(len("stage"), *(len(label) for label in report["labels"]))
     lines.append(f"{'stage':>{width}}  recall  precision  support")
     for label, s in report["per_stage"].items():

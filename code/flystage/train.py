@@ -4,7 +4,7 @@ Read it top to bottom, like torchvision's references/classification/train.py:
 
 1. ``TrainConfig``: every hyperparameter with its default (change defaults here only).
 2. ``fit``: data (cached, augmented, balanced), model, optimiser and schedule, the epoch loop
-   with one metric line per epoch, early stopping on valid top-3, a checkpoint every epoch
+   with one metric line per epoch, early stopping on valid top-1 (then loss), a checkpoint every epoch
    (resumed on restart), and a clean stop on SIGTERM.
 3. ``main`` / ``run``: arguments and the SageMaker environment (``SM_*``), data-parallel
    training over ``SM_HOSTS`` (torch.distributed, gloo), the model artefact, and the
@@ -44,10 +44,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from flystage.augment import AugmentConfig, build_train_transform
-from flystage.data import BALANCE_MODES, CACHE_DTYPES, DataError, ImageCache, StageDataset, class_weights, make_sampler, split_channels
+from flystage.augment import AugmentConfig
+from flystage.data import BALANCE_MODES, CACHE_DTYPES, DataError, ImageCache, class_weights, make_sampler, split_channels, to_float
 from flystage.imaging import PreprocessConfig
-from flystage.models import ARCHS, build_model
+from flystage.backbones import DEFAULT_TAPS
+from flystage.calibrate import fit_temperature
+from flystage.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
+from flystage.modes import MODES, SETUPS
 from flystage.organise import Record, manifest_sha256, sort_labels
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -68,7 +71,7 @@ class TrainConfig:
 
     ``batch_size`` is the global batch (split across hosts when training data-parallel);
     ``warmup_epochs`` ramps the learning rate up linearly before the cosine decay;
-    ``patience`` stops after that many epochs without a better valid top-3 (ties broken by
+    ``patience`` stops after that many epochs without a better valid top-1 (ties broken by
     valid loss; 0 = never); ``threads`` 0 leaves torch's own choice; ``stop_after_epoch``
     ends the run after that epoch with a checkpoint (a time-boxed job; rerun to resume).
     """
@@ -76,7 +79,20 @@ class TrainConfig:
     # Measured on BDGP held out by gene (docs/accuracy.md): without pretrained weights the HOG
     # network beats the from-scratch CNNs; patience 0 trains all epochs and keeps the best.
     arch: str = "hognet"
+    # full: train every weight; probe: frozen pretrained features + linear head; finetune:
+    # pretrained backbone at a lower learning rate (flystage.modes).
+    mode: str = "full"
     pretrained: bool = False
+    feature_taps: tuple[int, ...] = DEFAULT_TAPS
+    hog_features: bool = False
+    augment_draws: int = 4
+    backbone_lr_scale: float = 0.1
+    freeze_stages: int = 2
+    # Members of one artefact whose probabilities are averaged: ensemble seeds (seed, seed+1,
+    # ...) of each arch in ensemble_archs (empty: arch alone).
+    ensemble: int = 1
+    ensemble_archs: tuple[str, ...] = ()
+    calibrate: bool = True
     epochs: int = 60
     batch_size: int = 32
     learning_rate: float = 0.003
@@ -99,6 +115,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.arch in ARCHS, f"arch {self.arch!r}: choose one of {', '.join(ARCHS)}"),
+            (all(a in ARCHS for a in self.ensemble_archs), f"ensemble_archs {self.ensemble_archs}: choose from {', '.join(ARCHS)}"),
+            (self.mode in MODES, f"mode {self.mode!r}: choose one of {MODES}"),
+            (self.mode == "full" or all(a in PRETRAINED_ARCHS or (self.mode == "probe" and a in HOG_ARCHS)
+                                        for a in self.member_archs),
+             f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, for probe, hognet"),
+            (self.ensemble >= 1, f"ensemble must be >= 1, not {self.ensemble}"),
+            (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
+            (self.backbone_lr_scale > 0, f"backbone_lr_scale must be > 0, not {self.backbone_lr_scale}"),
+            (0 <= self.freeze_stages <= 7, f"freeze_stages must be 0..7, not {self.freeze_stages}"),
             (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}"),
             (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r}: choose one of {SCHEDULERS}"),
             (self.balance in BALANCE_MODES, f"balance {self.balance!r}: choose one of {BALANCE_MODES}"),
@@ -114,6 +139,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def member_archs(self) -> tuple[str, ...]:
+        return tuple(self.ensemble_archs) or (self.arch,)
+
+    def model_spec(self, arch: str | None = None) -> dict[str, Any]:
+        """What ``flystage.models.build_from_spec`` needs to rebuild one member's architecture."""
+        return {"arch": arch or self.arch, "mode": self.mode, "taps": list(self.feature_taps), "hog": self.hog_features}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe, nested: ``preprocess`` and ``augment`` as their own dicts."""
@@ -146,6 +179,7 @@ class FitResult:
     best: dict[str, float]  # the history entry of the best epoch
     config: TrainConfig
     samples_seen: int = 0  # training samples this process saw (all epochs of this run)
+    spec: dict[str, Any] = field(default_factory=dict)  # rebuilds the architecture (flystage.models.build_from_spec)
 
 
 class TrainingStopped(Exception):
@@ -192,17 +226,10 @@ def _all_reduce_sum(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # As torchvision's references: no weight decay on norm weights and biases.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = _parameter_groups(model, config.weight_decay)
+def make_optimizer(param_groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``param_groups`` (from the mode's setup); a group's ``lr_scale``
+    multiplies ``config.learning_rate`` (a fine-tuned backbone learns slower than its head)."""
+    groups = [{**g, "lr": config.learning_rate * g.get("lr_scale", 1.0)} for g in param_groups]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.learning_rate)
@@ -212,7 +239,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
     """Stepped every batch: linear warm-up then cosine decay to 0, or one-cycle."""
     total = config.epochs * steps_per_epoch
     if config.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total)
     warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
 
     def factor(step: int) -> float:
@@ -233,10 +261,12 @@ def metric_line(entry: dict[str, float]) -> str:
 
 
 def _is_better(entry: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Best epoch: higher valid top-1, then lower valid loss (top-3 is 1.0 for every epoch
+    when there are three stages or fewer, so it cannot rank them)."""
     if best is None:
         return True
-    if entry["valid_top3"] != best["valid_top3"]:
-        return entry["valid_top3"] > best["valid_top3"]
+    if entry["valid_top1"] != best["valid_top1"]:
+        return entry["valid_top1"] > best["valid_top1"]
     return entry["valid_loss"] < best["valid_loss"]
 
 
@@ -326,13 +356,15 @@ def fit(
     elif image_cache.config != config.preprocess:
         raise ValueError("image_cache was made for another PreprocessConfig than config.preprocess")
     t0 = time.perf_counter()
-    augmenter = build_train_transform(config.augment, seed=config.seed)
-    train_set = StageDataset(train_records, labels, image_cache, augmenter, train=True)
-    valid_set = StageDataset(valid_records, labels, image_cache)
-    say(f"data: {len(train_set)} train, {len(valid_set)} valid images, labels {labels}, "
-        f"preprocessed in {time.perf_counter() - t0:.1f} s")
+    # The mode (flystage.modes) decides what is trained on which samples: augmented images, or
+    # a frozen backbone's cached features.
+    _seed_everything(config.seed)
+    setup = SETUPS[config.mode](train_records, valid_records, labels, image_cache, config, say)
+    train_set, valid_set, model = setup.train_set, setup.valid_set, setup.model
+    say(f"data: {len(train_records)} train, {len(valid_records)} valid images, labels {labels}, "
+        f"ready in {time.perf_counter() - t0:.1f} s")
 
-    sampler = make_sampler(train_set.targets, config.balance, rank, world, config.seed)
+    sampler = make_sampler(setup.targets, config.balance, rank, world, config.seed)
     per_rank_batch = max(1, config.batch_size // world)
     # BatchNorm cannot train on a batch of one: drop a last batch of exactly one.
     drop_last = len(sampler) % per_rank_batch == 1 and len(sampler) > 1
@@ -341,14 +373,12 @@ def fit(
     valid_shard = Subset(valid_set, range(rank, len(valid_set), world))
     valid_loader = DataLoader(valid_shard, per_rank_batch * 2, shuffle=False, **loader_args)
 
-    # Model, loss, optimiser, schedule. The same seed on every rank gives the same initial
-    # weights (DDP also broadcasts rank 0's).
-    _seed_everything(config.seed)
-    model = build_model(config.arch, len(labels), config.preprocess.channels, config.pretrained)
+    # Loss, optimiser, schedule. The same seed on every rank gave the same initial weights
+    # (DDP also broadcasts rank 0's).
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    weight = class_weights(train_set.targets, len(labels)) if config.balance == "loss" else None
+    weight = class_weights(setup.targets, len(labels)) if config.balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(setup.param_groups, config)
     steps_per_epoch = len(train_loader)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
 
@@ -375,7 +405,7 @@ def fit(
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         best_state, bad_epochs = state["best_state"], state["bad_epochs"]
         say(f"resuming from checkpoint {checkpoint} after epoch {start_epoch}"
-            + (f" (best valid_top3={best['valid_top3']:.4f} at epoch {best['epoch']})" if best else ""))
+            + (f" (best valid_top1={best['valid_top1']:.4f} at epoch {best['epoch']})" if best else ""))
 
     def save(epoch: int) -> None:
         if checkpoint is None or not is_main:
@@ -391,7 +421,8 @@ def fit(
         # Every rank must stop at the same step, or the others would wait in all-reduce.
         return _all_reduce_sum([float(STOP.is_set())])[0] > 0 if world > 1 else STOP.is_set()
 
-    say(f"training {config.arch} ({sum(p.numel() for p in model.parameters()):,} parameters) for "
+    say(f"training {config.arch} ({config.mode}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+        f"trained parameters) for "
         f"{config.epochs} epochs, {steps_per_epoch} steps of {per_rank_batch} x {world} images, "
         f"{config.optimizer} lr {config.learning_rate:g}, {config.scheduler}, balance {config.balance}, "
         f"{torch.get_num_threads()} threads")
@@ -444,7 +475,7 @@ def fit(
             bad_epochs += 1
         save(epoch)
         if config.patience and bad_epochs >= config.patience:
-            say(f"early stop: no better valid_top3 for {bad_epochs} epochs (best {best['valid_top3']:.4f} at epoch {best['epoch']})")
+            say(f"early stop: no better valid_top1 for {bad_epochs} epochs (best {best['valid_top1']:.4f} at epoch {best['epoch']})")
             break
         if config.stop_after_epoch and epoch >= config.stop_after_epoch and epoch < config.epochs:
             say(f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to {checkpoint}")
@@ -453,10 +484,84 @@ def fit(
     if best_state is None:  # resumed from a checkpoint of a run that had already finished
         raise DataError(f"{checkpoint} holds no trained epoch; remove it and train again")
     model.load_state_dict(best_state)
-    model.eval()
+    model = setup.finish(model).eval()
     say(f"best epoch {best['epoch']}: valid_top1={best['valid_top1']:.4f} valid_top3={best['valid_top3']:.4f} "
         f"valid_loss={best['valid_loss']:.4f}")
-    return FitResult(model, labels, history, best, config, samples_seen)
+    return FitResult(model, labels, history, best, config, samples_seen, spec=config.model_spec())
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = [model(to_float(images[i : i + batch_size])).double().numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def train_model(
+    train_records: Sequence[Record],
+    valid_records: Sequence[Record],
+    config: TrainConfig,
+    work_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    *,
+    labels: Sequence[str] | None = None,
+    image_cache: ImageCache | None = None,
+) -> FitResult:
+    """The whole model of one training run: ``fit`` once per ensemble member (each arch of
+    ``config.member_archs`` with ``config.ensemble`` seeds), members' probabilities averaged
+    (:class:`flystage.models.EnsembleNet`), and, with ``config.calibrate``, a temperature
+    fitted on the validation images (:class:`flystage.models.Calibrated`).
+
+    Arguments as :func:`fit`; each member checkpoints in ``work_dir/member-<i>`` when there is
+    more than one. ``best`` holds the whole model's valid scores and ``temperature``.
+    """
+    say = log if _dist_info()[0] == 0 else (lambda line: None)
+    if labels is None:
+        labels = sort_labels({r.label for r in train_records} | {r.label for r in valid_records})
+    labels = list(labels)
+    if image_cache is None:
+        image_cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
+    members = [(arch, config.seed + i) for arch in config.member_archs for i in range(config.ensemble)]
+    results = []
+    for j, (arch, seed) in enumerate(members):
+        member_config = dataclasses.replace(config, arch=arch, seed=seed, ensemble=1, ensemble_archs=())
+        member_dir = Path(work_dir) / f"member-{j}" if work_dir is not None and len(members) > 1 else work_dir
+        t0 = time.perf_counter()
+        results.append(fit(train_records, valid_records, member_config, member_dir, log,
+                           labels=labels, image_cache=image_cache))
+        if len(members) > 1:
+            say(f"member {j + 1}/{len(members)}: {arch} seed {seed}, best valid_top1="
+                f"{results[-1].best['valid_top1']:.4f} in {time.perf_counter() - t0:.1f} s")
+    model: nn.Module = results[0].model if len(results) == 1 else EnsembleNet([r.model for r in results]).eval()
+    spec = results[0].spec if len(results) == 1 else {"members": [r.spec for r in results]}
+    valid_logits = _logits(model, image_cache.get([r.path for r in valid_records]))
+    index = {label: i for i, label in enumerate(labels)}
+    valid_targets = np.array([index[r.label] for r in valid_records])
+    best = dict(results[0].best) if len(results) == 1 else {}
+    best.update(_valid_scores(valid_logits, valid_targets, "valid"))
+    if config.calibrate:
+        temperature = fit_temperature(valid_logits, valid_targets)
+        model, spec = Calibrated(model, temperature).eval(), {**spec, "temperature": temperature}
+        best["temperature"] = temperature
+        best.update(_valid_scores(valid_logits / temperature, valid_targets, "calibrated_valid"))
+        say(f"calibration: temperature {temperature:.3f} on {len(valid_targets)} valid images, valid NLL "
+            f"{best['valid_loss']:.4f} -> {best['calibrated_valid_loss']:.4f}, ECE {best['valid_ece']:.4f} -> "
+            f"{best['calibrated_valid_ece']:.4f}")
+    history = [dict(entry, member=j) for j, r in enumerate(results) for entry in r.history]
+    return FitResult(model, labels, history, best, config, sum(r.samples_seen for r in results), spec=spec)
+
+
+def _valid_scores(logits: np.ndarray, targets: np.ndarray, prefix: str) -> dict[str, float]:
+    from flystage.calibrate import expected_calibration_error, nll, softmax
+
+    probs = softmax(logits)
+    ranked = np.argsort(-probs, axis=1, kind="stable")[:, :3]
+    return {
+        f"{prefix}_loss": nll(logits, targets),
+        f"{prefix}_top1": float(np.mean(ranked[:, 0] == targets)),
+        f"{prefix}_top3": float(np.mean((ranked == targets[:, None]).any(axis=1))),
+        f"{prefix}_ece": expected_calibration_error(probs, targets),
+    }
 
 
 # ---- 3. the program ------------------------------------------------------------------------
@@ -679,7 +784,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(config.threads)
         rank, world = _init_distributed(args.hosts, args.current_host, _log)
         train_records, valid_records, manifest = split_channels(args.train, args.valid, seed=config.seed)
-        result = fit(train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log)
+        result = train_model(train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log)
         _log(f"host={args.current_host or 'local'} rank={rank} world_size={world} samples={result.samples_seen}")
         if rank == 0:
             from flystage.artefact import save_artefact  # needs onnx: imported only where used
@@ -687,6 +792,7 @@ def run(args: argparse.Namespace) -> int:
             save_artefact(
                 args.model_dir, result.model, config.arch, result.labels, config.preprocess,
                 metrics=result.best, manifest_sha256=manifest_sha256(manifest) if manifest else None,
+                spec=result.spec,
                 extra={"train_config": config.to_dict(), "train_images": len(train_records),
                        "valid_images": len(valid_records), "world_size": world},
             )

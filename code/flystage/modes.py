@@ -1,0 +1,130 @@
+"""Training modes: what ``flystage.train.fit``'s epoch loop trains, and on which samples.
+
+Each mode is one small function ``setup_<mode>(train, valid, labels, cache, config, log)``
+returning a :class:`Setup`; the loop (optimiser, schedule, metric lines, best epoch,
+checkpoints, data-parallel) is the same for all of them.
+
+- ``full``: every weight of the model from ``build_model`` trained on augmented images (the
+  from-scratch models, hognet).
+- ``probe``: a frozen feature extractor (a pretrained backbone's pooled stages, or HOG),
+  whose features are computed once per image and once per augmentation draw and kept; the
+  loop trains only a linear head on them, so an epoch takes milliseconds.
+- ``finetune``: a pretrained backbone trained on augmented images at ``backbone_lr_scale``
+  times the head's learning rate, its first ``freeze_stages`` stages frozen, and its
+  BatchNorm statistics kept from ImageNet (batches of 32 are too small to re-estimate them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from flystage.augment import build_train_transform
+from flystage.data import ImageCache, StageDataset
+from flystage.models import build_feature_extractor, build_model, freeze_backbone
+from flystage.organise import Record
+from flystage.probe import ProbeNet, cached_features
+
+if TYPE_CHECKING:
+    from flystage.train import TrainConfig
+
+MODES = ("full", "probe", "finetune")
+
+
+@dataclass
+class Setup:
+    """What the epoch loop needs: samples ``(x, target)``, the module it trains, and how that
+    module becomes the image model (``finish``: trained module -> images-to-logits model)."""
+
+    train_set: Dataset
+    valid_set: Dataset
+    targets: np.ndarray  # class index of every training sample (balance, sampler)
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    finish: Callable[[nn.Module], nn.Module]
+
+
+def _decay_groups(params: Sequence[nn.Parameter], weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    # As torchvision's references: no weight decay on norm weights and biases.
+    decay = [p for p in params if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+                        {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}) if g["params"]]
+
+
+def _image_sets(train: Sequence[Record], valid: Sequence[Record], labels: Sequence[str], cache: ImageCache,
+                config: "TrainConfig") -> tuple[StageDataset, StageDataset]:
+    augmenter = build_train_transform(config.augment, seed=config.seed)
+    return (StageDataset(train, labels, cache, augmenter, train=True), StageDataset(valid, labels, cache))
+
+
+def setup_full(train, valid, labels, cache, config, log) -> Setup:
+    train_set, valid_set = _image_sets(train, valid, labels, cache, config)
+    model = build_model(config.arch, len(labels), config.preprocess.channels, config.pretrained)
+    return Setup(train_set, valid_set, train_set.targets, model,
+                 _decay_groups(list(model.parameters()), config.weight_decay), finish=lambda m: m)
+
+
+def setup_finetune(train, valid, labels, cache, config, log) -> Setup:
+    train_set, valid_set = _image_sets(train, valid, labels, cache, config)
+    model = build_model(config.arch, len(labels), config.preprocess.channels, pretrained=True)
+    backbone, head = freeze_backbone(model, config.freeze_stages)
+    groups = (_decay_groups(backbone, config.weight_decay, config.backbone_lr_scale)
+              + _decay_groups(head, config.weight_decay))
+    return Setup(train_set, valid_set, train_set.targets, model, groups, finish=lambda m: m)
+
+
+class _Head(nn.Module):
+    """The probe's trainable part: standardisation (fixed buffers) and a linear layer."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = nn.Linear(len(mean), num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.linear((f - self.mean) / self.std)
+
+
+def setup_probe(train, valid, labels, cache, config, log) -> Setup:
+    features, dim = build_feature_extractor(config.arch, config.preprocess.channels, config.feature_taps,
+                                            config.hog_features, pretrained=True)
+    t0 = time.perf_counter()
+    train_set, valid_set = _image_sets(train, valid, labels, cache, config)
+    # Every image once as it is, and augment_draws augmented copies, each drawn once: the
+    # backbone runs (1 + draws) times per training image in the whole run (and across
+    # cross-validation folds), not once per epoch.
+    key = (config.arch, tuple(config.feature_taps), config.hog_features, json.dumps(config.augment.to_dict()))
+    transform = build_train_transform(config.augment, seed=config.seed)
+    train_paths, valid_paths = [r.path for r in train], [r.path for r in valid]
+    x = torch.cat([cached_features(features, key, cache, train_paths, draw, transform, config.seed)
+                   for draw in range(1 + config.augment_draws)])
+    y = np.tile(train_set.targets, 1 + config.augment_draws)
+    valid_x = cached_features(features, key, cache, valid_paths, 0, None, config.seed)
+    log(f"probe: {config.arch} features ({dim}) of {len(train)} training images x {1 + config.augment_draws} "
+        f"draws and {len(valid)} valid images in {time.perf_counter() - t0:.1f} s")
+    head = _Head(x.mean(0), x.std(0).clamp_min(1e-6), len(labels))
+
+    def finish(trained: nn.Module) -> nn.Module:
+        net = ProbeNet(features, dim, len(labels))
+        with torch.no_grad():
+            net.mean.copy_(trained.mean)
+            net.std.copy_(trained.std)
+            net.head.load_state_dict(trained.linear.state_dict())
+        return net.eval()
+
+    return Setup(TensorDataset(x, torch.from_numpy(y)),
+                 TensorDataset(valid_x, torch.from_numpy(valid_set.targets)),
+                 y, head, _decay_groups(list(head.parameters()), config.weight_decay), finish)
+
+
+SETUPS: dict[str, Callable[..., Setup]] = {"full": setup_full, "probe": setup_probe, "finetune": setup_finetune}
