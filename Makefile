@@ -52,8 +52,14 @@ demo: ## the main job on the default dataset (BDGP): fetch, organise by gene, tr
 
 # ---- benchmarks ---------------------------------------------------------------------------
 
-bench-accuracy: ## leave-one-gene-out cross-validation on BDGP with the defaults, 8 folds (JSON last line: top1, top3, seconds)
-	$(PY) bench/bench_accuracy.py --out $(RUNS)/bench-accuracy $(if $(THREADS),--threads $(THREADS))
+bench-accuracy: ## leave-one-gene-out cross-validation on BDGP with the defaults, 8 folds (JSON last line: top1, top3, ece, seconds) [LABLIKE=1] [THREADS=1]
+	$(PY) bench/bench_accuracy.py --out $(RUNS)/bench-accuracy$(if $(filter 1 yes true,$(LABLIKE)),-lablike) \
+		$(if $(filter 1 yes true,$(LABLIKE)),--lablike) $(if $(THREADS),--threads $(THREADS))
+
+.PHONY: bench-accuracy-lablike
+
+bench-accuracy-lablike: ## the same on a lab-like copy of BDGP (dim 1110x420 16-bit grey TIFFs, random angle and place) [THREADS=1]
+	@$(MAKE) --no-print-directory bench-accuracy LABLIKE=1
 
 bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model input (JSON line)
 	$(PY) bench/bench_preprocess.py
