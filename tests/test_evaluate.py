@@ -12,9 +12,11 @@ from artefact_helpers import LABELS, make_artefact, write_image
 from flystage import cli
 from flystage.evaluate import (
     confusion_matrix,
+    coverage_curve,
     evaluate_manifest,
     evaluate_probs,
     plot_confusion,
+    plot_coverage,
     recall_precision,
     report_text,
     topk_accuracy,
@@ -71,6 +73,51 @@ def test_evaluate_probs_report():
         evaluate_probs(PROBS, TARGETS, ["a", "b"])
 
 
+def test_report_text_prints_ece_and_coverage():
+    # Top-1 probabilities 0.5, 0.7, 0.4, 0.6; rows 0 and 3 right, 1 and 2 wrong.
+    report = evaluate_probs(PROBS, TARGETS, ["1-3", "4-6", "7-8"])
+    assert report["coverage"][:3] == [
+        {"threshold": 0.5, "coverage": 0.75, "n": 3, "accuracy": 0.6667},
+        {"threshold": 0.6, "coverage": 0.5, "n": 2, "accuracy": 0.5},
+        {"threshold": 0.7, "coverage": 0.25, "n": 1, "accuracy": 0.0},
+    ]
+    lines = report_text(report).splitlines()
+    assert f"calibration: ECE {report['ece']:.3f}" in "\n".join(lines)
+    assert "  p >= 0.50:  75 % of images (3 of 4), top-1  67 %" in lines
+    assert "  p >= 0.60:  50 % of images (2 of 4), top-1  50 %" in lines
+    assert "  p >= 0.70:  25 % of images (1 of 4), top-1   0 %" in lines
+    assert "  p >= 0.95:   0 % of images (0 of 4), top-1 n/a" in lines
+    # The model's fitted temperature is named when the report carries it.
+    report["model"] = {"metrics": {"temperature": 1.5}}
+    assert "temperature 1.50 fitted on the valid split" in report_text(report)
+    # Reports without calibration (older ones) still print.
+    old = {k: v for k, v in report.items() if k not in ("ece", "coverage")}
+    assert "p >=" not in report_text(old) and "ECE" not in report_text(old)
+
+
+def test_coverage_curve_and_plot(tmp_path: Path):
+    import matplotlib.image
+
+    curve = coverage_curve(PROBS, TARGETS)
+    assert len(curve) == 101 and curve[0]["threshold"] == 0.0 and curve[-1]["threshold"] == 1.0
+    assert curve[0]["coverage"] == 1.0 and curve[0]["accuracy"] == 0.5  # threshold 0 accepts all: top-1
+    assert next(r for r in curve if r["threshold"] == 0.6) == {"threshold": 0.6, "coverage": 0.5, "n": 2, "accuracy": 0.5}
+    assert curve[-1] == {"threshold": 1.0, "coverage": 0.0, "n": 0, "accuracy": None}
+    path = plot_coverage(curve, tmp_path / "sub" / "coverage.png", title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[1] > pixels.shape[0] > 300  # two panels side by side
+    assert pixels[..., :3].std() > 0.05
+    # Both curves are drawn: matplotlib's default blue (accuracy) and orange (coverage).
+    rgb = (pixels[..., :3] * 255).astype(int)
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(rgb - colour).sum(axis=-1) < 30).sum() > 200, colour
+    # From a report's table alone, and with no image accepted anywhere, it still draws.
+    plot_coverage(evaluate_probs(PROBS, TARGETS, ["1-3", "4-6", "7-8"])["coverage"], tmp_path / "table.png")
+    plot_coverage(coverage_curve(np.zeros((0, 3)), np.zeros(0, int)), tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").is_file()
+
+
 def test_plot_confusion_writes_a_real_png(tmp_path: Path):
     import matplotlib.image
 
@@ -121,8 +168,20 @@ def test_evaluate_cli_writes_report_and_png(setup, tmp_path: Path, capsys):
     assert report["n"] == 6 and set(report["per_stage"]) == set(LABELS)
     assert len(report["manifest_sha256"]) == 64
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "coverage.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r["threshold"] for r in report["coverage"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    assert f"ECE {report['ece']:.3f}" in printed
+    for r in report["coverage"]:
+        assert f"p >= {r['threshold']:.2f}: " in printed and f"({r['n']} of 6)" in printed
+    assert "coverage.png" in printed
     assert cli.main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out)]) == 2
     assert "already holds a report" in capsys.readouterr().err
+    # A coverage plot alone is a report too: not replaced without --force.
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "coverage.png").write_bytes(b"mine")
+    assert cli.main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(only)]) == 2
+    assert (only / "coverage.png").read_bytes() == b"mine"
 
 
 def test_evaluate_refuses_unknown_labels_and_empty_splits(setup, tmp_path: Path):

@@ -2,9 +2,11 @@
 a confusion matrix picture and a JSON report.
 
 ``flystage evaluate --model DIR --manifest M [--split test] --out DIR`` runs the artefact's
-ONNX model (onnxruntime, the same path as serving) and writes ``report.json`` and
-``confusion.png``. ``evaluate_probs`` is the pure scoring function: cross-validation pools
-its folds' probabilities and calls it once.
+ONNX model (onnxruntime, the same path as serving) and writes ``report.json``,
+``confusion.png`` and ``coverage.png`` (top-1 accuracy of the images whose top-1 probability
+reaches a threshold, against the threshold and against the share of images accepted: what
+``flystage predict --unsure-below P`` leaves for a biologist to look at). ``evaluate_probs``
+is the pure scoring function: cross-validation pools its folds' probabilities and calls it once.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from flystage.calibrate import coverage_table, expected_calibration_error
+from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
 from flystage.artefact import ArtefactError
 from flystage.imaging import ImageError, load
 from flystage.predict import Predictor
@@ -97,17 +101,30 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]
     }
 
 
-def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, title: str | None = None) -> Path:
-    """Save the confusion matrix as a PNG: counts in the cells, rows true, columns predicted."""
+@contextmanager
+def _png(path: str | Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """``plt.subplots(**subplots)`` on the Agg backend (files only, never a display); the
+    figure is saved to ``path`` as a PNG when the block ends, and closed whatever happens."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; never needs a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(dpi=120, **subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, title: str | None = None) -> Path:
+    """Save the confusion matrix as a PNG: counts in the cells, rows true, columns predicted."""
     cm = np.asarray(cm)
     k = len(labels)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k), dpi=120)
-    try:
+    with _png(path, figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k)) as (fig, ax):
         ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
         ax.set_xticks(range(k), labels, rotation=45, ha="right")
         ax.set_yticks(range(k), labels)
@@ -119,27 +136,99 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, titl
         for i in range(k):
             for j in range(k):
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
+
+
+def coverage_curve(probs: np.ndarray, targets: np.ndarray, steps: int = 100) -> list[dict]:
+    """:func:`~flystage.calibrate.coverage_table` at ``steps`` + 1 thresholds from 0 to 1: the
+    whole curve that :func:`plot_coverage` draws (threshold 0 accepts every image)."""
+    return coverage_table(probs, targets, [round(t, 4) for t in np.linspace(0.0, 1.0, steps + 1)])
+
+
+def plot_coverage(
+    curve: Sequence[dict], path: str | Path, marks: Sequence[dict] | None = None, title: str | None = None
+) -> Path:
+    """Save the accuracy/coverage trade-off of accepting answers above a top-1 probability.
+
+    ``curve`` and ``marks`` are rows of :func:`~flystage.calibrate.coverage_table`
+    (``threshold``, ``coverage``, ``n``, ``accuracy``): ``curve`` a dense sweep
+    (:func:`coverage_curve`), ``marks`` the report's thresholds, drawn as points named in a legend
+    (default: the rows of ``curve`` at :data:`~flystage.calibrate.THRESHOLDS`). Left panel:
+    against the threshold, the top-1 accuracy of the accepted images and the share accepted.
+    Right panel: top-1 accuracy against the share accepted.
+    """
+    import matplotlib
+
+    curve = sorted(curve, key=lambda r: r["threshold"])
+    if marks is None:
+        marks = [r for r in curve if any(abs(r["threshold"] - t) < 1e-9 for t in THRESHOLDS)]
+    covered = [r for r in curve if r["coverage"] is not None]
+    answered = [r for r in covered if r["accuracy"] is not None]  # at least one image accepted
+    marked = [r for r in marks if r["coverage"] is not None and r["accuracy"] is not None]
+    with _png(path, ncols=2, figsize=(10.5, 4.2)) as (fig, (left, right)):
+        left.plot([r["threshold"] for r in answered], [r["accuracy"] for r in answered], color="tab:blue", lw=2,
+                  label="top-1 accuracy of the accepted images")
+        left.plot([r["threshold"] for r in covered], [r["coverage"] for r in covered], color="tab:orange", lw=2,
+                  ls="--", label="share of images accepted")
+        left.plot([r["threshold"] for r in marked], [r["accuracy"] for r in marked], "o", color="tab:blue")
+        left.plot([r["threshold"] for r in marked], [r["coverage"] for r in marked], "o", color="tab:orange")
+        left.set_xlabel("threshold: accept when the top-1 probability reaches it")
+        left.set_xlim(0.0, 1.0)
+        left.legend(loc="lower left", fontsize=8)
+
+        right.plot([r["coverage"] for r in answered], [r["accuracy"] for r in answered], color="tab:blue", lw=2)
+        # One marker per threshold, named in a legend (labels beside the points collide when
+        # thresholds accept the same images, as they do on a small split).
+        shades = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(1, len(marked))))
+        for r, shade in zip(marked, shades):
+            right.plot(r["coverage"], r["accuracy"], "o", ms=7, color=shade, markeredgecolor="black", markeredgewidth=0.5,
+                       label=f"p >= {r['threshold']:.2f}: {100 * r['coverage']:.0f} % of images, top-1 {100 * r['accuracy']:.0f} %")
+        if marked:
+            right.legend(loc="lower left", fontsize=7, title="accept when", title_fontsize=7)
+        right.set_xlabel("share of images accepted (coverage)")
+        right.set_ylabel("top-1 accuracy of the accepted images")
+        right.set_xlim(-0.02, 1.02)
+        for ax in (left, right):
+            ax.set_ylim(-0.02, 1.05)
+            ax.grid(alpha=0.3)
+        left.set_ylabel("share")
+        if title:
+            fig.suptitle(title)
+    return Path(path)
+
+
+def coverage_text(report: dict[str, Any]) -> list[str]:
+    """The calibration lines of a report: ECE (and the model's temperature), then per threshold
+    the share of images whose top-1 probability reaches it and their top-1 accuracy."""
+    lines = []
+    if report.get("ece") is not None:
+        metrics = (report.get("model") or {}).get("metrics") or {}
+        temperature = metrics.get("temperature") if isinstance(metrics, dict) else None
+        fitted = f"; temperature {temperature:.2f} fitted on the valid split" if isinstance(temperature, (int, float)) else ""
+        lines.append(f"calibration: ECE {report['ece']:.3f} (0 = top-1 probabilities match top-1 accuracy{fitted})")
+    rows = report.get("coverage") or []
+    if rows:
+        lines.append("accepting the answers whose top-1 probability p reaches a threshold:")
+    for r in rows:
+        share = "n/a" if r["coverage"] is None else f"{100 * r['coverage']:3.0f} %"
+        accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:3.0f} %"
+        lines.append(f"  p >= {r['threshold']:.2f}: {share} of images ({r['n']} of {report['n']}), top-1 {accuracy}")
+    return lines
 
 
 def report_text(report: dict[str, Any]) -> str:
-    """A few readable lines: accuracy, then recall/precision/support per stage."""
+    """A few readable lines: accuracy, recall/precision/support per stage, then calibration
+    (ECE) and coverage (``p >= 0.80:  62 % of images (37 of 60), top-1  97 %``)."""
 
     def pct(x: float | None) -> str:
         return "   n/a" if x is None else f"{100 * x:5.1f}%"
 
-    lines = [f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"
-             + (f"   ECE {report['ece']:.3f}" if report.get("ece") is not None else "")]
+    lines = [f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"]
     width = max(len("stage"), *(len(label) for label in report["labels"]))
     lines.append(f"{'stage':>{width}}  recall  precision  support")
     for label, s in report["per_stage"].items():
         lines.append(f"{label:>{width}}  {pct(s['recall'])}     {pct(s['precision'])}  {s['support']:7d}")
+    lines += coverage_text(report)
     return "\n".join(lines)
 
 
@@ -182,25 +271,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model directory (model.onnx + metadata.json)")
     parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV from `flystage organise`")
     parser.add_argument("--split", choices=[*SPLITS, "all"], default="test", help="which split to score (default test)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for report.json and confusion.png")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.json, confusion.png and coverage.png")
     parser.add_argument("--force", action="store_true", help="replace an existing report in --out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
 
 
 def run(args: argparse.Namespace) -> int:
-    report_path, png_path = args.out / "report.json", args.out / "confusion.png"
-    if not args.force and (report_path.exists() or png_path.exists()):
+    report_path, png_path, coverage_path = (args.out / name for name in ("report.json", "confusion.png", "coverage.png"))
+    if not args.force and any(p.exists() for p in (report_path, png_path, coverage_path)):
         print(f"error: {args.out} already holds a report; choose another --out or pass --force", file=sys.stderr)
         return 2
     try:
-        report, _, _ = evaluate_manifest(args.model, args.manifest, args.split, args.batch_size, args.threads)
+        report, probs, targets = evaluate_manifest(args.model, args.manifest, args.split, args.batch_size, args.threads)
     except (ArtefactError, ManifestError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(np.array(report["confusion"]), report["labels"], png_path, title=f"{args.split} split, n={report['n']}")
+    title = f"{args.split} split, n={report['n']}"
+    plot_confusion(np.array(report["confusion"]), report["labels"], png_path, title=title)
+    plot_coverage(coverage_curve(probs, targets), coverage_path, marks=report["coverage"],
+                  title=title + (f", ECE {report['ece']:.3f}" if report.get("ece") is not None else ""))
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(report_text(report))
-    print(f"wrote {report_path} and {png_path}")
+    print(f"wrote {report_path}, {png_path} and {coverage_path}")
     return 0
