@@ -277,3 +277,134 @@ def test_batches_in_flight_keep_order_and_results(model_dir: Path, folder: Path)
         assert a.error == b.error
         assert [label for label, _ in a.top] == [label for label, _ in b.top]
         assert [p for _, p in a.top] == pytest.approx([p for _, p in b.top], abs=1e-5)
+
+
+# ---- --unsure-below: a model with known probabilities ----------------------------------------
+
+# Logits (SCALE * mean pixel, 0, 0, 0): a blank image preprocesses to zeros and gets exactly
+# 0.25 for every stage; an embryo (mean ~0.33) gets ~0.9 for the first stage.
+SCALE = 10.0
+
+
+def known_probability_model():
+    import torch
+
+    class MeanToFirstStage(torch.nn.Module):
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3)).unsqueeze(1) * SCALE
+            return torch.cat([m, m * 0, m * 0, m * 0], dim=1)
+
+    return MeanToFirstStage().eval()
+
+
+def expected_top1(path: Path) -> float:
+    m = float(load(path, tiny_config()).mean())
+    return float(np.exp(SCALE * m) / (np.exp(SCALE * m) + 3))
+
+
+@pytest.fixture(scope="module")
+def known_model(tmp_path_factory) -> Path:
+    import torch
+
+    from flystage.artefact import save_artefact
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("known")
+    save_artefact(d, known_probability_model(), "mean-to-first", LABELS, tiny_config(), {}, None)
+    return d
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """Two embryos (top-1 ~0.9) and a blank frame (top-1 exactly 0.25)."""
+    import tifffile
+
+    root = tmp_path / "mixed"
+    write_image(root / "embryo1.tif", seed=1)
+    write_image(root / "sub" / "embryo2.png", seed=2)
+    tifffile.imwrite(root / "blank.tif", np.full((42, 111), 300, np.uint16))
+    return root
+
+
+def test_unsure_below_marks_low_top1_images_in_csv_and_json(known_model: Path, mixed: Path, tmp_path: Path, capsys):
+    (mixed / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
+    out = tmp_path / "p.csv"
+    assert predict(mixed, "--model", known_model, "--out", out, "--unsure-below", "0.5") == 1  # 1: the broken file
+    rows = {r["file"]: r for r in read_csv(out)}
+    assert list(next(iter(rows.values()))) == ["file", "stage_1", "p_1", "stage_2", "p_2", "stage_3", "p_3", "unsure", "error"]
+    assert rows["blank.tif"]["p_1"] == "0.2500" and rows["blank.tif"]["unsure"] == "true"
+    for name in ("embryo1.tif", "sub/embryo2.png"):
+        p1 = expected_top1(mixed / name)
+        assert 0.8 < p1 < 0.99 and float(rows[name]["p_1"]) == pytest.approx(p1, abs=1e-4)
+        assert rows[name]["stage_1"] == "1-3" and rows[name]["unsure"] == "false"
+    assert rows["broken.tif"]["unsure"] == "" and rows["broken.tif"]["error"]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["unsure_below"] == 0.5 and doc["unsure"] == 1
+    assert {p["file"]: p["unsure"] for p in doc["predictions"]} == {
+        "blank.tif": True, "embryo1.tif": False, "sub/embryo2.png": False, "broken.tif": None,
+    }
+    assert "predicted 3 of 4 image(s), 1 unsure (top-1 below 0.5)" in capsys.readouterr().out
+
+    # The cut is the evaluate report's: p >= P is accepted, so 0.25 itself is not unsure.
+    assert predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", "0.25") == 1
+    assert {r["file"]: r["unsure"] for r in read_csv(out)}["blank.tif"] == "false"
+    # Above every top-1: all readable images are unsure.
+    assert predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", "0.99") == 1
+    assert sorted(r["unsure"] for r in read_csv(out)) == ["", "true", "true", "true"]
+    assert "3 unsure (top-1 below 0.99)" in capsys.readouterr().out
+    # Without the option, the outputs keep their shape.
+    assert predict(mixed, "--model", known_model, "--out", out, "--force") == 1
+    assert "unsure" not in read_csv(out)[0]
+    assert "unsure" not in json.loads(out.with_suffix(".json").read_text())
+    assert " unsure (top-1 below" not in capsys.readouterr().out
+
+
+def test_rename_leaves_unsure_images_under_their_names(known_model: Path, mixed: Path, tmp_path: Path, capsys):
+    original = snapshot(mixed)
+    undo = tmp_path / "undo.csv"
+    args = ("--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo, "--unsure-below", "0.5")
+    assert predict(mixed, "--model", known_model, *args) == 0  # keeping a name on purpose is no failure
+    after = snapshot(mixed)
+    assert after["blank.tif"] == original["blank.tif"]
+    assert "embryo1.tif" not in after and "sub/embryo2.png" not in after
+    assert sorted(after.values()) == sorted(original.values())
+    assert [Path(r["old"]).name for r in read_csv(undo)] == ["embryo1.tif", "embryo2.png"]
+    out = capsys.readouterr().out
+    assert "1 unsure (top-1 below 0.5)" in out
+    assert "renamed 2 file(s), skipped 0, left 1 unsure image(s) under their own names" in out
+    assert predict("--undo", undo) == 0
+    assert snapshot(mixed) == original
+
+
+def test_unsure_below_must_be_a_probability(known_model: Path, mixed: Path, tmp_path: Path, capsys):
+    for bad in ("0", "1", "1.5", "-0.2", "nan", "eighty"):
+        with pytest.raises(SystemExit) as exit_info:
+            predict(mixed, "--model", known_model, "--out", tmp_path / "p.csv", "--unsure-below", bad)
+        assert exit_info.value.code == 2
+        assert "--unsure-below" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+    with pytest.raises(SystemExit):
+        predict("--help")
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--unsure-below P" in help_text and "unsure images keep their names" in help_text
+
+
+def test_unsure_below_with_a_remote_predictor(mixed: Path, tmp_path: Path, capsys):
+    """The option comes with add_output_arguments, so the endpoint and local container get it too."""
+    import argparse
+
+    from flystage.predict import add_output_arguments, run_with
+
+    class Remote:
+        def predict_sources(self, sources, k=3, names=None):
+            return [Prediction(n, [("13-16", 0.55 if "blank" in n else 0.9), ("11-12", 0.05)][:k]) for n in names]
+
+    parser = argparse.ArgumentParser()
+    add_output_arguments(parser)
+    args = parser.parse_args([str(mixed), "--out", str(tmp_path / "r.csv"), "--unsure-below", "0.6", "--rename",
+                              "--undo-manifest", str(tmp_path / "u.csv")])
+    assert run_with(Remote(), args) == 0
+    assert {r["file"]: r["unsure"] for r in read_csv(tmp_path / "r.csv")} == {
+        "blank.tif": "true", "embryo1.tif": "false", "sub/embryo2.png": "false",
+    }
+    assert (mixed / "blank.tif").is_file() and (mixed / "embryo1__s13-16_s11-12.tif").is_file()

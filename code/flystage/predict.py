@@ -3,7 +3,9 @@
 ``flystage predict FOLDER --model DIR`` writes a CSV (``file, stage_1, p_1, ..., error``) and
 a JSON file; ``--rename`` appends the top-3 to each file name
 (``embryo12.tif -> embryo12__s11-12_s13-16_s9-10.tif``) after writing an undo manifest, and
-``flystage predict --undo MANIFEST`` restores the names.
+``flystage predict --undo MANIFEST`` restores the names. ``--unsure-below P`` adds a column
+``unsure`` (true when the top-1 probability is below P: the images a biologist should look
+at) and leaves those images under their own names with ``--rename``.
 
 The loop is split so that the model can live elsewhere: anything with
 ``predict_sources(sources, k, names) -> list[Prediction]`` (a ``SourcePredictor``: the local
@@ -60,6 +62,28 @@ class Prediction:
             "top": [{"stage": label, "probability": round(p, 6)} for label, p in self.top],
             "error": self.error,
         }
+
+
+def is_unsure(prediction: Prediction, below: float | None) -> bool | None:
+    """Whether the top-1 probability is below ``below``; None without a threshold or a prediction.
+
+    The same cut as the evaluate report's coverage table: an image with ``p >= below`` is
+    accepted, so ``--unsure-below 0.8`` marks the images left out of its ``p >= 0.80`` row.
+    """
+    if below is None or prediction.error or not prediction.top:
+        return None
+    return prediction.top[0][1] < below
+
+
+def unsure_threshold(text: str) -> float:
+    """argparse type of ``--unsure-below``: a probability strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a probability such as 0.8") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (exclusive); give a probability such as 0.8")
+    return value
 
 
 class SourcePredictor(Protocol):
@@ -199,21 +223,41 @@ def _open_new(path: Path, force: bool):
         raise FileExistsError(f"{path} already exists; choose another name or pass --force to replace it") from None
 
 
-def write_csv(predictions: Sequence[Prediction], path: str | Path, k: int = 3, force: bool = False) -> Path:
-    """CSV with ``file, stage_1, p_1, ..., stage_k, p_k, error`` (one row per image)."""
+def write_csv(
+    predictions: Sequence[Prediction], path: str | Path, k: int = 3, force: bool = False, unsure_below: float | None = None
+) -> Path:
+    """CSV with ``file, stage_1, p_1, ..., stage_k, p_k, error`` (one row per image).
+
+    With ``unsure_below``, a column ``unsure`` before ``error``: ``true`` when the top-1
+    probability is below it, ``false`` otherwise, empty for an unreadable image.
+    """
     path = Path(path)
+    flag = {True: "true", False: "false", None: ""}
     with _open_new(path, force) as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["file", *[c for i in range(1, k + 1) for c in (f"stage_{i}", f"p_{i}")], "error"])
+        unsure = ["unsure"] if unsure_below is not None else []
+        writer.writerow(["file", *[c for i in range(1, k + 1) for c in (f"stage_{i}", f"p_{i}")], *unsure, "error"])
         for p in predictions:
             cells = [c for label, prob in p.top[:k] for c in (label, f"{prob:.4f}")]
             cells += [""] * (2 * k - len(cells))
+            if unsure_below is not None:
+                cells.append(flag[is_unsure(p, unsure_below)])
             writer.writerow([p.source, *cells, p.error or ""])
     return path
 
 
-def write_json(predictions: Sequence[Prediction], path: str | Path, model: dict[str, Any] | None = None, force: bool = False) -> Path:
-    """JSON ``{"model": {...}, "n": N, "errors": E, "predictions": [{"file", "top", "error"}]}``."""
+def write_json(
+    predictions: Sequence[Prediction],
+    path: str | Path,
+    model: dict[str, Any] | None = None,
+    force: bool = False,
+    unsure_below: float | None = None,
+) -> Path:
+    """JSON ``{"model": {...}, "n": N, "errors": E, "predictions": [{"file", "top", "error"}]}``.
+
+    With ``unsure_below``, also ``"unsure_below": P``, ``"unsure": U`` (how many) and
+    ``"unsure": true/false`` in each prediction (null for an unreadable image).
+    """
     path = Path(path)
     document = {
         "model": model or {},
@@ -221,6 +265,11 @@ def write_json(predictions: Sequence[Prediction], path: str | Path, model: dict[
         "errors": sum(p.error is not None for p in predictions),
         "predictions": [p.to_dict() for p in predictions],
     }
+    if unsure_below is not None:
+        flags = [is_unsure(p, unsure_below) for p in predictions]
+        document.update(unsure_below=unsure_below, unsure=sum(f is True for f in flags))
+        for entry, flag in zip(document["predictions"], flags):
+            entry["unsure"] = flag
     with _open_new(path, force) as f:
         json.dump(document, f, indent=1)
         f.write("\n")
@@ -267,6 +316,7 @@ class RenameReport:
     renamed: list[tuple[Path, Path]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
     problems: int = 0  # skips the user should look at (not "already renamed" or "no prediction")
+    unsure: list[Path] = field(default_factory=list)  # kept their names on purpose (listed in the CSV)
 
     def skip(self, path: Path, why: str, problem: bool = True) -> None:
         self.skipped.append((path, why))
@@ -284,17 +334,24 @@ class RenameReport:
             self.renamed.append((src, dst))
 
     def text(self) -> str:
-        lines = [f"renamed {len(self.renamed)} file(s), skipped {len(self.skipped)}"]
+        kept = f", left {len(self.unsure)} unsure image(s) under their own names" if self.unsure else ""
+        lines = [f"renamed {len(self.renamed)} file(s), skipped {len(self.skipped)}{kept}"]
         lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
         return "\n".join(lines)
 
 
 def rename_files(
-    paths: Sequence[Path], predictions: Sequence[Prediction], undo_path: str | Path, k: int = 3
+    paths: Sequence[Path],
+    predictions: Sequence[Prediction],
+    undo_path: str | Path,
+    k: int = 3,
+    unsure_below: float | None = None,
 ) -> RenameReport:
     """Append the top-k stages to each file name; write each old->new pair to ``undo_path`` first.
 
     Never replaces an existing file, skips files already renamed or without a prediction.
+    With ``unsure_below``, an image whose top-1 probability is below it keeps its name
+    (counted in ``report.unsure``, not a problem): a name carries only answers the lab accepts.
     The undo manifest (CSV ``old,new``, absolute paths) is flushed before each rename, so a
     crash leaves it valid; it must not exist yet.
     """
@@ -311,6 +368,9 @@ def rename_files(
                 continue
             if prediction.error or not prediction.top:
                 report.skip(path, "no prediction (unreadable image)")
+                continue
+            if is_unsure(prediction, unsure_below):
+                report.unsure.append(path)
                 continue
             target = renamed_path(path, [label for label, _ in prediction.top[:k]])
             if os.path.lexists(target):
@@ -363,7 +423,16 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=3, help="how many stages per image (default 3)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     parser.add_argument("--workers", type=int, default=1, help="batches in flight at once (default 1)")
-    parser.add_argument("--rename", action="store_true", help="append the top-k stages to each file name")
+    parser.add_argument(
+        "--unsure-below", type=unsure_threshold, metavar="P",
+        help="add a column 'unsure' (true/false): true when the top-1 probability is below P, a number "
+        "between 0 and 1 (default: no column). With --rename, unsure images keep their names. "
+        "`flystage evaluate` prints the share of images each threshold accepts and their accuracy",
+    )
+    parser.add_argument(
+        "--rename", action="store_true",
+        help="append the top-k stages to each file name (not for unsure images, with --unsure-below)",
+    )
     parser.add_argument("--undo-manifest", type=Path, help="where --rename records old->new names (default: next to --out)")
     parser.add_argument("--undo", type=Path, metavar="MANIFEST", help="restore the names recorded by an earlier --rename")
 
@@ -423,15 +492,17 @@ def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: d
     predictions = predict_files(
         predictor, paths, root=root, k=args.k, batch_size=args.batch_size, workers=getattr(args, "workers", 1)
     )
-    write_csv(predictions, args.out, k=args.k, force=args.force)
-    write_json(predictions, json_path, model=model_info, force=args.force)
+    below = getattr(args, "unsure_below", None)
+    write_csv(predictions, args.out, k=args.k, force=args.force, unsure_below=below)
+    write_json(predictions, json_path, model=model_info, force=args.force, unsure_below=below)
     errors = [p for p in predictions if p.error]
     for p in errors:
         print(f"unreadable: {p.error}", file=sys.stderr)
-    print(f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s); wrote {args.out} and {json_path}")
+    unsure = "" if below is None else f", {sum(bool(is_unsure(p, below)) for p in predictions)} unsure (top-1 below {below:g})"
+    print(f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s){unsure}; wrote {args.out} and {json_path}")
     status = 1 if errors else 0
     if args.rename:
-        report = rename_files(paths, predictions, undo_path, k=args.k)
+        report = rename_files(paths, predictions, undo_path, k=args.k, unsure_below=below)
         print(report.text())
         print(f"undo with: flystage predict --undo {undo_path}")
         status = 1 if report.problems or errors else 0
