@@ -42,6 +42,7 @@ def test_save_writes_the_three_files_and_metadata(artefact):
     assert raw["input_shape"] == [1, 32, 80]
     assert raw["metrics"] == {"valid_top3": 0.5} and raw["manifest_sha256"] == "0" * 64
     assert raw["created"].endswith("+00:00")
+    assert raw["model"] == {"arch": "tiny", "mode": "full"}  # what load_torch_model rebuilds
     md = load_metadata(model_dir)
     assert md.labels == LABELS and md.preprocess == tiny_config() and md.input_shape == (1, 32, 80)
     assert md.extra["onnx_max_abs_diff"] < 1e-4
@@ -178,3 +179,101 @@ def test_the_default_and_small_models_export_and_match_onnx(tmp_path, arch):
     model = build_model(arch, len(labels), PreprocessConfig().channels).eval()
     save_artefact(tmp_path / arch, model, arch, labels, PreprocessConfig())
     check_artefact(tmp_path / arch)
+
+
+# ---- trained models on real BDGP images: ensembles, calibration, the linear probe ------------
+
+
+def real_inputs(records, config: PreprocessConfig) -> np.ndarray:
+    """The images as serving feeds them to the model: float32 (N, C, H, W) in [0, 1]."""
+    from flystage.imaging import load
+
+    return np.stack([load(r.path, config) for r in records])
+
+
+def onnx_logits(model_dir: Path, x: np.ndarray) -> np.ndarray:
+    from flystage.artefact import open_session
+
+    return open_session(model_dir, threads=1).run(["logits"], {"image": x})[0]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def bdgp_set(bdgp_root):
+    from train_helpers import bdgp_records
+
+    train, valid = bdgp_records(bdgp_root, train_per_stage=4, valid_per_stage=2)
+    # Images neither trained nor validated on, of every stage, to compare outputs on.
+    _, unseen = bdgp_records(bdgp_root, train_per_stage=6, valid_per_stage=3)
+    return train, valid, unseen
+
+
+@pytest.mark.parametrize("members, calibrate", [
+    (dict(ensemble_archs=("hognet", "small_cnn")), False),
+    (dict(arch="hognet", ensemble=2), True),
+])
+def test_ensemble_artefact_averages_the_members_probabilities(bdgp_set, tmp_path: Path, members, calibrate):
+    from flystage.models import Calibrated, EnsembleNet
+    from flystage.train import TrainConfig, train_model
+
+    train, valid, unseen = bdgp_set
+    preprocess = PreprocessConfig(height=32, width=80, channels=1)
+    config = TrainConfig(**members, mode="full", calibrate=calibrate, epochs=2, batch_size=8, threads=1,
+                         preprocess=preprocess)
+    result = train_model(train, valid, config, log=lambda line: None)
+    ensemble = result.model.model if calibrate else result.model
+    assert isinstance(ensemble, EnsembleNet) and len(ensemble.members) == 2
+    assert isinstance(result.model, Calibrated) == calibrate
+    metadata = save_artefact(tmp_path, result.model, config.arch, result.labels, preprocess, result.best,
+                             spec=result.spec)
+    assert metadata.extra["model"] == result.spec and len(result.spec["members"]) == 2
+    assert ("temperature" in result.spec) == calibrate
+
+    x = real_inputs(unseen, preprocess)
+    with torch.no_grad():
+        member_probs = [torch.softmax(m(torch.from_numpy(x)), dim=1).numpy() for m in ensemble.members]
+    assert not np.allclose(member_probs[0], member_probs[1], atol=1e-3)  # two different members
+    mean_probs = np.mean(member_probs, axis=0)
+    got = onnx_logits(tmp_path, x)
+    if calibrate:
+        t = result.best["temperature"]
+        assert t == result.spec["temperature"] and t != 1.0
+        np.testing.assert_allclose(got * t, np.log(mean_probs), atol=1e-4)
+        np.testing.assert_allclose(softmax(got), softmax(np.log(mean_probs) / t), atol=1e-4)
+    else:
+        np.testing.assert_allclose(softmax(got), mean_probs, atol=1e-4)
+
+    again = load_torch_model(tmp_path)
+    assert type(again) is type(result.model)
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.from_numpy(x)), result.model(torch.from_numpy(x)))
+
+
+def test_probe_artefact_onnx_matches_torch_on_real_images(bdgp_set, tmp_path: Path):
+    from flystage.probe import ProbeNet
+    from flystage.train import TrainConfig, train_model
+
+    train, valid, unseen = bdgp_set
+    preprocess = PreprocessConfig()  # the default input, 64 x 160 grey
+    config = TrainConfig(arch="efficientnet_lite0", mode="probe", epochs=2, batch_size=8, threads=1,
+                         augment_draws=1, preprocess=preprocess)
+    result = train_model(train, valid, config, log=lambda line: None)
+    assert isinstance(result.model.model, ProbeNet)
+    save_artefact(tmp_path, result.model, config.arch, result.labels, preprocess, result.best, spec=result.spec)
+    assert check_artefact(tmp_path).extra["model"]["mode"] == "probe"
+
+    x = real_inputs(unseen + valid, preprocess)
+    with torch.no_grad():
+        want = result.model(torch.from_numpy(x)).numpy()
+    got = onnx_logits(tmp_path, x)
+    assert np.ptp(want, axis=0).max() > 0.1  # the images give different answers
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(softmax(got), softmax(want), atol=1e-5)
+    # weights.pt alone (no weight packages needed) rebuilds the same model.
+    again = load_torch_model(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.from_numpy(x)).numpy(), want, atol=1e-5, rtol=0)

@@ -15,8 +15,9 @@ from flystage.crossval import CrossvalError, crossval, inner_validation_groups, 
 from flystage.evaluate import evaluate_probs
 from flystage.imaging import PreprocessConfig
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
-from flystage.train import TrainConfig, fit
-from train_helpers import LABELS, TINY_PREPROCESS, embryo_image
+from flystage.probe import cached_features
+from flystage.train import TrainConfig, train_model
+from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, embryo_image
 
 torch.set_num_threads(1)
 GROUPS = ("geneA", "geneB", "geneC")
@@ -48,12 +49,13 @@ def manifest(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def watched_run(manifest: Path):
-    """One real cross-validation, with every call of ``fit`` recorded (records as given)."""
+    """One real cross-validation, with every call of ``train_model`` (what crossval trains
+    by default, as ``flystage train`` does) recorded (records as given)."""
     calls = []
 
     def watching_fit(train_records, valid_records, config, **kwargs):
         calls.append((list(train_records), list(valid_records)))
-        return fit(train_records, valid_records, config, **kwargs)
+        return train_model(train_records, valid_records, config, **kwargs)
 
     records = read_manifest(manifest)
     report = crossval(records, tiny_config(), "group", log=lambda line: None, fit_fn=watching_fit)
@@ -72,6 +74,9 @@ def test_each_group_is_held_out_once_and_never_trained_on(watched_run) -> None:
         assert {r.group for r in train_records}.isdisjoint({r.group for r in valid_records})
         assert valid_records and train_records
         assert fold["n_test"] == len(held_out) and fold["n_train"] == len(train_records)
+        # Each fold's model is calibrated on its own validation groups (the default).
+        assert isinstance(fold["temperature"], float) and fold["temperature"] > 0
+        assert 1 <= fold["best_epoch"] <= fold["epochs_run"] == 6
     # Every image is scored exactly once, by the fold that held its group out.
     scored = [p["path"] for p in report["predictions"]]
     assert sorted(scored) == sorted(str(r.path) for r in records)
@@ -133,3 +138,25 @@ def test_command_writes_report_and_never_overwrites(manifest: Path, tmp_path: Pa
     assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(tmp_path / "x"),
                      "--group-column", "embryo", *TINY_ARGS]) == 2
     assert "no column 'embryo'" in capsys.readouterr().err
+
+
+def test_probe_folds_share_every_feature_row(manifest: Path, monkeypatch) -> None:
+    """A linear probe computes each image's features once per augmentation draw for the
+    whole cross-validation, not once per fold."""
+    extracted = count_extracted(monkeypatch)
+    requested: set[tuple[str, int]] = set()
+
+    def watching_cached(features, key, cache, paths, draw, transform, seed):
+        requested.update((str(p), draw) for p in paths)
+        return cached_features(features, key, cache, paths, draw, transform, seed)
+
+    monkeypatch.setattr("flystage.modes.cached_features", watching_cached)
+    records = read_manifest(manifest)
+    config = tiny_config(arch="hognet", mode="probe", epochs=3, augment_draws=2)
+    report = crossval(records, config, "group", log=lambda line: None)
+    assert len(report["folds"]) == len(GROUPS) and report["n"] == len(records)
+    # Every (image, draw) some fold asked for, computed exactly once.
+    assert sum(extracted) == len(requested)
+    # Training images are wanted augmented too (draws 1 and 2), valid images clean only.
+    assert {draw for _, draw in requested} == {0, 1, 2}
+    assert len(requested) > len(records)

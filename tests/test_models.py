@@ -101,3 +101,30 @@ def test_hognet_turn_is_invariant_to_the_180_degree_turn_and_hognet_is_not() -> 
     with torch.no_grad():
         assert torch.allclose(invariant(x), invariant(turned), atol=1e-5)
         assert not torch.allclose(plain(x), plain(turned), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, stem, first_stages, unfrozen", [
+    ("resnet18", ["backbone.conv1", "backbone.bn1"], ["backbone.layer1", "backbone.layer2"], "backbone.layer3"),
+    ("mobilenet_v3_small", ["backbone.features.0"], ["backbone.features.1", "backbone.features.2"], "backbone.features.3"),
+    ("efficientnet_b0", ["backbone.features.0"], ["backbone.features.1", "backbone.features.2"], "backbone.features.3"),
+    ("efficientnet_lite0", ["net.conv_stem", "net.bn1"], ["net.blocks.0", "net.blocks.1"], "net.blocks.2"),
+])
+def test_freeze_backbone_freezes_the_stem_and_first_stages_never_the_head(arch, stem, first_stages, unfrozen) -> None:
+    from flystage.models import freeze_backbone
+
+    model = build_model(arch, 6, 1)
+    backbone, head = freeze_backbone(model, 2)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for prefix in stem + first_stages:
+        owned = [name for name, _ in model.named_parameters() if name.startswith(prefix + ".")]
+        assert owned and set(owned) <= frozen, prefix
+    assert not any(name.startswith(unfrozen + ".") for name in frozen)
+    assert head and all(p.requires_grad for p in head) and len(head) == 2  # the new Linear
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in backbone} | {id(p) for p in head} == trainable
+    assert not {id(p) for p in backbone} & {id(p) for p in head}
+    # freeze_stages 0: the stem only.
+    model = build_model(arch, 6, 1)
+    freeze_backbone(model, 0)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(any(name.startswith(prefix + ".") for prefix in stem) for name in frozen)

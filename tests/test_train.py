@@ -14,22 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from flystage.artefact import check_artefact, load_metadata
+from flystage.artefact import check_artefact, load_metadata, load_torch_model
 from flystage.augment import AugmentConfig
 from flystage.data import split_channels
 from flystage.imaging import PreprocessConfig
 from flystage.jobdef import METRIC_DEFINITIONS, read_metric
+from flystage.models import Calibrated
 from flystage.organise import manifest_sha256
 from flystage.train import (
     CHECKPOINT_FILE,
     EXIT_STOPPED,
     TrainConfig,
     TrainingStopped,
+    _is_better,
     config_from_args,
     fit,
     main,
     metric_line,
     parse_bool,
+    train_model,
 )
 from train_helpers import LABELS, TINY_PREPROCESS, make_manifest_set
 
@@ -66,7 +69,8 @@ def test_fit_learns_and_returns_best_model(records) -> None:
     assert [e["epoch"] for e in result.history] == list(range(1, 13))
     assert result.history[-1]["train_loss"] < 0.6 * result.history[0]["train_loss"]
     assert not result.model.training
-    best = max(result.history, key=lambda e: (e["valid_top3"], -e["valid_loss"]))
+    # The best epoch: highest valid top-1, ties broken by the lowest valid loss.
+    best = max(result.history, key=lambda e: (e["valid_top1"], -e["valid_loss"]))
     assert result.best == best
     # The returned weights are the best epoch's: they reproduce its valid loss.
     from flystage.data import ImageCache, StageDataset
@@ -146,7 +150,13 @@ def test_main_writes_artefact_history_and_checkpoint(manifest: Path, tmp_path: P
     assert metadata.arch == "small_cnn"
     assert metadata.preprocess.to_dict() == PreprocessConfig(**TINY_PREPROCESS).to_dict()
     assert metadata.manifest_sha256 == manifest_sha256(manifest)
-    assert set(metadata.metrics) >= {"valid_top1", "valid_top3", "valid_loss", "epoch"}
+    assert set(metadata.metrics) >= {"valid_top1", "valid_top3", "valid_loss", "epoch", "valid_ece", "temperature",
+                                     "calibrated_valid_loss", "calibrated_valid_ece"}
+    # The artefact says what it is (calibrated by default) and weights.pt rebuilds it.
+    spec = metadata.extra["model"]
+    assert (spec["arch"], spec["mode"], spec["temperature"]) == ("small_cnn", "full", metadata.metrics["temperature"])
+    model = load_torch_model(model_dir)
+    assert isinstance(model, Calibrated) and float(model.temperature) == pytest.approx(spec["temperature"])
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [e["epoch"] for e in history] == [1, 2]
     assert (out / "history.csv").read_text().startswith("epoch,train_loss,valid_loss,valid_top1,valid_top3")
@@ -235,8 +245,64 @@ def test_early_stopping_and_a_finished_run_is_not_retrained(records, tmp_path: P
     lines: list[str] = []
     result = fit(train, valid, config, work_dir=tmp_path, log=lines.append)
     assert len(result.history) < 20
-    assert any(line.startswith("early stop: no better valid_top3 for 2 epochs") for line in lines)
+    assert any(line.startswith("early stop: no better valid_top1 for 2 epochs") for line in lines)
     lines.clear()
     again = fit(train, valid, config, work_dir=tmp_path, log=lines.append)
     assert not [line for line in lines if line.startswith("epoch=")]
     assert again.history == result.history and again.best == result.best
+
+
+def test_best_epoch_rule_top1_then_loss() -> None:
+    entry = lambda top1, loss, top3=1.0: {"valid_top1": top1, "valid_loss": loss, "valid_top3": top3}  # noqa: E731
+    assert _is_better(entry(0.3, 2.0), None)
+    assert _is_better(entry(0.6, 1.5), entry(0.5, 0.2))  # more right answers beat a lower loss
+    assert not _is_better(entry(0.5, 0.1), entry(0.6, 1.5))
+    assert _is_better(entry(0.5, 0.9), entry(0.5, 1.0))  # equal top-1: the lower loss
+    assert not _is_better(entry(0.5, 1.0), entry(0.5, 1.0))  # a tie keeps the earlier epoch
+    # Top-3 does not rank epochs (with three stages it is 1.0 whatever the model does).
+    assert _is_better(entry(0.6, 1.0, top3=0.9), entry(0.5, 1.0, top3=1.0))
+
+
+def test_with_three_stages_the_best_epoch_is_chosen_by_top1(records) -> None:
+    train, valid = records
+    assert len(LABELS) == 3
+    # With augmentation this run's lowest valid loss comes in an epoch of lower top-1 than
+    # another epoch's: the old rule (top-3, then loss) would have kept that one.
+    result = fit(train, valid, tiny_config(epochs=6), log=lambda line: None)
+    history = result.history
+    assert all(e["valid_top3"] == 1.0 for e in history)  # top-3 cannot tell the epochs apart
+    assert len({e["valid_top1"] for e in history}) > 1  # top-1 can
+    top1 = max(e["valid_top1"] for e in history)
+    first_best = min(e["epoch"] for e in history if e["valid_top1"] == top1)
+    assert result.best["valid_top1"] == top1
+    assert result.best["epoch"] > 1  # not simply the first epoch of equal top-3
+    # Among the epochs of the best top-1, the lowest loss; earlier epochs of that top-1 lose only on loss.
+    tied = [e for e in history if e["valid_top1"] == top1]
+    assert result.best["valid_loss"] == min(e["valid_loss"] for e in tied)
+    assert result.best["epoch"] == first_best or result.best["valid_loss"] < history[first_best - 1]["valid_loss"]
+    lowest_loss = min(history, key=lambda e: e["valid_loss"])
+    if lowest_loss["valid_top1"] < top1:
+        assert result.best["epoch"] != lowest_loss["epoch"]
+
+
+def test_train_model_calibrates_on_the_valid_images(records) -> None:
+    train, valid = records
+    lines: list[str] = []
+    result = train_model(train, valid, tiny_config(epochs=2), log=lines.append)
+    assert isinstance(result.model, Calibrated) and not result.model.training
+    t = result.best["temperature"]
+    assert result.spec == {"arch": "small_cnn", "mode": "full", "taps": [2, 4, 6], "hog": False, "temperature": t}
+    assert float(result.model.temperature) == pytest.approx(t)
+    # T minimises the valid NLL, so it is no worse than T = 1 (the uncalibrated model).
+    assert result.best["calibrated_valid_loss"] <= result.best["valid_loss"] + 1e-9
+    assert result.best["calibrated_valid_top1"] == result.best["valid_top1"]  # ranking unchanged
+    assert any(line.startswith(f"calibration: temperature {t:.3f} on {len(valid)} valid images") for line in lines)
+    x = torch.rand(2, 1, 32, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), result.model.model(x) / t)
+    assert [e["member"] for e in result.history] == [0, 0]
+    uncalibrated = train_model(train, valid, tiny_config(epochs=2, calibrate=False), log=lambda line: None)
+    assert not isinstance(uncalibrated.model, Calibrated) and "temperature" not in uncalibrated.best
+    # The same seed trains the same member; calibration only divides its logits.
+    with torch.no_grad():
+        torch.testing.assert_close(uncalibrated.model(x) / t, result.model(x))

@@ -68,3 +68,34 @@ def copy_bdgp_subset(bdgp_root: Path, dest: Path, per_stage: int = 3, stages=("4
         for path in found:
             shutil.copy2(path, dest / stage / f"{path.parent.parent.name}_{path.name}")
     return dest
+
+
+def bdgp_records(bdgp_root: Path, train_per_stage: int = 4, valid_per_stage: int = 2,
+                 stages=("4-6", "11-12", "13-16")) -> tuple[list[Record], list[Record]]:
+    """Train and valid records of real BDGP images, read in place: of each stage, the first
+    ``train_per_stage`` images (by path) to train on and the next ``valid_per_stage`` to validate."""
+    train, valid = [], []
+    for stage in stages:
+        found = sorted(bdgp_root.glob(f"*/{stage}/*.bmp"))[: train_per_stage + valid_per_stage]
+        assert len(found) == train_per_stage + valid_per_stage, f"BDGP has too few images of {stage}"
+        for i, path in enumerate(found):
+            split = "train" if i < train_per_stage else "valid"
+            record = Record(path, stage, path.parent.parent.name, split, file_sha1(path))
+            (train if split == "train" else valid).append(record)
+    return train, valid
+
+
+def count_extracted(monkeypatch) -> list[int]:
+    """Watch the linear probe's feature extraction: returns a list that gets the number of
+    images of every ``flystage.probe.extract`` call (which still runs as it is)."""
+    import flystage.probe
+
+    counts: list[int] = []
+    real_extract = flystage.probe.extract
+
+    def counting_extract(features, images, batch_size=32):
+        counts.append(len(images))
+        return real_extract(features, images, batch_size)
+
+    monkeypatch.setattr(flystage.probe, "extract", counting_extract)
+    return counts

@@ -346,9 +346,13 @@ def freeze_backbone(model: nn.Module, freeze_stages: int) -> tuple[list[nn.Param
     head_ids = {id(p) for p in head}
     if isinstance(model, LiteNet):
         frozen = [model.net.conv_stem, model.net.bn1, *list(model.net.blocks)[:freeze_stages]]
-    else:  # torchvision: the stem and the first children of the backbone
-        children = list(model.backbone.children()) if isinstance(model, StageNet) else list(model.children())
-        frozen = children[: 1 + freeze_stages] if freeze_stages else []
+    else:  # torchvision: its children are not stages (resnet: conv1, bn1, relu, maxpool, layer1..;
+        # mobilenet_v3, efficientnet_b0: features, avgpool, classifier, whose first child is the stem)
+        net = model.backbone if isinstance(model, StageNet) else model
+        if hasattr(net, "features"):
+            frozen = list(net.features)[: 1 + freeze_stages]
+        else:
+            frozen = [net.conv1, net.bn1, *[getattr(net, f"layer{i}") for i in range(1, 5)][:freeze_stages]]
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
