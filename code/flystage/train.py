@@ -86,6 +86,7 @@ class TrainConfig:
     feature_taps: tuple[int, ...] = DEFAULT_TAPS
     hog_features: bool = False
     augment_draws: int = 4
+    probe_l2: float = 1.0
     backbone_lr_scale: float = 0.1
     freeze_stages: int = 2
     # Members of one artefact whose probabilities are averaged: ensemble seeds (seed, seed+1,
@@ -122,6 +123,7 @@ class TrainConfig:
              f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, for probe, hognet"),
             (self.ensemble >= 1, f"ensemble must be >= 1, not {self.ensemble}"),
             (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
+            (self.probe_l2 >= 0, f"probe_l2 must be >= 0, not {self.probe_l2}"),
             (self.backbone_lr_scale > 0, f"backbone_lr_scale must be > 0, not {self.backbone_lr_scale}"),
             (0 <= self.freeze_stages <= 7, f"freeze_stages must be 0..7, not {self.freeze_stages}"),
             (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}"),
@@ -438,6 +440,8 @@ def fit(
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if is_main else True)
         for x, y in bar:
             loss = criterion(net(x), y)
+            if setup.penalty is not None:
+                loss = loss + setup.penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
