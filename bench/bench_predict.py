@@ -33,6 +33,10 @@ import numpy as np
 import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from serving_helpers import default_artefact  # noqa: E402
+
 BDGP = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "bdgp-insitu"))
 
 
@@ -63,18 +67,8 @@ def make_folder(folder: Path, source: str, n: int) -> str:
 
 
 def default_model(model_dir: Path) -> str:
-    import torch
-
-    from flystage.artefact import save_artefact
-    from flystage.models import build_model
-    from flystage.train import TrainConfig
-
-    torch.manual_seed(0)
-    config = TrainConfig()
-    labels = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
-    model = build_model(config.arch, len(labels), config.preprocess.channels, pretrained=False).eval()
-    save_artefact(model_dir, model, config.arch, labels, config.preprocess, {}, None)
-    return f"untrained {config.arch} (training defaults), exported by save_artefact"
+    default_artefact(model_dir, ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"])
+    return "an untrained model of the training defaults (TrainConfig().architecture()), exported by save_artefact"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,13 +54,14 @@ def default_artefact(model_dir: Path, labels: list[str]):
     import torch
 
     from flystage.artefact import save_artefact
-    from flystage.models import build_model
+    from flystage.models import build_from_spec
     from flystage.train import TrainConfig
 
     torch.manual_seed(0)
     config = TrainConfig()
-    model = build_model(config.arch, len(labels), config.preprocess.channels, pretrained=False).eval()
-    return save_artefact(model_dir, model, config.arch, labels, config.preprocess, {"note": "untrained"})
+    spec = config.architecture()
+    model = build_from_spec(spec, len(labels), config.preprocess.channels).eval()
+    return save_artefact(model_dir, model, config.arch, labels, config.preprocess, {"note": "untrained"}, spec=spec)
 
 
 def lab_image(height: int = 420, width: int = 1110, seed: int = 0) -> np.ndarray:

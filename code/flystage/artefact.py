@@ -4,7 +4,7 @@ It holds everything serving needs and nothing else:
 
 - ``model.onnx``: input ``image`` float32 ``(N, C, H, W)`` in [0, 1] (dynamic batch), output
   ``logits`` ``(N, K)``; checked against torch when saved.
-- ``weights.pt``: ``{"arch", "labels", "channels", "state_dict"}`` for torch users
+- ``weights.pt``: ``{"arch", "labels", "channels", "spec", "state_dict"}`` for torch users
   (fine-tuning, the eager baseline).
 - ``metadata.json``: ``format_version``, ``flystage_version``, ``arch``, ``labels`` (output
   order), ``preprocess`` (``PreprocessConfig.to_dict()``), ``input_shape`` ``[C, H, W]``,
@@ -311,7 +311,7 @@ def check_artefact(model_dir: str | Path, threads: int | None = 1) -> Metadata:
 
 
 def load_torch_model(model_dir: str | Path):
-    """The torch model of ``weights.pt`` rebuilt with ``flystage.models.build_model``, in eval mode."""
+    """The torch model of ``weights.pt`` rebuilt from its spec (``flystage.models.build_from_spec``), in eval mode."""
     import torch
 
     from flystage.models import build_from_spec

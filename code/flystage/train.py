@@ -150,6 +150,12 @@ class TrainConfig:
         """What ``flystage.models.build_from_spec`` needs to rebuild one member's architecture."""
         return {"arch": arch or self.arch, "mode": self.mode, "taps": list(self.feature_taps), "hog": self.hog_features}
 
+    def architecture(self) -> dict[str, Any]:
+        """The whole model's spec (every ensemble member, no temperature yet): build it untrained
+        with ``flystage.models.build_from_spec`` (speed figures, tests)."""
+        members = [self.model_spec(arch) for arch in self.member_archs for _ in range(self.ensemble)]
+        return members[0] if len(members) == 1 else {"members": members}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe, nested: ``preprocess`` and ``augment`` as their own dicts."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
