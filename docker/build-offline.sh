@@ -103,10 +103,13 @@ if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
 EOF
     log "downloading the pinned requirements into $WHEELHOUSE"
     for req in "${REQUIREMENTS[@]}"; do
-        "$HOST_PYTHON" -m pip download --quiet --dest "$WHEELHOUSE" -r "$req" 2> >(grep -v 'is ignored: it is neither' >&2)
+        local torch=()
+        # The train requirements (timm) need torch and torchvision: resolve them with TORCH_SPEC,
+        # which is also how TORCH_SPEC itself gets into the wheelhouse.
+        # shellcheck disable=SC2206  # TORCH_SPEC is a list of requirements
+        [[ "$req" == docker/train/requirements.txt ]] && torch=($TORCH_SPEC)
+        "$HOST_PYTHON" -m pip download --quiet --dest "$WHEELHOUSE" -r "$req" "${torch[@]}" 2> >(grep -v 'is ignored: it is neither' >&2)
     done
-    # shellcheck disable=SC2086  # TORCH_SPEC is a list of requirements
-    "$HOST_PYTHON" -m pip download --quiet --dest "$WHEELHOUSE" $TORCH_SPEC 2> >(grep -v 'is ignored: it is neither' >&2)
     echo "$key" >"$stamp"
     log "wheelhouse ready: $(find "$WHEELHOUSE" -type f | wc -l) files, $(du -sh "$WHEELHOUSE" | cut -f1)"
 }
