@@ -54,7 +54,7 @@ LITE_WEIGHTS: dict[str, LiteWeights] = {
 LITE_ARCHS: tuple[str, ...] = tuple(LITE_WEIGHTS)
 # Block stages (of 7) whose pooled outputs are concatenated, and whether the 1x1 head conv
 # (1280 channels) is added: measured in docs/accuracy.md.
-DEFAULT_TAPS: tuple[int, ...] = (2, 4, 6)
+DEFAULT_TAPS: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 
 
 def weights_path(arch: str) -> Path:

@@ -367,7 +367,7 @@ class PreprocessConfig:
     Attributes
     ----------
     height, width : int
-        Model input size in pixels. Embryos are about 2.5:1, so the default is 128 x 320.
+        Model input size in pixels. Embryos are about 2.5:1, so the default is 96 x 240.
     channels : int
         1 (grey; RGB is converted by luminance) or 3 (RGB; grey is repeated).
     low_percentile, high_percentile : float
@@ -392,10 +392,10 @@ class PreprocessConfig:
         Which page of a multi-page TIFF to read.
     """
 
-    # 64x160 measured best for the default model (docs/accuracy.md); the aspect is the
-    # embryo's, about 2.5:1.
-    height: int = 64
-    width: int = 160
+    # 96x240 measured best for the default model (docs/accuracy.md: larger inputs were no
+    # better for the pretrained probe); the aspect is the embryo's, about 2.5:1.
+    height: int = 96
+    width: int = 240
     channels: int = 1
     low_percentile: float = 1.0
     high_percentile: float = 99.5

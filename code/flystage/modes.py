@@ -8,7 +8,8 @@ checkpoints, data-parallel) is the same for all of them.
   from-scratch models, hognet).
 - ``probe``: a frozen feature extractor (a pretrained backbone's pooled stages, or HOG),
   whose features are computed once per image and once per augmentation draw and kept; the
-  loop trains only a linear head on them, so an epoch takes milliseconds.
+  linear head on them is solved exactly (``probe_solver="lbfgs"``, the default: no epochs)
+  or trained by the loop (``"sgd"``: an epoch takes milliseconds).
 - ``finetune``: a pretrained backbone trained on augmented images at ``backbone_lr_scale``
   times the head's learning rate, its first ``freeze_stages`` stages frozen, and its
   BatchNorm statistics kept from ImageNet (batches of 32 are too small to re-estimate them).
@@ -31,7 +32,7 @@ from flystage.augment import build_train_transform
 from flystage.data import ImageCache, StageDataset
 from flystage.models import build_feature_extractor, build_model, freeze_backbone
 from flystage.organise import Record
-from flystage.probe import ProbeNet, cached_features
+from flystage.probe import ProbeNet, cached_features, fit_logistic
 
 if TYPE_CHECKING:
     from flystage.train import TrainConfig
@@ -51,6 +52,7 @@ class Setup:
     param_groups: list[dict[str, Any]]
     finish: Callable[[nn.Module], nn.Module]
     penalty: Callable[[], torch.Tensor] | None = None  # added to every batch's loss
+    solved: bool = False  # the model is fitted already (the probe's exact solver): no epochs to run
 
 
 def _decay_groups(params: Sequence[nn.Parameter], weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
@@ -114,6 +116,18 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
     log(f"probe: {config.arch} features ({dim}) of {len(train)} training images x {1 + config.augment_draws} "
         f"draws and {len(valid)} valid images in {time.perf_counter() - t0:.1f} s")
     head = _Head(x.mean(0), x.std(0).clamp_min(1e-6), len(labels))
+    if config.probe_solver == "lbfgs":
+        # The exact L2-regularised logistic regression: no learning rate, batches or epochs,
+        # and no best epoch to choose on a handful of validation images (docs/accuracy.md).
+        t1 = time.perf_counter()
+        y_t = torch.from_numpy(y)
+        counts = torch.bincount(y_t, minlength=len(labels)).double().clamp_min(1)
+        weights = 1.0 / counts[y_t] if config.balance != "none" else None
+        w, b = fit_logistic((x - head.mean) / head.std, y_t, len(labels), config.probe_l2, weights)
+        with torch.no_grad():
+            head.linear.weight.copy_(w)
+            head.linear.bias.copy_(b)
+        log(f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g}) in {time.perf_counter() - t1:.1f} s")
 
     def finish(trained: nn.Module) -> nn.Module:
         net = ProbeNet(features, dim, len(labels))
@@ -128,7 +142,8 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
     return Setup(TensorDataset(x, torch.from_numpy(y)),
                  TensorDataset(valid_x, torch.from_numpy(valid_set.targets)),
                  y, head, _decay_groups(list(head.parameters()), 0.0), finish,
-                 penalty=lambda: 0.5 * config.probe_l2 * head.linear.weight.pow(2).sum())
+                 penalty=lambda: 0.5 * config.probe_l2 * head.linear.weight.pow(2).sum(),
+                 solved=config.probe_solver == "lbfgs")
 
 
 SETUPS: dict[str, Callable[..., Setup]] = {"full": setup_full, "probe": setup_probe, "finetune": setup_finetune}
