@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_images": report["n"],
         "seconds": round(time.perf_counter() - t0, 1),
         "arch": config.arch,
-        "mode": config.mode,
+        "mode": config.mode_of(),
         "ensemble": config.ensemble,
         "ensemble_archs": list(config.ensemble_archs),
         "pretrained": config.pretrained,

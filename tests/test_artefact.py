@@ -167,17 +167,18 @@ def test_missing_directory_and_weights(tmp_path: Path, artefact):
         load_torch_model(no_weights)
 
 
-@pytest.mark.parametrize("arch", ["hognet", "hognet_turn", "small_cnn"])
+@pytest.mark.parametrize("arch", ["default", "hognet", "hognet_turn", "small_cnn"])
 def test_the_default_and_small_models_export_and_match_onnx(tmp_path, arch):
-    """Every from-scratch arch exports at the default input size (ONNX checked against torch)."""
+    """The default model (TrainConfig().architecture()) and every from-scratch arch export at
+    the default input size (ONNX checked against torch)."""
     from flystage.imaging import PreprocessConfig
-    from flystage.models import build_model
+    from flystage.models import build_from_spec
     from flystage.train import TrainConfig
 
-    assert TrainConfig().arch in ("hognet", "hognet_turn", "small_cnn")
     labels = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
-    model = build_model(arch, len(labels), PreprocessConfig().channels).eval()
-    save_artefact(tmp_path / arch, model, arch, labels, PreprocessConfig())
+    spec = TrainConfig().architecture() if arch == "default" else {"arch": arch, "mode": "full"}
+    model = build_from_spec(spec, len(labels), PreprocessConfig().channels).eval()
+    save_artefact(tmp_path / arch, model, spec.get("arch", arch), labels, PreprocessConfig(), spec=spec)
     check_artefact(tmp_path / arch)
 
 

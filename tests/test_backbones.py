@@ -115,7 +115,7 @@ def test_a_missing_package_says_what_to_pip_install(monkeypatch) -> None:
 
 
 def test_lite_features_dim_and_stages_are_timms() -> None:
-    features = LiteFeatures("efficientnet_lite0").eval()  # default taps: block stages 2, 4, 6
+    features = LiteFeatures("efficientnet_lite0", taps=(2, 4, 6)).eval()  # block stages 2, 4, 6
     assert features.dim == 40 + 112 + 320
     net = build_lite("efficientnet_lite0").eval()
     x = torch.rand(2, 3, 64, 160)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from flystage.backbones import DEFAULT_TAPS
 from flystage.augment import AugmentConfig, build_train_transform
 from flystage.backbones import build_lite
 from flystage.data import ImageCache, StageDataset, split_channels, to_float
@@ -58,7 +59,7 @@ def test_full_mode_trains_every_weight(records, arch: str, kind: type) -> None:
         logits = result.model(x)
     assert logits.shape == (len(valid), len(LABELS))
     assert all(p.requires_grad for p in result.model.parameters())
-    assert result.spec == {"arch": arch, "mode": "full", "taps": [2, 4, 6], "hog": False}
+    assert result.spec == {"arch": arch, "mode": "full", "taps": list(DEFAULT_TAPS), "hog": False}
     again = build_from_spec(result.spec, len(LABELS), 1)
     again.load_state_dict(result.model.state_dict())  # strict: the spec rebuilds this architecture
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_probe_caches_features_per_image_and_draw_and_shares_them(records, monke
         reference = build_lite(arch).state_dict()
         for name, tensor in model.features.state_dict().items():
             torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
-    assert result.spec == {"arch": arch, "mode": "probe", "taps": [2, 4, 6], "hog": False}
+    assert result.spec == {"arch": arch, "mode": "probe", "taps": list(DEFAULT_TAPS), "hog": False}
 
     # A second run on the same cache (another fold, another seed of the head) computes nothing.
     extracted.clear()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flystage.backbones import DEFAULT_TAPS
 from flystage.artefact import check_artefact, load_metadata, load_torch_model
 from flystage.augment import AugmentConfig
 from flystage.data import split_channels
@@ -291,7 +292,7 @@ def test_train_model_calibrates_on_the_valid_images(records) -> None:
     result = train_model(train, valid, tiny_config(epochs=2), log=lines.append)
     assert isinstance(result.model, Calibrated) and not result.model.training
     t = result.best["temperature"]
-    assert result.spec == {"arch": "small_cnn", "mode": "full", "taps": [2, 4, 6], "hog": False, "temperature": t}
+    assert result.spec == {"arch": "small_cnn", "mode": "full", "taps": list(DEFAULT_TAPS), "hog": False, "temperature": t}
     assert float(result.model.temperature) == pytest.approx(t)
     # T minimises the valid NLL, so it is no worse than T = 1 (the uncalibrated model).
     assert result.best["calibrated_valid_loss"] <= result.best["valid_loss"] + 1e-9

@@ -37,7 +37,7 @@ from flystage.probe import ProbeNet, cached_features, fit_logistic
 if TYPE_CHECKING:
     from flystage.train import TrainConfig
 
-MODES = ("full", "probe", "finetune")
+MODES = ("auto", "full", "probe", "finetune")
 
 
 @dataclass

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from flystage.augment import AugmentConfig
 from flystage.data import BALANCE_MODES, CACHE_DTYPES, DataError, ImageCache, class_weights, make_sampler, split_channels, to_float
 from flystage.imaging import PreprocessConfig
-from flystage.backbones import DEFAULT_TAPS
+from flystage.backbones import DEFAULT_TAPS, LITE_ARCHS
 from flystage.calibrate import fit_temperature
 from flystage.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
 from flystage.modes import MODES, SETUPS
@@ -82,8 +82,9 @@ class TrainConfig:
     # trained from scratch, fine-tuning and the ensembles tried, in seconds per fold.
     arch: str = "efficientnet_lite2"
     # full: train every weight; probe: frozen pretrained features + linear head; finetune:
-    # pretrained backbone at a lower learning rate (flystage.modes).
-    mode: str = "probe"
+    # pretrained backbone at a lower learning rate (flystage.modes); auto: probe for the
+    # EfficientNet-Lites (and torchvision archs with pretrained=true), full for the rest.
+    mode: str = "auto"
     pretrained: bool = False
     feature_taps: tuple[int, ...] = DEFAULT_TAPS
     hog_features: bool = False
@@ -121,8 +122,8 @@ class TrainConfig:
             (self.arch in ARCHS, f"arch {self.arch!r}: choose one of {', '.join(ARCHS)}"),
             (all(a in ARCHS for a in self.ensemble_archs), f"ensemble_archs {self.ensemble_archs}: choose from {', '.join(ARCHS)}"),
             (self.mode in MODES, f"mode {self.mode!r}: choose one of {MODES}"),
-            (self.mode == "full" or all(a in PRETRAINED_ARCHS or (self.mode == "probe" and a in HOG_ARCHS)
-                                        for a in self.member_archs),
+            (self.mode in ("auto", "full") or all(a in PRETRAINED_ARCHS or (self.mode == "probe" and a in HOG_ARCHS)
+                                                  for a in self.member_archs),
              f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, for probe, hognet"),
             (self.ensemble >= 1, f"ensemble must be >= 1, not {self.ensemble}"),
             (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
@@ -146,13 +147,20 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
 
+    def mode_of(self, arch: str | None = None) -> str:
+        """The training mode of ``arch`` (default ``self.arch``), ``auto`` resolved."""
+        arch = arch or self.arch
+        if self.mode != "auto":
+            return self.mode
+        return "probe" if arch in LITE_ARCHS or (self.pretrained and arch in PRETRAINED_ARCHS) else "full"
+
     @property
     def member_archs(self) -> tuple[str, ...]:
         return tuple(self.ensemble_archs) or (self.arch,)
 
     def model_spec(self, arch: str | None = None) -> dict[str, Any]:
         """What ``flystage.models.build_from_spec`` needs to rebuild one member's architecture."""
-        return {"arch": arch or self.arch, "mode": self.mode, "taps": list(self.feature_taps), "hog": self.hog_features}
+        return {"arch": arch or self.arch, "mode": self.mode_of(arch), "taps": list(self.feature_taps), "hog": self.hog_features}
 
     def architecture(self) -> dict[str, Any]:
         """The whole model's spec (every ensemble member, no temperature yet): build it untrained
@@ -371,7 +379,7 @@ def fit(
     # The mode (flystage.modes) decides what is trained on which samples: augmented images, or
     # a frozen backbone's cached features.
     _seed_everything(config.seed)
-    setup = SETUPS[config.mode](train_records, valid_records, labels, image_cache, config, say)
+    setup = SETUPS[config.mode_of()](train_records, valid_records, labels, image_cache, config, say)
     train_set, valid_set, model = setup.train_set, setup.valid_set, setup.model
     say(f"data: {len(train_records)} train, {len(valid_records)} valid images, labels {labels}, "
         f"ready in {time.perf_counter() - t0:.1f} s")
@@ -436,7 +444,7 @@ def fit(
         # Every rank must stop at the same step, or the others would wait in all-reduce.
         return _all_reduce_sum([float(STOP.is_set())])[0] > 0 if world > 1 else STOP.is_set()
 
-    say(f"training {config.arch} ({config.mode}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+    say(f"training {config.arch} ({config.mode_of()}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
         f"trained parameters) for "
         f"{config.epochs} epochs, {steps_per_epoch} steps of {per_rank_batch} x {world} images, "
         f"{config.optimizer} lr {config.learning_rate:g}, {config.scheduler}, balance {config.balance}, "
