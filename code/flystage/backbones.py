@@ -133,8 +133,7 @@ class LiteFeatures(nn.Module):
         self.dim = sum(widths[t] for t in self.taps) + (net.conv_head.out_channels if head else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+        x = x.expand(-1, 3, -1, -1)  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
         x = self.bn1(self.conv_stem(x * 2.0 - 1.0))
         pooled = []
         for i, stage in enumerate(self.blocks):

@@ -248,8 +248,7 @@ class LiteNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+        x = x.expand(-1, 3, -1, -1)  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
         return self.net(x * 2.0 - 1.0)
 
 
