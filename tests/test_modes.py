@@ -193,3 +193,7 @@ def test_finetune_a_torchvision_backbone_from_the_hub_cache(records, tmp_path, m
     assert all(p.requires_grad for p in features[3].parameters())
     assert torch.equal(features[2].block[0][0].weight, reference["features.2.block.0.0.weight"])
     assert not torch.equal(features[-1][0].weight, reference[f"features.{len(features) - 1}.0.weight"])
+    # BatchNorm keeps the loaded statistics there too (batches this small cannot re-estimate them).
+    for name, buffer in result.model.backbone.named_buffers():
+        if "running" in name:
+            assert torch.equal(buffer, reference[name]), f"{name} moved during fine-tuning"

@@ -54,11 +54,28 @@ PRETRAINED_ARCHS: tuple[str, ...] = LITE_ARCHS + tuple(TORCHVISION_ARCHS)
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
-class StageNet(nn.Module):
+class FrozenBatchNorm:
+    """Mixin: with ``frozen_bn`` set, every BatchNorm stays in eval mode while the model trains
+    (a pretrained network keeps its ImageNet statistics: batches of 32 on a CPU are too small
+    and too few to re-estimate them)."""
+
+    frozen_bn: bool = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)  # type: ignore[misc]
+        if mode and self.frozen_bn:
+            for module in self.modules():  # type: ignore[attr-defined]
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+
+class StageNet(FrozenBatchNorm, nn.Module):
     """Normalise a [0, 1] image, then run the backbone: ``(N, C, H, W)`` -> logits ``(N, K)``."""
 
-    def __init__(self, backbone: nn.Module, channels: int):
+    def __init__(self, backbone: nn.Module, channels: int, frozen_bn: bool = False):
         super().__init__()
+        self.frozen_bn = frozen_bn
         mean = torch.tensor(IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,))
         std = torch.tensor(IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,))
         # Buffers, so they travel with the state dict and the ONNX export.
@@ -225,12 +242,11 @@ def _set_input_channels(model: nn.Module, channels: int) -> None:
     setattr(parent, attr, new)
 
 
-class LiteNet(nn.Module):
+class LiteNet(FrozenBatchNorm, nn.Module):
     """EfficientNet-Lite as a classifier: ``(N, C, H, W)`` in [0, 1] -> logits ``(N, K)``.
 
-    Grey input is replicated to RGB and [0, 1] scaled to [-1, 1], as the weights expect.
-    ``frozen_bn`` keeps every BatchNorm in eval mode while training (ImageNet statistics:
-    batches of 32 are too small to re-estimate them, and fine-tuning keeps them).
+    Grey input is replicated to RGB and [0, 1] scaled to [-1, 1], as the weights expect;
+    ``frozen_bn``: see :class:`FrozenBatchNorm`.
     """
 
     def __init__(self, arch: str, num_classes: int, pretrained: bool, frozen_bn: bool = False):
@@ -238,14 +254,6 @@ class LiteNet(nn.Module):
         self.net = build_lite(arch, pretrained)
         self.net.reset_classifier(num_classes)
         self.frozen_bn = frozen_bn
-
-    def train(self, mode: bool = True) -> "LiteNet":
-        super().train(mode)
-        if mode and self.frozen_bn:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.expand(-1, 3, -1, -1)  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
@@ -272,7 +280,7 @@ def build_model(arch: str, num_classes: int, channels: int, pretrained: bool = F
     _set_input_channels(backbone, channels)
     parent, attr, head = _last_linear(backbone)
     setattr(parent, attr, nn.Linear(head.in_features, num_classes))
-    return StageNet(backbone, channels)
+    return StageNet(backbone, channels, frozen_bn=pretrained)
 
 
 def _check_arch(arch: str, num_classes: int, channels: int) -> None:

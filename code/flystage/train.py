@@ -323,8 +323,8 @@ def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict
     mismatch = []
     if state["labels"] != labels:
         mismatch.append(f"labels {state['labels']} (now {labels})")
-    for key in ("arch", "preprocess"):
-        saved, now = state["config"][key], config.to_dict()[key]
+    for key in ("arch", "mode", "feature_taps", "hog_features", "preprocess"):
+        saved, now = state["config"].get(key), config.to_dict()[key]
         if saved != now:
             mismatch.append(f"{key} {saved} (now {now})")
     if mismatch:
