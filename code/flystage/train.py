@@ -335,6 +335,19 @@ def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict
     return state
 
 
+def _labels_and_cache(train_records: Sequence[Record], valid_records: Sequence[Record], config: TrainConfig,
+                      labels: Sequence[str] | None, image_cache: ImageCache | None) -> tuple[list[str], ImageCache]:
+    """The label order (given, or every label of both sets in stage order) and an image cache
+    for ``config.preprocess`` (given, or a new one)."""
+    if labels is None:
+        labels = sort_labels({r.label for r in train_records} | {r.label for r in valid_records})
+    if image_cache is None:
+        image_cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
+    elif image_cache.config != config.preprocess:
+        raise ValueError("image_cache was made for another PreprocessConfig than config.preprocess")
+    return list(labels), image_cache
+
+
 def fit(
     train_records: Sequence[Record],
     valid_records: Sequence[Record],
@@ -365,16 +378,10 @@ def fit(
     # Data: the label order is the stage order; preprocess once, augment per sample.
     if not train_records or not valid_records:
         raise DataError(f"need training and validation images; got {len(train_records)} and {len(valid_records)}")
-    if labels is None:
-        labels = sort_labels({r.label for r in train_records} | {r.label for r in valid_records})
-    labels = list(labels)
+    labels, image_cache = _labels_and_cache(train_records, valid_records, config, labels, image_cache)
     untrained = sorted(set(labels) - {r.label for r in train_records})
     if untrained:
         say(f"warning: no training images for label(s) {untrained}: the model cannot learn them")
-    if image_cache is None:
-        image_cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
-    elif image_cache.config != config.preprocess:
-        raise ValueError("image_cache was made for another PreprocessConfig than config.preprocess")
     t0 = time.perf_counter()
     # The mode (flystage.modes) decides what is trained on which samples: augmented images, or
     # a frozen backbone's cached features.
@@ -554,11 +561,7 @@ def train_model(
     more than one. ``best`` holds the whole model's valid scores and ``temperature``.
     """
     say = log if _dist_info()[0] == 0 else (lambda line: None)
-    if labels is None:
-        labels = sort_labels({r.label for r in train_records} | {r.label for r in valid_records})
-    labels = list(labels)
-    if image_cache is None:
-        image_cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
+    labels, image_cache = _labels_and_cache(train_records, valid_records, config, labels, image_cache)
     members = [(arch, config.seed + i) for arch in config.member_archs for i in range(config.ensemble)]
     results = []
     for j, (arch, seed) in enumerate(members):
