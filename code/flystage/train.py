@@ -817,6 +817,11 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
     try:
         config = config_from_args(args)
+        solved = [name for name in ("learning_rate", "batch_size", "epochs") if getattr(args, name, None) is not None]
+        if solved and all(config.mode_of(a) == "probe" for a in config.member_archs) and config.probe_solver == "lbfgs":
+            # A tuning job over these would train the same model every trial: say so in its log.
+            _log(f"note: {', '.join(solved)} not used: the probe's head is solved exactly (probe_solver=lbfgs); "
+                 "tune probe_l2, or train with probe_solver=sgd or mode=finetune")
         if not args.train:
             raise UsageError("no training data: give --manifest (or set SM_CHANNEL_TRAIN)")
         if not args.model_dir:
