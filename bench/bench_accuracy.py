@@ -3,7 +3,7 @@
 Run by ``make bench-accuracy`` (``LABLIKE=1``, or ``make bench-accuracy-lablike``, for the
 lab-like copy). Organises ``--data`` (default ``$FLYSTAGE_DATA``, else
 ``<repo>/../shared/data/bdgp-insitu``) by gene into a temporary manifest, trains one model per
-held-out gene with the toolkit's defaults (``TrainConfig()``: no pretrained weights), scores
+held-out gene with the toolkit's defaults (``TrainConfig()``: the pretrained Lite2 probe), scores
 the pooled held-out predictions, prints one line per fold, and as its last line one JSON
 object: ``data`` ("bdgp" or "lablike"), ``top1``, ``top3``, ``ece``, ``coverage``,
 ``protocol``, ``folds``, ``seconds``, ``n_images``, ``arch``, ``mode``, ``ensemble``,
