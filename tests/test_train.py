@@ -307,3 +307,19 @@ def test_train_model_calibrates_on_the_valid_images(records) -> None:
     # The same seed trains the same member; calibration only divides its logits.
     with torch.no_grad():
         torch.testing.assert_close(uncalibrated.model(x) / t, result.model(x))
+
+
+def test_main_with_the_default_probe_says_which_hyperparameters_it_ignores(manifest: Path, tmp_path: Path, capsys) -> None:
+    """The default model's head is solved exactly: one metric line, and a tuner's learning_rate
+    and batch_size are named as unused instead of silently training the same model."""
+    code = main(["--manifest", str(manifest), "--model_dir", str(tmp_path / "model"), "--learning_rate", "0.01",
+                 "--batch_size", "64", "--threads", "1", "--height", "32", "--width", "80"])
+    log = capsys.readouterr().out
+    assert code == 0, log
+    assert "note: learning_rate, batch_size not used" in log
+    assert len(read_metric(log, "valid:top3")) == 1
+    assert check_artefact(tmp_path / "model").extra["model"]["mode"] == "probe"
+    code = main(["--manifest", str(manifest), "--model_dir", str(tmp_path / "sgd"), "--learning_rate", "0.01",
+                 "--probe_solver", "sgd", "--epochs", "2", "--threads", "1", "--height", "32", "--width", "80"])
+    log = capsys.readouterr().out
+    assert code == 0 and "not used" not in log and len(read_metric(log, "valid:top3")) == 2
