@@ -81,6 +81,14 @@ def test_deploy_needs_a_model(aws):
         hosting.deploy(api, settings, "s3://bucket/model")
 
 
+def old_config(**variant) -> dict:
+    """DescribeEndpointConfig of the endpoint's current (instance-based) config."""
+    return {
+        "EndpointConfigName": "flystage-config-old", "EndpointConfigArn": ARN, "CreationTime": dt.datetime(2025, 1, 1),
+        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "flystage-model-old", **variant}],
+    }
+
+
 def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
     api, settings = aws
     api.out = io.StringIO()
@@ -91,16 +99,13 @@ def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
                 "EndpointStatus": "InService", "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
+        stub.add_response("describe_endpoint_config", old_config(), {"EndpointConfigName": "flystage-config-old"})
         stub.add_response("create_model", {"ModelArn": ARN}, {
             "ModelName": ANY, "ExecutionRoleArn": settings.role_arn, "Tags": settings.tag_list(),
             "PrimaryContainer": {"Image": "registry.example:5000/flystage-serve:latest", "ModelDataUrl": MODEL, "Mode": "SingleModel"},
         })
         stub.add_response("create_endpoint_config", {"EndpointConfigArn": ARN},
                           {"EndpointConfigName": ANY, "ProductionVariants": ANY, "Tags": ANY})
-        stub.add_response("describe_endpoint_config", {
-            "EndpointConfigName": "flystage-config-old", "EndpointConfigArn": ARN, "CreationTime": dt.datetime(2025, 1, 1),
-            "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "flystage-model-old"}],
-        }, {"EndpointConfigName": "flystage-config-old"})
         stub.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "flystage", "EndpointConfigName": ANY})
         stub.add_response("describe_endpoint", endpoint | {"EndpointConfigName": "new"}, {"EndpointName": "flystage"})
         stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "flystage-config-old"})
@@ -127,3 +132,37 @@ def test_redeploy_while_updating_is_refused(aws):
             hosting.deploy(api, settings, MODEL)
         # Nothing was created for either refused deploy.
         stub.assert_no_pending_responses()
+
+
+def test_serverless_onto_an_instance_endpoint_is_refused_before_creating_anything(aws):
+    api, settings = aws
+    settings = settings.replace(registry_override="registry.example:5000", serverless=True)
+    endpoint = {"EndpointName": "flystage", "EndpointArn": ARN, "EndpointConfigName": "flystage-config-old",
+                "EndpointStatus": "InService", "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
+    with Stubber(api.client("sagemaker")) as stub:
+        stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
+        stub.add_response("describe_endpoint_config", old_config(InstanceType="ml.m5.xlarge", InitialInstanceCount=1),
+                          {"EndpointConfigName": "flystage-config-old"})
+        with pytest.raises(CloudError, match="runs on instances and SageMaker cannot update it to serverless: run `make teardown`"):
+            hosting.deploy(api, settings, MODEL)
+        # No CreateModel / CreateEndpointConfig was sent (the Stubber would have failed on it).
+        stub.assert_no_pending_responses()
+
+
+def test_names_derived_from_a_long_endpoint_name_stay_within_63_characters(aws):
+    stamp = "20260101-120000"
+    assert hosting.derived_name("flystage", "model", stamp) == f"flystage-model-{stamp}"
+    long = "lab-" + "x" * 59
+    names = {kind: hosting.derived_name(long, kind, stamp) for kind in ("model", "config")}
+    assert all(len(n) <= 63 and n.endswith(f"-{kind}-{stamp}") for kind, n in names.items())
+    assert names["model"] == hosting.derived_name(long, "model", stamp)  # deterministic
+    assert hosting.derived_name(long[:-1] + "y", "model", stamp) != names["model"]  # same start, other name
+    # Through moto: a 63-character endpoint name deploys with every name within the limit.
+    api, settings = aws
+    api.out = io.StringIO()
+    put_images(api)
+    hosting.deploy(api, settings.replace(endpoint_name=long), MODEL)
+    [model], [config], [endpoint] = listing(api)
+    assert endpoint == long and len(model) <= 63 and len(config) <= 63
+    with pytest.raises(CloudError, match="endpoint_name .* 1-63 letters"):
+        settings.replace(endpoint_name=long + "z").validate()

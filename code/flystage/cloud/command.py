@@ -73,6 +73,8 @@ def _run(args: argparse.Namespace) -> int:
         settings = settings.replace(instance_count=args.instance_count, spot=args.spot)
     if getattr(args, "serverless", None) is not None:
         settings = settings.replace(serverless=args.serverless)
+    # Options go through the same checks as the file and FLYSTAGE_* (--spot and max_wait_s).
+    settings = settings.validate()
     api = (DryRunApi if args.dry_run else Api)(settings)
     # A dry run's stdout is only the JSON requests; results go to stderr then.
     emit = api.say if args.dry_run else print

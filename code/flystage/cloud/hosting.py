@@ -17,6 +17,22 @@ from flystage.cloud.state import read_state, update_state
 from flystage.cloud.training import job_name
 
 VARIANT = "AllTraffic"
+# SageMaker's limit on model, endpoint config and endpoint names.
+MAX_NAME = 63
+
+
+def derived_name(endpoint_name: str, kind: str, stamp: str) -> str:
+    """``<endpoint_name>-<kind>-<stamp>``, or, when that exceeds SageMaker's 63 characters,
+    the endpoint name cut short plus 8 hex digits of its SHA-1: deterministic, and two long
+    names that share their beginning still get different names."""
+    import hashlib
+
+    tail = f"-{kind}-{stamp}"
+    if len(endpoint_name) + len(tail) <= MAX_NAME:
+        return endpoint_name + tail
+    digest = hashlib.sha1(endpoint_name.encode(), usedforsecurity=False).hexdigest()[:8]
+    keep = MAX_NAME - len(tail) - len(digest) - 1
+    return f"{endpoint_name[:keep].rstrip('-')}-{digest}{tail}"
 
 
 def model_data_uri(api: Api, settings: Settings, model_data: str | None = None) -> str:
@@ -78,14 +94,19 @@ def current_endpoint(api: Api, name: str) -> dict[str, Any] | None:
         raise
 
 
-def _config_models(api: Api, config_name: str) -> list[str]:
+def _config_variants(api: Api, config_name: str) -> list[dict[str, Any]]:
+    """The ProductionVariants of an endpoint config ([] if it is gone)."""
     try:
         config = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config_name)
     except CloudError as err:
         if api.error_code(err) == "ValidationException":
             return []
         raise
-    return [v["ModelName"] for v in config["ProductionVariants"]]
+    return config["ProductionVariants"]
+
+
+def _config_models(api: Api, config_name: str) -> list[str]:
+    return [v["ModelName"] for v in _config_variants(api, config_name)]
 
 
 def _delete_config_and_models(api: Api, config_name: str, models: list[str]) -> None:
@@ -102,8 +123,8 @@ def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait:
     model_data = model_data_uri(api, settings, model_data)
     image = ecr.image_uri(api, settings, settings.serve_repository)
     stamp = job_name("x").removeprefix("flystage-x-")
-    model_name = f"{settings.endpoint_name}-model-{stamp}"
-    config_name = f"{settings.endpoint_name}-config-{stamp}"
+    model_name = derived_name(settings.endpoint_name, "model", stamp)
+    config_name = derived_name(settings.endpoint_name, "config", stamp)
     existing = None if api.dry_run else current_endpoint(api, settings.endpoint_name)
     # Checked before creating anything, so a refused deploy leaves nothing behind.
     if existing is not None and existing["EndpointStatus"] == "Failed":
@@ -116,6 +137,17 @@ def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait:
             f"endpoint {settings.endpoint_name} is {existing['EndpointStatus']}: wait until it is InService "
             "before deploying again"
         )
+    if existing is not None:
+        old_config = existing["EndpointConfigName"]
+        old_variants = _config_variants(api, old_config)
+        old_models = [v["ModelName"] for v in old_variants]
+        # SageMaker cannot turn an instance-based endpoint into a serverless one: the update
+        # would fail after the model and config exist.
+        if settings.serverless and any("ServerlessConfig" not in v for v in old_variants):
+            raise CloudError(
+                f"endpoint {settings.endpoint_name} runs on instances and SageMaker cannot update it to serverless: "
+                "run `make teardown` first, or deploy under another endpoint_name (FLYSTAGE_ENDPOINT_NAME=...)"
+            )
     api.call("sagemaker", "create_model", **model_request(settings, model_name, image, model_data))
     api.call("sagemaker", "create_endpoint_config", **endpoint_config_request(settings, config_name, model_name))
     if existing is None:
@@ -124,8 +156,6 @@ def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait:
             Tags=settings.tag_list(),
         )
     else:
-        old_config = existing["EndpointConfigName"]
-        old_models = _config_models(api, old_config)
         api.call("sagemaker", "update_endpoint", EndpointName=settings.endpoint_name, EndpointConfigName=config_name)
     if api.dry_run:
         api.wait("sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name)

@@ -96,6 +96,23 @@ class Settings:
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def validate(self) -> "Settings":
+        """Raise CloudError for values SageMaker would refuse after the first request; the
+        same checks whether a value came from the file, the environment or a command option."""
+        if self.spot and self.max_wait_s < self.max_runtime_s:
+            raise CloudError(
+                f"max_wait_s ({self.max_wait_s}) must be >= max_runtime_s ({self.max_runtime_s}) "
+                "for managed spot training: raise max_wait_s"
+            )
+        if self.instance_count < 1:
+            raise CloudError(f"instance_count must be >= 1, got {self.instance_count}")
+        if len(self.endpoint_name) > 63 or not re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", self.endpoint_name):
+            raise CloudError(
+                f"endpoint_name {self.endpoint_name!r}: SageMaker allows 1-63 letters, digits and hyphens, "
+                "starting and ending with a letter or digit"
+            )
+        return self
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
@@ -152,12 +169,4 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         env = f"FLYSTAGE_{name.upper()}"
         if env in environ:
             values[name] = _convert(name, environ[env], f"environment variable {env}")
-    settings = Settings(**values)
-    if settings.spot and settings.max_wait_s < settings.max_runtime_s:
-        raise CloudError(
-            f"max_wait_s ({settings.max_wait_s}) must be >= max_runtime_s ({settings.max_runtime_s}) "
-            "for managed spot training: raise max_wait_s"
-        )
-    if settings.instance_count < 1:
-        raise CloudError(f"instance_count must be >= 1, got {settings.instance_count}")
-    return settings
+    return Settings(**values).validate()
