@@ -46,6 +46,39 @@ Source = str | Path | bytes
 # What --rename appends: "__s<label>_s<label>_s<label>" before the suffix.
 RENAMED_RE = re.compile(r"__s[A-Za-z0-9.+-]+(?:_s[A-Za-z0-9.+-]+)*$")
 UNDO_COLUMNS = ("old", "new")
+# OWASP's CSV-injection rule: a cell starting with one of these opens as a formula in a
+# spreadsheet, so it gets a leading single quote (file names are chosen by whoever sent them).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(cell: Any) -> Any:
+    """``cell`` with a leading ``'`` if it is text starting with ``= + - @``, tab or carriage return."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_START):
+        return "'" + cell
+    return cell
+
+
+class _CsvWriter:
+    """csv.writer with ``\\n`` lines that also quotes a cell holding a carriage return.
+
+    Python 3.11's writer leaves ``a\\rb`` unquoted when the line ends in ``\\n``, and readers
+    then split the row there; such rows are written with every cell quoted.
+    """
+
+    def __init__(self, f):
+        self.plain = csv.writer(f, lineterminator="\n")
+        self.quoted = csv.writer(f, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def writerow(self, row: Sequence[Any]) -> None:
+        cr = any(isinstance(c, str) and "\r" in c for c in row)
+        (self.quoted if cr else self.plain).writerow(row)
+
+
+def csv_unsafe(cell: str) -> str:
+    """The inverse of :func:`csv_safe` on text it wrote."""
+    if cell.startswith("'") and cell[1:].startswith(FORMULA_START):
+        return cell[1:]
+    return cell
 
 
 @dataclass
@@ -214,6 +247,26 @@ def _relative_name(path: Path, root: Path | None) -> str:
     return str(path)
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be created at ``path`` (its folder is made if missing), or None.
+
+    Probes with a real temporary file in the folder: permissions, read-only mounts, a file
+    where a folder should be and full quotas all show up, whoever runs it.
+    """
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            return "it is a folder"
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".flystage-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def _open_new(path: Path, force: bool):
     """Open ``path`` for writing text; refuse to replace an existing file unless ``force``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +287,7 @@ def write_csv(
     path = Path(path)
     flag = {True: "true", False: "false", None: ""}
     with _open_new(path, force) as f:
-        writer = csv.writer(f, lineterminator="\n")
+        writer = _CsvWriter(f)
         unsure = ["unsure"] if unsure_below is not None else []
         writer.writerow(["file", *[c for i in range(1, k + 1) for c in (f"stage_{i}", f"p_{i}")], *unsure, "error"])
         for p in predictions:
@@ -242,7 +295,7 @@ def write_csv(
             cells += [""] * (2 * k - len(cells))
             if unsure_below is not None:
                 cells.append(flag[is_unsure(p, unsure_below)])
-            writer.writerow([p.source, *cells, p.error or ""])
+            writer.writerow([csv_safe(c) for c in (p.source, *cells, p.error or "")])
     return path
 
 
@@ -358,7 +411,7 @@ def rename_files(
     report = RenameReport()
     undo_path = Path(undo_path)
     with _open_new(undo_path, force=False) as f:
-        writer = csv.writer(f, lineterminator="\n")
+        writer = _CsvWriter(f)
         writer.writerow(UNDO_COLUMNS)
         f.flush()
         for path, prediction in zip(paths, predictions):
@@ -376,7 +429,7 @@ def rename_files(
             if os.path.lexists(target):
                 report.skip(path, f"{target.name} already exists")
                 continue
-            writer.writerow([str(path), str(target)])
+            writer.writerow([csv_safe(str(path)), csv_safe(str(target))])
             f.flush()
             os.fsync(f.fileno())
             report.move(path, target)
@@ -396,7 +449,7 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
         reader = csv.DictReader(f)
         if list(reader.fieldnames or []) != list(UNDO_COLUMNS):
             raise ValueError(f"{undo_path}: not an undo manifest (expected columns {','.join(UNDO_COLUMNS)})")
-        rows = [(Path(r["old"]), Path(r["new"])) for r in reader if r["old"] and r["new"]]
+        rows = [(Path(csv_unsafe(r["old"])), Path(csv_unsafe(r["new"]))) for r in reader if r["old"] and r["new"]]
     report = RenameReport()
     for old, new in reversed(rows):
         if not os.path.lexists(new):
@@ -417,7 +470,12 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every folder predictor shares (local model, local container, endpoint)."""
     parser.add_argument("folder", nargs="?", type=Path, help="folder of images (searched recursively) or one image")
-    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default predictions.csv)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"),
+        help="CSV to write (default predictions.csv). A cell starting with =, +, -, @, a tab or a carriage "
+        "return (a file name, say) gets a leading single quote, so a spreadsheet shows it as text, never "
+        "as a formula (OWASP's CSV-injection rule)",
+    )
     parser.add_argument("--json", type=Path, help="JSON to write (default: the CSV's name with .json)")
     parser.add_argument("--force", action="store_true", help="replace existing CSV/JSON outputs")
     parser.add_argument("--k", type=int, default=3, help="how many stages per image (default 3)")
@@ -433,7 +491,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--rename", action="store_true",
         help="append the top-k stages to each file name (not for unsure images, with --unsure-below)",
     )
-    parser.add_argument("--undo-manifest", type=Path, help="where --rename records old->new names (default: next to --out)")
+    parser.add_argument(
+        "--undo-manifest", type=Path,
+        help="where --rename records old->new names (default: next to --out); checked writable before any prediction",
+    )
     parser.add_argument("--undo", type=Path, metavar="MANIFEST", help="restore the names recorded by an earlier --rename")
 
 
@@ -488,6 +549,13 @@ def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: d
     if args.rename and undo_path.exists():
         print(f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr)
         return 2
+    # Every output must be writable before the first image is predicted, not after all of them.
+    checks = [(args.out, "--out"), (json_path, "--json")] + ([(undo_path, "--undo-manifest")] if args.rename else [])
+    for out, option in checks:
+        problem = _unwritable(out)
+        if problem:
+            print(f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr)
+            return 2
     root = folder if folder.is_dir() else folder.parent
     predictions = predict_files(
         predictor, paths, root=root, k=args.k, batch_size=args.batch_size, workers=getattr(args, "workers", 1)

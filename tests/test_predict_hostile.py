@@ -1,0 +1,105 @@
+"""predict against hostile folders: formula file names, odd bytes in names, links, interrupted renames, blank images."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from artefact_helpers import make_artefact, write_image
+
+from flystage import cli
+from flystage.predict import Prediction, add_output_arguments, run_with
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    make_artefact(d)
+    return d
+
+
+def predict(*args) -> int:
+    return cli.main(["predict", *map(str, args)])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Counting:
+    """A predictor that answers a fixed top-3 and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict_sources(self, sources, k=3, names=None):
+        self.calls += 1
+        return [Prediction(n, [("13-16", 0.9), ("11-12", 0.08), ("9-10", 0.02)][:k]) for n in names]
+
+
+def run_remote(predictor, *argv) -> int:
+    parser = argparse.ArgumentParser()
+    add_output_arguments(parser)
+    return run_with(predictor, parser.parse_args([str(a) for a in argv]))
+
+
+# ---- item 7: CSV injection, and an unwritable undo manifest ----------------------------------
+
+FORMULA_NAMES = ["=HYPERLINK(1).tif", "+1+1.png", "-2+3.tif", "@SUM(1).tif", "\tcmd.tif", "\rcmd.tif"]
+
+
+def test_formula_file_names_are_neutralised_in_the_csv(model_dir: Path, tmp_path: Path, capsys):
+    root = tmp_path / "imgs"
+    for i, name in enumerate(FORMULA_NAMES):
+        write_image(root / name, seed=i)
+    write_image(root / "plain.tif", seed=7)
+    (root / "=broken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
+    out, undo = tmp_path / "p.csv", tmp_path / "undo.csv"
+    assert predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo) == 1
+    rows = read_csv(out)
+    files = sorted(r["file"] for r in rows)
+    assert files == sorted(["'" + n for n in FORMULA_NAMES] + ["plain.tif", "'=broken.tif"])
+    for row in rows:
+        for cell in row.values():
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), row
+    broken = next(r for r in rows if "broken" in r["file"])
+    assert broken["error"]
+    # The JSON keeps the real names (no spreadsheet opens it).
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(p["file"] for p in doc["predictions"]) == sorted(FORMULA_NAMES + ["plain.tif", "=broken.tif"])
+    # The undo manifest (absolute paths) restores every name.
+    for row in read_csv(undo):
+        assert not row["old"].startswith(("=", "+", "-", "@", "\t", "\r"))
+    assert predict("--undo", undo) == 0
+    assert sorted(p.name for p in root.iterdir()) == sorted(FORMULA_NAMES + ["plain.tif", "=broken.tif"])
+
+
+def test_help_documents_the_csv_injection_rule(capsys):
+    with pytest.raises(SystemExit):
+        predict("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "single quote" in text and "CSV-injection" in text
+
+
+def test_unwritable_undo_manifest_fails_before_any_prediction(tmp_path: Path, capsys):
+    root = tmp_path / "imgs"
+    write_image(root / "embryo1.tif", seed=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    remote = Counting()
+    rc = run_remote(remote, root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", blocker / "undo.csv")
+    assert rc == 2 and remote.calls == 0
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "--undo-manifest" in err and str(blocker / "undo.csv") in err
+    assert not (tmp_path / "p.csv").exists() and (root / "embryo1.tif").is_file()
+    # The same for an undo manifest that names a folder.
+    rc = run_remote(remote, root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", tmp_path)
+    assert rc == 2 and remote.calls == 0
+    # And for an unwritable --out.
+    rc = run_remote(remote, root, "--out", blocker / "p.csv")
+    assert rc == 2 and remote.calls == 0 and "--out" in capsys.readouterr().err
