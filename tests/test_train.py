@@ -226,9 +226,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path:
     log = "".join(lines)
     assert code == EXIT_STOPPED, log
     assert "SIGTERM: stopped in epoch" in log and "run again with the same checkpoint dir" in log
-    state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+    state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True)  # what resuming loads, too
     assert state["epoch"] >= 1
-    assert not model_dir.exists()  # no artefact from an interrupted run
+    # The stopped job still leaves the best model so far, marked as such.
+    stopped = load_metadata(model_dir)
+    assert "stopped by SIGTERM" in stopped.extra["stopped"] and stopped.labels == list(LABELS)
+    check_artefact(model_dir)
 
     # Restart: resumes after the saved epoch and finishes (a shorter job this time).
     done = subprocess.run(command + ["--epochs", str(state["epoch"] + 1)], capture_output=True, text=True,
@@ -237,6 +240,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path:
     assert f"resuming from checkpoint {ckpt / CHECKPOINT_FILE} after epoch {state['epoch']}" in done.stdout
     assert read_metric(done.stdout, "valid:top3") and f"epoch={state['epoch'] + 1} " in done.stdout
     assert load_metadata(model_dir).labels == list(LABELS)
+    assert "stopped" not in load_metadata(model_dir).extra  # the finished model replaced it
 
 
 def test_early_stopping_and_a_finished_run_is_not_retrained(records, tmp_path: Path) -> None:
@@ -323,3 +327,32 @@ def test_main_with_the_default_probe_says_which_hyperparameters_it_ignores(manif
                  "--probe_solver", "sgd", "--epochs", "2", "--threads", "1", "--height", "32", "--width", "80"])
     log = capsys.readouterr().out
     assert code == 0 and "not used" not in log and len(read_metric(log, "valid:top3")) == 2
+
+
+def test_train_refuses_to_replace_a_model_without_force(manifest: Path, tmp_path: Path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    args = ["--manifest", str(manifest), "--model_dir", str(model_dir), "--epochs", "1", *TINY_ARGS]
+    assert main(args) == 0
+    before = (model_dir / "model.onnx").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already holds a model; choose another --model-dir or pass --force" in capsys.readouterr().err
+    assert (model_dir / "model.onnx").read_bytes() == before
+    assert main(args + ["--force", "--seed", "1"]) == 0
+
+
+def test_a_crafted_checkpoint_is_refused_not_run(manifest: Path, tmp_path: Path, capsys) -> None:
+    """Checkpoints are loaded with weights_only: a pickle that would run code is a clear error."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": 1, "payload": Payload()}, ckpt / CHECKPOINT_FILE)
+    code = main(["--manifest", str(manifest), "--model_dir", str(tmp_path / "model"), "--checkpoint_dir", str(ckpt),
+                 "--epochs", "1", *TINY_ARGS])
+    assert code == 1 and not marker.exists()
+    assert "not a readable flystage checkpoint" in capsys.readouterr().err

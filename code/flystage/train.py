@@ -205,10 +205,11 @@ class FitResult:
 class TrainingStopped(Exception):
     """Training stopped on request (SIGTERM or ``stop_after_epoch``) after saving a checkpoint."""
 
-    def __init__(self, message: str, epoch: int, checkpoint: Path | None):
+    def __init__(self, message: str, epoch: int, checkpoint: Path | None, result: "FitResult | None" = None):
         super().__init__(message)
         self.epoch = epoch
         self.checkpoint = checkpoint
+        self.result = result  # the best model so far (None before the first finished epoch)
 
 
 # SIGTERM (SageMaker stop, spot interruption) sets this; the loop finishes the current step,
@@ -316,8 +317,14 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict[str, Any]:
-    # Our own file (written by _save_checkpoint): it holds plain Python lists and dicts too.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint synced from S3 (spot jobs) must not be able to run code.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable flystage checkpoint ({type(exc).__name__}); remove it or use "
+                        "another checkpoint dir") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a flystage checkpoint; remove it or use another checkpoint dir")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a flystage checkpoint of format {CHECKPOINT_FORMAT}; remove it or use another checkpoint dir")
     mismatch = []
@@ -447,6 +454,15 @@ def fit(
             "best_state": best_state, "bad_epochs": bad_epochs,
         })
 
+    def best_so_far() -> FitResult | None:
+        # A stopped job (MaxRuntime, tuning early stop, spot) still leaves a usable model.
+        if best_state is None:
+            return None
+        best_model = copy.deepcopy(model)
+        best_model.load_state_dict(best_state)
+        return FitResult(setup.finish(best_model).eval(), labels, list(history), dict(best), config, samples_seen,
+                         spec=config.model_spec())
+
     def stop_requested() -> bool:
         # Every rank must stop at the same step, or the others would wait in all-reduce.
         return _all_reduce_sum([float(STOP.is_set())])[0] > 0 if world > 1 else STOP.is_set()
@@ -485,7 +501,7 @@ def fit(
                 samples_seen += int(seen)
                 say(f"SIGTERM: stopped in epoch {epoch} after a step; "
                     + (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint dir, nothing saved"))
-                raise TrainingStopped(f"stopped by SIGTERM in epoch {epoch}", epoch - 1, checkpoint)
+                raise TrainingStopped(f"stopped by SIGTERM in epoch {epoch}", epoch - 1, checkpoint, best_so_far())
         samples_seen += int(seen)
         train_seconds = time.perf_counter() - t0
         train_loss_sum, train_n = _all_reduce_sum([loss_sum, seen])
@@ -511,7 +527,7 @@ def fit(
             break
         if config.stop_after_epoch and epoch >= config.stop_after_epoch and epoch < config.epochs:
             say(f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to {checkpoint}")
-            raise TrainingStopped(f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint)
+            raise TrainingStopped(f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint, best_so_far())
 
     if best_state is None:  # resumed from a checkpoint of a run that had already finished
         raise DataError(f"{checkpoint} holds no trained epoch; remove it and train again")
@@ -717,6 +733,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                     help="JSON list of hosts (SM_HOSTS); more than one trains data-parallel")
     io.add_argument("--current_host", "--current-host", dest="current_host", default=env("SM_CURRENT_HOST"),
                     help="this host's name (SM_CURRENT_HOST)")
+    io.add_argument("--force", action="store_true", help="replace a model already in --model-dir")
 
     add_config_options(parser)
 
@@ -808,6 +825,39 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+def _refuse_existing_model(model_dir: str, force: bool) -> None:
+    """Every flystage command refuses to replace results without --force; a model too."""
+    from flystage.artefact import METADATA_FILE, ONNX_FILE
+
+    if force or not any((Path(model_dir) / name).exists() for name in (ONNX_FILE, METADATA_FILE)):
+        return
+    try:  # the best-so-far model of a stopped run is provisional: its restart replaces it
+        if "stopped" in json.loads((Path(model_dir) / METADATA_FILE).read_text(encoding="utf-8")):
+            return
+    except (OSError, ValueError):
+        pass
+    raise UsageError(f"{model_dir} already holds a model; choose another --model-dir or pass --force to replace it")
+
+
+def _save(args: argparse.Namespace, result: FitResult, config: TrainConfig, train_records: Sequence[Record],
+          valid_records: Sequence[Record], manifest: Path | None, world: int, stopped: str | None = None) -> None:
+    """The model artefact (and the history) of a finished or a stopped run."""
+    from flystage.artefact import save_artefact  # needs onnx: imported only where used
+
+    extra = {"train_config": config.to_dict(), "train_images": len(train_records),
+             "valid_images": len(valid_records), "world_size": world}
+    if stopped:
+        extra["stopped"] = stopped
+    save_artefact(
+        args.model_dir, result.model, config.arch, result.labels, config.preprocess,
+        metrics=result.best, manifest_sha256=manifest_sha256(manifest) if manifest else None,
+        spec=result.spec, extra=extra,
+    )
+    _log(f"model artefact written to {args.model_dir}" + (" (best model so far of a stopped run)" if stopped else ""))
+    if args.output_data_dir and result.history:
+        _write_history(Path(args.output_data_dir), result.history, result.best)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train from parsed arguments; 0 on success, ``EXIT_STOPPED`` when stopped with a
     checkpoint, 1 on an error (traceback in ``<base>/output/failure`` under SageMaker)."""
@@ -826,6 +876,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("no training data: give --manifest (or set SM_CHANNEL_TRAIN)")
         if not args.model_dir:
             raise UsageError("no model dir: give --model-dir (or set SM_MODEL_DIR)")
+        _refuse_existing_model(args.model_dir, args.force)
         if config.threads:
             torch.set_num_threads(config.threads)
         rank, world = _init_distributed(args.hosts, args.current_host, _log)
@@ -833,22 +884,14 @@ def run(args: argparse.Namespace) -> int:
         result = train_model(train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log)
         _log(f"host={args.current_host or 'local'} rank={rank} world_size={world} samples={result.samples_seen}")
         if rank == 0:
-            from flystage.artefact import save_artefact  # needs onnx: imported only where used
-
-            save_artefact(
-                args.model_dir, result.model, config.arch, result.labels, config.preprocess,
-                metrics=result.best, manifest_sha256=manifest_sha256(manifest) if manifest else None,
-                spec=result.spec,
-                extra={"train_config": config.to_dict(), "train_images": len(train_records),
-                       "valid_images": len(valid_records), "world_size": world},
-            )
-            _log(f"model artefact written to {args.model_dir}")
-            if args.output_data_dir:
-                _write_history(Path(args.output_data_dir), result.history, result.best)
+            _save(args, result, config, train_records, valid_records, manifest, world)
         if world > 1:
             dist.barrier()  # nobody leaves before rank 0 has written the artefact
         return 0
     except TrainingStopped as exc:
+        if exc.result is not None and _dist_info()[0] == 0 and args.model_dir:
+            _save(args, exc.result, config, train_records, valid_records, manifest, world,
+                  stopped=f"{exc} (best epoch {exc.result.best['epoch']} so far)")
         _log(f"{exc}; run again with the same checkpoint dir to resume")
         _write_failure(f"{exc}: checkpoint {exc.checkpoint}; run again with the same checkpoint dir to resume\n")
         return EXIT_STOPPED
