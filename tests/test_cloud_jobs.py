@@ -212,3 +212,34 @@ def test_spot_tuning_trials_share_no_checkpoints(aws):
     definition = request["TrainingJobDefinition"]
     assert definition["EnableManagedSpotTraining"] is True and "CheckpointConfig" not in definition
     assert definition["StoppingCondition"]["MaxWaitTimeInSeconds"] >= definition["StoppingCondition"]["MaxRuntimeInSeconds"]
+
+
+def sent(api, monkeypatch) -> list[str]:
+    """The operations ``api`` sends from now on (recorded, then sent as usual)."""
+    calls, call = [], api.call
+
+    def record(service, operation, **request):
+        calls.append(f"{service}.{operation}")
+        return call(service, operation, **request)
+
+    monkeypatch.setattr(api, "call", record)
+    return calls
+
+
+def test_batch_predict_refuses_an_existing_out_before_sending_anything(aws, out, tmp_path, monkeypatch):
+    api, settings = aws
+    put_images(api)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / "e1.png").write_bytes(b"\x89PNG\r\n\x1a\n fake")
+    existing = tmp_path / "top3.csv"
+    existing.write_text("the lab's earlier answers\n")
+    calls = sent(api, monkeypatch)
+    with pytest.raises(CloudError, match="top3.csv already exists; choose another --out .* --force"):
+        batch.batch_predict(api, settings, str(folder), model_data=f"s3://{BUCKET}/flystage/output/j/output/model.tar.gz", out_csv=existing)
+    assert calls == [] and existing.read_text() == "the lab's earlier answers\n"
+    existing.unlink()
+    existing.with_suffix(".json").write_text("{}")
+    with pytest.raises(CloudError, match=r"top3.json already exists"):
+        batch.batch_predict(api, settings, str(folder), out_csv=existing)
+    assert calls == []

@@ -51,10 +51,16 @@ def batch_predict(
     model_data: str | None = None,
     out_csv: Path | None = None,
     k: int = 3,
+    force: bool = False,
 ) -> str:
     """Run a transform job over ``source`` (an s3:// prefix, or a local folder uploaded to
     ``prefix/batch/<job>/input``); returns the output S3 URI. With a local folder and
-    ``out_csv``, also writes the top-k CSV/JSON from the job's answers."""
+    ``out_csv``, also writes the top-k CSV/JSON from the job's answers (an existing one is
+    refused before anything is sent, unless ``force``)."""
+    if out_csv is not None and not force:
+        for path in (Path(out_csv), Path(out_csv).with_suffix(".json")):
+            if path.exists():
+                raise CloudError(f"{path} already exists; choose another --out (OUT=) or pass --force to replace it")
     settings.require("role_arn", "bucket")
     check_bucket(api, settings)
     name = job_name("batch")
@@ -97,11 +103,13 @@ def batch_predict(
         api.call("sagemaker", "delete_model", ModelName=model_name)
     api.say(f"answers in {output_uri}/ (one <image>.out JSON per image)")
     if local and out_csv is not None and not api.dry_run:
-        write_answers(api, local, root, output_uri, out_csv, k)
+        write_answers(api, local, root, output_uri, out_csv, k, force=force)
     return output_uri
 
 
-def write_answers(api: Api, paths: list[Path], root: Path, output_uri: str, out_csv: Path, k: int) -> None:
+def write_answers(
+    api: Api, paths: list[Path], root: Path, output_uri: str, out_csv: Path, k: int, *, force: bool = False
+) -> None:
     """Download ``<key>.out`` for each image and write the predict CSV/JSON."""
     from flystage.predict import Prediction, write_csv, write_json
 
@@ -114,6 +122,6 @@ def write_answers(api: Api, paths: list[Path], root: Path, output_uri: str, out_
             predictions.append(Prediction(name, top=parse_top(json.loads(body))[:k]))
         except (CloudError, ValueError) as err:
             predictions.append(Prediction(name, error=f"{name}: no answer from the transform job ({err})"))
-    write_csv(predictions, out_csv, k=k)
-    write_json(predictions, out_csv.with_suffix(".json"))
+    write_csv(predictions, out_csv, k=k, force=force)
+    write_json(predictions, out_csv.with_suffix(".json"), force=force)
     api.say(f"wrote {out_csv} and {out_csv.with_suffix('.json')}")

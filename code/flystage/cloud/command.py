@@ -61,6 +61,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p["batch-predict"].add_argument("source", help="s3:// prefix of images, or a local folder (uploaded first)")
     p["batch-predict"].add_argument("--model-data", help="s3://.../model.tar.gz (default: the last training job's)")
     p["batch-predict"].add_argument("--out", type=Path, help="with a local folder: the top-3 CSV to write")
+    p["batch-predict"].add_argument("--force", action="store_true", help="replace an existing --out CSV/JSON")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.target == "batch-predict":
         from flystage.cloud.batch import batch_predict
 
-        emit(batch_predict(api, settings, args.source, model_data=args.model_data, out_csv=args.out))
+        emit(batch_predict(api, settings, args.source, model_data=args.model_data, out_csv=args.out, force=args.force))
     elif args.target == "teardown":
         from flystage.cloud.hosting import teardown
 
