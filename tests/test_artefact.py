@@ -131,13 +131,39 @@ def edit_metadata(**changes):
         (edit_metadata(format_version=99), "format_version 99"),
         (edit_metadata(preprocess={"height": 32, "width": 80, "colour": "blue"}), "bad 'preprocess'"),
         (edit_metadata(input_shape=[3, 32, 80]), "does not match the preprocess"),
+        # Tampered fields: each one an ArtefactError naming the file, never TypeError/KeyError.
+        (edit_metadata(input_shape=5), "'input_shape' must be a list of three integers"),
+        (edit_metadata(input_shape=[1, 32]), "'input_shape' must be a list of three integers"),
+        (edit_metadata(input_shape=["1", 32, 80]), "'input_shape' must be a list of three integers"),
+        (edit_metadata(input_shape={"c": 1}), "'input_shape' must be a list of three integers"),
+        (edit_metadata(labels="1-3"), "non-empty list of distinct labels"),
+        (edit_metadata(labels=[1, 2, 3, 4]), "non-empty list of distinct labels"),
+        (edit_metadata(labels=[["a"], ["b"], ["c"], ["d"]]), "non-empty list of distinct labels"),
+        (edit_metadata(labels=[{"a": 1}, "b", "c", "d"]), "non-empty list of distinct labels"),
+        (edit_metadata(labels=None), "non-empty list of distinct labels"),
+        (edit_metadata(preprocess=5), "bad 'preprocess'.*JSON object"),
+        (edit_metadata(preprocess=[["height", 32]]), "bad 'preprocess'.*JSON object"),
+        (edit_metadata(preprocess="height=32"), "bad 'preprocess'.*JSON object"),
+        (edit_metadata(preprocess={"height": "32"}), "bad 'preprocess'"),
+        (edit_metadata(preprocess={"height": None}), "bad 'preprocess'"),
+        (edit_metadata(preprocess={"low_percentile": "a"}), "bad 'preprocess'"),
+        (edit_metadata(format_version="1"), "format_version '1'"),
+        (edit_metadata(format_version=[1]), r"format_version \[1\]"),
+        (edit_metadata(arch=None), "'arch' must be a non-empty string"),
+        (edit_metadata(arch={"x": 1}), "'arch' must be a non-empty string"),
+        (edit_metadata(metrics=[1, 2]), "'metrics' must be a JSON object"),
+        (edit_metadata(manifest_sha256=5), "'manifest_sha256' must be a string"),
+        (edit_metadata(created=5), "'created' must be a string"),
+        (lambda d: (d / "metadata.json").write_bytes(b"\xff\xfe{}"), "not valid JSON"),
+        (lambda d: (d / "metadata.json").write_text("null"), "expected a JSON object"),
     ],
 )
 def test_broken_metadata_is_refused(artefact, tmp_path: Path, edit, message: str):
     broken = broken_copy(artefact[0], tmp_path / "broken", edit)
     with pytest.raises(ArtefactError, match=message) as info:
         load_metadata(broken)
-    assert str(broken) in str(info.value)  # the message names the model directory
+    # The message names the file (the directory when a file is missing).
+    assert str(broken if message.startswith("missing") else broken / "metadata.json") in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -165,6 +191,58 @@ def test_missing_directory_and_weights(tmp_path: Path, artefact):
     assert check_artefact(no_weights).arch == "tiny"  # serving needs no weights.pt
     with pytest.raises(ArtefactError, match="no torch weights"):
         load_torch_model(no_weights)
+
+
+@pytest.fixture(scope="module")
+def small_cnn_artefact(tmp_path_factory) -> Path:
+    from flystage.models import build_model
+
+    model_dir = tmp_path_factory.mktemp("small") / "model"
+    model = build_model("small_cnn", num_classes=3, channels=1).eval()
+    save_artefact(model_dir, model, "small_cnn", ["a", "b", "c"], PreprocessConfig(height=32, width=80, channels=1))
+    return model_dir
+
+
+def edit_weights(change):
+    def edit(d: Path):
+        saved = torch.load(d / "weights.pt", weights_only=True)
+        torch.save(change(saved), d / "weights.pt")
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (edit_weights(lambda s: [1, 2, 3]), "found list"),
+        (edit_weights(lambda s: list(s["state_dict"].values())), "found list"),
+        (edit_weights(lambda s: {k: v for k, v in s.items() if k != "state_dict"}), "without a state_dict"),
+        (edit_weights(lambda s: {**s, "state_dict": [1]}), "without a state_dict"),
+        (edit_weights(lambda s: {**s, "labels": "abc"}), "'labels' must be a list"),
+        (edit_weights(lambda s: {k: v for k, v in s.items() if k != "labels"}), "'labels' must be a list"),
+        (edit_weights(lambda s: {**s, "labels": [1, 2, 3]}), "'labels' must be a list"),
+        (edit_weights(lambda s: {**s, "channels": "1"}), "'channels' must be 1 or 3"),
+        (edit_weights(lambda s: {**s, "channels": 7}), "'channels' must be 1 or 3"),
+        (edit_weights(lambda s: {**s, "spec": [1]}), "bad model 'spec'"),
+        (edit_weights(lambda s: {**s, "spec": {"mode": "full"}}), "bad model 'spec'"),
+        (edit_weights(lambda s: {**s, "spec": {"arch": 5}}), "bad model 'spec'"),
+        (edit_weights(lambda s: {**s, "spec": {"members": 5}}), "bad model 'spec'"),
+        (edit_weights(lambda s: {**s, "spec": {"members": [{"arch": "small_cnn"}, "x"]}}), "bad model 'spec'"),
+        (edit_weights(lambda s: {**s, "spec": {"arch": "small_cnn", "temperature": "hot"}}), "bad model 'spec'"),
+        (edit_weights(lambda s: {**s, "spec": {"arch": "no_such_net", "mode": "full"}}), "unknown arch 'no_such_net'"),
+        (edit_weights(lambda s: {**s, "spec": {"arch": "small_cnn", "mode": "probe"}}), "cannot rebuild the model"),
+        (edit_weights(lambda s: {**s, "spec": None, "arch": None}), "bad model 'spec'"),
+        (edit_weights(lambda s: {**s, "labels": ["a", "b"]}), "cannot rebuild the model"),  # head of 3 outputs
+        (edit_weights(lambda s: {**s, "state_dict": {"x": torch.zeros(1)}}), "cannot rebuild the model"),
+        (lambda d: (d / "weights.pt").write_bytes(b"not a torch file"), "cannot read the torch weights"),
+    ],
+)
+def test_tampered_weights_are_refused(small_cnn_artefact, tmp_path: Path, edit, message: str):
+    assert load_torch_model(small_cnn_artefact) is not None  # the untouched copy loads
+    broken = broken_copy(small_cnn_artefact, tmp_path / "broken", edit)
+    with pytest.raises(ArtefactError, match=message) as info:
+        load_torch_model(broken)
+    assert str(broken / "weights.pt") in str(info.value)
 
 
 @pytest.mark.parametrize("arch", ["default", "hognet", "hognet_turn", "small_cnn"])

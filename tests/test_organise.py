@@ -298,3 +298,39 @@ def test_several_folders_and_a_missing_one(lab_tree: Path, tmp_path: Path):
     touch(empty / "readme.txt")
     with pytest.raises(OrganiseError, match=r"no images .* ignored: \{'not an image \(.txt\)': 1\}"):
         organise([empty])
+
+
+# ---- malformed inputs (issue 8) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("path,label,group\nimgs/img0.png,4-6,e0\nimgs/img1.png\n", r"line 3: no value for column\(s\) \['label', 'group'\]"),
+        ("path,label,group\nimgs/img0.png,4-6\n", r"line 2: no value for column\(s\) \['group'\]"),
+        ("path,label\nimgs/img0.png,4-6,extra\n", "line 2: more values than the header has columns"),
+        ("path,label\n,4-6\n", "line 2: empty path"),
+        ('path,label\n"imgs/img0.png,4-6\n', r"no value for column\(s\) \['label'\]"),  # unclosed quote
+    ],
+)
+def test_malformed_labels_csv_names_the_file_and_line(tmp_path: Path, text: str, message: str):
+    for i in range(2):
+        touch(tmp_path / "imgs" / f"img{i}.png")
+    table = tmp_path / "labels.csv"
+    table.write_text(text)
+    with pytest.raises(OrganiseError, match=message) as info:
+        organise([tmp_path / "imgs"], labels_csv=table)
+    assert str(table) in str(info.value)
+
+
+def test_labels_csv_not_utf8_and_short_row_through_the_cli(tmp_path: Path, capsys):
+    touch(tmp_path / "imgs" / "img0.png")
+    table = tmp_path / "labels.csv"
+    table.write_bytes(b"path,label\nimgs/img0.png,st\xe9\n")
+    with pytest.raises(OrganiseError, match="not UTF-8"):
+        organise([tmp_path / "imgs"], labels_csv=table)
+    table.write_text("path,label,group\nimgs/img0.png\n")
+    out = tmp_path / "m.csv"
+    assert cli.main(["organise", str(tmp_path / "imgs"), "--labels-csv", str(table), "--out", str(out)]) == 2
+    assert f"{table}: line 2: no value" in capsys.readouterr().err
+    assert not out.exists()

@@ -198,12 +198,20 @@ def _check_onnx_matches_torch(model: Any, onnx_path: Path, chw: tuple[int, int, 
     return max_diff
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a tampered value, cut short enough for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_metadata(model_dir: str | Path) -> Metadata:
     """Parse and check ``metadata.json`` of a model directory (files present, fields valid).
 
-    Raises ``ArtefactError`` naming the directory for a missing directory or file, bad JSON,
-    missing fields, an unknown format version, duplicate labels, or a preprocessing config
-    that does not match ``input_shape``. ``check_artefact`` also opens the ONNX model.
+    Raises ``ArtefactError`` naming the directory for a missing directory or file, and naming
+    ``metadata.json`` for bad JSON, missing fields, a field of the wrong type (labels not a
+    list of distinct strings, ``preprocess`` not an object, ``input_shape`` not three
+    integers, ...), an unknown format version, or a preprocessing config that does not match
+    ``input_shape``. ``check_artefact`` also opens the ONNX model.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -224,33 +232,63 @@ def load_metadata(model_dir: str | Path) -> Metadata:
     absent = [key for key in required if key not in raw]
     if absent:
         raise ArtefactError(f"{model_dir / METADATA_FILE}: missing field(s) {absent}; re-export the model")
-    if raw["format_version"] != FORMAT_VERSION:
+    where = model_dir / METADATA_FILE
+    version = raw["format_version"]
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ArtefactError(
-            f"{model_dir / METADATA_FILE}: format_version {raw['format_version']!r}, this flystage "
+            f"{where}: format_version {version!r}, this flystage "
             f"{__version__} reads {FORMAT_VERSION}; use the matching flystage version or re-export"
         )
+    if not isinstance(raw["arch"], str) or not raw["arch"]:
+        raise ArtefactError(f"{where}: 'arch' must be a non-empty string, not {_short(raw['arch'])}; re-export the model")
     labels = raw["labels"]
-    if not isinstance(labels, list) or not labels or len(set(map(str, labels))) != len(labels):
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: 'labels' must be a non-empty list of distinct labels")
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(label, str) and label for label in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise ArtefactError(
+            f"{where}: 'labels' must be a non-empty list of distinct labels (non-empty strings), "
+            f"not {_short(labels)}; re-export the model"
+        )
+    if not isinstance(raw["preprocess"], dict):
+        raise ArtefactError(
+            f"{where}: bad 'preprocess' settings (expected a JSON object, not {_short(raw['preprocess'])}); re-export the model"
+        )
     try:
         config = PreprocessConfig.from_dict(raw["preprocess"])
     except (TypeError, ValueError, KeyError) as exc:
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: bad 'preprocess' settings ({exc}); re-export the model") from None
+        raise ArtefactError(f"{where}: bad 'preprocess' settings ({exc}); re-export the model") from None
     shape = _input_shape(config)
-    if "input_shape" in raw and tuple(raw["input_shape"]) != shape:
-        raise ArtefactError(
-            f"{model_dir / METADATA_FILE}: input_shape {raw['input_shape']} does not match the preprocess "
-            f"settings {list(shape)}"
-        )
+    if "input_shape" in raw:
+        given = raw["input_shape"]
+        if not isinstance(given, list) or len(given) != 3 or not all(type(d) is int for d in given):
+            raise ArtefactError(
+                f"{where}: 'input_shape' must be a list of three integers [C, H, W], not {_short(given)}; re-export the model"
+            )
+        if tuple(given) != shape:
+            raise ArtefactError(
+                f"{where}: input_shape {given} does not match the preprocess settings {list(shape)}"
+            )
+    metrics = raw.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ArtefactError(f"{where}: 'metrics' must be a JSON object, not {_short(metrics)}; re-export the model")
+    manifest_hash = raw.get("manifest_sha256")
+    if manifest_hash is not None and not isinstance(manifest_hash, str):
+        raise ArtefactError(f"{where}: 'manifest_sha256' must be a string or null, not {_short(manifest_hash)}")
+    for key in ("flystage_version", "created"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ArtefactError(f"{where}: {key!r} must be a string, not {_short(raw[key])}; re-export the model")
     return Metadata(
         format_version=raw["format_version"],
         flystage_version=str(raw.get("flystage_version", "")),
         arch=str(raw["arch"]),
-        labels=[str(label) for label in labels],
+        labels=list(labels),
         preprocess=config,
         input_shape=shape,
-        metrics=raw.get("metrics") or {},
-        manifest_sha256=raw.get("manifest_sha256"),
+        metrics=metrics or {},
+        manifest_sha256=manifest_hash,
         created=str(raw.get("created", "")),
         extra={k: v for k, v in raw.items() if k not in _CORE_FIELDS},
     )
@@ -311,7 +349,11 @@ def check_artefact(model_dir: str | Path, threads: int | None = 1) -> Metadata:
 
 
 def load_torch_model(model_dir: str | Path):
-    """The torch model of ``weights.pt`` rebuilt from its spec (``flystage.models.build_from_spec``), in eval mode."""
+    """The torch model of ``weights.pt`` rebuilt from its spec (``flystage.models.build_from_spec``), in eval mode.
+
+    Anything but the dict ``save_artefact`` writes (a list, no state dict, bad labels,
+    channels or spec, tensors that do not fit the spec) raises ``ArtefactError`` naming the file.
+    """
     import torch
 
     from flystage.models import build_from_spec
@@ -323,7 +365,37 @@ def load_torch_model(model_dir: str | Path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ArtefactError(f"{path}: cannot read the torch weights ({exc}); re-export the model") from None
-    spec = saved.get("spec") or {"arch": saved["arch"], "mode": "full"}
-    model = build_from_spec(spec, num_classes=len(saved["labels"]), channels=saved["channels"])
-    model.load_state_dict(saved["state_dict"])
+    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+        raise ArtefactError(
+            f"{path}: expected a dict with 'arch', 'labels', 'channels', 'spec' and 'state_dict', "
+            f"found {type(saved).__name__}{'' if not isinstance(saved, dict) else ' without a state_dict'}; re-export the model"
+        )
+    labels, channels = saved.get("labels"), saved.get("channels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(label, str) for label in labels):
+        raise ArtefactError(f"{path}: 'labels' must be a list of at least two strings, not {_short(labels)}; re-export the model")
+    if type(channels) is not int or channels not in (1, 3):
+        raise ArtefactError(f"{path}: 'channels' must be 1 or 3, not {_short(channels)}; re-export the model")
+    spec = saved.get("spec")
+    if spec is None:
+        spec = {"arch": saved.get("arch"), "mode": "full"}
+    if not _valid_spec(spec):
+        raise ArtefactError(f"{path}: bad model 'spec' {_short(spec)}; re-export the model")
+    try:
+        model = build_from_spec(spec, num_classes=len(labels), channels=channels)
+        model.load_state_dict(saved["state_dict"])
+    except Exception as exc:  # unknown arch, tensors of the wrong shape, missing keys
+        raise ArtefactError(f"{path}: cannot rebuild the model from its spec and state dict ({exc}); re-export the model") from None
     return model.eval()
+
+
+def _valid_spec(spec: Any, depth: int = 0) -> bool:
+    """The shape ``build_from_spec`` expects: an arch string, or a list of member specs."""
+    if not isinstance(spec, dict) or depth > 2:
+        return False
+    temperature = spec.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        return False
+    if "members" in spec:
+        members = spec["members"]
+        return isinstance(members, list) and bool(members) and all(_valid_spec(m, depth + 1) for m in members)
+    return isinstance(spec.get("arch"), str) and isinstance(spec.get("mode", "full"), str)

@@ -175,21 +175,36 @@ def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> di
     """Absolute image path -> (label, group or None) from a CSV with path,label[,group]."""
     if not csv_path.is_file():
         raise OrganiseError(f"{csv_path}: labels CSV not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in ("path", label_column) if c not in columns]
-        if missing:
-            raise OrganiseError(
-                f"{csv_path}: missing column(s) {missing}; it has {columns}. "
-                "Give a CSV with path,label[,group] or name the columns with --label-column/--group-column"
-            )
-        table = {}
-        for row in reader:
-            path = Path(row["path"]).expanduser()
-            path = (path if path.is_absolute() else csv_path.parent / path).resolve()
-            group = row.get(group_column) or None if group_column in columns else None
-            table[path] = (row[label_column].strip(), group)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in ("path", label_column) if c not in columns]
+            if missing:
+                raise OrganiseError(
+                    f"{csv_path}: missing column(s) {missing}; it has {columns}. "
+                    "Give a CSV with path,label[,group] or name the columns with --label-column/--group-column"
+                )
+            table = {}
+            for row in reader:
+                # A short row leaves its last columns None: say where, do not guess.
+                short = [c for c in columns if row.get(c) is None]
+                if short or None in row:
+                    what = f"no value for column(s) {short}" if short else "more values than the header has columns"
+                    raise OrganiseError(
+                        f"{csv_path}: line {reader.line_num}: {what}; every row needs "
+                        f"{len(columns)} comma-separated values ({','.join(columns)})"
+                    )
+                if not row["path"].strip():
+                    raise OrganiseError(f"{csv_path}: line {reader.line_num}: empty path")
+                path = Path(row["path"].strip()).expanduser()
+                path = (path if path.is_absolute() else csv_path.parent / path).resolve()
+                group = (row.get(group_column) or None) if group_column in columns else None
+                table[path] = (row[label_column].strip(), group)
+    except UnicodeDecodeError as exc:
+        raise OrganiseError(f"{csv_path}: not UTF-8 text ({exc}); save the labels CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise OrganiseError(f"{csv_path}: line {reader.line_num}: not a valid CSV ({exc})") from None
     return table
 
 
