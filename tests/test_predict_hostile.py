@@ -103,3 +103,60 @@ def test_unwritable_undo_manifest_fails_before_any_prediction(tmp_path: Path, ca
     # And for an unwritable --out.
     rc = run_remote(remote, root, "--out", blocker / "p.csv")
     assert rc == 2 and remote.calls == 0 and "--out" in capsys.readouterr().err
+
+
+# ---- item 2: file names that are not UTF-8; no partial outputs --------------------------------
+
+
+def _bytes_name(folder: Path, name: bytes) -> Path:
+    return Path(os.fsdecode(os.path.join(os.fsencode(str(folder)), name)))
+
+
+def test_non_utf8_file_names_are_predicted_renamed_and_restored(model_dir: Path, tmp_path: Path, capsys):
+    root = tmp_path / "imgs"
+    write_image(root / "a.tif", seed=1)
+    write_image(root / "b.png", seed=2)
+    os.rename(root / "a.tif", _bytes_name(root, b"caf\xe9.tif"))
+    os.rename(root / "b.png", _bytes_name(root, b"caf\xe9.png"))
+    _bytes_name(root, b"\xff\xfebroken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
+    before = sorted(os.listdir(os.fsencode(str(root))))
+    out, undo = tmp_path / "p.csv", tmp_path / "undo.csv"
+    assert predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo) == 1  # 1: the broken one
+    text = out.read_bytes().decode("utf-8")  # the CSV stays valid UTF-8, the odd bytes escaped
+    rows = list(csv.DictReader(text.splitlines()))
+    assert sorted(r["file"] for r in rows) == ["\\udcff\\udcfebroken.tif", "caf\\udce9.png", "caf\\udce9.tif"]
+    assert [bool(r["error"]) for r in sorted(rows, key=lambda r: r["file"])] == [True, False, False]
+    doc = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert doc["n"] == 3 and doc["errors"] == 1
+    streams = capsys.readouterr()
+    assert "renamed 2 file(s)" in streams.out and "unreadable" in streams.err
+    renamed = os.listdir(os.fsencode(str(root)))
+    assert sum(b"__s" in n for n in renamed) == 2
+    assert predict("--undo", undo) == 0
+    assert sorted(os.listdir(os.fsencode(str(root)))) == before
+
+
+def test_a_failed_write_leaves_no_partial_output(tmp_path: Path):
+    from flystage.predict import write_csv, write_json
+
+    good = [Prediction("a.tif", [("1-3", 0.9), ("4-6", 0.1)])]
+    bad = good + [Prediction("b.tif", [("1-3", "not a number")])]  # fails after the header and one row
+    out = tmp_path / "out" / "p.csv"
+    with pytest.raises(ValueError):
+        write_csv(bad, out)
+    assert os.listdir(out.parent) == []  # neither a half-written CSV nor a temporary file
+    write_csv(good, out)  # a rerun does not meet "already exists"
+    assert read_csv(out)[0]["file"] == "a.tif"
+    # --force: a failed rewrite leaves the earlier file whole.
+    before = out.read_bytes()
+    with pytest.raises(ValueError):
+        write_csv(bad, out, force=True)
+    assert out.read_bytes() == before and os.listdir(out.parent) == ["p.csv"]
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_csv(good, out)
+    js = tmp_path / "out" / "p.json"
+    with pytest.raises(TypeError):
+        write_json(good, js, model={"not json": object()})
+    assert sorted(os.listdir(out.parent)) == ["p.csv"]
+    write_json(good, js)
+    assert json.loads(js.read_text())["n"] == 1

@@ -21,7 +21,9 @@ import csv
 import json
 import os
 import re
+import secrets
 import sys
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -267,13 +269,53 @@ def _unwritable(path: Path) -> str | None:
     return None
 
 
-def _open_new(path: Path, force: bool):
+def _open_new(path: Path, force: bool, errors: str = "strict"):
     """Open ``path`` for writing text; refuse to replace an existing file unless ``force``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return open(path, "w" if force else "x", newline="", encoding="utf-8")
+        return open(path, "w" if force else "x", newline="", encoding="utf-8", errors=errors)
     except FileExistsError:
         raise FileExistsError(f"{path} already exists; choose another name or pass --force to replace it") from None
+
+
+@contextmanager
+def _write_new(path: Path, force: bool, errors: str = "strict"):
+    """Write text to a temporary file next to ``path``, then move it into place on success.
+
+    A crash or an error half-way leaves no partial ``path`` (and the temporary file is
+    removed), so a rerun never meets "already exists". Without ``force`` an existing
+    ``path`` is never replaced, even one that appears while writing.
+    """
+    exists = f"{path} already exists; choose another name or pass --force to replace it"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not force and os.path.lexists(path):
+        raise FileExistsError(exists)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", newline="", encoding="utf-8", errors=errors) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                _rename_no_replace(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(exists) from None
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (surrogate escapes) shown as ``\\udcXX``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _print(text: str = "", file=None) -> None:
+    print(_printable(text), file=file)
 
 
 def write_csv(
@@ -283,10 +325,13 @@ def write_csv(
 
     With ``unsure_below``, a column ``unsure`` before ``error``: ``true`` when the top-1
     probability is below it, ``false`` otherwise, empty for an unreadable image.
+    The CSV is UTF-8: bytes of a file name that are not (``caf\\xe9.tif``) appear as
+    ``caf\\udce9.tif``; cells that would open as formulas get a leading ``'`` (:func:`csv_safe`).
+    Written to a temporary file and moved into place, so a failure leaves no partial CSV.
     """
     path = Path(path)
     flag = {True: "true", False: "false", None: ""}
-    with _open_new(path, force) as f:
+    with _write_new(path, force, errors="backslashreplace") as f:
         writer = _CsvWriter(f)
         unsure = ["unsure"] if unsure_below is not None else []
         writer.writerow(["file", *[c for i in range(1, k + 1) for c in (f"stage_{i}", f"p_{i}")], *unsure, "error"])
@@ -323,7 +368,7 @@ def write_json(
         document.update(unsure_below=unsure_below, unsure=sum(f is True for f in flags))
         for entry, flag in zip(document["predictions"], flags):
             entry["unsure"] = flag
-    with _open_new(path, force) as f:
+    with _write_new(path, force) as f:
         json.dump(document, f, indent=1)
         f.write("\n")
     return path
@@ -350,6 +395,10 @@ def is_renamed(path: Path) -> bool:
 
 def _move_no_replace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``, raising FileExistsError rather than replacing ``dst``."""
+    _rename_no_replace(src, dst)
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
     try:
         # link() fails if dst exists, atomically; os.rename would silently replace it.
         os.link(src, dst)
@@ -406,11 +455,12 @@ def rename_files(
     With ``unsure_below``, an image whose top-1 probability is below it keeps its name
     (counted in ``report.unsure``, not a problem): a name carries only answers the lab accepts.
     The undo manifest (CSV ``old,new``, absolute paths) is flushed before each rename, so a
-    crash leaves it valid; it must not exist yet.
+    crash leaves it valid; it must not exist yet. File names that are not UTF-8 are written
+    as their own bytes, so undo restores them exactly.
     """
     report = RenameReport()
     undo_path = Path(undo_path)
-    with _open_new(undo_path, force=False) as f:
+    with _open_new(undo_path, force=False, errors="surrogateescape") as f:
         writer = _CsvWriter(f)
         writer.writerow(UNDO_COLUMNS)
         f.flush()
@@ -445,7 +495,7 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
     undo_path = Path(undo_path)
     if not undo_path.is_file():
         raise FileNotFoundError(f"{undo_path}: undo manifest not found")
-    with open(undo_path, newline="", encoding="utf-8") as f:
+    with open(undo_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         if list(reader.fieldnames or []) != list(UNDO_COLUMNS):
             raise ValueError(f"{undo_path}: not an undo manifest (expected columns {','.join(UNDO_COLUMNS)})")
@@ -510,9 +560,9 @@ def run_undo(manifest: Path) -> int:
     try:
         report = undo_renames(manifest)
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report.text().replace("renamed", "restored", 1))
+    _print(report.text().replace("renamed", "restored", 1))
     return 1 if report.problems else 0
 
 
@@ -525,36 +575,36 @@ def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: d
     if getattr(args, "undo", None):
         return run_undo(args.undo)
     if args.folder is None:
-        print("error: give the FOLDER of images to predict (or --undo MANIFEST)", file=sys.stderr)
+        _print("error: give the FOLDER of images to predict (or --undo MANIFEST)", file=sys.stderr)
         return 2
     if args.k < 1 or args.batch_size < 1:
-        print("error: --k and --batch-size must be at least 1", file=sys.stderr)
+        _print("error: --k and --batch-size must be at least 1", file=sys.stderr)
         return 2
     folder = args.folder.expanduser().resolve()
     if not folder.exists():
-        print(f"error: {folder}: no such folder or file", file=sys.stderr)
+        _print(f"error: {folder}: no such folder or file", file=sys.stderr)
         return 2
     paths, ignored = iter_images([folder])
     if ignored:
-        print("ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(ignored.items())), file=sys.stderr)
+        _print("ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(ignored.items())), file=sys.stderr)
     if not paths:
-        print(f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr)
+        _print(f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr)
         return 2
     json_path = args.json or args.out.with_suffix(".json")
     for out in (args.out, json_path):
         if out.exists() and not args.force:
-            print(f"error: {out} already exists; choose another name or pass --force", file=sys.stderr)
+            _print(f"error: {out} already exists; choose another name or pass --force", file=sys.stderr)
             return 2
     undo_path = args.undo_manifest or args.out.with_name(f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv")
     if args.rename and undo_path.exists():
-        print(f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr)
+        _print(f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr)
         return 2
     # Every output must be writable before the first image is predicted, not after all of them.
     checks = [(args.out, "--out"), (json_path, "--json")] + ([(undo_path, "--undo-manifest")] if args.rename else [])
     for out, option in checks:
         problem = _unwritable(out)
         if problem:
-            print(f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr)
+            _print(f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr)
             return 2
     root = folder if folder.is_dir() else folder.parent
     predictions = predict_files(
@@ -565,14 +615,14 @@ def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: d
     write_json(predictions, json_path, model=model_info, force=args.force, unsure_below=below)
     errors = [p for p in predictions if p.error]
     for p in errors:
-        print(f"unreadable: {p.error}", file=sys.stderr)
+        _print(f"unreadable: {p.error}", file=sys.stderr)
     unsure = "" if below is None else f", {sum(bool(is_unsure(p, below)) for p in predictions)} unsure (top-1 below {below:g})"
-    print(f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s){unsure}; wrote {args.out} and {json_path}")
+    _print(f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s){unsure}; wrote {args.out} and {json_path}")
     status = 1 if errors else 0
     if args.rename:
         report = rename_files(paths, predictions, undo_path, k=args.k, unsure_below=below)
-        print(report.text())
-        print(f"undo with: flystage predict --undo {undo_path}")
+        _print(report.text())
+        _print(f"undo with: flystage predict --undo {undo_path}")
         status = 1 if report.problems or errors else 0
     return status
 
@@ -581,13 +631,13 @@ def run(args: argparse.Namespace) -> int:
     if args.undo:
         return run_undo(args.undo)
     if args.folder is None or args.model is None:
-        print("error: give a FOLDER and --model DIR (or --undo MANIFEST)", file=sys.stderr)
+        _print("error: give a FOLDER and --model DIR (or --undo MANIFEST)", file=sys.stderr)
         return 2
     try:
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
         predictor = Predictor(args.model, threads=threads)
     except ArtefactError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print(f"error: {exc}", file=sys.stderr)
         return 2
     md = predictor.metadata
     info = {"model_dir": str(args.model), "arch": md.arch, "labels": md.labels, "flystage_version": md.flystage_version, "created": md.created, "manifest_sha256": md.manifest_sha256}
