@@ -81,7 +81,7 @@ def test_tune_train_deploy_teardown_dry_runs(tmp_path):
     assert request["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
     assert request["HyperParameters"] == {"learning_rate": "0.01", "batch_size": "64"}
 
-    deploy = make("deploy", tmp_path, SERVERLESS="1", MODEL_DATA="s3://lab-bucket/m/model.tar.gz")
+    deploy = make("deploy", tmp_path, SERVERLESS="1", MODEL_DATA="s3://lab-bucket/flystage/output/j/output/model.tar.gz")
     assert operations(deploy) == ["sagemaker.create_model", "sagemaker.create_endpoint_config", "sagemaker.create_endpoint"]
     assert "ServerlessConfig" in deploy[1]["request"]["ProductionVariants"][0]
 
@@ -94,7 +94,7 @@ def test_predict_and_batch_dry_runs(tmp_path, images):
     assert len(calls) == 6 and {c["request"]["ContentType"] for c in calls} == {"image/png"}
     assert calls[0]["request"]["Body"].endswith(" bytes>")
     assert not (tmp_path / "runs" / "cloud").exists()  # a dry run writes no CSV
-    batch = make("batch-predict", tmp_path, S3="s3://lab-bucket/new/")
+    batch = make("batch-predict", tmp_path, S3="s3://lab-bucket/flystage/batch/new/")
     assert operations(batch) == ["sagemaker.create_model", "sagemaker.create_transform_job", "sagemaker.delete_model"]
 
 

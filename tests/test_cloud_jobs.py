@@ -243,3 +243,27 @@ def test_batch_predict_refuses_an_existing_out_before_sending_anything(aws, out,
     with pytest.raises(CloudError, match=r"top3.json already exists"):
         batch.batch_predict(api, settings, str(folder), out_csv=existing)
     assert calls == []
+
+
+def test_uris_the_execution_role_cannot_read_are_refused_before_sending(aws, out, monkeypatch):
+    """The role reads only prefix/{data,output,checkpoints,batch}/ (iam/execution-role-policy.json):
+    a job on anything else would fail with AccessDenied after it was paid for."""
+    from flystage.cloud import hosting
+
+    api, settings = aws
+    put_images(api)
+    calls = sent(api, monkeypatch)
+    model = f"s3://{BUCKET}/flystage/output/j/output/model.tar.gz"
+    with pytest.raises(CloudError, match=r"batch input s3://other-bucket/images/: the execution role may read only under "
+                       rf"s3://{BUCKET}/flystage/\{{data,output,checkpoints,batch\}}/ \(iam/execution-role-policy.json\)"):
+        batch.batch_predict(api, settings, "s3://other-bucket/images/", model_data=model)
+    with pytest.raises(CloudError, match=r"model data s3://flystage-test/elsewhere/model.tar.gz: .*"
+                       r"add arn:aws:s3:::flystage-test/elsewhere/model.tar.gz to the ReadDataModelsCheckpointsBatchInput"):
+        batch.batch_predict(api, settings, f"s3://{BUCKET}/flystage/batch/new/", model_data=f"s3://{BUCKET}/elsewhere/model.tar.gz")
+    with pytest.raises(CloudError, match="model data .*/flystage-other/.*role_read_uris"):
+        hosting.deploy(api, settings, f"s3://{BUCKET}/flystage-other/output/model.tar.gz")
+    assert calls == []
+    # Where the policy was extended, role_read_uris lets it through.
+    extended = settings.replace(role_read_uris=f"s3://{BUCKET}/elsewhere/, s3://other-bucket/images")
+    uri = batch.batch_predict(api, extended, "s3://other-bucket/images/", model_data=f"s3://{BUCKET}/elsewhere/model.tar.gz")
+    assert uri.endswith("/output") and "sagemaker.create_transform_job" in calls

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from flystage.cloud import ecr
-from flystage.cloud.hosting import model_data_uri, model_request, parse_top
-from flystage.cloud.s3 import check_bucket, parse_s3_uri, plan_folder, upload_files
+from flystage.cloud.hosting import check_model_data, model_data_uri, model_request, parse_top
+from flystage.cloud.s3 import check_bucket, check_role_can_read, parse_s3_uri, plan_folder, upload_files
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
 from flystage.cloud.training import job_name
@@ -62,6 +62,11 @@ def batch_predict(
             if path.exists():
                 raise CloudError(f"{path} already exists; choose another --out (OUT=) or pass --force to replace it")
     settings.require("role_arn", "bucket")
+    # What the execution role cannot read would fail inside the paid job: check first.
+    if model_data:
+        check_model_data(settings, model_data)
+    if source.startswith("s3://"):
+        check_role_can_read(settings, source, "batch input")
     check_bucket(api, settings)
     name = job_name("batch")
     local: list[Path] = []

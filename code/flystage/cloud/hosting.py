@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from flystage.cloud import ecr
+from flystage.cloud.s3 import check_role_can_read
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
 from flystage.cloud.state import read_state, update_state
@@ -35,11 +36,17 @@ def derived_name(endpoint_name: str, kind: str, stamp: str) -> str:
     return f"{endpoint_name[:keep].rstrip('-')}-{digest}{tail}"
 
 
+def check_model_data(settings: Settings, model_data: str) -> None:
+    """CloudError unless ``model_data`` is an s3://.../model.tar.gz the execution role may read."""
+    if not model_data.startswith("s3://") or not model_data.endswith(".tar.gz"):
+        raise CloudError(f"model data {model_data!r}: give the s3://.../model.tar.gz of a training job")
+    check_role_can_read(settings, model_data, "model data")
+
+
 def model_data_uri(api: Api, settings: Settings, model_data: str | None = None) -> str:
     """The model.tar.gz to serve: given, else the artefact of the last training job."""
     if model_data:
-        if not model_data.startswith("s3://") or not model_data.endswith(".tar.gz"):
-            raise CloudError(f"model data {model_data!r}: give the s3://.../model.tar.gz of a training job")
+        check_model_data(settings, model_data)
         return model_data
     job = read_state(settings.state_file).get("training_job")
     if not job and api.dry_run:

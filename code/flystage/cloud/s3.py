@@ -39,6 +39,33 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+# The folders under the prefix that the execution role may read (iam/execution-role-policy.json,
+# statement ReadDataModelsCheckpointsBatchInput).
+ROLE_READS = ("data", "output", "checkpoints", "batch")
+
+
+def check_role_can_read(settings: Settings, uri: str, what: str) -> None:
+    """CloudError unless the execution role may read ``uri``: under ``s3://bucket/prefix/``
+    one of ROLE_READS, or under a URI of ``role_read_uris`` (where the policy was extended).
+    Checked before any request, so a job is never paid for only to fail on AccessDenied."""
+    allowed = [settings.s3_uri(folder) for folder in ROLE_READS]
+    allowed += [u.strip().rstrip("/") for u in settings.role_read_uris.split(",") if u.strip()]
+    if any((uri.rstrip("/") + "/").startswith(a + "/") for a in allowed):
+        return
+    bucket, key = parse_s3_uri(uri)
+    if key.endswith(".tar.gz"):
+        arn, copy = f"arn:aws:s3:::{bucket}/{key}", f"aws s3 cp {uri} {settings.s3_uri('output', 'imported', 'model.tar.gz')}"
+    else:
+        arn = f"arn:aws:s3:::{bucket}/{key.rstrip('/')}/*"
+        copy = f"aws s3 cp --recursive {uri.rstrip('/')}/ {settings.s3_uri('batch', 'imported')}/"
+    raise CloudError(
+        f"{what} {uri}: the execution role may read only under s3://{settings.bucket}/{settings.prefix}/"
+        f"{{{','.join(ROLE_READS)}}}/ (iam/execution-role-policy.json): copy it there (`{copy}`), or add {arn} to the "
+        "ReadDataModelsCheckpointsBatchInput statement of iam/execution-role-policy.json (and its prefix to the "
+        "s3:ListBucket condition), update the role, and list the URI in role_read_uris (FLYSTAGE_ROLE_READ_URIS)"
+    )
+
+
 def check_bucket(api: Api, settings: Settings) -> None:
     """CloudError unless the bucket exists, is reachable, and is in the jobs' region.
 

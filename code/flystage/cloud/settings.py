@@ -29,6 +29,9 @@ class Settings:
     role_arn: str = ""
     bucket: str = ""
     prefix: str = "flystage"
+    # Other s3:// prefixes (comma-separated) the execution role was given read access to; by
+    # default it reads only prefix/{data,output,checkpoints,batch}/ (iam/execution-role-policy.json).
+    role_read_uris: str = ""
     # Images: local tags built by `make images`, and the ECR repositories they go to.
     train_image: str = "flystage-train:latest"
     serve_image: str = "flystage-serve:latest"
