@@ -160,3 +160,34 @@ def test_a_failed_write_leaves_no_partial_output(tmp_path: Path):
     assert sorted(os.listdir(out.parent)) == ["p.csv"]
     write_json(good, js)
     assert json.loads(js.read_text())["n"] == 1
+
+
+# ---- item 1: --rename never renames outside the folder ---------------------------------------
+
+
+def test_rename_skips_symbolic_links_and_never_touches_their_targets(tmp_path: Path, capsys):
+    root, outside = tmp_path / "imgs", tmp_path / "outside"
+    write_image(root / "embryo1.tif", seed=1)
+    target = write_image(outside / "precious.tif", seed=2)
+    write_image(outside / "sub" / "other.tif", seed=3)
+    (root / "link.tif").symlink_to(target)
+    (root / "linked-folder").symlink_to(outside / "sub", target_is_directory=True)
+    outside_before = sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*"))
+    undo = tmp_path / "undo.csv"
+    assert run_remote(Counting(), root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo) == 0
+    assert sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*")) == outside_before
+    assert (root / "link.tif").is_symlink() and (root / "link.tif").resolve() == target and target.is_file()
+    assert (root / "embryo1__s13-16_s11-12_s9-10.tif").is_file()
+    out = capsys.readouterr().out
+    assert "renamed 1 file(s), skipped 1 (1 symbolic link(s), never renamed)" in out
+    assert "link.tif: symbolic link" in out
+    assert [Path(r["old"]).name for r in read_csv(undo)] == ["embryo1.tif"]
+    assert predict("--undo", undo) == 0
+    assert (root / "embryo1.tif").is_file() and (root / "link.tif").is_symlink() and target.is_file()
+
+
+def test_help_documents_that_links_are_skipped(capsys):
+    with pytest.raises(SystemExit):
+        predict("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Symbolic links are skipped" in text

@@ -2,7 +2,8 @@
 
 ``flystage predict FOLDER --model DIR`` writes a CSV (``file, stage_1, p_1, ..., error``) and
 a JSON file; ``--rename`` appends the top-3 to each file name
-(``embryo12.tif -> embryo12__s11-12_s13-16_s9-10.tif``) after writing an undo manifest, and
+(``embryo12.tif -> embryo12__s11-12_s13-16_s9-10.tif``) after writing an undo manifest
+(symbolic links are skipped: neither they nor their targets are renamed), and
 ``flystage predict --undo MANIFEST`` restores the names. ``--unsure-below P`` adds a column
 ``unsure`` (true when the top-1 probability is below P: the images a biologist should look
 at) and leaves those images under their own names with ``--rename``.
@@ -401,7 +402,11 @@ def _move_no_replace(src: Path, dst: Path) -> None:
 def _rename_no_replace(src: Path, dst: Path) -> None:
     try:
         # link() fails if dst exists, atomically; os.rename would silently replace it.
-        os.link(src, dst)
+        # follow_symlinks=False: a link is moved as a link, never turned into its target.
+        if os.link in os.supports_follow_symlinks:
+            os.link(src, dst, follow_symlinks=False)
+        else:
+            os.link(src, dst)
     except FileExistsError:
         raise
     except OSError:
@@ -413,12 +418,16 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
+LINK_SKIPPED = "symbolic link: not renamed, nor its target (which may be outside the folder)"
+
+
 @dataclass
 class RenameReport:
     renamed: list[tuple[Path, Path]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
     problems: int = 0  # skips the user should look at (not "already renamed" or "no prediction")
     unsure: list[Path] = field(default_factory=list)  # kept their names on purpose (listed in the CSV)
+    links: int = 0  # symbolic links, skipped on purpose (never renamed, nor their targets)
 
     def skip(self, path: Path, why: str, problem: bool = True) -> None:
         self.skipped.append((path, why))
@@ -437,7 +446,8 @@ class RenameReport:
 
     def text(self) -> str:
         kept = f", left {len(self.unsure)} unsure image(s) under their own names" if self.unsure else ""
-        lines = [f"renamed {len(self.renamed)} file(s), skipped {len(self.skipped)}{kept}"]
+        links = f" ({self.links} symbolic link(s), never renamed)" if self.links else ""
+        lines = [f"renamed {len(self.renamed)} file(s), skipped {len(self.skipped)}{links}{kept}"]
         lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
         return "\n".join(lines)
 
@@ -452,6 +462,8 @@ def rename_files(
     """Append the top-k stages to each file name; write each old->new pair to ``undo_path`` first.
 
     Never replaces an existing file, skips files already renamed or without a prediction.
+    Symbolic links are skipped (counted in ``report.links``, not a problem): renaming through
+    a link would rename a file outside the scanned folder and leave the link dangling.
     With ``unsure_below``, an image whose top-1 probability is below it keeps its name
     (counted in ``report.unsure``, not a problem): a name carries only answers the lab accepts.
     The undo manifest (CSV ``old,new``, absolute paths) is flushed before each rename, so a
@@ -465,7 +477,12 @@ def rename_files(
         writer.writerow(UNDO_COLUMNS)
         f.flush()
         for path, prediction in zip(paths, predictions):
-            path = Path(path).resolve()
+            # Not resolve(): that would follow a link to its target, which may be anywhere.
+            path = Path(os.path.abspath(path))
+            if path.is_symlink():
+                report.skip(path, LINK_SKIPPED, problem=False)
+                report.links += 1
+                continue
             if is_renamed(path):
                 report.skip(path, "already renamed", problem=False)
                 continue
@@ -539,7 +556,8 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rename", action="store_true",
-        help="append the top-k stages to each file name (not for unsure images, with --unsure-below)",
+        help="append the top-k stages to each file name (not for unsure images, with --unsure-below). "
+        "Symbolic links are skipped and reported: neither the link nor its target is renamed",
     )
     parser.add_argument(
         "--undo-manifest", type=Path,
