@@ -133,7 +133,7 @@ def _predict(api, settings, args: argparse.Namespace) -> int:
     if args.folder is None:
         print("error: give a FOLDER of images (DIR=...) or --undo MANIFEST", file=sys.stderr)
         return 2
-    predictor = EndpointPredictor(api, settings.endpoint_name, concurrency=args.concurrency)
+    predictor = EndpointPredictor(api, settings.endpoint_name, concurrency=args.concurrency, serverless=settings.serverless)
     if args.dry_run:
         from flystage.organise import iter_images
 
