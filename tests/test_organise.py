@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -334,3 +335,58 @@ def test_labels_csv_not_utf8_and_short_row_through_the_cli(tmp_path: Path, capsy
     assert cli.main(["organise", str(tmp_path / "imgs"), "--labels-csv", str(table), "--out", str(out)]) == 2
     assert f"{table}: line 2: no value" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_names_not_utf8_are_skipped_counted_and_listed(tmp_path: Path, capsys):
+    root = tmp_path / "lab"
+    touch(root / "1-3" / "ok.tif")
+    touch(root / "1-3" / "other.tif")
+    odd = Path(os.fsdecode(os.fsencode(root / "1-3") + b"/caf\xe9.tif"))  # Latin-1 name on a UTF-8 system
+    touch(odd, b"odd file")
+    odd_folder = Path(os.fsdecode(os.fsencode(root) + b"/s\xe9ance/4-6"))  # a folder name, too
+    touch(odd_folder / "x.tif", b"odd folder")
+    result = organise([root], split="none")
+    assert sorted(r.path.name for r in result.records) == ["ok.tif", "other.tif"]
+    assert result.ignored == {"name not valid UTF-8 (rename it to include it)": 2}
+    assert sorted(result.not_utf8) == sorted([odd, odd_folder / "x.tif"])
+    out = tmp_path / "out" / "m.csv"
+    assert cli.main(["organise", str(root), "--out", str(out), "--split", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 name not valid UTF-8" in printed and "caf\\xe9.tif: name not valid UTF-8" in printed
+    assert len(read_manifest(out)) == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.csv"]  # no temporary file left
+    # Nothing but such names: a clear error, no manifest, no temporary file.
+    only = tmp_path / "only"
+    touch(Path(os.fsdecode(os.fsencode(only / "1-3") + b"/\xff.png")), b"only")
+    out2 = tmp_path / "out2" / "m.csv"
+    assert cli.main(["organise", str(only), "--out", str(out2)]) == 2
+    assert "1 with a name not valid UTF-8" in capsys.readouterr().err
+    assert not out2.parent.exists() or list(out2.parent.iterdir()) == []
+
+
+def test_write_manifest_leaves_no_partial_or_temporary_file(tmp_path: Path, monkeypatch):
+    good = touch(tmp_path / "a.png")
+    manifest = write_manifest([Record(good, "1-3", "g", "train", "aa")], tmp_path / "m.csv")
+    before = manifest.read_bytes()
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png"))
+    with pytest.raises(OrganiseError, match=r"caf\\xe9.png: not valid UTF-8"):
+        write_manifest([Record(good, "1-3", "g", "train", "aa"), Record(odd, "1-3", "h", "test", "bb")], manifest, force=True)
+    assert manifest.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]
+
+    class Failing:
+        def __init__(self, f, **kwargs):
+            self.f = f
+
+        def writerow(self, row):
+            self.f.write(",".join(row) + "\n")
+
+        def writerows(self, rows):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv, "writer", Failing)
+    with pytest.raises(OSError, match="No space left"):
+        write_manifest([Record(good, "4-6", "g", "train", "cc")], manifest, force=True)
+    assert manifest.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]
+    with pytest.raises(OSError, match="No space left"):
+        write_manifest([Record(good, "4-6", "g", "train", "cc")], tmp_path / "new.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]

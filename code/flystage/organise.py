@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import secrets
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -117,6 +118,23 @@ def iter_images(folders: Iterable[str | Path]) -> tuple[list[Path], Counter]:
     """
     found, ignored = _scan(folders)
     return [path for _, path in found], ignored
+
+
+NOT_UTF8 = "name not valid UTF-8 (rename it to include it)"
+
+
+def _is_utf8(text: str | Path) -> bool:
+    """False for a path or text whose bytes are not UTF-8 (Python holds them as surrogate escapes)."""
+    try:
+        str(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path: str | Path) -> str:
+    """``path`` as text safe to print or write: bytes that are not UTF-8 shown as ``\\xe9``."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -299,6 +317,7 @@ class OrganiseResult:
     dropped: Counter  # label -> count removed by --keep/--drop
     duplicates: list[tuple[Path, list[Path]]]  # (kept, removed copies with the same label)
     conflicts: list[tuple[str, list[tuple[Path, str]]]]  # (sha1, [(path, label)]) all dropped
+    not_utf8: list[Path] = field(default_factory=list)  # skipped: names that are not UTF-8
 
 
 def organise(
@@ -352,7 +371,14 @@ def organise(
     dropped: Counter = Counter()
     unmatched_groups: list[Path] = []
     labelled: list[Record] = []
+    not_utf8: list[Path] = []
     for root, path in found:
+        if not _is_utf8(path):
+            # The manifest is UTF-8 text: a name that is not cannot be written into it (or
+            # read back by every later stage). Skipped, counted and listed, never guessed.
+            ignored[NOT_UTF8] += 1
+            not_utf8.append(path)
+            continue
         rel = path.relative_to(root).as_posix()
         csv_group = None
         if table is not None:
@@ -395,8 +421,9 @@ def organise(
         )
     if not labelled:
         raise OrganiseError(
-            f"no labelled images left ({len(unlabelled)} without a label, dropped {dict(dropped)}); "
-            "check --label-level/--label-regex/--labels-csv and --keep/--drop"
+            f"no labelled images left ({len(unlabelled)} without a label, dropped {dict(dropped)}"
+            + (f", {len(not_utf8)} with a name not valid UTF-8" if not_utf8 else "")
+            + "); check --label-level/--label-regex/--labels-csv and --keep/--drop"
         )
 
     records, duplicates, conflicts = _deduplicate(labelled)
@@ -412,7 +439,7 @@ def organise(
         assignment = split_groups(per_group, fractions, seed)
         for r in records:
             r.split = assignment[r.group]
-    return OrganiseResult(records, ignored, unlabelled, mapped, dropped, duplicates, conflicts)
+    return OrganiseResult(records, ignored, unlabelled, mapped, dropped, duplicates, conflicts, not_utf8)
 
 
 def _deduplicate(records: list[Record]) -> tuple[list[Record], list, list]:
@@ -446,24 +473,41 @@ def _manifest_path_text(path: Path, folder: Path) -> str:
 def write_manifest(records: Sequence[Record], path: str | Path, force: bool = False) -> Path:
     """Write ``records`` as a manifest CSV; image paths below its folder are made relative.
 
-    Refuses to replace an existing file unless ``force``. Written to a temporary file first,
-    so a crash never leaves half a manifest. Returns the manifest path.
+    Refuses to replace an existing file unless ``force``, and refuses (``OrganiseError``) text
+    that is not valid UTF-8. Written to a temporary file in the same folder and renamed over
+    the manifest when complete; on any failure the temporary file is removed, so a crash never
+    leaves half a manifest or a stray ``.tmp``. Returns the manifest path.
     """
     path = Path(path).expanduser().resolve()
     if path.exists() and not force:
         raise OrganiseError(f"{path} already exists; choose another --out or pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     extra_columns = sorted({k for r in records for k in r.extra} - set(MANIFEST_COLUMNS))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow([*MANIFEST_COLUMNS, *extra_columns])
-        for r in records:
-            writer.writerow(
-                [_manifest_path_text(r.path, path.parent), r.label, r.group, r.split, r.sha1]
-                + [r.extra.get(c, "") for c in extra_columns]
+    rows = [
+        [_manifest_path_text(r.path, path.parent), r.label, r.group, r.split, r.sha1]
+        + [r.extra.get(c, "") for c in extra_columns]
+        for r in records
+    ]
+    for row in rows:
+        bad = [cell for cell in row if not _is_utf8(cell)]
+        if bad:
+            raise OrganiseError(
+                f"{path}: cannot write {printable_path(bad[0])}: not valid UTF-8 (a manifest is UTF-8 text); rename the file"
             )
-    os.replace(tmp, path)
+    # A temporary file of its own in the same folder, renamed over the manifest only when
+    # complete: a crash or an error never leaves half a manifest or a stray temporary file.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "x", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow([*MANIFEST_COLUMNS, *extra_columns])
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -555,8 +599,10 @@ def report_text(result: OrganiseResult) -> str:
     lines = []
     if result.ignored:
         lines.append("ignored files: " + ", ".join(f"{n} {why}" for why, n in sorted(result.ignored.items())))
+    for path in result.not_utf8:
+        lines.append(f"skipped: {printable_path(path)}: {NOT_UTF8}")
     if result.unlabelled:
-        lines.append(f"no label found for {len(result.unlabelled)} image(s), e.g. {result.unlabelled[0]}")
+        lines.append(f"no label found for {len(result.unlabelled)} image(s), e.g. {printable_path(result.unlabelled[0])}")
     for change, n in sorted(result.mapped.items()):
         lines.append(f"mapped {change}: {n}")
     if result.dropped:
@@ -576,7 +622,11 @@ def report_text(result: OrganiseResult) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folders", nargs="+", type=Path, help="folders to scan recursively")
+    parser.add_argument(
+        "folders", nargs="+", type=Path,
+        help="folders to scan recursively; an image whose name is not valid UTF-8 is skipped, listed and "
+        "counted in the summary (the manifest is UTF-8: rename such files to include them)",
+    )
     parser.add_argument("--out", type=Path, default=Path("manifest.csv"), help="manifest CSV to write (default manifest.csv)")
     parser.add_argument("--force", action="store_true", help="replace an existing manifest")
     how = parser.add_argument_group("labels (default: the nearest folder whose name looks like a stage)")
