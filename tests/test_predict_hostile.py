@@ -191,3 +191,37 @@ def test_help_documents_that_links_are_skipped(capsys):
         predict("--help")
     text = " ".join(capsys.readouterr().out.split())
     assert "Symbolic links are skipped" in text
+
+
+# ---- item 3: an interruption between link and unlink -----------------------------------------
+
+
+def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(tmp_path: Path, monkeypatch, capsys):
+    from flystage import predict as predict_module
+
+    root = tmp_path / "imgs"
+    for i in range(3):
+        write_image(root / f"embryo{i}.tif", seed=i)
+    original = {p.name: p.read_bytes() for p in root.iterdir()}
+    calls = []
+    real = predict_module._move_no_replace
+
+    def interrupted_on_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            os.link(src, dst)  # the link is made, then the power goes before the unlink
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(predict_module, "_move_no_replace", interrupted_on_second)
+    undo = tmp_path / "undo.csv"
+    with pytest.raises(KeyboardInterrupt):
+        run_remote(Counting(), root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo)
+    monkeypatch.undo()
+    rows = read_csv(undo)
+    assert len(rows) == 2 and Path(rows[1]["old"]).exists() and Path(rows[1]["new"]).exists()
+    capsys.readouterr()
+    assert predict("--undo", undo) == 0
+    assert "restored 2 file(s), skipped 0" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == original
+    assert predict("--undo", undo) == 0  # a second undo: already restored

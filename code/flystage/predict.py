@@ -507,7 +507,8 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
     """Restore the names listed in an undo manifest (last rename first).
 
     Skips, and reports, files that are no longer at their new name and originals whose name
-    has been taken since.
+    has been taken since. When both names are the same file (a rename interrupted between
+    its link and its unlink), the new name is removed and the file counts as restored.
     """
     undo_path = Path(undo_path)
     if not undo_path.is_file():
@@ -525,10 +526,29 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
             else:
                 report.skip(new, "not found (moved or deleted since the rename)")
         elif os.path.lexists(old):
-            report.skip(new, f"{old.name} exists again; restore it by hand")
+            if _same_file(old, new):
+                # A rename (or an undo) interrupted between link and unlink: both names are
+                # the same file, so dropping the new name finishes the undo.
+                try:
+                    os.unlink(new)
+                except OSError as exc:
+                    report.skip(new, f"cannot remove this second name of {old.name}: {exc.strerror or exc}")
+                else:
+                    report.renamed.append((new, old))
+            else:
+                report.skip(new, f"{old.name} exists again; restore it by hand")
         else:
             report.move(new, old)
     return report
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are two names of one file (same device and inode, links not followed)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 # ---- command line ----------------------------------------------------------------------------
