@@ -175,9 +175,10 @@ def test_stop_signal_checkpoints_and_the_restart_resumes(tmp_path: Path, channel
         proc.wait(timeout=TIMEOUT_S)
     log = "".join(lines)
     assert "SIGTERM: stopped in epoch" in log, log
-    saved = torch.load(base / "checkpoints" / "checkpoint.pt", weights_only=False)["epoch"]
+    saved = torch.load(base / "checkpoints" / "checkpoint.pt", weights_only=True)["epoch"]
     assert saved >= 1
-    assert not any((base / "model").iterdir())
+    # The stopped job's model.tar.gz is not empty: the best model so far, marked as stopped.
+    assert "stopped by SIGTERM" in check_artefact(base / "model").extra["stopped"]
 
     # The restarted job (same tree, as SageMaker restores the checkpoint dir) resumes.
     (base / "input" / "config" / "hyperparameters.json").write_text(
@@ -187,3 +188,4 @@ def test_stop_signal_checkpoints_and_the_restart_resumes(tmp_path: Path, channel
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"after epoch {saved}" in done.stdout and f"\nepoch={saved + 1} " in done.stdout
     assert check_artefact(base / "model").labels == list(STAGES)
+    assert "stopped" not in check_artefact(base / "model").extra
