@@ -86,7 +86,10 @@ def test_tune_train_deploy_teardown_dry_runs(tmp_path):
     assert "ServerlessConfig" in deploy[1]["request"]["ProductionVariants"][0]
 
     teardown = make("teardown", tmp_path)
-    assert operations(teardown)[1:] == ["sagemaker.delete_endpoint", "sagemaker.delete_endpoint_config", "sagemaker.delete_model"]
+    assert [op for op in operations(teardown) if "delete" in op] == [
+        "sagemaker.delete_endpoint", "sagemaker.delete_endpoint_config", "sagemaker.delete_model"]
+    # Each is deleted only if it carries flystage's tags.
+    assert operations(teardown).count("sagemaker.list_tags") == 3
 
 
 def test_predict_and_batch_dry_runs(tmp_path, images):

@@ -166,3 +166,33 @@ def test_names_derived_from_a_long_endpoint_name_stay_within_63_characters(aws):
     assert endpoint == long and len(model) <= 63 and len(config) <= 63
     with pytest.raises(CloudError, match="endpoint_name .* 1-63 letters"):
         settings.replace(endpoint_name=long + "z").validate()
+
+
+def test_teardown_deletes_only_what_carries_flystages_tags(aws):
+    """An endpoint of the same name that flystage did not deploy stays, and so does a model
+    without the tags behind a flystage endpoint; each skip is said."""
+    api, settings = aws
+    api.out = io.StringIO()
+    sm, lab = "sagemaker", [{"Key": "project", "Value": "someone-else"}]
+
+    def endpoint(name: str, model_tags: list, config_tags: list, endpoint_tags: list) -> None:
+        api.call(sm, "create_model", ModelName=f"{name}-model", ExecutionRoleArn=settings.role_arn, Tags=model_tags,
+                 PrimaryContainer={"Image": SERVE_URI, "ModelDataUrl": MODEL})
+        api.call(sm, "create_endpoint_config", EndpointConfigName=f"{name}-config", Tags=config_tags, ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": f"{name}-model", "InstanceType": "ml.m5.xlarge", "InitialInstanceCount": 1}])
+        api.call(sm, "create_endpoint", EndpointName=name, EndpointConfigName=f"{name}-config", Tags=endpoint_tags)
+
+    endpoint("flystage", lab, lab, lab)
+    assert hosting.teardown(api, settings) == []
+    assert listing(api) == (["flystage-model"], ["flystage-config"], ["flystage"])
+    text = api.out.getvalue()
+    assert "skipped endpoint flystage: it does not carry flystage's tags (project=flystage)" in text
+    assert "left endpoint config flystage-config and its models as they are" in text
+
+    ours = settings.tag_list()
+    endpoint("flystage-lab", [], ours, ours)
+    assert hosting.teardown(api, settings.replace(endpoint_name="flystage-lab")) == ["flystage-lab", "flystage-lab-config"]
+    assert "skipped model flystage-lab-model: it does not carry flystage's tags" in api.out.getvalue()
+    assert "flystage-lab-model" in listing(api)[0]
+    with pytest.raises(CloudError, match="tags is empty: teardown deletes only resources that carry flystage's tags"):
+        hosting.teardown(api, settings.replace(tags={}))

@@ -18,7 +18,7 @@ TARGETS = {
     "deploy": "model, endpoint config and endpoint on the serve image; waits until InService",
     "predict": "top-3 stages for a folder of images through the endpoint (CSV/JSON, --rename)",
     "batch-predict": "batch transform over images in S3 (or a local folder, uploaded first)",
-    "teardown": "delete the endpoint, its config and model (never S3 data or images)",
+    "teardown": "delete the endpoint, its config and model if they carry flystage's tags (never S3 data or images)",
 }
 
 

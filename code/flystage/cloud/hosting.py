@@ -3,7 +3,7 @@
 Deploy = CreateModel (serve image + model.tar.gz) -> CreateEndpointConfig (real-time, or
 serverless) -> CreateEndpoint, or UpdateEndpoint when the endpoint exists (then the old
 config and model are deleted once the new one is in service). Teardown deletes the endpoint,
-its config and its model; never S3 data or images.
+its config and its model, each only if it carries flystage's tags; never S3 data or images.
 """
 
 from __future__ import annotations
@@ -101,19 +101,20 @@ def current_endpoint(api: Api, name: str) -> dict[str, Any] | None:
         raise
 
 
-def _config_variants(api: Api, config_name: str) -> list[dict[str, Any]]:
-    """The ProductionVariants of an endpoint config ([] if it is gone)."""
+def _describe(api: Api, operation: str, **request: Any) -> dict[str, Any] | None:
+    """A SageMaker Describe* call, or None if the resource does not exist."""
     try:
-        config = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config_name)
+        return api.call("sagemaker", operation, **request)
     except CloudError as err:
         if api.error_code(err) == "ValidationException":
-            return []
+            return None
         raise
-    return config["ProductionVariants"]
 
 
-def _config_models(api: Api, config_name: str) -> list[str]:
-    return [v["ModelName"] for v in _config_variants(api, config_name)]
+def _config_variants(api: Api, config_name: str) -> list[dict[str, Any]]:
+    """The ProductionVariants of an endpoint config ([] if it is gone)."""
+    config = _describe(api, "describe_endpoint_config", EndpointConfigName=config_name)
+    return config["ProductionVariants"] if config else []
 
 
 def _delete_config_and_models(api: Api, config_name: str, models: list[str]) -> None:
@@ -187,37 +188,70 @@ def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait:
 
 
 def teardown(api: Api, settings: Settings) -> list[str]:
-    """Delete the endpoint, its config and its model(s); returns what was deleted."""
+    """Delete the endpoint, its config and its model(s), each only if it carries every tag
+    of ``settings.tags`` (what deploy puts on them); says what it skipped. Returns what was
+    deleted."""
+    if not settings.tags:
+        raise CloudError(
+            "tags is empty: teardown deletes only resources that carry flystage's tags; set the [tags] the "
+            "endpoint was deployed with (default: project = \"flystage\")"
+        )
     name = settings.endpoint_name
+    wanted = ", ".join(f"{k}={v}" for k, v in sorted(settings.tags.items()))
     if api.dry_run:
         api.call("sagemaker", "describe_endpoint", EndpointName=name)
+        api.call("sagemaker", "list_tags", ResourceArn=f"<EndpointArn of {name}>")
+        api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=f"<EndpointConfigName of {name}>")
+        api.call("sagemaker", "list_tags", ResourceArn="<EndpointConfigArn of that config>")
         api.call("sagemaker", "delete_endpoint", EndpointName=name)
         api.call("sagemaker", "delete_endpoint_config", EndpointConfigName=f"<EndpointConfigName of {name}>")
-        api.call("sagemaker", "delete_model", ModelName=f"<ModelName of each variant of that config>")
+        api.call("sagemaker", "describe_model", ModelName="<ModelName of each variant of that config>")
+        api.call("sagemaker", "list_tags", ResourceArn="<ModelArn of that model>")
+        api.call("sagemaker", "delete_model", ModelName="<ModelName of each variant of that config>")
+        api.say(f"# each is deleted only if it carries the tags {wanted}")
         return []
+    deleted: list[str] = []
+
+    def owned(kind: str, resource: str, arn: str) -> bool:
+        listed = api.call("sagemaker", "list_tags", ResourceArn=arn).get("Tags", [])
+        tags = {t["Key"]: t["Value"] for t in listed}
+        if all(tags.get(k) == str(v) for k, v in settings.tags.items()):
+            return True
+        api.say(f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it yourself if it is yours")
+        return False
+
     existing = current_endpoint(api, name)
-    deleted = []
     if existing is None:
         api.say(f"no endpoint {name}: nothing to delete")
         state = read_state(settings.state_file)
         # A deploy that failed before CreateEndpoint can leave its config and model behind.
-        config, model = state.get("endpoint_config"), state.get("model")
-        if config and state.get("endpoint") == name:
-            models = _config_models(api, config) or ([model] if model else [])
-            try:
-                _delete_config_and_models(api, config, models)
-                deleted += [config, *models]
-            except CloudError as err:
-                if api.error_code(err) != "ValidationException":
-                    raise
-        return deleted
-    config = existing["EndpointConfigName"]
-    models = _config_models(api, config)
-    api.call("sagemaker", "delete_endpoint", EndpointName=name)
-    api.say(f"deleting endpoint {name}")
-    api.wait("sagemaker", "endpoint_deleted", min(settings.poll_s, 15), EndpointName=name)
-    _delete_config_and_models(api, config, models)
-    return [name, config, *models]
+        config_name, model = state.get("endpoint_config"), state.get("model")
+        if not config_name or state.get("endpoint") != name:
+            return deleted
+        config = _describe(api, "describe_endpoint_config", EndpointConfigName=config_name)
+        models = [v["ModelName"] for v in config["ProductionVariants"]] if config else ([model] if model else [])
+    else:
+        config_name = existing["EndpointConfigName"]
+        if not owned("endpoint", name, existing["EndpointArn"]):
+            api.say(f"left endpoint config {config_name} and its models as they are")
+            return deleted
+        config = _describe(api, "describe_endpoint_config", EndpointConfigName=config_name)
+        models = [v["ModelName"] for v in config["ProductionVariants"]] if config else []
+        api.call("sagemaker", "delete_endpoint", EndpointName=name)
+        api.say(f"deleting endpoint {name}")
+        api.wait("sagemaker", "endpoint_deleted", min(settings.poll_s, 15), EndpointName=name)
+        deleted.append(name)
+    if config is not None and owned("endpoint config", config_name, config["EndpointConfigArn"]):
+        api.call("sagemaker", "delete_endpoint_config", EndpointConfigName=config_name)
+        api.say(f"deleted endpoint config {config_name}")
+        deleted.append(config_name)
+    for model in models:
+        described = _describe(api, "describe_model", ModelName=model)
+        if described is not None and owned("model", model, described["ModelArn"]):
+            api.call("sagemaker", "delete_model", ModelName=model)
+            api.say(f"deleted model {model}")
+            deleted.append(model)
+    return deleted
 
 
 # ---- prediction through the endpoint ----------------------------------------------------
