@@ -281,8 +281,8 @@ def test_batches_in_flight_keep_order_and_results(model_dir: Path, folder: Path)
 
 # ---- --unsure-below: a model with known probabilities ----------------------------------------
 
-# Logits (SCALE * mean pixel, 0, 0, 0): a blank image preprocesses to zeros and gets exactly
-# 0.25 for every stage; an embryo (mean ~0.33) gets ~0.9 for the first stage.
+# Logits (SCALE * mean pixel, 0, 0, 0): a faint scratch on an empty frame (mean ~0.02) gets
+# ~0.29 for the first stage; an embryo (mean ~0.33) gets ~0.9.
 SCALE = 10.0
 
 
@@ -316,13 +316,15 @@ def known_model(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def mixed(tmp_path: Path) -> Path:
-    """Two embryos (top-1 ~0.9) and a blank frame (top-1 exactly 0.25)."""
+    """Two embryos (top-1 ~0.9) and a faint scratch on an empty frame (top-1 ~0.29)."""
     import tifffile
 
     root = tmp_path / "mixed"
     write_image(root / "embryo1.tif", seed=1)
     write_image(root / "sub" / "embryo2.png", seed=2)
-    tifffile.imwrite(root / "blank.tif", np.full((42, 111), 300, np.uint16))
+    faint = np.full((42, 111), 300, np.uint16)
+    faint[20, 10:90] = 400
+    tifffile.imwrite(root / "faint.tif", faint)
     return root
 
 
@@ -332,7 +334,9 @@ def test_unsure_below_marks_low_top1_images_in_csv_and_json(known_model: Path, m
     assert predict(mixed, "--model", known_model, "--out", out, "--unsure-below", "0.5") == 1  # 1: the broken file
     rows = {r["file"]: r for r in read_csv(out)}
     assert list(next(iter(rows.values()))) == ["file", "stage_1", "p_1", "stage_2", "p_2", "stage_3", "p_3", "unsure", "error"]
-    assert rows["blank.tif"]["p_1"] == "0.2500" and rows["blank.tif"]["unsure"] == "true"
+    faint_p1 = Predictor(known_model, threads=1).predict_sources([mixed / "faint.tif"])[0].top[0][1]
+    assert 0.25 < faint_p1 < 0.4 and float(rows["faint.tif"]["p_1"]) == pytest.approx(expected_top1(mixed / "faint.tif"), abs=1e-4)
+    assert rows["faint.tif"]["unsure"] == "true"
     for name in ("embryo1.tif", "sub/embryo2.png"):
         p1 = expected_top1(mixed / name)
         assert 0.8 < p1 < 0.99 and float(rows[name]["p_1"]) == pytest.approx(p1, abs=1e-4)
@@ -341,13 +345,13 @@ def test_unsure_below_marks_low_top1_images_in_csv_and_json(known_model: Path, m
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["unsure_below"] == 0.5 and doc["unsure"] == 1
     assert {p["file"]: p["unsure"] for p in doc["predictions"]} == {
-        "blank.tif": True, "embryo1.tif": False, "sub/embryo2.png": False, "broken.tif": None,
+        "faint.tif": True, "embryo1.tif": False, "sub/embryo2.png": False, "broken.tif": None,
     }
     assert "predicted 3 of 4 image(s), 1 unsure (top-1 below 0.5)" in capsys.readouterr().out
 
-    # The cut is the evaluate report's: p >= P is accepted, so 0.25 itself is not unsure.
-    assert predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", "0.25") == 1
-    assert {r["file"]: r["unsure"] for r in read_csv(out)}["blank.tif"] == "false"
+    # The cut is the evaluate report's: p >= P is accepted, so the top-1 itself is not unsure.
+    assert predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", repr(faint_p1)) == 1
+    assert {r["file"]: r["unsure"] for r in read_csv(out)}["faint.tif"] == "false"
     # Above every top-1: all readable images are unsure.
     assert predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", "0.99") == 1
     assert sorted(r["unsure"] for r in read_csv(out)) == ["", "true", "true", "true"]
@@ -365,7 +369,7 @@ def test_rename_leaves_unsure_images_under_their_names(known_model: Path, mixed:
     args = ("--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo, "--unsure-below", "0.5")
     assert predict(mixed, "--model", known_model, *args) == 0  # keeping a name on purpose is no failure
     after = snapshot(mixed)
-    assert after["blank.tif"] == original["blank.tif"]
+    assert after["faint.tif"] == original["faint.tif"]
     assert "embryo1.tif" not in after and "sub/embryo2.png" not in after
     assert sorted(after.values()) == sorted(original.values())
     assert [Path(r["old"]).name for r in read_csv(undo)] == ["embryo1.tif", "embryo2.png"]
@@ -397,7 +401,7 @@ def test_unsure_below_with_a_remote_predictor(mixed: Path, tmp_path: Path, capsy
 
     class Remote:
         def predict_sources(self, sources, k=3, names=None):
-            return [Prediction(n, [("13-16", 0.55 if "blank" in n else 0.9), ("11-12", 0.05)][:k]) for n in names]
+            return [Prediction(n, [("13-16", 0.55 if "faint" in n else 0.9), ("11-12", 0.05)][:k]) for n in names]
 
     parser = argparse.ArgumentParser()
     add_output_arguments(parser)
@@ -405,6 +409,6 @@ def test_unsure_below_with_a_remote_predictor(mixed: Path, tmp_path: Path, capsy
                               "--undo-manifest", str(tmp_path / "u.csv")])
     assert run_with(Remote(), args) == 0
     assert {r["file"]: r["unsure"] for r in read_csv(tmp_path / "r.csv")} == {
-        "blank.tif": "true", "embryo1.tif": "false", "sub/embryo2.png": "false",
+        "faint.tif": "true", "embryo1.tif": "false", "sub/embryo2.png": "false",
     }
-    assert (mixed / "blank.tif").is_file() and (mixed / "embryo1__s13-16_s11-12.tif").is_file()
+    assert (mixed / "faint.tif").is_file() and (mixed / "embryo1__s13-16_s11-12.tif").is_file()

@@ -225,3 +225,45 @@ def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(tmp_path: Pa
     assert "restored 2 file(s), skipped 0" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in root.iterdir()} == original
     assert predict("--undo", undo) == 0  # a second undo: already restored
+
+
+# ---- item 8: blank, constant and all-NaN images ----------------------------------------------
+
+
+def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(model_dir: Path, tmp_path: Path, capsys):
+    import cv2
+    import numpy as np
+    import tifffile
+
+    from flystage.predict import Predictor
+
+    root = tmp_path / "imgs"
+    write_image(root / "embryo1.tif", seed=1)
+    root.mkdir(exist_ok=True)
+    tifffile.imwrite(root / "constant.tif", np.full((42, 111), 300, np.uint16))
+    assert cv2.imwrite(str(root / "black.png"), np.zeros((42, 111), np.uint8))
+    assert cv2.imwrite(str(root / "solid-colour.png"), np.full((42, 111, 3), (10, 200, 90), np.uint8))
+    tifffile.imwrite(root / "nan.tif", np.full((42, 111), np.nan, np.float32))
+    half = np.full((42, 111), 5.0, np.float32)
+    half[:, :50] = np.nan
+    tifffile.imwrite(root / "nan-and-constant.tif", half)
+    inf = np.full((42, 111), np.inf, np.float32)
+    inf[0, 0] = -np.inf
+    tifffile.imwrite(root / "infinite.tif", inf)
+    blanks = ["black.png", "constant.tif", "infinite.tif", "nan-and-constant.tif", "nan.tif", "solid-colour.png"]
+    out, undo = tmp_path / "p.csv", tmp_path / "undo.csv"
+    assert predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo, "--unsure-below", "0.3") == 1
+    rows = {r["file"]: r for r in read_csv(out)}
+    for name in blanks:
+        assert "blank image" in rows[name]["error"] and rows[name]["stage_1"] == "" and rows[name]["unsure"] == "", name
+        assert (root / name).is_file(), name  # kept its name
+    assert "every pixel is 300" in rows["constant.tif"]["error"]
+    assert "NaN or infinite" in rows["nan.tif"]["error"]
+    assert rows["embryo1.tif"]["error"] == "" and rows["embryo1.tif"]["stage_1"]
+    assert [Path(r["old"]).name for r in read_csv(undo)] == ["embryo1.tif"]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["errors"] == len(blanks)
+    assert "blank image" in capsys.readouterr().err
+    # Bytes too (what the serve container hands the predictor).
+    got = Predictor(model_dir, threads=1).predict_sources([(root / "constant.tif").read_bytes()], names=["x"])[0]
+    assert got.top == [] and "x: blank image" in got.error

@@ -41,7 +41,7 @@ from flystage.artefact import (
     load_metadata,
     open_session,
 )
-from flystage.imaging import ImageError, load
+from flystage.imaging import ImageError, preprocess, read_image
 from flystage.organise import iter_images
 
 Source = str | Path | bytes
@@ -177,21 +177,53 @@ class Predictor:
     def predict_sources(
         self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None
     ) -> list[Prediction]:
-        """Top-k for each image (path or bytes); an unreadable image gets its ``error`` instead."""
+        """Top-k for each image (path or bytes); an unreadable image gets its ``error`` instead.
+
+        So does a blank image (every pixel NaN, or one value, or no contrast left after
+        preprocessing): the model would name three stages for nothing, and --rename would put
+        them in its name. Its row says ``blank image (...)`` and it keeps its name.
+        """
         names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
         predictions = [Prediction(name) for name in names]
         arrays, good = [], []
         for i, (source, name) in enumerate(zip(sources, names)):
             try:
-                arrays.append(load(source, self.config, name=name))
-                good.append(i)
+                image = read_image(source, page=self.config.page, name=name)
+                blank = blank_reason(image)
+                array = None if blank else preprocess(image, self.config)
+                if array is not None and float(array.max() - array.min()) == 0.0:
+                    blank = "no contrast left after preprocessing"
             except ImageError as exc:
                 predictions[i].error = str(exc)
+                continue
+            if blank:
+                # The model would still answer a confident-looking top-3 for nothing at all.
+                predictions[i].error = f"{name}: blank image ({blank}); not predicted"
+                continue
+            arrays.append(array)
+            good.append(i)
         if arrays:
             probs = self.predict_arrays(np.stack(arrays))
             for i, top in zip(good, top_k(probs, self.labels, k)):
                 predictions[i].top = top
         return predictions
+
+
+def blank_reason(image: np.ndarray) -> str | None:
+    """Why a decoded image holds nothing to stage (all NaN/infinite, or one value), or None."""
+    if image.size == 0:
+        return "no pixels"
+    values = image
+    if image.dtype.kind in "fc":
+        finite = np.isfinite(image)
+        if not finite.any():
+            return "every pixel is NaN or infinite"
+        if not finite.all():
+            values = image[finite]
+    lo, hi = values.min(), values.max()
+    if lo == hi:
+        return f"every pixel is {lo.item():g}"
+    return None
 
 
 def source_name(source: Source, index: int) -> str:
