@@ -390,3 +390,62 @@ def test_write_manifest_leaves_no_partial_or_temporary_file(tmp_path: Path, monk
     with pytest.raises(OSError, match="No space left"):
         write_manifest([Record(good, "4-6", "g", "train", "cc")], tmp_path / "new.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]
+
+
+SHA_A, SHA_B = "a" * 40, "b" * 40
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        # The same file twice, under two spellings, in train and test (groups differ).
+        (["a.png,1-3,g1,train,", "sub/../a.png,1-3,g2,test,"], r"line 2 \(train: .*a.png\) and line 3 \(test: .*a.png\) are the same file"),
+        # The same file by absolute path and by relative path.
+        (["a.png,1-3,g1,valid,", "{abs},1-3,g2,test,"], "line 2 .* and line 3 .* are the same file"),
+        # Two files with identical content (same SHA-1 in the column), train and valid.
+        ([f"a.png,1-3,g1,train,{SHA_A}", f"b.png,1-3,g2,train,{SHA_B}", f"c.png,1-3,g3,valid,{SHA_A.upper()}"],
+         r"line 2 \(train: .*a.png\) and line 4 \(valid: .*c.png\) are the same SHA-1 aaaaaaaaaaaa"),
+        # '..' out of the manifest's folder.
+        (["../outside.png,1-3,g1,train,"], r"leave the manifest's folder .* line 2: '../outside.png'"),
+        (["sub/../../outside.png,1-3,g1,train,", "a.png,1-3,g2,test,"], r"line 2: 'sub/../../outside.png'"),
+        # A short row.
+        (["a.png,1-3,g1"], r"line 2: no value for column\(s\) \['split', 'sha1'\]"),
+    ],
+)
+def test_read_manifest_refuses_leaks_and_escapes(tmp_path: Path, rows: list[str], message: str):
+    data = tmp_path / "data"
+    for name in ("a.png", "b.png", "c.png", "sub/keep.png"):
+        touch(data / name)
+    touch(tmp_path / "outside.png")
+    manifest = data / "manifest.csv"
+    text = "\n".join(["path,label,group,split,sha1", *rows]).replace("{abs}", str(data / "a.png")) + "\n"
+    manifest.write_text(text)
+    with pytest.raises(OrganiseError, match=message) as info:
+        read_manifest(manifest)
+    assert str(manifest) in str(info.value)
+
+
+def test_read_manifest_accepts_repeats_within_a_split_and_absolute_paths(tmp_path: Path):
+    data = tmp_path / "data"
+    for name in ("a.png", "b.png", "sub/c.png"):
+        touch(data / name)
+    elsewhere = touch(tmp_path / "elsewhere" / "d.png")
+    manifest = data / "manifest.csv"
+    manifest.write_text(
+        "path,label,group,split,sha1\n"
+        f"a.png,1-3,g1,train,{SHA_A}\n"
+        f"sub/../a.png,1-3,g1,train,{SHA_A}\n"  # a repeat in one split: not a leak
+        "sub/./c.png,4-6,g2,test,x\n"  # placeholders are not SHA-1s: never compared
+        "b.png,4-6,g3,valid,x\n"
+        f"{elsewhere},1-3,g4,test,\n"  # absolute paths stay allowed
+    )
+    records = read_manifest(manifest)
+    assert [r.split for r in records] == ["train", "train", "test", "valid", "test"]
+    assert records[-1].path == elsewhere
+
+
+def test_read_manifest_not_utf8(tmp_path: Path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"path,label,group,split,sha1\ncaf\xe9.png,1-3,g,train,\n")
+    with pytest.raises(OrganiseError, match="not UTF-8"):
+        read_manifest(manifest)

@@ -514,28 +514,43 @@ def write_manifest(records: Sequence[Record], path: str | Path, force: bool = Fa
 def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
     """Records of a manifest CSV, with image paths resolved against the manifest's folder.
 
-    Raises ``ManifestError`` for a missing file, missing columns, an empty manifest, bad
-    split values, a group in two splits, or (with ``check_files``) images that do not exist.
+    Raises ``ManifestError`` for a missing file, missing columns, an empty manifest, a short
+    row, bad split values, a relative path that leaves the manifest's folder through ``..``,
+    (with ``check_files``) images that do not exist, a group in two splits, or one image in
+    two splits (the same file once resolved, or the same SHA-1 where the column holds a
+    40-digit hex SHA-1); the message names the rows.
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found; make one with `flystage organise`")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-        if missing:
-            raise ManifestError(
-                f"{path}: missing column(s) {missing}; a manifest has {','.join(MANIFEST_COLUMNS)} "
-                "(make one with `flystage organise`)"
-            )
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+            if missing:
+                raise ManifestError(
+                    f"{path}: missing column(s) {missing}; a manifest has {','.join(MANIFEST_COLUMNS)} "
+                    "(make one with `flystage organise`)"
+                )
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc}); a manifest is UTF-8 (make one with `flystage organise`)") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: not a valid CSV ({exc}); make one with `flystage organise`") from None
     if not rows:
         raise ManifestError(f"{path}: the manifest has no rows")
-    records, bad_split, missing_files = [], [], []
-    for line, row in enumerate(rows, start=2):
+    records, bad_split, missing_files, escaping, lines = [], [], [], [], []
+    for line, row in rows:
+        short = [c for c in columns if row.get(c) is None]
+        if short:
+            raise ManifestError(f"{path}: line {line}: no value for column(s) {short}; every row needs {len(columns)} values")
         image = Path(row["path"]).expanduser()
-        image = image if image.is_absolute() else path.parent / image
+        if not image.is_absolute():
+            image = path.parent / image
+            # Relative paths name images below the manifest's folder; '..' must not lead out.
+            if not Path(os.path.normpath(image)).is_relative_to(path.parent):
+                escaping.append(f"line {line}: {row['path']!r}")
         if row["split"] not in SPLITS:
             bad_split.append(f"line {line}: {row['split']!r}")
         if not row["label"]:
@@ -544,6 +559,13 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
             missing_files.append(str(image))
         extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k is not None}
         records.append(Record(image, row["label"], row["group"], row["split"], row["sha1"], extra))
+        lines.append(line)
+    if escaping:
+        raise ManifestError(
+            f"{path}: relative path(s) that leave the manifest's folder {path.parent} through '..': "
+            + "; ".join(escaping[:10]) + (f" and {len(escaping) - 10} more" if len(escaping) > 10 else "")
+            + ". List images below the manifest's folder, or by absolute path (organise writes both)"
+        )
     if bad_split:
         raise ManifestError(
             f"{path}: split must be one of {', '.join(SPLITS)}; found " + "; ".join(bad_split[:10])
@@ -560,7 +582,41 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
     leaking = sorted(g for g, s in splits_of_group.items() if len(s) > 1)
     if leaking:
         raise ManifestError(f"{path}: group(s) {leaking[:10]} appear in more than one split; organise again")
+    _refuse_images_in_two_splits(path, records, lines)
     return records
+
+
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+
+
+def _refuse_images_in_two_splits(path: Path, records: Sequence[Record], lines: Sequence[int]) -> None:
+    """``ManifestError`` naming both rows when one image (the same file once resolved, or the
+    same SHA-1 where the column holds one) is listed in two splits: it would be tested on
+    what it was trained on. Repeats within one split are left alone."""
+    first: dict[tuple[str, str], tuple[int, Record]] = {}
+    leaks = []
+    for line, r in zip(lines, records):
+        keys = [("file", str(r.path.resolve()))]
+        sha1 = r.sha1.strip().lower()
+        if _SHA1.fullmatch(sha1):
+            keys.append(("sha1", sha1))
+        for key in keys:
+            seen = first.setdefault(key, (line, r))
+            if seen[1].split != r.split:
+                other_line, other = seen
+                what = "the same file" if key[0] == "file" else f"the same SHA-1 {sha1[:12]}"
+                leaks.append(
+                    f"line {other_line} ({other.split}: {printable_path(other.path)}) and line {line} "
+                    f"({r.split}: {printable_path(r.path)}) are {what}"
+                )
+                break
+    if leaks:
+        raise ManifestError(
+            f"{path}: {len(leaks)} image(s) in two splits: " + "; ".join(leaks[:5])
+            + (f" and {len(leaks) - 5} more" if len(leaks) > 5 else "")
+            + ". An image must lie in one split only (else it is tested on what it was trained on): "
+            "remove the copies or organise again (organise removes exact duplicates)"
+        )
 
 
 def manifest_sha256(path: str | Path) -> str:
