@@ -103,6 +103,20 @@ def test_ping(server):
     assert requests.get(f"{server.url}/ping", timeout=5).status_code == 200
 
 
+def test_the_management_api_is_not_on_the_inference_port(server):
+    """Unregistering the model, listing models or making the server fetch a URL: none of it
+    reaches the model server's management API through port 8080."""
+    attempts = [
+        requests.delete(f"{server.url}/models/model", timeout=TIMEOUT),
+        requests.get(f"{server.url}/models", timeout=TIMEOUT),
+        requests.post(f"{server.url}/models", params={"url": "http://127.0.0.1:9/x.mar"}, timeout=TIMEOUT),
+        requests.put(f"{server.url}/models/model", params={"min_worker": "0"}, timeout=TIMEOUT),
+    ]
+    assert all(r.status_code >= 400 for r in attempts), [(r.status_code, r.text[:200]) for r in attempts]
+    assert requests.get(f"{server.url}/ping", timeout=5).status_code == 200
+    good_request(server)  # the model is still registered and answering
+
+
 @pytest.mark.parametrize(
     "ext, content_type",
     [(".tif", "image/tiff"), (".png", "image/png"), (".jpg", "image/jpeg"), (".bmp", "image/bmp"),
@@ -205,14 +219,18 @@ def _broken_model(tmp_path: Path, model_dir: Path, kind: str) -> Path | None:
         return broken
     for name in ("metadata.json", "weights.pt", "model.onnx"):
         shutil.copy(model_dir / name, broken / name)
-    if kind == "corrupt onnx":
+    if kind == "code folder":  # a model.tar.gz that would run its own code in the server
+        (broken / "code").mkdir()
+        (broken / "code" / "inference.py").write_text("open('/tmp/ran', 'w').write('yes')\n", encoding="utf-8")
+        (broken / "code" / "requirements.txt").write_text("flask\n", encoding="utf-8")
+    elif kind == "corrupt onnx":
         (broken / "model.onnx").write_bytes(b"\x08\x07" + os.urandom(2000))
     elif kind == "bad metadata":
         (broken / "metadata.json").write_text("{\"labels\": ", encoding="utf-8")
     return broken
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt onnx", "bad metadata"])
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt onnx", "bad metadata", "code folder"])
 def test_broken_model_exits_nonzero_and_is_never_healthy(images, model_dir, tmp_path, kind):
     folder = _broken_model(tmp_path, model_dir, kind)
     with start_serve_container(folder, images["serve"]) as container:
@@ -228,6 +246,8 @@ def test_broken_model_exits_nonzero_and_is_never_healthy(images, model_dir, tmp_
         assert 200 not in pings
         log = container.logs()
         assert "NOT SERVING" in log and "/opt/ml/model" in log, log[-2000:]
+        if kind == "code folder":
+            assert "code/ besides the model" in log and "pip" not in log.lower(), log[-2000:]
         with pytest.raises(ContainerError, match="exited"):
             container.wait_healthy(timeout=5)
 

@@ -37,6 +37,10 @@ METADATA_FILE = "metadata.json"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 OPSET = 17
+# Everything a model directory may hold when served: what save_artefact writes. Anything else
+# (a code/ folder would go on the server's PYTHONPATH, code/requirements.txt be pip-installed)
+# is refused by check_artefact(strict=True).
+ARTEFACT_FILES = frozenset({ONNX_FILE, WEIGHTS_FILE, METADATA_FILE})
 
 
 _CORE_FIELDS = frozenset(
@@ -329,12 +333,22 @@ def check_session(session: Any, metadata: Metadata, model_dir: str | Path) -> No
         )
 
 
-def check_artefact(model_dir: str | Path, threads: int | None = 1) -> Metadata:
+def check_artefact(model_dir: str | Path, threads: int | None = 1, strict: bool = False) -> Metadata:
     """Load the metadata and the ONNX model, and run one batch; raise ``ArtefactError`` if anything is off.
 
-    The serve image calls this before starting its server so a broken model never reports
-    healthy.
+    The serve image calls this (``strict``: nothing but :data:`ARTEFACT_FILES`, no links)
+    before starting its server, so a broken or tampered model never reports healthy.
     """
+    if strict and Path(model_dir).is_dir():
+        entries = sorted(Path(model_dir).iterdir())
+        extra = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in ARTEFACT_FILES]
+        links = [p.name for p in entries if p.is_symlink()]
+        if extra or links:
+            raise ArtefactError(
+                f"{model_dir}: holds {', '.join(extra + [f'{name} (a link)' for name in links])} besides the model; "
+                f"a flystage model.tar.gz holds only {', '.join(sorted(ARTEFACT_FILES))} (written by `flystage "
+                "train`): nothing else is served, installed or imported"
+            )
     metadata = load_metadata(model_dir)
     session = open_session(model_dir, threads)
     check_session(session, metadata, model_dir)

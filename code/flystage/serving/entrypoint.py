@@ -21,6 +21,7 @@ from pathlib import Path
 HANDLER_SERVICE = "flystage.serving.handler_service"
 EXIT_BAD_MODEL = 1
 EXIT_BAD_SETTINGS = 2
+MANAGEMENT_ADDRESS = "http://127.0.0.1:8081"
 
 logger = logging.getLogger("flystage.serve")
 
@@ -44,7 +45,7 @@ def serve() -> int:
         return EXIT_BAD_SETTINGS
     where = model_dir()
     try:
-        metadata = check_artefact(where, threads=1)
+        metadata = check_artefact(where, threads=1, strict=True)
     except ArtefactError as exc:
         logger.error("flystage serve: NOT SERVING, the model in %s is unusable: %s", where, exc)
         return EXIT_BAD_MODEL
@@ -53,6 +54,10 @@ def serve() -> int:
         metadata.arch, len(metadata.labels), ", ".join(metadata.labels), where,
         config.workers, config.threads, config.timeout_seconds, config.max_payload_mb,
     )
+    # The model server's management API (register, unregister, scale models; fetch a model from
+    # any URL) shares port 8080 by default: keep it on the container's loopback, where only
+    # this container can reach it. multi-model-server reads MMS_<FIELD> over its config file.
+    os.environ["MMS_MANAGEMENT_ADDRESS"] = MANAGEMENT_ADDRESS
     # Imported late: it configures logging and reads the environment at import time.
     from sagemaker_inference import model_server
 
