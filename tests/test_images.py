@@ -177,6 +177,7 @@ BAD_REQUESTS = {
     "no content type": (lambda: tiff_bytes(lab_image()), None, 415, "not supported"),
     "too many pixels": (_huge_png, "image/png", 400, "more than the limit"),
     "wrong json": (lambda: b"{\"image\": ", "application/json", 400, "cannot be parsed"),
+    "deeply nested json": (lambda: b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested too deeply"),
     "json without image": (lambda: b"{\"img\": \"x\"}", "application/json", 400, "no \"image\""),
     "bad base64": (lambda: b"{\"image\": \"%%%\"}", "application/json", 400, "base64"),
     "k out of range": (lambda: json.dumps({"image": base64.b64encode(tiff_bytes(lab_image())).decode(), "k": 9}).encode(),

@@ -90,6 +90,7 @@ def test_k_from_custom_attributes_header():
         (b"x", None, {}, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "not supported"),
         (b"", "image/tiff", {}, HTTPStatus.BAD_REQUEST, "empty"),
         ("{not json", "application/json", {}, HTTPStatus.BAD_REQUEST, "cannot be parsed"),
+        ("[" * 100_000 + "]" * 100_000, "application/json", {}, HTTPStatus.BAD_REQUEST, "nested too deeply"),
         ('{"picture": "x"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "no \"image\""),
         ('{"image": "***"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "base64"),
         ('{"image": 7}', "application/json", {}, HTTPStatus.BAD_REQUEST, "base64 string"),

@@ -86,6 +86,8 @@ def _decode_json(body: bytes | bytearray | str, max_batch: int) -> tuple[list[by
         document = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the JSON body cannot be parsed ({exc}); send {{\"image\": \"<base64>\"}}") from None
+    except RecursionError:  # deeply nested arrays or objects: a stranger's body, not a server fault
+        raise RequestError(HTTPStatus.BAD_REQUEST, "the JSON body is nested too deeply; send {\"image\": \"<base64>\"}") from None
     k = None
     if isinstance(document, dict):
         k = document.get("k")
