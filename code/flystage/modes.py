@@ -85,19 +85,6 @@ def setup_finetune(train, valid, labels, cache, config, log) -> Setup:
     return Setup(train_set, valid_set, train_set.targets, model, groups, finish=lambda m: m)
 
 
-class _Head(nn.Module):
-    """The probe's trainable part: standardisation (fixed buffers) and a linear layer."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.linear = nn.Linear(len(mean), num_classes)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.linear((f - self.mean) / self.std)
-
-
 def setup_probe(train, valid, labels, cache, config, log) -> Setup:
     features, dim = build_feature_extractor(config.arch, config.preprocess.channels, config.feature_taps,
                                             config.hog_features, pretrained=True)
@@ -115,7 +102,11 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
     valid_x = cached_features(features, key, cache, valid_paths, 0, None, config.seed)
     log(f"probe: {config.arch} features ({dim}) of {len(train)} training images x {1 + config.augment_draws} "
         f"draws and {len(valid)} valid images in {time.perf_counter() - t0:.1f} s")
-    head = _Head(x.mean(0), x.std(0).clamp_min(1e-6), len(labels))
+    # The loop trains a ProbeNet without its backbone (on cached features); finish puts it back.
+    head = ProbeNet(nn.Identity(), dim, len(labels))
+    with torch.no_grad():
+        head.mean.copy_(x.mean(0))
+        head.std.copy_(x.std(0).clamp_min(1e-6))
     if config.probe_solver == "lbfgs":
         # The exact L2-regularised logistic regression: no learning rate, batches or epochs,
         # and no best epoch to choose on a handful of validation images (docs/accuracy.md).
@@ -125,24 +116,20 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
         weights = 1.0 / counts[y_t] if config.balance != "none" else None
         w, b = fit_logistic((x - head.mean) / head.std, y_t, len(labels), config.probe_l2, weights)
         with torch.no_grad():
-            head.linear.weight.copy_(w)
-            head.linear.bias.copy_(b)
+            head.head.weight.copy_(w)
+            head.head.bias.copy_(b)
         log(f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g}) in {time.perf_counter() - t1:.1f} s")
 
     def finish(trained: nn.Module) -> nn.Module:
-        net = ProbeNet(features, dim, len(labels))
-        with torch.no_grad():
-            net.mean.copy_(trained.mean)
-            net.std.copy_(trained.std)
-            net.head.load_state_dict(trained.linear.state_dict())
-        return net.eval()
+        trained.features = features
+        return trained.eval()
 
     # An L2 penalty on the head's weights in the loss, as in a regularised logistic regression
     # (AdamW's decoupled decay is far weaker at these learning rates; docs/accuracy.md).
     return Setup(TensorDataset(x, torch.from_numpy(y)),
                  TensorDataset(valid_x, torch.from_numpy(valid_set.targets)),
                  y, head, _decay_groups(list(head.parameters()), 0.0), finish,
-                 penalty=lambda: 0.5 * config.probe_l2 * head.linear.weight.pow(2).sum(),
+                 penalty=lambda: 0.5 * config.probe_l2 * head.head.weight.pow(2).sum(),
                  solved=config.probe_solver == "lbfgs")
 
 
