@@ -77,6 +77,7 @@ SERVE_IMAGE ?= flystage-serve:latest
 # (docker/build-offline.sh; TORCH_SPEC picks torch there). Otherwise plain `docker build` with
 # the Dockerfiles' defaults (python:3.11-slim, PyPI, CPU-only torch). Once a wheelhouse exists,
 # OFFLINE defaults to 1, so later builds on that machine take the same route.
+# Always linux/amd64, what SageMaker's instances run (`make push` refuses any other platform).
 OFFLINE ?= $(if $(wildcard wheelhouse/.complete),1,)
 BASE_IMAGE ?= $(if $(OFFLINE),flystage-base:bookworm,python:3.11-slim)
 PRETRAINED_WEIGHTS ?=
@@ -89,9 +90,10 @@ BENCH_SERVE_REQUESTS ?= 1000
 
 images: ## build the train and serve images [OFFLINE=1] [BASE_IMAGE=...] [PRETRAINED_WEIGHTS=resnet18] [TORCH_SPEC=...]
 ifeq ($(OFFLINE),)
-	docker build -f docker/train/Dockerfile -t $(TRAIN_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	docker build --platform linux/amd64 -f docker/train/Dockerfile -t $(TRAIN_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 		--build-arg PRETRAINED_WEIGHTS='$(PRETRAINED_WEIGHTS)' .
-	docker build -f docker/serve/Dockerfile -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) .
+	docker build --platform linux/amd64 -f docker/serve/Dockerfile -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) .
+	$(IMAGE_ENV) docker/build-offline.sh check
 else
 	$(IMAGE_ENV) docker/build-offline.sh all
 endif
@@ -104,7 +106,7 @@ wheelhouse: ## download every pinned requirement of the images into wheelhouse/ 
 
 baseline-image: ## the benchmark-only torch-eager serving baseline (on the train and serve images)
 ifeq ($(OFFLINE),)
-	docker build -f docker/baseline/Dockerfile -t $(BASELINE_IMAGE) \
+	docker build --platform linux/amd64 -f docker/baseline/Dockerfile -t $(BASELINE_IMAGE) \
 		--build-arg TRAIN_IMAGE=$(TRAIN_IMAGE) --build-arg SERVE_IMAGE=$(SERVE_IMAGE) .
 else
 	$(IMAGE_ENV) BUILD_IMAGES=baseline docker/build-offline.sh all

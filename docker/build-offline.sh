@@ -2,7 +2,7 @@
 # Build the flystage train and serve images where no container registry and no public package
 # index can be reached from inside a build (our build machines and CI; see docs in docker/README.md).
 #
-#   docker/build-offline.sh [base|wheelhouse|images|all]     (default: all)
+#   docker/build-offline.sh [base|wheelhouse|images|all|check]     (default: all)
 #
 # 1. base:       a Debian bookworm base image made locally with debootstrap (no registry pull),
 #                with Debian's Python 3.11; skipped when $BASE_IMAGE already exists.
@@ -11,6 +11,9 @@
 #                skipped when the requirement files and $TORCH_SPEC have not changed.
 # 3. images:     `docker build --network host`, with pip in the build reading the wheelhouse
 #                from a loopback HTTP server (PIP_NO_INDEX + PIP_FIND_LINKS build arguments).
+# Every image is built with --platform linux/amd64 (what SageMaker's instances run) and checked
+# afterwards: the classic builder silently keeps a local base image of another platform.
+# `check` only checks that the BUILD_IMAGES images exist and are linux/amd64.
 #
 # Settings (environment): BASE_IMAGE, DEBIAN_MIRROR, WHEELHOUSE, TORCH_SPEC, TRAIN_IMAGE,
 # SERVE_IMAGE, BASELINE_IMAGE, HOST_PYTHON, WHEELHOUSE_PORT, PRETRAINED_WEIGHTS,
@@ -36,6 +39,9 @@ HOST_PYTHON="${HOST_PYTHON:-$( [[ -x "$REPO/.venv/bin/python" ]] && echo "$REPO/
 WHEELHOUSE_PORT="${WHEELHOUSE_PORT:-8737}"
 PRETRAINED_WEIGHTS="${PRETRAINED_WEIGHTS:-}"
 BUILD_IMAGES="${BUILD_IMAGES:-train serve}"
+# Not a setting: SageMaker's ml.* instances run linux/amd64, and `flystage cloud push` refuses
+# anything else.
+PLATFORM=linux/amd64
 REQUIREMENTS=(docker/train/requirements.txt docker/serve/requirements.txt docker/build-requirements.txt)
 
 log() { printf '[build-offline] %s\n' "$*" >&2; }
@@ -54,6 +60,12 @@ build_base() {
         return
     fi
     need debootstrap "apt-get install -y debootstrap"
+    # debootstrap makes a root file system for the host's architecture, and `docker import`
+    # labels it so; the images must be amd64.
+    if [[ "$(uname -m)" != x86_64 ]]; then
+        log "error: this machine is $(uname -m); the base image must be linux/amd64 for SageMaker: build on an x86_64 machine, or build online (make images) with QEMU emulation"
+        exit 2
+    fi
     local root
     root="$(mktemp -d /var/tmp/flystage-base.XXXXXX)"
     # shellcheck disable=SC2064  # expand now: the trap must remove this very folder
@@ -70,7 +82,7 @@ build_base() {
     # Keep the image small and reproducible: no apt lists or caches.
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
     echo "deb $DEBIAN_MIRROR bookworm main" >"$root/etc/apt/sources.list"
-    tar -C "$root" -c . | docker import \
+    tar -C "$root" -c . | docker import --platform "$PLATFORM" \
         --change 'ENV LANG=C.UTF-8' \
         --change 'CMD ["python3"]' \
         --message "debootstrap --variant=minbase bookworm + python3" \
@@ -144,7 +156,7 @@ build_images() {
     need docker "apt-get install -y docker.io, then start dockerd"
     serve_wheelhouse
     local index="http://127.0.0.1:$PORT/"
-    local common=(--network host
+    local common=(--network host --platform "$PLATFORM"
         --build-arg "BASE_IMAGE=$BASE_IMAGE"
         --build-arg PIP_NO_INDEX=1
         --build-arg "PIP_FIND_LINKS=$index"
@@ -153,20 +165,36 @@ build_images() {
         --build-arg "REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
     for which in $BUILD_IMAGES; do
         local tag start
-        case "$which" in
-            train) tag="$TRAIN_IMAGE" ;;
-            serve) tag="$SERVE_IMAGE" ;;
-            baseline) tag="$BASELINE_IMAGE" ;;
-            *) log "error: unknown image '$which' (train, serve or baseline)"; exit 2 ;;
-        esac
+        tag="$(image_tag "$which")"
         start=$(date +%s)
         log "building $tag"
         local extra=()
         [[ "$which" == train ]] && extra=(--build-arg "PRETRAINED_WEIGHTS=$PRETRAINED_WEIGHTS")
         [[ "$which" == baseline ]] && extra=(--build-arg "TRAIN_IMAGE=$TRAIN_IMAGE" --build-arg "SERVE_IMAGE=$SERVE_IMAGE")
         docker build "${common[@]}" "${extra[@]}" -f "docker/$which/Dockerfile" -t "$tag" .
+        check_platform "$tag"
         log "built $tag in $(( $(date +%s) - start )) s, $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
     done
+}
+
+image_tag() {
+    case "$1" in
+        train) echo "$TRAIN_IMAGE" ;;
+        serve) echo "$SERVE_IMAGE" ;;
+        baseline) echo "$BASELINE_IMAGE" ;;
+        *) log "error: unknown image '$1' (train, serve or baseline)"; exit 2 ;;
+    esac
+}
+
+check_platform() {
+    # The image's own config, as `flystage cloud push` reads it.
+    local found
+    found="$(docker image inspect -f '{{.Os}}/{{.Architecture}}' "$1")" || { log "error: no image $1: run make images"; exit 1; }
+    if [[ "$found" != "$PLATFORM" ]]; then
+        log "error: $1 is $found, not $PLATFORM (SageMaker cannot run it): is the base image $BASE_IMAGE $found? rebuild it on an x86_64 machine (docker rmi it, then make images)"
+        exit 1
+    fi
+    log "$1 is $PLATFORM"
 }
 
 case "${1:-all}" in
@@ -174,5 +202,6 @@ case "${1:-all}" in
     wheelhouse) build_wheelhouse ;;
     images) build_images ;;
     all) build_base; build_wheelhouse; build_images ;;
-    *) log "usage: $0 [base|wheelhouse|images|all]"; exit 2 ;;
+    check) for which in $BUILD_IMAGES; do tag="$(image_tag "$which")"; check_platform "$tag"; done ;;
+    *) log "usage: $0 [base|wheelhouse|images|all|check]"; exit 2 ;;
 esac

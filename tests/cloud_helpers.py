@@ -238,3 +238,40 @@ class RuntimeProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def foreign_image(client, tag: str, architecture: str = "arm64", os_name: str = "linux"):
+    """A one-file image whose config says ``os_name``/``architecture``, loaded with
+    ``docker load`` from a hand-made ``docker save`` tarball (no pull, no emulation): what an
+    arm64 laptop's ``docker build`` leaves in its engine."""
+    import hashlib
+    import io
+    import tarfile
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        add(tar, "hello.txt", f"flystage foreign image {tag} {architecture} {time.time()}\n".encode())
+    layer_bytes = layer.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps({
+        "architecture": architecture, "os": os_name, **({"variant": "v8"} if architecture == "arm64" else {}),
+        "created": "2024-01-01T00:00:00Z", "config": {"Cmd": ["/hello.txt"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "flystage test: hand-made layer"}],
+    }).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    layer_dir = hashlib.sha256(layer_bytes).hexdigest()
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        add(tar, f"{layer_dir}/layer.tar", layer_bytes)
+        add(tar, f"{layer_dir}/VERSION", b"1.0")
+        add(tar, config_name, config)
+        add(tar, "manifest.json", json.dumps([{"Config": config_name, "RepoTags": [tag], "Layers": [f"{layer_dir}/layer.tar"]}]).encode())
+    client.images.load(archive.getvalue())
+    return client.images.get(tag)

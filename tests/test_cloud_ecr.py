@@ -1,16 +1,21 @@
 """make push: ECR repositories and login token from moto, a real push to Debian's
-docker-registry on loopback standing in for ECR, and failed pushes reported as failures."""
+docker-registry on loopback standing in for ECR, and failed pushes reported as failures.
+An image that is not linux/amd64 (a real arm64 image in the local engine) is refused before
+anything is sent, and the images `make images` built are linux/amd64."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
-from cloud_helpers import aws, docker_client, free_port, moto_url, start_registry, tiny_image  # noqa: F401 (fixtures)
+from cloud_helpers import aws, docker_client, foreign_image, free_port, moto_url, start_registry, tiny_image  # noqa: F401 (fixtures)
 from flystage.cloud import ecr
 from flystage.cloud.settings import CloudError
 
@@ -103,3 +108,76 @@ def test_missing_local_image_says_build_it(aws):
     settings = settings.replace(train_image=f"flystage-no-such-image:{uuid.uuid4().hex[:8]}")
     with pytest.raises(CloudError, match="not found: build it with `make images`"):
         ecr.push(api, settings, client)
+
+
+@pytest.mark.parametrize("os_name, architecture", [("linux", "arm64"), ("linux", "s390x")])
+def test_image_that_is_not_linux_amd64_is_refused_before_anything_is_sent(aws, images, start_registry, tmp_path,
+                                                                            os_name, architecture):
+    """An arm64 image (hand-made `docker save` tarball, `docker load`ed: the engine really holds
+    it as linux/arm64) as the serve image: refused with how to rebuild, before any repository
+    is created, any login or any push, even of the good train image."""
+    api, settings = aws
+    client, tags = images
+    registry = start_registry()
+    foreign = f"flystage-push-test-foreign:{uuid.uuid4().hex[:8]}"
+    image = foreign_image(client, foreign, architecture=architecture, os_name=os_name)
+    try:
+        assert (image.attrs["Os"], image.attrs["Architecture"]) == (os_name, architecture)
+        api.out = io.StringIO()
+        with pytest.raises(CloudError) as refused:
+            ecr.push(api, push_settings(settings, {**tags, "serve": foreign}, registry), client)
+        message = str(refused.value)
+        assert f"local image {foreign} is {os_name}/{architecture}" in message
+        assert "nothing was pushed" in message and "make images" in message and "--platform linux/amd64" in message
+        # Nothing was sent: no ECR repository, nothing in the registry, no tag made for it.
+        assert api.call("ecr", "describe_repositories")["repositories"] == []
+        catalog = json.load(urllib.request.urlopen(f"http://{registry}/v2/_catalog", timeout=10))
+        assert catalog["repositories"] == []
+        assert "pushing" not in api.out.getvalue()
+        assert client.images.get(foreign).tags == [foreign]
+        assert client.images.get(tags["train"]).tags == [tags["train"]]
+    finally:
+        client.images.remove(foreign, force=True)
+
+
+def test_check_platform_reads_the_image_config():
+    class Image:
+        def __init__(self, **attrs):
+            self.attrs = attrs
+
+    ecr.check_platform(Image(Os="linux", Architecture="amd64"), "x:1")
+    with pytest.raises(CloudError, match=r"local image x:1 is linux/arm64/v8, but SageMaker runs linux/amd64"):
+        ecr.check_platform(Image(Os="linux", Architecture="arm64", Variant="v8"), "x:1")
+    with pytest.raises(CloudError, match=r"local image x:1 is \?/\?"):
+        ecr.check_platform(Image(), "x:1")
+
+
+def test_the_built_images_are_linux_amd64():
+    """What `make images` built (and `make push` would push) runs on SageMaker's instances."""
+    client = docker_client()
+    import docker
+
+    for tag in (os.environ.get("TRAIN_IMAGE", "flystage-train:latest"), os.environ.get("SERVE_IMAGE", "flystage-serve:latest")):
+        try:
+            image = client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"{tag} not built: run `make images` first")
+        assert (image.attrs["Os"], image.attrs["Architecture"]) == ("linux", "amd64"), tag
+        ecr.check_platform(image, tag)
+
+
+def test_the_image_build_refuses_an_image_that_is_not_linux_amd64():
+    """`make images` ends with docker/build-offline.sh's platform check (the classic builder
+    keeps a local base image of another platform whatever --platform says): an arm64 image
+    under the serve image's name fails it, with the image named."""
+    client = docker_client()
+    foreign = f"flystage-push-test-foreign:{uuid.uuid4().hex[:8]}"
+    foreign_image(client, foreign)
+    script = Path(__file__).resolve().parents[1] / "docker" / "build-offline.sh"
+    try:
+        done = subprocess.run([str(script), "check"], env={**os.environ, "SERVE_IMAGE": foreign, "BUILD_IMAGES": "serve"},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert f"{foreign} is linux/arm64, not linux/amd64" in done.stderr
+    finally:
+        client.images.remove(foreign, force=True)

@@ -2,6 +2,10 @@
 
 The docker SDK's ``images.push`` does not raise when a push fails: the failure arrives as an
 ``error``/``errorDetail`` line in the stream, so every line is checked.
+
+SageMaker's instances (ml.m5, ml.c5, ml.g4dn, ...) run linux/amd64: an image built on an arm64
+machine (Apple silicon, Graviton) starts there with "exec format error". The image's own config
+(``Os``/``Architecture``) is checked before anything is sent.
 """
 
 from __future__ import annotations
@@ -11,6 +15,23 @@ from typing import Any, Iterable
 
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
+
+
+# What `make images` builds (docker build --platform linux/amd64) and SageMaker runs.
+PLATFORM = ("linux", "amd64")
+
+
+def check_platform(image: Any, name: str) -> None:
+    """CloudError unless the local image ``name`` is linux/amd64, read from its config."""
+    os_, arch = image.attrs.get("Os") or "?", image.attrs.get("Architecture") or "?"
+    if (os_, arch) != PLATFORM:
+        variant = f"/{image.attrs['Variant']}" if image.attrs.get("Variant") else ""
+        raise CloudError(
+            f"local image {name} is {os_}/{arch}{variant}, but SageMaker runs {'/'.join(PLATFORM)} images only: "
+            f"nothing was pushed. Rebuild it for {'/'.join(PLATFORM)} with `make images` (it builds with "
+            f"`docker build --platform {'/'.join(PLATFORM)}`; on an arm64 machine that needs QEMU emulation, "
+            "e.g. the binfmt handlers of qemu-user-static), then push again"
+        )
 
 
 def _host(endpoint: str) -> str:
@@ -57,6 +78,8 @@ def check_push_stream(lines: Iterable[dict[str, Any]], target: str) -> list[dict
 def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, str]:
     """Create the repositories, log in with the ECR token, tag and push both images.
 
+    Both local images must be linux/amd64 (``check_platform``), checked before any request.
+
     Returns {local image: pushed URI}. The registry is ECR's ``proxyEndpoint`` unless
     ``settings.registry_override`` names another (a local registry in tests).
     """
@@ -78,6 +101,7 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
             images[local] = docker_client.images.get(local)
         except docker.errors.ImageNotFound:
             raise CloudError(f"local image {local} not found: build it with `make images`") from None
+        check_platform(images[local], local)
 
     for _, repository in image_pairs(settings):
         try:
