@@ -1,6 +1,8 @@
 """The IAM policies cover every AWS call the cloud code makes, and nothing names a real
 account: the operations are read from the code itself, so a new call without its permission
-fails here."""
+fails here. The operator may write S3 only where the code writes (data/, batch/), checked by
+moto evaluating the filled-in policy on signed requests; the execution role's trust policy
+carries aws:SourceAccount/aws:SourceArn conditions naming the account."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import botocore.session
 import pytest
+
+from cloud_helpers import aws, moto_url  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD = REPO / "code" / "flystage" / "cloud"
@@ -108,3 +112,128 @@ def test_no_account_ids_anywhere(policies):
     passrole = next(s for s in policies["operator-policy"]["Statement"] if s["Action"] == "iam:PassRole")
     assert passrole["Resource"] == "arn:aws:iam::ACCOUNT_ID:role/flystage-sagemaker"
     assert passrole["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
+
+
+# ---- the S3 keys the operator may write, and the trust policy's conditions -----------------
+
+# Filled in as docs/aws.md says (sed ... s/ACCOUNT_ID/.../g), with moto's account and the
+# tests' bucket: what an operator would attach.
+PLACEHOLDERS = {"ACCOUNT_ID": "123456789012", "REGION": "eu-west-1", "BUCKET": "flystage-test", "PREFIX": "flystage"}
+
+
+def filled(name: str, values: dict[str, str] = PLACEHOLDERS) -> str:
+    text = (IAM / f"{name}.json").read_text()
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def put_resources(policy: dict) -> list[str]:
+    """Every resource s3:PutObject is allowed on."""
+    out = []
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        if "s3:PutObject" in actions or "s3:*" in actions:
+            resources = statement["Resource"]
+            out += [resources] if isinstance(resources, str) else resources
+    return out
+
+
+def test_operator_may_put_only_where_the_code_writes(policies):
+    """The code writes under data/ (upload) and batch/<job>/input/ (batch-predict of a folder):
+    PutObject on exactly data/* and batch/*, never on the models (output/) or checkpoints."""
+    text = "\n".join(p.read_text() for p in CLOUD.glob("*.py"))
+    # What the scan below rests on: every upload goes through upload_files, fed these URIs.
+    assert re.findall(r'settings\.s3_uri\("(\w+)"[^)]*\)[^\n]*\n[^\n]*upload_files', text) == ["batch"]
+    assert 's3_uri("data")' in text and "upload_files(api, plan, bucket, prefix" in text
+    assert len(re.findall(r"\b(upload_file|upload_fileobj|put_object|copy_object|create_multipart_upload)\b", text)) == 2  # both in upload_files
+    assert sorted(put_resources(policies["operator-policy"])) == ["arn:aws:s3:::BUCKET/PREFIX/batch/*",
+                                                                   "arn:aws:s3:::BUCKET/PREFIX/data/*"]
+
+
+@pytest.fixture
+def operator(aws, monkeypatch):
+    """(Api, Settings) signed with the keys of an IAM user holding only the filled-in operator
+    policy, with moto evaluating IAM policies on every request; moto's auth is switched back
+    off afterwards."""
+    import urllib.request
+
+    from flystage.cloud.session import Api
+
+    api, settings = aws
+    api.call("iam", "create_user", UserName="flystage-operator")
+    api.call("iam", "put_user_policy", UserName="flystage-operator", PolicyName="operator",
+             PolicyDocument=filled("operator-policy"))
+    key = api.call("iam", "create_access_key", UserName="flystage-operator")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+
+    def auth(count: str) -> None:
+        request = urllib.request.Request(settings.endpoint_url + "/moto-api/reset-auth", data=count.encode(), method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10)
+
+    auth("0")
+    try:
+        yield Api(settings), settings
+    finally:
+        auth("inf")
+
+
+def test_moto_evaluates_the_operator_policy(operator, tmp_path):
+    """Signed as the operator: `make upload` and a batch-predict upload (multipart too) go
+    through; overwriting a model or a checkpoint, or any key outside the prefix, is AccessDenied."""
+    from flystage.cloud.s3 import plan_folder, upload_dataset, upload_files
+    from flystage.cloud.settings import CloudError
+    from train_helpers import make_manifest_set
+
+    api, settings = operator
+    manifest = make_manifest_set(tmp_path / "set", train_per_class=1, valid_per_class=1)
+    report = upload_dataset(api, settings, manifest, progress=False)
+    assert report.uploaded and all(k.startswith("flystage/data/") for k in report.uploaded)
+    images = sorted(p for p in (tmp_path / "set").rglob("*.png"))
+    report = upload_files(api, plan_folder(images, tmp_path / "set"), settings.bucket, "flystage/batch/flystage-batch-1/input",
+                          multipart_threshold=1, progress=False)
+    assert len(report.uploaded) == len(images)
+    assert api.call("s3", "get_object", Bucket=settings.bucket, Key=report.uploaded[0])["Body"].read()
+    for key in ("flystage/output/flystage-train-1/output/model.tar.gz", "flystage/checkpoints/flystage-train-1/checkpoint.pt",
+                "flystage/manifest.csv", "elsewhere/data/x.png"):
+        with pytest.raises(CloudError, match="AccessDenied"):
+            api.call("s3", "put_object", Bucket=settings.bucket, Key=key, Body=b"overwritten")
+
+
+def arn_like(pattern: str, arn: str) -> bool:
+    """IAM's ArnLike: each of the six colon-separated parts matched on its own (* and ?)."""
+    from fnmatch import fnmatchcase
+
+    parts, values = pattern.split(":", 5), arn.split(":", 5)
+    return len(parts) == len(values) == 6 and all(fnmatchcase(v, p) for p, v in zip(parts, values))
+
+
+def test_execution_role_trust_has_confused_deputy_conditions(aws):
+    """SageMaker may assume the role only for this account's own SageMaker resources:
+    aws:SourceAccount and aws:SourceArn, both naming the account, in the region. The filled-in
+    trust policy is a valid role in moto, and moto's evaluator refuses another account."""
+    from moto.iam.access_control import IAMPolicy, PermissionResult
+
+    api, _ = aws
+    account, region = PLACEHOLDERS["ACCOUNT_ID"], PLACEHOLDERS["REGION"]
+    document = filled("execution-role-trust")
+    trust = json.loads(document)
+    (statement,) = trust["Statement"]
+    assert statement["Principal"] == {"Service": "sagemaker.amazonaws.com"} and statement["Action"] == "sts:AssumeRole"
+    assert statement["Condition"]["StringEquals"] == {"aws:SourceAccount": account}
+    source_arn = statement["Condition"]["ArnLike"]["aws:SourceArn"]
+    assert source_arn == f"arn:aws:sagemaker:{region}:{account}:*"
+    for resource in ("training-job/flystage-train-1", "hyper-parameter-tuning-job/flystage-tune-1",
+                     "transform-job/flystage-batch-1", "endpoint/flystage"):
+        assert arn_like(source_arn, f"arn:aws:sagemaker:{region}:{account}:{resource}")
+    assert not arn_like(source_arn, f"arn:aws:sagemaker:{region}:210987654321:training-job/x")
+    assert not arn_like(source_arn, f"arn:aws:glue:{region}:{account}:job/x")
+    role = api.call("iam", "create_role", RoleName="flystage-sagemaker", AssumeRolePolicyDocument=document)["Role"]
+    assert role["AssumeRolePolicyDocument"]["Statement"][0]["Condition"] == statement["Condition"]
+    policy = IAMPolicy(document)
+    ours = {"aws:SourceAccount": account, "aws:SourceArn": f"arn:aws:sagemaker:{region}:{account}:training-job/x"}
+    assert policy.is_action_permitted("sts:AssumeRole", incoming_condition_values=ours) == PermissionResult.PERMITTED
+    theirs = {"aws:SourceAccount": "210987654321", "aws:SourceArn": f"arn:aws:sagemaker:{region}:210987654321:training-job/x"}
+    assert policy.is_action_permitted("sts:AssumeRole", incoming_condition_values=theirs) == PermissionResult.DENIED

@@ -53,8 +53,10 @@ def check_role_can_read(settings: Settings, uri: str, what: str) -> None:
     if any((uri.rstrip("/") + "/").startswith(a + "/") for a in allowed):
         return
     bucket, key = parse_s3_uri(uri)
+    # The copy goes under batch/: the operator may write only data/ and batch/
+    # (iam/operator-policy.json), never output/ or checkpoints/, and data/ is the training channel.
     if key.endswith(".tar.gz"):
-        arn, copy = f"arn:aws:s3:::{bucket}/{key}", f"aws s3 cp {uri} {settings.s3_uri('output', 'imported', 'model.tar.gz')}"
+        arn, copy = f"arn:aws:s3:::{bucket}/{key}", f"aws s3 cp {uri} {settings.s3_uri('batch', 'imported', 'model.tar.gz')}"
     else:
         arn = f"arn:aws:s3:::{bucket}/{key.rstrip('/')}/*"
         copy = f"aws s3 cp --recursive {uri.rstrip('/')}/ {settings.s3_uri('batch', 'imported')}/"
