@@ -161,6 +161,18 @@ def _truncated_tiff() -> bytes:
     return whole[: len(whole) // 2]
 
 
+def _float64_bomb() -> bytes:
+    import io
+
+    import numpy as np
+    import tifffile
+
+    # 5000 x 5000 float64 RGB: inside the 25 MP limit, 572 MiB decoded, 0.6 MB as zlib TIFF.
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((5000, 5000, 3), np.float64), photometric="rgb", compression="zlib")
+    return buffer.getvalue()
+
+
 def _huge_png() -> bytes:
     import numpy as np
 
@@ -183,7 +195,8 @@ BAD_REQUESTS = {
     "k out of range": (lambda: json.dumps({"image": base64.b64encode(tiff_bytes(lab_image())).decode(), "k": 9}).encode(),
                        "application/json", 400, "out of range"),
     "batch too large": (lambda: json.dumps(["YQ=="] * 17).encode(), "application/json", 413, "at most 16"),
-    "payload over the limit": (lambda: b"II*\x00" + b"\x00" * (7 * 1024 * 1024), "image/tiff", 413, None),
+    "payload over the limit": (lambda: b"II*\x00" + b"\x00" * (7 * 1024 * 1024), "image/tiff", 413, "SAGEMAKER_MAX_PAYLOAD_IN_MB"),
+    "zlib bomb under the pixel limit": (_float64_bomb, "image/tiff", 400, "MiB decoded"),
 }
 
 
@@ -251,6 +264,22 @@ def test_broken_model_exits_nonzero_and_is_never_healthy(images, model_dir, tmp_
             assert "code/ besides the model" in log and "pip" not in log.lower(), log[-2000:]
         with pytest.raises(ContainerError, match="exited"):
             container.wait_healthy(timeout=5)
+
+
+def test_management_api_is_loopback_only_and_a_lost_model_ends_the_container(images, model_dir):
+    # multi-model-server's /ping would say 200 with no model; the entrypoint's model watch stops
+    # the server instead, so the instance fails its health check and is replaced.
+    with start_serve_container(model_dir, images["serve"]) as container:
+        container.wait_healthy(timeout=180)
+        good_request(container)  # the model is loaded and registered
+        unregister = ("import urllib.request as u; "
+                      "u.urlopen(u.Request('http://127.0.0.1:8081/models/model', method='DELETE'), timeout=30)")
+        result = container.container.exec_run(["python", "-c", unregister])
+        assert result.exit_code == 0, result.output.decode("utf-8", "replace")[-2000:]
+        code = container.wait_exit(timeout=30)
+        assert code == 3, f"exit {code}; log:\n{container.logs(30)}"
+        assert "no longer registered" in container.logs(20)
+        assert container.ping(timeout=1) != 200
 
 
 def test_serve_container_stops_promptly_on_sigterm(images, model_dir):

@@ -229,6 +229,23 @@ def test_decompression_bomb_and_zero_size_refused_before_decoding() -> None:
     assert read_image(tiff_bytes(np.zeros((100, 100), np.uint8)), max_pixels=10000).shape == (100, 100)
 
 
+def test_decoded_size_is_limited_before_decoding_not_only_pixels() -> None:
+    # 1000 x 1000 float64 RGB: 1 MP (far under the pixel limit), 23 MiB decoded, a few KB zlib.
+    bomb = io.BytesIO()
+    tifffile.imwrite(bomb, np.zeros((1000, 1000, 3), np.float64), photometric="rgb", compression="zlib")
+    assert len(bomb.getvalue()) < 100_000
+    with pytest.raises(ImageError, match=r"23 MiB decoded, more than the limit of 20 MiB.*FLYSTAGE_MAX_DECODED_MB"):
+        read_image(bomb.getvalue(), name="bomb.tif", max_decoded_mb=20)
+    assert read_image(bomb.getvalue(), max_decoded_mb=24).dtype == np.float32
+    # OpenCV formats: bounded by 4 channels of 1 byte, or 2 bytes for a 16-bit PNG.
+    png16 = encode(np.zeros((1024, 1024), np.uint16), ".png")
+    with pytest.raises(ImageError, match="8 MiB decoded"):
+        read_image(png16, max_decoded_mb=7)
+    assert read_image(png16, max_decoded_mb=8).shape == (1024, 1024)
+    with pytest.raises(ImageError, match="4 MiB decoded"):
+        read_image(encode(np.zeros((1024, 1024), np.uint8), ".jpg"), max_decoded_mb=3)
+
+
 def test_page_beyond_single_page_formats() -> None:
     with pytest.raises(ImageError, match="only one page"):
         read_image(encode(np.zeros((10, 10), np.uint8), ".png"), page=1, name="a.png")

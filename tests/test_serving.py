@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import http.server
 import logging
 import os
+import threading
 from http import HTTPStatus
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from mms.context import Context, RequestProcessor
 
 from flystage.predict import Predictor
-from flystage.serving import codec, entrypoint, settings
+from flystage.serving import codec, entrypoint, model_watch, settings
 from flystage.serving.handler_service import HandlerService
 
 from serving_helpers import encoded, lab_image, tiff_bytes, train_artefact
@@ -81,6 +83,24 @@ def test_json_single_batch_list_and_k():
 def test_k_from_custom_attributes_header():
     headers = {"X-Amzn-SageMaker-Custom-Attributes": "trace=1; k=5"}
     assert codec.decode_request(b"x", "image/png", headers, num_labels=6).k == 5
+
+
+def test_a_body_over_the_payload_limit_is_413_naming_the_setting():
+    for content_type, body in (("image/tiff", b"II*\x00" + b"\x00" * 2000), ("application/json", '{"image": "' + "A" * 2000 + '"}')):
+        with pytest.raises(codec.RequestError) as caught:
+            codec.decode_request(body, content_type, max_bytes=1000)
+        assert caught.value.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        assert "SAGEMAKER_MAX_PAYLOAD_IN_MB" in caught.value.message
+    assert codec.decode_request(b"II*\x00", "image/tiff", max_bytes=4).images == [b"II*\x00"]
+
+
+def test_the_model_server_s_own_body_limit_is_above_flystage_s():
+    # Bodies between the two limits get flystage's JSON 413; only far larger ones meet the
+    # server's bare 413, which keeps any body from filling the Java front end's memory.
+    env: dict[str, str] = {settings.MAX_PAYLOAD_MB: "6"}
+    applied = settings.apply(env, cpus=2)
+    assert int(env[settings.TRANSPORT_LIMIT]) == settings.TRANSPORT_FACTOR * 6 * 2**20 > applied.max_payload_bytes
+    assert env[settings.MAX_DECODED_MB] == str(settings.DEFAULT_MAX_DECODED_MB)
 
 
 @pytest.mark.parametrize(
@@ -233,3 +253,46 @@ def test_serve_refuses_bad_settings(tmp_path, monkeypatch, saved_environ):
     monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
     monkeypatch.setenv(settings.WORKERS, "zero")
     assert entrypoint.serve() == entrypoint.EXIT_BAD_SETTINGS
+
+
+# ---- the model watch ---------------------------------------------------------------------------
+
+
+class _Listing(http.server.BaseHTTPRequestHandler):
+    """A management API that lists whatever ``models`` the test sets (a real HTTP server)."""
+
+    models: list[dict] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's API
+        body = json.dumps({"models": type(self).models}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+def test_model_watch_calls_on_lost_once_the_registered_model_disappears():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Listing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    lost = threading.Event()
+    try:
+        _Listing.models = []
+        assert model_watch.model_registered(url) is False
+        watch = model_watch.ModelWatch(url, on_lost=lost.set, interval=0.05, misses=2)
+        watch.start()
+        # Not registered yet (the server is starting): no alarm.
+        assert not lost.wait(0.5)
+        _Listing.models = [{"modelName": "model", "modelUrl": "/opt/ml/model"}]
+        assert not lost.wait(0.5)
+        _Listing.models = []
+        assert lost.wait(5) and watch.lost
+        watch.join(5)
+        assert not watch.is_alive()
+    finally:
+        server.shutdown()
+    # A server that does not answer is unknown, not "no model".
+    assert model_watch.model_registered(url, timeout=0.5) is None

@@ -42,6 +42,7 @@ import tifffile
 __all__ = [
     "ImageError",
     "MAX_PIXELS",
+    "MAX_DECODED_MB",
     "read_image",
     "sniff_format",
     "PreprocessConfig",
@@ -59,6 +60,11 @@ __all__ = [
 # A decompression bomb guard: no microscopy image we stage is anywhere near this. The serve
 # image can lower it with FLYSTAGE_MAX_PIXELS.
 MAX_PIXELS = int(os.environ.get("FLYSTAGE_MAX_PIXELS", 100_000_000))
+# Pixels alone do not bound memory: a 25 MP float64 RGB TIFF is 600 MB decoded and zlib
+# squeezes it into 600 KB. So the decoded size (samples x bytes per sample) has its own limit,
+# checked from the header before decoding. 1 GB holds a 100 MP 16-bit RGB image; the serve
+# image lowers it (flystage.serving.settings).
+MAX_DECODED_MB = int(os.environ.get("FLYSTAGE_MAX_DECODED_MB", 1024))
 
 SUPPORTED = "TIFF, PNG, BMP or JPEG"
 
@@ -116,6 +122,7 @@ def read_image(
     name: str | None = None,
     *,
     max_pixels: int | None = None,
+    max_decoded_mb: int | None = None,
 ) -> np.ndarray:
     """Read an image file (or its bytes) to a numpy array.
 
@@ -132,6 +139,9 @@ def read_image(
         What to call ``source`` in error messages when it is bytes (e.g. the upload's name).
     max_pixels : int, optional
         Refuse images with more pixels than this (default :data:`MAX_PIXELS`, 100 MP).
+    max_decoded_mb : int, optional
+        Refuse images whose decoded pixel data (samples x bytes per sample, read from the
+        header before decoding) would exceed this many MiB (default :data:`MAX_DECODED_MB`).
 
     Returns
     -------
@@ -144,7 +154,10 @@ def read_image(
     ImageError
         The one error for any image that cannot be read; the message names the file.
     """
-    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    limit = _Limits(
+        MAX_PIXELS if max_pixels is None else int(max_pixels),
+        (MAX_DECODED_MB if max_decoded_mb is None else int(max_decoded_mb)) * 2**20,
+    )
     if isinstance(source, (bytes, bytearray, memoryview)):
         data: bytes | None = bytes(source)
         label = name or "<image bytes>"
@@ -196,18 +209,32 @@ def read_image(
     return _normalise_array(image, label)
 
 
-def _check_size(height: int, width: int, label: str, limit: int) -> None:
+@dataclass(frozen=True)
+class _Limits:
+    pixels: int
+    decoded_bytes: int
+
+
+def _check_size(height: int, width: int, label: str, limit: _Limits, decoded_bytes: int = 0) -> None:
+    """Refuse, before decoding, an image whose header promises too many pixels or bytes."""
     if height <= 0 or width <= 0:
         raise ImageError(f"{label}: the image has zero size ({width}x{height} pixels); re-export it")
-    if height * width > limit:
+    if height * width > limit.pixels:
         raise ImageError(
-            f"{label}: {width}x{height} pixels is more than the limit of {limit:,} pixels "
+            f"{label}: {width}x{height} pixels is more than the limit of {limit.pixels:,} pixels "
             "(a guard against decompression bombs); downscale the image, or raise "
             "FLYSTAGE_MAX_PIXELS if it is genuine"
         )
+    if decoded_bytes > limit.decoded_bytes:
+        raise ImageError(
+            f"{label}: {width}x{height} pixels would take {decoded_bytes / 2**20:,.0f} MiB decoded, more "
+            f"than the limit of {limit.decoded_bytes / 2**20:,.0f} MiB (a guard against decompression "
+            "bombs); save it as 8- or 16-bit, or downscale it, or raise FLYSTAGE_MAX_DECODED_MB if it "
+            "is genuine"
+        )
 
 
-def _read_tiff(source: Path | bytes, page: int, label: str, limit: int) -> np.ndarray:
+def _read_tiff(source: Path | bytes, page: int, label: str, limit: _Limits) -> np.ndarray:
     fh = io.BytesIO(source) if isinstance(source, bytes) else source
     size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
     with warnings.catch_warnings():
@@ -227,8 +254,9 @@ def _read_tiff(source: Path | bytes, page: int, label: str, limit: int) -> np.nd
             if len(shape) < 2 or 0 in shape:
                 raise ImageError(f"{label}: page {page} has no pixels (shape {shape}); re-export it")
             height, width = (int(tp.imagelength), int(tp.imagewidth))
-            _check_size(height, width, label, limit)
-            if int(np.prod(shape)) > 4 * limit:
+            itemsize = tp.dtype.itemsize if tp.dtype is not None else max(1, (int(tp.bitspersample) + 7) // 8)
+            _check_size(height, width, label, limit, int(np.prod(shape)) * itemsize)
+            if int(np.prod(shape)) > 4 * limit.pixels:
                 raise ImageError(f"{label}: page {page} holds {shape} samples, too many to read")
             # A cut-off file: the pixel data would end beyond the end of the file.
             ends = [o + c for o, c in zip(tp.dataoffsets, tp.databytecounts) if c]
@@ -259,9 +287,11 @@ def _read_tiff(source: Path | bytes, page: int, label: str, limit: int) -> np.nd
     return arr
 
 
-def _read_with_opencv(data: bytes, kind: str, label: str, limit: int) -> np.ndarray:
+def _read_with_opencv(data: bytes, kind: str, label: str, limit: _Limits) -> np.ndarray:
     height, width = _header_size(data, kind, label)
-    _check_size(height, width, label, limit)
+    # OpenCV decodes PNG, BMP and JPEG to at most 4 channels, 16 bits only for 16-bit PNGs.
+    sample_bytes = 2 if kind == "png" and len(data) > 24 and data[24] == 16 else 1
+    _check_size(height, width, label, limit, height * width * 4 * sample_bytes)
     if kind == "jpeg" and b"\xff\xd9" not in data[2:]:
         # libjpeg decodes a cut-off JPEG with a grey bottom and only a warning.
         raise ImageError(f"{label}: the JPEG is truncated (no end marker); copy it again from its source")

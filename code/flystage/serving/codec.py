@@ -61,8 +61,12 @@ def decode_request(
     headers: Mapping[str, str] | None = None,
     num_labels: int = 6,
     max_batch: int = 16,
+    max_bytes: int | None = None,
 ) -> Request:
-    """Turn an ``/invocations`` body into a :class:`Request`; raise :class:`RequestError` if bad."""
+    """Turn an ``/invocations`` body into a :class:`Request`; raise :class:`RequestError` if bad.
+
+    ``max_bytes``: the body limit (SAGEMAKER_MAX_PAYLOAD_IN_MB); a longer body is a 413.
+    """
     kind = media_type(content_type)
     if kind not in RAW_TYPES and kind != JSON_TYPE:
         raise RequestError(
@@ -72,6 +76,12 @@ def decode_request(
         )
     if body is None or len(body) == 0:
         raise RequestError(HTTPStatus.BAD_REQUEST, "the request body is empty; send the image's bytes or JSON with a base64 image")
+    if max_bytes is not None and len(body) > max_bytes:
+        raise RequestError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"the request body is {len(body) / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:g} MiB "
+            "(SAGEMAKER_MAX_PAYLOAD_IN_MB); send fewer images per request, or smaller ones",
+        )
     header_k = _k_from_headers(headers or {})
     if kind in RAW_TYPES:
         data = body.encode("latin-1") if isinstance(body, str) else bytes(body)

@@ -7,6 +7,9 @@ is logged and the container exits with status 1 before anything listens on port 
 never answers ``/ping`` (multi-model-server's own ``/ping`` says 200 even when its model failed
 to load). Any other command is run as given (``docker run IMAGE python -V``).
 
+After start, :class:`flystage.serving.model_watch.ModelWatch` stops the server (exit status
+3) if its model is ever unregistered, since the model server's ``/ping`` would go on saying 200.
+
 SIGTERM: tini (PID 1) passes it to this process group; sagemaker-inference forwards it to the
 model server, which stops, and this process exits.
 """
@@ -15,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 HANDLER_SERVICE = "flystage.serving.handler_service"
 EXIT_BAD_MODEL = 1
 EXIT_BAD_SETTINGS = 2
+EXIT_MODEL_LOST = 3
 MANAGEMENT_ADDRESS = "http://127.0.0.1:8081"
 
 logger = logging.getLogger("flystage.serve")
@@ -61,8 +66,14 @@ def serve() -> int:
     # Imported late: it configures logging and reads the environment at import time.
     from sagemaker_inference import model_server
 
+    from flystage.serving.model_watch import ModelWatch
+
+    # SIGTERM to ourselves runs sagemaker-inference's handler, which stops the model server.
+    watch = ModelWatch(MANAGEMENT_ADDRESS, on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    watch.start()
     model_server.start_model_server(handler_service=HANDLER_SERVICE)
-    return 0
+    watch.stop()
+    return EXIT_MODEL_LOST if watch.lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:

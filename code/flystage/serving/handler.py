@@ -40,6 +40,7 @@ class ServedModel:
     predictor: Predictor
     info: dict[str, Any]
     max_batch: int
+    max_bytes: int
 
 
 def model_info(predictor: Predictor) -> dict[str, Any]:
@@ -71,7 +72,7 @@ class InferenceHandler(DefaultInferenceHandler):
         config = settings.resolve()
         predictor = Predictor(model_dir, threads=config.threads)
         logger.info("flystage model %s loaded from %s (%d onnxruntime threads)", predictor.metadata.arch, model_dir, config.threads)
-        return ServedModel(predictor, model_info(predictor), config.max_batch)
+        return ServedModel(predictor, model_info(predictor), config.max_batch, config.max_payload_bytes)
 
     def default_model_warmup_fn(self, model_dir: str, model: ServedModel, context: Any = None) -> None:
         # The first run of onnxruntime and of OpenCV's resizers is slow; pay it before the
@@ -92,6 +93,7 @@ class InferenceHandler(DefaultInferenceHandler):
             headers,
             num_labels=len(model.predictor.labels) if model else codec.DEFAULT_K,
             max_batch=model.max_batch if model else settings.DEFAULT_MAX_BATCH,
+            max_bytes=model.max_bytes if model else settings.DEFAULT_MAX_PAYLOAD_MB * 2**20,
         )
 
     def default_predict_fn(self, data: codec.Request, model: ServedModel, context: Any = None) -> dict[str, Any]:

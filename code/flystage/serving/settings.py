@@ -11,6 +11,7 @@ variable                                    meaning                             
 ``SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS``  seconds a worker may take per request        60
 ``SAGEMAKER_MAX_PAYLOAD_IN_MB``             request body limit (larger: HTTP 413)        6
 ``FLYSTAGE_MAX_PIXELS``                     largest image accepted, in pixels            25,000,000
+``FLYSTAGE_MAX_DECODED_MB``                 largest decoded image accepted, in MiB       160
 ``FLYSTAGE_MAX_BATCH``                      most images in one JSON request              16
 ==========================================  ===========================================  ==========
 
@@ -18,7 +19,13 @@ CPUs are those this container may use (CPU affinity and cgroup quota), not the h
 worker per CPU with one thread each gives the most throughput under concurrent requests and
 never runs more busy threads than cores; on an ml.m5.xlarge (4 vCPUs) that is 4 workers.
 ``SAGEMAKER_MODEL_SERVER_TIMEOUT`` is read by multi-model-server as *minutes*: use the
-``_SECONDS`` variable. Payload: SageMaker real-time endpoints accept 6 MB.
+``_SECONDS`` variable. Payload: SageMaker real-time endpoints accept 6 MB. A body over the
+limit is answered 413 with flystage's JSON error; the model server itself closes bodies over
+:data:`TRANSPORT_FACTOR` times the limit (its own 413, without a body) so that no body can
+fill its memory. An image is refused (400) before decoding when its header promises more than
+``FLYSTAGE_MAX_PIXELS`` pixels or ``FLYSTAGE_MAX_DECODED_MB`` of decoded samples: 160 MiB
+holds a 25 MP 16-bit RGB image and costs a worker about 3 times that at its peak, while a
+600 KB zlib TIFF of 25 MP float64 RGB (572 MiB decoded) is refused.
 """
 
 from __future__ import annotations
@@ -35,11 +42,16 @@ TIMEOUT_SECONDS = "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"
 MAX_PAYLOAD_MB = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
 MAX_PIXELS = "FLYSTAGE_MAX_PIXELS"
 MAX_BATCH = "FLYSTAGE_MAX_BATCH"
+MAX_DECODED_MB = "FLYSTAGE_MAX_DECODED_MB"
+# multi-model-server reads MMS_<FIELD> over its config file; its own body limit, in bytes.
+TRANSPORT_LIMIT = "MMS_MAX_REQUEST_SIZE"
+TRANSPORT_FACTOR = 4
 
 DEFAULT_TIMEOUT_SECONDS = 60
 DEFAULT_MAX_PAYLOAD_MB = 6
 DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_DECODED_MB = 160
 
 
 class SettingsError(ValueError):
@@ -54,6 +66,11 @@ class ServeSettings:
     max_payload_mb: int
     max_pixels: int
     max_batch: int
+    max_decoded_mb: int
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self.max_payload_mb * 2**20
 
     def as_environment(self) -> dict[str, str]:
         return {
@@ -63,6 +80,8 @@ class ServeSettings:
             MAX_PAYLOAD_MB: str(self.max_payload_mb),
             MAX_PIXELS: str(self.max_pixels),
             MAX_BATCH: str(self.max_batch),
+            MAX_DECODED_MB: str(self.max_decoded_mb),
+            TRANSPORT_LIMIT: str(TRANSPORT_FACTOR * self.max_payload_bytes),
         }
 
 
@@ -119,6 +138,7 @@ def resolve(environ: MutableMapping[str, str] | None = None, cpus: int | None = 
         max_payload_mb=_positive_int(environ, MAX_PAYLOAD_MB, DEFAULT_MAX_PAYLOAD_MB),
         max_pixels=_positive_int(environ, MAX_PIXELS, DEFAULT_MAX_PIXELS),
         max_batch=_positive_int(environ, MAX_BATCH, DEFAULT_MAX_BATCH),
+        max_decoded_mb=_positive_int(environ, MAX_DECODED_MB, DEFAULT_MAX_DECODED_MB),
     )
 
 
