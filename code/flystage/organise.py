@@ -71,12 +71,15 @@ def _count_files(folder: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 
 
+NOT_A_FILE = "not a regular file (a FIFO, a device, or a broken or looping link)"
+
+
 def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Counter]:
     """(root, image path) pairs in a stable sorted order, and ignored-file counts by reason."""
     found: list[tuple[Path, Path]] = []
     ignored: Counter = Counter()
     for folder in folders:
-        root = Path(folder).expanduser().resolve()
+        root = real_path(folder)
         if root.is_file():
             # A single file given directly: kept if it is an image.
             if root.suffix.lower() in IMAGE_SUFFIXES:
@@ -104,6 +107,9 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
                     ignored[reason] += 1
                 elif suffix not in IMAGE_SUFFIXES:
                     ignored[f"not an image ({suffix or 'no suffix'})"] += 1
+                elif not os.path.isfile(here / name):
+                    # Reading a FIFO or a device never ends; a broken or looping link cannot be read.
+                    ignored[NOT_A_FILE] += 1
                 else:
                     found.append((root, here / name))
     return found, ignored
@@ -189,9 +195,33 @@ def _compile(pattern: str, group: str, option: str) -> re.Pattern[str]:
     return regex
 
 
+def real_path(path: str | Path) -> Path:
+    """``path`` made absolute with ``~`` expanded and links resolved, like ``Path.resolve()`` but
+    never raising on a link loop (left as it is: it is then no file); ``OrganiseError`` for an
+    unknown ``~user`` or a NUL byte."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise OrganiseError(f"{printable_path(text)!r}: a path cannot contain a NUL byte")
+    try:
+        return Path(os.path.realpath(Path(text).expanduser()))
+    except RuntimeError as exc:  # ~user that does not exist
+        raise OrganiseError(f"{text!r}: {exc}") from None
+
+
+def _cell_path(text: str, where: str) -> Path:
+    """The path in a CSV cell, ``~`` expanded (not resolved); ``OrganiseError`` naming ``where``
+    (file and line) for a NUL byte or an unknown ``~user``."""
+    if "\0" in text:
+        raise OrganiseError(f"{where}: the path {text!r} contains a NUL byte")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:
+        raise OrganiseError(f"{where}: cannot expand {text!r} ({exc})") from None
+
+
 def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> dict[Path, tuple[str, str | None]]:
     """Absolute image path -> (label, group or None) from a CSV with path,label[,group]."""
-    if not csv_path.is_file():
+    if not os.path.isfile(csv_path):
         raise OrganiseError(f"{csv_path}: labels CSV not found")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -215,8 +245,8 @@ def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> di
                     )
                 if not row["path"].strip():
                     raise OrganiseError(f"{csv_path}: line {reader.line_num}: empty path")
-                path = Path(row["path"].strip()).expanduser()
-                path = (path if path.is_absolute() else csv_path.parent / path).resolve()
+                path = _cell_path(row["path"].strip(), f"{csv_path}: line {reader.line_num}")
+                path = real_path(path if path.is_absolute() else csv_path.parent / path)
                 group = (row.get(group_column) or None) if group_column in columns else None
                 table[path] = (row[label_column].strip(), group)
     except UnicodeDecodeError as exc:
@@ -356,7 +386,7 @@ def organise(
         folder_re = re.compile(label_pattern)
     except re.error as exc:
         raise OrganiseError(f"--label-pattern {label_pattern!r} is not a valid regular expression: {exc}") from None
-    table = _read_labels_csv(Path(labels_csv).resolve(), label_column, group_column) if labels_csv else None
+    table = _read_labels_csv(real_path(labels_csv), label_column, group_column) if labels_csv else None
     mapping = mapping or {}
 
     found, ignored = _scan(folders)
@@ -520,8 +550,8 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
     two splits (the same file once resolved, or the same SHA-1 where the column holds a
     40-digit hex SHA-1); the message names the rows.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
+    path = real_path(path)
+    if not os.path.isfile(path):
         raise ManifestError(f"{path}: manifest not found; make one with `flystage organise`")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -545,7 +575,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
         short = [c for c in columns if row.get(c) is None]
         if short:
             raise ManifestError(f"{path}: line {line}: no value for column(s) {short}; every row needs {len(columns)} values")
-        image = Path(row["path"]).expanduser()
+        image = _cell_path(row["path"], f"{path}: line {line}")
         if not image.is_absolute():
             image = path.parent / image
             # Relative paths name images below the manifest's folder; '..' must not lead out.
@@ -555,7 +585,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
             bad_split.append(f"line {line}: {row['split']!r}")
         if not row["label"]:
             raise ManifestError(f"{path}: line {line} has an empty label")
-        if check_files and not image.is_file():
+        if check_files and not os.path.isfile(image):
             missing_files.append(str(image))
         extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k is not None}
         records.append(Record(image, row["label"], row["group"], row["split"], row["sha1"], extra))
@@ -596,7 +626,7 @@ def _refuse_images_in_two_splits(path: Path, records: Sequence[Record], lines: S
     first: dict[tuple[str, str], tuple[int, Record]] = {}
     leaks = []
     for line, r in zip(lines, records):
-        keys = [("file", str(r.path.resolve()))]
+        keys = [("file", os.path.realpath(r.path))]
         sha1 = r.sha1.strip().lower()
         if _SHA1.fullmatch(sha1):
             keys.append(("sha1", sha1))
