@@ -230,6 +230,8 @@ def load_metadata(model_dir: str | Path) -> Metadata:
         raw = json.loads((model_dir / METADATA_FILE).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtefactError(f"{model_dir / METADATA_FILE}: not valid JSON ({exc}); re-export the model") from None
+    except RecursionError:  # arrays or objects nested thousands deep: tampered, not ours
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: JSON nested too deeply; re-export the model") from None
     if not isinstance(raw, dict):
         raise ArtefactError(f"{model_dir / METADATA_FILE}: expected a JSON object; re-export the model")
     required = ("format_version", "arch", "labels", "preprocess")
