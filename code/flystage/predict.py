@@ -547,9 +547,12 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
         raise FileNotFoundError(f"{undo_path}: undo manifest not found")
     with open(undo_path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
-        if list(reader.fieldnames or []) != list(UNDO_COLUMNS):
-            raise ValueError(f"{undo_path}: not an undo manifest (expected columns {','.join(UNDO_COLUMNS)})")
-        rows = [(Path(csv_unsafe(r["old"])), Path(csv_unsafe(r["new"]))) for r in reader if r["old"] and r["new"]]
+        try:
+            if list(reader.fieldnames or []) != list(UNDO_COLUMNS):
+                raise ValueError(f"{undo_path}: not an undo manifest (expected columns {','.join(UNDO_COLUMNS)})")
+            rows = [(Path(csv_unsafe(r["old"])), Path(csv_unsafe(r["new"]))) for r in reader if r["old"] and r["new"]]
+        except csv.Error as exc:  # e.g. a field over the csv module's size limit: not one we wrote
+            raise ValueError(f"{undo_path}: line {reader.line_num}: not a valid undo manifest ({exc})") from None
     report = RenameReport()
     for old, new in reversed(rows):
         if not os.path.lexists(new):
