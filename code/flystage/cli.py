@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("flystage.evaluate", "score a model on a manifest split: accuracy, recall, confusion"),
     "crossval": ("flystage.crossval", "leave-one-group-out cross-validation"),
     "predict": ("flystage.predict", "top-3 stages for every image in a folder (CSV/JSON, --rename)"),
+    "review": ("flystage.review.command", "a local page to look at every prediction and correct the wrong ones"),
     "cloud": ("flystage.cloud.command", "AWS: push images, upload data, tune, train, deploy, predict, tear down"),
 }
 

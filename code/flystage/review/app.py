@@ -1,0 +1,233 @@
+"""The review page and its HTTP API (Flask), for one predictions file.
+
+Security, for a server that exposes a lab's images and writes a labels file:
+- bound to 127.0.0.1 only (the command never offers another address), and requests whose
+  ``Host`` is not a loopback name are refused (a DNS-rebinding page cannot reach it);
+- a per-session token: the printed URL carries it once, the page keeps it in a same-site
+  cookie for reads, and every write must also send it in the ``X-Review-Token`` header (which a
+  cross-site form cannot set);
+- images are named by their index in the predictions file: no path from a request ever
+  reaches the file system.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, abort, jsonify, redirect, render_template, request
+
+from flystage.imaging import ImageError, PreprocessConfig
+from flystage.review.predictions import Item
+from flystage.review.store import ReviewStore
+from flystage.review.thumbnails import ThumbnailCache
+
+COOKIE = "flystage_review"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+PAGE_LIMIT = 200
+# One key per stage: digits, then letters that are not the page's own keys (m map, o original, z undo).
+STAGE_KEYS = "1234567890abcdefghijklnpqrstuvwxy"
+SORTS = ("unsure", "stage", "file")
+FILTERS = ("all", "unsure", "unreviewed", "reviewed", "corrected")
+
+
+@dataclass
+class ReviewSession:
+    """Everything one review server serves: the items, the labels a decision may take, the store."""
+
+    items: list[Item]
+    labels: list[str]
+    store: ReviewStore
+    thumbnails: ThumbnailCache
+    title: str = "flystage review"
+    model_dir: Path | None = None
+    threads: int = 1
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    _predictor: Any = None
+    _maps: OrderedDict = field(default_factory=OrderedDict)
+    _model_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def predictor(self):
+        """The ONNX model, opened on the first overlay request (most sessions never ask)."""
+        with self._model_lock:
+            if self._predictor is None and self.model_dir is not None:
+                from flystage.predict import Predictor
+
+                self._predictor = Predictor(self.model_dir, threads=self.threads)
+            return self._predictor
+
+    def overlay(self, index: int, make: Callable[[], bytes]) -> bytes:
+        """Occlusion overlays of the last few images, kept in memory (a second look is instant)."""
+        with self._model_lock:
+            if index in self._maps:
+                self._maps.move_to_end(index)
+                return self._maps[index]
+        data = make()
+        with self._model_lock:
+            self._maps[index] = data
+            while len(self._maps) > 32:
+                self._maps.popitem(last=False)
+        return data
+
+
+def item_json(session: ReviewSession, item: Item) -> dict[str, Any]:
+    d = session.store.decisions.get(item.index)
+    return {
+        "id": item.index,
+        "name": item.name,
+        "top": [{"stage": s, "p": round(p, 4)} for s, p in item.top],
+        "error": item.error,
+        "unsure": item.unsure,
+        "label": d.label if d else None,
+        "decision": d.decision if d else None,
+    }
+
+
+def select(session: ReviewSession, sort: str, keep: str, stage: str | None) -> list[Item]:
+    """The items a view shows, in its order (least sure first by default)."""
+    decisions = session.store.decisions
+    tests = {
+        "all": lambda i: True,
+        "unsure": lambda i: bool(i.unsure) or not i.top,
+        "unreviewed": lambda i: i.index not in decisions,
+        "reviewed": lambda i: i.index in decisions,
+        "corrected": lambda i: i.index in decisions and decisions[i.index].decision == "corrected",
+    }
+    chosen = [i for i in session.items if tests[keep](i) and (not stage or (i.top and i.top[0][0] == stage))]
+    order = {label: n for n, label in enumerate(session.labels)}
+    if sort == "stage":
+        chosen.sort(key=lambda i: (order.get(i.top[0][0], len(order)) if i.top else -1, i.p1, i.index))
+    elif sort == "file":
+        chosen.sort(key=lambda i: i.name)
+    else:
+        chosen.sort(key=lambda i: (i.p1, i.index))
+    return chosen
+
+
+def create_app(session: ReviewSession) -> Flask:
+    """The Flask app for ``session``: the page, the images by index, and the decision API."""
+    here = Path(__file__).parent
+    app = Flask(__name__, static_folder=str(here / "static"), template_folder=str(here / "templates"))
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a decision is a few bytes
+
+    def token_ok(candidate: str | None) -> bool:
+        return bool(candidate) and hmac.compare_digest(candidate.encode(), session.token.encode())
+
+    @app.before_request
+    def guard():
+        if urlsplit("//" + (request.host or "")).hostname not in LOOPBACK_HOSTS:
+            abort(403, "this review server answers loopback names only (127.0.0.1, localhost)")
+        if request.path == "/" and token_ok(request.args.get("token")):
+            return None  # the printed URL: sets the cookie below
+        if not token_ok(request.cookies.get(COOKIE)) and not token_ok(request.headers.get("X-Review-Token")):
+            abort(403, "open the URL that `flystage review` printed (it carries this session's token)")
+        if request.method == "POST" and not token_ok(request.headers.get("X-Review-Token")):
+            abort(403, "writes need this session's token in the X-Review-Token header")
+
+    @app.after_request
+    def headers(response: Response) -> Response:
+        response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self'; frame-ancestors 'none'"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.get("/")
+    def index():
+        if request.args.get("token"):
+            # Drop the token from the address bar (and history) once the cookie holds it.
+            response = redirect("/", code=303)
+            response.set_cookie(COOKIE, session.token, httponly=True, samesite="Strict")
+            return response
+        keys = {label: STAGE_KEYS[n] for n, label in enumerate(session.labels) if n < len(STAGE_KEYS)}
+        return render_template(
+            "index.html", title=session.title, token=session.token, labels=session.labels, keys=keys,
+            overlay=session.model_dir is not None, n=len(session.items),
+        )
+
+    @app.get("/api/items")
+    def items():
+        sort = request.args.get("sort", "unsure")
+        keep = request.args.get("filter", "all")
+        if sort not in SORTS or keep not in FILTERS:
+            abort(400, f"sort is one of {SORTS}, filter one of {FILTERS}")
+        try:
+            offset = max(0, int(request.args.get("offset", 0)))
+            limit = min(PAGE_LIMIT, max(1, int(request.args.get("limit", 60))))
+        except ValueError:
+            abort(400, "offset and limit are integers")
+        chosen = select(session, sort, keep, request.args.get("stage") or None)
+        page = chosen[offset:offset + limit]
+        return jsonify(total=len(chosen), offset=offset, items=[item_json(session, i) for i in page],
+                       counts=session.store.counts())
+
+    def _item(index: int) -> Item:
+        if not 0 <= index < len(session.items):
+            abort(404, "no such image in this review")
+        return session.items[index]
+
+    def _png(make: Callable[[], bytes]) -> Response:
+        try:
+            data = make()
+        except (ImageError, ValueError, OSError) as exc:
+            abort(422, f"cannot show this image: {exc}")
+        response = Response(data, mimetype="image/png")
+        response.headers["Cache-Control"] = "private, max-age=3600"
+        return response
+
+    @app.get("/thumb/<int:index>.png")
+    def thumbnail(index: int):
+        return _png(lambda: session.thumbnails.thumbnail(_item(index).path))
+
+    @app.get("/original/<int:index>.png")
+    def original(index: int):
+        return _png(lambda: session.thumbnails.original(_item(index).path))
+
+    @app.get("/overlay/<int:index>.png")
+    def overlay(index: int):
+        item = _item(index)
+        if session.model_dir is None:
+            abort(404, "no model given: start `flystage review` with --model DIR for the overlay")
+
+        def make() -> bytes:
+            from flystage.imaging import load
+            from flystage.review.occlusion import occlusion_map, overlay_png
+
+            predictor = session.predictor()
+            config: PreprocessConfig = predictor.config
+            array = load(item.path, config, name=str(item.path))
+            probs = predictor.predict_arrays(array[None])[0]
+            target = int(probs.argmax())
+            return overlay_png(array, occlusion_map(predictor, array, target))
+
+        return _png(lambda: session.overlay(index, make))
+
+    @app.post("/api/decide")
+    def decide():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("id"), int) or body.get("label") not in session.labels:
+            abort(400, f"send JSON {{\"id\": <image id>, \"label\": one of {session.labels}}}")
+        item = _item(body["id"])
+        session.store.decide(item.index, body["label"])
+        return jsonify(item=item_json(session, item), counts=session.store.counts())
+
+    @app.post("/api/undo")
+    def undo():
+        index = session.store.undo()
+        item = None if index is None else item_json(session, session.items[index])
+        return jsonify(item=item, counts=session.store.counts())
+
+    @app.errorhandler(400)
+    @app.errorhandler(403)
+    @app.errorhandler(404)
+    @app.errorhandler(413)
+    @app.errorhandler(422)
+    def error(exc):
+        return jsonify(error=getattr(exc, "description", str(exc)), status=exc.code), exc.code
+
+    return app

@@ -1,0 +1,130 @@
+"""``flystage review``: start the review page on a predictions file (or a folder and a model).
+
+    flystage review runs/demo/predictions.csv --model runs/demo/model
+    flystage review new-images/ --model model/          # predicts first, then reviews
+
+prints ``http://127.0.0.1:PORT/?token=...`` and serves until Ctrl-C. Decisions go to the
+reviewed CSV (``--out``), a ``flystage organise --labels-csv`` input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import webbrowser
+from pathlib import Path
+
+from flystage.artefact import ArtefactError, load_metadata
+from flystage.imaging import PreprocessConfig
+from flystage.organise import sort_labels
+from flystage.predict import unsure_threshold
+from flystage.review.predictions import PredictionsError, read_predictions, resolve_items
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, help="predictions CSV/JSON from `flystage predict` (or local mode, the cloud), "
+                        "or a folder of images to predict first with --model")
+    parser.add_argument("--model", type=Path, help="model directory: labels, preprocessing (thumbnails show what it saw) and "
+                        "the 'what the model looked at' overlay (default: the model named in the predictions JSON)")
+    parser.add_argument("--images", type=Path, help="the folder that was predicted (default: the predictions file's folder)")
+    parser.add_argument("--out", type=Path, help="reviewed labels CSV (default: <predictions>-reviewed.csv); reopened to resume")
+    parser.add_argument("--base-labels", type=Path, metavar="CSV", help="labels to carry into the reviewed CSV first (e.g. the "
+                        "training manifest), so one `flystage organise --labels-csv` retrains on old and corrected images")
+    parser.add_argument("--group-regex", help="regex with a named group 'group' on each image's name, for the group column")
+    parser.add_argument("--unsure-below", type=unsure_threshold, default=0.8, metavar="P",
+                        help="images with a top-1 probability below P count as unsure when the file has no unsure column (default 0.8)")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
+    parser.add_argument("--open", action="store_true", help="open the page in the default browser")
+    parser.add_argument("--cache-dir", type=Path, help="thumbnail cache (default ~/.cache/flystage/thumbnails)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for predicting and the overlay (default 1)")
+
+
+def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
+    """Predict ``folder`` with ``model`` into ``out`` (CSV + JSON), the same files `flystage predict` writes."""
+    from flystage.organise import iter_images
+    from flystage.predict import Predictor, predict_files, write_csv, write_json
+
+    predictor = Predictor(model, threads=threads)
+    paths, _ = iter_images([folder])
+    if not paths:
+        raise PredictionsError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}")
+    predictions = predict_files(predictor, paths, root=folder, workers=1)
+    write_csv(predictions, out, force=True)
+    write_json(predictions, out.with_suffix(".json"), model={"model_dir": str(model), "labels": predictor.labels}, force=True)
+    return out
+
+
+def build_session(args: argparse.Namespace):
+    """The :class:`ReviewSession` the arguments describe (predicting a folder first if given one)."""
+    from flystage.review.app import ReviewSession
+    from flystage.review.store import ReviewStore
+    from flystage.review.thumbnails import ThumbnailCache, default_cache_dir
+
+    source = args.source.expanduser()
+    images = args.images
+    if source.is_dir():
+        if args.model is None:
+            raise PredictionsError(f"{source} is a folder: give --model DIR to predict it first (or a predictions file)")
+        out = args.out or Path(f"{source.resolve()}-reviewed.csv")
+        source = _predict_folder(source.resolve(), args.model, out.with_name(f"{out.stem}-predictions.csv"), args.threads)
+        images = args.source
+    predictions = read_predictions(source)
+    model_dir = args.model
+    if model_dir is None and predictions.model.get("model_dir"):
+        candidate = Path(predictions.model["model_dir"])
+        model_dir = candidate if (candidate / "metadata.json").is_file() else None
+    config, labels = PreprocessConfig(), list(predictions.model.get("labels") or [])
+    if model_dir is not None:
+        metadata = load_metadata(model_dir)
+        config, labels = metadata.preprocess, list(metadata.labels)
+    if not labels:  # no model named anywhere: every stage the model ever answered
+        labels = sort_labels({stage for row in predictions.rows for stage, _ in row["top"]})
+    items = resolve_items(predictions, images, unsure_below=args.unsure_below)
+    out = args.out or source.with_name(f"{source.stem}-reviewed.csv")
+    store = ReviewStore(out, items, group_regex=args.group_regex, base_labels=args.base_labels)
+    thumbnails = ThumbnailCache(args.cache_dir or default_cache_dir(), config)
+    return ReviewSession(items, labels, store, thumbnails, title=f"flystage review: {source.name}",
+                         model_dir=model_dir, threads=args.threads)
+
+
+def serve(session, port: int = 0, ready: threading.Event | None = None, on_url=print):
+    """Serve ``session`` on 127.0.0.1 (never another address) until interrupted; returns the server."""
+    from werkzeug.serving import make_server
+
+    from flystage.review.app import create_app
+
+    server = make_server("127.0.0.1", port, create_app(session), threaded=True)
+    # Least sure first is the default order: warm those thumbnails first.
+    session.thumbnails.warm([i.path for i in sorted(session.items, key=lambda i: (i.p1, i.index))])
+    on_url(f"http://127.0.0.1:{server.server_port}/?token={session.token}")
+    if ready is not None:
+        ready.set()
+    return server
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import flask  # noqa: F401
+    except ImportError:
+        print("error: flystage review needs Flask: pip install 'flystage[review]'", file=sys.stderr)
+        return 2
+    try:
+        session = build_session(args)
+    except (PredictionsError, ArtefactError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = session.store.counts()
+    server = serve(session, args.port, on_url=lambda url: print(
+        f"reviewing {counts['images']} image(s) ({counts['reviewed']} already reviewed); decisions saved to "
+        f"{session.store.out}\nopen {url}\n(Ctrl-C to stop)", flush=True))
+    if args.open:
+        webbrowser.open(f"http://127.0.0.1:{server.server_port}/?token={session.token}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    print(f"reviewed labels: {session.store.out} (retrain: flystage organise FOLDER --labels-csv {session.store.out} ...)")
+    return 0

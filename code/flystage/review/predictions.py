@@ -1,0 +1,190 @@
+"""Read a predictions file (CSV or JSON from ``flystage predict``, local mode or the cloud)
+and find every image it lists on disk.
+
+The file is the only source of paths the review server ever opens: requests name an image by
+its index in this list, never by a path. Images that ``flystage predict --rename`` renamed are
+followed through the undo manifest written beside the predictions; images that cannot be
+found make the whole file refused, since reviewing half a folder would silently drop labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from flystage.predict import UNDO_COLUMNS, csv_unsafe
+
+
+class PredictionsError(ValueError):
+    """A predictions file that cannot be reviewed; the message says what to do."""
+
+
+@dataclass
+class Item:
+    """One image to review: its name in the predictions file, where it is now, what the model said."""
+
+    index: int
+    name: str
+    path: Path
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+    unsure: bool | None = None
+
+    @property
+    def p1(self) -> float:
+        """Top-1 probability; -1 for an image without a prediction (those sort first: look at them)."""
+        return self.top[0][1] if self.top else -1.0
+
+
+@dataclass
+class PredictionsFile:
+    """What a predictions file holds: the rows, and the model block of a JSON file (else empty)."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    model: dict[str, Any]
+
+
+def read_predictions(path: str | Path) -> PredictionsFile:
+    """Rows ``{"file", "top": [(stage, p)], "error", "unsure"}`` of a predictions CSV or JSON.
+
+    The JSON beside a CSV (same name, ``.json``) is read for its model block (labels, model
+    folder) when present: the CSV alone does not name the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: predictions file not found (write one with `flystage predict FOLDER --model DIR`)")
+    if path.suffix.lower() == ".json":
+        return _read_json(path)
+    rows = _read_csv(path)
+    sibling = path.with_suffix(".json")
+    model = _read_json(sibling).model if sibling.is_file() else {}
+    return PredictionsFile(path, rows, model)
+
+
+def _read_json(path: Path) -> PredictionsFile:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        rows = []
+        for entry in document["predictions"]:
+            top = [(str(t["stage"]), float(t["probability"])) for t in entry.get("top") or []]
+            rows.append({"file": str(entry["file"]), "top": top, "error": entry.get("error"), "unsure": entry.get("unsure")})
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise PredictionsError(f"{path}: not a flystage predictions JSON ({exc})") from None
+    model = document.get("model") if isinstance(document.get("model"), dict) else {}
+    return PredictionsFile(path, rows, model)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    flags = {"true": True, "false": False}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if "file" not in columns or "stage_1" not in columns:
+                raise PredictionsError(
+                    f"{path}: not a flystage predictions CSV (columns file, stage_1, p_1, ..., error; found {columns})"
+                )
+            k = sum(1 for c in columns if c.startswith("stage_"))
+            rows = []
+            for row in reader:
+                top = []
+                for i in range(1, k + 1):
+                    stage, p = csv_unsafe(row.get(f"stage_{i}") or ""), row.get(f"p_{i}") or ""
+                    if stage and p:
+                        top.append((stage, float(p)))
+                rows.append({
+                    "file": csv_unsafe(row["file"]),
+                    "top": top,
+                    "error": csv_unsafe(row.get("error") or "") or None,
+                    "unsure": flags.get((row.get("unsure") or "").lower()),
+                })
+    except (UnicodeDecodeError, ValueError, csv.Error) as exc:
+        if isinstance(exc, PredictionsError):
+            raise
+        raise PredictionsError(f"{path}: not a readable predictions CSV ({exc})") from None
+    return rows
+
+
+def renamed_paths(predictions: Path, undo_manifests: Sequence[Path] | None = None) -> dict[Path, Path]:
+    """Old absolute path -> new path from ``--rename``'s undo manifests (later renames win).
+
+    Without an explicit list, the manifests beside the predictions file
+    (``<stem>-undo-<date>.csv``, what ``flystage predict --rename`` writes) are used.
+    """
+    if undo_manifests is None:
+        undo_manifests = sorted(predictions.parent.glob(f"{predictions.stem}-undo-*.csv"))
+    moved: dict[Path, Path] = {}
+    for manifest in undo_manifests:
+        try:
+            with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as f:
+                reader = csv.DictReader(f)
+                if list(reader.fieldnames or []) != list(UNDO_COLUMNS):
+                    continue
+                for row in reader:
+                    if row["old"] and row["new"]:
+                        moved[Path(csv_unsafe(row["old"]))] = Path(csv_unsafe(row["new"]))
+        except (OSError, csv.Error):
+            continue
+    return moved
+
+
+def _root_from_renames(moved: dict[Path, Path], rows: Sequence[dict[str, Any]]) -> Path | None:
+    """The predicted folder, read off the undo manifest: the old path of a renamed image minus
+    its name in the predictions (``/x/new-images/a.bmp`` - ``a.bmp``)."""
+    for row in rows:
+        name = row["file"]
+        if os.path.isabs(name):
+            continue
+        for old in moved:
+            if old.as_posix().endswith("/" + name):
+                return Path(old.as_posix()[: -len(name) - 1])
+    return None
+
+
+def resolve_items(
+    predictions: PredictionsFile,
+    images: str | Path | None = None,
+    undo_manifests: Sequence[Path] | None = None,
+    unsure_below: float | None = None,
+) -> list[Item]:
+    """Every row as an :class:`Item` whose ``path`` exists; raise if any image is missing.
+
+    Relative names are looked up under ``images`` (the folder given to ``flystage predict``;
+    default: the predictions file's folder), then through the rename undo manifests.
+    ``unsure_below`` marks images whose top-1 probability is below it when the file carries
+    no ``unsure`` column.
+    """
+    moved = renamed_paths(predictions.path, undo_manifests)
+    if images:
+        root = Path(images).expanduser().resolve()
+    else:
+        root = _root_from_renames(moved, predictions.rows) or predictions.path.parent.resolve()
+    items, missing = [], []
+    for index, row in enumerate(predictions.rows):
+        name = row["file"]
+        candidate = Path(name) if os.path.isabs(name) else root / name
+        candidate = Path(os.path.abspath(candidate))
+        if not candidate.is_file() and candidate in moved:
+            candidate = moved[candidate]
+        if not candidate.is_file():
+            missing.append(name)
+            continue
+        unsure = row["unsure"]
+        if unsure is None and unsure_below is not None and row["top"]:
+            unsure = row["top"][0][1] < unsure_below
+        items.append(Item(index, name, candidate, list(row["top"]), row["error"], unsure))
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise PredictionsError(
+            f"{predictions.path}: {len(missing)} of {len(predictions.rows)} image(s) are no longer where the predictions "
+            f"say ({shown}; looked under {root}). Give the folder that was predicted with --images FOLDER, restore "
+            "moved files (renames by `flystage predict --rename` are followed through its undo manifest), or predict again"
+        )
+    if not items:
+        raise PredictionsError(f"{predictions.path}: no predictions to review")
+    return items

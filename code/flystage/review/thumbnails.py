@@ -1,0 +1,110 @@
+"""Thumbnails made with the toolkit's own preprocessing, cached on disk.
+
+A thumbnail is the model's input for that image (``flystage.imaging.load`` with the model's
+``PreprocessConfig``): the biologist sees what the model saw, masked, aligned and cropped,
+not a prettier picture. The "original" view is the whole frame with only the contrast
+stretched, since the lab's 16-bit TIFFs look black as they are.
+
+Files are keyed by the image's absolute path, size and modification time and the
+preprocessing settings, so an edited image or another model never shows a stale picture, and
+one cache folder can serve every review session of a user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from flystage.imaging import PreprocessConfig, load, read_image, stretch_contrast
+
+CACHE_VERSION = "1"
+ORIGINAL_WIDTH = 900  # wide enough to see an embryo's stripes, small enough to load at once
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flystage" / "thumbnails"
+
+
+def to_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a float image in [0, 1]: ``(C, H, W)`` with C 1 or 3, or ``(H, W)``."""
+    if image.ndim == 3:
+        image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)[:, :, ::-1]  # RGB -> OpenCV's BGR
+    eight = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(".png", eight)
+    if not ok:
+        raise ValueError("OpenCV could not encode a PNG")
+    return data.tobytes()
+
+
+class ThumbnailCache:
+    """``thumbnail(path)`` and ``original(path)`` as PNG bytes, made once and kept in ``folder``."""
+
+    def __init__(self, folder: str | Path, config: PreprocessConfig):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self._settings = json.dumps(config.to_dict(), sort_keys=True)
+
+    def _key(self, path: Path, kind: str) -> Path:
+        st = path.stat()
+        text = f"{CACHE_VERSION}|{kind}|{path}|{st.st_size}|{st.st_mtime_ns}|{self._settings}"
+        digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.png"
+
+    def _cached(self, path: Path, kind: str, make) -> bytes:
+        key = self._key(path, kind)
+        try:
+            return key.read_bytes()
+        except FileNotFoundError:
+            pass
+        data = make(path)
+        key.parent.mkdir(parents=True, exist_ok=True)
+        # Written under a temporary name and renamed: a reader never sees half a PNG, and two
+        # threads making the same thumbnail both end with a whole file.
+        tmp = key.with_name(f".{key.name}.{secrets.token_hex(4)}")
+        tmp.write_bytes(data)
+        os.replace(tmp, key)
+        return data
+
+    def thumbnail(self, path: Path) -> bytes:
+        """What the model saw: the preprocessed input, as a PNG."""
+        return self._cached(path, "model-input", lambda p: to_png(load(p, self.config, name=str(p))))
+
+    def original(self, path: Path) -> bytes:
+        """The whole frame, contrast stretched (percentiles as the model's), at most ``ORIGINAL_WIDTH`` wide."""
+
+        def make(p: Path) -> bytes:
+            image = read_image(p, page=self.config.page, name=str(p))
+            h, w = image.shape[:2]
+            if w > ORIGINAL_WIDTH:
+                image = cv2.resize(image, (ORIGINAL_WIDTH, max(1, round(h * ORIGINAL_WIDTH / w))), interpolation=cv2.INTER_AREA)
+            x = stretch_contrast(image, self.config.low_percentile, self.config.high_percentile)
+            return to_png(x if x.ndim == 2 else x.transpose(2, 0, 1))
+
+        return self._cached(path, "original", make)
+
+    def warm(self, paths: Iterable[Path], stop: threading.Event | None = None) -> threading.Thread:
+        """Make the thumbnails of ``paths`` on a background thread (first pages first), so that
+        scrolling later finds them cached; unreadable images are left to the request to report."""
+
+        def work() -> None:
+            for path in paths:
+                if stop is not None and stop.is_set():
+                    return
+                try:
+                    self.thumbnail(path)
+                except (ValueError, OSError):
+                    continue
+
+        thread = threading.Thread(target=work, name="flystage-thumbnails", daemon=True)
+        thread.start()
+        return thread
