@@ -73,8 +73,10 @@ def _read_json(path: Path) -> PredictionsFile:
         for entry in document["predictions"]:
             top = [(str(t["stage"]), float(t["probability"])) for t in entry.get("top") or []]
             rows.append({"file": str(entry["file"]), "top": top, "error": entry.get("error"), "unsure": entry.get("unsure")})
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PredictionsError(f"{path}: not a flystage predictions JSON ({exc})") from None
+    except RecursionError:  # arrays nested thousands deep: not a file flystage wrote
+        raise PredictionsError(f"{path}: not a flystage predictions JSON (nested too deeply)") from None
     model = document.get("model") if isinstance(document.get("model"), dict) else {}
     return PredictionsFile(path, rows, model)
 
@@ -169,9 +171,10 @@ def resolve_items(
         name = row["file"]
         candidate = Path(name) if os.path.isabs(name) else root / name
         candidate = Path(os.path.abspath(candidate))
-        if not candidate.is_file() and candidate in moved:
+        # os.path.isfile: a name too long for the file system is simply not found (Path.is_file raises).
+        if not os.path.isfile(candidate) and candidate in moved:
             candidate = moved[candidate]
-        if not candidate.is_file():
+        if not os.path.isfile(candidate):
             missing.append(name)
             continue
         unsure = row["unsure"]
