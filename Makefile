@@ -67,6 +67,11 @@ bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model i
 bench-predict: ## images/s of `flystage predict` over 200 lab-like 1110x420 16-bit TIFFs, ONNX model (JSON line; MODEL=dir, else untrained default)
 	$(PY) bench/bench_predict.py $(if $(MODEL),--model $(MODEL))
 
+.PHONY: hostile-report
+
+hostile-report: ## the hostile-input corpus (tests/hostile_corpus.py) through every reader and the serve container: JSON line (inputs, clear errors/4xx, restarts, files lost, worker peak memory on bombs)
+	$(PY) bench/hostile_report.py --serve-image $(SERVE_IMAGE)
+
 # ---- images and local mode (issue 3) ------------------------------------------------------
 
 # The two images, as built by `make images` and run by local mode.
