@@ -49,6 +49,8 @@ demo: ## the main job on the default dataset (BDGP): fetch, organise by gene, tr
 	$(FLY) predict $(DEMO)/new-images --model $(DEMO)/model --out $(DEMO)/predictions.csv --force --rename
 	@echo; echo "Demo done: report $(DEMO)/evaluation/report.json, confusion $(DEMO)/evaluation/confusion.png,"
 	@echo "predictions $(DEMO)/predictions.csv, renamed copies in $(DEMO)/new-images (undo: flystage predict --undo <manifest>)."
+	@echo "Look at every prediction and correct the wrong ones (then retrain: README, 'Review and retrain'):"
+	@echo "  $(FLY) review $(DEMO)/predictions.csv --model $(DEMO)/model --out $(DEMO)/reviewed.csv --base-labels $(DEMO)/manifest.csv"
 
 # ---- benchmarks ---------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ class ReviewStore:
         self.group_re = re.compile(group_regex) if group_regex else None
         self.decisions: dict[int, Decision] = {}
         self.history: list[tuple[int, Decision | None]] = []
+        self._hashes: dict[int, str] = {}
         # Werkzeug serves requests on threads; one lock keeps decisions and the file in step.
         self.lock = threading.Lock()
         self.base_rows = _read_base(Path(base_labels)) if base_labels else []
@@ -94,12 +95,19 @@ class ReviewStore:
     # ---- the file ----------------------------------------------------------------------------
 
     def group(self, item: Item) -> str:
-        """The group column: ``group_regex``'s named group ``group`` on the name, else empty
-        (``organise`` then falls back to its own ``--group-regex`` or one group per image)."""
+        """The group column: ``group_regex``'s named group ``group`` on the name (empty when it
+        does not match), else the name itself: one group per image, as ``organise`` does."""
         if self.group_re is None:
-            return ""
+            return item.name
         m = self.group_re.search(item.name)
         return (m.group("group") or "") if m else ""
+
+    def _sha1(self, index: int) -> str:
+        if index not in self._hashes:
+            from flystage.organise import file_sha1
+
+            self._hashes[index] = file_sha1(self.items[index].path)
+        return self._hashes[index]
 
     def _cell_path(self, path: Path) -> str:
         try:
@@ -108,15 +116,22 @@ class ReviewStore:
             return str(path)
 
     def _save(self) -> None:
-        reviewed = {self.items[i].path: i for i in self.decisions}
+        reviewed = {self.items[i].path for i in self.decisions}
+        # A reviewed copy of a base image (same bytes, e.g. the demo's "new" images) replaces
+        # its base row too: organise would otherwise drop both copies as conflicting labels.
+        hashes = {self._sha1(i) for i in self.decisions} if any(b[3] for b in self.base_rows) else set()
+        # ... and keeps the base row's group, so a gene or embryo stays on one side of the split.
+        base_group = {b[3]: b[2] for b in self.base_rows if b[3]}
         rows: list[list[str]] = []
         for base in self.base_rows:
-            if Path(base[0]) not in reviewed:
+            if Path(base[0]) not in reviewed and base[3] not in hashes:
                 rows.append([self._cell_path(Path(base[0])), base[1], base[2], "", "", "base", ""])
         for index in sorted(self.decisions):
             item, d = self.items[index], self.decisions[index]
             predicted, p = (item.top[0][0], f"{item.top[0][1]:.4f}") if item.top else ("", "")
-            rows.append([self._cell_path(item.path), d.label, self.group(item), predicted, p, d.decision, d.reviewed_at])
+            group = base_group.get(self._sha1(index)) if base_group else None
+            rows.append([self._cell_path(item.path), d.label, group or self.group(item), predicted, p, d.decision,
+                         d.reviewed_at])
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_name(f".{self.out.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -153,20 +168,20 @@ class ReviewStore:
                     self.decisions[index] = Decision(csv_unsafe(row["label"]), row["decision"], row.get("reviewed_at") or "")
 
 
-def _read_base(path: Path) -> list[tuple[str, str, str]]:
-    """(absolute path, label, group) of a manifest or labels CSV (``path,label[,group]``)."""
+def _read_base(path: Path) -> list[tuple[str, str, str, str]]:
+    """(absolute path, label, group, sha1 or "") of a manifest or a labels CSV (``path,label[,group]``)."""
     from flystage.organise import read_manifest
 
     with open(path, newline="", encoding="utf-8-sig") as f:
         columns = csv.DictReader(f).fieldnames or []
     if "split" in columns:  # a manifest: its own reader resolves and checks the paths
-        return [(str(r.path), r.label, r.group) for r in read_manifest(path, check_files=False)]
+        return [(str(r.path), r.label, r.group, r.sha1) for r in read_manifest(path, check_files=False)]
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = []
         for row in csv.DictReader(f):
             p = Path(row["path"]).expanduser()
             p = p if p.is_absolute() else path.parent / p
-            rows.append((os.path.abspath(p), row["label"], row.get("group") or ""))
+            rows.append((os.path.abspath(p), row["label"], row.get("group") or "", ""))
     return rows
 
 
