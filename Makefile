@@ -69,6 +69,11 @@ bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model i
 bench-predict: ## images/s of `flystage predict` over 200 lab-like 1110x420 16-bit TIFFs, ONNX model (JSON line; MODEL=dir, else untrained default)
 	$(PY) bench/bench_predict.py $(if $(MODEL),--model $(MODEL))
 
+.PHONY: screenshots bench-review
+
+screenshots: ## docs/review.png, the review page on the demo's predictions in headless Chromium (run `make demo` first)
+	$(PY) bench/review_screenshot.py --predictions $(DEMO)/predictions.csv --model $(DEMO)/model --out docs/review.png
+
 .PHONY: hostile-report
 
 hostile-report: ## the hostile-input corpus (tests/hostile_corpus.py) through every reader and the serve container: JSON line (inputs, clear errors/4xx, restarts, files lost, worker peak memory on bombs)

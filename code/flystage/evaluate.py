@@ -275,6 +275,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing report in --out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--html", action="store_true", help="also write report.html: one self-contained page (figures, "
+                        "per-stage table, thumbnails of the worst errors) to email or open offline")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -295,4 +297,13 @@ def run(args: argparse.Namespace) -> int:
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(report_text(report))
     print(f"wrote {report_path}, {png_path} and {coverage_path}")
+    if args.html:
+        from flystage.evaluate_html import write_html
+        from flystage.imaging import PreprocessConfig
+
+        # The same records, in the same order, as evaluate_manifest scored.
+        records = [r for r in read_manifest(args.manifest) if args.split == "all" or r.split == args.split]
+        config = PreprocessConfig.from_dict(report["model"]["preprocess"])
+        page = write_html(args.out / "report.html", report, probs, targets, records, config, png_path, coverage_path)
+        print(f"wrote {page}")
     return 0
