@@ -315,9 +315,6 @@ def test_fuzz_decode_request(body, content_type, k, num_labels, max_batch):
         assert all(isinstance(image, bytes) and image for image in request.images)
 
 
-@pytest.mark.xfail(strict=True, reason="decode_request encodes a str body of an image type as latin-1, so text "
-                   "beyond U+00FF raises UnicodeEncodeError, not RequestError (MMS passes image bodies as bytes, so "
-                   "only direct callers of the codec meet it; code/flystage/serving is being changed by others)")
 def test_codec_str_body_of_an_image_type_is_a_request_error():
     codec = pytest.importorskip("flystage.serving.codec")
     with pytest.raises(codec.RequestError):

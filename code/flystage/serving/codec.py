@@ -84,7 +84,14 @@ def decode_request(
         )
     header_k = _k_from_headers(headers or {})
     if kind in RAW_TYPES:
-        data = body.encode("latin-1") if isinstance(body, str) else bytes(body)
+        try:
+            # A text body stands for bytes only as latin-1 (one character per byte).
+            data = body.encode("latin-1") if isinstance(body, str) else bytes(body)
+        except UnicodeEncodeError:
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST,
+                f"the body is text, not the bytes of an image ({content_type}); send the image file's bytes",
+            ) from None
         return Request([data], ["request body"], _check_k(header_k, num_labels))
     images, names, json_k = _decode_json(body, max_batch)
     return Request(images, names, _check_k(json_k if json_k is not None else header_k, num_labels))
