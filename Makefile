@@ -74,6 +74,9 @@ bench-predict: ## images/s of `flystage predict` over 200 lab-like 1110x420 16-b
 screenshots: ## docs/review.png, the review page on the demo's predictions in headless Chromium (run `make demo` first)
 	$(PY) bench/review_screenshot.py --predictions $(DEMO)/predictions.csv --model $(DEMO)/model --out docs/review.png
 
+bench-review: ## the review page on 2,000 lab-like 1110x420 16-bit TIFFs in headless Chromium: first page, scrolling, cached request times, server memory (JSON line)
+	$(PY) bench/bench_review.py
+
 .PHONY: hostile-report
 
 hostile-report: ## the hostile-input corpus (tests/hostile_corpus.py) through every reader and the serve container: JSON line (inputs, clear errors/4xx, restarts, files lost, worker peak memory on bombs)
