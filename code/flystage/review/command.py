@@ -10,6 +10,7 @@ reviewed CSV (``--out``), a ``flystage organise --labels-csv`` input.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import threading
 import webbrowser
@@ -95,6 +96,9 @@ def serve(session, port: int = 0, ready: threading.Event | None = None, on_url=p
     from flystage.review.app import create_app
 
     server = make_server("127.0.0.1", port, create_app(session), threaded=True)
+    # werkzeug logs every request (thousands of thumbnails, the token in the first one): only
+    # its warnings and errors reach the terminal.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # Least sure first is the default order: warm those thumbnails first.
     session.thumbnails.warm([i.path for i in sorted(session.items, key=lambda i: (i.p1, i.index))])
     on_url(f"http://127.0.0.1:{server.server_port}/?token={session.token}")
