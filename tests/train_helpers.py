@@ -99,3 +99,14 @@ def count_extracted(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(flystage.probe, "extract", counting_extract)
     return counts
+
+
+# Five small BDGP genes (63 images, every stage): the SDK and folder-channel tests' set.
+BDGP_GENES = ("DNaseII", "Dms", "Dmn", "Dif", "dhd")
+
+
+def copy_bdgp_genes(bdgp_root: Path, dest: Path, genes=BDGP_GENES) -> Path:
+    """BDGP genes as a lab shares them, ``dest/<gene>/<stage>/<image>.bmp``; returns ``dest``."""
+    for gene in genes:
+        shutil.copytree(bdgp_root / gene, dest / gene)
+    return dest

@@ -256,17 +256,74 @@ def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> di
     return table
 
 
+def stage_levels(path: Path, root: Path, pattern: re.Pattern[str]) -> list[int]:
+    """Levels (1 = the image's own folder, 2 its parent, ...) of the folders from the image up
+    to and including the scanned folder ``root`` whose names look like a stage, nearest first."""
+    levels = []
+    for level, parent in enumerate(path.parents, start=1):
+        if pattern.match(parent.name):
+            levels.append(level)
+        if parent == root:
+            break
+    return levels
+
+
 def _folder_label(path: Path, root: Path, level: int | None, pattern: re.Pattern[str]) -> str | None:
     parents = list(path.parents)
     if level is not None:
         return parents[level - 1].name if level <= len(parents) else None
-    # Nearest ancestor first, up to and including the scanned folder itself.
-    for parent in parents:
-        if pattern.match(parent.name):
-            return parent.name
-        if parent == root:
-            break
-    return None
+    levels = stage_levels(path, root, pattern)  # nearest first
+    return parents[levels[0] - 1].name if levels else None
+
+
+def _level_names(found: Sequence[tuple[Path, Path]], most: int = 4) -> str:
+    """What each folder level holds, e.g. ``level 1: 6 names (1-3, 4-6, ...); level 2: 11 names (Dif, ...)``."""
+    names: dict[int, set[str]] = defaultdict(set)
+    for root, path in found:
+        for level, parent in enumerate(path.parents, start=1):
+            if parent == root:
+                break
+            names[level].add(parent.name)
+    return "; ".join(
+        f"level {level}: {len(n)} name(s) ({', '.join(sorted(n)[:most])}{', ...' if len(n) > most else ''})"
+        for level, n in sorted(names.items())
+    ) or "no folders below the scanned folder"
+
+
+def default_label_level(found: Sequence[tuple[Path, Path]], pattern: re.Pattern[str]) -> int | None:
+    """The folder rule when no label option is given: ``None`` (the nearest folder that looks
+    like a stage), or 1 for a ``<label>/<images>`` tree in which no folder looks like a stage.
+
+    Raises ``OrganiseError`` when that would be a guess: an image below two stage-like folders
+    (``03/9-10/x.tif``: which one is the stage?), or a deeper tree without any stage-like
+    folder (``<gene>/<label>/x.tif``: which level is the label?). The message lists what each
+    level holds and says to give ``label_level`` or ``label_regex``.
+    """
+    nested = []
+    any_stage = False
+    for root, path in found:
+        levels = stage_levels(path, root, pattern)
+        any_stage = any_stage or bool(levels)
+        if len(levels) > 1:
+            nested.append((path, levels))
+    if nested:
+        path, levels = nested[0]
+        parents = list(path.parents)
+        which = ", ".join(f"level {level} {parents[level - 1].name!r}" for level in levels)
+        raise OrganiseError(
+            f"ambiguous label level: {len(nested)} image(s) lie below more than one folder that looks like a "
+            f"stage, e.g. {printable_path(path)} ({which}). Say which folder is the label: label_level N "
+            "(--label-level; 1 = the image's own folder, 2 its parent) or label_regex (--label-regex)"
+        )
+    if any_stage:
+        return None
+    if all(path.parent.parent == root for root, path in found):
+        return 1  # <label>/<images>: one folder level, nothing to choose
+    raise OrganiseError(
+        "ambiguous label level: no folder name looks like a stage (e.g. 9-10, stage 11, st13) and the images lie "
+        f"more than one folder deep ({_level_names(found)}). Say which folder is the label: label_level N "
+        "(--label-level; 1 = the image's own folder, 2 its parent) or label_regex (--label-regex)"
+    )
 
 
 # ---- split -----------------------------------------------------------------------------------
@@ -371,7 +428,8 @@ def organise(
 
     Labels come from ``labels_csv`` if given, else ``label_regex`` (named group ``label``,
     searched in the path relative to its scanned folder), else the folder name (the
-    ``label_level``-th parent, or the nearest ancestor matching ``label_pattern``).
+    ``label_level``-th parent, or the nearest ancestor matching ``label_pattern``; when the
+    latter is a guess, :func:`default_label_level` refuses).
     Groups come from the CSV's ``group_column``, else ``group_regex`` (named group ``group``),
     else each image is its own group. ``split`` is ``"stratified"`` or ``"none"`` (all train,
     for cross-validation).
@@ -395,6 +453,8 @@ def organise(
             f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {', '.join(map(str, folders))}; "
             f"ignored: {dict(ignored) or 'nothing'}"
         )
+    if table is None and label_re is None and label_level is None:
+        label_level = default_label_level(found, folder_re)
 
     unlabelled: list[Path] = []
     mapped: Counter = Counter()
@@ -682,6 +742,11 @@ def summary_table(records: Sequence[Record]) -> str:
 
 def report_text(result: OrganiseResult) -> str:
     """What was kept, ignored, mapped, dropped and de-duplicated, in a few lines."""
+    return "\n".join([*report_lines(result), summary_table(result.records)])
+
+
+def report_lines(result: OrganiseResult) -> list[str]:
+    """``report_text`` without the table: what was ignored, mapped, dropped and de-duplicated."""
     lines = []
     if result.ignored:
         lines.append("ignored files: " + ", ".join(f"{n} {why}" for why, n in sorted(result.ignored.items())))
@@ -700,8 +765,7 @@ def report_text(result: OrganiseResult) -> str:
             f"conflict: identical files with different labels, all dropped (sha1 {sha1[:12]}): "
             + ", ".join(f"{p} [{l}]" for p, l in copies)
         )
-    lines.append(summary_table(result.records))
-    return "\n".join(lines)
+    return lines
 
 
 # ---- command line ----------------------------------------------------------------------------

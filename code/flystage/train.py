@@ -45,7 +45,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from flystage.augment import AugmentConfig
-from flystage.data import BALANCE_MODES, CACHE_DTYPES, DataError, ImageCache, class_weights, make_sampler, split_channels, to_float
+from flystage.data import (
+    BALANCE_MODES, CACHE_DTYPES, DataError, FolderRules, ImageCache, class_weights, data_summary, make_sampler,
+    split_channels, to_float,
+)
 from flystage.imaging import PreprocessConfig
 from flystage.backbones import DEFAULT_TAPS, LITE_ARCHS
 from flystage.calibrate import fit_temperature
@@ -654,6 +657,13 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
+def _regex_text(text: str) -> str | None:
+    """A regex hyperparameter: as given, or JSON-decoded when it is a JSON string; empty = none."""
+    value = _json_or_text(text)
+    value = value if isinstance(value, str) else text
+    return value or None
+
+
 def _integer(text: str) -> int:
     # A tuner may send an integer as "32.0".
     value = float(text)
@@ -734,6 +744,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--current_host", "--current-host", dest="current_host", default=env("SM_CURRENT_HOST"),
                     help="this host's name (SM_CURRENT_HOST)")
     io.add_argument("--force", action="store_true", help="replace a model already in --model-dir")
+    rules = parser.add_argument_group(
+        "folder channels (a channel without manifest.csv is read as `flystage organise` reads a folder)")
+    rules.add_argument("--label_regex", "--label-regex", dest="label_regex", type=_regex_text, default=None,
+                       help="regex with a named group 'label', searched in each image's path below the channel")
+    rules.add_argument("--label_level", "--label-level", dest="label_level", type=_integer, default=None,
+                       help="take the label from the N-th folder up (1 = the image's own folder); default: the "
+                            "nearest folder that looks like a stage (refused when that is a guess)")
+    rules.add_argument("--group_regex", "--group-regex", dest="group_regex", type=_regex_text, default=None,
+                       help="regex with a named group 'group' on each image's path below the channel, e.g. "
+                            "'^(?P<group>[^/]+)/'; needed to draw the validation split from a folder channel")
 
     add_config_options(parser)
 
@@ -880,7 +900,10 @@ def run(args: argparse.Namespace) -> int:
         if config.threads:
             torch.set_num_threads(config.threads)
         rank, world = _init_distributed(args.hosts, args.current_host, _log)
-        train_records, valid_records, manifest = split_channels(args.train, args.valid, seed=config.seed)
+        rules = FolderRules(args.label_regex, args.label_level, args.group_regex)
+        train_records, valid_records, manifest = split_channels(args.train, args.valid, seed=config.seed,
+                                                                rules=rules, log=_log)
+        _log(data_summary(train_records, valid_records))
         result = train_model(train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log)
         _log(f"host={args.current_host or 'local'} rank={rank} world_size={world} samples={result.samples_seen}")
         if rank == 0:
