@@ -1,0 +1,268 @@
+"""flystage for users of the SageMaker Python SDK (Studio notebooks, scripts).
+
+What an SDK user would otherwise copy by hand, each from the one place flystage defines it:
+
+- :data:`METRIC_DEFINITIONS`, :data:`OBJECTIVE_METRIC`: the regexes SageMaker reads the
+  training log with (``flystage.jobdef``, the same ones ``make tune`` sends);
+- :func:`hyperparameter_ranges`: what the lab tunes (learning_rate 0.001-0.1 on a log scale,
+  batch_size 32-256), as the SDK's ``ContinuousParameter``/``CategoricalParameter`` objects
+  when the SDK is installed, else the CreateHyperParameterTuningJob dicts;
+- :func:`image_uris`: the train and serve images from the settings (``flystage.toml`` /
+  ``FLYSTAGE_*``): the local tags for ``instance_type="local"``, the ECR URIs otherwise;
+- :func:`folder_hyperparameters`: the folder-channel rules (``label_regex``, ``label_level``,
+  ``group_regex``) as hyperparameters, with BDGP's ``<gene>/<stage>/`` rule as an example;
+- :class:`ImageSerializer`, :class:`TopKDeserializer` and ``FlystagePredictor`` (an SDK
+  ``Predictor``): TIFF/PNG/JPEG/BMP bytes or file paths in, the top-k ``(stage, probability)``
+  pairs out, in the serve image's formats (``flystage.serving.codec``; the client side is
+  ``flystage.cloud.hosting``); ``FlystagePredictor.predict_folder`` writes the CSV/JSON of a
+  folder and renames the files as ``flystage predict --rename`` does.
+
+Importing this module does not need the SDK (``pip install 'flystage[sdk]'``); only the SDK
+objects do, and they say so when it is missing.
+
+Example (local mode; on AWS use ``ml.m5.xlarge`` and the ECR URIs)::
+
+    from sagemaker.estimator import Estimator
+    from flystage import sagemaker as fs
+
+    train_uri, serve_uri = fs.image_uris(local=True)
+    est = Estimator(image_uri=train_uri, role=fs.LOCAL_ROLE, instance_count=1, instance_type="local",
+                    hyperparameters=fs.folder_hyperparameters(group_regex=fs.GENE_GROUP),
+                    metric_definitions=fs.METRIC_DEFINITIONS)
+    est.fit({"train": "file:///data/bdgp-insitu"})
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from flystage import jobdef
+
+METRIC_DEFINITIONS: list[dict[str, str]] = jobdef.METRIC_DEFINITIONS
+OBJECTIVE_METRIC: str = jobdef.OBJECTIVE_METRIC
+TUNING_RANGES: dict[str, list[dict[str, Any]]] = jobdef.TUNING_RANGES
+# The one input channel: a folder/prefix with manifest.csv, or a folder tree (label rules below).
+DATA_CHANNEL = jobdef.DATA_CHANNEL
+# BDGP-like trees <gene>/<stage>/<image>: the first folder (the gene) is the group.
+GENE_GROUP = r"^(?P<group>[^/]+)/"
+# Local mode never assumes a role, but the SDK's Estimator and Model want one.
+LOCAL_ROLE = "arn:aws:iam::111111111111:role/flystage-local"
+SDK_HINT = "the SageMaker Python SDK is not installed: pip install 'flystage[sdk]' (sagemaker>=2.250,<3)"
+
+
+def _sdk():
+    try:
+        import sagemaker  # the SDK (absolute import: this module is flystage.sagemaker)
+    except ImportError as exc:
+        raise ImportError(SDK_HINT) from exc
+    return sagemaker
+
+
+def sdk_available() -> bool:
+    try:
+        _sdk()
+    except ImportError:
+        return False
+    return True
+
+
+def hyperparameter_ranges(as_sdk: bool | None = None) -> dict[str, Any]:
+    """The tuned hyperparameters by name, from ``flystage.jobdef.TUNING_RANGES``.
+
+    ``as_sdk`` None: SDK objects (``sagemaker.tuner.ContinuousParameter`` with
+    ``scaling_type="Logarithmic"``, ``CategoricalParameter``, ``IntegerParameter``) when the
+    SDK is installed, else the request dicts; True requires the SDK; False always gives dicts.
+    """
+    if as_sdk is None:
+        as_sdk = sdk_available()
+    if not as_sdk:
+        return {r["Name"]: dict(r) for ranges in TUNING_RANGES.values() for r in ranges}
+    _sdk()
+    from sagemaker.tuner import CategoricalParameter, ContinuousParameter, IntegerParameter
+
+    out: dict[str, Any] = {}
+    for r in TUNING_RANGES.get("ContinuousParameterRanges", []):
+        out[r["Name"]] = ContinuousParameter(float(r["MinValue"]), float(r["MaxValue"]),
+                                             scaling_type=r.get("ScalingType", "Auto"))
+    for r in TUNING_RANGES.get("IntegerParameterRanges", []):
+        out[r["Name"]] = IntegerParameter(int(r["MinValue"]), int(r["MaxValue"]), scaling_type=r.get("ScalingType", "Auto"))
+    for r in TUNING_RANGES.get("CategoricalParameterRanges", []):
+        out[r["Name"]] = CategoricalParameter(list(r["Values"]))
+    return out
+
+
+def image_uris(settings: Any = None, *, local: bool = False, api: Any = None) -> tuple[str, str]:
+    """(train image, serve image) from the settings (default: ``flystage.toml`` and ``FLYSTAGE_*``).
+
+    ``local``: the local tags ``make images`` builds (for ``instance_type="local"``); else the
+    ECR URIs of the pushed images (``flystage.cloud.ecr.image_uri``: checks they were pushed,
+    needs AWS credentials; ``make push`` pushes them).
+    """
+    from flystage.cloud.settings import load_settings
+
+    settings = settings or load_settings()
+    if local:
+        return settings.train_image, settings.serve_image
+    from flystage.cloud import ecr
+    from flystage.cloud.session import Api
+
+    api = api or Api(settings)
+    return (ecr.image_uri(api, settings, settings.train_repository),
+            ecr.image_uri(api, settings, settings.serve_repository))
+
+
+def folder_hyperparameters(label_regex: str | None = None, label_level: int | None = None,
+                           group_regex: str | None = None, **others: Any) -> dict[str, Any]:
+    """Hyperparameters for a folder channel (no manifest.csv), read as ``flystage organise``
+    reads a folder: the label from the nearest stage-like folder, or ``label_regex`` /
+    ``label_level``; the groups of the validation split from ``group_regex`` (the training
+    program refuses to draw that split without one). ``others`` are passed through."""
+    rules = {"label_regex": label_regex, "label_level": label_level, "group_regex": group_regex}
+    return {**{k: v for k, v in rules.items() if v is not None}, **others}
+
+
+def unpacked_model_data(model_data: str | Path, dest: str | Path) -> str:
+    """``file://`` URI of a folder holding just the model of a local ``model.tar.gz``, for
+    ``Model(model_data=...)`` with ``instance_type="local"``.
+
+    The SDK's local mode mounts the *folder* of a ``file://`` ``model.tar.gz`` as
+    ``/opt/ml/model`` and unpacks the archive there, so the container also sees the archive and
+    the job's ``output.tar.gz`` beside the model; SageMaker's hosting gives the model files
+    only, and the serve image refuses anything else. Unpacked into ``dest`` (emptied first;
+    ``filter="data"``: no absolute paths, links out of the folder or device files)."""
+    import shutil
+    import tarfile
+
+    archive = Path(str(model_data).removeprefix("file://")).expanduser().resolve()
+    dest = Path(dest).expanduser().resolve()
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(dest, filter="data")
+    return f"file://{dest}"
+
+
+# ---- serializer, deserializer, predictor ------------------------------------------------------
+
+
+def _body(data: Any) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, (str, Path)):
+        return Path(data).expanduser().read_bytes()
+    if hasattr(data, "read"):
+        return data.read()
+    raise TypeError(f"expected image bytes, a file path or a binary file, not {type(data).__name__}")
+
+
+class ImageSerializer:
+    """An SDK serializer (``CONTENT_TYPE``, ``serialize``) for one image: bytes, a path or a
+    binary file -> the file's bytes, sent raw. The serve image recognises TIFF, PNG, JPEG and
+    BMP from the bytes; :class:`FlystagePredictor` also names each image's own MIME type."""
+
+    CONTENT_TYPE = "application/x-image"  # one of flystage.serving.codec.RAW_TYPES
+
+    @property
+    def content_type(self) -> str:
+        return self.CONTENT_TYPE
+
+    def serialize(self, data: Any) -> bytes:
+        return _body(data)
+
+
+def content_type(body: bytes) -> str:
+    """The image's MIME type from its magic bytes (``flystage.cloud.hosting.content_type``)."""
+    from flystage.cloud.hosting import content_type as sniffed
+
+    return sniffed(body)
+
+
+class TopKDeserializer:
+    """An SDK deserializer (``ACCEPT``, ``deserialize``): the serve image's JSON answer ->
+    ``[(stage, probability), ...]``, best first (``flystage.cloud.hosting.parse_top``). An image
+    the model could not read raises ValueError with the server's message."""
+
+    ACCEPT = ("application/json",)
+
+    @property
+    def accept(self) -> tuple[str, ...]:
+        return self.ACCEPT
+
+    def deserialize(self, stream: Any, content_type: str = "application/json") -> list[tuple[str, float]]:
+        from flystage.cloud.hosting import parse_top
+
+        try:
+            raw = stream.read() if hasattr(stream, "read") else stream
+        finally:
+            if hasattr(stream, "close"):
+                stream.close()
+        payload = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        if isinstance(payload, dict) and payload.get("error") and "predictions" not in payload:
+            raise ValueError(f"{payload.get('status', '')} {payload['error']}".strip())
+        return parse_top(payload)
+
+
+def _predictor_class():
+    _sdk()
+    from sagemaker.predictor import Predictor
+
+    from flystage.predict import Prediction, add_output_arguments, run_with
+
+    class FlystagePredictor(Predictor):
+        """An SDK ``Predictor`` for a flystage endpoint (real or ``instance_type="local"``).
+
+        ``predict(image)``: bytes, a path or a binary file -> ``[(stage, probability), ...]``
+        (top 3; ``k=`` for more). Each image goes with its own MIME type. Also a
+        ``flystage.predict.SourcePredictor``: ``predict_folder`` writes the CSV/JSON of a
+        folder and, with ``rename=True``, renames each file with its top-k (with an undo manifest).
+        """
+
+        def __init__(self, endpoint_name: str, sagemaker_session: Any = None, **kwargs: Any):
+            kwargs.setdefault("serializer", ImageSerializer())
+            kwargs.setdefault("deserializer", TopKDeserializer())
+            super().__init__(endpoint_name, sagemaker_session=sagemaker_session, **kwargs)
+
+        def predict(self, data: Any, initial_args: dict | None = None, k: int = 3, **kwargs: Any):
+            body = self.serializer.serialize(data)
+            args = {"ContentType": content_type(body), **(initial_args or {})}
+            if k != 3:
+                kwargs.setdefault("custom_attributes", f"k={k}")
+            return super().predict(body, initial_args=args, **kwargs)
+
+        def predict_sources(self, sources: Sequence[Any], k: int = 3, names: Sequence[str] | None = None) -> list:
+            names = names or [f"<image {i}>" if isinstance(s, (bytes, bytearray)) else str(s) for i, s in enumerate(sources)]
+            out = []
+            for source, name in zip(sources, names):
+                try:
+                    out.append(Prediction(name, top=self.predict(source, k=k)))
+                except OSError as err:
+                    out.append(Prediction(name, error=f"{name}: cannot read ({err.strerror}); check the file"))
+                except Exception as err:  # a 4xx from the server (unreadable image): that image only
+                    out.append(Prediction(name, error=f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"))
+            return out
+
+        def predict_folder(self, folder: str | Path, out: str | Path = "predictions.csv", *, rename: bool = False,
+                           k: int = 3, force: bool = False, unsure_below: float | None = None) -> int:
+            """``flystage predict FOLDER --out OUT [--rename]`` through this endpoint: exit code 0
+            when every image was predicted (and renamed)."""
+            parser = argparse.ArgumentParser(prog="predict_folder")
+            add_output_arguments(parser)
+            argv = [str(folder), "--out", str(out), "--k", str(k)]
+            argv += ["--rename"] * rename + ["--force"] * force
+            argv += ["--unsure-below", str(unsure_below)] if unsure_below is not None else []
+            return run_with(self, parser.parse_args(argv))
+
+    return FlystagePredictor
+
+
+def __getattr__(name: str) -> Any:
+    # FlystagePredictor subclasses the SDK's Predictor: made on first use, so importing this
+    # module does not need the SDK.
+    if name == "FlystagePredictor":
+        cls = _predictor_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
