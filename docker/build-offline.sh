@@ -171,7 +171,10 @@ build_images() {
         local extra=()
         [[ "$which" == train ]] && extra=(--build-arg "PRETRAINED_WEIGHTS=$PRETRAINED_WEIGHTS")
         [[ "$which" == baseline ]] && extra=(--build-arg "TRAIN_IMAGE=$TRAIN_IMAGE" --build-arg "SERVE_IMAGE=$SERVE_IMAGE")
-        docker build "${common[@]}" "${extra[@]}" -f "docker/$which/Dockerfile" -t "$tag" .
+        # train and serve are targets of docker/Dockerfile; the benchmark baseline has its own file.
+        local dockerfile=(-f docker/Dockerfile --target "$which")
+        [[ "$which" == baseline ]] && dockerfile=(-f docker/baseline/Dockerfile)
+        docker build "${common[@]}" "${extra[@]}" "${dockerfile[@]}" -t "$tag" .
         check_platform "$tag"
         log "built $tag in $(( $(date +%s) - start )) s, $(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
     done
