@@ -133,7 +133,7 @@ bench-serve: baseline-image ## serve image vs torch-eager baseline: latency, thr
 
 # Local mode (local/flystage_local): the real images, run the way SageMaker runs them; jobs,
 # staged channels and unpacked models under $(RUNS)/local.
-LOCAL_MODE = PYTHONPATH=local $(PY) -m flystage_local --runs $(RUNS)/local
+LOCAL_MODE = $(VENV)/bin/flystage local --runs $(RUNS)/local
 INSTANCES ?= 1
 TRIALS ?= 4
 DATA ?= $(FLYSTAGE_DATA)

@@ -18,10 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from flystage_local import channels, training  # noqa: E402
-from flystage_local.__main__ import DEFAULT_DATA, build_request, job_name, parse_hyperparameters  # noqa: E402
+from flystage.cloud.training import job_name, parse_hyperparameters
+from flystage_local import channels, training
+from flystage_local.command import DEFAULT_DATA, build_request
 
 EPOCH_SECONDS = re.compile(r"epoch \d+/\d+: \d+ images in ([0-9.]+) s")
 

@@ -12,7 +12,6 @@ import csv
 import io
 import os
 import subprocess
-import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -27,7 +26,6 @@ from flystage.cloud.settings import CloudError, Settings
 from flystage.predict import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "local"))
 from flystage_local import serving  # noqa: E402
 
 SERVE_IMAGE = os.environ.get("SERVE_IMAGE", "flystage-serve:latest")

@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,6 @@ from flystage.imaging import ImageError, read_image
 from flystage.organise import ManifestError, OrganiseError, organise, read_manifest
 from flystage.predict import undo_renames
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "local"))
 
 from flystage_local import LocalModeError  # noqa: E402
 from flystage_local.serving import unpack_model  # noqa: E402

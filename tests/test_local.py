@@ -24,12 +24,11 @@ import docker.errors
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "local"))
 
 from flystage import jobdef  # noqa: E402
 from flystage.cloud.settings import Settings  # noqa: E402
 from flystage_local import LocalModeError, channels, containers, jobtree, serving, training, tuning  # noqa: E402
-from flystage_local.__main__ import build_request, main  # noqa: E402
+from flystage_local.command import build_request, main  # noqa: E402
 
 TRAIN_IMAGE = os.environ.get("TRAIN_IMAGE", "flystage-train:latest")
 SERVE_IMAGE = os.environ.get("SERVE_IMAGE", "flystage-serve:latest")
@@ -336,3 +335,15 @@ def test_stop_removes_every_container_and_network(engine) -> None:
     assert {"stop-test-algo-1"} <= set(containers.labelled(engine)[0])
     assert main(["stop"]) == 0
     assert containers.labelled(engine) == ([], [])
+
+
+def test_local_mode_is_a_command_of_the_installed_package(tmp_path):
+    # No PYTHONPATH, not from the repository: what a user with flystage installed runs.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    flystage = Path(sys.executable).with_name("flystage")
+    result = subprocess.run([str(flystage), "local", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in ("train", "tune", "serve", "predict", "stop"))
+    stop = subprocess.run([sys.executable, "-m", "flystage", "local", "predict"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 2 and "give a folder of images" in stop.stderr, stop.stderr

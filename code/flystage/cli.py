@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crossval": ("flystage.crossval", "leave-one-group-out cross-validation"),
     "predict": ("flystage.predict", "top-3 stages for every image in a folder (CSV/JSON, --rename)"),
     "review": ("flystage.review.command", "a local page to look at every prediction and correct the wrong ones"),
+    "local": ("flystage_local.command", "local mode: the real images run as SageMaker runs them (train, tune, serve, predict, stop)"),
     "cloud": ("flystage.cloud.command", "AWS: push images, upload data, tune, train, deploy, predict, tear down"),
 }
 
