@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "local"))
 
 from flystage_local import containers, training  # noqa: E402
-from flystage_local.__main__ import build_request  # noqa: E402
+from flystage_local.command import build_request  # noqa: E402
 from train_helpers import BDGP_GENES as GENES, copy_bdgp_genes  # noqa: E402
 
 TRAIN_IMAGE = os.environ.get("TRAIN_IMAGE", "flystage-train:latest")
