@@ -231,9 +231,6 @@ def source_name(source: Source, index: int) -> str:
     return f"<image {index}>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
 
 
-_name = source_name  # the earlier private name, still imported by flystage.cloud.hosting
-
-
 # ---- folders ---------------------------------------------------------------------------------
 
 

@@ -17,8 +17,7 @@ from typing import Sequence
 
 import requests
 
-from flystage.cloud.hosting import content_type, parse_top
-from flystage.cloud.settings import CloudError
+from flystage.serving.client import AnswerError, content_type, parse_answer, predict_each
 from flystage.predict import Prediction, Source
 from flystage.serving.container import ContainerError, ServeContainer
 
@@ -108,45 +107,28 @@ class ContainerPredictor:
         if response.status_code != 200:
             raise LocalModeError(f"the server at {self.url} is not healthy (/ping {response.status_code}): {response.text[:500]}")
 
-    def predict_one(self, body: bytes, content_type: str, k: int) -> dict:
-        """The server's JSON answer for one image; raises ``ValueError`` with its message on a 4xx."""
-        response = self.session.post(
-            f"{self.url}/invocations",
-            data=body,
-            headers={"Content-Type": content_type, "Accept": "application/json",
-                     "X-Amzn-SageMaker-Custom-Attributes": f"k={k}"},
-            timeout=self.timeout,
-        )
-        if response.status_code != 200:
-            raise ValueError(f"HTTP {response.status_code}: {error_message(response)}")
-        return response.json()
+    def send(self, body: bytes, k: int) -> list[tuple[str, float]]:
+        """Top-k for one image's bytes; ValueError with the server's message on a 4xx."""
+        try:
+            response = self.session.post(
+                f"{self.url}/invocations",
+                data=body,
+                headers={"Content-Type": content_type(body), "Accept": "application/json",
+                         "X-Amzn-SageMaker-Custom-Attributes": f"k={k}"},
+                timeout=self.timeout,
+            )
+            if response.status_code != 200:
+                try:
+                    parse_answer(response.content)  # flystage's JSON error: ValueError with its message
+                except AnswerError:
+                    pass
+                # Not flystage's JSON (the model server's own 413 for a huge body, a proxy's page).
+                raise ValueError(f"HTTP {response.status_code}: {response.text.strip()[:500] or response.reason}")
+            return parse_answer(response.content)
+        except requests.RequestException as exc:
+            raise LocalModeError(f"lost the server at {self.url}: {exc}") from None
+        except AnswerError as exc:
+            raise LocalModeError(f"{self.url}: HTTP {response.status_code}: {exc}") from None
 
     def predict_sources(self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None) -> list[Prediction]:
-        out = []
-        for i, source in enumerate(sources):
-            name = names[i] if names else str(source)
-            try:
-                body = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
-            except OSError as exc:
-                out.append(Prediction(name, error=f"{name}: cannot read ({exc.strerror}); check the file"))
-                continue
-            try:
-                # The same request and answer parsing as the SageMaker endpoint's client.
-                top = parse_top(self.predict_one(body, content_type(body), k))[:k]
-            except ValueError as exc:
-                out.append(Prediction(name, error=f"{name}: {exc}"))
-                continue
-            except requests.RequestException as exc:
-                raise LocalModeError(f"lost the server at {self.url} while sending {name}: {exc}") from None
-            except CloudError as exc:
-                raise LocalModeError(str(exc)) from None
-            out.append(Prediction(name, top=top))
-        return out
-
-
-def error_message(response: requests.Response) -> str:
-    """The server's error text: the ``error`` of its JSON answer, else the body's start."""
-    try:
-        return str(response.json()["error"])
-    except (ValueError, KeyError, TypeError):
-        return response.text.strip()[:500]
+        return predict_each(sources, self.send, k, names)

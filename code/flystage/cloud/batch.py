@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from flystage.cloud import ecr
-from flystage.cloud.hosting import check_model_data, model_data_uri, model_request, parse_top
+from flystage.cloud.hosting import check_model_data, model_data_uri, model_request
+from flystage.serving.client import AnswerError, parse_top
 from flystage.cloud.s3 import check_bucket, check_role_can_read, parse_s3_uri, plan_folder, upload_files
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
@@ -125,7 +126,7 @@ def write_answers(
         try:
             body = api.call("s3", "get_object", Bucket=bucket, Key=f"{prefix}/{name}.out")["Body"].read()
             predictions.append(Prediction(name, top=parse_top(json.loads(body))[:k]))
-        except (CloudError, ValueError) as err:
+        except (CloudError, AnswerError, ValueError) as err:
             predictions.append(Prediction(name, error=f"{name}: no answer from the transform job ({err})"))
     write_csv(predictions, out_csv, k=k, force=force)
     write_json(predictions, out_csv.with_suffix(".json"), force=force)

@@ -16,6 +16,7 @@ from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
 from flystage.cloud.state import read_state, update_state
 from flystage.cloud.training import job_name
+from flystage.serving.client import AnswerError, content_type, parse_top, predict_each
 
 VARIANT = "AllTraffic"
 # SageMaker's limit on model, endpoint config and endpoint names.
@@ -256,32 +257,6 @@ def teardown(api: Api, settings: Settings) -> list[str]:
 
 # ---- prediction through the endpoint ----------------------------------------------------
 
-CONTENT_TYPES = {"tiff": "image/tiff", "png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
-
-
-def content_type(body: bytes) -> str:
-    """The image's MIME type from its magic bytes (the server checks them again)."""
-    from flystage.imaging import sniff_format
-
-    return CONTENT_TYPES.get(sniff_format(body[:16]) or "", "application/octet-stream")
-
-
-def parse_top(payload: Any) -> list[tuple[str, float]]:
-    """The serve image's JSON answer for one image -> [(stage, probability), ...], best first.
-
-    The answer is ``{"predictions": [{"file", "top": [{"stage", "probability"}], "error"}], ...}``
-    (``flystage.serving.codec.encode_response``); an image the model could not read carries
-    ``error`` instead, raised here as ValueError.
-    """
-    try:
-        item = payload["predictions"][0] if "predictions" in payload else payload
-        if item.get("error"):
-            raise ValueError(item["error"])
-        return [(str(t["stage"]), float(t["probability"])) for t in item["top"]]
-    except (TypeError, KeyError, IndexError, AttributeError):
-        raise CloudError(f"unexpected answer from the model: {str(payload)[:300]}") from None
-
-
 # invoke_endpoint's request payload limit, in MB (2**20 bytes).
 PAYLOAD_LIMIT_MB = {"real-time": 6, "serverless": 4}
 # Errors that say "not now" (throttled, model still loading, busy): retried with backoff,
@@ -357,28 +332,11 @@ class EndpointPredictor:
                 ) from None
             except BotoCoreError as err:
                 raise CloudError(f"invoke_endpoint {self.endpoint_name} failed: {err}") from None
-        return parse_top(json.loads(response["Body"].read()))[:k]
+        try:
+            return parse_top(json.loads(response["Body"].read()))[:k]
+        except AnswerError as exc:
+            raise CloudError(f"endpoint {self.endpoint_name}: {exc}") from None
 
     def predict_sources(self, sources, k: int = 3, names=None):
-        from concurrent.futures import ThreadPoolExecutor
-        from pathlib import Path
-
-        from flystage.predict import Prediction
-
-        if names is None:
-            names = [f"<image {i}>" if isinstance(s, (bytes, bytearray, memoryview)) else str(s) for i, s in enumerate(sources)]
-
-        def one(item: tuple[Any, str]) -> Prediction:
-            source, name = item
-            try:
-                body = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
-            except OSError as err:
-                return Prediction(name, error=f"{name}: cannot read ({err.strerror}); check the file")
-            try:
-                return Prediction(name, top=self.invoke(body, k))
-            except ValueError as err:
-                return Prediction(name, error=f"{name}: {err}")
-
         self.api.client("sagemaker-runtime")  # made once here: creating clients is not thread-safe
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(one, zip(sources, names)))
+        return predict_each(sources, self.invoke, k, names, concurrency=self.concurrency)
