@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -12,9 +13,13 @@ import pytest
 
 from flystage import cli
 from flystage.organise import (
+    DEFAULT_LABEL_PATTERN,
+    LabelRules,
     OrganiseError,
+    OrganiseOptions,
     Record,
     iter_images,
+    label_and_group,
     manifest_sha256,
     organise,
     read_manifest,
@@ -115,6 +120,30 @@ def test_label_regex_and_group_regex(tmp_path: Path):
         organise([root], label_regex=r"stage(?P<label>\d+)", group_regex=r"^(?P<group>X\d)/")
     with pytest.raises(OrganiseError, match=r"named group \(\?P<label>"):
         organise([root], label_regex=r"stage(\d+)")
+
+
+def test_options_are_validated_and_one_object_or_keywords(tmp_path: Path):
+    """OrganiseOptions refuses a bad option when made, before any folder is walked; organise
+    takes it whole, and keyword arguments named like its fields replace those fields."""
+    for bad, message in [
+        (dict(split="random"), "use 'stratified' or 'none'"),
+        (dict(label_level=0), "1 is the image's own folder"),
+        (dict(label_regex="stage(["), "--label-regex .* not a valid regular expression"),
+        (dict(group_regex="^(?P<embryo>E\\d)/"), r"named group \(\?P<group>"),
+        (dict(label_pattern="(("), "--label-pattern .* not a valid regular expression"),
+    ]:
+        with pytest.raises(OrganiseError, match=message):
+            OrganiseOptions(**bad)
+    root = tmp_path / "flat"
+    for emb in ("E1", "E2"):
+        touch(root / emb / f"{emb}_stage5.tif")
+    options = OrganiseOptions(label_regex=r"stage(?P<label>\d+)\.tif$", group_regex=r"^(?P<group>E\d)/", split="none")
+    by_object = organise([root], options)
+    assert [(r.label, r.group) for r in by_object.records] == [("5", "E1"), ("5", "E2")]
+    assert organise([root], options, group_regex=None).records[0].group == "E1/E1_stage5.tif"
+    rules = LabelRules(None, re.compile(options.label_regex), None, re.compile(DEFAULT_LABEL_PATTERN), None, False)
+    assert label_and_group(root, root / "E2" / "E2_stage5.tif", rules) == ("5", "E2/E2_stage5.tif")
+    assert label_and_group(root, root / "E2" / "x.tif", rules) == (None, "E2/x.tif")
 
 
 def test_labels_csv_with_groups(tmp_path: Path):

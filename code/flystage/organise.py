@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
 SPLITS = ("train", "valid", "test")
@@ -407,45 +408,170 @@ class OrganiseResult:
     not_utf8: list[Path] = field(default_factory=list)  # skipped: names that are not UTF-8
 
 
-def organise(
-    folders: Sequence[str | Path],
-    *,
-    label_level: int | None = None,
-    label_pattern: str = DEFAULT_LABEL_PATTERN,
-    label_regex: str | None = None,
-    labels_csv: str | Path | None = None,
-    label_column: str = "label",
-    group_column: str = "group",
-    group_regex: str | None = None,
-    mapping: dict[str, str] | None = None,
-    keep: set[str] | None = None,
-    drop: set[str] | None = None,
-    split: str = "stratified",
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    seed: int = 0,
-) -> OrganiseResult:
+SPLIT_MODES = ("stratified", "none")
+
+
+@dataclass(frozen=True)
+class OrganiseOptions:
+    """How :func:`organise` labels, groups, filters and splits images (``flystage organise``'s
+    options); validated on construction (``OrganiseError`` naming the option).
+
+    Labels come from ``labels_csv`` if given (its ``label_column``), else ``label_regex``
+    (named group ``label``, searched in the path relative to its scanned folder), else the
+    folder name (the ``label_level``-th parent, or the nearest ancestor matching
+    ``label_pattern``; when the latter is a guess, :func:`default_label_level` refuses).
+    Groups come from the CSV's ``group_column``, else ``group_regex`` (named group ``group``),
+    else each image is its own group. ``mapping`` renames labels, then ``keep``/``drop``
+    filter them. ``split`` is ``"stratified"`` (by ``fractions`` train, valid, test, group
+    order shuffled with ``seed``) or ``"none"`` (all train, for cross-validation).
+    """
+
+    label_level: int | None = None
+    label_pattern: str = DEFAULT_LABEL_PATTERN
+    label_regex: str | None = None
+    labels_csv: str | Path | None = None
+    label_column: str = "label"
+    group_column: str = "group"
+    group_regex: str | None = None
+    mapping: dict[str, str] | None = None
+    keep: set[str] | None = None
+    drop: set[str] | None = None
+    split: str = "stratified"
+    fractions: Sequence[float] = DEFAULT_FRACTIONS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLIT_MODES:
+            raise OrganiseError(f"split {self.split!r}: use 'stratified' or 'none'")
+        if self.label_level is not None and self.label_level < 1:
+            raise OrganiseError(f"--label-level {self.label_level}: 1 is the image's own folder, 2 its parent, ...")
+        self.patterns()  # every regular expression compiles and has its named group
+
+    def patterns(self) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None, re.Pattern[str]]:
+        """The compiled ``label_regex``, ``group_regex`` (``None`` when not given) and ``label_pattern``."""
+        label_re = _compile(self.label_regex, "label", "--label-regex") if self.label_regex else None
+        group_re = _compile(self.group_regex, "group", "--group-regex") if self.group_regex else None
+        try:
+            folder_re = re.compile(self.label_pattern)
+        except re.error as exc:
+            raise OrganiseError(f"--label-pattern {self.label_pattern!r} is not a valid regular expression: {exc}") from None
+        return label_re, group_re, folder_re
+
+
+@dataclass(frozen=True)
+class LabelRules:
+    """One :func:`organise` call's label and group rules, compiled, for :func:`label_and_group`.
+
+    ``table`` is the labels CSV (absolute path -> (label, group or None)); ``label_level`` is
+    resolved (``None``: the nearest folder matching ``folder_re``); ``absolute_groups``: more
+    than one folder was scanned, so an image without a group rule is grouped by its absolute
+    path rather than its path below the scanned folder.
+    """
+
+    table: dict[Path, tuple[str, str | None]] | None
+    label_re: re.Pattern[str] | None
+    group_re: re.Pattern[str] | None
+    folder_re: re.Pattern[str]
+    label_level: int | None
+    absolute_groups: bool
+
+
+def label_and_group(root: Path, path: Path, rules: LabelRules) -> tuple[str | None, str | None]:
+    """The label and group of the image ``path`` found under the scanned folder ``root``.
+
+    The label is ``None`` when no rule finds one (the image is unlabelled); the group is
+    ``None`` when ``group_regex`` does not match (never guessed: a guess could leak an embryo
+    across splits). The image must be in ``rules.table`` when there is one.
+    """
+    rel = path.relative_to(root).as_posix()
+    csv_group = None
+    if rules.table is not None:
+        label, csv_group = rules.table[path]
+    elif rules.label_re is not None:
+        m = rules.label_re.search(rel)
+        label = m.group("label") if m and m.group("label") else None
+    else:
+        label = _folder_label(path, root, rules.label_level, rules.folder_re)
+    if csv_group:
+        group = csv_group
+    elif rules.group_re is not None:
+        m = rules.group_re.search(rel)
+        group = m.group("group") if m and m.group("group") else None
+    else:
+        group = path.as_posix() if rules.absolute_groups else rel
+    return label or None, group
+
+
+@dataclass
+class _Labelled:
+    """What :func:`_label_records` kept and left out."""
+
+    records: list[Record] = field(default_factory=list)
+    unlabelled: list[Path] = field(default_factory=list)
+    mapped: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    unmatched_groups: list[Path] = field(default_factory=list)
+    not_utf8: list[Path] = field(default_factory=list)
+
+
+def _label_records(found: Sequence[tuple[Path, Path]], rules: LabelRules, options: OrganiseOptions,
+                   ignored: Counter) -> _Labelled:
+    """Label, map, filter and group every found image; what is left out is counted in
+    ``ignored`` (not UTF-8, not in the labels CSV) or listed in the result."""
+    out = _Labelled()
+    mapping = options.mapping or {}
+    for root, path in found:
+        if not _is_utf8(path):
+            # The manifest is UTF-8 text: a name that is not cannot be written into it (or
+            # read back by every later stage). Skipped, counted and listed, never guessed.
+            ignored[NOT_UTF8] += 1
+            out.not_utf8.append(path)
+            continue
+        if rules.table is not None and path not in rules.table:
+            ignored["not in the labels CSV"] += 1
+            continue
+        label, group = label_and_group(root, path, rules)
+        if not label:
+            out.unlabelled.append(path)
+            continue
+        if label in mapping:
+            out.mapped[f"{label} -> {mapping[label]}"] += 1
+            label = mapping[label]
+        if (options.keep is not None and label not in options.keep) or (options.drop is not None and label in options.drop):
+            out.dropped[label] += 1
+            continue
+        if group is None:
+            out.unmatched_groups.append(path)
+            continue
+        out.records.append(Record(path=path, label=label, group=group, split="train", sha1=""))
+    return out
+
+
+def _assign_splits(records: Sequence[Record], options: OrganiseOptions) -> None:
+    if options.split == "none":
+        for r in records:
+            r.split = "train"
+        return
+    per_group: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        per_group[r.group][r.label] += 1
+    assignment = split_groups(per_group, options.fractions, options.seed)
+    for r in records:
+        r.split = assignment[r.group]
+
+
+def organise(folders: Sequence[str | Path], options: OrganiseOptions | None = None, **overrides: Any) -> OrganiseResult:
     """Scan ``folders`` and return labelled, de-duplicated, split records (nothing is written).
 
-    Labels come from ``labels_csv`` if given, else ``label_regex`` (named group ``label``,
-    searched in the path relative to its scanned folder), else the folder name (the
-    ``label_level``-th parent, or the nearest ancestor matching ``label_pattern``; when the
-    latter is a guess, :func:`default_label_level` refuses).
-    Groups come from the CSV's ``group_column``, else ``group_regex`` (named group ``group``),
-    else each image is its own group. ``split`` is ``"stratified"`` or ``"none"`` (all train,
-    for cross-validation).
+    ``options`` (:class:`OrganiseOptions`, default all defaults) says how; keyword arguments
+    named like its fields replace those fields, e.g. ``organise([root], group_regex=...)``.
     """
-    if split not in ("stratified", "none"):
-        raise OrganiseError(f"split {split!r}: use 'stratified' or 'none'")
-    if label_level is not None and label_level < 1:
-        raise OrganiseError(f"--label-level {label_level}: 1 is the image's own folder, 2 its parent, ...")
-    label_re = _compile(label_regex, "label", "--label-regex") if label_regex else None
-    group_re = _compile(group_regex, "group", "--group-regex") if group_regex else None
-    try:
-        folder_re = re.compile(label_pattern)
-    except re.error as exc:
-        raise OrganiseError(f"--label-pattern {label_pattern!r} is not a valid regular expression: {exc}") from None
-    table = _read_labels_csv(real_path(labels_csv), label_column, group_column) if labels_csv else None
-    mapping = mapping or {}
+    options = dataclasses.replace(options or OrganiseOptions(), **overrides)
+    label_re, group_re, folder_re = options.patterns()
+    table = (
+        _read_labels_csv(real_path(options.labels_csv), options.label_column, options.group_column)
+        if options.labels_csv else None
+    )
 
     found, ignored = _scan(folders)
     if not found:
@@ -453,83 +579,34 @@ def organise(
             f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {', '.join(map(str, folders))}; "
             f"ignored: {dict(ignored) or 'nothing'}"
         )
+    label_level = options.label_level
     if table is None and label_re is None and label_level is None:
         label_level = default_label_level(found, folder_re)
+    rules = LabelRules(table, label_re, group_re, folder_re, label_level, absolute_groups=len(folders) != 1)
+    labelled = _label_records(found, rules, options, ignored)
 
-    unlabelled: list[Path] = []
-    mapped: Counter = Counter()
-    dropped: Counter = Counter()
-    unmatched_groups: list[Path] = []
-    labelled: list[Record] = []
-    not_utf8: list[Path] = []
-    for root, path in found:
-        if not _is_utf8(path):
-            # The manifest is UTF-8 text: a name that is not cannot be written into it (or
-            # read back by every later stage). Skipped, counted and listed, never guessed.
-            ignored[NOT_UTF8] += 1
-            not_utf8.append(path)
-            continue
-        rel = path.relative_to(root).as_posix()
-        csv_group = None
-        if table is not None:
-            if path not in table:
-                ignored["not in the labels CSV"] += 1
-                continue
-            label, csv_group = table[path]
-        elif label_re is not None:
-            m = label_re.search(rel)
-            label = m.group("label") if m and m.group("label") else None
-        else:
-            label = _folder_label(path, root, label_level, folder_re)
-        if not label:
-            unlabelled.append(path)
-            continue
-        if label in mapping:
-            mapped[f"{label} -> {mapping[label]}"] += 1
-            label = mapping[label]
-        if (keep is not None and label not in keep) or (drop is not None and label in drop):
-            dropped[label] += 1
-            continue
-        if csv_group:
-            group = csv_group
-        elif group_re is not None:
-            m = group_re.search(rel)
-            if not m or not m.group("group"):
-                unmatched_groups.append(path)
-                continue
-            group = m.group("group")
-        else:
-            group = rel if len(folders) == 1 else path.as_posix()
-        labelled.append(Record(path=path, label=label, group=group, split="train", sha1=""))
-
-    if unmatched_groups:
+    if labelled.unmatched_groups:
         # Guessing a group could leak an embryo across splits: stop and say which files.
-        shown = "\n  ".join(str(p) for p in unmatched_groups[:10])
+        shown = "\n  ".join(str(p) for p in labelled.unmatched_groups[:10])
         raise OrganiseError(
-            f"--group-regex {group_regex!r} did not match {len(unmatched_groups)} image path(s), e.g.\n  {shown}\n"
+            f"--group-regex {options.group_regex!r} did not match {len(labelled.unmatched_groups)} image path(s), "
+            f"e.g.\n  {shown}\n"
             "Fix the pattern (it is searched in the path relative to the scanned folder) or move those files."
         )
-    if not labelled:
+    if not labelled.records:
         raise OrganiseError(
-            f"no labelled images left ({len(unlabelled)} without a label, dropped {dict(dropped)}"
-            + (f", {len(not_utf8)} with a name not valid UTF-8" if not_utf8 else "")
+            f"no labelled images left ({len(labelled.unlabelled)} without a label, dropped {dict(labelled.dropped)}"
+            + (f", {len(labelled.not_utf8)} with a name not valid UTF-8" if labelled.not_utf8 else "")
             + "); check --label-level/--label-regex/--labels-csv and --keep/--drop"
         )
 
-    records, duplicates, conflicts = _deduplicate(labelled)
+    records, duplicates, conflicts = _deduplicate(labelled.records)
     if not records:
         raise OrganiseError("every image was a duplicate with conflicting labels; nothing to write")
-    if split == "none":
-        for r in records:
-            r.split = "train"
-    else:
-        per_group: dict[str, Counter] = defaultdict(Counter)
-        for r in records:
-            per_group[r.group][r.label] += 1
-        assignment = split_groups(per_group, fractions, seed)
-        for r in records:
-            r.split = assignment[r.group]
-    return OrganiseResult(records, ignored, unlabelled, mapped, dropped, duplicates, conflicts, not_utf8)
+    _assign_splits(records, options)
+    return OrganiseResult(
+        records, ignored, labelled.unlabelled, labelled.mapped, labelled.dropped, duplicates, conflicts, labelled.not_utf8
+    )
 
 
 def _deduplicate(records: list[Record]) -> tuple[list[Record], list, list]:
@@ -805,8 +882,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.out.exists() and not args.force:
             raise OrganiseError(f"{args.out} already exists; choose another --out or pass --force to replace it")
-        result = organise(
-            args.folders,
+        options = OrganiseOptions(
             label_level=args.label_level,
             label_pattern=args.label_pattern,
             label_regex=args.label_regex,
@@ -821,6 +897,7 @@ def run(args: argparse.Namespace) -> int:
             fractions=fractions,
             seed=args.seed,
         )
+        result = organise(args.folders, options)
         out = write_manifest(result.records, args.out, force=args.force)
     except OrganiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
