@@ -13,7 +13,8 @@ from torch import nn
 from flystage.backbones import DEFAULT_TAPS
 from flystage.augment import AugmentConfig, build_train_transform
 from flystage.backbones import build_lite
-from flystage.data import ImageCache, StageDataset, split_channels, to_float
+from flystage.channels import split_channels
+from flystage.data import ImageCache, StageDataset, to_float
 from flystage.imaging import PreprocessConfig
 from flystage.models import HOGNet, LiteNet, StageNet, build_feature_extractor, build_from_spec
 from flystage.modes import setup_finetune

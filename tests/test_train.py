@@ -17,7 +17,7 @@ import torch
 from flystage.backbones import DEFAULT_TAPS
 from flystage.artefact import check_artefact, load_metadata, load_torch_model
 from flystage.augment import AugmentConfig
-from flystage.data import split_channels
+from flystage.channels import split_channels
 from flystage.imaging import PreprocessConfig
 from flystage.jobdef import METRIC_DEFINITIONS, read_metric
 from flystage.models import Calibrated

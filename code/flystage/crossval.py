@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flystage.data import DataError, ImageCache, to_float
+from flystage.channels import DataError
+from flystage.data import ImageCache, to_float
 from flystage.evaluate import evaluate_probs, plot_confusion, report_text, topk_accuracy
 from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
 from flystage.train import TrainConfig, UsageError, config_from_args, train_model
