@@ -76,6 +76,31 @@ def hyperparameter_strings(hyperparameters: Mapping[str, Any]) -> dict[str, str]
     return out
 
 
+def input_data_config(channels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """A training job's ``InputDataConfig``: channel name -> ``s3://`` (or local mode's
+    ``file://``) URI of its prefix, every instance reading all of it (File mode)."""
+    if not channels:
+        raise ValueError("a training job needs at least one input channel (for example 'train')")
+    for name, uri in channels.items():
+        if not uri.startswith(("s3://", "file://")):
+            raise ValueError(f"channel {name!r}: {uri!r} is neither an s3:// nor a file:// URI")
+    return [
+        {
+            "ChannelName": name,
+            "DataSource": {
+                "S3DataSource": {
+                    "S3DataType": "S3Prefix",
+                    "S3Uri": uri,
+                    # Every instance sees the whole data set; the train program shards it.
+                    "S3DataDistributionType": "FullyReplicated",
+                }
+            },
+            "InputMode": "File",
+        }
+        for name, uri in channels.items()
+    ]
+
+
 def training_job_request(
     settings: Any,
     image_uri: str,
@@ -111,11 +136,7 @@ def training_job_request(
     """
     if not _JOB_NAME.fullmatch(job_name):
         raise ValueError(f"job name {job_name!r}: use 1-63 letters, digits and dashes")
-    if not channels:
-        raise ValueError("a training job needs at least one input channel (for example 'train')")
-    for name, uri in channels.items():
-        if not uri.startswith(("s3://", "file://")):
-            raise ValueError(f"channel {name!r}: {uri!r} is neither an s3:// nor a file:// URI")
+    inputs = input_data_config(channels)
     if output_uri is None:
         output_uri = settings.s3_uri("output")
     if checkpoint_uri is None and settings.spot:
@@ -130,21 +151,7 @@ def training_job_request(
             "MetricDefinitions": [dict(d) for d in METRIC_DEFINITIONS],
         },
         "HyperParameters": hyperparameter_strings(hyperparameters),
-        "InputDataConfig": [
-            {
-                "ChannelName": name,
-                "DataSource": {
-                    "S3DataSource": {
-                        "S3DataType": "S3Prefix",
-                        "S3Uri": uri,
-                        # Every instance sees the whole data set; the train program shards it.
-                        "S3DataDistributionType": "FullyReplicated",
-                    }
-                },
-                "InputMode": "File",
-            }
-            for name, uri in channels.items()
-        ],
+        "InputDataConfig": inputs,
         "OutputDataConfig": {"S3OutputPath": output_uri},
         "ResourceConfig": {
             "InstanceType": settings.instance_type,
