@@ -145,6 +145,22 @@ def unpacked_model_data(model_data: str | Path, dest: str | Path) -> str:
     return f"file://{dest}"
 
 
+def remove_local_containers(container_root: str | Path) -> int:
+    """Remove the containers the SDK's local mode made under ``container_root`` (the
+    ``local.container_root`` of a ``LocalSession``'s config, where its docker-compose projects
+    live): finished training jobs stay behind as exited containers. Returns how many."""
+    import docker
+
+    label = "com.docker.compose.project.working_dir"
+    root = str(Path(container_root).expanduser().resolve())
+    removed = 0
+    for container in docker.from_env().containers.list(all=True, filters={"label": label}):
+        if container.labels.get(label, "").startswith(root):
+            container.remove(force=True)
+            removed += 1
+    return removed
+
+
 # ---- serializer, deserializer, predictor ------------------------------------------------------
 
 
