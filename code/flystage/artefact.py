@@ -133,45 +133,17 @@ def save_artefact(
                 raise ArtefactError(
                     f"the model returns shape {tuple(out.shape)} for one image but there are {len(labels)} labels"
                 )
-            with warnings.catch_warnings():
-                # The TorchScript exporter is chosen on purpose (dynamo=False: no onnxscript
-                # dependency, proven on these models); its deprecation notice is noise here.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    model,
-                    (torch.rand(1, c, h, w),),
-                    str(tmp / ONNX_FILE),
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                    opset_version=opset,
-                    dynamo=False,
-                )
+            _export_onnx(model, tmp / ONNX_FILE, (c, h, w), opset)
             max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
             torch.save(
                 {"arch": arch, "labels": labels, "channels": c, "spec": spec or {"arch": arch, "mode": "full"},
                  "state_dict": model.state_dict()},
                 tmp / WEIGHTS_FILE,
             )
-            extra = {**(extra or {}), "model": spec or {"arch": arch, "mode": "full"}}
-            metadata = Metadata(
-                format_version=FORMAT_VERSION,
-                flystage_version=__version__,
-                arch=arch,
-                labels=labels,
-                preprocess=preprocess_config,
-                input_shape=(c, h, w),
-                metrics=_json_safe(metrics),
-                manifest_sha256=manifest_sha256,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                extra={
-                    **_json_safe(extra),
-                    "input_name": INPUT_NAME,
-                    "output_name": OUTPUT_NAME,
-                    "onnx_opset": opset,
-                    "onnx_max_abs_diff": max_diff,
-                    "torch_version": torch.__version__,
-                },
+            metadata = _new_metadata(
+                arch, labels, preprocess_config, metrics, manifest_sha256,
+                extra={**(extra or {}), "model": spec or {"arch": arch, "mode": "full"}},
+                onnx={"onnx_opset": opset, "onnx_max_abs_diff": max_diff},
             )
             (tmp / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n", encoding="utf-8")
             # Metadata last: a reader never sees new metadata next to an old model.
@@ -180,6 +152,54 @@ def save_artefact(
     finally:
         model.train(was_training)
     return metadata
+
+
+def _export_onnx(model: Any, path: Path, chw: tuple[int, int, int], opset: int) -> None:
+    """``model`` exported to ``path`` by torch's TorchScript exporter, the batch axis dynamic."""
+    import torch
+
+    with warnings.catch_warnings():
+        # The TorchScript exporter is chosen on purpose (dynamo=False: no onnxscript
+        # dependency, proven on these models); its deprecation notice is noise here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (torch.rand(1, *chw),),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def _new_metadata(
+    arch: str, labels: list[str], preprocess_config: PreprocessConfig, metrics: dict[str, Any] | None,
+    manifest_sha256: str | None, extra: dict[str, Any], onnx: dict[str, Any],
+) -> Metadata:
+    """The metadata of a model being saved now: ``extra`` (made JSON-safe), then the export's
+    facts (input and output names, ``onnx`` opset and difference, the torch version)."""
+    import torch
+
+    return Metadata(
+        format_version=FORMAT_VERSION,
+        flystage_version=__version__,
+        arch=arch,
+        labels=labels,
+        preprocess=preprocess_config,
+        input_shape=_input_shape(preprocess_config),
+        metrics=_json_safe(metrics),
+        manifest_sha256=manifest_sha256,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        extra={
+            **_json_safe(extra),
+            "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME,
+            **onnx,
+            "torch_version": torch.__version__,
+        },
+    )
 
 
 def _check_onnx_matches_torch(model: Any, onnx_path: Path, chw: tuple[int, int, int], atol: float, rtol: float) -> float:
@@ -218,65 +238,10 @@ def load_metadata(model_dir: str | Path) -> Metadata:
     ``input_shape``. ``check_artefact`` also opens the ONNX model.
     """
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ArtefactError(f"{model_dir}: no such model directory; train a model or unpack model.tar.gz there")
-    missing = [name for name in (ONNX_FILE, METADATA_FILE) if not (model_dir / name).is_file()]
-    if missing:
-        raise ArtefactError(
-            f"{model_dir}: missing {', '.join(missing)}; a model directory holds {ONNX_FILE}, {WEIGHTS_FILE} "
-            f"and {METADATA_FILE} (written by `flystage train`)"
-        )
-    try:
-        raw = json.loads((model_dir / METADATA_FILE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: not valid JSON ({exc}); re-export the model") from None
-    except RecursionError:  # arrays or objects nested thousands deep: tampered, not ours
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: JSON nested too deeply; re-export the model") from None
-    if not isinstance(raw, dict):
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: expected a JSON object; re-export the model")
-    required = ("format_version", "arch", "labels", "preprocess")
-    absent = [key for key in required if key not in raw]
-    if absent:
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: missing field(s) {absent}; re-export the model")
+    raw = _read_metadata_json(model_dir)
     where = model_dir / METADATA_FILE
-    version = raw["format_version"]
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise ArtefactError(
-            f"{where}: format_version {version!r}, this flystage "
-            f"{__version__} reads {FORMAT_VERSION}; use the matching flystage version or re-export"
-        )
-    if not isinstance(raw["arch"], str) or not raw["arch"]:
-        raise ArtefactError(f"{where}: 'arch' must be a non-empty string, not {_short(raw['arch'])}; re-export the model")
-    labels = raw["labels"]
-    if (
-        not isinstance(labels, list)
-        or not labels
-        or not all(isinstance(label, str) and label for label in labels)
-        or len(set(labels)) != len(labels)
-    ):
-        raise ArtefactError(
-            f"{where}: 'labels' must be a non-empty list of distinct labels (non-empty strings), "
-            f"not {_short(labels)}; re-export the model"
-        )
-    if not isinstance(raw["preprocess"], dict):
-        raise ArtefactError(
-            f"{where}: bad 'preprocess' settings (expected a JSON object, not {_short(raw['preprocess'])}); re-export the model"
-        )
-    try:
-        config = PreprocessConfig.from_dict(raw["preprocess"])
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ArtefactError(f"{where}: bad 'preprocess' settings ({exc}); re-export the model") from None
-    shape = _input_shape(config)
-    if "input_shape" in raw:
-        given = raw["input_shape"]
-        if not isinstance(given, list) or len(given) != 3 or not all(type(d) is int for d in given):
-            raise ArtefactError(
-                f"{where}: 'input_shape' must be a list of three integers [C, H, W], not {_short(given)}; re-export the model"
-            )
-        if tuple(given) != shape:
-            raise ArtefactError(
-                f"{where}: input_shape {given} does not match the preprocess settings {list(shape)}"
-            )
+    labels = _checked_labels(where, raw)
+    config, shape = _checked_preprocess(where, raw)
     metrics = raw.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
         raise ArtefactError(f"{where}: 'metrics' must be a JSON object, not {_short(metrics)}; re-export the model")
@@ -298,6 +263,81 @@ def load_metadata(model_dir: str | Path) -> Metadata:
         created=str(raw.get("created", "")),
         extra={k: v for k, v in raw.items() if k not in _CORE_FIELDS},
     )
+
+
+def _read_metadata_json(model_dir: Path) -> dict[str, Any]:
+    """``metadata.json`` of ``model_dir`` as a JSON object holding the required fields
+    (``ArtefactError`` for a missing directory or file, bad JSON, or an absent field)."""
+    if not model_dir.is_dir():
+        raise ArtefactError(f"{model_dir}: no such model directory; train a model or unpack model.tar.gz there")
+    missing = [name for name in (ONNX_FILE, METADATA_FILE) if not (model_dir / name).is_file()]
+    if missing:
+        raise ArtefactError(
+            f"{model_dir}: missing {', '.join(missing)}; a model directory holds {ONNX_FILE}, {WEIGHTS_FILE} "
+            f"and {METADATA_FILE} (written by `flystage train`)"
+        )
+    try:
+        raw = json.loads((model_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: not valid JSON ({exc}); re-export the model") from None
+    except RecursionError:  # arrays or objects nested thousands deep: tampered, not ours
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: JSON nested too deeply; re-export the model") from None
+    if not isinstance(raw, dict):
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: expected a JSON object; re-export the model")
+    required = ("format_version", "arch", "labels", "preprocess")
+    absent = [key for key in required if key not in raw]
+    if absent:
+        raise ArtefactError(f"{model_dir / METADATA_FILE}: missing field(s) {absent}; re-export the model")
+    return raw
+
+
+def _checked_labels(where: Path, raw: dict[str, Any]) -> list[str]:
+    """The labels of ``raw`` after checking its format version and arch."""
+    version = raw["format_version"]
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ArtefactError(
+            f"{where}: format_version {version!r}, this flystage "
+            f"{__version__} reads {FORMAT_VERSION}; use the matching flystage version or re-export"
+        )
+    if not isinstance(raw["arch"], str) or not raw["arch"]:
+        raise ArtefactError(f"{where}: 'arch' must be a non-empty string, not {_short(raw['arch'])}; re-export the model")
+    labels = raw["labels"]
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(label, str) and label for label in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise ArtefactError(
+            f"{where}: 'labels' must be a non-empty list of distinct labels (non-empty strings), "
+            f"not {_short(labels)}; re-export the model"
+        )
+    return labels
+
+
+def _checked_preprocess(where: Path, raw: dict[str, Any]) -> tuple[PreprocessConfig, tuple[int, int, int]]:
+    """The preprocessing config of ``raw`` and its input shape, which ``input_shape`` (if
+    given) must equal."""
+    if not isinstance(raw["preprocess"], dict):
+        raise ArtefactError(
+            f"{where}: bad 'preprocess' settings (expected a JSON object, not {_short(raw['preprocess'])}); re-export the model"
+        )
+    try:
+        config = PreprocessConfig.from_dict(raw["preprocess"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ArtefactError(f"{where}: bad 'preprocess' settings ({exc}); re-export the model") from None
+    shape = _input_shape(config)
+    if "input_shape" in raw:
+        given = raw["input_shape"]
+        if not isinstance(given, list) or len(given) != 3 or not all(type(d) is int for d in given):
+            raise ArtefactError(
+                f"{where}: 'input_shape' must be a list of three integers [C, H, W], not {_short(given)}; re-export the model"
+            )
+        if tuple(given) != shape:
+            raise ArtefactError(
+                f"{where}: input_shape {given} does not match the preprocess settings {list(shape)}"
+            )
+    return config, shape
 
 
 def open_session(model_dir: str | Path, threads: int | None = None):
