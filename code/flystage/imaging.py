@@ -158,45 +158,9 @@ def read_image(
         MAX_PIXELS if max_pixels is None else int(max_pixels),
         (MAX_DECODED_MB if max_decoded_mb is None else int(max_decoded_mb)) * 2**20,
     )
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data: bytes | None = bytes(source)
-        label = name or "<image bytes>"
-        path = None
-    else:
-        path = Path(source)
-        label = name or str(path)
-        data = None
-        if not path.exists():
-            raise ImageError(f"{label}: file not found; check the path")
-        if not path.is_file():
-            raise ImageError(f"{label}: not a file; give the path of an image file")
+    data, path, label = _open_source(source, name)
     try:
-        if data is None:
-            with open(path, "rb") as fh:
-                head = fh.read(16)
-        else:
-            head = data[:16]
-        if not head:
-            raise ImageError(f"{label}: the file is empty (0 bytes); copy it again from its source")
-        kind = sniff_format(head)
-        if kind is None:
-            raise ImageError(
-                f"{label}: cannot read it as an image: {_describe_unknown(head)}; "
-                f"save it as {SUPPORTED}"
-            )
-        if page < 0:
-            raise ImageError(f"{label}: page must be 0 or more, not {page}")
-        if kind == "tiff":
-            image = _read_tiff(path if data is None else data, page, label, limit)
-        else:
-            if page != 0:
-                raise ImageError(
-                    f"{label}: a {kind.upper()} file has only one page (page 0), not page {page}; "
-                    "use page 0"
-                )
-            if data is None:
-                data = path.read_bytes()
-            image = _read_with_opencv(data, kind, label, limit)
+        image = _decode(data, path, page, label, limit)
     except ImageError:
         raise
     except MemoryError as exc:
@@ -207,6 +171,52 @@ def read_image(
             f"copy it again from its source or re-save it as {SUPPORTED}"
         ) from exc
     return _normalise_array(image, label)
+
+
+def _open_source(
+    source: str | Path | bytes | bytearray | memoryview, name: str | None
+) -> tuple[bytes | None, Path | None, str]:
+    """(bytes or None, path or None, the name for messages) of ``read_image``'s source; a path
+    must be an existing file."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), None, name or "<image bytes>"
+    path = Path(source)
+    label = name or str(path)
+    if not path.exists():
+        raise ImageError(f"{label}: file not found; check the path")
+    if not path.is_file():
+        raise ImageError(f"{label}: not a file; give the path of an image file")
+    return None, path, label
+
+
+def _decode(data: bytes | None, path: Path | None, page: int, label: str, limit: _Limits) -> np.ndarray:
+    """The image of ``data`` (or of the file ``path`` when ``data`` is None) by its magic bytes,
+    before ``_normalise_array``; decoders' own exceptions escape (``read_image`` wraps them)."""
+    if data is None:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    else:
+        head = data[:16]
+    if not head:
+        raise ImageError(f"{label}: the file is empty (0 bytes); copy it again from its source")
+    kind = sniff_format(head)
+    if kind is None:
+        raise ImageError(
+            f"{label}: cannot read it as an image: {_describe_unknown(head)}; "
+            f"save it as {SUPPORTED}"
+        )
+    if page < 0:
+        raise ImageError(f"{label}: page must be 0 or more, not {page}")
+    if kind == "tiff":
+        return _read_tiff(path if data is None else data, page, label, limit)
+    if page != 0:
+        raise ImageError(
+            f"{label}: a {kind.upper()} file has only one page (page 0), not page {page}; "
+            "use page 0"
+        )
+    if data is None:
+        data = path.read_bytes()
+    return _read_with_opencv(data, kind, label, limit)
 
 
 @dataclass(frozen=True)
