@@ -115,6 +115,15 @@ def create_app(session: ReviewSession) -> Flask:
     here = Path(__file__).parent
     app = Flask(__name__, static_folder=str(here / "static"), template_folder=str(here / "templates"))
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a decision is a few bytes
+    _add_guards(app, session)
+    _add_page_and_api(app, session)
+    _add_images(app, session)
+    return app
+
+
+def _add_guards(app: Flask, session: ReviewSession) -> None:
+    """Loopback Host and the session token on every request, safe headers on every response,
+    and errors as JSON."""
 
     def token_ok(candidate: str | None) -> bool:
         return bool(candidate) and hmac.compare_digest(candidate.encode(), session.token.encode())
@@ -136,6 +145,25 @@ def create_app(session: ReviewSession) -> Flask:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
+
+    @app.errorhandler(400)
+    @app.errorhandler(403)
+    @app.errorhandler(404)
+    @app.errorhandler(413)
+    @app.errorhandler(422)
+    def error(exc):
+        return jsonify(error=getattr(exc, "description", str(exc)), status=exc.code), exc.code
+
+
+def _item(session: ReviewSession, index: int) -> Item:
+    """The item by its index in the predictions file (404 for any other number)."""
+    if not 0 <= index < len(session.items):
+        abort(404, "no such image in this review")
+    return session.items[index]
+
+
+def _add_page_and_api(app: Flask, session: ReviewSession) -> None:
+    """The page, the items of a view, a decision and its undo."""
 
     @app.get("/")
     def index():
@@ -166,31 +194,47 @@ def create_app(session: ReviewSession) -> Flask:
         return jsonify(total=len(chosen), offset=offset, items=[item_json(session, i) for i in page],
                        counts=session.store.counts())
 
-    def _item(index: int) -> Item:
-        if not 0 <= index < len(session.items):
-            abort(404, "no such image in this review")
-        return session.items[index]
+    @app.post("/api/decide")
+    def decide():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("id"), int) or body.get("label") not in session.labels:
+            abort(400, f"send JSON {{\"id\": <image id>, \"label\": one of {session.labels}}}")
+        item = _item(session, body["id"])
+        session.store.decide(item.index, body["label"])
+        return jsonify(item=item_json(session, item), counts=session.store.counts())
 
-    def _png(make: Callable[[], bytes]) -> Response:
-        try:
-            data = make()
-        except (ImageError, ValueError, OSError) as exc:
-            abort(422, f"cannot show this image: {exc}")
-        response = Response(data, mimetype="image/png")
-        response.headers["Cache-Control"] = "private, max-age=3600"
-        return response
+    @app.post("/api/undo")
+    def undo():
+        index = session.store.undo()
+        item = None if index is None else item_json(session, session.items[index])
+        return jsonify(item=item, counts=session.store.counts())
+
+
+def _png(make: Callable[[], bytes]) -> Response:
+    """A PNG response of ``make()``; an image that cannot be shown is a 422 saying why."""
+    try:
+        data = make()
+    except (ImageError, ValueError, OSError) as exc:
+        abort(422, f"cannot show this image: {exc}")
+    response = Response(data, mimetype="image/png")
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+def _add_images(app: Flask, session: ReviewSession) -> None:
+    """The images by index: as the model saw them, the original, and the occlusion overlay."""
 
     @app.get("/thumb/<int:index>.png")
     def thumbnail(index: int):
-        return _png(lambda: session.thumbnails.thumbnail(_item(index).path))
+        return _png(lambda: session.thumbnails.thumbnail(_item(session, index).path))
 
     @app.get("/original/<int:index>.png")
     def original(index: int):
-        return _png(lambda: session.thumbnails.original(_item(index).path))
+        return _png(lambda: session.thumbnails.original(_item(session, index).path))
 
     @app.get("/overlay/<int:index>.png")
     def overlay(index: int):
-        item = _item(index)
+        item = _item(session, index)
         if session.model_dir is None:
             abort(404, "no model given: start `flystage review` with --model DIR for the overlay")
 
@@ -206,28 +250,3 @@ def create_app(session: ReviewSession) -> Flask:
             return overlay_png(array, occlusion_map(predictor, array, target))
 
         return _png(lambda: session.overlay(index, make))
-
-    @app.post("/api/decide")
-    def decide():
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("id"), int) or body.get("label") not in session.labels:
-            abort(400, f"send JSON {{\"id\": <image id>, \"label\": one of {session.labels}}}")
-        item = _item(body["id"])
-        session.store.decide(item.index, body["label"])
-        return jsonify(item=item_json(session, item), counts=session.store.counts())
-
-    @app.post("/api/undo")
-    def undo():
-        index = session.store.undo()
-        item = None if index is None else item_json(session, session.items[index])
-        return jsonify(item=item, counts=session.store.counts())
-
-    @app.errorhandler(400)
-    @app.errorhandler(403)
-    @app.errorhandler(404)
-    @app.errorhandler(413)
-    @app.errorhandler(422)
-    def error(exc):
-        return jsonify(error=getattr(exc, "description", str(exc)), status=exc.code), exc.code
-
-    return app
