@@ -118,6 +118,58 @@ def _failure_reason(folder: Path, hosts: list[str], codes: dict[str, int | None]
     return (reason + (f"; another host wrote: {others}" if others else ""))[:FAILURE_REASON_CHARS]
 
 
+def _run_containers(
+    client, name: str, image: str, hosts: list[str], mounts: Mapping[str, dict[Path, str]],
+    environment: Mapping[str, str], write: Callable[[str], None] | None, deadline: float, stop_grace: int,
+) -> tuple[dict[str, str], dict[str, int | None], str | None]:
+    """One container per host on the job's own network, run until every one has exited (or
+    ``deadline``, ``time.monotonic()``, has passed); then the job's containers and network are
+    removed. Returns each host's log and exit code, and the cause of a stop (a host name, or
+    ``MaxRuntimeExceeded``)."""
+    try:
+        network = containers.create_network(client, f"{name}-net", name)
+        running = [
+            containers.create_training_container(
+                client, image, name, host, network, mounts[host], environment
+            )
+            for host in hosts
+        ]
+        for c in running:
+            c.start()
+        followers = []
+        if write is not None:
+            for host, c in zip(hosts, running):
+                prefix = f"{host} | " if len(hosts) > 1 else ""
+                followers.append(containers.follow_logs(c, prefix, write))
+        codes_by_name, cause = containers.wait_for_exit(running, deadline, stop_grace)
+        for thread in followers:
+            thread.join(timeout=5)
+        logs = {host: containers.container_log(c) for host, c in zip(hosts, running)}
+        codes = {host: codes_by_name[c.name] for host, c in zip(hosts, running)}
+        if cause and cause != "MaxRuntimeExceeded":
+            cause = cause.replace(f"{name}-", "", 1)  # container name -> host name
+    finally:
+        containers.remove_job(client, name)
+    return logs, codes, cause
+
+
+def _write_job_outputs(folder: Path, hosts: list[str], status: str, reason: str | None) -> Path | None:
+    """The job's ``output/`` (the hosts' output data, one success or failure file) and
+    ``output.tar.gz``, and ``model.tar.gz`` unless the job failed (returned, else None)."""
+    output = folder / "output"
+    _merge(hosts, folder, "output/data", output / "data")
+    (output / ("success" if status == "Completed" else "failure")).write_text(reason or "", encoding="utf-8")
+    _tar_folder(output / "data", folder / "output.tar.gz")
+    if status == "Failed":
+        return None
+    # SageMaker uploads model/ when a job completes or is stopped, not when it fails.
+    merged = folder / ".model"
+    _merge(hosts, folder, "model", merged)
+    artefact = _tar_folder(merged, folder / "model.tar.gz")
+    shutil.rmtree(merged)
+    return artefact
+
+
 def run_training_job(
     request: Mapping,
     jobs_root: str | Path,
@@ -149,30 +201,9 @@ def run_training_job(
     max_runtime = int(request.get("StoppingCondition", {}).get("MaxRuntimeInSeconds", 86400))
 
     started = time.monotonic()
-    try:
-        network = containers.create_network(client, f"{name}-net", name)
-        running = [
-            containers.create_training_container(
-                client, image, name, host, network, mounts[host], environment
-            )
-            for host in hosts
-        ]
-        for c in running:
-            c.start()
-        followers = []
-        if write is not None:
-            for host, c in zip(hosts, running):
-                prefix = f"{host} | " if len(hosts) > 1 else ""
-                followers.append(containers.follow_logs(c, prefix, write))
-        codes_by_name, cause = containers.wait_for_exit(running, started + max_runtime, stop_grace)
-        for thread in followers:
-            thread.join(timeout=5)
-        logs = {host: containers.container_log(c) for host, c in zip(hosts, running)}
-        codes = {host: codes_by_name[c.name] for host, c in zip(hosts, running)}
-        if cause and cause != "MaxRuntimeExceeded":
-            cause = cause.replace(f"{name}-", "", 1)  # container name -> host name
-    finally:
-        containers.remove_job(client, name)
+    logs, codes, cause = _run_containers(
+        client, name, image, hosts, mounts, environment, write, started + max_runtime, stop_grace
+    )
     seconds = round(time.monotonic() - started, 1)
 
     logs_dir = folder / "logs"
@@ -186,19 +217,7 @@ def run_training_job(
     status = "Stopped" if cause == "MaxRuntimeExceeded" else ("Failed" if failed else "Completed")
     reason = _failure_reason(folder, hosts, codes, cause) if status != "Completed" else None
 
-    # The job's output/: the hosts' output data, and one success or failure file for the job.
-    output = folder / "output"
-    _merge(hosts, folder, "output/data", output / "data")
-    (output / ("success" if status == "Completed" else "failure")).write_text(reason or "", encoding="utf-8")
-    _tar_folder(output / "data", folder / "output.tar.gz")
-    artefact = None
-    if status != "Failed":
-        # SageMaker uploads model/ when a job completes or is stopped, not when it fails.
-        merged = folder / ".model"
-        _merge(hosts, folder, "model", merged)
-        artefact = _tar_folder(merged, folder / "model.tar.gz")
-        shutil.rmtree(merged)
-
+    artefact = _write_job_outputs(folder, hosts, status, reason)
     result = JobResult(name, folder, status, reason, codes, seconds, artefact, logs, final_metrics(logs[hosts[0]]))
     (folder / "job.json").write_text(json.dumps(result.describe(), indent=2) + "\n", encoding="utf-8")
     return result
