@@ -358,7 +358,7 @@ def test_probe_artefact_onnx_matches_torch_on_real_images(bdgp_set, tmp_path: Pa
         torch.testing.assert_close(again(torch.from_numpy(x)).numpy(), want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("extra", ["code/inference.py", "code/requirements.txt", "notes.txt", "link"])
+@pytest.mark.parametrize("extra", ["code/inference.py", "code/requirements.txt", "notes.txt", "link", "code.tar.gz/x", "linked.tar.gz"])
 def test_strict_check_serves_nothing_but_the_model_files(tmp_path: Path, artefact, extra: str):
     """What the serve image runs before starting: a model folder holding anything but the
     files flystage writes (a code/ folder would be imported and pip-installed by the server)."""
@@ -370,9 +370,23 @@ def test_strict_check_serves_nothing_but_the_model_files(tmp_path: Path, artefac
     if extra == "link":
         (model_dir / "model.onnx").rename(tmp_path / "outside.onnx")
         (model_dir / "model.onnx").symlink_to(tmp_path / "outside.onnx")
+    elif extra == "linked.tar.gz":
+        (model_dir / extra).symlink_to(tmp_path / "outside.onnx")
     else:
         (model_dir / extra).parent.mkdir(exist_ok=True)
         (model_dir / extra).write_text("x\n", encoding="utf-8")
     check_artefact(model_dir)  # a local folder for predict may hold more; serving may not
     with pytest.raises(ArtefactError, match="besides the model; a flystage model.tar.gz holds only"):
         check_artefact(model_dir, strict=True)
+
+
+def test_strict_check_ignores_the_archives_sdk_local_mode_leaves_beside_the_model(tmp_path: Path, artefact):
+    # Model(model_data="file://.../model.tar.gz").deploy(instance_type="local") unpacks the
+    # archive next to itself and mounts that folder: the archives are never opened.
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(artefact[0], model_dir)
+    (model_dir / "model.tar.gz").write_bytes(b"\x1f\x8b not opened")
+    (model_dir / "output.tar.gz").write_bytes(b"\x1f\x8b not opened")
+    assert check_artefact(model_dir, strict=True).labels

@@ -375,15 +375,21 @@ def check_session(session: Any, metadata: Metadata, model_dir: str | Path) -> No
         )
 
 
+def _left_archive(path: Path) -> bool:
+    """A ``*.tar.gz`` file beside the model: the SageMaker SDK's local mode unpacks
+    ``model.tar.gz`` next to itself (and ``output.tar.gz``). Never opened, so harmless."""
+    return path.name.endswith(".tar.gz") and path.is_file() and not path.is_symlink()
+
+
 def check_artefact(model_dir: str | Path, threads: int | None = 1, strict: bool = False) -> Metadata:
     """Load the metadata and the ONNX model, and run one batch; raise ``ArtefactError`` if anything is off.
 
-    The serve image calls this (``strict``: nothing but :data:`ARTEFACT_FILES`, no links)
-    before starting its server, so a broken or tampered model never reports healthy.
+    The serve image calls this (``strict``: nothing but :data:`ARTEFACT_FILES` and archives
+    left beside them, no links) before starting its server, so a broken or tampered model never reports healthy.
     """
     if strict and Path(model_dir).is_dir():
         entries = sorted(Path(model_dir).iterdir())
-        extra = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in ARTEFACT_FILES]
+        extra = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in ARTEFACT_FILES and not _left_archive(p)]
         links = [p.name for p in entries if p.is_symlink()]
         if extra or links:
             raise ArtefactError(
