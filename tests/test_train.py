@@ -32,9 +32,9 @@ from flystage.train import (
     fit,
     main,
     metric_line,
-    parse_bool,
     train_model,
 )
+from flystage.options import ArgumentParser, parse_bool
 from train_helpers import LABELS, TINY_PREPROCESS, make_manifest_set
 
 torch.set_num_threads(1)
@@ -166,10 +166,10 @@ def test_main_writes_artefact_history_and_checkpoint(manifest: Path, tmp_path: P
 
 
 def test_hyperparameters_as_sagemaker_sends_them(monkeypatch) -> None:
-    from flystage.train import _ArgumentParser, configure_parser
+    from flystage.train import configure_parser
 
     monkeypatch.setenv("SM_NUM_CPUS", "4")
-    parser = _ArgumentParser()
+    parser = ArgumentParser()
     configure_parser(parser)
     args = parser.parse_args(["--batch_size", "64.0", "--learning_rate", "0.01", "--pretrained", "True",
                               "--mask", "false", "--angles", "[90, 180]", "--p-angle", "0.25",

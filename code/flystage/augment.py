@@ -40,6 +40,8 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from flystage.options import option
+
 __all__ = [
     "LAB_ANGLES",
     "AugmentConfig",
@@ -91,25 +93,29 @@ class AugmentConfig:
     # With alignment on (the default) only the 180-degree turn changes what the model sees,
     # and on BDGP (heads all left) even that cost accuracy (docs/accuracy.md), so it is off;
     # p_angle > 0 turns it on, angles=LAB_ANGLES gives the lab's angles for unaligned images.
-    angles: tuple[float, ...] = (180.0,)
-    p_angle: float = 0.0
-    max_rotation: float = 10.0
-    p_rotation: float = 0.5
-    max_scale: float = 0.1
-    max_shift: float = 0.05
-    p_affine: float = 0.5
-    max_gain: float = 0.25
-    max_gamma: float = 0.3
-    p_intensity: float = 0.5
-    max_blur: float = 1.2
-    p_blur: float = 0.2
-    max_noise: float = 0.03
-    p_noise: float = 0.2
-    max_erase: float = 0.08
-    erase_count: int = 2
-    p_erase: float = 0.3
-    p_hflip: float = 0.0
-    p_vflip: float = 0.0
+    angles: tuple[float, ...] = option((180.0,), "large rotations in degrees, one drawn with probability p_angle; "
+                                       "with align on (inputs horizontal) 180 is the one that matters")
+    p_angle: float = option(0.0, "probability of a large rotation from angles (off: the 180-degree turn cost "
+                            "accuracy on BDGP, whose embryos all face left)")
+    max_rotation: float = option(10.0, "small rotation of up to this many degrees either way")
+    p_rotation: float = option(0.5, "probability of a small rotation")
+    max_scale: float = option(0.1, "zoom by a factor within 1 +- max_scale (below 1)")
+    max_shift: float = option(0.05, "shift by up to this fraction of the width and of the height")
+    p_affine: float = option(0.5, "probability of a zoom and shift")
+    max_gain: float = option(0.25, "brightness: intensities multiplied by a gain within 1 +- max_gain (below 1)")
+    max_gamma: float = option(0.3, "contrast: intensities (0-1) raised to exp(u), u within +- max_gamma")
+    p_intensity: float = option(0.5, "probability of a gain and gamma change")
+    max_blur: float = option(1.2, "Gaussian blur with a sigma from 0.3 up to this many pixels")
+    p_blur: float = option(0.2, "probability of a blur")
+    max_noise: float = option(0.03, "Gaussian noise with a standard deviation up to this (intensities are 0-1), "
+                              "on the embryo only: the background stays black")
+    p_noise: float = option(0.2, "probability of noise")
+    max_erase: float = option(0.08, "random erasing: each patch up to this fraction of the image's area (below 1), "
+                              "centred on the embryo, set to black")
+    erase_count: int = option(2, "random erasing: 1 to this many patches")
+    p_erase: float = option(0.3, "probability of random erasing")
+    p_hflip: float = option(0.0, "probability of a left-right flip (the head changes sides)")
+    p_vflip: float = option(0.0, "probability of an up-down flip (dorsal and ventral swap sides)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "angles", tuple(float(a) for a in self.angles))

@@ -2,11 +2,13 @@
 
 Read it top to bottom, like torchvision's references/classification/train.py:
 
-1. ``TrainConfig``: every hyperparameter with its default (change defaults here only).
+1. ``TrainConfig``: every hyperparameter with its default and its one-line help (change
+   defaults here only).
 2. ``fit``: data (cached, augmented, balanced), model, optimiser and schedule, the epoch loop
    with one metric line per epoch, early stopping on valid top-1 (then loss), a checkpoint every epoch
    (resumed on restart), and a clean stop on SIGTERM.
-3. ``main`` / ``run``: arguments and the SageMaker environment (``SM_*``), data-parallel
+3. ``main`` / ``run``: arguments (``flystage.options``: one option per config field, grouped as
+   the configs are) and the SageMaker environment (``SM_*``), data-parallel
    training over ``SM_HOSTS`` (torch.distributed, gloo), the model artefact, and the
    ``output/failure`` file when anything goes wrong.
 
@@ -31,7 +33,6 @@ import sys
 import threading
 import time
 import traceback
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,15 +46,17 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from flystage.augment import AugmentConfig
-from flystage.data import (
-    BALANCE_MODES, CACHE_DTYPES, DataError, FolderRules, ImageCache, class_weights, data_summary, make_sampler,
-    split_channels, to_float,
-)
-from flystage.imaging import PreprocessConfig
 from flystage.backbones import DEFAULT_TAPS, LITE_ARCHS
 from flystage.calibrate import fit_temperature
+from flystage.channels import DataError, FolderRules, data_summary, split_channels
+from flystage.data import BALANCE_MODES, CACHE_DTYPES, ImageCache, class_weights, make_sampler, to_float
+from flystage.imaging import PreprocessConfig
 from flystage.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
 from flystage.modes import MODES, SETUPS
+from flystage.options import (
+    ArgumentParser, Option, UsageError, add_options, dataclass_values, field_options, integer, mapping, markdown_table,
+    option, regex_text,
+)
 from flystage.organise import Record, manifest_sha256, sort_labels
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -71,52 +74,68 @@ EXIT_STOPPED = 3  # stopped early on request (SIGTERM, stop_after_epoch); a chec
 
 @dataclass
 class TrainConfig:
-    """Every training hyperparameter and its default.
-
-    ``batch_size`` is the global batch (split across hosts when training data-parallel);
-    ``warmup_epochs`` ramps the learning rate up linearly before the cosine decay;
-    ``patience`` stops after that many epochs without a better valid top-1 (ties broken by
-    valid loss; 0 = never); ``threads`` 0 leaves torch's own choice; ``stop_after_epoch``
-    ends the run after that epoch with a checkpoint (a time-boxed job; rerun to resume).
-    """
+    """Every training hyperparameter, its default and its one-line help (field metadata: the
+    ``--help`` of ``flystage train`` and the table in docs/hyperparameters.md)."""
 
     # Measured held out by gene on BDGP and on a lab-like copy (docs/accuracy.md): a linear
     # probe on EfficientNet-Lite2's pooled stages 1-6, solved exactly, beats every model
     # trained from scratch, fine-tuning and the ensembles tried, in seconds per fold.
-    arch: str = "efficientnet_lite2"
-    # full: train every weight; probe: frozen pretrained features + linear head; finetune:
-    # pretrained backbone at a lower learning rate (flystage.modes); auto: probe for the
-    # EfficientNet-Lites (and torchvision archs with pretrained=true), full for the rest.
-    mode: str = "auto"
-    pretrained: bool = False
-    feature_taps: tuple[int, ...] = DEFAULT_TAPS
-    hog_features: bool = False
-    augment_draws: int = 0
-    probe_l2: float = 1.0
-    probe_solver: str = "lbfgs"
-    backbone_lr_scale: float = 0.1
-    freeze_stages: int = 2
+    arch: str = option("efficientnet_lite2", f"model architecture: {', '.join(ARCHS)}; the EfficientNet-Lites are "
+                        "ImageNet-pretrained, the others train from scratch unless pretrained is true")
+    mode: str = option("auto", "what is trained: probe (frozen pretrained features and a linear head), finetune "
+                        "(a pretrained backbone at a lower learning rate), full (every weight), or auto (probe for "
+                        "the EfficientNet-Lites and pretrained torchvision archs, full for the rest)")
+    pretrained: bool = option(False, "mode full: start from ImageNet weights (torchvision archs from the torch hub "
+                               "or its cache, EfficientNet-Lites from their pip package); with mode auto a pretrained "
+                               "torchvision arch is probed. Probe and finetune always start pretrained")
+    feature_taps: tuple[int, ...] = option(DEFAULT_TAPS, "probe, EfficientNet-Lite: the block stages (0-6) whose "
+                                            "outputs are averaged over the image and concatenated as features")
+    hog_features: bool = option(False, "probe: append histogram-of-oriented-gradient features of the image to the "
+                                 "backbone's features")
+    augment_draws: int = option(0, "probe: augmented copies of each training image (each drawn once, features "
+                                 "computed once) added to the image itself; 0 = the probe sees no augmentation")
+    probe_l2: float = option(1.0, "probe: L2 penalty on the linear head's weights (>= 0); larger gives a simpler "
+                              "head and softer probabilities. The knob to tune for the default model")
+    probe_solver: str = option("lbfgs", "probe: lbfgs solves the head exactly (no epochs, learning rate or "
+                                "batches: those options are then unused), sgd trains it in the epoch loop")
+    backbone_lr_scale: float = option(0.1, "finetune: the backbone's learning rate as a multiple of learning_rate "
+                                       "(the head's), > 0")
+    freeze_stages: int = option(2, "finetune: the stem and this many first backbone stages (0-7) stay frozen")
     # Members of one artefact whose probabilities are averaged: ensemble seeds (seed, seed+1,
     # ...) of each arch in ensemble_archs (empty: arch alone).
-    ensemble: int = 1
-    ensemble_archs: tuple[str, ...] = ()
-    calibrate: bool = True
-    epochs: int = 60
-    batch_size: int = 32
-    learning_rate: float = 0.003
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    scheduler: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    balance: str = "loss"
-    patience: int = 0
-    seed: int = 0
-    num_workers: int = 0
-    threads: int = 0
-    cache_dtype: str = "uint8"
-    stop_after_epoch: int = 0
+    ensemble: int = option(1, "models trained per arch, with seeds seed, seed+1, ..., whose probabilities are "
+                            "averaged in one model (1 = a single model)")
+    ensemble_archs: tuple[str, ...] = option((), "comma-separated archs to ensemble, each trained ensemble times; "
+                                              "empty = arch alone")
+    calibrate: bool = option(True, "fit a temperature on the validation images so that the stated probabilities "
+                              "match how often the model is right (the ranking of stages is unchanged)")
+    epochs: int = option(60, "passes over the training images (>= 1); unused by the exact probe")
+    batch_size: int = option(32, "images per optimiser step, all hosts together (split between hosts when "
+                              "training data-parallel); unused by the exact probe")
+    learning_rate: float = option(0.003, "peak learning rate (> 0), reached after warmup_epochs; unused by the "
+                                   "exact probe")
+    weight_decay: float = option(0.05, "weight decay (>= 0; AdamW decoupled, SGD as L2) on weights, not on biases "
+                                  "and normalisation; modes full and finetune (the probe uses probe_l2)")
+    optimizer: str = option("adamw", "adamw, or sgd (Nesterov, with momentum)")
+    momentum: float = option(0.9, "optimizer sgd: momentum")
+    scheduler: str = option("cosine", "learning-rate schedule, stepped every batch: cosine (linear warm-up, then "
+                             "cosine decay to 0 at the last epoch) or onecycle")
+    warmup_epochs: float = option(1.0, "scheduler cosine: epochs (fractions allowed) of linear warm-up to "
+                                   "learning_rate")
+    label_smoothing: float = option(0.1, "training loss: share of each target's probability spread over the other "
+                                     "stages, in [0, 1); curbs overconfidence (0 = none)")
+    balance: str = option("loss", "how unequal image counts per stage are evened out: loss (each stage weighted "
+                           "by the inverse of its count), sampler (class-balanced draws each epoch), or none")
+    patience: int = option(0, "stop after this many epochs without a better valid top-1 (ties: lower valid "
+                            "loss); 0 = train every epoch")
+    seed: int = option(0, "random seed of weights, sampling, augmentation and the valid split drawn from a "
+                        "channel: the same seed on the same data trains the same model")
+    num_workers: int = option(0, "DataLoader worker processes that augment images (0 = in the training process)")
+    threads: int = option(0, "CPU threads torch uses; 0 = torch's choice (under SageMaker: the instance's CPUs)")
+    cache_dtype: str = option("uint8", "preprocessed images kept in memory as uint8 (half float16's memory) or "
+                               "float16 (finer intensity steps)")
+    stop_after_epoch: int = option(0, "end the run after this epoch with a checkpoint (exit code 3), to time-box "
+                                    "a job; run again with the same checkpoint dir to resume; 0 = never")
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -627,91 +646,10 @@ def _valid_scores(logits: np.ndarray, targets: np.ndarray, prefix: str) -> dict[
 # ---- 3. the program ------------------------------------------------------------------------
 
 
-class UsageError(ValueError):
-    """A bad argument or hyperparameter."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    # argparse exits on a bad argument; we raise instead, so the failure file gets written.
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(f"bad argument or hyperparameter: {message}")
-
-
-def parse_bool(text: str | bool) -> bool:
-    """SageMaker sends ``True``/``true``/``"true"``/``1``; argparse's ``type=bool`` would make
-    every non-empty string true."""
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().strip('"\'').lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _regex_text(text: str) -> str | None:
-    """A regex hyperparameter: as given, or JSON-decoded when it is a JSON string; empty = none."""
-    value = _json_or_text(text)
-    value = value if isinstance(value, str) else text
-    return value or None
-
-
-def _integer(text: str) -> int:
-    # A tuner may send an integer as "32.0".
-    value = float(text)
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}")
-    return int(value)
-
-
-def _mapping(text: str) -> dict[str, Any]:
-    """A config as JSON (``{"height": 64}``), or as the SageMaker toolkit passes a JSON object
-    hyperparameter on the command line (``height=64,width=160``)."""
-    text = text.strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
-    if not all(len(pair) == 2 for pair in pairs):
-        raise argparse.ArgumentTypeError(f"expected JSON or key=value,key=value, not {text!r}")
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
 def _augment_mapping(text: str) -> dict[str, Any]:
     if text.strip().strip('"').lower() in ("off", "none", "false"):
         return AugmentConfig.off().to_dict()
-    return _mapping(text)
-
-
-def _argument_type(default: Any) -> Callable[[str], Any]:
-    if isinstance(default, bool):
-        return parse_bool
-    if isinstance(default, int):
-        return _integer
-    if isinstance(default, (float, str)):
-        return type(default)
-    # Tuples and lists: JSON ("[45, 90]") or comma-separated ("45,90").
-    return lambda text: tuple(_json_or_text(text)) if str(text).startswith("[") else tuple(
-        _json_or_text(part) for part in str(text).split(",") if part.strip()
-    )
-
-
-def _add_dataclass_options(group: argparse._ArgumentGroup, instance: Any, prefix: str, skip: set[str]) -> None:
-    for f in dataclasses.fields(instance):
-        if f.name in skip:
-            continue
-        name = prefix + f.name
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        group.add_argument(*flags, dest=name, type=_argument_type(getattr(instance, f.name)), default=None,
-                           metavar=type(getattr(instance, f.name)).__name__.upper(),
-                           help=f"default {getattr(instance, f.name)!r}")
+    return mapping(text)
 
 
 def _base_dir() -> Path:
@@ -746,28 +684,65 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--force", action="store_true", help="replace a model already in --model-dir")
     rules = parser.add_argument_group(
         "folder channels (a channel without manifest.csv is read as `flystage organise` reads a folder)")
-    rules.add_argument("--label_regex", "--label-regex", dest="label_regex", type=_regex_text, default=None,
+    rules.add_argument("--label_regex", "--label-regex", dest="label_regex", type=regex_text, default=None,
                        help="regex with a named group 'label', searched in each image's path below the channel")
-    rules.add_argument("--label_level", "--label-level", dest="label_level", type=_integer, default=None,
+    rules.add_argument("--label_level", "--label-level", dest="label_level", type=integer, default=None,
                        help="take the label from the N-th folder up (1 = the image's own folder); default: the "
                             "nearest folder that looks like a stage (refused when that is a guess)")
-    rules.add_argument("--group_regex", "--group-regex", dest="group_regex", type=_regex_text, default=None,
+    rules.add_argument("--group_regex", "--group-regex", dest="group_regex", type=regex_text, default=None,
                        help="regex with a named group 'group' on each image's path below the channel, e.g. "
                             "'^(?P<group>[^/]+)/'; needed to draw the validation split from a folder channel")
 
     add_config_options(parser)
 
 
+# imaging.PreprocessConfig's fields, explained for --help and docs/hyperparameters.md (field
+# metadata, as TrainConfig's and AugmentConfig's, once imaging.py carries them).
+PREPROCESS_HELP = {
+    "height": "model input height in pixels (>= 8); embryos are about 2.5:1, so 96 x 240 keeps their shape",
+    "width": "model input width in pixels (>= 8); the image is resized with its aspect kept and padded with black",
+    "channels": "1 = grey (an RGB image becomes grey as grey_from says) or 3 = RGB (a grey image is repeated)",
+    "low_percentile": "contrast stretch: this percentile of each image's intensities becomes black (0-100)",
+    "high_percentile": "contrast stretch: this percentile becomes white (above low_percentile, up to 100)",
+    "background": "dark (fluorescence: bright embryo on black), light (brightfield: dark embryo on white, "
+                  "inverted), or auto (decided per image from its corners)",
+    "grey_from": "how an RGB image becomes grey: luminance, red, green, blue, or auto (blue for brightfield, "
+                 "which shows the embryo with little of the in situ stain; luminance for fluorescence)",
+    "mask": "set everything outside the embryo to black",
+    "align": "rotate each image so that the embryo's long axis is horizontal",
+    "crop": "cut each image to the embryo's bounding box (plus margin) before resizing",
+    "margin": "crop: margin around the embryo's bounding box, as a fraction of its size on each side (0-1)",
+    "page": "which page of a multi-page TIFF to read (0 = the first)",
+}
+
+
+def option_groups() -> list[tuple[str, str, list[Option]]]:
+    """The hyperparameters as ``flystage train`` groups them: (title, description, options),
+    one group per config object, defaults and helps from the configs."""
+    defaults = TrainConfig()
+    return [
+        ("training hyperparameters", "the model, how it is trained, and the run (TrainConfig)",
+         list(field_options(defaults, {"preprocess", "augment"}))),
+        ("preprocessing", "how every image becomes the model input, in training and in serving alike "
+         "(PreprocessConfig, stored in the model)", list(field_options(defaults.preprocess, helps=PREPROCESS_HELP))),
+        ("augmentation", "random changes to each training image; every p_* is a per-image probability "
+         "(AugmentConfig)", list(field_options(defaults.augment))),
+    ]
+
+
+def hyperparameters_markdown() -> str:
+    """The hyperparameters table of docs/hyperparameters.md: one section per group."""
+    return "\n".join(f"### {title}\n\n{description[0].upper()}{description[1:]}.\n\n{markdown_table(options)}"
+                     for title, description, options in option_groups())
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig, PreprocessConfig and AugmentConfig field, plus
     ``--preprocess``/``--augment`` for a whole config; ``config_from_args`` reads them back.
     Shared by ``flystage train`` and every command that trains (``crossval``)."""
-    defaults = TrainConfig()
-    hp = parser.add_argument_group("training hyperparameters")
-    _add_dataclass_options(hp, defaults, "", {"preprocess", "augment"})
-    _add_dataclass_options(parser.add_argument_group("preprocessing"), defaults.preprocess, "", set())
-    _add_dataclass_options(parser.add_argument_group("augmentation"), defaults.augment, "", set())
-    parser.add_argument("--preprocess", dest="preprocess_json", type=_mapping, default=None,
+    for title, description, options in option_groups():
+        add_options(parser.add_argument_group(title, description), options)
+    parser.add_argument("--preprocess", dest="preprocess_json", type=mapping, default=None,
                         help="the whole preprocessing config as JSON (single options override it)")
     parser.add_argument("--augment", dest="augment_json", type=_augment_mapping, default=None,
                         help="the whole augmentation config as JSON, or 'off' (single options override it)")
@@ -776,23 +751,10 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed options: defaults, then JSON configs, then single options."""
     defaults = TrainConfig()
-
-    def merged(instance: Any, json_dict: dict | None, prefix: str) -> dict[str, Any]:
-        values = dataclasses.asdict(instance)
-        for key, value in (json_dict or {}).items():
-            # key=value text: typed like the default ("True" -> True, "64" -> 64).
-            default = values.get(key)
-            values[key] = _argument_type(default)(value) if isinstance(value, str) and default is not None else value
-        for f in dataclasses.fields(instance):
-            given = getattr(args, prefix + f.name, None)
-            if given is not None:
-                values[f.name] = given
-        return values
-
-    top = merged(defaults, None, "")
+    top = dataclass_values(defaults, args)
     try:
-        top["preprocess"] = PreprocessConfig.from_dict(merged(defaults.preprocess, args.preprocess_json, ""))
-        top["augment"] = AugmentConfig.from_dict(merged(defaults.augment, args.augment_json, ""))
+        top["preprocess"] = PreprocessConfig.from_dict(dataclass_values(defaults.preprocess, args, args.preprocess_json))
+        top["augment"] = AugmentConfig.from_dict(dataclass_values(defaults.augment, args, args.augment_json))
         if not top["threads"]:
             top["threads"] = int(os.environ.get("SM_NUM_CPUS", 0))
         return TrainConfig(**top)
@@ -935,7 +897,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The SageMaker training program: ``train_flystage.py --key value ...``."""
-    parser = _ArgumentParser(prog="train_flystage.py", description="Train a flystage stage classifier.")
+    parser = ArgumentParser(prog="train_flystage.py", description="Train a flystage stage classifier.")
     configure_parser(parser)
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -15,6 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
+from flystage.options import parse_bool
+
 
 class CloudError(RuntimeError):
     """The one error type of the cloud targets; the message says what to do."""
@@ -124,14 +126,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
     kind = type(getattr(Settings(), name))
     try:
         if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(value)
+            return parse_bool(value) if str(value).strip() else False  # FLYSTAGE_SPOT= (empty) is off
         if kind is int:
             if isinstance(value, bool):
                 raise ValueError(value)
