@@ -4,9 +4,9 @@ Read it top to bottom, like torchvision's references/classification/train.py:
 
 1. ``TrainConfig``: every hyperparameter with its default and its one-line help (change
    defaults here only).
-2. ``fit``: data (cached, augmented, balanced), model, optimiser and schedule, the epoch loop
-   with one metric line per epoch, early stopping on valid top-1 (then loss), a checkpoint every epoch
-   (resumed on restart), and a clean stop on SIGTERM.
+2. ``fit``: data (cached, augmented, balanced), model, optimiser and schedule, then the epoch
+   loop (``train_one_epoch``, one metric line per epoch, early stopping on valid top-1 (then
+   loss), a ``TrainState`` checkpoint every epoch, resumed on restart, and a clean stop on SIGTERM).
 3. ``main`` / ``run``: arguments (``flystage.options``: one option per config field, grouped as
    the configs are) and the SageMaker environment (``SM_*``), data-parallel
    training over ``SM_HOSTS`` (torch.distributed, gloo), the model artefact, and the
@@ -24,6 +24,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -330,6 +331,52 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int) -> d
     return {"valid_loss": loss_sum / n, "valid_top1": top1 / n, "valid_top3": top3 / n}
 
 
+@dataclass
+class TrainState:
+    """How far the epoch loop is. With the model, optimiser and schedule it is what a
+    checkpoint holds: plain tensors and Python types, so ``torch.load(weights_only=True)``
+    reads it back."""
+
+    epoch: int = 0  # the last finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)  # one metric dict per epoch
+    best: dict[str, float] | None = None  # the history entry of the best epoch
+    best_state: dict[str, torch.Tensor] | None = None  # the model's weights after the best epoch
+    bad_epochs: int = 0  # epochs since the best one
+    samples_seen: int = 0  # training samples this process saw in this run (not checkpointed)
+
+    def record(self, entry: dict[str, float], model: nn.Module) -> None:
+        """A finished epoch; its weights are kept when it is the best so far."""
+        self.history.append(entry)
+        self.epoch = int(entry["epoch"])
+        if _is_better(entry, self.best):
+            self.best, self.bad_epochs = dict(entry), 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.bad_epochs += 1
+
+    def out_of_patience(self, config: TrainConfig) -> bool:
+        return bool(config.patience) and self.bad_epochs >= config.patience
+
+    def checkpoint(self, labels: list[str], config: TrainConfig, model: nn.Module,
+                   optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+        """The checkpoint (format ``CHECKPOINT_FORMAT``) after ``self.epoch``."""
+        return {
+            "format": CHECKPOINT_FORMAT, "epoch": self.epoch, "labels": labels, "config": config.to_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "history": self.history, "best": self.best, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
+        }
+
+    @classmethod
+    def restore(cls, checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any) -> "TrainState":
+        """Load a checkpoint's weights, optimiser and schedule; return its progress."""
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        return cls(checkpoint["epoch"], checkpoint["history"], checkpoint["best"], checkpoint["best_state"],
+                   checkpoint["bad_epochs"])
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically: a reader (or a restart after SIGKILL) sees the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,6 +424,146 @@ def _labels_and_cache(train_records: Sequence[Record], valid_records: Sequence[R
     return list(labels), image_cache
 
 
+def _resume(path: Path | None, labels: list[str], config: TrainConfig, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: Any, say: Callable[[str], None]) -> TrainState:
+    """The run's state from the checkpoint at ``path`` (weights, optimiser and schedule loaded),
+    or a fresh one. Rank 0's checkpoint is the truth (only rank 0 writes one): it is broadcast,
+    and its error stops every rank."""
+    rank, world = _dist_info()
+    saved, error = None, None
+    if rank == 0 and path is not None and path.is_file():
+        try:
+            saved = _load_checkpoint(path, labels, config)
+        except DataError as exc:
+            error = exc
+    if world > 1:
+        shared = [saved, str(error) if error else None]
+        dist.broadcast_object_list(shared, src=0)
+        saved, error = shared[0], (error or (DataError(shared[1]) if shared[1] else None))
+    if error is not None:
+        raise error
+    if saved is None:
+        return TrainState()
+    state = TrainState.restore(saved, model, optimizer, scheduler)
+    best = state.best
+    say(f"resuming from checkpoint {path} after epoch {state.epoch}"
+        + (f" (best valid_top1={best['valid_top1']:.4f} at epoch {best['epoch']})" if best else ""))
+    return state
+
+
+def _save_state(path: Path | None, state: TrainState, labels: list[str], config: TrainConfig, model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Rank 0 checkpoints the run to ``path`` (None: no checkpoints)."""
+    if path is not None and _dist_info()[0] == 0:
+        _save_checkpoint(path, state.checkpoint(labels, config, model, optimizer, scheduler))
+
+
+def _stop_requested(world: int) -> bool:
+    """SIGTERM on any rank: every rank must stop at the same step, or the others would wait in
+    all-reduce."""
+    return _all_reduce_sum([float(STOP.is_set())])[0] > 0 if world > 1 else STOP.is_set()
+
+
+def _best_so_far(state: TrainState, model: nn.Module, setup: Any, labels: list[str],
+                 config: TrainConfig) -> FitResult | None:
+    """A copy of the model at its best epoch so far: a stopped job (MaxRuntime, tuning early
+    stop, spot) still leaves a usable model. None before the first finished epoch."""
+    if state.best_state is None:
+        return None
+    best_model = copy.deepcopy(model)
+    best_model.load_state_dict(state.best_state)
+    return FitResult(setup.finish(best_model).eval(), labels, list(state.history), dict(state.best), config,
+                     state.samples_seen, spec=config.model_spec())
+
+
+def _setup(train_records: Sequence[Record], valid_records: Sequence[Record], config: TrainConfig,
+           labels: Sequence[str] | None, image_cache: ImageCache | None,
+           say: Callable[[str], None]) -> tuple[list[str], Any]:
+    """The label order and the mode's setup (flystage.modes): what is trained on which samples,
+    augmented images or a frozen backbone's cached features. Images are preprocessed once and
+    augmented per sample; the label order is the stage order."""
+    if not train_records or not valid_records:
+        raise DataError(f"need training and validation images; got {len(train_records)} and {len(valid_records)}")
+    labels, image_cache = _labels_and_cache(train_records, valid_records, config, labels, image_cache)
+    untrained = sorted(set(labels) - {r.label for r in train_records})
+    if untrained:
+        say(f"warning: no training images for label(s) {untrained}: the model cannot learn them")
+    t0 = time.perf_counter()
+    _seed_everything(config.seed)
+    setup = SETUPS[config.mode_of()](train_records, valid_records, labels, image_cache, config, say)
+    say(f"data: {len(train_records)} train, {len(valid_records)} valid images, labels {labels}, "
+        f"ready in {time.perf_counter() - t0:.1f} s")
+    return labels, setup
+
+
+def _loaders(setup: Any, config: TrainConfig) -> tuple[Any, DataLoader, DataLoader]:
+    """The training sampler and loader (this rank's share of the batch) and this rank's shard
+    of the validation set."""
+    rank, world = _dist_info()
+    sampler = make_sampler(setup.targets, config.balance, rank, world, config.seed)
+    per_rank_batch = max(1, config.batch_size // world)
+    # BatchNorm cannot train on a batch of one: drop a last batch of exactly one.
+    drop_last = len(sampler) % per_rank_batch == 1 and len(sampler) > 1
+    loader_args = dict(num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None)
+    train_loader = DataLoader(setup.train_set, per_rank_batch, sampler=sampler, drop_last=drop_last, **loader_args)
+    valid_shard = Subset(setup.valid_set, range(rank, len(setup.valid_set), world))
+    valid_loader = DataLoader(valid_shard, per_rank_batch * 2, shuffle=False, **loader_args)
+    return sampler, train_loader, valid_loader
+
+
+def train_one_epoch(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    loader: DataLoader, penalty: Callable[[], torch.Tensor] | None, epoch: int,
+                    config: TrainConfig) -> tuple[float, float, bool]:
+    """One pass over ``loader``, stepping the optimiser and the schedule every batch. Returns
+    this process's summed loss and sample count, and whether a stop was requested (the epoch
+    then ends after the step that saw it)."""
+    rank, world = _dist_info()
+    net.train()
+    loss_sum = seen = 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if rank == 0 else True)
+    for x, y in bar:
+        loss = criterion(net(x), y)
+        if penalty is not None:
+            loss = loss + penalty()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if _stop_requested(world):
+            bar.close()
+            return loss_sum, seen, True
+    return loss_sum, seen, False
+
+
+def _finish_epoch(epoch: int, loss_sum: float, seen: float, t0: float, model: nn.Module, valid_loader: DataLoader,
+                  num_classes: int, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                  say: Callable[[str], None]) -> dict[str, float]:
+    """The epoch's history entry (training loss over every process, validation metrics, learning
+    rate, speed), said as the metric line and a line of speed."""
+    train_seconds = time.perf_counter() - t0
+    train_loss_sum, train_n = _all_reduce_sum([loss_sum, seen])
+    entry = {"epoch": epoch, "train_loss": train_loss_sum / train_n}
+    # The bare model: DDP's forward would sync buffers, and ranks may hold unequal shares.
+    entry.update(evaluate_loader(model, valid_loader, num_classes))
+    entry["lr"] = optimizer.param_groups[0]["lr"]
+    entry["seconds"] = time.perf_counter() - t0
+    entry["images_per_second"] = train_n / train_seconds
+    say(metric_line(entry))
+    say(f"epoch {epoch}/{config.epochs}: {int(train_n)} images in {train_seconds:.1f} s "
+        f"({entry['images_per_second']:.1f} images/s), lr {entry['lr']:.2e}")
+    return entry
+
+
+def _plan_line(config: TrainConfig, model: nn.Module, train_loader: DataLoader, world: int) -> str:
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"training {config.arch} ({config.mode_of()}: {trained:,} trained parameters) for {config.epochs} epochs, "
+            f"{len(train_loader)} steps of {train_loader.batch_size} x {world} images, {config.optimizer} lr "
+            f"{config.learning_rate:g}, {config.scheduler}, balance {config.balance}, {torch.get_num_threads()} threads")
+
+
 def fit(
     train_records: Sequence[Record],
     valid_records: Sequence[Record],
@@ -399,165 +586,61 @@ def fit(
     Raises ``TrainingStopped`` on SIGTERM (``STOP``) or at ``config.stop_after_epoch``.
     """
     rank, world = _dist_info()
-    is_main = rank == 0
-    say = log if is_main else (lambda line: None)
+    say = log if rank == 0 else (lambda line: None)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
 
-    # Data: the label order is the stage order; preprocess once, augment per sample.
-    if not train_records or not valid_records:
-        raise DataError(f"need training and validation images; got {len(train_records)} and {len(valid_records)}")
-    labels, image_cache = _labels_and_cache(train_records, valid_records, config, labels, image_cache)
-    untrained = sorted(set(labels) - {r.label for r in train_records})
-    if untrained:
-        say(f"warning: no training images for label(s) {untrained}: the model cannot learn them")
-    t0 = time.perf_counter()
-    # The mode (flystage.modes) decides what is trained on which samples: augmented images, or
-    # a frozen backbone's cached features.
-    _seed_everything(config.seed)
-    setup = SETUPS[config.mode_of()](train_records, valid_records, labels, image_cache, config, say)
-    train_set, valid_set, model = setup.train_set, setup.valid_set, setup.model
-    say(f"data: {len(train_records)} train, {len(valid_records)} valid images, labels {labels}, "
-        f"ready in {time.perf_counter() - t0:.1f} s")
-
+    labels, setup = _setup(train_records, valid_records, config, labels, image_cache, say)
+    model = setup.model
     if setup.solved:
         return _solved(setup, labels, config, say)
-
-    sampler = make_sampler(setup.targets, config.balance, rank, world, config.seed)
-    per_rank_batch = max(1, config.batch_size // world)
-    # BatchNorm cannot train on a batch of one: drop a last batch of exactly one.
-    drop_last = len(sampler) % per_rank_batch == 1 and len(sampler) > 1
-    loader_args = dict(num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None)
-    train_loader = DataLoader(train_set, per_rank_batch, sampler=sampler, drop_last=drop_last, **loader_args)
-    valid_shard = Subset(valid_set, range(rank, len(valid_set), world))
-    valid_loader = DataLoader(valid_shard, per_rank_batch * 2, shuffle=False, **loader_args)
+    sampler, train_loader, valid_loader = _loaders(setup, config)
 
     # Loss, optimiser, schedule. The same seed on every rank gave the same initial weights
-    # (DDP also broadcasts rank 0's).
+    # (DDP also broadcasts rank 0's). Then resume after an interruption.
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     weight = class_weights(setup.targets, len(labels)) if config.balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     optimizer = make_optimizer(setup.param_groups, config)
-    steps_per_epoch = len(train_loader)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
-
-    # Resume after an interruption.
+    scheduler = make_scheduler(optimizer, config, len(train_loader))
     checkpoint = Path(work_dir) / CHECKPOINT_FILE if work_dir is not None else None
-    start_epoch, history, best, best_state, bad_epochs = 0, [], None, None, 0
-    state, error = None, None
-    if is_main and checkpoint is not None and checkpoint.is_file():
-        try:
-            state = _load_checkpoint(checkpoint, labels, config)
-        except DataError as exc:
-            error = exc
-    if world > 1:
-        # Rank 0's checkpoint is the truth (only rank 0 writes one); its error stops everyone.
-        shared = [state, str(error) if error else None]
-        dist.broadcast_object_list(shared, src=0)
-        state, error = shared[0], (error or (DataError(shared[1]) if shared[1] else None))
-    if error is not None:
-        raise error
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        best_state, bad_epochs = state["best_state"], state["bad_epochs"]
-        say(f"resuming from checkpoint {checkpoint} after epoch {start_epoch}"
-            + (f" (best valid_top1={best['valid_top1']:.4f} at epoch {best['epoch']})" if best else ""))
+    state = _resume(checkpoint, labels, config, model, optimizer, scheduler, say)
+    run = (labels, config, model, optimizer, scheduler)  # what a checkpoint saves besides the state
+    best_so_far = functools.partial(_best_so_far, state, model, setup, labels, config)
 
-    def save(epoch: int) -> None:
-        if checkpoint is None or not is_main:
-            return
-        _save_checkpoint(checkpoint, {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch, "labels": labels, "config": config.to_dict(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "history": history, "best": best,
-            "best_state": best_state, "bad_epochs": bad_epochs,
-        })
-
-    def best_so_far() -> FitResult | None:
-        # A stopped job (MaxRuntime, tuning early stop, spot) still leaves a usable model.
-        if best_state is None:
-            return None
-        best_model = copy.deepcopy(model)
-        best_model.load_state_dict(best_state)
-        return FitResult(setup.finish(best_model).eval(), labels, list(history), dict(best), config, samples_seen,
-                         spec=config.model_spec())
-
-    def stop_requested() -> bool:
-        # Every rank must stop at the same step, or the others would wait in all-reduce.
-        return _all_reduce_sum([float(STOP.is_set())])[0] > 0 if world > 1 else STOP.is_set()
-
-    say(f"training {config.arch} ({config.mode_of()}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-        f"trained parameters) for "
-        f"{config.epochs} epochs, {steps_per_epoch} steps of {per_rank_batch} x {world} images, "
-        f"{config.optimizer} lr {config.learning_rate:g}, {config.scheduler}, balance {config.balance}, "
-        f"{torch.get_num_threads()} threads")
-    samples_seen = 0
-    stopped_early = bool(config.patience) and bad_epochs >= config.patience  # a resumed, finished run
-    for epoch in range(start_epoch + 1, 0 if stopped_early else config.epochs + 1):
+    say(_plan_line(config, model, train_loader, world))
+    for epoch in range(state.epoch + 1, 0 if state.out_of_patience(config) else config.epochs + 1):
         # Reseeding from (seed, rank, epoch) makes a resumed run draw what the original would.
         _seed_everything(config.seed + 1000 * rank + epoch)
         sampler.set_epoch(epoch)
-        net.train()
         t0 = time.perf_counter()
-        loss_sum = seen = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if is_main else True)
-        for x, y in bar:
-            loss = criterion(net(x), y)
-            if setup.penalty is not None:
-                loss = loss + setup.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if stop_requested():
-                bar.close()
-                # The epoch is incomplete: the checkpoint says the one before, so a restart
-                # runs this epoch again (from the weights reached so far).
-                save(epoch - 1)
-                samples_seen += int(seen)
-                say(f"SIGTERM: stopped in epoch {epoch} after a step; "
-                    + (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint dir, nothing saved"))
-                raise TrainingStopped(f"stopped by SIGTERM in epoch {epoch}", epoch - 1, checkpoint, best_so_far())
-        samples_seen += int(seen)
-        train_seconds = time.perf_counter() - t0
-        train_loss_sum, train_n = _all_reduce_sum([loss_sum, seen])
-
-        entry = {"epoch": epoch, "train_loss": train_loss_sum / train_n}
-        # The bare model: DDP's forward would sync buffers, and ranks may hold unequal shares.
-        entry.update(evaluate_loader(model, valid_loader, len(labels)))
-        entry["lr"] = optimizer.param_groups[0]["lr"]
-        entry["seconds"] = time.perf_counter() - t0
-        entry["images_per_second"] = train_n / train_seconds
-        history.append(entry)
-        say(metric_line(entry))
-        say(f"epoch {epoch}/{config.epochs}: {int(train_n)} images in {train_seconds:.1f} s "
-            f"({entry['images_per_second']:.1f} images/s), lr {entry['lr']:.2e}")
-        if _is_better(entry, best):
-            best, bad_epochs = dict(entry), 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-        save(epoch)
-        if config.patience and bad_epochs >= config.patience:
-            say(f"early stop: no better valid_top1 for {bad_epochs} epochs (best {best['valid_top1']:.4f} at epoch {best['epoch']})")
+        loss_sum, seen, stopped = train_one_epoch(net, criterion, optimizer, scheduler, train_loader, setup.penalty,
+                                                  epoch, config)
+        state.samples_seen += int(seen)
+        if stopped:
+            # The checkpoint says epoch - 1: a restart runs this epoch again, from the weights reached so far.
+            _save_state(checkpoint, state, *run)
+            say(f"SIGTERM: stopped in epoch {epoch} after a step; "
+                + (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint dir, nothing saved"))
+            raise TrainingStopped(f"stopped by SIGTERM in epoch {epoch}", state.epoch, checkpoint, best_so_far())
+        entry = _finish_epoch(epoch, loss_sum, seen, t0, model, valid_loader, len(labels), optimizer, config, say)
+        state.record(entry, model)
+        _save_state(checkpoint, state, *run)
+        if state.out_of_patience(config):
+            say(f"early stop: no better valid_top1 for {state.bad_epochs} epochs (best {state.best['valid_top1']:.4f} "
+                f"at epoch {state.best['epoch']})")
             break
         if config.stop_after_epoch and epoch >= config.stop_after_epoch and epoch < config.epochs:
             say(f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to {checkpoint}")
             raise TrainingStopped(f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint, best_so_far())
 
-    if best_state is None:  # resumed from a checkpoint of a run that had already finished
+    if state.best_state is None:  # resumed from a checkpoint of a run that had already finished
         raise DataError(f"{checkpoint} holds no trained epoch; remove it and train again")
-    model.load_state_dict(best_state)
-    model = setup.finish(model).eval()
-    say(f"best epoch {best['epoch']}: valid_top1={best['valid_top1']:.4f} valid_top3={best['valid_top3']:.4f} "
-        f"valid_loss={best['valid_loss']:.4f}")
-    return FitResult(model, labels, history, best, config, samples_seen, spec=config.model_spec())
+    model.load_state_dict(state.best_state)
+    say(f"best epoch {state.best['epoch']}: valid_top1={state.best['valid_top1']:.4f} "
+        f"valid_top3={state.best['valid_top3']:.4f} valid_loss={state.best['valid_loss']:.4f}")
+    return FitResult(setup.finish(model).eval(), labels, state.history, state.best, config, state.samples_seen,
+                     spec=config.model_spec())
 
 
 def _solved(setup: Any, labels: list[str], config: TrainConfig, say: Callable[[str], None]) -> FitResult:
