@@ -171,7 +171,7 @@ def test_deploy_predict_and_predict_a_folder_with_rename(session, folder_model: 
     from flystage.predict import undo_renames
 
     started = time.perf_counter()
-    model = Model(image_uri=SERVE_IMAGE, model_data=fs.unpacked_model_data(folder_model, tmp_path / "model"),
+    model = Model(image_uri=SERVE_IMAGE, model_data=folder_model,
                   role=fs.LOCAL_ROLE, predictor_cls=fs.FlystagePredictor, sagemaker_session=session,
                   name="flystage-sdk-test-deploy")
     predictor = model.deploy(initial_instance_count=1, instance_type="local")
@@ -208,7 +208,7 @@ def test_batch_transform(session, folder_model: str, folder_channel: Path, tmp_p
 
     started = time.perf_counter()
     name = "flystage-sdk-test-transform"
-    Model(image_uri=SERVE_IMAGE, model_data=fs.unpacked_model_data(folder_model, tmp_path / "model"),
+    Model(image_uri=SERVE_IMAGE, model_data=folder_model,
           role=fs.LOCAL_ROLE, sagemaker_session=session, name=name).create(instance_type="local")
     batch = tmp_path / "batch"
     batch.mkdir()

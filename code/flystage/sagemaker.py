@@ -14,7 +14,7 @@ What an SDK user would otherwise copy by hand, each from the one place flystage 
 - :class:`ImageSerializer`, :class:`TopKDeserializer` and ``FlystagePredictor`` (an SDK
   ``Predictor``): TIFF/PNG/JPEG/BMP bytes or file paths in, the top-k ``(stage, probability)``
   pairs out, in the serve image's formats (``flystage.serving.codec``; the client side is
-  ``flystage.cloud.hosting``); ``FlystagePredictor.predict_folder`` writes the CSV/JSON of a
+  ``flystage.serving.client``); ``FlystagePredictor.predict_folder`` writes the CSV/JSON of a
   folder and renames the files as ``flystage predict --rename`` does.
 
 Importing this module does not need the SDK (``pip install 'flystage[sdk]'``); only the SDK
@@ -35,11 +35,11 @@ Example (local mode; on AWS use ``ml.m5.xlarge`` and the ECR URIs)::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from flystage import jobdef
+from flystage.serving.client import content_type, parse_answer, predict_each
 
 METRIC_DEFINITIONS: list[dict[str, str]] = jobdef.METRIC_DEFINITIONS
 OBJECTIVE_METRIC: str = jobdef.OBJECTIVE_METRIC
@@ -124,27 +124,6 @@ def folder_hyperparameters(label_regex: str | None = None, label_level: int | No
     return {**{k: v for k, v in rules.items() if v is not None}, **others}
 
 
-def unpacked_model_data(model_data: str | Path, dest: str | Path) -> str:
-    """``file://`` URI of a folder holding just the model of a local ``model.tar.gz``, for
-    ``Model(model_data=...)`` with ``instance_type="local"``.
-
-    The SDK's local mode mounts the *folder* of a ``file://`` ``model.tar.gz`` as
-    ``/opt/ml/model`` and unpacks the archive there, so the container also sees the archive and
-    the job's ``output.tar.gz`` beside the model; SageMaker's hosting gives the model files
-    only, and the serve image refuses anything else. Unpacked into ``dest`` (emptied first;
-    ``filter="data"``: no absolute paths, links out of the folder or device files)."""
-    import shutil
-    import tarfile
-
-    archive = Path(str(model_data).removeprefix("file://")).expanduser().resolve()
-    dest = Path(dest).expanduser().resolve()
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(dest, filter="data")
-    return f"file://{dest}"
-
-
 def remove_local_containers(container_root: str | Path) -> int:
     """Remove the containers the SDK's local mode made under ``container_root`` (the
     ``local.container_root`` of a ``LocalSession``'s config, where its docker-compose projects
@@ -189,16 +168,9 @@ class ImageSerializer:
         return _body(data)
 
 
-def content_type(body: bytes) -> str:
-    """The image's MIME type from its magic bytes (``flystage.cloud.hosting.content_type``)."""
-    from flystage.cloud.hosting import content_type as sniffed
-
-    return sniffed(body)
-
-
 class TopKDeserializer:
     """An SDK deserializer (``ACCEPT``, ``deserialize``): the serve image's JSON answer ->
-    ``[(stage, probability), ...]``, best first (``flystage.cloud.hosting.parse_top``). An image
+    ``[(stage, probability), ...]``, best first (``flystage.serving.client.parse_answer``). An image
     the model could not read raises ValueError with the server's message."""
 
     ACCEPT = ("application/json",)
@@ -208,24 +180,19 @@ class TopKDeserializer:
         return self.ACCEPT
 
     def deserialize(self, stream: Any, content_type: str = "application/json") -> list[tuple[str, float]]:
-        from flystage.cloud.hosting import parse_top
-
         try:
             raw = stream.read() if hasattr(stream, "read") else stream
         finally:
             if hasattr(stream, "close"):
                 stream.close()
-        payload = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-        if isinstance(payload, dict) and payload.get("error") and "predictions" not in payload:
-            raise ValueError(f"{payload.get('status', '')} {payload['error']}".strip())
-        return parse_top(payload)
+        return parse_answer(raw)
 
 
 def _predictor_class():
     _sdk()
     from sagemaker.predictor import Predictor
 
-    from flystage.predict import Prediction, add_output_arguments, run_with
+    from flystage.predict import add_output_arguments, run_with
 
     class FlystagePredictor(Predictor):
         """An SDK ``Predictor`` for a flystage endpoint (real or ``instance_type="local"``).
@@ -249,16 +216,15 @@ def _predictor_class():
             return super().predict(body, initial_args=args, **kwargs)
 
         def predict_sources(self, sources: Sequence[Any], k: int = 3, names: Sequence[str] | None = None) -> list:
-            names = names or [f"<image {i}>" if isinstance(s, (bytes, bytearray)) else str(s) for i, s in enumerate(sources)]
-            out = []
-            for source, name in zip(sources, names):
+            def send(body: bytes, k: int) -> list[tuple[str, float]]:
                 try:
-                    out.append(Prediction(name, top=self.predict(source, k=k)))
-                except OSError as err:
-                    out.append(Prediction(name, error=f"{name}: cannot read ({err.strerror}); check the file"))
-                except Exception as err:  # a 4xx from the server (unreadable image): that image only
-                    out.append(Prediction(name, error=f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"))
-            return out
+                    return self.predict(body, k=k)
+                except ValueError:
+                    raise
+                except Exception as err:  # the SDK's error for a 4xx (botocore's ModelError, local mode's own)
+                    raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+            return predict_each(sources, send, k, names)
 
         def predict_folder(self, folder: str | Path, out: str | Path = "predictions.csv", *, rename: bool = False,
                            k: int = 3, force: bool = False, unsure_below: float | None = None) -> int:
