@@ -116,7 +116,7 @@ def _tiff_ifd(width: int, height: int, strips: list[bytes], rows_per_strip: int,
 
 @lru_cache(maxsize=None)
 def float64_rgb_bomb(size: int = 5000, rows_per_strip: int = 50) -> bytes:
-    """Issue 8's bomb: a ``size`` x ``size`` float64 RGB zlib TIFF (25 MP: inside the serving pixel
+    """Issue 8's bomb: a ``size`` x ``size`` float64 RGB zlib TIFF (25 MP: inside the pixel
     limit) that decodes to 600 MB, in about 600 KB; one zero strip compressed once and repeated."""
     strip = zlib.compress(bytes(rows_per_strip * size * 3 * 8), 9)
     strips = [strip] * (size // rows_per_strip)
@@ -251,7 +251,7 @@ def image_bytes_cases(include_bombs: bool = True) -> list[ImageCase]:
         ImageCase("PNG bomb: 10001 x 10000 zeros (over 100 MP)", png_of(10_001, 10_000), bomb=True),
     ]
     if include_bombs:
-        # 64 MP (inside the reader's 100 MP default) but 1.4 GiB decoded (over the CLI's 1 GiB
+        # 64 MP (inside the 100 MP default) but 1.4 GiB decoded (over the 512 MiB
         # FLYSTAGE_MAX_DECODED_MB), from about 1 MB: refused from the header.
         cases.append(ImageCase("TIFF bomb: 8000 x 8000 float64 RGB zlib (1.4 GiB decoded)", float64_rgb_bomb(8000), bomb=True))
     return cases
@@ -599,11 +599,12 @@ def http_cases(max_payload_mb: int = 6) -> list[HttpCase]:
         cases.append(HttpCase(f"raw {case.name}", case.data, {"Content-Type": "application/octet-stream"}, bomb=case.bomb))
     tiff = valid_images()["tiff"]
     cases += [
-        # 25 MP (inside the serving pixel limit), 600 MB decoded, 586 KB sent: issue 8 item 12's bomb.
+        # 25 MP (inside the pixel limit), 600 MB decoded, 586 KB sent: issue 8 item 12's bomb.
         HttpCase("TIFF bomb as image/tiff", float64_rgb_bomb(), {"Content-Type": "image/tiff"}, bomb=True),
         HttpCase("TIFF bomb in JSON", _b64_json(float64_rgb_bomb()), {"Content-Type": "application/json"}, bomb=True),
         HttpCase("PNG bomb 10001 x 10000 as image/png", png_of(10_001, 10_000), {"Content-Type": "image/png"}, bomb=True),
-        HttpCase("PNG 6000 x 6000 (over the 25 MP serving limit)", png_of(6000, 6000), {"Content-Type": "image/png"}, bomb=True),
+        HttpCase("PNG 9000 x 9000 16-bit RGB (81 MP, over the decoded-size limit)", png_of(9000, 9000, bit_depth=16, colour=2),
+                 {"Content-Type": "image/png"}, bomb=True),
         HttpCase("empty body", b"", {"Content-Type": "image/tiff"}),
         HttpCase("no Content-Type", tiff),
         HttpCase("text/plain", tiff, {"Content-Type": "text/plain"}),

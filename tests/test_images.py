@@ -167,17 +167,17 @@ def _float64_bomb() -> bytes:
     import numpy as np
     import tifffile
 
-    # 5000 x 5000 float64 RGB: inside the 25 MP limit, 572 MiB decoded, 0.6 MB as zlib TIFF.
+    # 5000 x 5000 float64 RGB: inside the pixel limit, 572 MiB decoded, 0.6 MB as zlib TIFF.
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((5000, 5000, 3), np.float64), photometric="rgb", compression="zlib")
     return buffer.getvalue()
 
 
 def _huge_png() -> bytes:
-    import numpy as np
+    from hostile_corpus import png_of
 
-    # 6000 x 6000 = 36 MP (over the 25 MP default) but a small file: a decompression bomb.
-    return encoded(np.zeros((6000, 6000), np.uint8), ".png")
+    # 10001 x 10000: over the 100 MP default, in a 100 KB file: a decompression bomb.
+    return png_of(10_001, 10_000)
 
 
 BAD_REQUESTS = {

@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 import tifffile
 
+from flystage.options import option
+
 __all__ = [
     "ImageError",
     "MAX_PIXELS",
@@ -57,14 +59,17 @@ __all__ = [
     "letterbox",
 ]
 
-# A decompression bomb guard: no microscopy image we stage is anywhere near this. The serve
-# image can lower it with FLYSTAGE_MAX_PIXELS.
-MAX_PIXELS = int(os.environ.get("FLYSTAGE_MAX_PIXELS", 100_000_000))
-# Pixels alone do not bound memory: a 25 MP float64 RGB TIFF is 600 MB decoded and zlib
-# squeezes it into 600 KB. So the decoded size (samples x bytes per sample) has its own limit,
-# checked from the header before decoding. 1 GB holds a 100 MP 16-bit RGB image; the serve
-# image lowers it (flystage.serving.settings).
-MAX_DECODED_MB = int(os.environ.get("FLYSTAGE_MAX_DECODED_MB", 1024))
+# Decompression bomb guards, one default for the command line and the serve image (the
+# environment variables change both). No embryo image is anywhere near 100 MP, yet a 36 MP
+# camera frame of a whole slide is fine. Pixels alone do not bound memory: a 25 MP float64 RGB
+# TIFF is 572 MiB decoded and zlib squeezes it into 600 KB, so the decoded size (samples x
+# bytes per sample) has its own limit, checked from the header before decoding. 512 MiB holds
+# a 100 MP 16-bit grey or 8-bit RGB image; decoding and preprocessing take about 3 times the
+# decoded size at their peak.
+DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_DECODED_MB = 512
+MAX_PIXELS = int(os.environ.get("FLYSTAGE_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+MAX_DECODED_MB = int(os.environ.get("FLYSTAGE_MAX_DECODED_MB", DEFAULT_MAX_DECODED_MB))
 
 SUPPORTED = "TIFF, PNG, BMP or JPEG"
 
@@ -434,18 +439,44 @@ class PreprocessConfig:
 
     # 96x240 measured best for the default model (docs/accuracy.md: larger inputs were no
     # better for the pretrained probe); the aspect is the embryo's, about 2.5:1.
-    height: int = 96
-    width: int = 240
-    channels: int = 1
-    low_percentile: float = 1.0
-    high_percentile: float = 99.5
-    background: str = "auto"
-    grey_from: str = "auto"
-    mask: bool = True
-    align: bool = True
-    crop: bool = True
-    margin: float = 0.05
-    page: int = 0
+    height: int = option(
+        96,
+        "model input height in pixels (>= 8); embryos are about 2.5:1, so 96 x 240 keeps their shape",
+    )
+    width: int = option(
+        240,
+        "model input width in pixels (>= 8); the image is resized with its aspect kept and padded with black",
+    )
+    channels: int = option(
+        1,
+        "1 = grey (an RGB image becomes grey as grey_from says) or 3 = RGB (a grey image is repeated)",
+    )
+    low_percentile: float = option(
+        1.0,
+        "contrast stretch: this percentile of each image's intensities becomes black (0-100)",
+    )
+    high_percentile: float = option(
+        99.5,
+        "contrast stretch: this percentile becomes white (above low_percentile, up to 100)",
+    )
+    background: str = option(
+        "auto",
+        "dark (fluorescence: bright embryo on black), light (brightfield: dark embryo on white, "
+        "inverted), or auto (decided per image from its corners)",
+    )
+    grey_from: str = option(
+        "auto",
+        "how an RGB image becomes grey: luminance, red, green, blue, or auto (blue for brightfield, "
+        "which shows the embryo with little of the in situ stain; luminance for fluorescence)",
+    )
+    mask: bool = option(True, "set everything outside the embryo to black")
+    align: bool = option(True, "rotate each image so that the embryo's long axis is horizontal")
+    crop: bool = option(True, "cut each image to the embryo's bounding box (plus margin) before resizing")
+    margin: float = option(
+        0.05,
+        "crop: margin around the embryo's bounding box, as a fraction of its size on each side (0-1)",
+    )
+    page: int = option(0, "which page of a multi-page TIFF to read (0 = the first)")
 
     def __post_init__(self) -> None:
         if not (isinstance(self.height, int) and isinstance(self.width, int)) or self.height < 8 or self.width < 8:

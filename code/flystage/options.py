@@ -122,15 +122,14 @@ class Option:
         return text or '""'
 
 
-def field_options(instance: Any, skip: set[str] = frozenset(),
-                  helps: Mapping[str, str] | None = None) -> Iterator[Option]:
+def field_options(instance: Any, skip: set[str] = frozenset()) -> Iterator[Option]:
     """The options of a dataclass instance's fields (its values are the defaults), in field
-    order. Help comes from ``metadata["help"]``, else from ``helps`` (for a dataclass that
-    cannot carry metadata yet); a field with neither is an error, so none goes undocumented."""
+    order, each with the help in its ``metadata["help"]`` (:func:`option`); a field without one
+    is an error, so none goes undocumented."""
     for f in dataclasses.fields(instance):
         if f.name in skip:
             continue
-        text = f.metadata.get("help") or (helps or {}).get(f.name)
+        text = f.metadata.get("help")
         if not text:
             raise ValueError(f"{type(instance).__name__}.{f.name} has no help: add metadata={{'help': ...}}")
         yield Option(f.name, getattr(instance, f.name), text)

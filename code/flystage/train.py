@@ -781,24 +781,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 # imaging.PreprocessConfig's fields, explained for --help and docs/hyperparameters.md (field
 # metadata, as TrainConfig's and AugmentConfig's, once imaging.py carries them).
-PREPROCESS_HELP = {
-    "height": "model input height in pixels (>= 8); embryos are about 2.5:1, so 96 x 240 keeps their shape",
-    "width": "model input width in pixels (>= 8); the image is resized with its aspect kept and padded with black",
-    "channels": "1 = grey (an RGB image becomes grey as grey_from says) or 3 = RGB (a grey image is repeated)",
-    "low_percentile": "contrast stretch: this percentile of each image's intensities becomes black (0-100)",
-    "high_percentile": "contrast stretch: this percentile becomes white (above low_percentile, up to 100)",
-    "background": "dark (fluorescence: bright embryo on black), light (brightfield: dark embryo on white, "
-                  "inverted), or auto (decided per image from its corners)",
-    "grey_from": "how an RGB image becomes grey: luminance, red, green, blue, or auto (blue for brightfield, "
-                 "which shows the embryo with little of the in situ stain; luminance for fluorescence)",
-    "mask": "set everything outside the embryo to black",
-    "align": "rotate each image so that the embryo's long axis is horizontal",
-    "crop": "cut each image to the embryo's bounding box (plus margin) before resizing",
-    "margin": "crop: margin around the embryo's bounding box, as a fraction of its size on each side (0-1)",
-    "page": "which page of a multi-page TIFF to read (0 = the first)",
-}
-
-
 def option_groups() -> list[tuple[str, str, list[Option]]]:
     """The hyperparameters as ``flystage train`` groups them: (title, description, options),
     one group per config object, defaults and helps from the configs."""
@@ -807,7 +789,7 @@ def option_groups() -> list[tuple[str, str, list[Option]]]:
         ("training hyperparameters", "the model, how it is trained, and the run (TrainConfig)",
          list(field_options(defaults, {"preprocess", "augment"}))),
         ("preprocessing", "how every image becomes the model input, in training and in serving alike "
-         "(PreprocessConfig, stored in the model)", list(field_options(defaults.preprocess, helps=PREPROCESS_HELP))),
+         "(PreprocessConfig, stored in the model)", list(field_options(defaults.preprocess))),
         ("augmentation", "random changes to each training image; every p_* is a per-image probability "
          "(AugmentConfig)", list(field_options(defaults.augment))),
     ]

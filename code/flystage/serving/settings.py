@@ -10,8 +10,8 @@ variable                                    meaning                             
 ``FLYSTAGE_INTRA_OP_THREADS``               onnxruntime threads per worker               CPUs // workers
 ``SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS``  seconds a worker may take per request        60
 ``SAGEMAKER_MAX_PAYLOAD_IN_MB``             request body limit (larger: HTTP 413)        6
-``FLYSTAGE_MAX_PIXELS``                     largest image accepted, in pixels            25,000,000
-``FLYSTAGE_MAX_DECODED_MB``                 largest decoded image accepted, in MiB       160
+``FLYSTAGE_MAX_PIXELS``                     largest image accepted, in pixels            100,000,000
+``FLYSTAGE_MAX_DECODED_MB``                 largest decoded image accepted, in MiB       512
 ``FLYSTAGE_MAX_BATCH``                      most images in one JSON request              16
 ==========================================  ===========================================  ==========
 
@@ -23,9 +23,10 @@ never runs more busy threads than cores; on an ml.m5.xlarge (4 vCPUs) that is 4 
 limit is answered 413 with flystage's JSON error; the model server itself closes bodies over
 :data:`TRANSPORT_FACTOR` times the limit (its own 413, without a body) so that no body can
 fill its memory. An image is refused (400) before decoding when its header promises more than
-``FLYSTAGE_MAX_PIXELS`` pixels or ``FLYSTAGE_MAX_DECODED_MB`` of decoded samples: 160 MiB
-holds a 25 MP 16-bit RGB image and costs a worker about 3 times that at its peak, while a
-600 KB zlib TIFF of 25 MP float64 RGB (572 MiB decoded) is refused.
+``FLYSTAGE_MAX_PIXELS`` pixels or ``FLYSTAGE_MAX_DECODED_MB`` of decoded samples; the defaults
+are the command line's (:mod:`flystage.imaging`): 512 MiB holds a 100 MP 16-bit grey image and
+costs a worker about 3 times that at its peak, while a 600 KB zlib TIFF of 25 MP float64 RGB
+(572 MiB decoded) is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import MutableMapping
+
+from flystage import imaging
 
 WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"
 THREADS = "FLYSTAGE_INTRA_OP_THREADS"
@@ -49,9 +52,9 @@ TRANSPORT_FACTOR = 4
 
 DEFAULT_TIMEOUT_SECONDS = 60
 DEFAULT_MAX_PAYLOAD_MB = 6
-DEFAULT_MAX_PIXELS = 25_000_000
+DEFAULT_MAX_PIXELS = imaging.DEFAULT_MAX_PIXELS
 DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_DECODED_MB = 160
+DEFAULT_MAX_DECODED_MB = imaging.DEFAULT_MAX_DECODED_MB
 
 
 class SettingsError(ValueError):
