@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from flystage.augment import AugmentConfig, build_train_transform
+from flystage.channels import DataError
 from flystage.data import (
-    DataError,
     ImageCache,
     StageDataset,
     WeightedEpochSampler,

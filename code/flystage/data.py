@@ -21,10 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-# DataError is the channel reader's error type and the dataset's. FolderRules, split_channels
-# and data_summary are imported from here by train.py (edited concurrently; its import moves
-# to flystage.channels there, then this line keeps DataError only).
-from flystage.channels import DataError, FolderRules, data_summary, split_channels  # noqa: F401
+from flystage.channels import DataError  # the channel reader's error type is the dataset's too
 from flystage.imaging import PreprocessConfig, load
 from flystage.organise import Record
 
