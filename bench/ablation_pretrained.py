@@ -1,8 +1,8 @@
 """Ablation of the pretrained linear probe, leave-one-gene-out on the BDGP images (docs/accuracy.md).
 
 Cheap by design: for each (backbone, input size, colour) the features of every image are
-computed once with the toolkit's own preprocessing and :class:`flystage.backbones.LiteFeatures`,
-then each fold fits :func:`flystage.probe.fit_logistic` on the other genes' standardised
+computed once with the toolkit's own preprocessing and :class:`flystage.training.backbones.LiteFeatures`,
+then each fold fits :func:`flystage.training.probe.fit_logistic` on the other genes' standardised
 features (every training gene, fixed L2: a proxy for the toolkit's probe, which also holds
 out genes to calibrate). Prints one JSON line per setting: top1, top3, seconds.
 
@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flystage.backbones import LiteFeatures
-from flystage.data import ImageCache
+from flystage.training.backbones import LiteFeatures
+from flystage.training.data import ImageCache
 from flystage.evaluate import topk_accuracy
 from flystage.imaging import PreprocessConfig
-from flystage.models import HOGFeatures
+from flystage.training.models import HOGFeatures
 from flystage.organise import organise, sort_labels
-from flystage.probe import extract, fit_logistic, standardise
+from flystage.training.probe import extract, fit_logistic, standardise
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "bdgp-insitu"))

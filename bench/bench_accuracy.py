@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from flystage.crossval import crossval, write_report
+from flystage.training.crossval import crossval, write_report
 from flystage.organise import organise, read_manifest, write_manifest
-from flystage.train import TrainConfig
+from flystage.training.train import TrainConfig
 from make_lablike import LablikeConfig, LablikeError, make_lablike
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,7 +65,7 @@ def make_artefact(model_dir: Path, labels=LABELS, manifest_sha256: str | None = 
     import torch
 
     torch.set_num_threads(1)
-    from flystage.artefact import save_artefact
+    from flystage.training.export import save_artefact
 
     model = tiny_model(num_classes=len(labels))
     metadata = save_artefact(model_dir, model, "tiny", labels, tiny_config(), {"valid_top3": 0.5}, manifest_sha256)

@@ -13,14 +13,9 @@ import torch
 from artefact_helpers import LABELS, make_artefact, tiny_config, tiny_model
 
 from flystage import __version__
-from flystage.artefact import (
-    ArtefactError,
-    check_artefact,
-    load_metadata,
-    load_torch_model,
-    save_artefact,
-)
+from flystage.artefact import ArtefactError, check_artefact, load_metadata
 from flystage.imaging import PreprocessConfig
+from flystage.training.export import load_torch_model, save_artefact
 
 torch.set_num_threads(1)
 
@@ -64,7 +59,7 @@ def test_onnx_matches_torch_at_any_batch_size(artefact):
 
 
 def test_weights_rebuild_the_same_model(tmp_path: Path):
-    from flystage.models import build_model
+    from flystage.training.models import build_model
 
     model = build_model("small_cnn", num_classes=3, channels=1).eval()
     config = PreprocessConfig(height=32, width=80, channels=1)
@@ -195,7 +190,7 @@ def test_missing_directory_and_weights(tmp_path: Path, artefact):
 
 @pytest.fixture(scope="module")
 def small_cnn_artefact(tmp_path_factory) -> Path:
-    from flystage.models import build_model
+    from flystage.training.models import build_model
 
     model_dir = tmp_path_factory.mktemp("small") / "model"
     model = build_model("small_cnn", num_classes=3, channels=1).eval()
@@ -250,8 +245,8 @@ def test_the_default_and_small_models_export_and_match_onnx(tmp_path, arch):
     """The default model (TrainConfig().architecture()) and every from-scratch arch export at
     the default input size (ONNX checked against torch)."""
     from flystage.imaging import PreprocessConfig
-    from flystage.models import build_from_spec
-    from flystage.train import TrainConfig
+    from flystage.training.models import build_from_spec
+    from flystage.training.train import TrainConfig
 
     labels = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
     spec = TrainConfig().architecture() if arch == "default" else {"arch": arch, "mode": "full"}
@@ -296,8 +291,8 @@ def bdgp_set(bdgp_root):
     (dict(arch="hognet", ensemble=2), True),
 ])
 def test_ensemble_artefact_averages_the_members_probabilities(bdgp_set, tmp_path: Path, members, calibrate):
-    from flystage.models import Calibrated, EnsembleNet
-    from flystage.train import TrainConfig, train_model
+    from flystage.training.models import Calibrated, EnsembleNet
+    from flystage.training.train import TrainConfig, train_model
 
     train, valid, unseen = bdgp_set
     preprocess = PreprocessConfig(height=32, width=80, channels=1)
@@ -333,8 +328,8 @@ def test_ensemble_artefact_averages_the_members_probabilities(bdgp_set, tmp_path
 
 
 def test_probe_artefact_onnx_matches_torch_on_real_images(bdgp_set, tmp_path: Path):
-    from flystage.probe import ProbeNet
-    from flystage.train import TrainConfig, train_model
+    from flystage.training.probe import ProbeNet
+    from flystage.training.train import TrainConfig, train_model
 
     train, valid, unseen = bdgp_set
     preprocess = PreprocessConfig()  # the default input, 64 x 160 grey

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 import hostile_corpus as hc
 from artefact_helpers import make_artefact
 from flystage import cli
-from flystage.artefact import ArtefactError, check_artefact, load_metadata, load_torch_model
+from flystage.artefact import ArtefactError, check_artefact, load_metadata
+from flystage.training.export import load_torch_model
 from flystage.imaging import ImageError, read_image
 from flystage.organise import ManifestError, OrganiseError, organise, read_manifest
 from flystage.predict import undo_renames

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from flystage.options import ArgumentParser, Option, add_options, dataclass_values, field_options, option, parse_bool
-from flystage.train import configure_parser, hyperparameters_markdown, option_groups
+from flystage.training.train import configure_parser, hyperparameters_markdown, option_groups
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "hyperparameters.md"
-BEGIN, END = "<!-- BEGIN generated: flystage.train.hyperparameters_markdown() -->\n", "<!-- END generated -->"
+BEGIN, END = "<!-- BEGIN generated: flystage.training.train.hyperparameters_markdown() -->\n", "<!-- END generated -->"
 
 
 def test_the_docs_table_is_the_generated_one() -> None:
@@ -24,7 +24,7 @@ def test_the_docs_table_is_the_generated_one() -> None:
     in_doc = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert in_doc == hyperparameters_markdown(), (
         f"{DOC} is out of date: replace the text between its markers with the output of "
-        "`python -c 'from flystage.train import hyperparameters_markdown as m; print(m(), end=\"\")'`"
+        "`python -c 'from flystage.training.train import hyperparameters_markdown as m; print(m(), end=\"\")'`"
     )
 
 

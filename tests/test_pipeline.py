@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flystage.organise import read_manifest
-from flystage.train import TrainConfig
+from flystage.training.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 

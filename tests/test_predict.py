@@ -306,7 +306,7 @@ def expected_top1(path: Path) -> float:
 def known_model(tmp_path_factory) -> Path:
     import torch
 
-    from flystage.artefact import save_artefact
+    from flystage.training.export import save_artefact
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("known")

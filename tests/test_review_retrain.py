@@ -60,7 +60,7 @@ def test_corrections_are_what_training_reads(tmp_path: Path, monkeypatch) -> Non
     assert {r.path: r.label for r in read_manifest(manifest)} == wanted
 
     # Watch what training itself is handed.
-    import flystage.train as train
+    import flystage.training.train as train
 
     seen: dict[Path, str] = {}
     real_fit = train.fit

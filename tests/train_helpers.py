@@ -87,17 +87,17 @@ def bdgp_records(bdgp_root: Path, train_per_stage: int = 4, valid_per_stage: int
 
 def count_extracted(monkeypatch) -> list[int]:
     """Watch the linear probe's feature extraction: returns a list that gets the number of
-    images of every ``flystage.probe.extract`` call (which still runs as it is)."""
-    import flystage.probe
+    images of every ``flystage.training.probe.extract`` call (which still runs as it is)."""
+    import flystage.training.probe
 
     counts: list[int] = []
-    real_extract = flystage.probe.extract
+    real_extract = flystage.training.probe.extract
 
     def counting_extract(features, images, batch_size=32):
         counts.append(len(images))
         return real_extract(features, images, batch_size)
 
-    monkeypatch.setattr(flystage.probe, "extract", counting_extract)
+    monkeypatch.setattr(flystage.training.probe, "extract", counting_extract)
     return counts
 
 

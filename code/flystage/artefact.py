@@ -10,20 +10,16 @@ It holds everything serving needs and nothing else:
   order), ``preprocess`` (``PreprocessConfig.to_dict()``), ``input_shape`` ``[C, H, W]``,
   ``metrics``, ``manifest_sha256``, ``created`` and export details.
 
-Loading needs only numpy and onnxruntime (the serve image has no torch); torch is imported
-inside the functions that write or rebuild a torch model.
+This module reads and checks it with numpy and onnxruntime only (the serve image has no
+torch); :mod:`flystage.training.export` writes it from a torch model and rebuilds that model.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -82,147 +78,11 @@ class Metadata:
         }
 
 
-def _input_shape(config: PreprocessConfig) -> tuple[int, int, int]:
+def model_input_shape(config: PreprocessConfig) -> tuple[int, int, int]:
     return (int(config.channels), int(config.height), int(config.width))
 
 
-def _json_safe(metrics: dict[str, Any] | None) -> dict[str, Any]:
-    # numpy scalars from training loops are not JSON serialisable; fail here, not at load.
-    return json.loads(json.dumps(metrics or {}, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def save_artefact(
-    model_dir: str | Path,
-    model: Any,
-    arch: str,
-    labels: Sequence[str],
-    preprocess_config: PreprocessConfig,
-    metrics: dict[str, Any] | None = None,
-    manifest_sha256: str | None = None,
-    *,
-    extra: dict[str, Any] | None = None,
-    spec: dict[str, Any] | None = None,
-    opset: int = OPSET,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
-) -> Metadata:
-    """Write ``model.onnx``, ``weights.pt`` and ``metadata.json`` into ``model_dir``.
-
-    ``model`` is a torch ``nn.Module`` taking float32 ``(N, C, H, W)`` in [0, 1] and returning
-    logits ``(N, len(labels))``. The ONNX export is run by onnxruntime on random inputs of a
-    batch size other than the export's, and must match torch within
-    ``atol + rtol * max|logits|``; otherwise ``ArtefactError`` is raised and nothing is left
-    in ``model_dir``. Other files in ``model_dir`` are left alone.
-    """
-    import torch  # training side only: serving never reaches this function
-
-    labels = [str(label) for label in labels]
-    if not labels or len(set(labels)) != len(labels):
-        raise ArtefactError(f"labels {labels}: need a non-empty list of distinct labels")
-    c, h, w = _input_shape(preprocess_config)
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
-    try:
-        with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
-            tmp = Path(tmp)
-            with torch.no_grad():
-                out = model(torch.zeros(1, c, h, w))
-            if tuple(out.shape) != (1, len(labels)):
-                raise ArtefactError(
-                    f"the model returns shape {tuple(out.shape)} for one image but there are {len(labels)} labels"
-                )
-            _export_onnx(model, tmp / ONNX_FILE, (c, h, w), opset)
-            max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
-            torch.save(
-                {"arch": arch, "labels": labels, "channels": c, "spec": spec or {"arch": arch, "mode": "full"},
-                 "state_dict": model.state_dict()},
-                tmp / WEIGHTS_FILE,
-            )
-            metadata = _new_metadata(
-                arch, labels, preprocess_config, metrics, manifest_sha256,
-                extra={**(extra or {}), "model": spec or {"arch": arch, "mode": "full"}},
-                onnx={"onnx_opset": opset, "onnx_max_abs_diff": max_diff},
-            )
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n", encoding="utf-8")
-            # Metadata last: a reader never sees new metadata next to an old model.
-            for name in (ONNX_FILE, WEIGHTS_FILE, METADATA_FILE):
-                os.replace(tmp / name, model_dir / name)
-    finally:
-        model.train(was_training)
-    return metadata
-
-
-def _export_onnx(model: Any, path: Path, chw: tuple[int, int, int], opset: int) -> None:
-    """``model`` exported to ``path`` by torch's TorchScript exporter, the batch axis dynamic."""
-    import torch
-
-    with warnings.catch_warnings():
-        # The TorchScript exporter is chosen on purpose (dynamo=False: no onnxscript
-        # dependency, proven on these models); its deprecation notice is noise here.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (torch.rand(1, *chw),),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-
-
-def _new_metadata(
-    arch: str, labels: list[str], preprocess_config: PreprocessConfig, metrics: dict[str, Any] | None,
-    manifest_sha256: str | None, extra: dict[str, Any], onnx: dict[str, Any],
-) -> Metadata:
-    """The metadata of a model being saved now: ``extra`` (made JSON-safe), then the export's
-    facts (input and output names, ``onnx`` opset and difference, the torch version)."""
-    import torch
-
-    return Metadata(
-        format_version=FORMAT_VERSION,
-        flystage_version=__version__,
-        arch=arch,
-        labels=labels,
-        preprocess=preprocess_config,
-        input_shape=_input_shape(preprocess_config),
-        metrics=_json_safe(metrics),
-        manifest_sha256=manifest_sha256,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        extra={
-            **_json_safe(extra),
-            "input_name": INPUT_NAME,
-            "output_name": OUTPUT_NAME,
-            **onnx,
-            "torch_version": torch.__version__,
-        },
-    )
-
-
-def _check_onnx_matches_torch(model: Any, onnx_path: Path, chw: tuple[int, int, int], atol: float, rtol: float) -> float:
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    batch = torch.rand(3, *chw, generator=generator)  # batch 3: proves the batch axis is dynamic
-    with torch.no_grad():
-        expected = model(batch).numpy()
-    got = open_session(onnx_path.parent, threads=1).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    if got.shape != expected.shape:
-        raise ArtefactError(f"ONNX export returns shape {got.shape}, torch {expected.shape}")
-    max_diff = float(np.max(np.abs(got - expected)))
-    tolerance = atol + rtol * float(np.max(np.abs(expected)))
-    if not max_diff <= tolerance:
-        raise ArtefactError(
-            f"ONNX export disagrees with torch: max |difference| {max_diff:.3g} > {tolerance:.3g}; "
-            "the model uses an operation the exporter does not translate faithfully"
-        )
-    return max_diff
-
-
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
     """``repr`` of a tampered value, cut short enough for an error message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -244,13 +104,13 @@ def load_metadata(model_dir: str | Path) -> Metadata:
     config, shape = _checked_preprocess(where, raw)
     metrics = raw.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
-        raise ArtefactError(f"{where}: 'metrics' must be a JSON object, not {_short(metrics)}; re-export the model")
+        raise ArtefactError(f"{where}: 'metrics' must be a JSON object, not {short_repr(metrics)}; re-export the model")
     manifest_hash = raw.get("manifest_sha256")
     if manifest_hash is not None and not isinstance(manifest_hash, str):
-        raise ArtefactError(f"{where}: 'manifest_sha256' must be a string or null, not {_short(manifest_hash)}")
+        raise ArtefactError(f"{where}: 'manifest_sha256' must be a string or null, not {short_repr(manifest_hash)}")
     for key in ("flystage_version", "created"):
         if key in raw and not isinstance(raw[key], str):
-            raise ArtefactError(f"{where}: {key!r} must be a string, not {_short(raw[key])}; re-export the model")
+            raise ArtefactError(f"{where}: {key!r} must be a string, not {short_repr(raw[key])}; re-export the model")
     return Metadata(
         format_version=raw["format_version"],
         flystage_version=str(raw.get("flystage_version", "")),
@@ -300,7 +160,7 @@ def _checked_labels(where: Path, raw: dict[str, Any]) -> list[str]:
             f"{__version__} reads {FORMAT_VERSION}; use the matching flystage version or re-export"
         )
     if not isinstance(raw["arch"], str) or not raw["arch"]:
-        raise ArtefactError(f"{where}: 'arch' must be a non-empty string, not {_short(raw['arch'])}; re-export the model")
+        raise ArtefactError(f"{where}: 'arch' must be a non-empty string, not {short_repr(raw['arch'])}; re-export the model")
     labels = raw["labels"]
     if (
         not isinstance(labels, list)
@@ -310,7 +170,7 @@ def _checked_labels(where: Path, raw: dict[str, Any]) -> list[str]:
     ):
         raise ArtefactError(
             f"{where}: 'labels' must be a non-empty list of distinct labels (non-empty strings), "
-            f"not {_short(labels)}; re-export the model"
+            f"not {short_repr(labels)}; re-export the model"
         )
     return labels
 
@@ -320,18 +180,18 @@ def _checked_preprocess(where: Path, raw: dict[str, Any]) -> tuple[PreprocessCon
     given) must equal."""
     if not isinstance(raw["preprocess"], dict):
         raise ArtefactError(
-            f"{where}: bad 'preprocess' settings (expected a JSON object, not {_short(raw['preprocess'])}); re-export the model"
+            f"{where}: bad 'preprocess' settings (expected a JSON object, not {short_repr(raw['preprocess'])}); re-export the model"
         )
     try:
         config = PreprocessConfig.from_dict(raw["preprocess"])
     except (TypeError, ValueError, KeyError) as exc:
         raise ArtefactError(f"{where}: bad 'preprocess' settings ({exc}); re-export the model") from None
-    shape = _input_shape(config)
+    shape = model_input_shape(config)
     if "input_shape" in raw:
         given = raw["input_shape"]
         if not isinstance(given, list) or len(given) != 3 or not all(type(d) is int for d in given):
             raise ArtefactError(
-                f"{where}: 'input_shape' must be a list of three integers [C, H, W], not {_short(given)}; re-export the model"
+                f"{where}: 'input_shape' must be a list of three integers [C, H, W], not {short_repr(given)}; re-export the model"
             )
         if tuple(given) != shape:
             raise ArtefactError(
@@ -408,56 +268,3 @@ def check_artefact(model_dir: str | Path, threads: int | None = 1, strict: bool 
     if logits.shape != (2, len(metadata.labels)) or not np.all(np.isfinite(logits)):
         raise ArtefactError(f"{Path(model_dir) / ONNX_FILE}: a trial batch gave shape {logits.shape} or non-finite logits")
     return metadata
-
-
-def load_torch_model(model_dir: str | Path):
-    """The torch model of ``weights.pt`` rebuilt from its spec (``flystage.models.build_from_spec``), in eval mode.
-
-    Anything but the dict ``save_artefact`` writes (a list, no state dict, bad labels,
-    channels or spec, tensors that do not fit the spec) raises ``ArtefactError`` naming the file.
-    """
-    import torch
-
-    from flystage.models import build_from_spec
-
-    path = Path(model_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ArtefactError(f"{path}: not found; this model directory has no torch weights")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ArtefactError(f"{path}: cannot read the torch weights ({exc}); re-export the model") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
-        raise ArtefactError(
-            f"{path}: expected a dict with 'arch', 'labels', 'channels', 'spec' and 'state_dict', "
-            f"found {type(saved).__name__}{'' if not isinstance(saved, dict) else ' without a state_dict'}; re-export the model"
-        )
-    labels, channels = saved.get("labels"), saved.get("channels")
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(label, str) for label in labels):
-        raise ArtefactError(f"{path}: 'labels' must be a list of at least two strings, not {_short(labels)}; re-export the model")
-    if type(channels) is not int or channels not in (1, 3):
-        raise ArtefactError(f"{path}: 'channels' must be 1 or 3, not {_short(channels)}; re-export the model")
-    spec = saved.get("spec")
-    if spec is None:
-        spec = {"arch": saved.get("arch"), "mode": "full"}
-    if not _valid_spec(spec):
-        raise ArtefactError(f"{path}: bad model 'spec' {_short(spec)}; re-export the model")
-    try:
-        model = build_from_spec(spec, num_classes=len(labels), channels=channels)
-        model.load_state_dict(saved["state_dict"])
-    except Exception as exc:  # unknown arch, tensors of the wrong shape, missing keys
-        raise ArtefactError(f"{path}: cannot rebuild the model from its spec and state dict ({exc}); re-export the model") from None
-    return model.eval()
-
-
-def _valid_spec(spec: Any, depth: int = 0) -> bool:
-    """The shape ``build_from_spec`` expects: an arch string, or a list of member specs."""
-    if not isinstance(spec, dict) or depth > 2:
-        return False
-    temperature = spec.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
-        return False
-    if "members" in spec:
-        members = spec["members"]
-        return isinstance(members, list) and bool(members) and all(_valid_spec(m, depth + 1) for m in members)
-    return isinstance(spec.get("arch"), str) and isinstance(spec.get("mode", "full"), str)

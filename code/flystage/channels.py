@@ -4,7 +4,7 @@ A channel is a folder with ``manifest.csv`` (made by ``flystage organise``), a m
 itself, or a folder tree of images read exactly as ``flystage organise`` reads one (the
 folder rules :class:`FolderRules`: the hyperparameters ``label_regex``, ``label_level`` and
 ``group_regex``, turned into :class:`flystage.organise.OrganiseOptions`). No torch: the
-records go to :mod:`flystage.data`'s cache and dataset.
+records go to :mod:`flystage.training.data`'s cache and dataset.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ import time
 import numpy as np
 import torch
 
-from flystage.artefact import load_metadata, load_torch_model
+from flystage.artefact import load_metadata
+from flystage.training.export import load_torch_model
 from flystage.imaging import ImageError, load
 from flystage.predict import top_k
 from flystage.serving import codec

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from flystage.channels import DataError
-from flystage.data import ImageCache, to_float
+from flystage.training.data import ImageCache, to_float
 from flystage.evaluate import evaluate_probs, plot_confusion, report_text, topk_accuracy
 from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
-from flystage.train import TrainConfig, UsageError, config_from_args, train_model
+from flystage.training.train import TrainConfig, UsageError, config_from_args, train_model
 
 PROTOCOL = "leave-one-group-out"
 # Share of each fold's training images (whole groups) kept for choosing the best epoch: on
@@ -153,7 +153,7 @@ def crossval(
     :func:`flystage.evaluate.evaluate_probs` over all held-out images, ``folds`` (per fold:
     group, image counts, valid groups, top-1/top-3, best epoch, seconds), ``predictions``
     (per image: path, group, label, probabilities), ``config`` and ``seconds``.
-    ``fit_fn`` is :func:`flystage.train.train_model` (replaceable to watch what each fold is given).
+    ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to watch what each fold is given).
     """
     t_start = time.perf_counter()
     labels = sort_labels({r.label for r in records})
@@ -210,7 +210,7 @@ def crossval(
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from flystage import train
+    from flystage.training import train
 
     parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV from `flystage organise` (every split is used)")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.json and confusion.png")

@@ -3,7 +3,7 @@
 A few hundred images cannot retrain an ImageNet network, but its features already separate
 the stages (docs/accuracy.md). So the backbone stays frozen and every image's pooled features
 are computed once, and once per augmentation draw (``cached_features``); the training loop
-(``flystage.modes.setup_probe``) then fits only a linear head on standardised features. The
+(``flystage.training.modes.setup_probe``) then fits only a linear head on standardised features. The
 result is one ``nn.Module`` (:class:`ProbeNet`: backbone, standardisation, head) that exports to
 ONNX like any other model. ``fit_logistic`` is the exact L2 logistic regression the ablation
 (bench/ablation_pretrained.py) uses as a quick proxy.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flystage.data import ImageCache, to_float
+from flystage.training.data import ImageCache, to_float
 
 
 class ProbeNet(nn.Module):

@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from flystage.backbones import DEFAULT_TAPS
+from flystage.training.backbones import DEFAULT_TAPS
 from flystage.augment import AugmentConfig, build_train_transform
-from flystage.backbones import build_lite
+from flystage.training.backbones import build_lite
 from flystage.channels import split_channels
-from flystage.data import ImageCache, StageDataset, to_float
+from flystage.training.data import ImageCache, StageDataset, to_float
 from flystage.imaging import PreprocessConfig
-from flystage.models import HOGNet, LiteNet, StageNet, build_feature_extractor, build_from_spec
-from flystage.modes import setup_finetune
-from flystage.probe import ProbeNet, cached_features
-from flystage.train import TrainConfig, fit, make_optimizer
+from flystage.training.models import HOGNet, LiteNet, StageNet, build_feature_extractor, build_from_spec
+from flystage.training.modes import setup_finetune
+from flystage.training.probe import ProbeNet, cached_features
+from flystage.training.train import TrainConfig, fit, make_optimizer
 from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, make_manifest_set
 
 torch.set_num_threads(1)
@@ -174,7 +174,7 @@ def test_finetune_backbone_learns_at_its_scale_of_the_learning_rate(records) -> 
 def test_finetune_a_torchvision_backbone_from_the_hub_cache(records, tmp_path, monkeypatch) -> None:
     """Weights in the torch hub cache (as the train image bakes them in): the head and the
     later stages train, the stem and first stages stay as loaded."""
-    from flystage.models import TORCHVISION_ARCHS, weights_cache_path
+    from flystage.training.models import TORCHVISION_ARCHS, weights_cache_path
 
     arch = "mobilenet_v3_small"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -7,7 +7,7 @@ serving code feed the preprocessed image as is.
 
 ImageNet weights come through torchvision's own weights API (``weights="DEFAULT"``): they are
 downloaded into the torch hub cache (``$TORCH_HOME``, default ``~/.cache/torch``) once, at
-image build time for the train image (``python -m flystage.models --download resnet18``), so
+image build time for the train image (``python -m flystage.training.models --download resnet18``), so
 that jobs run with network isolation.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from flystage.backbones import DEFAULT_TAPS, LITE_ARCHS, LiteFeatures, WeightsUnavailableError, build_lite
+from flystage.training.backbones import DEFAULT_TAPS, LITE_ARCHS, LiteFeatures, WeightsUnavailableError, build_lite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,7 +46,7 @@ SMALL_CNN_WIDTHS: dict[str, tuple[int, ...]] = {
 # "hognet_turn" also averages over the 180-degree turn, for sets where the head may point
 # either way (it cost accuracy on BDGP, whose embryos all face left).
 HOG_ARCHS: tuple[str, ...] = ("hognet", "hognet_turn")
-# ImageNet-pretrained EfficientNet-Lite0/1/2 whose weights install with pip (flystage.backbones).
+# ImageNet-pretrained EfficientNet-Lite0/1/2 whose weights install with pip (flystage.training.backbones).
 ARCHS: tuple[str, ...] = tuple(HOG_ARCHS) + LITE_ARCHS + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
 PRETRAINED_ARCHS: tuple[str, ...] = LITE_ARCHS + tuple(TORCHVISION_ARCHS)
 
@@ -196,7 +196,7 @@ def _load_pretrained(arch: str) -> nn.Module:
         raise WeightsUnavailableError(
             f"ImageNet weights for {arch} are not in the torch hub cache ({cached}) and could not "
             f"be downloaded from {weights.url} ({type(exc).__name__}: {exc}). Fetch them where a "
-            f"network is reachable (python -m flystage.models --download {arch}, e.g. at image "
+            f"network is reachable (python -m flystage.training.models --download {arch}, e.g. at image "
             f"build time) and set TORCH_HOME to that cache, or train with pretrained=false."
         ) from exc
     finally:
@@ -400,7 +400,7 @@ def build_from_spec(spec: dict, num_classes: int, channels: int) -> nn.Module:
     if "members" in spec:
         model: nn.Module = EnsembleNet([build_from_spec(m, num_classes, channels) for m in spec["members"]])
     elif spec.get("mode") == "probe":
-        from flystage.probe import ProbeNet
+        from flystage.training.probe import ProbeNet
 
         features, dim = build_feature_extractor(spec["arch"], channels, spec.get("taps", DEFAULT_TAPS),
                                                 spec.get("hog", False), pretrained=False)
@@ -417,8 +417,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flystage.models --download ARCH ...``: fill the torch hub cache (image builds)."""
-    parser = argparse.ArgumentParser(prog="python -m flystage.models", description=main.__doc__)
+    """``python -m flystage.training.models --download ARCH ...``: fill the torch hub cache (image builds)."""
+    parser = argparse.ArgumentParser(prog="python -m flystage.training.models", description=main.__doc__)
     parser.add_argument("--download", nargs="+", choices=list(TORCHVISION_ARCHS), metavar="ARCH",
                         required=True, help=f"archs whose ImageNet weights to fetch: {', '.join(TORCHVISION_ARCHS)}")
     args = parser.parse_args(argv)

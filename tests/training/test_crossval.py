@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from flystage.cli import main as cli_main
-from flystage.crossval import CrossvalError, crossval, inner_validation_groups, make_folds
+from flystage.training.crossval import CrossvalError, crossval, inner_validation_groups, make_folds
 from flystage.evaluate import evaluate_probs
 from flystage.imaging import PreprocessConfig
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
-from flystage.probe import cached_features
-from flystage.train import TrainConfig, train_model
+from flystage.training.probe import cached_features
+from flystage.training.train import TrainConfig, train_model
 from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, embryo_image
 
 torch.set_num_threads(1)
@@ -150,7 +150,7 @@ def test_probe_folds_share_every_feature_row(manifest: Path, monkeypatch) -> Non
         requested.update((str(p), draw) for p in paths)
         return cached_features(features, key, cache, paths, draw, transform, seed)
 
-    monkeypatch.setattr("flystage.modes.cached_features", watching_cached)
+    monkeypatch.setattr("flystage.training.modes.cached_features", watching_cached)
     records = read_manifest(manifest)
     config = tiny_config(arch="hognet", mode="probe", epochs=3, augment_draws=2)
     report = crossval(records, config, "group", log=lambda line: None)

@@ -47,13 +47,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from flystage.augment import AugmentConfig
-from flystage.backbones import DEFAULT_TAPS, LITE_ARCHS
+from flystage.training.backbones import DEFAULT_TAPS, LITE_ARCHS
 from flystage.calibrate import fit_temperature
 from flystage.channels import DataError, FolderRules, data_summary, split_channels
-from flystage.data import BALANCE_MODES, CACHE_DTYPES, ImageCache, class_weights, make_sampler, to_float
+from flystage.training.data import BALANCE_MODES, CACHE_DTYPES, ImageCache, class_weights, make_sampler, to_float
 from flystage.imaging import PreprocessConfig
-from flystage.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
-from flystage.modes import MODES, SETUPS
+from flystage.training.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
+from flystage.training.modes import MODES, SETUPS
 from flystage.options import (
     ArgumentParser, Option, UsageError, add_options, dataclass_values, field_options, integer, mapping, markdown_table,
     option, regex_text,
@@ -182,12 +182,12 @@ class TrainConfig:
         return tuple(self.ensemble_archs) or (self.arch,)
 
     def model_spec(self, arch: str | None = None) -> dict[str, Any]:
-        """What ``flystage.models.build_from_spec`` needs to rebuild one member's architecture."""
+        """What ``flystage.training.models.build_from_spec`` needs to rebuild one member's architecture."""
         return {"arch": arch or self.arch, "mode": self.mode_of(arch), "taps": list(self.feature_taps), "hog": self.hog_features}
 
     def architecture(self) -> dict[str, Any]:
         """The whole model's spec (every ensemble member, no temperature yet): build it untrained
-        with ``flystage.models.build_from_spec`` (speed figures, tests)."""
+        with ``flystage.training.models.build_from_spec`` (speed figures, tests)."""
         members = [self.model_spec(arch) for arch in self.member_archs for _ in range(self.ensemble)]
         return members[0] if len(members) == 1 else {"members": members}
 
@@ -222,7 +222,7 @@ class FitResult:
     best: dict[str, float]  # the history entry of the best epoch
     config: TrainConfig
     samples_seen: int = 0  # training samples this process saw (all epochs of this run)
-    spec: dict[str, Any] = field(default_factory=dict)  # rebuilds the architecture (flystage.models.build_from_spec)
+    spec: dict[str, Any] = field(default_factory=dict)  # rebuilds the architecture (flystage.training.models.build_from_spec)
 
 
 class TrainingStopped(Exception):
@@ -479,7 +479,7 @@ def _best_so_far(state: TrainState, model: nn.Module, setup: Any, labels: list[s
 def _setup(train_records: Sequence[Record], valid_records: Sequence[Record], config: TrainConfig,
            labels: Sequence[str] | None, image_cache: ImageCache | None,
            say: Callable[[str], None]) -> tuple[list[str], Any]:
-    """The label order and the mode's setup (flystage.modes): what is trained on which samples,
+    """The label order and the mode's setup (flystage.training.modes): what is trained on which samples,
     augmented images or a frozen backbone's cached features. Images are preprocessed once and
     augmented per sample; the label order is the stage order."""
     if not train_records or not valid_records:
@@ -675,8 +675,8 @@ def train_model(
 ) -> FitResult:
     """The whole model of one training run: ``fit`` once per ensemble member (each arch of
     ``config.member_archs`` with ``config.ensemble`` seeds), members' probabilities averaged
-    (:class:`flystage.models.EnsembleNet`), and, with ``config.calibrate``, a temperature
-    fitted on the validation images (:class:`flystage.models.Calibrated`).
+    (:class:`flystage.training.models.EnsembleNet`), and, with ``config.calibrate``, a temperature
+    fitted on the validation images (:class:`flystage.training.models.Calibrated`).
 
     Arguments as :func:`fit`; each member checkpoints in ``work_dir/member-<i>`` when there is
     more than one. ``best`` holds the whole model's valid scores and ``temperature``.
@@ -889,7 +889,7 @@ def _refuse_existing_model(model_dir: str, force: bool) -> None:
 def _save(args: argparse.Namespace, result: FitResult, config: TrainConfig, train_records: Sequence[Record],
           valid_records: Sequence[Record], manifest: Path | None, world: int, stopped: str | None = None) -> None:
     """The model artefact (and the history) of a finished or a stopped run."""
-    from flystage.artefact import save_artefact  # needs onnx: imported only where used
+    from flystage.training.export import save_artefact  # needs onnx: imported only where used
 
     extra = {"train_config": config.to_dict(), "train_images": len(train_records),
              "valid_images": len(valid_records), "world_size": world}

@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from flystage.augment import AugmentConfig, build_train_transform
 from flystage.channels import DataError
-from flystage.data import (
+from flystage.training.data import (
     ImageCache,
     StageDataset,
     WeightedEpochSampler,

@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from flystage.backbones import DEFAULT_TAPS
-from flystage.artefact import check_artefact, load_metadata, load_torch_model
+from flystage.training.backbones import DEFAULT_TAPS
+from flystage.artefact import check_artefact, load_metadata
+from flystage.training.export import load_torch_model
 from flystage.augment import AugmentConfig
 from flystage.channels import split_channels
 from flystage.imaging import PreprocessConfig
 from flystage.jobdef import METRIC_DEFINITIONS, read_metric
-from flystage.models import Calibrated
+from flystage.training.models import Calibrated
 from flystage.organise import manifest_sha256
-from flystage.train import (
+from flystage.training.train import (
     CHECKPOINT_FILE,
     EXIT_STOPPED,
     TrainConfig,
@@ -38,7 +39,7 @@ from flystage.options import ArgumentParser, parse_bool
 from train_helpers import LABELS, TINY_PREPROCESS, make_manifest_set
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_ARGS = ["--arch", "small_cnn", "--batch_size", "8", "--threads", "1", "--height", "32", "--width", "80",
              "--channels", "1"]
 
@@ -74,7 +75,7 @@ def test_fit_learns_and_returns_best_model(records) -> None:
     best = max(result.history, key=lambda e: (e["valid_top1"], -e["valid_loss"]))
     assert result.best == best
     # The returned weights are the best epoch's: they reproduce its valid loss.
-    from flystage.data import ImageCache, StageDataset
+    from flystage.training.data import ImageCache, StageDataset
 
     dataset = StageDataset(valid, result.labels, ImageCache(result.config.preprocess))
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -166,7 +167,7 @@ def test_main_writes_artefact_history_and_checkpoint(manifest: Path, tmp_path: P
 
 
 def test_hyperparameters_as_sagemaker_sends_them(monkeypatch) -> None:
-    from flystage.train import configure_parser
+    from flystage.training.train import configure_parser
 
     monkeypatch.setenv("SM_NUM_CPUS", "4")
     parser = ArgumentParser()

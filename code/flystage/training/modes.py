@@ -1,4 +1,4 @@
-"""Training modes: what ``flystage.train.fit``'s epoch loop trains, and on which samples.
+"""Training modes: what ``flystage.training.train.fit``'s epoch loop trains, and on which samples.
 
 Each mode is one small function ``setup_<mode>(train, valid, labels, cache, config, log)``
 returning a :class:`Setup`; the loop (optimiser, schedule, metric lines, best epoch,
@@ -29,13 +29,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from flystage.augment import build_train_transform
-from flystage.data import ImageCache, StageDataset
-from flystage.models import build_feature_extractor, build_model, freeze_backbone
+from flystage.training.data import ImageCache, StageDataset
+from flystage.training.models import build_feature_extractor, build_model, freeze_backbone
 from flystage.organise import Record
-from flystage.probe import ProbeNet, cached_features, fit_logistic
+from flystage.training.probe import ProbeNet, cached_features, fit_logistic
 
 if TYPE_CHECKING:
-    from flystage.train import TrainConfig
+    from flystage.training.train import TrainConfig
 
 MODES = ("auto", "full", "probe", "finetune")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flystage.models import (
+from flystage.training.models import (
     ARCHS,
     TORCHVISION_ARCHS,
     WeightsUnavailableError,
@@ -110,7 +110,7 @@ def test_hognet_turn_is_invariant_to_the_180_degree_turn_and_hognet_is_not() -> 
     ("efficientnet_lite0", ["net.conv_stem", "net.bn1"], ["net.blocks.0", "net.blocks.1"], "net.blocks.2"),
 ])
 def test_freeze_backbone_freezes_the_stem_and_first_stages_never_the_head(arch, stem, first_stages, unfrozen) -> None:
-    from flystage.models import freeze_backbone
+    from flystage.training.models import freeze_backbone
 
     model = build_model(arch, 6, 1)
     backbone, head = freeze_backbone(model, 2)

@@ -16,8 +16,8 @@ import torch
 from skimage import data as skdata
 from skimage import transform as sktransform
 
-from flystage.backbones import LITE_ARCHS, LITE_WEIGHTS, LiteFeatures, WeightsUnavailableError, build_lite, weights_path
-from flystage.models import build_model
+from flystage.training.backbones import LITE_ARCHS, LITE_WEIGHTS, LiteFeatures, WeightsUnavailableError, build_lite, weights_path
+from flystage.training.models import build_model
 
 torch.set_num_threads(1)
 EGYPTIAN_CAT, ESPRESSO = 285, 967

@@ -1,0 +1,14 @@
+"""The training side of flystage: everything that needs torch.
+
+- :mod:`~flystage.training.data`: the decoded-image cache, the dataset and class balance;
+- :mod:`~flystage.training.backbones`, :mod:`~flystage.training.models`: the networks;
+- :mod:`~flystage.training.modes`, :mod:`~flystage.training.probe`: what the epoch loop trains
+  (full, linear probe, fine-tune);
+- :mod:`~flystage.training.train`: the training config, ``fit`` and ``flystage train``;
+- :mod:`~flystage.training.crossval`: ``flystage crossval``;
+- :mod:`~flystage.training.export`: the model artefact written from a torch model (ONNX,
+  weights, metadata), and the torch model read back.
+
+The rest of the package (reading and preprocessing images, the artefact's reader, predicting,
+serving, organising, the AWS control plane) runs without torch; the serve image has none.
+"""
