@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flystage.training.backbones import LiteFeatures
-from flystage.training.data import ImageCache
 from flystage.evaluate import topk_accuracy
 from flystage.imaging import PreprocessConfig
-from flystage.training.models import HOGFeatures
 from flystage.organise import organise, sort_labels
+from flystage.training.backbones import LiteFeatures
+from flystage.training.data import ImageCache
+from flystage.training.models import HOGFeatures
 from flystage.training.probe import extract, fit_logistic, standardise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +36,24 @@ DATA = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "b
 
 
 def records_of(data: Path):
-    result = organise([data], labels_csv=data / "labels.csv", label_column="stage_range",
-                      group_column="gene", split="none")
+    result = organise(
+        [data],
+        labels_csv=data / "labels.csv",
+        label_column="stage_range",
+        group_column="gene",
+        split="none",
+    )
     return result.records
 
 
-def logo(features: torch.Tensor, targets: np.ndarray, groups: np.ndarray, k: int, l2: float,
-         extra: torch.Tensor | None = None) -> np.ndarray:
+def logo(
+    features: torch.Tensor,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    l2: float,
+    extra: torch.Tensor | None = None,
+) -> np.ndarray:
     """Pooled held-out probabilities ``(N, K)`` of one probe per held-out group."""
     probs = np.zeros((len(targets), k))
     y = torch.as_tensor(targets)
@@ -60,12 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="efficientnet_lite0")
     parser.add_argument("--sizes", default="128x320")
     parser.add_argument("--grey", default="auto", help="grey_from values, or rgb for 3 channels")
-    parser.add_argument("--taps", nargs="+", default=["2,4,6"], help="stage lists; add h for the head conv")
+    parser.add_argument(
+        "--taps", nargs="+", default=["2,4,6"], help="stage lists; add h for the head conv"
+    )
     parser.add_argument("--l2", default="0.1")
-    parser.add_argument("--hog", action="store_true", help="also each setting with the HOG features concatenated")
-    parser.add_argument("--vflip", action="store_true", help="also each setting with features averaged over an up-down flip")
+    parser.add_argument(
+        "--hog", action="store_true", help="also each setting with the HOG features concatenated"
+    )
+    parser.add_argument(
+        "--vflip",
+        action="store_true",
+        help="also each setting with features averaged over an up-down flip",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--save-probs", type=Path, help="also save each setting's pooled held-out probabilities (.npy) here")
+    parser.add_argument(
+        "--save-probs",
+        type=Path,
+        help="also save each setting's pooled held-out probabilities (.npy) here",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("THREADS", "0")) or torch.get_num_threads())
 
@@ -74,27 +97,47 @@ def main(argv: list[str] | None = None) -> int:
     targets = np.array([labels.index(r.label) for r in records])
     groups = np.array([r.group for r in records])
     paths = [r.path for r in records]
-    for arch, size, grey in itertools.product(args.archs.split(","), args.sizes.split(","), args.grey.split(",")):
+    for arch, size, grey in itertools.product(
+        args.archs.split(","), args.sizes.split(","), args.grey.split(",")
+    ):
         h, w = map(int, size.split("x"))
-        config = PreprocessConfig(height=h, width=w, channels=3 if grey == "rgb" else 1,
-                                  grey_from="auto" if grey == "rgb" else grey)
+        config = PreprocessConfig(
+            height=h,
+            width=w,
+            channels=3 if grey == "rgb" else 1,
+            grey_from="auto" if grey == "rgb" else grey,
+        )
         t0 = time.perf_counter()
         images = ImageCache(config, workers=2).get(paths)
         all_taps = LiteFeatures(arch, taps=tuple(range(7)), head=True)
         feats = extract(all_taps, images)
         if args.vflip:
             flipped = extract(all_taps, np.ascontiguousarray(images[:, :, ::-1, :]))
-        widths = [stage[-1].bn2.num_features if not hasattr(stage[-1], "bn3") else stage[-1].bn3.num_features
-                  for stage in all_taps.blocks]
+        widths = [
+            stage[-1].bn2.num_features
+            if not hasattr(stage[-1], "bn3")
+            else stage[-1].bn3.num_features
+            for stage in all_taps.blocks
+        ]
         offsets = np.cumsum([0] + widths + [1280])
         hog = HOGFeatures()(torch.from_numpy(images).float() / 255).flatten(1) if args.hog else None
         seconds_features = time.perf_counter() - t0
         for taps, l2 in itertools.product(args.taps, args.l2.split(",")):
             parts = taps.split(",")
-            cols = [slice(offsets[int(p)], offsets[int(p) + 1]) if p != "h" else slice(offsets[7], offsets[8]) for p in parts]
+            cols = [
+                slice(offsets[int(p)], offsets[int(p) + 1])
+                if p != "h"
+                else slice(offsets[7], offsets[8])
+                for p in parts
+            ]
             variants = [("", torch.cat([feats[:, c] for c in cols], 1))]
             if args.vflip:
-                variants.append(("+vflip-avg", (variants[0][1] + torch.cat([flipped[:, c] for c in cols], 1)) / 2))
+                variants.append(
+                    (
+                        "+vflip-avg",
+                        (variants[0][1] + torch.cat([flipped[:, c] for c in cols], 1)) / 2,
+                    )
+                )
             if hog is not None:
                 variants += [(name + "+hog", torch.cat([x, hog], 1)) for name, x in list(variants)]
             for name, x in variants:
@@ -104,12 +147,23 @@ def main(argv: list[str] | None = None) -> int:
                     args.save_probs.mkdir(parents=True, exist_ok=True)
                     np.save(args.save_probs / "targets.npy", targets)
                     np.save(args.save_probs / f"{arch}-{size}-{grey}-{taps}{name}-{l2}.npy", probs)
-                print(json.dumps({
-                    "arch": arch, "input": f"{config.channels}x{h}x{w}", "grey": grey, "taps": taps + name,
-                    "dim": x.shape[1], "l2": float(l2),
-                    "top1": round(topk_accuracy(probs, targets, 1), 3), "top3": round(topk_accuracy(probs, targets, 3), 3),
-                    "seconds_features": round(seconds_features, 1), "seconds_fit": round(time.perf_counter() - t1, 1),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "arch": arch,
+                            "input": f"{config.channels}x{h}x{w}",
+                            "grey": grey,
+                            "taps": taps + name,
+                            "dim": x.shape[1],
+                            "l2": float(l2),
+                            "top1": round(topk_accuracy(probs, targets, 1), 3),
+                            "top3": round(topk_accuracy(probs, targets, 3), 3),
+                            "seconds_features": round(seconds_features, 1),
+                            "seconds_fit": round(time.perf_counter() - t1, 1),
+                        }
+                    ),
+                    flush=True,
+                )
     return 0
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from flystage.training.crossval import crossval, write_report
 from flystage.organise import organise, read_manifest, write_manifest
+from flystage.training.crossval import crossval, write_report
 from flystage.training.train import TrainConfig
 from make_lablike import LablikeConfig, LablikeError, make_lablike
 
@@ -43,19 +43,34 @@ GOAL = {"top1": 0.85, "top3": 0.98}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA,
-                        help="the bdgp-insitu folder (default: $FLYSTAGE_DATA, else ../shared/data/bdgp-insitu)")
-    parser.add_argument("--lablike", action="store_true",
-                        help="benchmark a lab-like copy of --data (dim 16-bit grey TIFFs at random angles; bench/make_lablike.py)")
-    parser.add_argument("--lablike-seed", type=int, default=0, help="seed of the lab-like copy (default 0)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="the bdgp-insitu folder (default: $FLYSTAGE_DATA, else ../shared/data/bdgp-insitu)",
+    )
+    parser.add_argument(
+        "--lablike",
+        action="store_true",
+        help="benchmark a lab-like copy of --data (dim 16-bit grey TIFFs at random angles; bench/make_lablike.py)",
+    )
+    parser.add_argument(
+        "--lablike-seed", type=int, default=0, help="seed of the lab-like copy (default 0)"
+    )
     parser.add_argument("--out", type=Path, help="also write report.json and confusion.png here")
     parser.add_argument("--folds", help="comma-separated genes to hold out (default: all 8)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default 0: torch's choice; 1 is much faster on a busy machine, same result)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default 0: torch's choice; 1 is much faster on a busy machine, same result)",
+    )
     args = parser.parse_args(argv)
     if not (args.data / "labels.csv").is_file():
-        print(f"error: BDGP images not found at {args.data}: set FLYSTAGE_DATA (or --data) to the bdgp-insitu folder",
-              file=sys.stderr)
+        print(
+            f"error: BDGP images not found at {args.data}: set FLYSTAGE_DATA (or --data) to the bdgp-insitu folder",
+            file=sys.stderr,
+        )
         return 2
 
     t0 = time.perf_counter()
@@ -68,19 +83,33 @@ def main(argv: list[str] | None = None) -> int:
         if lablike:
             data = Path(tmp) / "lablike"
             try:
-                make_lablike(args.data, data, seed=args.lablike_seed, config=lablike, log=lambda line: print(line, flush=True))
+                make_lablike(
+                    args.data,
+                    data,
+                    seed=args.lablike_seed,
+                    config=lablike,
+                    log=lambda line: print(line, flush=True),
+                )
             except LablikeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
         # Labels and genes from the data set's own CSV; every image "train": crossval splits.
-        result = organise([data], labels_csv=data / "labels.csv", label_column="stage_range",
-                          group_column="gene", split="none")
+        result = organise(
+            [data],
+            labels_csv=data / "labels.csv",
+            label_column="stage_range",
+            group_column="gene",
+            split="none",
+        )
         manifest = write_manifest(result.records, Path(tmp) / "manifest.csv")
         records = read_manifest(manifest)
         folds = args.folds.split(",") if args.folds else None
-        print(f"leave-one-gene-out on {len(records)} images of {len({r.group for r in records})} genes from {data}; "
-              f"{config.arch}, input {config.preprocess.channels}x{config.preprocess.height}x{config.preprocess.width}, "
-              f"{config.epochs} epochs, {torch.get_num_threads()} threads", flush=True)
+        print(
+            f"leave-one-gene-out on {len(records)} images of {len({r.group for r in records})} genes from {data}; "
+            f"{config.arch}, input {config.preprocess.channels}x{config.preprocess.height}x{config.preprocess.width}, "
+            f"{config.epochs} epochs, {torch.get_num_threads()} threads",
+            flush=True,
+        )
         report = crossval(records, config, "group", folds, log=lambda line: print(line, flush=True))
     if args.out:
         write_report(report, args.out, force=True)
@@ -111,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         "lablike": {"seed": args.lablike_seed, **asdict(lablike)} if lablike else None,
         "baseline": BASELINE,
         "goal": GOAL,
-        "per_fold": [{k: f[k] for k in ("group", "n_test", "top1", "top3", "best_epoch", "seconds")} for f in report["folds"]],
+        "per_fold": [
+            {k: f[k] for k in ("group", "n_test", "top1", "top3", "best_epoch", "seconds")}
+            for f in report["folds"]
+        ],
         "per_stage_recall": {label: s["recall"] for label, s in report["per_stage"].items()},
     }
     print(json.dumps(summary))

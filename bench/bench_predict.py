@@ -46,7 +46,16 @@ def lab_like_tiff(path: Path, seed: int, height: int = 420, width: int = 1110) -
     img = rng.normal(150, 15, (height, width))
     mask = np.zeros((height, width), np.uint8)
     angle = float(rng.uniform(-20, 20))
-    cv2.ellipse(mask, (width // 2, height // 2), (int(width * 0.38), int(height * 0.3)), angle, 0, 360, 1, -1)
+    cv2.ellipse(
+        mask,
+        (width // 2, height // 2),
+        (int(width * 0.38), int(height * 0.3)),
+        angle,
+        0,
+        360,
+        1,
+        -1,
+    )
     stripes = 1 + 0.4 * np.sin(np.arange(width) / rng.uniform(6, 20))[None, :]
     img += mask.astype(np.float64) * rng.uniform(600, 1800) * stripes
     tifffile.imwrite(path, np.clip(img, 0, 65535).astype(np.uint16))
@@ -73,12 +82,18 @@ def default_model(model_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, help="model directory (default: an untrained default model)")
+    parser.add_argument(
+        "--model", type=Path, help="model directory (default: an untrained default model)"
+    )
     parser.add_argument("--source", choices=["synthetic", "bdgp"], default="synthetic")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2, help="batches in flight (flystage predict's default 2)")
-    parser.add_argument("--threads", type=int, help="onnxruntime threads per batch (default: cores / workers)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="batches in flight (flystage predict's default 2)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="onnxruntime threads per batch (default: cores / workers)"
+    )
     args = parser.parse_args(argv)
 
     from flystage.imaging import load
@@ -94,8 +109,21 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = tmp / "model"
             model = default_model(model_dir)
 
-        command = [sys.executable, "-m", "flystage", "predict", str(folder), "--model", str(model_dir),
-                   "--out", str(tmp / "preds.csv"), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        command = [
+            sys.executable,
+            "-m",
+            "flystage",
+            "predict",
+            str(folder),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp / "preds.csv"),
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         start = time.perf_counter()
@@ -109,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         paths, _ = iter_images([folder])
         start = time.perf_counter()
         predictions = predict_files(
-            predictor, paths, root=folder, batch_size=args.batch_size, progress=False, workers=args.workers
+            predictor,
+            paths,
+            root=folder,
+            batch_size=args.batch_size,
+            progress=False,
+            workers=args.workers,
         )
         steady = time.perf_counter() - start
         assert all(p.error is None for p in predictions)
@@ -122,23 +155,27 @@ def main(argv: list[str] | None = None) -> int:
             predictor.predict_arrays(batch)
         model_only = time.perf_counter() - start
 
-    print(json.dumps({
-        "bench": "predict",
-        "images": images,
-        "model": model,
-        "arch": predictor.metadata.arch,
-        "input_shape": list(predictor.metadata.input_shape),
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "threads_per_batch": threads,
-        "cpus": os.cpu_count(),
-        "n": len(paths),
-        "seconds": round(end_to_end, 3),
-        "images_per_s": round(len(paths) / end_to_end, 2),
-        "steady_images_per_s": round(len(paths) / steady, 2),
-        "model_images_per_s": round(rounds * len(batch) / model_only, 2),
-        "command": " ".join(["flystage", *command[3:]]),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "predict",
+                "images": images,
+                "model": model,
+                "arch": predictor.metadata.arch,
+                "input_shape": list(predictor.metadata.input_shape),
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "threads_per_batch": threads,
+                "cpus": os.cpu_count(),
+                "n": len(paths),
+                "seconds": round(end_to_end, 3),
+                "images_per_s": round(len(paths) / end_to_end, 2),
+                "steady_images_per_s": round(len(paths) / steady, 2),
+                "model_images_per_s": round(rounds * len(batch) / model_only, 2),
+                "command": " ".join(["flystage", *command[3:]]),
+            }
+        )
+    )
     return 0
 
 

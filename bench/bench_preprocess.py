@@ -23,26 +23,32 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic lab image the tests use
 
-from imaging_helpers import LAB_HEIGHT, LAB_WIDTH, dim_embryo, tiff_bytes  # noqa: E402
-
 from flystage.imaging import PreprocessConfig, preprocess, read_image  # noqa: E402
+from imaging_helpers import LAB_HEIGHT, LAB_WIDTH, dim_embryo, tiff_bytes  # noqa: E402
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1000.0
-    return {"median_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3)}
+    return {
+        "median_ms": round(float(np.median(ms)), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1, help="OpenCV threads (default 1, as in serving)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="OpenCV threads (default 1, as in serving)"
+    )
     args = parser.parse_args(argv)
     cv2.setNumThreads(args.threads)
 
     config = PreprocessConfig()
     # a few different images, tilted, so that alignment and masking do real work
-    payloads = [tiff_bytes(dim_embryo(angle=a, length=800, seed=i)) for i, a in enumerate((0, 12, -25, 40))]
+    payloads = [
+        tiff_bytes(dim_embryo(angle=a, length=800, seed=i)) for i, a in enumerate((0, 12, -25, 40))
+    ]
     for data in payloads:  # warm up
         preprocess(read_image(data), config)
 

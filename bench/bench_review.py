@@ -72,13 +72,19 @@ def write_predictions(path: Path, names: list[str]) -> None:
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    fields = dict(
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":" in line
+    )
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def wait_images_js(count: int) -> str:
-    return (f"const i = [...document.querySelectorAll('article.card img')].slice(0, {count});"
-            f"return i.length >= {count} && i.every(x => x.complete && x.naturalWidth > 0)")
+    return (
+        f"const i = [...document.querySelectorAll('article.card img')].slice(0, {count});"
+        f"return i.length >= {count} && i.every(x => x.complete && x.naturalWidth > 0)"
+    )
 
 
 VISIBLE_DONE = """
@@ -94,10 +100,14 @@ def scroll_all(driver, n: int) -> float:
 
     t0 = time.perf_counter()
     while True:
-        WebDriverWait(driver, 60, poll_frequency=0.02).until(lambda d: d.execute_script(VISIBLE_DONE))
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(
+            lambda d: d.execute_script(VISIBLE_DONE)
+        )
         done = driver.execute_script(
             "return document.querySelectorAll('article.card').length >= arguments[0] &&"
-            " innerHeight + scrollY >= document.body.scrollHeight - 2", n)
+            " innerHeight + scrollY >= document.body.scrollHeight - 2",
+            n,
+        )
         if done:
             return round(time.perf_counter() - t0, 2)
         driver.execute_script("window.scrollBy(0, innerHeight)")
@@ -126,9 +136,23 @@ def main(argv: list[str] | None = None) -> int:
         names = make_images(tmp / "images", args.images, min(args.distinct, args.images))
         write_predictions(tmp / "predictions.csv", names)
         server = subprocess.Popen(
-            [sys.executable, "-m", "flystage", "review", str(tmp / "predictions.csv"), "--images", str(tmp / "images"),
-             "--out", str(tmp / "reviewed.csv"), "--cache-dir", str(tmp / "cache")],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                sys.executable,
+                "-m",
+                "flystage",
+                "review",
+                str(tmp / "predictions.csv"),
+                "--images",
+                str(tmp / "images"),
+                "--out",
+                str(tmp / "reviewed.csv"),
+                "--cache-dir",
+                str(tmp / "cache"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             url = ""
             while not url:
@@ -141,24 +165,36 @@ def main(argv: list[str] | None = None) -> int:
             with chromium(1280, 900) as driver:
                 t0 = time.perf_counter()
                 driver.get(url)
-                WebDriverWait(driver, 60, poll_frequency=0.02).until(lambda d: d.execute_script(wait_images_js(FIRST_PAGE)))
+                WebDriverWait(driver, 60, poll_frequency=0.02).until(
+                    lambda d: d.execute_script(wait_images_js(FIRST_PAGE))
+                )
                 result["first_page_s"] = round(time.perf_counter() - t0, 3)
                 result["scroll_2000_s"] = scroll_all(driver, args.images)
                 # Every thumbnail cached (the background maker finishes what scrolling skipped).
                 deadline = time.time() + 600
-                while sum(1 for _ in (tmp / "cache").rglob("*.png")) < args.images and time.time() < deadline:
+                while (
+                    sum(1 for _ in (tmp / "cache").rglob("*.png")) < args.images
+                    and time.time() < deadline
+                ):
                     time.sleep(0.5)
                 t0 = time.perf_counter()
                 driver.refresh()
-                WebDriverWait(driver, 60, poll_frequency=0.02).until(lambda d: d.execute_script(wait_images_js(FIRST_PAGE)))
+                WebDriverWait(driver, 60, poll_frequency=0.02).until(
+                    lambda d: d.execute_script(wait_images_js(FIRST_PAGE))
+                )
                 result["cached_first_page_s"] = round(time.perf_counter() - t0, 3)
                 result["cached_scroll_2000_s"] = scroll_all(driver, args.images)
             times = [timed_get(f"{base}/thumb/{i}.png", token) for i in range(args.images)]
-            times += [timed_get(f"{base}/api/items?offset={o}&limit=60", token) for o in range(0, args.images, 60)]
+            times += [
+                timed_get(f"{base}/api/items?offset={o}&limit=60", token)
+                for o in range(0, args.images, 60)
+            ]
             times.append(timed_get(f"{base}/", token))
             result.update(
-                cached_requests=len(times), cached_median_ms=round(float(np.median(times)), 2),
-                cached_p99_ms=round(float(np.percentile(times, 99)), 2), cached_max_ms=round(max(times), 2),
+                cached_requests=len(times),
+                cached_median_ms=round(float(np.median(times)), 2),
+                cached_p99_ms=round(float(np.percentile(times, 99)), 2),
+                cached_max_ms=round(max(times), 2),
             )
             rss, peak = rss_mb(server.pid)
             result.update(server_rss_mb=round(rss, 1), server_peak_rss_mb=round(peak, 1))

@@ -31,7 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "bdgp-insitu"))
-SDK_CONFIG = "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
+SDK_CONFIG = (
+    "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
+)
 
 
 class _Tee(io.TextIOBase):
@@ -50,7 +52,9 @@ class _Tee(io.TextIOBase):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="the bdgp-insitu folder (default $FLYSTAGE_DATA)")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="the bdgp-insitu folder (default $FLYSTAGE_DATA)"
+    )
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--image", default=os.environ.get("TRAIN_IMAGE", "flystage-train:latest"))
     args = parser.parse_args()
@@ -68,9 +72,14 @@ def main() -> int:
     session = LocalSession()
     session.config = {"local": {"local_code": True, "container_root": str(work)}}
     estimator = Estimator(
-        image_uri=args.image, role=fs.LOCAL_ROLE, instance_count=args.instances, instance_type="local",
+        image_uri=args.image,
+        role=fs.LOCAL_ROLE,
+        instance_count=args.instances,
+        instance_type="local",
         hyperparameters=fs.folder_hyperparameters(group_regex=fs.GENE_GROUP),
-        metric_definitions=fs.METRIC_DEFINITIONS, output_path=f"file://{work / 'output'}", sagemaker_session=session,
+        metric_definitions=fs.METRIC_DEFINITIONS,
+        output_path=f"file://{work / 'output'}",
+        sagemaker_session=session,
     )
     log = io.StringIO()
     started = time.perf_counter()
@@ -85,19 +94,30 @@ def main() -> int:
     text = re.sub(r"\x1b\[[0-9;]*m", "", log.getvalue())
     lines = [line.split("|", 1)[-1].strip() for line in text.splitlines() if "algo-1" in line]
     start = next(i for i, line in enumerate(lines) if line.startswith("labels ("))
-    table = lines[start:start + 5]
+    table = lines[start : start + 5]
     print("\n".join(table))
     genes = {}
     for split in ("train", "valid"):
         row = next(line for line in table if line.startswith(split))
         genes[split] = int(row.split()[-1])
     metrics = metadata["metrics"]
-    print(json.dumps({
-        "labels": metadata["labels"], "valid_top1": metrics.get("valid_top1"), "valid_top3": metrics.get("valid_top3"),
-        "train_images": metadata.get("train_images"), "valid_images": metadata.get("valid_images"),
-        "train_genes": genes["train"], "valid_genes": genes["valid"], "seconds": round(seconds, 1),
-        "instances": args.instances, "image": args.image, "arch": metadata.get("arch"),
-    }))
+    print(
+        json.dumps(
+            {
+                "labels": metadata["labels"],
+                "valid_top1": metrics.get("valid_top1"),
+                "valid_top3": metrics.get("valid_top3"),
+                "train_images": metadata.get("train_images"),
+                "valid_images": metadata.get("valid_images"),
+                "train_genes": genes["train"],
+                "valid_genes": genes["valid"],
+                "seconds": round(seconds, 1),
+                "instances": args.instances,
+                "image": args.image,
+                "arch": metadata.get("arch"),
+            }
+        )
+    )
     return 0
 
 

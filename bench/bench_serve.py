@@ -42,11 +42,16 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from flystage.serving.container import start_serve_container  # noqa: E402
 from flystage.serving.settings import available_cpus  # noqa: E402
-
 from serving_helpers import default_artefact, lab_image, tiff_bytes  # noqa: E402
 
 BDGP_LABELS = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
-GOALS = {"throughput_ratio_min": 2.0, "p99_over_p50_max": 1.5, "errors_max": 0, "start_to_healthy_s_max": 15.0, "serve_image_gb_max": 1.0}
+GOALS = {
+    "throughput_ratio_min": 2.0,
+    "p99_over_p50_max": 1.5,
+    "errors_max": 0,
+    "start_to_healthy_s_max": 15.0,
+    "serve_image_gb_max": 1.0,
+}
 
 
 def image_gb(client, tag: str) -> float | None:
@@ -56,7 +61,9 @@ def image_gb(client, tag: str) -> float | None:
         return None
 
 
-def first_answer(http: urllib3.PoolManager, url: str, body: bytes, started: float, timeout: float) -> float:
+def first_answer(
+    http: urllib3.PoolManager, url: str, body: bytes, started: float, timeout: float
+) -> float:
     """Seconds from ``started`` to the first 200 from /invocations (workers may still be loading)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,8 +78,14 @@ def first_answer(http: urllib3.PoolManager, url: str, body: bytes, started: floa
 
 def send(http: urllib3.PoolManager, url: str, body: bytes) -> tuple[int, float]:
     start = time.perf_counter()
-    response = http.request("POST", f"{url}/invocations", body=body, headers={"Content-Type": "image/tiff"},
-                            timeout=urllib3.Timeout(total=60), retries=False)
+    response = http.request(
+        "POST",
+        f"{url}/invocations",
+        body=body,
+        headers={"Content-Type": "image/tiff"},
+        timeout=urllib3.Timeout(total=60),
+        retries=False,
+    )
     return response.status, (time.perf_counter() - start) * 1000
 
 
@@ -120,7 +133,9 @@ def run_phase(url: str, body: bytes, requests: int, concurrency: int, time_limit
     }
 
 
-def bench_server(name: str, image: str, model_dir: Path, environment: dict[str, str], body: bytes, args) -> dict:
+def bench_server(
+    name: str, image: str, model_dir: Path, environment: dict[str, str], body: bytes, args
+) -> dict:
     http = urllib3.PoolManager()
     with start_serve_container(model_dir, image, environment=environment) as server:
         healthy = server.wait_healthy(timeout=args.start_timeout)
@@ -146,14 +161,23 @@ def bench_server(name: str, image: str, model_dir: Path, environment: dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="model artefact folder (default: the default arch, untrained)")
+    parser.add_argument(
+        "--model", type=Path, help="model artefact folder (default: the default arch, untrained)"
+    )
     parser.add_argument("--serve-image", default="flystage-serve:latest")
     parser.add_argument("--baseline-image", default="flystage-baseline:latest")
     parser.add_argument("--train-image", default="flystage-train:latest")
-    parser.add_argument("--requests", type=int, default=500, help="requests per phase and server (default 500)")
+    parser.add_argument(
+        "--requests", type=int, default=500, help="requests per phase and server (default 500)"
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=None, help="model server workers for every server (default: the serve image's default)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="model server workers for every server (default: the serve image's default)",
+    )
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds at most per phase")
     parser.add_argument("--start-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
@@ -175,41 +199,69 @@ def main(argv: list[str] | None = None) -> int:
         runs = [
             ("onnxruntime (serve image)", args.serve_image, dict(common)),
             ("torch-eager (torch's own threads)", args.baseline_image, dict(common)),
-            ("torch-eager (1 thread per worker)", args.baseline_image, {**common, "BASELINE_TORCH_THREADS": str(max(1, cpus // workers))}),
+            (
+                "torch-eager (1 thread per worker)",
+                args.baseline_image,
+                {**common, "BASELINE_TORCH_THREADS": str(max(1, cpus // workers))},
+            ),
         ]
         results = []
         for name, image, environment in runs:
             result = bench_server(name, image, model_dir, environment, body, args)
-            result.update({"arch": meta["arch"], "input_shape": meta["input_shape"], "cpus": cpus, "request_bytes": len(body)})
+            result.update(
+                {
+                    "arch": meta["arch"],
+                    "input_shape": meta["input_shape"],
+                    "cpus": cpus,
+                    "request_bytes": len(body),
+                }
+            )
             print(json.dumps(result), flush=True)
             results.append(result)
 
     ours, baselines = results[0], results[1:]
     conc = f"c{args.concurrency}"
     best_baseline = max(b[conc]["throughput_rps"] for b in baselines)
-    sizes = {which: image_gb(client, tag) for which, tag in
-             (("serve", args.serve_image), ("train", args.train_image), ("baseline", args.baseline_image))}
+    sizes = {
+        which: image_gb(client, tag)
+        for which, tag in (
+            ("serve", args.serve_image),
+            ("train", args.train_image),
+            ("baseline", args.baseline_image),
+        )
+    }
     summary = {
         "summary": "bench_serve",
         "model": note,
         "arch": meta["arch"],
         "requests_total": sum(r["c1"]["requests"] + r[conc]["requests"] for r in results),
         "throughput_rps": {r["server"]: r[conc]["throughput_rps"] for r in results},
-        "throughput_ratio_vs_best_baseline": round(ours[conc]["throughput_rps"] / best_baseline, 2) if best_baseline else None,
-        "throughput_ratio_vs_each_baseline": {b["server"]: round(ours[conc]["throughput_rps"] / b[conc]["throughput_rps"], 2)
-                                              for b in baselines if b[conc]["throughput_rps"]},
+        "throughput_ratio_vs_best_baseline": round(ours[conc]["throughput_rps"] / best_baseline, 2)
+        if best_baseline
+        else None,
+        "throughput_ratio_vs_each_baseline": {
+            b["server"]: round(ours[conc]["throughput_rps"] / b[conc]["throughput_rps"], 2)
+            for b in baselines
+            if b[conc]["throughput_rps"]
+        },
         "p50_ms_c1": ours["c1"]["p50_ms"],
         "p99_ms_c1": ours["c1"]["p99_ms"],
-        "p99_over_p50_c1": round(ours["c1"]["p99_ms"] / ours["c1"]["p50_ms"], 2) if ours["c1"]["p50_ms"] else None,
+        "p99_over_p50_c1": round(ours["c1"]["p99_ms"] / ours["c1"]["p50_ms"], 2)
+        if ours["c1"]["p50_ms"]
+        else None,
         "errors": {r["server"]: r["errors"] for r in results},
         "start_to_healthy_s": ours["start_to_healthy_s"],
         "first_answer_s": ours["first_answer_s"],
         "image_gb": sizes,
-        "serve_over_train_size": round(sizes["serve"] / sizes["train"], 3) if sizes["serve"] and sizes["train"] else None,
+        "serve_over_train_size": round(sizes["serve"] / sizes["train"], 3)
+        if sizes["serve"] and sizes["train"]
+        else None,
     }
     summary["goals"] = {
-        "throughput >= 2x best torch-eager": (summary["throughput_ratio_vs_best_baseline"] or 0) >= GOALS["throughput_ratio_min"],
-        "p99 <= 1.5x p50 at concurrency 1": (summary["p99_over_p50_c1"] or 99) <= GOALS["p99_over_p50_max"],
+        "throughput >= 2x best torch-eager": (summary["throughput_ratio_vs_best_baseline"] or 0)
+        >= GOALS["throughput_ratio_min"],
+        "p99 <= 1.5x p50 at concurrency 1": (summary["p99_over_p50_c1"] or 99)
+        <= GOALS["p99_over_p50_max"],
         "zero errors": all(e == 0 for e in summary["errors"].values()),
         "start to healthy <= 15 s": ours["start_to_healthy_s"] <= GOALS["start_to_healthy_s_max"],
         "serve image <= 1 GB": (sizes["serve"] or 99) <= GOALS["serve_image_gb_max"],

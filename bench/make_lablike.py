@@ -90,7 +90,9 @@ class LablikeConfig:
             raise LablikeError(f"scale must be > 0 and noise >= 0, not {self.scale}, {self.noise}")
 
 
-def lablike_image(rgb: np.ndarray, rng: np.random.Generator, config: LablikeConfig = LablikeConfig()) -> tuple[np.ndarray, dict]:
+def lablike_image(
+    rgb: np.ndarray, rng: np.random.Generator, config: LablikeConfig = LablikeConfig()
+) -> tuple[np.ndarray, dict]:
     """One BDGP image (``(H, W, 3)`` uint8 RGB, embryo on white) as a lab-like frame.
 
     Returns the ``(config.height, config.width)`` uint16 image and the draws (angle, mirror,
@@ -118,22 +120,32 @@ def lablike_image(rgb: np.ndarray, rng: np.random.Generator, config: LablikeConf
         )
     top, left = int(v * (config.height - h + 1)), int(u * (config.width - w + 1))
     canvas = np.full((config.height, config.width), config.low, np.float32)
-    canvas[top:top + h, left:left + w] += gain * (config.high - config.low) * x
+    canvas[top : top + h, left : left + w] += gain * (config.high - config.low) * x
     canvas += rng.normal(0.0, config.noise, canvas.shape).astype(np.float32)
     out = np.clip(np.rint(canvas), 0, 65535).astype(np.uint16)
-    return out, {"angle": round(angle, 3), "mirror": mirror, "gain": round(gain, 4), "top": top, "left": left}
+    return out, {
+        "angle": round(angle, 3),
+        "mirror": mirror,
+        "gain": round(gain, 4),
+        "top": top,
+        "left": left,
+    }
 
 
 def read_labels(source: Path) -> list[dict[str, str]]:
     """The rows of ``source/labels.csv`` (BDGP's columns)."""
     csv_path = source / "labels.csv"
     if not csv_path.is_file():
-        raise LablikeError(f"{csv_path} not found: point --data (or FLYSTAGE_DATA) at the bdgp-insitu folder")
+        raise LablikeError(
+            f"{csv_path} not found: point --data (or FLYSTAGE_DATA) at the bdgp-insitu folder"
+        )
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise LablikeError(f"{csv_path}: missing column(s) {missing}; expected {', '.join(COLUMNS)}")
+            raise LablikeError(
+                f"{csv_path}: missing column(s) {missing}; expected {', '.join(COLUMNS)}"
+            )
         return list(reader)
 
 
@@ -162,13 +174,19 @@ def make_lablike(
             raise LablikeError(f"not in {source / 'labels.csv'}: {unknown}")
         rows = [r for r in rows if r["path"] in wanted]
     if out == source or source in out.parents:
-        raise LablikeError(f"{out} is inside the source folder {source}; write the lab-like set elsewhere")
+        raise LablikeError(
+            f"{out} is inside the source folder {source}; write the lab-like set elsewhere"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise LablikeError(f"{out} exists and is not empty; choose another folder or pass --force to replace its files")
+        raise LablikeError(
+            f"{out} exists and is not empty; choose another folder or pass --force to replace its files"
+        )
     for row in rows:
         path = source / row["path"]
         if not path.is_file():
-            raise LablikeError(f"{path}: listed in labels.csv but missing; fetch the data set again")
+            raise LablikeError(
+                f"{path}: listed in labels.csv but missing; fetch the data set again"
+            )
         if file_sha1(path) != row["sha1"]:
             raise LablikeError(f"{path}: SHA-1 differs from labels.csv; fetch the data set again")
 
@@ -191,23 +209,41 @@ def make_lablike(
     settings = {"source": str(source), "seed": seed, "config": asdict(config), "images": draws}
     (out / "lablike.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     if log:
-        log(f"wrote {len(written)} lab-like {config.width}x{config.height} 16-bit TIFFs and {labels_csv}")
+        log(
+            f"wrote {len(written)} lab-like {config.width}x{config.height} 16-bit TIFFs and {labels_csv}"
+        )
     return labels_csv
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="folder to write (must not exist or be empty, unless --force)")
-    parser.add_argument("--data", type=Path, default=DATA, help="the bdgp-insitu folder (default: $FLYSTAGE_DATA)")
+    parser.add_argument(
+        "out", type=Path, help="folder to write (must not exist or be empty, unless --force)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="the bdgp-insitu folder (default: $FLYSTAGE_DATA)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
-    parser.add_argument("--max-angle", type=float, default=180.0,
-                        help="turn by an angle uniform in [-A, A] degrees (default 180: any angle; 90 keeps the head left)")
-    parser.add_argument("--mirror", action="store_true", help="also mirror half the images (default: turns only)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty folder, replacing files of the same names")
+    parser.add_argument(
+        "--max-angle",
+        type=float,
+        default=180.0,
+        help="turn by an angle uniform in [-A, A] degrees (default 180: any angle; 90 keeps the head left)",
+    )
+    parser.add_argument(
+        "--mirror", action="store_true", help="also mirror half the images (default: turns only)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty folder, replacing files of the same names",
+    )
     args = parser.parse_args(argv)
     try:
         config = LablikeConfig(max_angle=args.max_angle, mirror=args.mirror)
-        make_lablike(args.data, args.out, seed=args.seed, config=config, force=args.force, log=print)
+        make_lablike(
+            args.data, args.out, seed=args.seed, config=config, force=args.force, log=print
+        )
     except LablikeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,22 +39,40 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with Server(review_args(args.predictions, tmp, model=args.model, out=tmp / "reviewed.csv")) as server, \
-                chromium(1280, 820) as driver:
+        with (
+            Server(
+                review_args(args.predictions, tmp, model=args.model, out=tmp / "reviewed.csv")
+            ) as server,
+            chromium(1280, 820) as driver,
+        ):
             driver.get(server.url)
-            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-                "const i = [...document.images]; return i.length > 8 && i.slice(0, 12).every(x => x.complete && x.naturalWidth > 0)"))
+            WebDriverWait(driver, 30).until(
+                lambda d: d.execute_script(
+                    "const i = [...document.images]; return i.length > 8 && i.slice(0, 12).every(x => x.complete && x.naturalWidth > 0)"
+                )
+            )
             body = driver.find_element(By.TAG_NAME, "body")
             body.send_keys("\n")  # confirm the first (least sure) image's top-1
             labels = server.session.labels
-            second = server.session.items[int(driver.find_elements(By.CSS_SELECTOR, "article.card")[1].get_attribute("data-id"))]
+            second = server.session.items[
+                int(
+                    driver.find_elements(By.CSS_SELECTOR, "article.card")[1].get_attribute(
+                        "data-id"
+                    )
+                )
+            ]
             stage = next(s for s in labels if s != second.top[0][0])
             body.send_keys(str(labels.index(stage) + 1))  # correct the second
-            WebDriverWait(driver, 10).until(lambda d: "2 of" in d.find_element(By.ID, "counts").text)
+            WebDriverWait(driver, 10).until(
+                lambda d: "2 of" in d.find_element(By.ID, "counts").text
+            )
             body.send_keys("m")  # the third card: what the model looked at
-            WebDriverWait(driver, 60).until(lambda d: d.execute_script(
-                "const i = document.querySelector('article.card.focus img');"
-                "return i.src.includes('/overlay/') && i.complete && i.naturalWidth > 0"))
+            WebDriverWait(driver, 60).until(
+                lambda d: d.execute_script(
+                    "const i = document.querySelector('article.card.focus img');"
+                    "return i.src.includes('/overlay/') && i.complete && i.naturalWidth > 0"
+                )
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(args.out))
     print(f"wrote {args.out}")

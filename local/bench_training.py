@@ -36,15 +36,32 @@ def main() -> int:
         runs = Path(scratch)
         channel, _ = channels.stage_channel(args.data, runs / "channels")
         for count in args.instances:
-            request = build_request(args.image, parse_hyperparameters(args.hp.split()), channel, count, job_name(f"bench{count}"), runs)
+            request = build_request(
+                args.image,
+                parse_hyperparameters(args.hp.split()),
+                channel,
+                count,
+                job_name(f"bench{count}"),
+                runs,
+            )
             result = training.run_training_job(request, runs, write=None)
             epochs = [float(s) for s in EPOCH_SECONDS.findall(result.logs["algo-1"])]
-            print(json.dumps({
-                "bench": "local_training", "instances": count, "hyperparameters": args.hp, "status": result.status,
-                "seconds": result.seconds, "epoch_seconds_median": statistics.median(epochs) if epochs else None,
-                "valid_top3": result.final_metrics.get("valid:top3"), "images": "BDGP 193",
-                "load_average_1min": round(os.getloadavg()[0], 2),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "local_training",
+                        "instances": count,
+                        "hyperparameters": args.hp,
+                        "status": result.status,
+                        "seconds": result.seconds,
+                        "epoch_seconds_median": statistics.median(epochs) if epochs else None,
+                        "valid_top3": result.final_metrics.get("valid:top3"),
+                        "images": "BDGP 193",
+                        "load_average_1min": round(os.getloadavg()[0], 2),
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

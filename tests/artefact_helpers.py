@@ -16,7 +16,9 @@ def embryo(height: int = 42, width: int = 111, seed: int = 0, dtype=np.uint16) -
     rng = np.random.default_rng(seed)
     img = rng.normal(200, 20, (height, width))
     mask = np.zeros((height, width), np.uint8)
-    cv2.ellipse(mask, (width // 2, height // 2), (int(width * 0.4), int(height * 0.35)), 0, 0, 360, 1, -1)
+    cv2.ellipse(
+        mask, (width // 2, height // 2), (int(width * 0.4), int(height * 0.35)), 0, 0, 360, 1, -1
+    )
     stripes = 1 + 0.5 * np.sin(np.arange(width) / (2 + seed % 5))[None, :]
     img += mask.astype(np.float64) * (600 + 150 * (seed % 4)) * stripes
     top = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
@@ -68,5 +70,7 @@ def make_artefact(model_dir: Path, labels=LABELS, manifest_sha256: str | None = 
     from flystage.training.export import save_artefact
 
     model = tiny_model(num_classes=len(labels))
-    metadata = save_artefact(model_dir, model, "tiny", labels, tiny_config(), {"valid_top3": 0.5}, manifest_sha256)
+    metadata = save_artefact(
+        model_dir, model, "tiny", labels, tiny_config(), {"valid_top3": 0.5}, manifest_sha256
+    )
     return model, metadata

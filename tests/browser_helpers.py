@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 CHROMIUM = os.environ.get("FLYSTAGE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("FLYSTAGE_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -31,7 +31,7 @@ def missing() -> str | None:
 
 
 @contextmanager
-def chromium(width: int = 1280, height: int = 900) -> Iterator["object"]:
+def chromium(width: int = 1280, height: int = 900) -> Iterator[object]:
     """A selenium WebDriver on headless Chromium with a throw-away profile."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -39,9 +39,19 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator["object"]:
     profile = tempfile.mkdtemp(prefix="flystage-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--window-size={width},{height}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:

@@ -32,9 +32,18 @@ SERVE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-serve:latest"
 
 def put_images(api) -> None:
     """Both repositories in moto's ECR with a `latest` image, as `make push` leaves them."""
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                           "config": {"digest": "sha256:" + "0" * 64, "size": 1, "mediaType": "application/vnd.docker.container.image.v1+json"},
-                           "layers": []})
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "digest": "sha256:" + "0" * 64,
+                "size": 1,
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+            },
+            "layers": [],
+        }
+    )
     for repo in ("flystage-train", "flystage-serve"):
         api.call("ecr", "create_repository", repositoryName=repo)
         api.call("ecr", "put_image", repositoryName=repo, imageManifest=manifest, imageTag="latest")
@@ -92,7 +101,9 @@ def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 def aws(moto_url, monkeypatch, tmp_path) -> tuple[Api, Settings]:
     """(Api, Settings) against a freshly reset moto, with the bucket created."""
     fake_credentials(monkeypatch)
-    urllib.request.urlopen(urllib.request.Request(moto_url + "/moto-api/reset", method="POST"), timeout=10)
+    urllib.request.urlopen(
+        urllib.request.Request(moto_url + "/moto-api/reset", method="POST"), timeout=10
+    )
     settings = Settings(
         region=REGION,
         role_arn=ROLE,
@@ -102,7 +113,12 @@ def aws(moto_url, monkeypatch, tmp_path) -> tuple[Api, Settings]:
         poll_s=1,
     )
     api = Api(settings)
-    api.call("s3", "create_bucket", Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    api.call(
+        "s3",
+        "create_bucket",
+        Bucket=BUCKET,
+        CreateBucketConfiguration={"LocationConstraint": REGION},
+    )
     return api, settings
 
 
@@ -130,7 +146,9 @@ def docker_client():
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as err:
-        pytest.fail(f"Docker engine not reachable ({err}): start it with `dockerd >/var/log/dockerd.log 2>&1 &`")
+        pytest.fail(
+            f"Docker engine not reachable ({err}): start it with `dockerd >/var/log/dockerd.log 2>&1 &`"
+        )
     return client
 
 
@@ -140,15 +158,28 @@ def start_registry(tmp_path):
     returns ``127.0.0.1:<port>``; a read-only registry refuses every push."""
     binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
     if not Path(binary).exists():
-        pytest.fail("docker-registry not installed: apt-get install docker-registry (the CI installs it)")
+        pytest.fail(
+            "docker-registry not installed: apt-get install docker-registry (the CI installs it)"
+        )
     procs = []
 
     def start(readonly: bool = False) -> str:
         port = free_port()
         config = tmp_path / f"registry-{port}.yml"
-        config.write_text(REGISTRY_CONFIG.format(root=tmp_path / f"registry-{port}", port=port, readonly=str(readonly).lower()))
+        config.write_text(
+            REGISTRY_CONFIG.format(
+                root=tmp_path / f"registry-{port}", port=port, readonly=str(readonly).lower()
+            )
+        )
         log = open(tmp_path / f"registry-{port}.log", "wb")
-        procs.append((subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
+                ),
+                log,
+            )
+        )
         wait_http(f"http://127.0.0.1:{port}/v2/")
         return f"127.0.0.1:{port}"
 
@@ -171,7 +202,9 @@ def tiny_image(client, tag: str, tmp_path: Path):
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     repository, _, version = tag.partition(":")
-    client.api.import_image_from_data(buf.getvalue(), repository=repository, tag=version or "latest")
+    client.api.import_image_from_data(
+        buf.getvalue(), repository=repository, tag=version or "latest"
+    )
     return client.images.get(tag)
 
 
@@ -209,26 +242,55 @@ class RuntimeProxy:
                 self.wfile.write(body)
 
             def error(self, status: int, kind: str, fields: dict) -> None:
-                self.answer(status, json.dumps(fields).encode(), {"Content-Type": "application/json", "x-amzn-ErrorType": kind})
+                self.answer(
+                    status,
+                    json.dumps(fields).encode(),
+                    {"Content-Type": "application/json", "x-amzn-ErrorType": kind},
+                )
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                proxy.requests.append({"path": self.path, "headers": dict(self.headers), "size": len(body)})
+                proxy.requests.append(
+                    {"path": self.path, "headers": dict(self.headers), "size": len(body)}
+                )
                 if self.path != f"/endpoints/{endpoint_name}/invocations":
-                    return self.error(400, "ValidationError", {"message": f"Endpoint {self.path.split('/')[2]} not found."})
-                passed = {k: self.headers[k] for k in ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes") if k in self.headers}
-                request = urllib.request.Request(container_url + "/invocations", data=body, headers=passed, method="POST")
+                    return self.error(
+                        400,
+                        "ValidationError",
+                        {"message": f"Endpoint {self.path.split('/')[2]} not found."},
+                    )
+                passed = {
+                    k: self.headers[k]
+                    for k in ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes")
+                    if k in self.headers
+                }
+                request = urllib.request.Request(
+                    container_url + "/invocations", data=body, headers=passed, method="POST"
+                )
                 try:
                     with urllib.request.urlopen(request, timeout=60) as response:
-                        self.answer(200, response.read(), {"Content-Type": response.headers.get("Content-Type", ""),
-                                                           "x-Amzn-Invoked-Production-Variant": "AllTraffic"})
+                        self.answer(
+                            200,
+                            response.read(),
+                            {
+                                "Content-Type": response.headers.get("Content-Type", ""),
+                                "x-Amzn-Invoked-Production-Variant": "AllTraffic",
+                            },
+                        )
                 except urllib.error.HTTPError as err:
                     text = err.read().decode(errors="replace")
-                    self.error(424, "ModelError", {
-                        "ErrorCode": "CLIENT_ERROR_FROM_MODEL" if err.code < 500 else "SERVER_ERROR_FROM_MODEL",
-                        "Message": f"Received client error ({err.code}) from primary with message \"{text}\".",
-                        "OriginalStatusCode": err.code, "OriginalMessage": text,
-                    })
+                    self.error(
+                        424,
+                        "ModelError",
+                        {
+                            "ErrorCode": "CLIENT_ERROR_FROM_MODEL"
+                            if err.code < 500
+                            else "SERVER_ERROR_FROM_MODEL",
+                            "Message": f'Received client error ({err.code}) from primary with message "{text}".',
+                            "OriginalStatusCode": err.code,
+                            "OriginalMessage": text,
+                        },
+                    )
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -256,15 +318,26 @@ def foreign_image(client, tag: str, architecture: str = "arm64", os_name: str = 
 
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w") as tar:
-        add(tar, "hello.txt", f"flystage foreign image {tag} {architecture} {time.time()}\n".encode())
+        add(
+            tar,
+            "hello.txt",
+            f"flystage foreign image {tag} {architecture} {time.time()}\n".encode(),
+        )
     layer_bytes = layer.getvalue()
     diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
-    config = json.dumps({
-        "architecture": architecture, "os": os_name, **({"variant": "v8"} if architecture == "arm64" else {}),
-        "created": "2024-01-01T00:00:00Z", "config": {"Cmd": ["/hello.txt"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "flystage test: hand-made layer"}],
-    }).encode()
+    config = json.dumps(
+        {
+            "architecture": architecture,
+            "os": os_name,
+            **({"variant": "v8"} if architecture == "arm64" else {}),
+            "created": "2024-01-01T00:00:00Z",
+            "config": {"Cmd": ["/hello.txt"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "history": [
+                {"created": "2024-01-01T00:00:00Z", "created_by": "flystage test: hand-made layer"}
+            ],
+        }
+    ).encode()
     config_name = hashlib.sha256(config).hexdigest() + ".json"
     layer_dir = hashlib.sha256(layer_bytes).hexdigest()
     archive = io.BytesIO()
@@ -272,6 +345,12 @@ def foreign_image(client, tag: str, architecture: str = "arm64", os_name: str = 
         add(tar, f"{layer_dir}/layer.tar", layer_bytes)
         add(tar, f"{layer_dir}/VERSION", b"1.0")
         add(tar, config_name, config)
-        add(tar, "manifest.json", json.dumps([{"Config": config_name, "RepoTags": [tag], "Layers": [f"{layer_dir}/layer.tar"]}]).encode())
+        add(
+            tar,
+            "manifest.json",
+            json.dumps(
+                [{"Config": config_name, "RepoTags": [tag], "Layers": [f"{layer_dir}/layer.tar"]}]
+            ).encode(),
+        )
     client.images.load(archive.getvalue())
     return client.images.get(tag)

@@ -12,7 +12,9 @@ BDGP = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "b
 
 # Importing sagemaker_training or sagemaker_inference without /opt/ml creates
 # ~/sagemaker_local as a side effect; point them at a scratch tree instead.
-os.environ.setdefault("SAGEMAKER_BASE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "flystage-test-opt-ml"))
+os.environ.setdefault(
+    "SAGEMAKER_BASE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "flystage-test-opt-ml")
+)
 
 
 @pytest.fixture(scope="session")

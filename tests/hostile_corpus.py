@@ -29,10 +29,11 @@ import tarfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -62,7 +63,7 @@ def opencv_of(image: np.ndarray, ext: str) -> bytes:
     return data.tobytes()
 
 
-@lru_cache(maxsize=None)
+@cache
 def valid_images() -> dict[str, bytes]:
     """One small valid file per format (the seeds of truncation, flips and splicing)."""
     eight = small_image(dtype=np.uint8)
@@ -75,13 +76,30 @@ def valid_images() -> dict[str, bytes]:
     }
 
 
-def _tiff_ifd(width: int, height: int, strips: list[bytes], rows_per_strip: int, *, samples: int = 1,
-              bits: int = 16, sample_format: int = 1, compression: int = 1, next_ifd: int = 0) -> bytes:
+def _tiff_ifd(
+    width: int,
+    height: int,
+    strips: list[bytes],
+    rows_per_strip: int,
+    *,
+    samples: int = 1,
+    bits: int = 16,
+    sample_format: int = 1,
+    compression: int = 1,
+    next_ifd: int = 0,
+) -> bytes:
     """A little-endian baseline TIFF written by hand, so that any tag can lie."""
     entries: list[tuple[int, int, list[int]]] = [
-        (256, 4, [width]), (257, 4, [height]), (258, 3, [bits] * samples), (259, 3, [compression]),
-        (262, 3, [2 if samples == 3 else 1]), (273, 4, [0] * len(strips)), (277, 3, [samples]),
-        (278, 4, [rows_per_strip]), (279, 4, [len(s) for s in strips]), (284, 3, [1]),
+        (256, 4, [width]),
+        (257, 4, [height]),
+        (258, 3, [bits] * samples),
+        (259, 3, [compression]),
+        (262, 3, [2 if samples == 3 else 1]),
+        (273, 4, [0] * len(strips)),
+        (277, 3, [samples]),
+        (278, 4, [rows_per_strip]),
+        (279, 4, [len(s) for s in strips]),
+        (284, 3, [1]),
         (339, 3, [sample_format] * samples),
     ]
     header = 8
@@ -99,7 +117,9 @@ def _tiff_ifd(width: int, height: int, strips: list[bytes], rows_per_strip: int,
         return offset, struct.pack("<I", offset)
 
     # Pixel data goes after the IFD and its arrays; compute array sizes first.
-    array_bytes = sum(len(v) * (2 if k == 3 else 4) for _, k, v in entries if len(v) * (2 if k == 3 else 4) > 4)
+    array_bytes = sum(
+        len(v) * (2 if k == 3 else 4) for _, k, v in entries if len(v) * (2 if k == 3 else 4) > 4
+    )
     data_at = extra_at + array_bytes
     offsets, at = [], data_at
     for strip in strips:
@@ -114,20 +134,29 @@ def _tiff_ifd(width: int, height: int, strips: list[bytes], rows_per_strip: int,
     return b"II*\x00" + struct.pack("<I", header) + bytes(ifd) + bytes(extra) + b"".join(strips)
 
 
-@lru_cache(maxsize=None)
+@cache
 def float64_rgb_bomb(size: int = 5000, rows_per_strip: int = 50) -> bytes:
     """Issue 8's bomb: a ``size`` x ``size`` float64 RGB zlib TIFF (25 MP: inside the pixel
     limit) that decodes to 600 MB, in about 600 KB; one zero strip compressed once and repeated."""
     strip = zlib.compress(bytes(rows_per_strip * size * 3 * 8), 9)
     strips = [strip] * (size // rows_per_strip)
-    return _tiff_ifd(size, size, strips, rows_per_strip, samples=3, bits=64, sample_format=3, compression=8)
+    return _tiff_ifd(
+        size, size, strips, rows_per_strip, samples=3, bits=64, sample_format=3, compression=8
+    )
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
-def png_of(width: int, height: int, idat: bytes | None = None, bit_depth: int = 8, colour: int = 0) -> bytes:
+def png_of(
+    width: int, height: int, idat: bytes | None = None, bit_depth: int = 8, colour: int = 0
+) -> bytes:
     """A PNG with a chosen IHDR (valid CRCs) and IDAT (default: all-zero rows, streamed into zlib)."""
     if idat is None:
         compressor = zlib.compressobj(9)
@@ -135,7 +164,12 @@ def png_of(width: int, height: int, idat: bytes | None = None, bit_depth: int = 
         parts = [compressor.compress(row) for _ in range(height)]
         idat = b"".join(parts) + compressor.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_with_size(jpeg: bytes, height: int, width: int) -> bytes:
@@ -185,12 +219,25 @@ def image_bytes_cases(include_bombs: bool = True) -> list[ImageCase]:
     cases: list[ImageCase] = []
     for kind, data in v.items():
         cases.append(ImageCase(f"{kind}: valid", data, "ok"))
-        for cut in (len(data) // 2, len(data) - 1 if kind != "bmp" else len(data) - 2, 40, 16, 8, 4, 2, 1):
+        for cut in (
+            len(data) // 2,
+            len(data) - 1 if kind != "bmp" else len(data) - 2,
+            40,
+            16,
+            8,
+            4,
+            2,
+            1,
+        ):
             if kind in ("tiff", "tiff-zlib") and cut == len(data) - 1:
                 continue  # tifffile's trailing IFD padding: a cut of one byte may be harmless
             cases.append(ImageCase(f"{kind}: truncated to {cut} bytes", data[:cut]))
         head = data[:4] if kind.startswith("tiff") else data[:2]
-        cases.append(ImageCase(f"{kind}: magic then random bytes", head + np.random.default_rng(1).bytes(600)))
+        cases.append(
+            ImageCase(
+                f"{kind}: magic then random bytes", head + np.random.default_rng(1).bytes(600)
+            )
+        )
         cases.append(ImageCase(f"{kind}: magic then zeros", head + bytes(600)))
         cases.append(ImageCase(f"{kind}: magic then 0xff", head + b"\xff" * 600))
         cases.append(ImageCase(f"{kind}: asks for page 3 of 1", data, page=3))
@@ -211,8 +258,13 @@ def image_bytes_cases(include_bombs: bool = True) -> list[ImageCase]:
         ImageCase("JPEG markers only", b"\xff\xd8\xff\xd9"),
         ImageCase("JPEG: SOI then EOI inside garbage", b"\xff\xd8\xff" + bytes(50) + b"\xff\xd9"),
         ImageCase("BMP: header only", v["bmp"][:54]),
-        ImageCase("BMP: declared size larger than file", v["bmp"][:2] + struct.pack("<I", 10**9) + v["bmp"][6:]),
-        ImageCase("BMP: OS/2 header size 12", v["bmp"][:14] + struct.pack("<I", 12) + v["bmp"][18:]),
+        ImageCase(
+            "BMP: declared size larger than file",
+            v["bmp"][:2] + struct.pack("<I", 10**9) + v["bmp"][6:],
+        ),
+        ImageCase(
+            "BMP: OS/2 header size 12", v["bmp"][:14] + struct.pack("<I", 12) + v["bmp"][18:]
+        ),
         # zero size
         ImageCase("PNG: 0 x 0", png_of(0, 0, idat=zlib.compress(b""))),
         ImageCase("PNG: 0 x 100", png_of(0, 100, idat=zlib.compress(b""))),
@@ -222,30 +274,75 @@ def image_bytes_cases(include_bombs: bool = True) -> list[ImageCase]:
         ImageCase("TIFF: 0 x 0", _tiff_with_size(0, 0)),
         ImageCase("TIFF: 0 x 100", _tiff_with_size(0, 100)),
         # huge declared dimensions, tiny files
-        ImageCase("PNG: declares 2^31-1 x 2^31-1", png_of(2**31 - 1, 2**31 - 1, idat=zlib.compress(b"\0" * 64))),
-        ImageCase("PNG: declares 100000 x 100000", png_of(100_000, 100_000, idat=zlib.compress(b"\0" * 64))),
+        ImageCase(
+            "PNG: declares 2^31-1 x 2^31-1",
+            png_of(2**31 - 1, 2**31 - 1, idat=zlib.compress(b"\0" * 64)),
+        ),
+        ImageCase(
+            "PNG: declares 100000 x 100000",
+            png_of(100_000, 100_000, idat=zlib.compress(b"\0" * 64)),
+        ),
         ImageCase("JPEG: declares 65535 x 65535", _jpeg_with_size(v["jpeg"], 65535, 65535)),
         ImageCase("BMP: declares 2^31-1 x 2^31-1", _bmp_with_size(v["bmp"], 2**31 - 1, 2**31 - 1)),
         ImageCase("BMP: declares -2^31 height", _bmp_with_size(v["bmp"], 40, -(2**31))),
         ImageCase("TIFF: declares 4294967295 x 4294967295", _tiff_with_size(2**32 - 1, 2**32 - 1)),
         ImageCase("TIFF: declares 100000 x 100000", _tiff_with_size(100_000, 100_000)),
-        ImageCase("TIFF: strip offset past the end", _tiff_ifd(40, 24, [bytes(40 * 24 * 2)], 24)[:-100]),
-        ImageCase("TIFF: IFD points to itself", _tiff_ifd(40, 24, [bytes(40 * 24 * 2)], 24, next_ifd=8), "ok"),
-        ImageCase("TIFF: IFD offset past the end", b"II*\x00" + struct.pack("<I", 10**9) + bytes(100)),
+        ImageCase(
+            "TIFF: strip offset past the end", _tiff_ifd(40, 24, [bytes(40 * 24 * 2)], 24)[:-100]
+        ),
+        ImageCase(
+            "TIFF: IFD points to itself",
+            _tiff_ifd(40, 24, [bytes(40 * 24 * 2)], 24, next_ifd=8),
+            "ok",
+        ),
+        ImageCase(
+            "TIFF: IFD offset past the end", b"II*\x00" + struct.pack("<I", 10**9) + bytes(100)
+        ),
         ImageCase("TIFF: IFD offset 0 (no pages)", b"II*\x00" + struct.pack("<I", 0) + bytes(100)),
-        ImageCase("TIFF: 65535 tags declared", b"II*\x00" + struct.pack("<IH", 8, 65535) + bytes(200)),
-        ImageCase("TIFF: zlib strip of garbage", _tiff_ifd(40, 24, [b"\x78\x9c" + b"\x13" * 200], 24, compression=8)),
-        ImageCase("TIFF: unknown compression 60000", _tiff_ifd(40, 24, [bytes(1920)], 24, compression=60000)),
+        ImageCase(
+            "TIFF: 65535 tags declared", b"II*\x00" + struct.pack("<IH", 8, 65535) + bytes(200)
+        ),
+        ImageCase(
+            "TIFF: zlib strip of garbage",
+            _tiff_ifd(40, 24, [b"\x78\x9c" + b"\x13" * 200], 24, compression=8),
+        ),
+        ImageCase(
+            "TIFF: unknown compression 60000",
+            _tiff_ifd(40, 24, [bytes(1920)], 24, compression=60000),
+        ),
         ImageCase("TIFF: 1-bit samples", _tiff_ifd(40, 24, [bytes(120)], 24, bits=1), "ok"),
         ImageCase("TIFF: 12-bit samples", _tiff_ifd(40, 24, [bytes(1440)], 24, bits=12)),
-        ImageCase("TIFF: complex samples", _tiff_ifd(40, 24, [bytes(40 * 24 * 8)], 24, bits=64, sample_format=6)),
+        ImageCase(
+            "TIFF: complex samples",
+            _tiff_ifd(40, 24, [bytes(40 * 24 * 8)], 24, bits=64, sample_format=6),
+        ),
         # multi-page oddities
-        ImageCase("TIFF: 3 pages of different sizes, page 2", _multipage(small_image(), small_image(8, 8), small_image(64, 16)), "ok", page=2),
-        ImageCase("TIFF: 3 pages, page 3", _multipage(small_image(), small_image(8, 8), small_image(64, 16)), page=3),
-        ImageCase("TIFF: a 5-D hyperstack", tiff_of(np.zeros((2, 3, 4, 8, 8), np.uint16), photometric="minisblack"), "any"),
+        ImageCase(
+            "TIFF: 3 pages of different sizes, page 2",
+            _multipage(small_image(), small_image(8, 8), small_image(64, 16)),
+            "ok",
+            page=2,
+        ),
+        ImageCase(
+            "TIFF: 3 pages, page 3",
+            _multipage(small_image(), small_image(8, 8), small_image(64, 16)),
+            page=3,
+        ),
+        ImageCase(
+            "TIFF: a 5-D hyperstack",
+            tiff_of(np.zeros((2, 3, 4, 8, 8), np.uint16), photometric="minisblack"),
+            "any",
+        ),
         ImageCase("TIFF: 1 x 1 x 1 stack", tiff_of(np.zeros((1, 1, 1), np.uint16)), "ok"),
-        ImageCase("TIFF: RGBA float32", tiff_of(np.random.default_rng(0).random((8, 8, 4), np.float32), photometric="rgb"), "ok"),
-        ImageCase("TIFF: 7 samples per pixel", tiff_of(np.zeros((8, 8, 7), np.uint8), planarconfig="contig", photometric="minisblack")),
+        ImageCase(
+            "TIFF: RGBA float32",
+            tiff_of(np.random.default_rng(0).random((8, 8, 4), np.float32), photometric="rgb"),
+            "ok",
+        ),
+        ImageCase(
+            "TIFF: 7 samples per pixel",
+            tiff_of(np.zeros((8, 8, 7), np.uint8), planarconfig="contig", photometric="minisblack"),
+        ),
         ImageCase("TIFF: 1 x 100000 strip", tiff_of(np.zeros((1, 100_000), np.uint8)), "ok"),
         # bombs: tiny files, huge images
         ImageCase("PNG bomb: 10001 x 10000 zeros (over 100 MP)", png_of(10_001, 10_000), bomb=True),
@@ -253,7 +350,13 @@ def image_bytes_cases(include_bombs: bool = True) -> list[ImageCase]:
     if include_bombs:
         # 64 MP (inside the 100 MP default) but 1.4 GiB decoded (over the 512 MiB
         # FLYSTAGE_MAX_DECODED_MB), from about 1 MB: refused from the header.
-        cases.append(ImageCase("TIFF bomb: 8000 x 8000 float64 RGB zlib (1.4 GiB decoded)", float64_rgb_bomb(8000), bomb=True))
+        cases.append(
+            ImageCase(
+                "TIFF bomb: 8000 x 8000 float64 RGB zlib (1.4 GiB decoded)",
+                float64_rgb_bomb(8000),
+                bomb=True,
+            )
+        )
     return cases
 
 
@@ -333,7 +436,7 @@ def flip_bits(data: bytes, positions: list[int]) -> bytes:
 
 
 def splice(a: bytes, b: bytes, cut_a: int, cut_b: int) -> bytes:
-    return a[: cut_a % (len(a) + 1)] + b[cut_b % (len(b) + 1):]
+    return a[: cut_a % (len(a) + 1)] + b[cut_b % (len(b) + 1) :]
 
 
 # ---- CSV ------------------------------------------------------------------------------------
@@ -368,7 +471,10 @@ def csv_cases(header: str, row: Callable[[str], str]) -> list[CsvCase]:
         CsvCase("lone carriage returns", (header + row("img.tif")).replace("\n", "\r").encode()),
         CsvCase("short row", h + b"img.tif\n"),
         CsvCase("long row", h + good.rstrip(b"\n") + b",x,y,z\n"),
-        CsvCase("10000 columns in the header", b",".join([b"c%d" % i for i in range(10_000)]) + b"\n" + good),
+        CsvCase(
+            "10000 columns in the header",
+            b",".join([b"c%d" % i for i in range(10_000)]) + b"\n" + good,
+        ),
         CsvCase("duplicate header columns", h.rstrip(b"\n") + b"," + h),
         CsvCase("header in another case", h.upper() + good),
         CsvCase("a path of '~nobody-at-all/img.tif'", h + row("~nobody-at-all/img.tif").encode()),
@@ -405,19 +511,27 @@ def metadata_cases(good: dict[str, Any]) -> list[tuple[str, bytes]]:
 
     cases = [
         ("empty", b""),
-        ("not JSON", b"{\"labels\": "),
-        ("not UTF-8", b"{\"arch\": \"\xff\xfe\"}"),
+        ("not JSON", b'{"labels": '),
+        ("not UTF-8", b'{"arch": "\xff\xfe"}'),
         ("UTF-16", json.dumps(good).encode("utf-16")),
         ("a JSON list", b"[1, 2, 3]"),
-        ("a JSON string", b"\"model\""),
+        ("a JSON string", b'"model"'),
         ("null", b"null"),
         ("nested 100000 deep", b"[" * 100_000 + b"]" * 100_000),
-        ("an object nested 100000 deep", b"{\"a\":" * 100_000 + b"1" + b"}" * 100_000),
+        ("an object nested 100000 deep", b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
         ("random bytes", np.random.default_rng(3).bytes(2000)),
-        ("NaN and Infinity", json.dumps(good).replace("\"format_version\": 1", "\"format_version\": NaN").encode()),
+        (
+            "NaN and Infinity",
+            json.dumps(good).replace('"format_version": 1', '"format_version": NaN').encode(),
+        ),
         ("format_version 1.0", edit(format_version=1.0)),
         ("format_version true", edit(format_version=True)),
-        ("format_version 10**400", json.dumps(good).replace("\"format_version\": 1", "\"format_version\": 1" + "0" * 400).encode()),
+        (
+            "format_version 10**400",
+            json.dumps(good)
+            .replace('"format_version": 1', '"format_version": 1' + "0" * 400)
+            .encode(),
+        ),
         ("arch a number", edit(arch=5)),
         ("arch empty", edit(arch="")),
         ("arch a dict", edit(arch={"__class__": "os.system"})),
@@ -436,7 +550,10 @@ def metadata_cases(good: dict[str, Any]) -> list[tuple[str, bytes]]:
         ("preprocess height a float", edit_pre(height=32.5)),
         ("preprocess channels 2", edit_pre(channels=2)),
         ("preprocess unknown key", edit_pre(evil="x")),
-        ("preprocess margin NaN", json.dumps(good).replace("\"margin\": ", "\"margin\": NaN, \"x_margin\": ").encode()),
+        (
+            "preprocess margin NaN",
+            json.dumps(good).replace('"margin": ', '"margin": NaN, "x_margin": ').encode(),
+        ),
         ("input_shape 5", edit(input_shape=5)),
         ("input_shape strings", edit(input_shape=["1", "32", "80"])),
         ("input_shape four numbers", edit(input_shape=[1, 32, 80, 1])),
@@ -482,10 +599,32 @@ def weights_cases(good: bytes) -> list[tuple[str, bytes]]:
         ("labels a string", saved({"state_dict": {}, "labels": "ab", "channels": 1})),
         ("channels 7", saved({"state_dict": {}, "labels": ["a", "b"], "channels": 7})),
         ("channels true", saved({"state_dict": {}, "labels": ["a", "b"], "channels": True})),
-        ("spec nested 100 deep", saved({"state_dict": {}, "labels": ["a", "b"], "channels": 1, "spec": _nested(100)})),
-        ("unknown arch", saved({"state_dict": {}, "labels": ["a", "b"], "channels": 1, "spec": {"arch": "no-such-net"}})),
-        ("tensors of the wrong shape", saved({"state_dict": {"0.weight": torch.zeros(1)}, "labels": ["a", "b"],
-                                              "channels": 1, "spec": {"arch": "small_cnn"}})),
+        (
+            "spec nested 100 deep",
+            saved({"state_dict": {}, "labels": ["a", "b"], "channels": 1, "spec": _nested(100)}),
+        ),
+        (
+            "unknown arch",
+            saved(
+                {
+                    "state_dict": {},
+                    "labels": ["a", "b"],
+                    "channels": 1,
+                    "spec": {"arch": "no-such-net"},
+                }
+            ),
+        ),
+        (
+            "tensors of the wrong shape",
+            saved(
+                {
+                    "state_dict": {"0.weight": torch.zeros(1)},
+                    "labels": ["a", "b"],
+                    "channels": 1,
+                    "spec": {"arch": "small_cnn"},
+                }
+            ),
+        ),
     ]
 
 
@@ -513,9 +652,17 @@ def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w:gz"
     return buffer.getvalue()
 
 
-def _info(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str = "", mode: int = 0o644) -> tarfile.TarInfo:
+def _info(
+    name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str = "", mode: int = 0o644
+) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.type, info.size, info.linkname, info.mode, info.mtime = kind, size, link, mode, int(time.time())
+    info.type, info.size, info.linkname, info.mode, info.mtime = (
+        kind,
+        size,
+        link,
+        mode,
+        int(time.time()),
+    )
     return info
 
 
@@ -533,28 +680,59 @@ def tar_cases(model_files: dict[str, bytes], outside: Path) -> list[TarCase]:
     # A member that declares 8 GiB and holds 512 bytes (tarfile will not write one: by hand).
     huge = _info("model.onnx", size=2**33).tobuf(format=tarfile.GNU_FORMAT) + bytes(512)
     return [
-        TarCase("symlink to an absolute path outside", with_member(_info("model.onnx.link", tarfile.SYMTYPE, link=victim))),
-        TarCase("symlink climbing out with ..", with_member(_info("up", tarfile.SYMTYPE, link="../../../../" + victim))),
-        TarCase("symlink then a file written through it",
-                _tar(good + [(_info("escape", tarfile.SYMTYPE, link=str(outside)), None),
-                             (_info("escape/victim.txt", size=len(payload)), payload)])),
-        TarCase("hard link to a file outside", with_member(_info("hard", tarfile.LNKTYPE, link=victim))),
+        TarCase(
+            "symlink to an absolute path outside",
+            with_member(_info("model.onnx.link", tarfile.SYMTYPE, link=victim)),
+        ),
+        TarCase(
+            "symlink climbing out with ..",
+            with_member(_info("up", tarfile.SYMTYPE, link="../../../../" + victim)),
+        ),
+        TarCase(
+            "symlink then a file written through it",
+            _tar(
+                good
+                + [
+                    (_info("escape", tarfile.SYMTYPE, link=str(outside)), None),
+                    (_info("escape/victim.txt", size=len(payload)), payload),
+                ]
+            ),
+        ),
+        TarCase(
+            "hard link to a file outside", with_member(_info("hard", tarfile.LNKTYPE, link=victim))
+        ),
         TarCase("absolute member path", with_member(_info(victim, size=len(payload)), payload)),
-        TarCase("member path with ..", with_member(_info("../../../../" + victim.lstrip("/"), size=len(payload)), payload)),
+        TarCase(
+            "member path with ..",
+            with_member(_info("../../../../" + victim.lstrip("/"), size=len(payload)), payload),
+        ),
         TarCase("character device", with_member(_info("zero", tarfile.CHRTYPE))),
         TarCase("block device", with_member(_info("sda", tarfile.BLKTYPE))),
         TarCase("FIFO", with_member(_info("fifo", tarfile.FIFOTYPE))),
-        TarCase("setuid executable", with_member(_info("run.sh", size=len(payload), mode=0o4755), payload)),
-        TarCase("a code/ folder", with_member(_info("code/inference.py", size=len(payload)), payload)),
-        TarCase("a 64 MiB member of zeros (a gzip bomb, 64 KiB packed)", with_member(_info("pad.bin", size=64 << 20), bytes(64 << 20))),
+        TarCase(
+            "setuid executable",
+            with_member(_info("run.sh", size=len(payload), mode=0o4755), payload),
+        ),
+        TarCase(
+            "a code/ folder", with_member(_info("code/inference.py", size=len(payload)), payload)
+        ),
+        TarCase(
+            "a 64 MiB member of zeros (a gzip bomb, 64 KiB packed)",
+            with_member(_info("pad.bin", size=64 << 20), bytes(64 << 20)),
+        ),
         TarCase("declares an 8 GiB member, truncated", gzip.compress(huge)),
         TarCase("truncated gzip", _tar(good)[: len(_tar(good)) // 2]),
         TarCase("not gzip", b"model.onnx weights.pt metadata.json\n"),
         TarCase("empty file", b""),
         TarCase("plain (not gzipped) tar", _tar(good, mode="w")),
         TarCase("an empty archive", _tar([])),
-        TarCase("metadata.json is a folder", _tar([(_info("metadata.json", tarfile.DIRTYPE, mode=0o755), None)]
-                                                  + [m for m in good if m[0].name != "metadata.json"])),
+        TarCase(
+            "metadata.json is a folder",
+            _tar(
+                [(_info("metadata.json", tarfile.DIRTYPE, mode=0o755), None)]
+                + [m for m in good if m[0].name != "metadata.json"]
+            ),
+        ),
     ]
 
 
@@ -569,7 +747,11 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
             if os.path.isfile(path) and not os.path.islink(path):
                 with open(path, "rb") as f:
                     head = f.read(64)
-            state[os.fsencode(path.relative_to(folder)).decode("latin-1")] = (st.st_ino, st.st_size, head)
+            state[os.fsencode(path.relative_to(folder)).decode("latin-1")] = (
+                st.st_ino,
+                st.st_size,
+                head,
+            )
     return state
 
 
@@ -596,62 +778,157 @@ def http_cases(max_payload_mb: int = 6) -> list[HttpCase]:
     for case in image_bytes_cases(include_bombs=False):
         if case.expect == "ok" or case.page != 0 or not case.data:
             continue
-        cases.append(HttpCase(f"raw {case.name}", case.data, {"Content-Type": "application/octet-stream"}, bomb=case.bomb))
+        cases.append(
+            HttpCase(
+                f"raw {case.name}",
+                case.data,
+                {"Content-Type": "application/octet-stream"},
+                bomb=case.bomb,
+            )
+        )
     tiff = valid_images()["tiff"]
     cases += [
         # 25 MP (inside the pixel limit), 600 MB decoded, 586 KB sent: issue 8 item 12's bomb.
-        HttpCase("TIFF bomb as image/tiff", float64_rgb_bomb(), {"Content-Type": "image/tiff"}, bomb=True),
-        HttpCase("TIFF bomb in JSON", _b64_json(float64_rgb_bomb()), {"Content-Type": "application/json"}, bomb=True),
-        HttpCase("PNG bomb 10001 x 10000 as image/png", png_of(10_001, 10_000), {"Content-Type": "image/png"}, bomb=True),
-        HttpCase("PNG 9000 x 9000 16-bit RGB (81 MP, over the decoded-size limit)", png_of(9000, 9000, bit_depth=16, colour=2),
-                 {"Content-Type": "image/png"}, bomb=True),
+        HttpCase(
+            "TIFF bomb as image/tiff", float64_rgb_bomb(), {"Content-Type": "image/tiff"}, bomb=True
+        ),
+        HttpCase(
+            "TIFF bomb in JSON",
+            _b64_json(float64_rgb_bomb()),
+            {"Content-Type": "application/json"},
+            bomb=True,
+        ),
+        HttpCase(
+            "PNG bomb 10001 x 10000 as image/png",
+            png_of(10_001, 10_000),
+            {"Content-Type": "image/png"},
+            bomb=True,
+        ),
+        HttpCase(
+            "PNG 9000 x 9000 16-bit RGB (81 MP, over the decoded-size limit)",
+            png_of(9000, 9000, bit_depth=16, colour=2),
+            {"Content-Type": "image/png"},
+            bomb=True,
+        ),
         HttpCase("empty body", b"", {"Content-Type": "image/tiff"}),
         HttpCase("no Content-Type", tiff),
         HttpCase("text/plain", tiff, {"Content-Type": "text/plain"}),
         HttpCase("text/csv", b"a,b\n1,2\n", {"Content-Type": "text/csv"}),
-        HttpCase("multipart/form-data", b"--x\r\nContent-Disposition: form-data; name=f\r\n\r\n" + tiff + b"\r\n--x--\r\n",
-                 {"Content-Type": "multipart/form-data; boundary=x"}),
+        HttpCase(
+            "multipart/form-data",
+            b"--x\r\nContent-Disposition: form-data; name=f\r\n\r\n" + tiff + b"\r\n--x--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=x"},
+        ),
         HttpCase("Content-Type of 4000 characters", tiff, {"Content-Type": "image/" + "x" * 4000}),
-        HttpCase("Content-Type with odd parameters", b"not an image", {"Content-Type": "image/tiff; charset=\"\\\"; x=;;;"}),
-        HttpCase("JSON: cut short", b"{\"image\": ", {"Content-Type": "application/json"}),
-        HttpCase("JSON: not UTF-8", b"{\"image\": \"\xff\xfe\"}", {"Content-Type": "application/json"}),
-        HttpCase("JSON: UTF-16", json.dumps({"image": "AAAA"}).encode("utf-16"), {"Content-Type": "application/json"}),
-        HttpCase("JSON: nested 100000 deep", b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"}),
-        HttpCase("JSON: object nested 50000 deep", b"{\"a\":" * 50_000 + b"1" + b"}" * 50_000, {"Content-Type": "application/json"}),
-        HttpCase("JSON: a number", b"12345678901234567890123456789", {"Content-Type": "application/json"}),
+        HttpCase(
+            "Content-Type with odd parameters",
+            b"not an image",
+            {"Content-Type": 'image/tiff; charset="\\"; x=;;;'},
+        ),
+        HttpCase("JSON: cut short", b'{"image": ', {"Content-Type": "application/json"}),
+        HttpCase("JSON: not UTF-8", b'{"image": "\xff\xfe"}', {"Content-Type": "application/json"}),
+        HttpCase(
+            "JSON: UTF-16",
+            json.dumps({"image": "AAAA"}).encode("utf-16"),
+            {"Content-Type": "application/json"},
+        ),
+        HttpCase(
+            "JSON: nested 100000 deep",
+            b"[" * 100_000 + b"]" * 100_000,
+            {"Content-Type": "application/json"},
+        ),
+        HttpCase(
+            "JSON: object nested 50000 deep",
+            b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+            {"Content-Type": "application/json"},
+        ),
+        HttpCase(
+            "JSON: a number", b"12345678901234567890123456789", {"Content-Type": "application/json"}
+        ),
         HttpCase("JSON: null", b"null", {"Content-Type": "application/json"}),
         HttpCase("JSON: NaN", b"NaN", {"Content-Type": "application/json"}),
-        HttpCase("JSON: image is a number", b"{\"image\": 5}", {"Content-Type": "application/json"}),
-        HttpCase("JSON: image is a list", b"{\"image\": [\"AAAA\"]}", {"Content-Type": "application/json"}),
-        HttpCase("JSON: image is empty", b"{\"image\": \"\"}", {"Content-Type": "application/json"}),
-        HttpCase("JSON: base64 with spaces", b"{\"image\": \"AA AA\"}", {"Content-Type": "application/json"}),
+        HttpCase("JSON: image is a number", b'{"image": 5}', {"Content-Type": "application/json"}),
+        HttpCase(
+            "JSON: image is a list", b'{"image": ["AAAA"]}', {"Content-Type": "application/json"}
+        ),
+        HttpCase("JSON: image is empty", b'{"image": ""}', {"Content-Type": "application/json"}),
+        HttpCase(
+            "JSON: base64 with spaces", b'{"image": "AA AA"}', {"Content-Type": "application/json"}
+        ),
         HttpCase("JSON: base64 of text", _b64_json(b"hello"), {"Content-Type": "application/json"}),
-        HttpCase("JSON: base64 of a truncated TIFF", _b64_json(tiff[:100]), {"Content-Type": "application/json"}),
-        HttpCase("JSON: instances not a list", b"{\"instances\": \"AAAA\"}", {"Content-Type": "application/json"}),
-        HttpCase("JSON: 17 instances", json.dumps([base64.b64encode(tiff).decode()] * 17).encode(), {"Content-Type": "application/json"}),
+        HttpCase(
+            "JSON: base64 of a truncated TIFF",
+            _b64_json(tiff[:100]),
+            {"Content-Type": "application/json"},
+        ),
+        HttpCase(
+            "JSON: instances not a list",
+            b'{"instances": "AAAA"}',
+            {"Content-Type": "application/json"},
+        ),
+        HttpCase(
+            "JSON: 17 instances",
+            json.dumps([base64.b64encode(tiff).decode()] * 17).encode(),
+            {"Content-Type": "application/json"},
+        ),
         HttpCase("JSON: empty list", b"[]", {"Content-Type": "application/json"}),
-        HttpCase("JSON: k a string", _b64_json(tiff, k="three"), {"Content-Type": "application/json"}),
-        HttpCase("JSON: k 10**100", _b64_json(tiff, k=10**100), {"Content-Type": "application/json"}),
+        HttpCase(
+            "JSON: k a string", _b64_json(tiff, k="three"), {"Content-Type": "application/json"}
+        ),
+        HttpCase(
+            "JSON: k 10**100", _b64_json(tiff, k=10**100), {"Content-Type": "application/json"}
+        ),
         HttpCase("JSON: k true", _b64_json(tiff, k=True), {"Content-Type": "application/json"}),
         HttpCase("JSON: k -1", _b64_json(tiff, k=-1), {"Content-Type": "application/json"}),
         HttpCase("JSON: k 1.5", _b64_json(tiff, k=1.5), {"Content-Type": "application/json"}),
-        HttpCase("JSON: one good and one bad image", json.dumps([base64.b64encode(tiff).decode(), "AAAA"]).encode(),
-                 {"Content-Type": "application/json"}),
-        HttpCase("custom attributes k=abc", tiff, {"Content-Type": "image/tiff", "X-Amzn-SageMaker-Custom-Attributes": "k=abc"}),
-        HttpCase("custom attributes k=0", tiff, {"Content-Type": "image/tiff", "X-Amzn-SageMaker-Custom-Attributes": "k=0"}),
-        HttpCase("custom attributes k=99999999999999999999", tiff,
-                 {"Content-Type": "image/tiff", "X-Amzn-SageMaker-Custom-Attributes": "k=99999999999999999999"}),
-        HttpCase("Accept text/csv only", tiff, {"Content-Type": "image/tiff", "Accept": "text/csv"}),
-        HttpCase(f"body over {max_payload_mb} MB", b"II*\x00" + bytes((max_payload_mb + 1) << 20), {"Content-Type": "image/tiff"}),
+        HttpCase(
+            "JSON: one good and one bad image",
+            json.dumps([base64.b64encode(tiff).decode(), "AAAA"]).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        HttpCase(
+            "custom attributes k=abc",
+            tiff,
+            {"Content-Type": "image/tiff", "X-Amzn-SageMaker-Custom-Attributes": "k=abc"},
+        ),
+        HttpCase(
+            "custom attributes k=0",
+            tiff,
+            {"Content-Type": "image/tiff", "X-Amzn-SageMaker-Custom-Attributes": "k=0"},
+        ),
+        HttpCase(
+            "custom attributes k=99999999999999999999",
+            tiff,
+            {
+                "Content-Type": "image/tiff",
+                "X-Amzn-SageMaker-Custom-Attributes": "k=99999999999999999999",
+            },
+        ),
+        HttpCase(
+            "Accept text/csv only", tiff, {"Content-Type": "image/tiff", "Accept": "text/csv"}
+        ),
+        HttpCase(
+            f"body over {max_payload_mb} MB",
+            b"II*\x00" + bytes((max_payload_mb + 1) << 20),
+            {"Content-Type": "image/tiff"},
+        ),
         HttpCase("GET /invocations", b"", method="GET"),
-        HttpCase("PUT /invocations", b"II*\x00garbage", {"Content-Type": "image/tiff"}, method="PUT"),
+        HttpCase(
+            "PUT /invocations", b"II*\x00garbage", {"Content-Type": "image/tiff"}, method="PUT"
+        ),
         HttpCase("DELETE /invocations", b"", method="DELETE"),
         HttpCase("unknown path", b"", method="GET", path="/../../etc/passwd"),
-        HttpCase("management API: DELETE /models/model", b"", method="DELETE", path="/models/model"),
-        HttpCase("management API: POST /models?url=", b"", method="POST", path="/models?url=http://127.0.0.1:9/x.mar"),
+        HttpCase(
+            "management API: DELETE /models/model", b"", method="DELETE", path="/models/model"
+        ),
+        HttpCase(
+            "management API: POST /models?url=",
+            b"",
+            method="POST",
+            path="/models?url=http://127.0.0.1:9/x.mar",
+        ),
     ]
     return cases
-
 
 
 # ---- running a case -------------------------------------------------------------------------
@@ -692,7 +969,9 @@ class Outcome:
         return expect == "any" or self.kind == expect
 
 
-def outcome(call: Callable[[], Any], allowed: tuple[type[BaseException], ...], seconds: float = 60) -> Outcome:
+def outcome(
+    call: Callable[[], Any], allowed: tuple[type[BaseException], ...], seconds: float = 60
+) -> Outcome:
     """Run ``call``; classify what it did. ``allowed`` are the reader's documented errors."""
     start = time.perf_counter()
     try:
@@ -735,14 +1014,22 @@ def peak_rss_mib(container: Any, pids: list[int]) -> float | None:
 
 def container_peak_mib(container: Any) -> float | None:
     """The container's peak memory (cgroup v2 memory.peak, or v1 memory.max_usage_in_bytes), MiB."""
-    for path in (f"/sys/fs/cgroup/memory/docker/{container.id}/memory.max_usage_in_bytes",
-                 f"/sys/fs/cgroup/system.slice/docker-{container.id}.scope/memory.peak"):
+    for path in (
+        f"/sys/fs/cgroup/memory/docker/{container.id}/memory.max_usage_in_bytes",
+        f"/sys/fs/cgroup/system.slice/docker-{container.id}.scope/memory.peak",
+    ):
         try:
             return int(Path(path).read_text()) / 2**20
         except (OSError, ValueError):
             continue
-    code, out = container.exec_run(["sh", "-c", "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "
-                                    "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes"])
+    code, out = container.exec_run(
+        [
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "
+            "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes",
+        ]
+    )
     try:
         return int(out.decode().split()[0]) / 2**20 if code == 0 else None
     except (ValueError, IndexError):
@@ -754,7 +1041,12 @@ def restart_count(container: Any) -> int:
     return int(container.attrs.get("RestartCount", 0))
 
 
-WORKER_DEATH = ("Backend worker process died", "Worker disconnected", "Load model failed", "WORKER_STOPPED")
+WORKER_DEATH = (
+    "Backend worker process died",
+    "Worker disconnected",
+    "Load model failed",
+    "WORKER_STOPPED",
+)
 
 
 def send(url: str, case: HttpCase, timeout: float = 60) -> tuple[int | None, str]:
@@ -762,7 +1054,9 @@ def send(url: str, case: HttpCase, timeout: float = 60) -> tuple[int | None, str
     import requests
 
     try:
-        response = requests.request(case.method, url + case.path, data=case.body, headers=case.headers, timeout=timeout)
+        response = requests.request(
+            case.method, url + case.path, data=case.body, headers=case.headers, timeout=timeout
+        )
     except requests.RequestException as exc:
         return None, f"{type(exc).__name__}: {exc}"
     return response.status_code, response.text
@@ -776,7 +1070,11 @@ def clear_error_body(status: int | None, body: str) -> bool:
         document = json.loads(body)
     except ValueError:
         return False
-    return isinstance(document, dict) and isinstance(document.get("error"), str) and document.get("status") == status
+    return (
+        isinstance(document, dict)
+        and isinstance(document.get("error"), str)
+        and document.get("status") == status
+    )
 
 
 # ---- predict --rename on a hostile folder -----------------------------------------------------
@@ -790,9 +1088,16 @@ def hostile_folder(root: Path, outside: Path) -> None:
     (outside / "other.png").write_bytes(png)
     root.mkdir(parents=True, exist_ok=True)
     names = {
-        "plain.tif": good, "=cmd()+1.tif": good, "-rf.tif": good, "two\nlines.tif": good,
-        os.fsdecode(b"caf\xe9.tif"): good, "e" * 240 + ".tif": good, "truncated.tif": good[:300],
-        "empty.png": b"", "text.jpg": b"not an image", "sub/deeper/x.png": png,
+        "plain.tif": good,
+        "=cmd()+1.tif": good,
+        "-rf.tif": good,
+        "two\nlines.tif": good,
+        os.fsdecode(b"caf\xe9.tif"): good,
+        "e" * 240 + ".tif": good,
+        "truncated.tif": good[:300],
+        "empty.png": b"",
+        "text.jpg": b"not an image",
+        "sub/deeper/x.png": png,
         "already__s1-3_s4-6_s7-8.tif": good,
     }
     for name, data in names.items():
@@ -830,19 +1135,24 @@ def predictions_json_cases() -> list[tuple[str, bytes]]:
     """Tampered predictions JSON (``flystage predict``'s ``{"predictions": [...], "model": {...}}``)."""
 
     def doc(*entries: Any, **extra: Any) -> bytes:
-        return json.dumps({"predictions": list(entries), "model": {"labels": ["1-3", "4-6"]}, **extra}).encode()
+        return json.dumps(
+            {"predictions": list(entries), "model": {"labels": ["1-3", "4-6"]}, **extra}
+        ).encode()
 
     top = [{"stage": "11-12", "probability": 0.9}]
     return [
         ("empty", b""),
-        ("not JSON", b"{\"predictions\": "),
-        ("not UTF-8", b"{\"predictions\": [{\"file\": \"\xff\"}]}"),
+        ("not JSON", b'{"predictions": '),
+        ("not UTF-8", b'{"predictions": [{"file": "\xff"}]}'),
         ("a list", b"[1, 2]"),
         ("null", b"null"),
         ("nested 100000 deep", b"[" * 100_000 + b"]" * 100_000),
-        ("predictions nested 100000 deep", b"{\"predictions\": " + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-        ("predictions a string", doc() .replace(b"[]", b"\"x\"")),
-        ("no predictions", b"{\"model\": {}}"),
+        (
+            "predictions nested 100000 deep",
+            b'{"predictions": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        ),
+        ("predictions a string", doc().replace(b"[]", b'"x"')),
+        ("no predictions", b'{"model": {}}'),
         ("an entry that is a number", doc(5)),
         ("an entry without file", doc({"top": top})),
         ("file a number", doc({"file": 5, "top": top})),
@@ -850,9 +1160,23 @@ def predictions_json_cases() -> list[tuple[str, bytes]]:
         ("file of 5000 characters", doc({"file": "d/" * 2500 + "x.tif", "top": top})),
         ("file a link loop", doc({"file": "loop.tif", "top": top})),
         ("top a string", doc({"file": "img.tif", "top": "11-12"})),
-        ("probability a word", doc({"file": "img.tif", "top": [{"stage": "11-12", "probability": "high"}]})),
-        ("probability NaN", doc({"file": "img.tif", "top": [{"stage": "11-12", "probability": float("nan")}]})),
-        ("probability 1e999", doc({"file": "img.tif", "top": [{"stage": "11-12", "probability": 1e308}]}).replace(b"1e+308", b"1e999")),
-        ("stage a dict", doc({"file": "img.tif", "top": [{"stage": {"x": 1}, "probability": 0.5}]})),
+        (
+            "probability a word",
+            doc({"file": "img.tif", "top": [{"stage": "11-12", "probability": "high"}]}),
+        ),
+        (
+            "probability NaN",
+            doc({"file": "img.tif", "top": [{"stage": "11-12", "probability": float("nan")}]}),
+        ),
+        (
+            "probability 1e999",
+            doc({"file": "img.tif", "top": [{"stage": "11-12", "probability": 1e308}]}).replace(
+                b"1e+308", b"1e999"
+            ),
+        ),
+        (
+            "stage a dict",
+            doc({"file": "img.tif", "top": [{"stage": {"x": 1}, "probability": 0.5}]}),
+        ),
         ("model a list", doc({"file": "img.tif", "top": top}, model=[1])),
     ]

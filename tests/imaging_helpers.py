@@ -15,8 +15,14 @@ import tifffile
 LAB_HEIGHT, LAB_WIDTH = 420, 1110
 
 
-def ellipse_mask(height: int, width: int, length: float, aspect: float = 2.6, angle: float = 0.0,
-                 centre: tuple[int, int] | None = None) -> np.ndarray:
+def ellipse_mask(
+    height: int,
+    width: int,
+    length: float,
+    aspect: float = 2.6,
+    angle: float = 0.0,
+    centre: tuple[int, int] | None = None,
+) -> np.ndarray:
     """A filled ellipse, bool (height, width): long axis ``length`` pixels at ``angle`` degrees."""
     mask = np.zeros((height, width), np.uint8)
     cx, cy = centre or (width // 2, height // 2)
@@ -26,8 +32,14 @@ def ellipse_mask(height: int, width: int, length: float, aspect: float = 2.6, an
     return mask > 0
 
 
-def dim_embryo(height: int = LAB_HEIGHT, width: int = LAB_WIDTH, angle: float = 0.0,
-               length: float | None = None, aspect: float = 2.6, seed: int = 0) -> np.ndarray:
+def dim_embryo(
+    height: int = LAB_HEIGHT,
+    width: int = LAB_WIDTH,
+    angle: float = 0.0,
+    length: float | None = None,
+    aspect: float = 2.6,
+    seed: int = 0,
+) -> np.ndarray:
     """A lab-like fluorescence image, uint16 (height, width), values about 100-900.
 
     Background ~150 with noise; the embryo (an ellipse ``aspect``:1) ~300 with concentric
@@ -46,14 +58,19 @@ def dim_embryo(height: int = LAB_HEIGHT, width: int = LAB_WIDTH, angle: float = 
     return np.clip(img, 100, 900).astype(np.uint16)
 
 
-def brightfield_embryo(height: int = 128, width: int = 320, angle: float = 0.0, seed: int = 0) -> np.ndarray:
+def brightfield_embryo(
+    height: int = 128, width: int = 320, angle: float = 0.0, seed: int = 0
+) -> np.ndarray:
     """A BDGP-like in situ image, uint8 RGB (height, width, 3): white background, cream
     embryo with a purple stain patch."""
     rng = np.random.default_rng(seed)
     img = np.full((height, width, 3), 255.0)
     body = ellipse_mask(height, width, 0.85 * width, 2.6, angle)
     img[body] = (225.0, 215.0, 190.0)
-    stain = ellipse_mask(height, width, 0.25 * width, 1.5, angle, centre=(width // 3, height // 2)) & body
+    stain = (
+        ellipse_mask(height, width, 0.25 * width, 1.5, angle, centre=(width // 3, height // 2))
+        & body
+    )
     img[stain] = (110.0, 80.0, 170.0)
     img += rng.normal(0.0, 4.0, img.shape) * body[:, :, None]
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -20,7 +20,11 @@ def predicted_folder(root: Path, n: int = 8, suffix: str = ".tif") -> tuple[Path
     predictor = Predictor(model, threads=1)
     predictions = predict_files(predictor, paths, root=images, progress=False)
     csv_path = write_csv(predictions, root / "predictions.csv")
-    write_json(predictions, root / "predictions.json", model={"model_dir": str(model), "labels": predictor.labels})
+    write_json(
+        predictions,
+        root / "predictions.json",
+        model={"model_dir": str(model), "labels": predictor.labels},
+    )
     return images, model, csv_path
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from flystage.sagemaker import remove_local_containers as remove_compose_containers  # noqa: F401
 
 # The documented opt-out: an SDK defaults config named by SAGEMAKER_USER_CONFIG_OVERRIDE.
-SDK_CONFIG = "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
+SDK_CONFIG = (
+    "SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n      TelemetryOptOut: true\n"
+)
 
 
 def write_sdk_config(path: Path) -> Path:

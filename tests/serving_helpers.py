@@ -35,18 +35,24 @@ def train_artefact(model_dir: Path, bdgp_root: Path, epochs: int = 1):
     """Train a small CNN on a few real BDGP images with ``flystage.training.train.fit`` and save the artefact."""
     import torch
 
-    from flystage.training.export import save_artefact
     from flystage.imaging import PreprocessConfig
+    from flystage.training.export import save_artefact
     from flystage.training.train import TrainConfig, fit
 
     torch.set_num_threads(1)
     train, valid = bdgp_records(bdgp_root)
     config = TrainConfig(
-        arch="small_cnn", epochs=epochs, batch_size=8, threads=1, patience=0,
+        arch="small_cnn",
+        epochs=epochs,
+        batch_size=8,
+        threads=1,
+        patience=0,
         preprocess=PreprocessConfig(height=TINY_HEIGHT, width=TINY_WIDTH, channels=1),
     )
     result = fit(train, valid, config, log=lambda line: None)
-    return save_artefact(model_dir, result.model, config.arch, result.labels, config.preprocess, result.best)
+    return save_artefact(
+        model_dir, result.model, config.arch, result.labels, config.preprocess, result.best
+    )
 
 
 def default_artefact(model_dir: Path, labels: list[str]):
@@ -61,7 +67,9 @@ def default_artefact(model_dir: Path, labels: list[str]):
     config = TrainConfig()
     spec = config.architecture()
     model = build_from_spec(spec, len(labels), config.preprocess.channels).eval()
-    return save_artefact(model_dir, model, config.arch, labels, config.preprocess, {"note": "untrained"}, spec=spec)
+    return save_artefact(
+        model_dir, model, config.arch, labels, config.preprocess, {"note": "untrained"}, spec=spec
+    )
 
 
 def lab_image(height: int = 420, width: int = 1110, seed: int = 0) -> np.ndarray:
@@ -69,7 +77,16 @@ def lab_image(height: int = 420, width: int = 1110, seed: int = 0) -> np.ndarray
     rng = np.random.default_rng(seed)
     image = rng.normal(300, 30, (height, width))
     mask = np.zeros((height, width), np.uint8)
-    cv2.ellipse(mask, (width // 2, height // 2), (int(width * 0.4), int(height * 0.33)), 5 * seed, 0, 360, 1, -1)
+    cv2.ellipse(
+        mask,
+        (width // 2, height // 2),
+        (int(width * 0.4), int(height * 0.33)),
+        5 * seed,
+        0,
+        360,
+        1,
+        -1,
+    )
     stripes = 1 + 0.4 * np.sin(np.arange(width) / (6 + seed % 7))[None, :]
     image += mask.astype(np.float64) * (1500 + 200 * (seed % 5)) * stripes
     return np.clip(image, 0, 65535).astype(np.uint16)
@@ -83,7 +100,11 @@ def tiff_bytes(image: np.ndarray) -> bytes:
 
 def encoded(image: np.ndarray, ext: str) -> bytes:
     """``image`` as an 8-bit ``.png``/``.jpg``/``.bmp`` file's bytes."""
-    eight = (image / max(1, int(image.max())) * 255).astype(np.uint8) if image.dtype != np.uint8 else image
+    eight = (
+        (image / max(1, int(image.max())) * 255).astype(np.uint8)
+        if image.dtype != np.uint8
+        else image
+    )
     ok, data = cv2.imencode(ext, eight)
     if not ok:
         raise ValueError(f"OpenCV cannot encode {ext}")

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from artefact_helpers import LABELS, make_artefact, tiny_config, tiny_model
 
+from artefact_helpers import LABELS, make_artefact, tiny_config, tiny_model
 from flystage import __version__
 from flystage.artefact import ArtefactError, check_artefact, load_metadata
 from flystage.imaging import PreprocessConfig
@@ -29,7 +29,11 @@ def artefact(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
 def test_save_writes_the_three_files_and_metadata(artefact):
     model_dir, _ = artefact
-    assert sorted(p.name for p in model_dir.iterdir()) == ["metadata.json", "model.onnx", "weights.pt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "metadata.json",
+        "model.onnx",
+        "weights.pt",
+    ]
     raw = json.loads((model_dir / "metadata.json").read_text())
     assert raw["format_version"] == 1 and raw["flystage_version"] == __version__
     assert raw["arch"] == "tiny" and raw["labels"] == LABELS
@@ -45,7 +49,9 @@ def test_save_writes_the_three_files_and_metadata(artefact):
 
 def test_onnx_matches_torch_at_any_batch_size(artefact):
     model_dir, model = artefact
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
     for n in (1, 5):
@@ -82,7 +88,10 @@ class BatchBlind(torch.nn.Module):
 
 
 def test_export_that_disagrees_with_torch_is_refused(tmp_path: Path):
-    with pytest.warns(torch.jit.TracerWarning), pytest.raises(ArtefactError, match="disagrees with torch"):
+    with (
+        pytest.warns(torch.jit.TracerWarning),
+        pytest.raises(ArtefactError, match="disagrees with torch"),
+    ):
         save_artefact(tmp_path, BatchBlind(), "tiny", LABELS, tiny_config())
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
@@ -124,12 +133,18 @@ def edit_metadata(**changes):
         (lambda d: (d / "metadata.json").write_text("[1, 2]"), "expected a JSON object"),
         (edit_metadata(labels=[]), "non-empty list of distinct labels"),
         (edit_metadata(format_version=99), "format_version 99"),
-        (edit_metadata(preprocess={"height": 32, "width": 80, "colour": "blue"}), "bad 'preprocess'"),
+        (
+            edit_metadata(preprocess={"height": 32, "width": 80, "colour": "blue"}),
+            "bad 'preprocess'",
+        ),
         (edit_metadata(input_shape=[3, 32, 80]), "does not match the preprocess"),
         # Tampered fields: each one an ArtefactError naming the file, never TypeError/KeyError.
         (edit_metadata(input_shape=5), "'input_shape' must be a list of three integers"),
         (edit_metadata(input_shape=[1, 32]), "'input_shape' must be a list of three integers"),
-        (edit_metadata(input_shape=["1", 32, 80]), "'input_shape' must be a list of three integers"),
+        (
+            edit_metadata(input_shape=["1", 32, 80]),
+            "'input_shape' must be a list of three integers",
+        ),
         (edit_metadata(input_shape={"c": 1}), "'input_shape' must be a list of three integers"),
         (edit_metadata(labels="1-3"), "non-empty list of distinct labels"),
         (edit_metadata(labels=[1, 2, 3, 4]), "non-empty list of distinct labels"),
@@ -158,17 +173,30 @@ def test_broken_metadata_is_refused(artefact, tmp_path: Path, edit, message: str
     with pytest.raises(ArtefactError, match=message) as info:
         load_metadata(broken)
     # The message names the file (the directory when a file is missing).
-    assert str(broken if message.startswith("missing") else broken / "metadata.json") in str(info.value)
+    assert str(broken if message.startswith("missing") else broken / "metadata.json") in str(
+        info.value
+    )
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (edit_metadata(labels=["a", "b", "c", "d", "e"]), "has 4 outputs but metadata.json lists 5 labels"),
-        (lambda d: (d / "model.onnx").write_bytes(b"not an onnx model"), "onnxruntime cannot load it"),
-        (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:300]), "onnxruntime cannot load it"),
         (
-            edit_metadata(preprocess={**tiny_config().to_dict(), "width": 96}, input_shape=[1, 32, 96]),
+            edit_metadata(labels=["a", "b", "c", "d", "e"]),
+            "has 4 outputs but metadata.json lists 5 labels",
+        ),
+        (
+            lambda d: (d / "model.onnx").write_bytes(b"not an onnx model"),
+            "onnxruntime cannot load it",
+        ),
+        (
+            lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:300]),
+            "onnxruntime cannot load it",
+        ),
+        (
+            edit_metadata(
+                preprocess={**tiny_config().to_dict(), "width": 96}, input_shape=[1, 32, 96]
+            ),
             "does not match metadata input_shape",
         ),
     ],
@@ -194,7 +222,13 @@ def small_cnn_artefact(tmp_path_factory) -> Path:
 
     model_dir = tmp_path_factory.mktemp("small") / "model"
     model = build_model("small_cnn", num_classes=3, channels=1).eval()
-    save_artefact(model_dir, model, "small_cnn", ["a", "b", "c"], PreprocessConfig(height=32, width=80, channels=1))
+    save_artefact(
+        model_dir,
+        model,
+        "small_cnn",
+        ["a", "b", "c"],
+        PreprocessConfig(height=32, width=80, channels=1),
+    )
     return model_dir
 
 
@@ -211,10 +245,16 @@ def edit_weights(change):
     [
         (edit_weights(lambda s: [1, 2, 3]), "found list"),
         (edit_weights(lambda s: list(s["state_dict"].values())), "found list"),
-        (edit_weights(lambda s: {k: v for k, v in s.items() if k != "state_dict"}), "without a state_dict"),
+        (
+            edit_weights(lambda s: {k: v for k, v in s.items() if k != "state_dict"}),
+            "without a state_dict",
+        ),
         (edit_weights(lambda s: {**s, "state_dict": [1]}), "without a state_dict"),
         (edit_weights(lambda s: {**s, "labels": "abc"}), "'labels' must be a list"),
-        (edit_weights(lambda s: {k: v for k, v in s.items() if k != "labels"}), "'labels' must be a list"),
+        (
+            edit_weights(lambda s: {k: v for k, v in s.items() if k != "labels"}),
+            "'labels' must be a list",
+        ),
         (edit_weights(lambda s: {**s, "labels": [1, 2, 3]}), "'labels' must be a list"),
         (edit_weights(lambda s: {**s, "channels": "1"}), "'channels' must be 1 or 3"),
         (edit_weights(lambda s: {**s, "channels": 7}), "'channels' must be 1 or 3"),
@@ -222,14 +262,35 @@ def edit_weights(change):
         (edit_weights(lambda s: {**s, "spec": {"mode": "full"}}), "bad model 'spec'"),
         (edit_weights(lambda s: {**s, "spec": {"arch": 5}}), "bad model 'spec'"),
         (edit_weights(lambda s: {**s, "spec": {"members": 5}}), "bad model 'spec'"),
-        (edit_weights(lambda s: {**s, "spec": {"members": [{"arch": "small_cnn"}, "x"]}}), "bad model 'spec'"),
-        (edit_weights(lambda s: {**s, "spec": {"arch": "small_cnn", "temperature": "hot"}}), "bad model 'spec'"),
-        (edit_weights(lambda s: {**s, "spec": {"arch": "no_such_net", "mode": "full"}}), "unknown arch 'no_such_net'"),
-        (edit_weights(lambda s: {**s, "spec": {"arch": "small_cnn", "mode": "probe"}}), "cannot rebuild the model"),
+        (
+            edit_weights(lambda s: {**s, "spec": {"members": [{"arch": "small_cnn"}, "x"]}}),
+            "bad model 'spec'",
+        ),
+        (
+            edit_weights(lambda s: {**s, "spec": {"arch": "small_cnn", "temperature": "hot"}}),
+            "bad model 'spec'",
+        ),
+        (
+            edit_weights(lambda s: {**s, "spec": {"arch": "no_such_net", "mode": "full"}}),
+            "unknown arch 'no_such_net'",
+        ),
+        (
+            edit_weights(lambda s: {**s, "spec": {"arch": "small_cnn", "mode": "probe"}}),
+            "cannot rebuild the model",
+        ),
         (edit_weights(lambda s: {**s, "spec": None, "arch": None}), "bad model 'spec'"),
-        (edit_weights(lambda s: {**s, "labels": ["a", "b"]}), "cannot rebuild the model"),  # head of 3 outputs
-        (edit_weights(lambda s: {**s, "state_dict": {"x": torch.zeros(1)}}), "cannot rebuild the model"),
-        (lambda d: (d / "weights.pt").write_bytes(b"not a torch file"), "cannot read the torch weights"),
+        (
+            edit_weights(lambda s: {**s, "labels": ["a", "b"]}),
+            "cannot rebuild the model",
+        ),  # head of 3 outputs
+        (
+            edit_weights(lambda s: {**s, "state_dict": {"x": torch.zeros(1)}}),
+            "cannot rebuild the model",
+        ),
+        (
+            lambda d: (d / "weights.pt").write_bytes(b"not a torch file"),
+            "cannot read the torch weights",
+        ),
     ],
 )
 def test_tampered_weights_are_refused(small_cnn_artefact, tmp_path: Path, edit, message: str):
@@ -251,7 +312,9 @@ def test_the_default_and_small_models_export_and_match_onnx(tmp_path, arch):
     labels = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
     spec = TrainConfig().architecture() if arch == "default" else {"arch": arch, "mode": "full"}
     model = build_from_spec(spec, len(labels), PreprocessConfig().channels).eval()
-    save_artefact(tmp_path / arch, model, spec.get("arch", arch), labels, PreprocessConfig(), spec=spec)
+    save_artefact(
+        tmp_path / arch, model, spec.get("arch", arch), labels, PreprocessConfig(), spec=spec
+    )
     check_artefact(tmp_path / arch)
 
 
@@ -286,30 +349,51 @@ def bdgp_set(bdgp_root):
     return train, valid, unseen
 
 
-@pytest.mark.parametrize("members, calibrate", [
-    (dict(ensemble_archs=("hognet", "small_cnn")), False),
-    (dict(arch="hognet", ensemble=2), True),
-])
-def test_ensemble_artefact_averages_the_members_probabilities(bdgp_set, tmp_path: Path, members, calibrate):
+@pytest.mark.parametrize(
+    "members, calibrate",
+    [
+        (dict(ensemble_archs=("hognet", "small_cnn")), False),
+        (dict(arch="hognet", ensemble=2), True),
+    ],
+)
+def test_ensemble_artefact_averages_the_members_probabilities(
+    bdgp_set, tmp_path: Path, members, calibrate
+):
     from flystage.training.models import Calibrated, EnsembleNet
     from flystage.training.train import TrainConfig, train_model
 
     train, valid, unseen = bdgp_set
     preprocess = PreprocessConfig(height=32, width=80, channels=1)
-    config = TrainConfig(**members, mode="full", calibrate=calibrate, epochs=2, batch_size=8, threads=1,
-                         preprocess=preprocess)
+    config = TrainConfig(
+        **members,
+        mode="full",
+        calibrate=calibrate,
+        epochs=2,
+        batch_size=8,
+        threads=1,
+        preprocess=preprocess,
+    )
     result = train_model(train, valid, config, log=lambda line: None)
     ensemble = result.model.model if calibrate else result.model
     assert isinstance(ensemble, EnsembleNet) and len(ensemble.members) == 2
     assert isinstance(result.model, Calibrated) == calibrate
-    metadata = save_artefact(tmp_path, result.model, config.arch, result.labels, preprocess, result.best,
-                             spec=result.spec)
+    metadata = save_artefact(
+        tmp_path,
+        result.model,
+        config.arch,
+        result.labels,
+        preprocess,
+        result.best,
+        spec=result.spec,
+    )
     assert metadata.extra["model"] == result.spec and len(result.spec["members"]) == 2
     assert ("temperature" in result.spec) == calibrate
 
     x = real_inputs(unseen, preprocess)
     with torch.no_grad():
-        member_probs = [torch.softmax(m(torch.from_numpy(x)), dim=1).numpy() for m in ensemble.members]
+        member_probs = [
+            torch.softmax(m(torch.from_numpy(x)), dim=1).numpy() for m in ensemble.members
+        ]
     assert not np.allclose(member_probs[0], member_probs[1], atol=1e-3)  # two different members
     mean_probs = np.mean(member_probs, axis=0)
     got = onnx_logits(tmp_path, x)
@@ -333,11 +417,26 @@ def test_probe_artefact_onnx_matches_torch_on_real_images(bdgp_set, tmp_path: Pa
 
     train, valid, unseen = bdgp_set
     preprocess = PreprocessConfig()  # the default input, 64 x 160 grey
-    config = TrainConfig(arch="efficientnet_lite0", mode="probe", epochs=2, batch_size=8, threads=1,
-                         augment_draws=1, preprocess=preprocess)
+    config = TrainConfig(
+        arch="efficientnet_lite0",
+        mode="probe",
+        epochs=2,
+        batch_size=8,
+        threads=1,
+        augment_draws=1,
+        preprocess=preprocess,
+    )
     result = train_model(train, valid, config, log=lambda line: None)
     assert isinstance(result.model.model, ProbeNet)
-    save_artefact(tmp_path, result.model, config.arch, result.labels, preprocess, result.best, spec=result.spec)
+    save_artefact(
+        tmp_path,
+        result.model,
+        config.arch,
+        result.labels,
+        preprocess,
+        result.best,
+        spec=result.spec,
+    )
     assert check_artefact(tmp_path).extra["model"]["mode"] == "probe"
 
     x = real_inputs(unseen + valid, preprocess)
@@ -353,7 +452,17 @@ def test_probe_artefact_onnx_matches_torch_on_real_images(bdgp_set, tmp_path: Pa
         torch.testing.assert_close(again(torch.from_numpy(x)).numpy(), want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("extra", ["code/inference.py", "code/requirements.txt", "notes.txt", "link", "code.tar.gz/x", "linked.tar.gz"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "code/inference.py",
+        "code/requirements.txt",
+        "notes.txt",
+        "link",
+        "code.tar.gz/x",
+        "linked.tar.gz",
+    ],
+)
 def test_strict_check_serves_nothing_but_the_model_files(tmp_path: Path, artefact, extra: str):
     """What the serve image runs before starting: a model folder holding anything but the
     files flystage writes (a code/ folder would be imported and pip-installed by the server)."""
@@ -371,11 +480,15 @@ def test_strict_check_serves_nothing_but_the_model_files(tmp_path: Path, artefac
         (model_dir / extra).parent.mkdir(exist_ok=True)
         (model_dir / extra).write_text("x\n", encoding="utf-8")
     check_artefact(model_dir)  # a local folder for predict may hold more; serving may not
-    with pytest.raises(ArtefactError, match="besides the model; a flystage model.tar.gz holds only"):
+    with pytest.raises(
+        ArtefactError, match="besides the model; a flystage model.tar.gz holds only"
+    ):
         check_artefact(model_dir, strict=True)
 
 
-def test_strict_check_ignores_the_archives_sdk_local_mode_leaves_beside_the_model(tmp_path: Path, artefact):
+def test_strict_check_ignores_the_archives_sdk_local_mode_leaves_beside_the_model(
+    tmp_path: Path, artefact
+):
     # Model(model_data="file://.../model.tar.gz").deploy(instance_type="local") unpacks the
     # archive next to itself and mounts that folder: the archives are never opened.
     import shutil

@@ -41,6 +41,7 @@ def only(**kwargs) -> AugmentConfig:
 
 # ---- config ----------------------------------------------------------------------------------
 
+
 def test_config_round_trips_through_json_and_rejects_unknown_keys() -> None:
     cfg = AugmentConfig(angles=(180,), p_hflip=0.5, max_noise=0.1)
     again = AugmentConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
@@ -61,6 +62,7 @@ def test_flips_are_off_by_default() -> None:
 
 # ---- the transform ---------------------------------------------------------------------------
 
+
 def test_deterministic_given_a_seed(model_input: np.ndarray) -> None:
     a, b, c = (build_train_transform(AugmentConfig(), seed=s) for s in (7, 7, 8))
     runs_a = [a(model_input) for _ in range(6)]
@@ -70,14 +72,28 @@ def test_deterministic_given_a_seed(model_input: np.ndarray) -> None:
         np.testing.assert_array_equal(x, y)
     assert any(not np.array_equal(x, z) for x, z in zip(runs_a, runs_c))
     # a per-sample generator gives the same result whatever the augmenter's own state
-    np.testing.assert_array_equal(a(model_input, sample_rng(1, 2, 3)), c(model_input, sample_rng(1, 2, 3)))
+    np.testing.assert_array_equal(
+        a(model_input, sample_rng(1, 2, 3)), c(model_input, sample_rng(1, 2, 3))
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_output_shape_dtype_range(channels: int) -> None:
-    image = preprocess(brightfield_embryo(), PreprocessConfig(channels=channels, height=64, width=160))
-    strong = AugmentConfig(p_angle=1, p_rotation=1, p_affine=1, p_intensity=1, p_blur=1, p_noise=1,
-                           p_erase=1, p_hflip=0.5, p_vflip=0.5, max_gain=0.9)
+    image = preprocess(
+        brightfield_embryo(), PreprocessConfig(channels=channels, height=64, width=160)
+    )
+    strong = AugmentConfig(
+        p_angle=1,
+        p_rotation=1,
+        p_affine=1,
+        p_intensity=1,
+        p_blur=1,
+        p_noise=1,
+        p_erase=1,
+        p_hflip=0.5,
+        p_vflip=0.5,
+        max_gain=0.9,
+    )
     aug = Augmenter(strong, seed=0)
     for _ in range(20):
         out = aug(image)
@@ -89,17 +105,21 @@ def test_off_is_the_identity(model_input: np.ndarray) -> None:
     np.testing.assert_array_equal(Augmenter(AugmentConfig.off())(model_input), model_input)
 
 
-@pytest.mark.parametrize("op", [
-    dict(p_angle=1.0),
-    dict(p_rotation=1.0),
-    dict(p_affine=1.0),
-    dict(p_intensity=1.0),
-    dict(p_blur=1.0),
-    dict(p_noise=1.0),
-    dict(p_erase=1.0),
-    dict(p_hflip=1.0),
-    dict(p_vflip=1.0),
-], ids=lambda d: next(iter(d)))
+@pytest.mark.parametrize(
+    "op",
+    [
+        dict(p_angle=1.0),
+        dict(p_rotation=1.0),
+        dict(p_affine=1.0),
+        dict(p_intensity=1.0),
+        dict(p_blur=1.0),
+        dict(p_noise=1.0),
+        dict(p_erase=1.0),
+        dict(p_hflip=1.0),
+        dict(p_vflip=1.0),
+    ],
+    ids=lambda d: next(iter(d)),
+)
 def test_each_op_changes_the_image(model_input: np.ndarray, op: dict) -> None:
     aug = Augmenter(only(**op), seed=3)
     changed = [np.abs(aug(model_input) - model_input).mean() for _ in range(3)]
@@ -135,7 +155,11 @@ def test_torch_tensors_come_back_as_tensors(model_input: np.ndarray) -> None:
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     out = Augmenter(AugmentConfig(), seed=0)(torch.from_numpy(model_input))
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == model_input.shape
+    assert (
+        isinstance(out, torch.Tensor)
+        and out.dtype == torch.float32
+        and tuple(out.shape) == model_input.shape
+    )
     np.testing.assert_array_equal(out.numpy(), Augmenter(AugmentConfig(), seed=0)(model_input))
 
 
@@ -150,6 +174,7 @@ def test_rotate_full_is_exact_at_right_angles_and_keeps_dtype() -> None:
 
 
 # ---- the offline command ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_manifest(tmp_path: Path) -> Path:
@@ -175,13 +200,28 @@ def small_manifest(tmp_path: Path) -> Path:
 
 def test_offline_augment_writes_one_split(tmp_path: Path, small_manifest: Path) -> None:
     out = tmp_path / "aug"
-    code = flystage_main(["augment", "--manifest", str(small_manifest), "--split", "train",
-                          "--out", str(out), "--angles", "90", "180", "45"])
+    code = flystage_main(
+        [
+            "augment",
+            "--manifest",
+            str(small_manifest),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--angles",
+            "90",
+            "180",
+            "45",
+        ]
+    )
     assert code == 0
     records = read_manifest(out / "manifest.csv")
     assert len(records) == 4 * 4  # four train images, original + three angles
     assert {r.split for r in records} == {"train"}
-    assert not any("d" == Path(r.extra["source"]).stem for r in records)  # the valid image stayed out
+    assert not any(
+        "d" == Path(r.extra["source"]).stem for r in records
+    )  # the valid image stayed out
     assert all(str(r.path).startswith(str(out / "train")) for r in records)
     with open(out / "manifest.csv") as f:
         rows = list(csv.DictReader(f))
@@ -191,22 +231,32 @@ def test_offline_augment_writes_one_split(tmp_path: Path, small_manifest: Path) 
     a_files = sorted(p.name for p in (out / "train" / "11-12").glob("a*.png"))
     assert len(a_files) == 8
     data = small_manifest.parent
-    by_source = {(Path(r.extra["source"]).relative_to(data).as_posix(), r.extra["angle"]): r for r in records}
+    by_source = {
+        (Path(r.extra["source"]).relative_to(data).as_posix(), r.extra["angle"]): r for r in records
+    }
     # the 16-bit TIFF stays 16-bit; 90 degrees turns 60x150 into 150x60; 45 enlarges the canvas
     original = read_image(by_source[("s1/11-12/a.tif", "0")].path)
     assert original.dtype == np.uint16 and original.shape == (60, 150)
-    np.testing.assert_array_equal(original, tifffile.imread(small_manifest.parent / "s1/11-12/a.tif"))
+    np.testing.assert_array_equal(
+        original, tifffile.imread(small_manifest.parent / "s1/11-12/a.tif")
+    )
     assert read_image(by_source[("s1/11-12/a.tif", "90")].path).shape == (150, 60)
     assert read_image(by_source[("s1/11-12/a.tif", "45")].path).shape[0] > 100
-    assert by_source[("s1/11-12/a.tif", "90")].label == "11-12" and by_source[("s1/11-12/a.tif", "90")].group == "s1"
-    rgb = [r for r in records if Path(r.extra["source"]).suffix == ".png" and r.extra["angle"] == "45"][0]
+    assert (
+        by_source[("s1/11-12/a.tif", "90")].label == "11-12"
+        and by_source[("s1/11-12/a.tif", "90")].group == "s1"
+    )
+    rgb = [
+        r for r in records if Path(r.extra["source"]).suffix == ".png" and r.extra["angle"] == "45"
+    ][0]
     corners = read_image(rgb.path)[:3, :3]
     assert corners.min() > 240  # the white background fills the new corners, not black
 
 
 def test_offline_augment_8bit_option(tmp_path: Path, small_manifest: Path) -> None:
-    manifest, failures = augment_split(small_manifest, "valid", tmp_path / "aug8", angles=(180,),
-                                       eight_bit=True, progress=False)
+    manifest, failures = augment_split(
+        small_manifest, "valid", tmp_path / "aug8", angles=(180,), eight_bit=True, progress=False
+    )
     assert not failures
     records = read_manifest(manifest)
     assert len(records) == 2
@@ -220,7 +270,17 @@ def test_offline_augment_never_overwrites(tmp_path: Path, small_manifest: Path, 
     out.mkdir()
     keep = out / "notes.txt"
     keep.write_text("mine")
-    args = ["augment", "--manifest", str(small_manifest), "--split", "train", "--out", str(out), "--angles", "90"]
+    args = [
+        "augment",
+        "--manifest",
+        str(small_manifest),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--angles",
+        "90",
+    ]
     assert flystage_main(args) == 2
     assert "not empty" in capsys.readouterr().err
     assert keep.read_text() == "mine" and sorted(out.iterdir()) == [keep]
@@ -238,16 +298,41 @@ def test_offline_augment_never_overwrites(tmp_path: Path, small_manifest: Path, 
     assert len(read_manifest(out / "manifest.csv")) == 8
 
     # never two splits in one folder
-    assert flystage_main(["augment", "--manifest", str(small_manifest), "--split", "valid",
-                          "--out", str(out), "--resume"]) == 2
+    assert (
+        flystage_main(
+            [
+                "augment",
+                "--manifest",
+                str(small_manifest),
+                "--split",
+                "valid",
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+        == 2
+    )
     assert "one split only" in capsys.readouterr().err
 
 
-def test_offline_augment_skips_unreadable_images_and_says_so(tmp_path: Path, small_manifest: Path, capsys) -> None:
+def test_offline_augment_skips_unreadable_images_and_says_so(
+    tmp_path: Path, small_manifest: Path, capsys
+) -> None:
     broken = small_manifest.parent / "s3/11-12/c.bmp"
     broken.write_bytes(broken.read_bytes()[:100])
     out = tmp_path / "aug"
-    args = ["augment", "--manifest", str(small_manifest), "--split", "train", "--out", str(out), "--angles", "180"]
+    args = [
+        "augment",
+        "--manifest",
+        str(small_manifest),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--angles",
+        "180",
+    ]
     assert flystage_main(args) == 1
     err = capsys.readouterr().err
     assert "skipped" in err and str(broken) in err

@@ -24,7 +24,12 @@ make_lablike = make_lablike_module.make_lablike
 LablikeError = make_lablike_module.LablikeError
 
 # Four genes, four stage ranges.
-ONLY = ["Dif/1-3/insitu30436.bmp", "Dl/7-8/insitu77531.bmp", "disco/11-12/insitu22523.bmp", "Dms/13-16/insitu67027.bmp"]
+ONLY = [
+    "Dif/1-3/insitu30436.bmp",
+    "Dl/7-8/insitu77531.bmp",
+    "disco/11-12/insitu22523.bmp",
+    "Dms/13-16/insitu67027.bmp",
+]
 
 
 def _rows(csv_path: Path) -> list[dict[str, str]]:
@@ -42,12 +47,17 @@ def lablike(bdgp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_writes_dim_16_bit_frames_in_bdgp_layout(lablike: Path, bdgp_root: Path) -> None:
     rows = _rows(lablike / "labels.csv")
     source = {r["path"]: r for r in _rows(bdgp_root / "labels.csv")}
-    assert sorted(r["path"] for r in rows) == sorted(Path(p).with_suffix(".tif").as_posix() for p in ONLY)
+    assert sorted(r["path"] for r in rows) == sorted(
+        Path(p).with_suffix(".tif").as_posix() for p in ONLY
+    )
     assert list(rows[0]) == ["path", "gene", "stage_range", "image_id", "sha1"]
     for row in rows:
         original = source[Path(row["path"]).with_suffix(".bmp").as_posix()]
         assert (row["gene"], row["stage_range"], row["image_id"]) == (
-            original["gene"], original["stage_range"], original["image_id"])
+            original["gene"],
+            original["stage_range"],
+            original["image_id"],
+        )
         path = lablike / row["path"]
         assert row["sha1"] == file_sha1(path)
         image = tifffile.imread(path)
@@ -60,13 +70,22 @@ def test_writes_dim_16_bit_frames_in_bdgp_layout(lablike: Path, bdgp_root: Path)
 
 
 def test_organise_reads_it_as_it_reads_bdgp(lablike: Path) -> None:
-    result = organise([lablike], labels_csv=lablike / "labels.csv", label_column="stage_range",
-                      group_column="gene", split="none")
+    result = organise(
+        [lablike],
+        labels_csv=lablike / "labels.csv",
+        label_column="stage_range",
+        group_column="gene",
+        split="none",
+    )
     got = sorted((r.path.relative_to(lablike).as_posix(), r.label, r.group) for r in result.records)
-    assert got == sorted((Path(p).with_suffix(".tif").as_posix(), p.split("/")[1], p.split("/")[0]) for p in ONLY)
+    assert got == sorted(
+        (Path(p).with_suffix(".tif").as_posix(), p.split("/")[1], p.split("/")[0]) for p in ONLY
+    )
 
 
-def test_deterministic_for_a_seed_and_independent_of_the_other_images(lablike: Path, bdgp_root: Path, tmp_path: Path) -> None:
+def test_deterministic_for_a_seed_and_independent_of_the_other_images(
+    lablike: Path, bdgp_root: Path, tmp_path: Path
+) -> None:
     again = make_lablike(bdgp_root, tmp_path / "again", seed=3, only=ONLY[1:3])
     first = {r["path"]: r for r in _rows(lablike / "labels.csv")}
     assert _rows(again) and all(r == first[r["path"]] for r in _rows(again))

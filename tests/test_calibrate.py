@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flystage.calibrate import coverage_table, expected_calibration_error, fit_temperature, nll, softmax
+from flystage.calibrate import (
+    coverage_table,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    softmax,
+)
 
 
 def calibrated_set(n: int = 20_000, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -21,7 +27,9 @@ def calibrated_set(n: int = 20_000, k: int = 3, seed: int = 0) -> tuple[np.ndarr
 def test_softmax_and_nll_by_hand() -> None:
     logits = np.array([[0.0, np.log(3.0)], [2.0, 2.0]])
     np.testing.assert_allclose(softmax(logits), [[0.25, 0.75], [0.5, 0.5]])
-    np.testing.assert_allclose(softmax(logits, temperature=2.0)[0], [1 / (1 + np.sqrt(3)), np.sqrt(3) / (1 + np.sqrt(3))])
+    np.testing.assert_allclose(
+        softmax(logits, temperature=2.0)[0], [1 / (1 + np.sqrt(3)), np.sqrt(3) / (1 + np.sqrt(3))]
+    )
     assert nll(logits, np.array([1, 0])) == pytest.approx(-(np.log(0.75) + np.log(0.5)) / 2)
 
 
@@ -34,7 +42,9 @@ def test_temperature_undoes_overconfidence_and_lowers_the_nll() -> None:
     assert nll(overconfident, targets, t) < nll(overconfident, targets) - 0.5
     assert nll(overconfident, targets, t) == pytest.approx(nll(logits, targets), abs=0.01)
     # The fitted T is the NLL's minimum: a little either side is worse.
-    assert nll(overconfident, targets, t) < min(nll(overconfident, targets, t * 0.9), nll(overconfident, targets, t * 1.1))
+    assert nll(overconfident, targets, t) < min(
+        nll(overconfident, targets, t * 0.9), nll(overconfident, targets, t * 1.1)
+    )
     # Underconfident logits are sharpened (T < 1); ranking, so accuracy, never changes.
     assert fit_temperature(logits / 4.0, targets) == pytest.approx(0.25, rel=0.05)
     assert np.array_equal(softmax(overconfident, t).argmax(1), overconfident.argmax(1))
@@ -46,11 +56,15 @@ def test_temperature_on_no_images_and_the_prior_on_a_few() -> None:
     # down to the bound (a model sure of everything) ...
     logits = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]] * 5)
     targets = np.array([0, 1] * 5)
-    assert fit_temperature(logits, targets, prior_sd=0.0, bounds=(0.1, 10.0)) == pytest.approx(0.1, rel=1e-3)
+    assert fit_temperature(logits, targets, prior_sd=0.0, bounds=(0.1, 10.0)) == pytest.approx(
+        0.1, rel=1e-3
+    )
     # ... the prior on log T (SD 0.5) holds it near 1: the minimum of NLL + (log T)^2 / (2 SD^2 n).
     t = fit_temperature(logits, targets)
     grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 20_001))
-    objective = [nll(logits, targets, g) + np.log(g) ** 2 / (2 * 0.5**2) / len(targets) for g in grid]
+    objective = [
+        nll(logits, targets, g) + np.log(g) ** 2 / (2 * 0.5**2) / len(targets) for g in grid
+    ]
     assert t == pytest.approx(grid[int(np.argmin(objective))], rel=1e-3)
     assert 0.5 < t < 1.0
 
@@ -77,13 +91,15 @@ def test_ece_by_hand() -> None:
 
 
 def test_coverage_table_by_hand() -> None:
-    probs = np.array([
-        [0.97, 0.02, 0.01],  # right
-        [0.05, 0.91, 0.04],  # wrong (target 0)
-        [0.10, 0.10, 0.80],  # right
-        [0.30, 0.65, 0.05],  # right
-        [0.40, 0.35, 0.25],  # wrong (target 2)
-    ])
+    probs = np.array(
+        [
+            [0.97, 0.02, 0.01],  # right
+            [0.05, 0.91, 0.04],  # wrong (target 0)
+            [0.10, 0.10, 0.80],  # right
+            [0.30, 0.65, 0.05],  # right
+            [0.40, 0.35, 0.25],  # wrong (target 2)
+        ]
+    )
     targets = np.array([0, 0, 2, 1, 2])
     rows = coverage_table(probs, targets, thresholds=(0.5, 0.8, 0.95, 0.99))
     assert rows == [

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from flystage.channels import DataError, FolderRules, data_summary, read_channel, records_from_folder, split_channels
+from flystage.channels import (
+    DataError,
+    FolderRules,
+    data_summary,
+    read_channel,
+    records_from_folder,
+    split_channels,
+)
 from train_helpers import LABELS, embryo_image, make_manifest_set, make_tree
 
 
@@ -27,9 +34,13 @@ def test_folder_tree_channel(tmp_path: Path) -> None:
 
     # A tree alone is split 80/20 by group, stratified, every label on both sides; without a
     # group rule that split is refused (every image its own group could leak copies).
-    with pytest.raises(DataError, match=r"^no group rule for the validation split of folder channel .*group_regex"):
+    with pytest.raises(
+        DataError, match=r"^no group rule for the validation split of folder channel .*group_regex"
+    ):
         split_channels(tmp_path / "train")
-    rules = FolderRules(group_regex=r"_(?P<group>\d)\.png$")  # <label>_<i>.png: the i-th embryo of each stage
+    rules = FolderRules(
+        group_regex=r"_(?P<group>\d)\.png$"
+    )  # <label>_<i>.png: the i-th embryo of each stage
     train, valid, manifest = split_channels(tmp_path / "train", rules=rules)
     assert manifest is None and len(train) + len(valid) == 15
     assert {r.label for r in train} == {r.label for r in valid} == set(LABELS)
@@ -70,7 +81,9 @@ def _gene_stage_tree(root: Path, genes=("Dif", "Dl", "disco", "dhd"), stages=LAB
         for k, stage in enumerate(stages):
             (root / gene / stage).mkdir(parents=True)
             for i in range(per):
-                cv2.imwrite(str(root / gene / stage / f"{i}.png"), embryo_image(k, 1000 * g + 10 * k + i))
+                cv2.imwrite(
+                    str(root / gene / stage / f"{i}.png"), embryo_image(k, 1000 * g + 10 * k + i)
+                )
     return root
 
 
@@ -100,15 +113,21 @@ def test_gene_stage_tree_is_read_like_organise(tmp_path: Path) -> None:
 def test_ambiguous_label_level_is_refused(tmp_path: Path) -> None:
     # Two stage-like folders above one image: which is the stage?
     root = _gene_stage_tree(tmp_path / "two", genes=("03", "04"))
-    with pytest.raises(DataError, match=r"channel train .*ambiguous label level: 12 image\(s\) lie below more than one "
-                                        r"folder that looks like a stage.*level 1 '1-3', level 2 '03'.*label_level"):
+    with pytest.raises(
+        DataError,
+        match=r"channel train .*ambiguous label level: 12 image\(s\) lie below more than one "
+        r"folder that looks like a stage.*level 1 '1-3', level 2 '03'.*label_level",
+    ):
         read_channel(root, "train")
     records = records_from_folder(root, rules=FolderRules(label_level=1))
     assert {r.label for r in records} == set(LABELS)
     # No stage-like names, two folder levels: which level is the label?
     deep = _gene_stage_tree(tmp_path / "deep", genes=("a", "b"), stages=("early", "late"))
-    with pytest.raises(DataError, match=r"no folder name looks like a stage .*level 1: 2 name\(s\) \(early, late\); "
-                                        r"level 2: 2 name\(s\) \(a, b\)"):
+    with pytest.raises(
+        DataError,
+        match=r"no folder name looks like a stage .*level 1: 2 name\(s\) \(early, late\); "
+        r"level 2: 2 name\(s\) \(a, b\)",
+    ):
         split_channels(deep, rules=FolderRules(group_regex="^(?P<group>[^/]+)/"))
     # One level of any names is a <label>/<images> tree: nothing to guess.
     flat = tmp_path / "flat"

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud_helpers import aws, docker_client, foreign_image, free_port, moto_url, start_registry, tiny_image  # noqa: F401 (fixtures)
+from cloud_helpers import (
+    docker_client,
+    foreign_image,
+    free_port,
+    tiny_image,
+)  # noqa: F401 (fixtures)
 from flystage.cloud import ecr
 from flystage.cloud.settings import CloudError
 
@@ -28,7 +33,10 @@ def images(tmp_path):
     them (local and registry) is removed afterwards."""
     client = docker_client()
     suffix = uuid.uuid4().hex[:8]
-    tags = {"train": f"flystage-push-test-train:{suffix}", "serve": f"flystage-push-test-serve:{suffix}"}
+    tags = {
+        "train": f"flystage-push-test-train:{suffix}",
+        "serve": f"flystage-push-test-serve:{suffix}",
+    }
     made = [tiny_image(client, tag, tmp_path) for tag in tags.values()]
     yield client, tags
     for image in made:
@@ -38,8 +46,12 @@ def images(tmp_path):
 
 def push_settings(settings, tags, registry, suffix_tag="latest"):
     return settings.replace(
-        train_image=tags["train"], serve_image=tags["serve"], registry_override=registry,
-        train_repository="lab/flystage-train", serve_repository="lab/flystage-serve", image_tag=suffix_tag,
+        train_image=tags["train"],
+        serve_image=tags["serve"],
+        registry_override=registry,
+        train_repository="lab/flystage-train",
+        serve_repository="lab/flystage-serve",
+        image_tag=suffix_tag,
     )
 
 
@@ -60,7 +72,9 @@ def test_push_to_a_local_registry(aws, images, start_registry):
     catalog = json.load(urllib.request.urlopen(f"http://{local_registry}/v2/_catalog", timeout=10))
     assert sorted(catalog["repositories"]) == ["lab/flystage-serve", "lab/flystage-train"]
     for repo in catalog["repositories"]:
-        listed = json.load(urllib.request.urlopen(f"http://{local_registry}/v2/{repo}/tags/list", timeout=10))
+        listed = json.load(
+            urllib.request.urlopen(f"http://{local_registry}/v2/{repo}/tags/list", timeout=10)
+        )
         assert listed["tags"] == ["v1"]
     # Pushing again is fine: the repositories exist already (RepositoryAlreadyExistsException).
     assert ecr.push(api, settings, client) == uris
@@ -76,7 +90,9 @@ def test_push_to_a_registry_that_refuses_fails_loudly(aws, images, start_registr
     client, tags = images
     api.out = io.StringIO()
     registry = start_registry(readonly=True)
-    with pytest.raises(CloudError, match=rf"push of {registry}/lab/flystage-train:latest failed: .*HTTP 405"):
+    with pytest.raises(
+        CloudError, match=rf"push of {registry}/lab/flystage-train:latest failed: .*HTTP 405"
+    ):
         ecr.push(api, push_settings(settings, tags, registry), client)
     assert "pushing" in api.out.getvalue()
 
@@ -94,9 +110,15 @@ def test_push_error_lines_in_the_stream_are_failures():
     lines = [
         {"status": "The push refers to repository [127.0.0.1:5000/x]"},
         {"status": "Preparing", "progressDetail": {}, "id": "abc"},
-        {"errorDetail": {"message": "denied: requested access to the resource is denied"}, "error": "denied: requested access"},
+        {
+            "errorDetail": {"message": "denied: requested access to the resource is denied"},
+            "error": "denied: requested access",
+        },
     ]
-    with pytest.raises(CloudError, match="push of 127.0.0.1:5000/x:latest failed: denied: requested access to the resource is denied"):
+    with pytest.raises(
+        CloudError,
+        match="push of 127.0.0.1:5000/x:latest failed: denied: requested access to the resource is denied",
+    ):
         ecr.check_push_stream(iter(lines), "127.0.0.1:5000/x:latest")
     with pytest.raises(CloudError, match="ended without a digest"):
         ecr.check_push_stream(iter(lines[:2]), "127.0.0.1:5000/x:latest")
@@ -111,8 +133,9 @@ def test_missing_local_image_says_build_it(aws):
 
 
 @pytest.mark.parametrize("os_name, architecture", [("linux", "arm64"), ("linux", "s390x")])
-def test_image_that_is_not_linux_amd64_is_refused_before_anything_is_sent(aws, images, start_registry, tmp_path,
-                                                                            os_name, architecture):
+def test_image_that_is_not_linux_amd64_is_refused_before_anything_is_sent(
+    aws, images, start_registry, tmp_path, os_name, architecture
+):
     """An arm64 image (hand-made `docker save` tarball, `docker load`ed: the engine really holds
     it as linux/arm64) as the serve image: refused with how to rebuild, before any repository
     is created, any login or any push, even of the good train image."""
@@ -128,7 +151,11 @@ def test_image_that_is_not_linux_amd64_is_refused_before_anything_is_sent(aws, i
             ecr.push(api, push_settings(settings, {**tags, "serve": foreign}, registry), client)
         message = str(refused.value)
         assert f"local image {foreign} is {os_name}/{architecture}" in message
-        assert "nothing was pushed" in message and "make images" in message and "--platform linux/amd64" in message
+        assert (
+            "nothing was pushed" in message
+            and "make images" in message
+            and "--platform linux/amd64" in message
+        )
         # Nothing was sent: no ECR repository, nothing in the registry, no tag made for it.
         assert api.call("ecr", "describe_repositories")["repositories"] == []
         catalog = json.load(urllib.request.urlopen(f"http://{registry}/v2/_catalog", timeout=10))
@@ -146,7 +173,9 @@ def test_check_platform_reads_the_image_config():
             self.attrs = attrs
 
     ecr.check_platform(Image(Os="linux", Architecture="amd64"), "x:1")
-    with pytest.raises(CloudError, match=r"local image x:1 is linux/arm64/v8, but SageMaker runs linux/amd64"):
+    with pytest.raises(
+        CloudError, match=r"local image x:1 is linux/arm64/v8, but SageMaker runs linux/amd64"
+    ):
         ecr.check_platform(Image(Os="linux", Architecture="arm64", Variant="v8"), "x:1")
     with pytest.raises(CloudError, match=r"local image x:1 is \?/\?"):
         ecr.check_platform(Image(), "x:1")
@@ -157,7 +186,10 @@ def test_the_built_images_are_linux_amd64():
     client = docker_client()
     import docker
 
-    for tag in (os.environ.get("TRAIN_IMAGE", "flystage-train:latest"), os.environ.get("SERVE_IMAGE", "flystage-serve:latest")):
+    for tag in (
+        os.environ.get("TRAIN_IMAGE", "flystage-train:latest"),
+        os.environ.get("SERVE_IMAGE", "flystage-serve:latest"),
+    ):
         try:
             image = client.images.get(tag)
         except docker.errors.ImageNotFound:
@@ -175,8 +207,13 @@ def test_the_image_build_refuses_an_image_that_is_not_linux_amd64():
     foreign_image(client, foreign)
     script = Path(__file__).resolve().parents[1] / "docker" / "build-offline.sh"
     try:
-        done = subprocess.run([str(script), "check"], env={**os.environ, "SERVE_IMAGE": foreign, "BUILD_IMAGES": "serve"},
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [str(script), "check"],
+            env={**os.environ, "SERVE_IMAGE": foreign, "BUILD_IMAGES": "serve"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 1, done.stderr
         assert f"{foreign} is linux/arm64, not linux/amd64" in done.stderr
     finally:

@@ -31,13 +31,24 @@ def test_deploy_then_teardown_through_moto(aws):
     api, settings = aws
     api.out = io.StringIO()
     put_images(api)
-    api.call("s3", "put_object", Bucket=BUCKET, Key="flystage/output/flystage-train-1/output/model.tar.gz", Body=b"x")
+    api.call(
+        "s3",
+        "put_object",
+        Bucket=BUCKET,
+        Key="flystage/output/flystage-train-1/output/model.tar.gz",
+        Body=b"x",
+    )
     # The model of the last training job (make train recorded it).
-    api.call("sagemaker", "create_training_job", TrainingJobName="flystage-train-1", RoleArn=settings.role_arn,
-             AlgorithmSpecification={"TrainingImage": "x", "TrainingInputMode": "File"},
-             OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/flystage/output"},
-             ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
-             StoppingCondition={"MaxRuntimeInSeconds": 60})
+    api.call(
+        "sagemaker",
+        "create_training_job",
+        TrainingJobName="flystage-train-1",
+        RoleArn=settings.role_arn,
+        AlgorithmSpecification={"TrainingImage": "x", "TrainingInputMode": "File"},
+        OutputDataConfig={"S3OutputPath": f"s3://{BUCKET}/flystage/output"},
+        ResourceConfig={"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+        StoppingCondition={"MaxRuntimeInSeconds": 60},
+    )
     update_state(settings.state_file, training_job="flystage-train-1")
     assert hosting.deploy(api, settings) == "flystage"
 
@@ -46,16 +57,30 @@ def test_deploy_then_teardown_through_moto(aws):
     assert described["PrimaryContainer"]["Image"] == SERVE_URI
     assert described["PrimaryContainer"]["ModelDataUrl"] == MODEL
     assert described["ExecutionRoleArn"] == settings.role_arn
-    [variant] = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config)["ProductionVariants"]
-    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (model, "ml.m5.xlarge", 1)
-    assert api.call("sagemaker", "describe_endpoint", EndpointName="flystage")["EndpointStatus"] == "InService"
+    [variant] = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config)[
+        "ProductionVariants"
+    ]
+    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (
+        model,
+        "ml.m5.xlarge",
+        1,
+    )
+    assert (
+        api.call("sagemaker", "describe_endpoint", EndpointName="flystage")["EndpointStatus"]
+        == "InService"
+    )
     assert "endpoint flystage is InService" in api.out.getvalue()
 
     deleted = hosting.teardown(api, settings)
     assert deleted == ["flystage", config, model]
     assert listing(api) == ([], [], [])
     # Never the data: the model artefact and the images stay in S3, the images in ECR.
-    assert api.call("s3", "head_object", Bucket=BUCKET, Key="flystage/output/flystage-train-1/output/model.tar.gz")
+    assert api.call(
+        "s3",
+        "head_object",
+        Bucket=BUCKET,
+        Key="flystage/output/flystage-train-1/output/model.tar.gz",
+    )
     assert len(api.call("ecr", "describe_repositories")["repositories"]) == 2
     # A second teardown finds nothing and says so.
     assert hosting.teardown(api, settings) == []
@@ -66,9 +91,15 @@ def test_serverless_endpoint_config(aws):
     api, settings = aws
     api.out = io.StringIO()
     put_images(api)
-    hosting.deploy(api, settings.replace(serverless=True, serverless_memory_mb=4096, serverless_max_concurrency=2), MODEL)
+    hosting.deploy(
+        api,
+        settings.replace(serverless=True, serverless_memory_mb=4096, serverless_max_concurrency=2),
+        MODEL,
+    )
     [_], [config], [_] = listing(api)
-    [variant] = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config)["ProductionVariants"]
+    [variant] = api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=config)[
+        "ProductionVariants"
+    ]
     assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 2}
     assert "InstanceType" not in variant
 
@@ -84,8 +115,12 @@ def test_deploy_needs_a_model(aws):
 def old_config(**variant) -> dict:
     """DescribeEndpointConfig of the endpoint's current (instance-based) config."""
     return {
-        "EndpointConfigName": "flystage-config-old", "EndpointConfigArn": ARN, "CreationTime": dt.datetime(2025, 1, 1),
-        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "flystage-model-old", **variant}],
+        "EndpointConfigName": "flystage-config-old",
+        "EndpointConfigArn": ARN,
+        "CreationTime": dt.datetime(2025, 1, 1),
+        "ProductionVariants": [
+            {"VariantName": "AllTraffic", "ModelName": "flystage-model-old", **variant}
+        ],
     }
 
 
@@ -95,40 +130,87 @@ def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
     settings = settings.replace(registry_override="registry.example:5000")
     client = api.client("sagemaker")
     arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/flystage"
-    endpoint = {"EndpointName": "flystage", "EndpointArn": arn, "EndpointConfigName": "flystage-config-old",
-                "EndpointStatus": "InService", "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
+    endpoint = {
+        "EndpointName": "flystage",
+        "EndpointArn": arn,
+        "EndpointConfigName": "flystage-config-old",
+        "EndpointStatus": "InService",
+        "CreationTime": dt.datetime(2025, 1, 1),
+        "LastModifiedTime": dt.datetime(2025, 1, 1),
+    }
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
-        stub.add_response("describe_endpoint_config", old_config(), {"EndpointConfigName": "flystage-config-old"})
-        stub.add_response("create_model", {"ModelArn": ARN}, {
-            "ModelName": ANY, "ExecutionRoleArn": settings.role_arn, "Tags": settings.tag_list(),
-            "PrimaryContainer": {"Image": "registry.example:5000/flystage-serve:latest", "ModelDataUrl": MODEL, "Mode": "SingleModel"},
-        })
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": ARN},
-                          {"EndpointConfigName": ANY, "ProductionVariants": ANY, "Tags": ANY})
-        stub.add_response("update_endpoint", {"EndpointArn": arn}, {"EndpointName": "flystage", "EndpointConfigName": ANY})
-        stub.add_response("describe_endpoint", endpoint | {"EndpointConfigName": "new"}, {"EndpointName": "flystage"})
-        stub.add_response("delete_endpoint_config", {}, {"EndpointConfigName": "flystage-config-old"})
+        stub.add_response(
+            "describe_endpoint_config", old_config(), {"EndpointConfigName": "flystage-config-old"}
+        )
+        stub.add_response(
+            "create_model",
+            {"ModelArn": ARN},
+            {
+                "ModelName": ANY,
+                "ExecutionRoleArn": settings.role_arn,
+                "Tags": settings.tag_list(),
+                "PrimaryContainer": {
+                    "Image": "registry.example:5000/flystage-serve:latest",
+                    "ModelDataUrl": MODEL,
+                    "Mode": "SingleModel",
+                },
+            },
+        )
+        stub.add_response(
+            "create_endpoint_config",
+            {"EndpointConfigArn": ARN},
+            {"EndpointConfigName": ANY, "ProductionVariants": ANY, "Tags": ANY},
+        )
+        stub.add_response(
+            "update_endpoint",
+            {"EndpointArn": arn},
+            {"EndpointName": "flystage", "EndpointConfigName": ANY},
+        )
+        stub.add_response(
+            "describe_endpoint",
+            endpoint | {"EndpointConfigName": "new"},
+            {"EndpointName": "flystage"},
+        )
+        stub.add_response(
+            "delete_endpoint_config", {}, {"EndpointConfigName": "flystage-config-old"}
+        )
         stub.add_response("delete_model", {}, {"ModelName": "flystage-model-old"})
         hosting.deploy(api, settings, MODEL)
         stub.assert_no_pending_responses()
     state = read_state(settings.state_file)
-    assert state["model"].startswith("flystage-model-") and state["endpoint_config"].startswith("flystage-config-")
+    assert state["model"].startswith("flystage-model-") and state["endpoint_config"].startswith(
+        "flystage-config-"
+    )
 
 
 def test_redeploy_while_updating_is_refused(aws):
     api, settings = aws
     settings = settings.replace(registry_override="registry.example:5000")
     client = api.client("sagemaker")
-    endpoint = {"EndpointName": "flystage", "EndpointArn": ARN, "EndpointConfigName": "c", "EndpointStatus": "Updating",
-                "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
+    endpoint = {
+        "EndpointName": "flystage",
+        "EndpointArn": ARN,
+        "EndpointConfigName": "c",
+        "EndpointStatus": "Updating",
+        "CreationTime": dt.datetime(2025, 1, 1),
+        "LastModifiedTime": dt.datetime(2025, 1, 1),
+    }
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
-        with pytest.raises(CloudError, match="endpoint flystage is Updating: wait until it is InService"):
+        with pytest.raises(
+            CloudError, match="endpoint flystage is Updating: wait until it is InService"
+        ):
             hosting.deploy(api, settings, MODEL)
-        stub.add_response("describe_endpoint", endpoint | {"EndpointStatus": "Failed", "FailureReason": "ping timed out"},
-                          {"EndpointName": "flystage"})
-        with pytest.raises(CloudError, match=r"Failed \(ping timed out\) and cannot be updated: run `make teardown`"):
+        stub.add_response(
+            "describe_endpoint",
+            endpoint | {"EndpointStatus": "Failed", "FailureReason": "ping timed out"},
+            {"EndpointName": "flystage"},
+        )
+        with pytest.raises(
+            CloudError,
+            match=r"Failed \(ping timed out\) and cannot be updated: run `make teardown`",
+        ):
             hosting.deploy(api, settings, MODEL)
         # Nothing was created for either refused deploy.
         stub.assert_no_pending_responses()
@@ -137,13 +219,25 @@ def test_redeploy_while_updating_is_refused(aws):
 def test_serverless_onto_an_instance_endpoint_is_refused_before_creating_anything(aws):
     api, settings = aws
     settings = settings.replace(registry_override="registry.example:5000", serverless=True)
-    endpoint = {"EndpointName": "flystage", "EndpointArn": ARN, "EndpointConfigName": "flystage-config-old",
-                "EndpointStatus": "InService", "CreationTime": dt.datetime(2025, 1, 1), "LastModifiedTime": dt.datetime(2025, 1, 1)}
+    endpoint = {
+        "EndpointName": "flystage",
+        "EndpointArn": ARN,
+        "EndpointConfigName": "flystage-config-old",
+        "EndpointStatus": "InService",
+        "CreationTime": dt.datetime(2025, 1, 1),
+        "LastModifiedTime": dt.datetime(2025, 1, 1),
+    }
     with Stubber(api.client("sagemaker")) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
-        stub.add_response("describe_endpoint_config", old_config(InstanceType="ml.m5.xlarge", InitialInstanceCount=1),
-                          {"EndpointConfigName": "flystage-config-old"})
-        with pytest.raises(CloudError, match="runs on instances and SageMaker cannot update it to serverless: run `make teardown`"):
+        stub.add_response(
+            "describe_endpoint_config",
+            old_config(InstanceType="ml.m5.xlarge", InitialInstanceCount=1),
+            {"EndpointConfigName": "flystage-config-old"},
+        )
+        with pytest.raises(
+            CloudError,
+            match="runs on instances and SageMaker cannot update it to serverless: run `make teardown`",
+        ):
             hosting.deploy(api, settings, MODEL)
         # No CreateModel / CreateEndpointConfig was sent (the Stubber would have failed on it).
         stub.assert_no_pending_responses()
@@ -156,7 +250,9 @@ def test_names_derived_from_a_long_endpoint_name_stay_within_63_characters(aws):
     names = {kind: hosting.derived_name(long, kind, stamp) for kind in ("model", "config")}
     assert all(len(n) <= 63 and n.endswith(f"-{kind}-{stamp}") for kind, n in names.items())
     assert names["model"] == hosting.derived_name(long, "model", stamp)  # deterministic
-    assert hosting.derived_name(long[:-1] + "y", "model", stamp) != names["model"]  # same start, other name
+    assert (
+        hosting.derived_name(long[:-1] + "y", "model", stamp) != names["model"]
+    )  # same start, other name
     # Through moto: a 63-character endpoint name deploys with every name within the limit.
     api, settings = aws
     api.out = io.StringIO()
@@ -176,11 +272,35 @@ def test_teardown_deletes_only_what_carries_flystages_tags(aws):
     sm, lab = "sagemaker", [{"Key": "project", "Value": "someone-else"}]
 
     def endpoint(name: str, model_tags: list, config_tags: list, endpoint_tags: list) -> None:
-        api.call(sm, "create_model", ModelName=f"{name}-model", ExecutionRoleArn=settings.role_arn, Tags=model_tags,
-                 PrimaryContainer={"Image": SERVE_URI, "ModelDataUrl": MODEL})
-        api.call(sm, "create_endpoint_config", EndpointConfigName=f"{name}-config", Tags=config_tags, ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": f"{name}-model", "InstanceType": "ml.m5.xlarge", "InitialInstanceCount": 1}])
-        api.call(sm, "create_endpoint", EndpointName=name, EndpointConfigName=f"{name}-config", Tags=endpoint_tags)
+        api.call(
+            sm,
+            "create_model",
+            ModelName=f"{name}-model",
+            ExecutionRoleArn=settings.role_arn,
+            Tags=model_tags,
+            PrimaryContainer={"Image": SERVE_URI, "ModelDataUrl": MODEL},
+        )
+        api.call(
+            sm,
+            "create_endpoint_config",
+            EndpointConfigName=f"{name}-config",
+            Tags=config_tags,
+            ProductionVariants=[
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": f"{name}-model",
+                    "InstanceType": "ml.m5.xlarge",
+                    "InitialInstanceCount": 1,
+                }
+            ],
+        )
+        api.call(
+            sm,
+            "create_endpoint",
+            EndpointName=name,
+            EndpointConfigName=f"{name}-config",
+            Tags=endpoint_tags,
+        )
 
     endpoint("flystage", lab, lab, lab)
     assert hosting.teardown(api, settings) == []
@@ -191,8 +311,16 @@ def test_teardown_deletes_only_what_carries_flystages_tags(aws):
 
     ours = settings.tag_list()
     endpoint("flystage-lab", [], ours, ours)
-    assert hosting.teardown(api, settings.replace(endpoint_name="flystage-lab")) == ["flystage-lab", "flystage-lab-config"]
-    assert "skipped model flystage-lab-model: it does not carry flystage's tags" in api.out.getvalue()
+    assert hosting.teardown(api, settings.replace(endpoint_name="flystage-lab")) == [
+        "flystage-lab",
+        "flystage-lab-config",
+    ]
+    assert (
+        "skipped model flystage-lab-model: it does not carry flystage's tags" in api.out.getvalue()
+    )
     assert "flystage-lab-model" in listing(api)[0]
-    with pytest.raises(CloudError, match="tags is empty: teardown deletes only resources that carry flystage's tags"):
+    with pytest.raises(
+        CloudError,
+        match="tags is empty: teardown deletes only resources that carry flystage's tags",
+    ):
         hosting.teardown(api, settings.replace(tags={}))

@@ -19,12 +19,27 @@ REPO = Path(__file__).resolve().parents[1]
 CLOUD = REPO / "code" / "flystage" / "cloud"
 IAM = REPO / "iam"
 
-S3_ACTIONS = {"get_bucket_location": "s3:GetBucketLocation", "head_object": "s3:GetObject", "get_object": "s3:GetObject",
-              "put_object": "s3:PutObject", "upload_file": "s3:PutObject"}
-WAITERS = {"training_job_completed_or_stopped": "sagemaker:DescribeTrainingJob", "endpoint_in_service": "sagemaker:DescribeEndpoint",
-           "endpoint_deleted": "sagemaker:DescribeEndpoint", "transform_job_completed_or_stopped": "sagemaker:DescribeTransformJob"}
+S3_ACTIONS = {
+    "get_bucket_location": "s3:GetBucketLocation",
+    "head_object": "s3:GetObject",
+    "get_object": "s3:GetObject",
+    "put_object": "s3:PutObject",
+    "upload_file": "s3:PutObject",
+}
+WAITERS = {
+    "training_job_completed_or_stopped": "sagemaker:DescribeTrainingJob",
+    "endpoint_in_service": "sagemaker:DescribeEndpoint",
+    "endpoint_deleted": "sagemaker:DescribeEndpoint",
+    "transform_job_completed_or_stopped": "sagemaker:DescribeTransformJob",
+}
 # What `docker push` asks ECR for, beyond the token.
-PUSH = {"ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage"}
+PUSH = {
+    "ecr:BatchCheckLayerAvailability",
+    "ecr:InitiateLayerUpload",
+    "ecr:UploadLayerPart",
+    "ecr:CompleteLayerUpload",
+    "ecr:PutImage",
+}
 
 
 def camel(op: str) -> str:
@@ -38,7 +53,9 @@ def code_actions() -> set[str]:
     for service, op in re.findall(r'api\.call\(\s*"([a-z0-9-]+)",\s*"([a-z_0-9]+)"', text):
         if service == "docker":
             continue
-        prefix = "sagemaker" if service == "sagemaker-runtime" else service  # one IAM prefix for both
+        prefix = (
+            "sagemaker" if service == "sagemaker-runtime" else service
+        )  # one IAM prefix for both
         actions.add(S3_ACTIONS[op] if service == "s3" else f"{prefix}:{camel(op)}")
     # training.start(api, settings, "<create operation>", ...) sends a SageMaker create call.
     for op in re.findall(r'start\(\s*api,\s*settings,\s*"([a-z_]+)"', text):
@@ -69,56 +86,108 @@ def policies() -> dict[str, dict]:
 def test_operator_policy_allows_every_call_the_targets_make(policies):
     found = code_actions()
     # Sanity: the scan sees the calls (a broken regex would make this test vacuous).
-    assert {"sagemaker:CreateTrainingJob", "sagemaker:UpdateEndpoint", "ecr:CreateRepository", "s3:PutObject",
-            "sagemaker:InvokeEndpoint", "sagemaker:DescribeTransformJob"} <= found
+    assert {
+        "sagemaker:CreateTrainingJob",
+        "sagemaker:UpdateEndpoint",
+        "ecr:CreateRepository",
+        "s3:PutObject",
+        "sagemaker:InvokeEndpoint",
+        "sagemaker:DescribeTransformJob",
+    } <= found
     operator = allowed(policies["operator-policy"])
     missing = (found | PUSH | {"iam:PassRole", "sagemaker:AddTags"}) - operator
     assert not missing, f"add to iam/operator-policy.json: {sorted(missing)}"
     # Least privilege: nothing the code does not need, and never a delete of data or images.
-    extra = operator - found - PUSH - {"iam:PassRole", "sagemaker:AddTags", "ecr:TagResource", "ecr:BatchGetImage", "s3:AbortMultipartUpload"}
+    extra = (
+        operator
+        - found
+        - PUSH
+        - {
+            "iam:PassRole",
+            "sagemaker:AddTags",
+            "ecr:TagResource",
+            "ecr:BatchGetImage",
+            "s3:AbortMultipartUpload",
+        }
+    )
     assert not extra, f"iam/operator-policy.json allows calls the code never makes: {sorted(extra)}"
-    assert not any(a in operator for a in ("s3:DeleteObject", "ecr:BatchDeleteImage", "ecr:DeleteRepository"))
+    assert not any(
+        a in operator for a in ("s3:DeleteObject", "ecr:BatchDeleteImage", "ecr:DeleteRepository")
+    )
     assert not any("*" in a for a in operator)
 
 
 def test_every_policy_action_exists(policies):
     session = botocore.session.get_session()
-    operations = {prefix: set(session.get_service_model(service).operation_names)
-                  for prefix, service in (("sagemaker", "sagemaker"), ("ecr", "ecr"))}
+    operations = {
+        prefix: set(session.get_service_model(service).operation_names)
+        for prefix, service in (("sagemaker", "sagemaker"), ("ecr", "ecr"))
+    }
     operations["sagemaker"] |= set(session.get_service_model("sagemaker-runtime").operation_names)
-    known = {"s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:GetBucketLocation", "s3:AbortMultipartUpload", "iam:PassRole",
-             "sts:AssumeRole", "logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams",
-             "cloudwatch:PutMetricData"}
+    known = {
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:ListBucket",
+        "s3:GetBucketLocation",
+        "s3:AbortMultipartUpload",
+        "iam:PassRole",
+        "sts:AssumeRole",
+        "logs:CreateLogGroup",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "logs:DescribeLogStreams",
+        "cloudwatch:PutMetricData",
+    }
     for name, policy in policies.items():
         for action in allowed(policy):
             prefix, _, op = action.partition(":")
-            assert action in known or op in operations.get(prefix, ()), f"{name}: unknown action {action}"
+            assert action in known or op in operations.get(prefix, ()), (
+                f"{name}: unknown action {action}"
+            )
 
 
 def test_execution_role_reads_data_writes_output_pulls_images_logs(policies):
     role = policies["execution-role-policy"]
     by_sid = {s["Sid"]: s for s in role["Statement"]}
-    assert "arn:aws:s3:::BUCKET/PREFIX/data/*" in by_sid["ReadDataModelsCheckpointsBatchInput"]["Resource"]
-    assert "arn:aws:s3:::BUCKET/PREFIX/data/*" not in by_sid["WriteModelsCheckpointsBatchOutput"]["Resource"]
+    assert (
+        "arn:aws:s3:::BUCKET/PREFIX/data/*"
+        in by_sid["ReadDataModelsCheckpointsBatchInput"]["Resource"]
+    )
+    assert (
+        "arn:aws:s3:::BUCKET/PREFIX/data/*"
+        not in by_sid["WriteModelsCheckpointsBatchOutput"]["Resource"]
+    )
     assert {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"} <= allowed(role)
     assert {"logs:PutLogEvents", "cloudwatch:PutMetricData"} <= allowed(role)
     trust = policies["execution-role-trust"]["Statement"][0]
-    assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"} and trust["Action"] == "sts:AssumeRole"
+    assert (
+        trust["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+        and trust["Action"] == "sts:AssumeRole"
+    )
 
 
 def test_no_account_ids_anywhere(policies):
     for path in IAM.glob("*.json"):
         assert not re.search(r"\d{12}", path.read_text()), path
-    passrole = next(s for s in policies["operator-policy"]["Statement"] if s["Action"] == "iam:PassRole")
+    passrole = next(
+        s for s in policies["operator-policy"]["Statement"] if s["Action"] == "iam:PassRole"
+    )
     assert passrole["Resource"] == "arn:aws:iam::ACCOUNT_ID:role/flystage-sagemaker"
-    assert passrole["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
+    assert passrole["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}
+    }
 
 
 # ---- the S3 keys the operator may write, and the trust policy's conditions -----------------
 
 # Filled in as docs/aws.md says (sed ... s/ACCOUNT_ID/.../g), with moto's account and the
 # tests' bucket: what an operator would attach.
-PLACEHOLDERS = {"ACCOUNT_ID": "123456789012", "REGION": "eu-west-1", "BUCKET": "flystage-test", "PREFIX": "flystage"}
+PLACEHOLDERS = {
+    "ACCOUNT_ID": "123456789012",
+    "REGION": "eu-west-1",
+    "BUCKET": "flystage-test",
+    "PREFIX": "flystage",
+}
 
 
 def filled(name: str, values: dict[str, str] = PLACEHOLDERS) -> str:
@@ -132,7 +201,9 @@ def put_resources(policy: dict) -> list[str]:
     """Every resource s3:PutObject is allowed on."""
     out = []
     for statement in policy["Statement"]:
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        actions = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
         if "s3:PutObject" in actions or "s3:*" in actions:
             resources = statement["Resource"]
             out += [resources] if isinstance(resources, str) else resources
@@ -144,11 +215,23 @@ def test_operator_may_put_only_where_the_code_writes(policies):
     PutObject on exactly data/* and batch/*, never on the models (output/) or checkpoints."""
     text = "\n".join(p.read_text() for p in CLOUD.glob("*.py"))
     # What the scan below rests on: every upload goes through upload_files, fed these URIs.
-    assert re.findall(r'settings\.s3_uri\("(\w+)"[^)]*\)[^\n]*\n[^\n]*upload_files', text) == ["batch"]
-    assert 's3_uri("data")' in text and "upload_files(api, plan, bucket, prefix" in text
-    assert len(re.findall(r"\b(upload_file|upload_fileobj|put_object|copy_object|create_multipart_upload)\b", text)) == 2  # both in upload_files
-    assert sorted(put_resources(policies["operator-policy"])) == ["arn:aws:s3:::BUCKET/PREFIX/batch/*",
-                                                                   "arn:aws:s3:::BUCKET/PREFIX/data/*"]
+    assert re.findall(r'settings\.s3_uri\("(\w+)"[^)]*\)[^\n]*\n[^\n]*upload_files', text) == [
+        "batch"
+    ]
+    assert 's3_uri("data")' in text and re.search(r"upload_files\(\s*api,\s*plan,\s*bucket,\s*prefix", text)
+    assert (
+        len(
+            re.findall(
+                r"\b(upload_file|upload_fileobj|put_object|copy_object|create_multipart_upload)\b",
+                text,
+            )
+        )
+        == 2
+    )  # both in upload_files
+    assert sorted(put_resources(policies["operator-policy"])) == [
+        "arn:aws:s3:::BUCKET/PREFIX/batch/*",
+        "arn:aws:s3:::BUCKET/PREFIX/data/*",
+    ]
 
 
 @pytest.fixture
@@ -162,15 +245,24 @@ def operator(aws, monkeypatch):
 
     api, settings = aws
     api.call("iam", "create_user", UserName="flystage-operator")
-    api.call("iam", "put_user_policy", UserName="flystage-operator", PolicyName="operator",
-             PolicyDocument=filled("operator-policy"))
+    api.call(
+        "iam",
+        "put_user_policy",
+        UserName="flystage-operator",
+        PolicyName="operator",
+        PolicyDocument=filled("operator-policy"),
+    )
     key = api.call("iam", "create_access_key", UserName="flystage-operator")["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
 
     def auth(count: str) -> None:
-        request = urllib.request.Request(settings.endpoint_url + "/moto-api/reset-auth", data=count.encode(), method="POST",
-                                         headers={"Content-Type": "text/plain"})
+        request = urllib.request.Request(
+            settings.endpoint_url + "/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.urlopen(request, timeout=10)
 
     auth("0")
@@ -192,12 +284,24 @@ def test_moto_evaluates_the_operator_policy(operator, tmp_path):
     report = upload_dataset(api, settings, manifest, progress=False)
     assert report.uploaded and all(k.startswith("flystage/data/") for k in report.uploaded)
     images = sorted(p for p in (tmp_path / "set").rglob("*.png"))
-    report = upload_files(api, plan_folder(images, tmp_path / "set"), settings.bucket, "flystage/batch/flystage-batch-1/input",
-                          multipart_threshold=1, progress=False)
+    report = upload_files(
+        api,
+        plan_folder(images, tmp_path / "set"),
+        settings.bucket,
+        "flystage/batch/flystage-batch-1/input",
+        multipart_threshold=1,
+        progress=False,
+    )
     assert len(report.uploaded) == len(images)
-    assert api.call("s3", "get_object", Bucket=settings.bucket, Key=report.uploaded[0])["Body"].read()
-    for key in ("flystage/output/flystage-train-1/output/model.tar.gz", "flystage/checkpoints/flystage-train-1/checkpoint.pt",
-                "flystage/manifest.csv", "elsewhere/data/x.png"):
+    assert api.call("s3", "get_object", Bucket=settings.bucket, Key=report.uploaded[0])[
+        "Body"
+    ].read()
+    for key in (
+        "flystage/output/flystage-train-1/output/model.tar.gz",
+        "flystage/checkpoints/flystage-train-1/checkpoint.pt",
+        "flystage/manifest.csv",
+        "elsewhere/data/x.png",
+    ):
         with pytest.raises(CloudError, match="AccessDenied"):
             api.call("s3", "put_object", Bucket=settings.bucket, Key=key, Body=b"overwritten")
 
@@ -221,19 +325,40 @@ def test_execution_role_trust_has_confused_deputy_conditions(aws):
     document = filled("execution-role-trust")
     trust = json.loads(document)
     (statement,) = trust["Statement"]
-    assert statement["Principal"] == {"Service": "sagemaker.amazonaws.com"} and statement["Action"] == "sts:AssumeRole"
+    assert (
+        statement["Principal"] == {"Service": "sagemaker.amazonaws.com"}
+        and statement["Action"] == "sts:AssumeRole"
+    )
     assert statement["Condition"]["StringEquals"] == {"aws:SourceAccount": account}
     source_arn = statement["Condition"]["ArnLike"]["aws:SourceArn"]
     assert source_arn == f"arn:aws:sagemaker:{region}:{account}:*"
-    for resource in ("training-job/flystage-train-1", "hyper-parameter-tuning-job/flystage-tune-1",
-                     "transform-job/flystage-batch-1", "endpoint/flystage"):
+    for resource in (
+        "training-job/flystage-train-1",
+        "hyper-parameter-tuning-job/flystage-tune-1",
+        "transform-job/flystage-batch-1",
+        "endpoint/flystage",
+    ):
         assert arn_like(source_arn, f"arn:aws:sagemaker:{region}:{account}:{resource}")
     assert not arn_like(source_arn, f"arn:aws:sagemaker:{region}:210987654321:training-job/x")
     assert not arn_like(source_arn, f"arn:aws:glue:{region}:{account}:job/x")
-    role = api.call("iam", "create_role", RoleName="flystage-sagemaker", AssumeRolePolicyDocument=document)["Role"]
+    role = api.call(
+        "iam", "create_role", RoleName="flystage-sagemaker", AssumeRolePolicyDocument=document
+    )["Role"]
     assert role["AssumeRolePolicyDocument"]["Statement"][0]["Condition"] == statement["Condition"]
     policy = IAMPolicy(document)
-    ours = {"aws:SourceAccount": account, "aws:SourceArn": f"arn:aws:sagemaker:{region}:{account}:training-job/x"}
-    assert policy.is_action_permitted("sts:AssumeRole", incoming_condition_values=ours) == PermissionResult.PERMITTED
-    theirs = {"aws:SourceAccount": "210987654321", "aws:SourceArn": f"arn:aws:sagemaker:{region}:210987654321:training-job/x"}
-    assert policy.is_action_permitted("sts:AssumeRole", incoming_condition_values=theirs) == PermissionResult.DENIED
+    ours = {
+        "aws:SourceAccount": account,
+        "aws:SourceArn": f"arn:aws:sagemaker:{region}:{account}:training-job/x",
+    }
+    assert (
+        policy.is_action_permitted("sts:AssumeRole", incoming_condition_values=ours)
+        == PermissionResult.PERMITTED
+    )
+    theirs = {
+        "aws:SourceAccount": "210987654321",
+        "aws:SourceArn": f"arn:aws:sagemaker:{region}:210987654321:training-job/x",
+    }
+    assert (
+        policy.is_action_permitted("sts:AssumeRole", incoming_condition_values=theirs)
+        == PermissionResult.DENIED
+    )

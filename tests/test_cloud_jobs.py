@@ -15,6 +15,7 @@ from flystage.cloud import batch, training, tuning
 from flystage.cloud.settings import CloudError
 from flystage.cloud.state import read_state, update_state
 
+
 @pytest.fixture
 def out(aws):
     api, _ = aws
@@ -24,29 +25,52 @@ def out(aws):
 
 def test_jobs_refuse_an_image_that_was_not_pushed(aws):
     api, settings = aws
-    with pytest.raises(CloudError, match=r"image flystage-train:latest is not in ECR \(eu-west-1\): run `make push` first"):
+    with pytest.raises(
+        CloudError,
+        match=r"image flystage-train:latest is not in ECR \(eu-west-1\): run `make push` first",
+    ):
         training.train(api, settings, {"epochs": "1"})
 
 
 def test_tune_through_moto(aws, out):
     api, settings = aws
     put_images(api)
-    described = tuning.tune(api, settings, {"epochs": 30, "arch": "resnet18"}, max_jobs=6, parallel_jobs=3, name="flystage-tune-1")
+    described = tuning.tune(
+        api,
+        settings,
+        {"epochs": 30, "arch": "resnet18"},
+        max_jobs=6,
+        parallel_jobs=3,
+        name="flystage-tune-1",
+    )
     # What moto stored is what crossed HTTP.
     config = described["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == "Bayesian"
-    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "valid:top3"}
+    assert config["HyperParameterTuningJobObjective"] == {
+        "Type": "Maximize",
+        "MetricName": "valid:top3",
+    }
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 3}
     assert config["TrainingJobEarlyStoppingType"] == "Auto"
     assert config["ParameterRanges"]["ContinuousParameterRanges"] == [
-        {"Name": "learning_rate", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"}
+        {
+            "Name": "learning_rate",
+            "MinValue": "0.001",
+            "MaxValue": "0.1",
+            "ScalingType": "Logarithmic",
+        }
     ]
-    assert config["ParameterRanges"]["CategoricalParameterRanges"] == [{"Name": "batch_size", "Values": ["32", "64", "128", "256"]}]
+    assert config["ParameterRanges"]["CategoricalParameterRanges"] == [
+        {"Name": "batch_size", "Values": ["32", "64", "128", "256"]}
+    ]
     definition = described["TrainingJobDefinition"]
     assert definition["AlgorithmSpecification"]["TrainingImage"] == TRAIN_URI
     assert definition["AlgorithmSpecification"]["MetricDefinitions"] == jobdef.METRIC_DEFINITIONS
     assert definition["StaticHyperParameters"] == {"epochs": "30", "arch": "resnet18"}
-    assert definition["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{BUCKET}/flystage/data/"
+    assert (
+        definition["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
+        == f"s3://{BUCKET}/flystage/data/"
+    )
     assert read_state(settings.state_file)["tuning_job"] == "flystage-tune-1"
     assert "best job:" in out.getvalue() and "flystage-tune-1: Completed" in out.getvalue()
 
@@ -63,7 +87,10 @@ def tuning_description(status: str, best: bool, counts: dict) -> dict:
     response = {
         "HyperParameterTuningJobName": "flystage-tune-1",
         "HyperParameterTuningJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:hyper-parameter-tuning-job/flystage-tune-1",
-        "HyperParameterTuningJobConfig": {"Strategy": "Bayesian", "ResourceLimits": {"MaxParallelTrainingJobs": 2}},
+        "HyperParameterTuningJobConfig": {
+            "Strategy": "Bayesian",
+            "ResourceLimits": {"MaxParallelTrainingJobs": 2},
+        },
         "TrainingJobDefinition": {
             "AlgorithmSpecification": {"TrainingInputMode": "File"},
             "RoleArn": "arn:aws:iam::000000000000:role/x",
@@ -73,15 +100,27 @@ def tuning_description(status: str, best: bool, counts: dict) -> dict:
         },
         "HyperParameterTuningJobStatus": status,
         "CreationTime": dt.datetime(2025, 1, 1),
-        "TrainingJobStatusCounters": {"Completed": counts.get("done", 0), "InProgress": counts.get("running", 0),
-                                      "RetryableError": 0, "NonRetryableError": counts.get("failed", 0), "Stopped": 0},
+        "TrainingJobStatusCounters": {
+            "Completed": counts.get("done", 0),
+            "InProgress": counts.get("running", 0),
+            "RetryableError": 0,
+            "NonRetryableError": counts.get("failed", 0),
+            "Stopped": 0,
+        },
         "ObjectiveStatusCounters": {},
     }
     if best:
         response["BestTrainingJob"] = {
-            "TrainingJobName": "flystage-tune-1-003-abc", "TrainingJobArn": "arn:aws:sagemaker:x", "CreationTime": dt.datetime(2025, 1, 1),
-            "TrainingJobStatus": "Completed", "TunedHyperParameters": {"learning_rate": "0.0123", "batch_size": "\"64\""},
-            "FinalHyperParameterTuningJobObjectiveMetric": {"Type": "Maximize", "MetricName": "valid:top3", "Value": 0.93},
+            "TrainingJobName": "flystage-tune-1-003-abc",
+            "TrainingJobArn": "arn:aws:sagemaker:x",
+            "CreationTime": dt.datetime(2025, 1, 1),
+            "TrainingJobStatus": "Completed",
+            "TunedHyperParameters": {"learning_rate": "0.0123", "batch_size": '"64"'},
+            "FinalHyperParameterTuningJobObjectiveMetric": {
+                "Type": "Maximize",
+                "MetricName": "valid:top3",
+                "Value": 0.93,
+            },
         }
     return response
 
@@ -92,29 +131,61 @@ def test_tuning_wait_prints_a_line_per_change(aws, out):
     client = api.client("sagemaker")
     with Stubber(client) as stub:
         request = {"HyperParameterTuningJobName": "flystage-tune-1"}
-        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("InProgress", False, {"running": 2}), request)
-        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("InProgress", False, {"running": 2}), request)
-        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("InProgress", True, {"done": 1, "running": 1}), request)
-        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("Completed", True, {"done": 2, "failed": 1}), request)
+        stub.add_response(
+            "describe_hyper_parameter_tuning_job",
+            tuning_description("InProgress", False, {"running": 2}),
+            request,
+        )
+        stub.add_response(
+            "describe_hyper_parameter_tuning_job",
+            tuning_description("InProgress", False, {"running": 2}),
+            request,
+        )
+        stub.add_response(
+            "describe_hyper_parameter_tuning_job",
+            tuning_description("InProgress", True, {"done": 1, "running": 1}),
+            request,
+        )
+        stub.add_response(
+            "describe_hyper_parameter_tuning_job",
+            tuning_description("Completed", True, {"done": 2, "failed": 1}),
+            request,
+        )
         sleeps = []
         final = tuning.wait_for_tuning(api, "flystage-tune-1", 30, sleep=sleeps.append)
         stub.assert_no_pending_responses()
     lines = out.getvalue().splitlines()
     assert final["HyperParameterTuningJobStatus"] == "Completed" and sleeps == [30, 30, 30]
     assert len(lines) == 3  # the repeated status is not printed again
-    assert lines[0].endswith("flystage-tune-1: InProgress, trials 0 done, 2 running, 0 failed, 0 stopped")
-    assert lines[2].endswith("Completed, trials 2 done, 0 running, 1 failed, 0 stopped; best valid:top3 = 0.9300 (flystage-tune-1-003-abc)")
+    assert lines[0].endswith(
+        "flystage-tune-1: InProgress, trials 0 done, 2 running, 0 failed, 0 stopped"
+    )
+    assert lines[2].endswith(
+        "Completed, trials 2 done, 0 running, 1 failed, 0 stopped; best valid:top3 = 0.9300 (flystage-tune-1-003-abc)"
+    )
 
 
 def test_train_through_moto_two_instances_spot_checkpoints(aws, out):
     api, settings = aws
     put_images(api)
     settings = settings.replace(instance_count=2, spot=True, max_runtime_s=3600, max_wait_s=7200)
-    described = training.train(api, settings, {"learning_rate": "0.01", "batch_size": "64"}, name="flystage-train-1")
-    assert described["ResourceConfig"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30}
+    described = training.train(
+        api, settings, {"learning_rate": "0.01", "batch_size": "64"}, name="flystage-train-1"
+    )
+    assert described["ResourceConfig"] == {
+        "InstanceType": "ml.m5.xlarge",
+        "InstanceCount": 2,
+        "VolumeSizeInGB": 30,
+    }
     assert described["EnableManagedSpotTraining"] is True
-    assert described["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/flystage/checkpoints/flystage-train-1", "LocalPath": "/opt/ml/checkpoints"}
-    assert described["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert described["CheckpointConfig"] == {
+        "S3Uri": f"s3://{BUCKET}/flystage/checkpoints/flystage-train-1",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
+    assert described["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": 3600,
+        "MaxWaitTimeInSeconds": 7200,
+    }
     assert described["AlgorithmSpecification"]["TrainingImage"] == TRAIN_URI
     assert described["HyperParameters"] == {"learning_rate": "0.01", "batch_size": "64"}
     model = f"s3://{BUCKET}/flystage/output/flystage-train-1/output/model.tar.gz"
@@ -133,30 +204,61 @@ def test_train_with_the_best_of_the_last_tuning_job(aws, out):
     client = api.client("sagemaker")
     image = "registry.example:5000/flystage-train:latest"
     expected = jobdef.training_job_request(
-        settings, image, {"epochs": "30", "learning_rate": "0.0123", "batch_size": "\"64\""},
-        training.data_channels(settings), job_name="flystage-train-2",
+        settings,
+        image,
+        {"epochs": "30", "learning_rate": "0.0123", "batch_size": '"64"'},
+        training.data_channels(settings),
+        job_name="flystage-train-2",
     )
     finished = {
-        "TrainingJobName": "flystage-train-2", "TrainingJobArn": "arn:aws:sagemaker:x", "TrainingJobStatus": "Failed",
-        "SecondaryStatus": "Failed", "FailureReason": "AlgorithmError: see output/failure",
-        "AlgorithmSpecification": {"TrainingInputMode": "File"}, "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"},
-        "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
-        "StoppingCondition": {}, "CreationTime": dt.datetime(2025, 1, 1),
-        "FinalMetricDataList": [{"MetricName": "valid:top3", "Value": 0.5, "Timestamp": dt.datetime(2025, 1, 1)}],
+        "TrainingJobName": "flystage-train-2",
+        "TrainingJobArn": "arn:aws:sagemaker:x",
+        "TrainingJobStatus": "Failed",
+        "SecondaryStatus": "Failed",
+        "FailureReason": "AlgorithmError: see output/failure",
+        "AlgorithmSpecification": {"TrainingInputMode": "File"},
+        "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"},
+        "ResourceConfig": {
+            "InstanceType": "ml.m5.xlarge",
+            "InstanceCount": 1,
+            "VolumeSizeInGB": 30,
+        },
+        "StoppingCondition": {},
+        "CreationTime": dt.datetime(2025, 1, 1),
+        "FinalMetricDataList": [
+            {"MetricName": "valid:top3", "Value": 0.5, "Timestamp": dt.datetime(2025, 1, 1)}
+        ],
     }
     s3 = api.client("s3")
     with Stubber(client) as stub, Stubber(s3) as s3_stub:
-        s3_stub.add_response("get_bucket_location", {"LocationConstraint": REGION}, {"Bucket": BUCKET})
-        stub.add_response("describe_hyper_parameter_tuning_job", tuning_description("Completed", True, {"done": 3}),
-                          {"HyperParameterTuningJobName": "flystage-tune-1"})
-        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:x"}, expected)
-        stub.add_response("describe_training_job", finished, {"TrainingJobName": "flystage-train-2"})
-        stub.add_response("describe_training_job", finished, {"TrainingJobName": "flystage-train-2"})
-        with pytest.raises(CloudError, match="training job flystage-train-2 Failed: AlgorithmError: see output/failure; its log is in CloudWatch"):
+        s3_stub.add_response(
+            "get_bucket_location", {"LocationConstraint": REGION}, {"Bucket": BUCKET}
+        )
+        stub.add_response(
+            "describe_hyper_parameter_tuning_job",
+            tuning_description("Completed", True, {"done": 3}),
+            {"HyperParameterTuningJobName": "flystage-tune-1"},
+        )
+        stub.add_response(
+            "create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:x"}, expected
+        )
+        stub.add_response(
+            "describe_training_job", finished, {"TrainingJobName": "flystage-train-2"}
+        )
+        stub.add_response(
+            "describe_training_job", finished, {"TrainingJobName": "flystage-train-2"}
+        )
+        with pytest.raises(
+            CloudError,
+            match="training job flystage-train-2 Failed: AlgorithmError: see output/failure; its log is in CloudWatch",
+        ):
             training.train(api, settings, None, name="flystage-train-2")
         stub.assert_no_pending_responses()
     text = out.getvalue()
-    assert "best job of flystage-tune-1: flystage-tune-1-003-abc" in text and "valid:top3 = 0.5000" in text
+    assert (
+        "best job of flystage-tune-1: flystage-tune-1-003-abc" in text
+        and "valid:top3 = 0.5000" in text
+    )
 
 
 def test_train_without_tuning_or_hyperparameters_says_what_to_do(aws):
@@ -166,7 +268,10 @@ def test_train_without_tuning_or_hyperparameters_says_what_to_do(aws):
 
 
 def test_parse_hyperparameters():
-    assert training.parse_hyperparameters(["learning_rate=0.01", "max-epochs = 3"]) == {"learning_rate": "0.01", "max_epochs": "3"}
+    assert training.parse_hyperparameters(["learning_rate=0.01", "max-epochs = 3"]) == {
+        "learning_rate": "0.01",
+        "max_epochs": "3",
+    }
     with pytest.raises(CloudError, match="name=value"):
         training.parse_hyperparameters(["0.01"])
 
@@ -180,13 +285,21 @@ def test_batch_transform_through_moto(aws, out, tmp_path):
     (folder / "e2.bmp").write_bytes(b"BM fake")
     model = f"s3://{BUCKET}/flystage/output/job/output/model.tar.gz"
     uri = batch.batch_predict(api, settings, str(folder), model_data=model)
-    assert uri.startswith(f"s3://{BUCKET}/flystage/batch/flystage-batch-") and uri.endswith("/output")
+    assert uri.startswith(f"s3://{BUCKET}/flystage/batch/flystage-batch-") and uri.endswith(
+        "/output"
+    )
     [job] = api.call("sagemaker", "list_transform_jobs")["TransformJobSummaries"]
-    described = api.call("sagemaker", "describe_transform_job", TransformJobName=job["TransformJobName"])
+    described = api.call(
+        "sagemaker", "describe_transform_job", TransformJobName=job["TransformJobName"]
+    )
     input_uri = uri.removesuffix("/output") + "/input"
     assert described["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == input_uri
     assert described["TransformInput"]["ContentType"] == "application/x-image"
-    assert described["TransformOutput"] == {"S3OutputPath": uri, "Accept": "application/json", "AssembleWith": "None"}
+    assert described["TransformOutput"] == {
+        "S3OutputPath": uri,
+        "Accept": "application/json",
+        "AssembleWith": "None",
+    }
     assert described["BatchStrategy"] == "SingleRecord"
     # The images went up below the input prefix; the job's own model was deleted afterwards.
     keys = {o["Key"] for o in api.call("s3", "list_objects_v2", Bucket=BUCKET)["Contents"]}
@@ -201,17 +314,25 @@ def test_best_job_that_tuned_other_hyperparameters_is_refused(aws):
     api, settings = aws
     put_images(api)
     tuning.tune(api, settings, name="flystage-tune-9")
-    with pytest.raises(CloudError, match=r"tuned \['string'\], not \['batch_size', 'learning_rate'\]: it is not a flystage tuning job"):
+    with pytest.raises(
+        CloudError,
+        match=r"tuned \['string'\], not \['batch_size', 'learning_rate'\]: it is not a flystage tuning job",
+    ):
         training.train(api, settings, None)
     assert api.call("sagemaker", "list_training_jobs")["TrainingJobSummaries"] == []
 
 
 def test_spot_tuning_trials_share_no_checkpoints(aws):
     _, settings = aws
-    request = tuning.tuning_job_request(settings.replace(spot=True), TRAIN_URI, {}, name="flystage-tune-2")
+    request = tuning.tuning_job_request(
+        settings.replace(spot=True), TRAIN_URI, {}, name="flystage-tune-2"
+    )
     definition = request["TrainingJobDefinition"]
     assert definition["EnableManagedSpotTraining"] is True and "CheckpointConfig" not in definition
-    assert definition["StoppingCondition"]["MaxWaitTimeInSeconds"] >= definition["StoppingCondition"]["MaxRuntimeInSeconds"]
+    assert (
+        definition["StoppingCondition"]["MaxWaitTimeInSeconds"]
+        >= definition["StoppingCondition"]["MaxRuntimeInSeconds"]
+    )
 
 
 def sent(api, monkeypatch) -> list[str]:
@@ -226,7 +347,9 @@ def sent(api, monkeypatch) -> list[str]:
     return calls
 
 
-def test_batch_predict_refuses_an_existing_out_before_sending_anything(aws, out, tmp_path, monkeypatch):
+def test_batch_predict_refuses_an_existing_out_before_sending_anything(
+    aws, out, tmp_path, monkeypatch
+):
     api, settings = aws
     put_images(api)
     folder = tmp_path / "new"
@@ -235,8 +358,16 @@ def test_batch_predict_refuses_an_existing_out_before_sending_anything(aws, out,
     existing = tmp_path / "top3.csv"
     existing.write_text("the lab's earlier answers\n")
     calls = sent(api, monkeypatch)
-    with pytest.raises(CloudError, match="top3.csv already exists; choose another --out .* --force"):
-        batch.batch_predict(api, settings, str(folder), model_data=f"s3://{BUCKET}/flystage/output/j/output/model.tar.gz", out_csv=existing)
+    with pytest.raises(
+        CloudError, match="top3.csv already exists; choose another --out .* --force"
+    ):
+        batch.batch_predict(
+            api,
+            settings,
+            str(folder),
+            model_data=f"s3://{BUCKET}/flystage/output/j/output/model.tar.gz",
+            out_csv=existing,
+        )
     assert calls == [] and existing.read_text() == "the lab's earlier answers\n"
     existing.unlink()
     existing.with_suffix(".json").write_text("{}")
@@ -254,16 +385,34 @@ def test_uris_the_execution_role_cannot_read_are_refused_before_sending(aws, out
     put_images(api)
     calls = sent(api, monkeypatch)
     model = f"s3://{BUCKET}/flystage/output/j/output/model.tar.gz"
-    with pytest.raises(CloudError, match=r"batch input s3://other-bucket/images/: the execution role may read only under "
-                       rf"s3://{BUCKET}/flystage/\{{data,output,checkpoints,batch\}}/ \(iam/execution-role-policy.json\)"):
+    with pytest.raises(
+        CloudError,
+        match=r"batch input s3://other-bucket/images/: the execution role may read only under "
+        rf"s3://{BUCKET}/flystage/\{{data,output,checkpoints,batch\}}/ \(iam/execution-role-policy.json\)",
+    ):
         batch.batch_predict(api, settings, "s3://other-bucket/images/", model_data=model)
-    with pytest.raises(CloudError, match=r"model data s3://flystage-test/elsewhere/model.tar.gz: .*"
-                       r"add arn:aws:s3:::flystage-test/elsewhere/model.tar.gz to the ReadDataModelsCheckpointsBatchInput"):
-        batch.batch_predict(api, settings, f"s3://{BUCKET}/flystage/batch/new/", model_data=f"s3://{BUCKET}/elsewhere/model.tar.gz")
+    with pytest.raises(
+        CloudError,
+        match=r"model data s3://flystage-test/elsewhere/model.tar.gz: .*"
+        r"add arn:aws:s3:::flystage-test/elsewhere/model.tar.gz to the ReadDataModelsCheckpointsBatchInput",
+    ):
+        batch.batch_predict(
+            api,
+            settings,
+            f"s3://{BUCKET}/flystage/batch/new/",
+            model_data=f"s3://{BUCKET}/elsewhere/model.tar.gz",
+        )
     with pytest.raises(CloudError, match="model data .*/flystage-other/.*role_read_uris"):
         hosting.deploy(api, settings, f"s3://{BUCKET}/flystage-other/output/model.tar.gz")
     assert calls == []
     # Where the policy was extended, role_read_uris lets it through.
-    extended = settings.replace(role_read_uris=f"s3://{BUCKET}/elsewhere/, s3://other-bucket/images")
-    uri = batch.batch_predict(api, extended, "s3://other-bucket/images/", model_data=f"s3://{BUCKET}/elsewhere/model.tar.gz")
+    extended = settings.replace(
+        role_read_uris=f"s3://{BUCKET}/elsewhere/, s3://other-bucket/images"
+    )
+    uri = batch.batch_predict(
+        api,
+        extended,
+        "s3://other-bucket/images/",
+        model_data=f"s3://{BUCKET}/elsewhere/model.tar.gz",
+    )
     assert uri.endswith("/output") and "sagemaker.create_transform_job" in calls

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 
 from artefact_helpers import make_artefact, write_image
-from cloud_helpers import BUCKET, REGION, RuntimeProxy, aws, docker_client, fake_credentials, free_port, moto_url  # noqa: F401
+from cloud_helpers import (
+    BUCKET,
+    REGION,
+    RuntimeProxy,
+    docker_client,
+    fake_credentials,
+    free_port,
+)  # noqa: F401
 from flystage.cloud.hosting import EndpointPredictor
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
@@ -43,7 +50,9 @@ def endpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("endpoint")
     make_artefact(root / "model")
     name = f"flystage-cloud-predict-test-{uuid.uuid4().hex[:6]}"
-    url, _ = serving.start_server(root / "model", SERVE_IMAGE, root / "models", port=free_port(), name=name)
+    url, _ = serving.start_server(
+        root / "model", SERVE_IMAGE, root / "models", port=free_port(), name=name
+    )
     proxy = RuntimeProxy(url, "flystage")
     try:
         yield proxy, root / "model"
@@ -58,7 +67,9 @@ def endpoint(tmp_path_factory):
 def api(endpoint, monkeypatch, tmp_path):
     fake_credentials(monkeypatch)
     proxy, _ = endpoint
-    settings = Settings(region=REGION, endpoint_url=proxy.url, state_file=str(tmp_path / "state.json"))
+    settings = Settings(
+        region=REGION, endpoint_url=proxy.url, state_file=str(tmp_path / "state.json")
+    )
     return Api(settings, out=io.StringIO())
 
 
@@ -75,7 +86,9 @@ def test_endpoint_predictor_matches_the_local_model(api, endpoint, folder):
     proxy, model_dir = endpoint
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
     names = [p.relative_to(folder).as_posix() for p in paths]
-    remote = EndpointPredictor(api, "flystage", concurrency=2).predict_sources(paths, k=3, names=names)
+    remote = EndpointPredictor(api, "flystage", concurrency=2).predict_sources(
+        paths, k=3, names=names
+    )
     local = Predictor(model_dir, threads=1).predict_sources(paths, k=3, names=names)
     by_name = {p.source: p for p in remote}
     for expected in local:
@@ -88,13 +101,18 @@ def test_endpoint_predictor_matches_the_local_model(api, endpoint, folder):
         assert [s for s, _ in got.top] == [s for s, _ in expected.top]
         assert [p for _, p in got.top] == pytest.approx([p for _, p in expected.top], abs=1e-4)
     # Each image went as its raw bytes with its own content type and k in the custom attributes.
-    sent = {r["headers"]["Content-Type"] for r in proxy.requests[-len(paths):]}
+    sent = {r["headers"]["Content-Type"] for r in proxy.requests[-len(paths) :]}
     assert sent == {"image/tiff", "image/png", "image/bmp", "image/jpeg"}
-    assert all(r["headers"].get("X-Amzn-SageMaker-Custom-Attributes") == "k=3" for r in proxy.requests[-len(paths):])
+    assert all(
+        r["headers"].get("X-Amzn-SageMaker-Custom-Attributes") == "k=3"
+        for r in proxy.requests[-len(paths) :]
+    )
 
 
 def test_unknown_endpoint_is_a_clear_error(api, folder):
-    with pytest.raises(CloudError, match="ValidationError: Endpoint nowhere not found.*make deploy"):
+    with pytest.raises(
+        CloudError, match="ValidationError: Endpoint nowhere not found.*make deploy"
+    ):
         EndpointPredictor(api, "nowhere").predict_sources([next(folder.rglob("*.png"))])
 
 
@@ -103,17 +121,27 @@ def test_make_predict_writes_csv_renames_and_undoes(endpoint, folder, tmp_path, 
     proxy, _ = endpoint
     fake_credentials(monkeypatch)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYSTAGE_")} | {
-        "FLYSTAGE_REGION": REGION, "FLYSTAGE_ENDPOINT_URL": proxy.url, "FLYSTAGE_STATE_FILE": str(tmp_path / "s.json"),
+        "FLYSTAGE_REGION": REGION,
+        "FLYSTAGE_ENDPOINT_URL": proxy.url,
+        "FLYSTAGE_STATE_FILE": str(tmp_path / "s.json"),
     }
 
     def make(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["make", "-s", "-C", str(REPO), "predict", *args], capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.run(
+            ["make", "-s", "-C", str(REPO), "predict", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
 
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     out = tmp_path / "top3.csv"
     result = make(f"DIR={folder}", "RENAME=1", f"OUT={out}")
     # Exit 1 (make: 2): one image, the broken TIFF, has no prediction; the others are renamed.
-    assert result.returncode != 0 and "predicted 4 of 5 image(s)" in result.stdout, result.stderr[-2000:]
+    assert result.returncode != 0 and "predicted 4 of 5 image(s)" in result.stdout, result.stderr[
+        -2000:
+    ]
     rows = {r["file"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"a/e1.tif", "a/e2.png", "b/e3.bmp", "e4.jpg", "b/broken.tif"}
     assert rows["b/broken.tif"]["error"] and not rows["a/e1.tif"]["error"]
@@ -134,14 +162,29 @@ def test_batch_transform_answers_become_the_predict_csv(aws, endpoint, folder, t
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "broken.tif")
     output = f"s3://{BUCKET}/flystage/batch/job/output"
     for path in paths[1:]:  # the first image has no answer: a record the job could not do
-        request = urllib.request.Request(f"{proxy.url}/endpoints/flystage/invocations", data=path.read_bytes(),
-                                         headers={"Content-Type": "application/x-image"}, method="POST")
+        request = urllib.request.Request(
+            f"{proxy.url}/endpoints/flystage/invocations",
+            data=path.read_bytes(),
+            headers={"Content-Type": "application/x-image"},
+            method="POST",
+        )
         answer = urllib.request.urlopen(request, timeout=60).read()
-        api.call("s3", "put_object", Bucket=BUCKET, Key=f"flystage/batch/job/output/{path.relative_to(folder).as_posix()}.out", Body=answer)
+        api.call(
+            "s3",
+            "put_object",
+            Bucket=BUCKET,
+            Key=f"flystage/batch/job/output/{path.relative_to(folder).as_posix()}.out",
+            Body=answer,
+        )
     out = tmp_path / "batch.csv"
     write_answers(api, paths, folder, output, out, 3)
     rows = {r["file"]: r for r in csv.DictReader(out.open())}
-    local = {p.source: p for p in Predictor(model_dir, threads=1).predict_sources(paths, k=3, names=[p.relative_to(folder).as_posix() for p in paths])}
+    local = {
+        p.source: p
+        for p in Predictor(model_dir, threads=1).predict_sources(
+            paths, k=3, names=[p.relative_to(folder).as_posix() for p in paths]
+        )
+    }
     first = paths[0].relative_to(folder).as_posix()
     assert "no answer from the transform job" in rows[first]["error"]
     for name, prediction in local.items():

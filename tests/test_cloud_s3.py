@@ -58,9 +58,15 @@ def test_upload_layout_skip_and_multipart(aws, dataset):
     body = api.call("s3", "get_object", Bucket=BUCKET, Key=big_key)["Body"].read()
     assert body == big.read_bytes()
     # The uploaded manifest points at the uploaded images, relative to itself.
-    text = api.call("s3", "get_object", Bucket=BUCKET, Key="flystage/data/manifest.csv")["Body"].read().decode()
+    text = (
+        api.call("s3", "get_object", Bucket=BUCKET, Key="flystage/data/manifest.csv")["Body"]
+        .read()
+        .decode()
+    )
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert {f"flystage/data/{r['path']}" for r in rows} == set(stored) - {"flystage/data/manifest.csv"}
+    assert {f"flystage/data/{r['path']}" for r in rows} == set(stored) - {
+        "flystage/data/manifest.csv"
+    }
     assert all(not r["path"].startswith("/") for r in rows)
     assert {r["sha1"] for r in rows} == {r["sha1"] for r in csv.DictReader(manifest.open())}
 
@@ -71,7 +77,9 @@ def test_upload_layout_skip_and_multipart(aws, dataset):
 
     # A changed image is replaced; an object that is not ours is kept (never deleted).
     (manifest.parent / "1-3" / "1-3_0.png").write_bytes(big.read_bytes()[:1000] + b"changed")
-    api.call("s3", "put_object", Bucket=BUCKET, Key="flystage/data/images/notes.txt", Body=b"lab notes")
+    api.call(
+        "s3", "put_object", Bucket=BUCKET, Key="flystage/data/images/notes.txt", Body=b"lab notes"
+    )
     third = upload_dataset(api, settings, manifest, multipart_threshold=1 << 20, progress=False)
     assert third.replaced == ["flystage/data/images/set/1-3/1-3_0.png"] and not third.uploaded
     assert "flystage/data/images/notes.txt" in objects(api, "flystage/data/")
@@ -81,7 +89,13 @@ def test_object_uploaded_by_something_else_is_compared_by_etag(aws, dataset):
     api, settings = aws
     manifest, _ = dataset
     image = manifest.parent / "4-6" / "4-6_1.png"
-    api.call("s3", "put_object", Bucket=BUCKET, Key="flystage/data/images/set/4-6/4-6_1.png", Body=image.read_bytes())
+    api.call(
+        "s3",
+        "put_object",
+        Bucket=BUCKET,
+        Key="flystage/data/images/set/4-6/4-6_1.png",
+        Body=image.read_bytes(),
+    )
     report = upload_dataset(api, settings, manifest, progress=False)
     assert report.skipped == ["flystage/data/images/set/4-6/4-6_1.png"]
 
@@ -89,10 +103,18 @@ def test_object_uploaded_by_something_else_is_compared_by_etag(aws, dataset):
 def test_bucket_checks(aws, moto_url):
     api, settings = aws
     check_bucket(api, settings)
-    with pytest.raises(CloudError, match="does not exist: create it with `aws s3 mb s3://no-such-bucket --region eu-west-1`"):
+    with pytest.raises(
+        CloudError,
+        match="does not exist: create it with `aws s3 mb s3://no-such-bucket --region eu-west-1`",
+    ):
         check_bucket(api, settings.replace(bucket="no-such-bucket"))
     far = Api(settings.replace(region="ap-southeast-2"))
-    far.call("s3", "create_bucket", Bucket="far-bucket", CreateBucketConfiguration={"LocationConstraint": "ap-southeast-2"})
+    far.call(
+        "s3",
+        "create_bucket",
+        Bucket="far-bucket",
+        CreateBucketConfiguration={"LocationConstraint": "ap-southeast-2"},
+    )
     with pytest.raises(CloudError, match="in another region|is in ap-southeast-2"):
         check_bucket(api, settings.replace(bucket="far-bucket"))
 

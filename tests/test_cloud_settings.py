@@ -27,8 +27,20 @@ def test_file_then_environment_overrides(tmp_path):
         'region = "eu-west-1"\nbucket = "lab-bucket"\ninstance_count = 2\nspot = true\n'
         'max_runtime_s = 3600\nmax_wait_s = 7200\n[tags]\nproject = "flystage"\nlab = "dev-bio"\n'
     )
-    settings = load_settings(path, environ={"FLYSTAGE_INSTANCE_COUNT": "3", "FLYSTAGE_SPOT": "off", "FLYSTAGE_TAGS": "a=1,b=2"})
-    assert (settings.region, settings.bucket, settings.instance_count, settings.spot) == ("eu-west-1", "lab-bucket", 3, False)
+    settings = load_settings(
+        path,
+        environ={
+            "FLYSTAGE_INSTANCE_COUNT": "3",
+            "FLYSTAGE_SPOT": "off",
+            "FLYSTAGE_TAGS": "a=1,b=2",
+        },
+    )
+    assert (settings.region, settings.bucket, settings.instance_count, settings.spot) == (
+        "eu-west-1",
+        "lab-bucket",
+        3,
+        False,
+    )
     assert settings.tags == {"a": "1", "b": "2"}
     assert settings.s3_uri("data", "x/") == "s3://lab-bucket/flystage/data/x"
 
@@ -45,10 +57,13 @@ def test_config_from_environment_variable(tmp_path):
     "text, message",
     [
         ('regoin = "eu-west-1"\n', "unknown setting 'regoin'"),
-        ("instance_count = \"two\"\n", "instance_count = 'two' is not a valid int"),
-        ("spot = \"maybe\"\n", "spot = 'maybe' is not a valid bool"),
+        ('instance_count = "two"\n', "instance_count = 'two' is not a valid int"),
+        ('spot = "maybe"\n', "spot = 'maybe' is not a valid bool"),
         ("region = [\n", "not valid TOML"),
-        ("spot = true\nmax_runtime_s = 7200\nmax_wait_s = 3600\n", "max_wait_s .* must be >= max_runtime_s"),
+        (
+            "spot = true\nmax_runtime_s = 7200\nmax_wait_s = 3600\n",
+            "max_wait_s .* must be >= max_runtime_s",
+        ),
         ("instance_count = 0\n", "instance_count must be >= 1"),
     ],
 )
@@ -98,8 +113,14 @@ def test_spot_option_gets_the_same_check_as_the_setting(tmp_path, monkeypatch, c
     from flystage.cloud import command
 
     monkeypatch.chdir(tmp_path)
-    for name, value in {"REGION": "eu-west-1", "BUCKET": "b", "ROLE_ARN": "arn:aws:iam::000000000000:role/x",
-                        "STATE_FILE": str(tmp_path / "s.json"), "MAX_RUNTIME_S": "7200", "MAX_WAIT_S": "3600"}.items():
+    for name, value in {
+        "REGION": "eu-west-1",
+        "BUCKET": "b",
+        "ROLE_ARN": "arn:aws:iam::000000000000:role/x",
+        "STATE_FILE": str(tmp_path / "s.json"),
+        "MAX_RUNTIME_S": "7200",
+        "MAX_WAIT_S": "3600",
+    }.items():
         monkeypatch.setenv(f"FLYSTAGE_{name}", value)
     monkeypatch.delenv("FLYSTAGE_CONFIG", raising=False)
     monkeypatch.delenv("FLYSTAGE_SPOT", raising=False)
@@ -107,5 +128,12 @@ def test_spot_option_gets_the_same_check_as_the_setting(tmp_path, monkeypatch, c
     command.configure_parser(parser)
     assert command.run(parser.parse_args(["--dry-run", "train", "--spot", "--hp", "epochs=1"])) == 2
     captured = capsys.readouterr()
-    assert "max_wait_s (3600) must be >= max_runtime_s (7200)" in captured.err and captured.out == ""
-    assert command.run(parser.parse_args(["--dry-run", "train", "--instance-count", "0", "--hp", "epochs=1"])) == 2
+    assert (
+        "max_wait_s (3600) must be >= max_runtime_s (7200)" in captured.err and captured.out == ""
+    )
+    assert (
+        command.run(
+            parser.parse_args(["--dry-run", "train", "--instance-count", "0", "--hp", "epochs=1"])
+        )
+        == 2
+    )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from artefact_helpers import LABELS, make_artefact, write_image
 
+from artefact_helpers import LABELS, make_artefact, write_image
 from flystage import cli
 from flystage.evaluate import (
     confusion_matrix,
@@ -100,8 +100,15 @@ def test_coverage_curve_and_plot(tmp_path: Path):
 
     curve = coverage_curve(PROBS, TARGETS)
     assert len(curve) == 101 and curve[0]["threshold"] == 0.0 and curve[-1]["threshold"] == 1.0
-    assert curve[0]["coverage"] == 1.0 and curve[0]["accuracy"] == 0.5  # threshold 0 accepts all: top-1
-    assert next(r for r in curve if r["threshold"] == 0.6) == {"threshold": 0.6, "coverage": 0.5, "n": 2, "accuracy": 0.5}
+    assert (
+        curve[0]["coverage"] == 1.0 and curve[0]["accuracy"] == 0.5
+    )  # threshold 0 accepts all: top-1
+    assert next(r for r in curve if r["threshold"] == 0.6) == {
+        "threshold": 0.6,
+        "coverage": 0.5,
+        "n": 2,
+        "accuracy": 0.5,
+    }
     assert curve[-1] == {"threshold": 1.0, "coverage": 0.0, "n": 0, "accuracy": None}
     path = plot_coverage(curve, tmp_path / "sub" / "coverage.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,7 +120,9 @@ def test_coverage_curve_and_plot(tmp_path: Path):
     for colour in ((31, 119, 180), (255, 127, 14)):
         assert (np.abs(rgb - colour).sum(axis=-1) < 30).sum() > 200, colour
     # From a report's table alone, and with no image accepted anywhere, it still draws.
-    plot_coverage(evaluate_probs(PROBS, TARGETS, ["1-3", "4-6", "7-8"])["coverage"], tmp_path / "table.png")
+    plot_coverage(
+        evaluate_probs(PROBS, TARGETS, ["1-3", "4-6", "7-8"])["coverage"], tmp_path / "table.png"
+    )
     plot_coverage(coverage_curve(np.zeros((0, 3)), np.zeros(0, int)), tmp_path / "empty.png")
     assert (tmp_path / "empty.png").is_file()
 
@@ -161,7 +170,22 @@ def test_evaluate_manifest_agrees_with_the_predictor(setup):
 def test_evaluate_cli_writes_report_and_png(setup, tmp_path: Path, capsys):
     model_dir, manifest, _ = setup
     out = tmp_path / "report"
-    assert cli.main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out), "--threads", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                str(model_dir),
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(out),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "top-1" in printed and "recall" in printed
     report = json.loads((out / "report.json").read_text())
@@ -174,13 +198,23 @@ def test_evaluate_cli_writes_report_and_png(setup, tmp_path: Path, capsys):
     for r in report["coverage"]:
         assert f"p >= {r['threshold']:.2f}: " in printed and f"({r['n']} of 6)" in printed
     assert "coverage.png" in printed
-    assert cli.main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            ["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out)]
+        )
+        == 2
+    )
     assert "already holds a report" in capsys.readouterr().err
     # A coverage plot alone is a report too: not replaced without --force.
     only = tmp_path / "only"
     only.mkdir()
     (only / "coverage.png").write_bytes(b"mine")
-    assert cli.main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(only)]) == 2
+    assert (
+        cli.main(
+            ["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(only)]
+        )
+        == 2
+    )
     assert (only / "coverage.png").read_bytes() == b"mine"
 
 

@@ -25,7 +25,10 @@ def test_worst_errors_most_confident_first() -> None:
 
 @pytest.mark.parametrize("calibrated", [True, False])
 def test_page_is_self_contained(tmp_path: Path, calibrated: bool) -> None:
-    records = [Record(write_image(tmp_path / f"e{i}<x>.tif", seed=i), LABELS[i % 3], f"g{i}", "test", "") for i in range(6)]
+    records = [
+        Record(write_image(tmp_path / f"e{i}<x>.tif", seed=i), LABELS[i % 3], f"g{i}", "test", "")
+        for i in range(6)
+    ]
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3), size=6)
     targets = np.array([i % 3 for i in range(6)])
@@ -33,10 +36,20 @@ def test_page_is_self_contained(tmp_path: Path, calibrated: bool) -> None:
     report["model"] = {"arch": "tiny", "metrics": {"temperature": 1.3} if calibrated else {}}
     confusion = plot_confusion(np.array(report["confusion"]), LABELS, tmp_path / "confusion.png")
     coverage = plot_confusion(np.eye(3), LABELS, tmp_path / "coverage.png")  # any PNG will do here
-    page = write_html(tmp_path / "report.html", report, probs, targets, records, PreprocessConfig(height=32, width=80),
-                      confusion, coverage).read_text(encoding="utf-8")
+    page = write_html(
+        tmp_path / "report.html",
+        report,
+        probs,
+        targets,
+        records,
+        PreprocessConfig(height=32, width=80),
+        confusion,
+        coverage,
+    ).read_text(encoding="utf-8")
     sources = re.findall(r'src="([^"]*)"', page)
-    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # nothing to fetch
+    assert sources and all(
+        s.startswith("data:image/png;base64,") for s in sources
+    )  # nothing to fetch
     assert "<script" not in page and "http" not in page.replace("http-equiv", "")
     n_errors = int((probs.argmax(1) != targets).sum())
     assert len(sources) == 1 + int(calibrated) + min(n_errors, 12)

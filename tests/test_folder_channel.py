@@ -22,10 +22,18 @@ sys.path.insert(0, str(REPO / "local"))
 
 from flystage_local import containers, training  # noqa: E402
 from flystage_local.command import build_request  # noqa: E402
-from train_helpers import BDGP_GENES as GENES, copy_bdgp_genes  # noqa: E402
+from train_helpers import BDGP_GENES as GENES  # noqa: E402
+from train_helpers import copy_bdgp_genes
 
 TRAIN_IMAGE = os.environ.get("TRAIN_IMAGE", "flystage-train:latest")
-TINY = {"arch": "small_cnn", "epochs": "1", "height": "32", "width": "80", "batch_size": "16", "threads": "1"}
+TINY = {
+    "arch": "small_cnn",
+    "epochs": "1",
+    "height": "32",
+    "width": "80",
+    "batch_size": "16",
+    "threads": "1",
+}
 GENE_GROUP = "^(?P<group>[^/]+)/"
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -48,7 +56,9 @@ def _run(channel: Path, runs: Path, name: str, hps: dict[str, str]) -> training.
     return training.run_training_job(request, runs, write=None)
 
 
-def test_gene_stage_folder_channel_trains_stages_grouped_by_gene(engine, gene_stage_tree: Path, tmp_path: Path) -> None:
+def test_gene_stage_folder_channel_trains_stages_grouped_by_gene(
+    engine, gene_stage_tree: Path, tmp_path: Path
+) -> None:
     result = _run(gene_stage_tree, tmp_path, "folder-by-gene", {**TINY, "group_regex": GENE_GROUP})
     assert result.status == "Completed", result.failure_reason
     log = result.logs["algo-1"]
@@ -63,11 +73,15 @@ def test_gene_stage_folder_channel_trains_stages_grouped_by_gene(engine, gene_st
     assert not set(metadata["labels"]) & set(GENES)
 
 
-def test_folder_channel_without_a_group_rule_is_refused(engine, gene_stage_tree: Path, tmp_path: Path) -> None:
+def test_folder_channel_without_a_group_rule_is_refused(
+    engine, gene_stage_tree: Path, tmp_path: Path
+) -> None:
     result = _run(gene_stage_tree, tmp_path, "folder-no-group", TINY)
     assert result.status == "Failed"
     failure = (result.folder / "algo-1" / "output" / "failure").read_text()
-    assert failure.startswith("no group rule for the validation split of folder channel /opt/ml/input/data/train"), failure[:400]
+    assert failure.startswith(
+        "no group rule for the validation split of folder channel /opt/ml/input/data/train"
+    ), failure[:400]
     assert "group_regex" in result.failure_reason
     assert result.exit_codes["algo-1"] != 0
 
@@ -77,7 +91,12 @@ def test_ambiguous_label_level_is_refused(engine, gene_stage_tree: Path, tmp_pat
     numbered = tmp_path / "numbered"
     for i, gene in enumerate(GENES[:2]):
         shutil.copytree(gene_stage_tree / gene, numbered / f"{i:02d}")
-    result = _run(numbered, tmp_path / "runs", "folder-ambiguous", {**TINY, "group_regex": GENE_GROUP})
+    result = _run(
+        numbered, tmp_path / "runs", "folder-ambiguous", {**TINY, "group_regex": GENE_GROUP}
+    )
     assert result.status == "Failed"
     failure = (result.folder / "algo-1" / "output" / "failure").read_text()
-    assert "ambiguous label level" in failure.splitlines()[0] and "label_level" in failure.splitlines()[0], failure[:400]
+    assert (
+        "ambiguous label level" in failure.splitlines()[0]
+        and "label_level" in failure.splitlines()[0]
+    ), failure[:400]

@@ -24,12 +24,10 @@ import hostile_corpus as hc
 from artefact_helpers import make_artefact
 from flystage import cli
 from flystage.artefact import ArtefactError, check_artefact, load_metadata
-from flystage.training.export import load_torch_model
 from flystage.imaging import ImageError, read_image
 from flystage.organise import ManifestError, OrganiseError, organise, read_manifest
 from flystage.predict import undo_renames
-
-
+from flystage.training.export import load_torch_model
 from flystage_local import LocalModeError  # noqa: E402
 from flystage_local.serving import unpack_model  # noqa: E402
 
@@ -107,7 +105,10 @@ def test_organise_labels_csv(case: hc.CsvCase, tmp_path: Path, capsys):
     assert got.fits("any"), got
     # Through the command line: exit 0 or 2 with a message, never a traceback.
     out = tmp_path / "manifest.csv"
-    code = hc.outcome(lambda: cli.main(["organise", str(folder), "--labels-csv", str(labels), "--out", str(out)]), ())
+    code = hc.outcome(
+        lambda: cli.main(["organise", str(folder), "--labels-csv", str(labels), "--out", str(out)]),
+        (),
+    )
     assert code.kind == "ok", code
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -140,7 +141,9 @@ def test_organise_skips_fifos_devices_and_broken_links(tmp_path: Path):
     os.symlink("loop.tif", stage / "loop.tif")
     os.symlink("/nowhere/at/all.tif", stage / "dangling.tif")
     os.symlink("/dev/zero", stage / "zero.tif")
-    got = hc.outcome(lambda: organise([tmp_path / "data"], split="none"), (OrganiseError,), seconds=20)
+    got = hc.outcome(
+        lambda: organise([tmp_path / "data"], split="none"), (OrganiseError,), seconds=20
+    )
     assert got.kind == "ok", got
     result = organise([tmp_path / "data"], split="none")
     assert [r.path.name for r in result.records] == ["ok.tif"]
@@ -152,7 +155,11 @@ PREDICTIONS_CASES = hc.csv_cases(hc.PREDICTIONS_HEADER, hc.predictions_row)
 
 def _review_readers():
     review = pytest.importorskip("flystage.review.predictions")
-    return review, (lambda path: review.resolve_items(review.read_predictions(path))), (review.PredictionsError,)
+    return (
+        review,
+        (lambda path: review.resolve_items(review.read_predictions(path))),
+        (review.PredictionsError,),
+    )
 
 
 @pytest.mark.parametrize("case", _params(PREDICTIONS_CASES))
@@ -219,7 +226,10 @@ def test_hostile_model_tar(model_dir: Path, tmp_path: Path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "victim.txt").write_text("keep me\n")
-    files = {name: (model_dir / name).read_bytes() for name in ("metadata.json", "model.onnx", "weights.pt")}
+    files = {
+        name: (model_dir / name).read_bytes()
+        for name in ("metadata.json", "model.onnx", "weights.pt")
+    }
     cases = hc.tar_cases(files, outside)
     before = hc.snapshot(tmp_path)
     wrong = []
@@ -251,7 +261,12 @@ def test_rename_loses_no_file_and_touches_nothing_outside(model_dir: Path, tmp_p
     outside_before, inodes_before = hc.snapshot(outside), hc.inodes(folder)
     names_before = set(hc.snapshot(folder))
     out = tmp_path / "predictions.csv"
-    code = hc.outcome(lambda: cli.main(["predict", str(folder), "--model", str(model_dir), "--out", str(out), "--rename"]), ())
+    code = hc.outcome(
+        lambda: cli.main(
+            ["predict", str(folder), "--model", str(model_dir), "--out", str(out), "--rename"]
+        ),
+        (),
+    )
     assert code.kind == "ok", code
     assert "Traceback" not in capsys.readouterr().err
     assert hc.snapshot(outside) == outside_before
@@ -267,20 +282,38 @@ def test_rename_loses_no_file_and_touches_nothing_outside(model_dir: Path, tmp_p
 
 # ---- property-based fuzz ----------------------------------------------------------------------
 
-FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["image", "instances", "k", "x"]) | st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["image", "instances", "k", "x"]) | st.text(max_size=5),
+            inner,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 _b64 = st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())
-_requests = st.fixed_dictionaries({}, optional={
-    "image": _b64 | _json_values,
-    "instances": st.lists(_b64 | st.fixed_dictionaries({"image": _b64}) | _json_values, max_size=20) | _json_values,
-    "k": _json_values,
-})
+_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "image": _b64 | _json_values,
+        "instances": st.lists(
+            _b64 | st.fixed_dictionaries({"image": _b64}) | _json_values, max_size=20
+        )
+        | _json_values,
+        "k": _json_values,
+    },
+)
 _bodies = st.one_of(
     st.binary(max_size=600),
     st.text(max_size=300),
@@ -290,22 +323,42 @@ _bodies = st.one_of(
 )
 _content_types = st.one_of(
     st.none(),
-    st.sampled_from(["application/json", "image/tiff", "image/png", "application/octet-stream", "Application/JSON; charset=utf-8",
-                     "text/csv", "", ";", "image/"]),
+    st.sampled_from(
+        [
+            "application/json",
+            "image/tiff",
+            "image/png",
+            "application/octet-stream",
+            "Application/JSON; charset=utf-8",
+            "text/csv",
+            "",
+            ";",
+            "image/",
+        ]
+    ),
     st.text(max_size=30),
 )
 
 
 @FUZZ
-@given(body=_bodies, content_type=_content_types, k=st.none() | st.text(max_size=12),
-       num_labels=st.integers(1, 20), max_batch=st.integers(1, 16))
+@given(
+    body=_bodies,
+    content_type=_content_types,
+    k=st.none() | st.text(max_size=12),
+    num_labels=st.integers(1, 20),
+    max_batch=st.integers(1, 16),
+)
 def test_fuzz_decode_request(body, content_type, k, num_labels, max_batch):
     codec = pytest.importorskip("flystage.serving.codec")
     headers = {} if k is None else {"X-Amzn-SageMaker-Custom-Attributes": f"k={k}"}
     if isinstance(body, str) and codec.media_type(content_type) != codec.JSON_TYPE:
-        body = body.encode("utf-8")  # as the toolkit passes them: only JSON (and CSV) bodies arrive as str
+        body = body.encode(
+            "utf-8"
+        )  # as the toolkit passes them: only JSON (and CSV) bodies arrive as str
     try:
-        request = codec.decode_request(body, content_type, headers, num_labels=num_labels, max_batch=max_batch)
+        request = codec.decode_request(
+            body, content_type, headers, num_labels=num_labels, max_batch=max_batch
+        )
     except codec.RequestError as exc:
         assert 400 <= exc.status_code < 500
     else:
@@ -323,10 +376,14 @@ _KINDS = sorted(hc.valid_images())
 
 
 @FUZZ
-@given(kind=st.sampled_from(_KINDS), other=st.sampled_from(_KINDS),
-       how=st.sampled_from(["flip", "truncate", "splice", "flip+truncate", "repeat"]),
-       flips=st.lists(st.integers(0, 2**16), min_size=1, max_size=12),
-       cut=st.integers(0, 4000), cut_other=st.integers(0, 4000))
+@given(
+    kind=st.sampled_from(_KINDS),
+    other=st.sampled_from(_KINDS),
+    how=st.sampled_from(["flip", "truncate", "splice", "flip+truncate", "repeat"]),
+    flips=st.lists(st.integers(0, 2**16), min_size=1, max_size=12),
+    cut=st.integers(0, 4000),
+    cut_other=st.integers(0, 4000),
+)
 def test_fuzz_read_image_on_mutated_images(kind, other, how, flips, cut, cut_other):
     data = hc.valid_images()[kind]
     if "flip" in how:
@@ -353,11 +410,17 @@ HTTP_CASES = hc.http_cases()
 def serving(images, model_dir):
     from flystage.serving.container import start_serve_container
 
-    container = start_serve_container(model_dir, images["serve"], environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "1"})
+    container = start_serve_container(
+        model_dir, images["serve"], environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    )
     try:
         container.wait_healthy(timeout=180)
         pids = hc.worker_pids(container.container)
-        state = {"server": container, "pids": pids, "rss_before": hc.peak_rss_mib(container.container, pids)}
+        state = {
+            "server": container,
+            "pids": pids,
+            "rss_before": hc.peak_rss_mib(container.container, pids),
+        }
         yield state
     finally:
         container.remove()
@@ -370,7 +433,10 @@ def test_serve_bad_request_is_a_clear_4xx(serving, case: hc.HttpCase):
     if case.path == "/invocations":
         assert hc.clear_error_body(status, body), (status, body[:300])
     else:  # the model server's own answer for paths it does not serve
-        assert status is not None and 400 <= status < 500 and "Traceback" not in body, (status, body[:300])
+        assert status is not None and 400 <= status < 500 and "Traceback" not in body, (
+            status,
+            body[:300],
+        )
 
 
 @pytest.mark.docker
@@ -378,7 +444,10 @@ def test_serve_after_the_corpus_still_answers_with_the_same_workers(serving):
     container = serving["server"]
     from serving_helpers import lab_image, tiff_bytes
 
-    status, body = hc.send(container.url, hc.HttpCase("good", tiff_bytes(lab_image(seed=3)), {"Content-Type": "image/tiff"}))
+    status, body = hc.send(
+        container.url,
+        hc.HttpCase("good", tiff_bytes(lab_image(seed=3)), {"Content-Type": "image/tiff"}),
+    )
     assert status == 200 and len(json.loads(body)["predictions"][0]["top"]) == 3, body[:300]
     assert container.status() == "running" and hc.restart_count(container.container) == 0
     assert hc.worker_pids(container.container) == serving["pids"], "a worker was restarted"

@@ -26,7 +26,6 @@ requests = pytest.importorskip("requests")
 
 from flystage.predict import Predictor  # noqa: E402
 from flystage.serving.container import ContainerError, start_serve_container  # noqa: E402
-
 from serving_helpers import bdgp_records, encoded, lab_image, tiff_bytes, train_artefact  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -51,11 +50,22 @@ def client():
 @pytest.fixture(scope="module")
 def images(client):
     """Both images; the missing ones are built the documented offline way (cached steps are skipped)."""
-    missing = [name for name, tag in (("train", TRAIN_IMAGE), ("serve", SERVE_IMAGE)) if not _exists(client, tag)]
+    missing = [
+        name
+        for name, tag in (("train", TRAIN_IMAGE), ("serve", SERVE_IMAGE))
+        if not _exists(client, tag)
+    ]
     if missing:
-        env = {**os.environ, "BUILD_IMAGES": " ".join(missing), "TRAIN_IMAGE": TRAIN_IMAGE, "SERVE_IMAGE": SERVE_IMAGE,
-               "HOST_PYTHON": sys.executable}
-        subprocess.run([str(REPO / "docker" / "build-offline.sh"), "all"], check=True, env=env, timeout=3600)
+        env = {
+            **os.environ,
+            "BUILD_IMAGES": " ".join(missing),
+            "TRAIN_IMAGE": TRAIN_IMAGE,
+            "SERVE_IMAGE": SERVE_IMAGE,
+            "HOST_PYTHON": sys.executable,
+        }
+        subprocess.run(
+            [str(REPO / "docker" / "build-offline.sh"), "all"], check=True, env=env, timeout=3600
+        )
     return {"train": TRAIN_IMAGE, "serve": SERVE_IMAGE}
 
 
@@ -77,7 +87,9 @@ def model_dir(tmp_path_factory, bdgp_root) -> Path:
 
 @pytest.fixture(scope="module")
 def server(images, model_dir):
-    container = start_serve_container(model_dir, images["serve"], environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "1"})
+    container = start_serve_container(
+        model_dir, images["serve"], environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    )
     try:
         container.wait_healthy(timeout=180)
         yield container
@@ -85,9 +97,13 @@ def server(images, model_dir):
         container.remove()
 
 
-def post(server, body: bytes, content_type: str | None, headers: dict | None = None) -> requests.Response:
+def post(
+    server, body: bytes, content_type: str | None, headers: dict | None = None
+) -> requests.Response:
     all_headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
-    return requests.post(f"{server.url}/invocations", data=body, headers=all_headers, timeout=TIMEOUT)
+    return requests.post(
+        f"{server.url}/invocations", data=body, headers=all_headers, timeout=TIMEOUT
+    )
 
 
 def good_request(server) -> None:
@@ -109,18 +125,28 @@ def test_the_management_api_is_not_on_the_inference_port(server):
     attempts = [
         requests.delete(f"{server.url}/models/model", timeout=TIMEOUT),
         requests.get(f"{server.url}/models", timeout=TIMEOUT),
-        requests.post(f"{server.url}/models", params={"url": "http://127.0.0.1:9/x.mar"}, timeout=TIMEOUT),
+        requests.post(
+            f"{server.url}/models", params={"url": "http://127.0.0.1:9/x.mar"}, timeout=TIMEOUT
+        ),
         requests.put(f"{server.url}/models/model", params={"min_worker": "0"}, timeout=TIMEOUT),
     ]
-    assert all(r.status_code >= 400 for r in attempts), [(r.status_code, r.text[:200]) for r in attempts]
+    assert all(r.status_code >= 400 for r in attempts), [
+        (r.status_code, r.text[:200]) for r in attempts
+    ]
     assert requests.get(f"{server.url}/ping", timeout=5).status_code == 200
     good_request(server)  # the model is still registered and answering
 
 
 @pytest.mark.parametrize(
     "ext, content_type",
-    [(".tif", "image/tiff"), (".png", "image/png"), (".jpg", "image/jpeg"), (".bmp", "image/bmp"),
-     (".png", "application/x-image"), (".tif", "application/octet-stream")],
+    [
+        (".tif", "image/tiff"),
+        (".png", "image/png"),
+        (".jpg", "image/jpeg"),
+        (".bmp", "image/bmp"),
+        (".png", "application/x-image"),
+        (".tif", "application/octet-stream"),
+    ],
 )
 def test_raw_image_gets_the_same_top3_as_the_predictor(server, model_dir, ext, content_type):
     image = lab_image(seed=5)
@@ -133,7 +159,10 @@ def test_raw_image_gets_the_same_top3_as_the_predictor(server, model_dir, ext, c
     assert [t["stage"] for t in got] == [s for s, _ in expected.top]
     assert [t["probability"] for t in got] == pytest.approx([p for _, p in expected.top], abs=1e-5)
     meta = json.loads((model_dir / "metadata.json").read_text())
-    assert answer["model"]["labels"] == meta["labels"] and answer["model"]["created"] == meta["created"]
+    assert (
+        answer["model"]["labels"] == meta["labels"]
+        and answer["model"]["created"] == meta["created"]
+    )
     assert answer["timing_ms"]["total"] > 0
 
 
@@ -143,15 +172,23 @@ def test_json_single_batch_and_k(server):
     assert response.status_code == 200, response.text
     top = response.json()["predictions"][0]["top"]
     assert len(top) == 6 and sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-4)
-    response = post(server, json.dumps({"instances": [one, {"image": one}, one]}).encode(), "application/json")
+    response = post(
+        server, json.dumps({"instances": [one, {"image": one}, one]}).encode(), "application/json"
+    )
     assert response.status_code == 200, response.text
-    assert [p["file"] for p in response.json()["predictions"]] == ["instances[0]", "instances[1]", "instances[2]"]
+    assert [p["file"] for p in response.json()["predictions"]] == [
+        "instances[0]",
+        "instances[1]",
+        "instances[2]",
+    ]
     response = post(server, json.dumps([one, one]).encode(), "application/json")
     assert response.status_code == 200 and len(response.json()["predictions"]) == 2
 
 
 def test_k_by_custom_attributes_header(server):
-    response = post(server, tiff_bytes(lab_image()), "image/tiff", {"X-Amzn-SageMaker-Custom-Attributes": "k=2"})
+    response = post(
+        server, tiff_bytes(lab_image()), "image/tiff", {"X-Amzn-SageMaker-Custom-Attributes": "k=2"}
+    )
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"][0]["top"]) == 2
 
@@ -169,7 +206,9 @@ def _float64_bomb() -> bytes:
 
     # 5000 x 5000 float64 RGB: inside the pixel limit, 572 MiB decoded, 0.6 MB as zlib TIFF.
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.zeros((5000, 5000, 3), np.float64), photometric="rgb", compression="zlib")
+    tifffile.imwrite(
+        buffer, np.zeros((5000, 5000, 3), np.float64), photometric="rgb", compression="zlib"
+    )
     return buffer.getvalue()
 
 
@@ -182,20 +221,46 @@ def _huge_png() -> bytes:
 
 BAD_REQUESTS = {
     "empty body": (lambda: b"", "image/tiff", 400, "empty"),
-    "not an image": (lambda: b"%PDF-1.4 not an image at all", "image/png", 400, "cannot read it as an image"),
+    "not an image": (
+        lambda: b"%PDF-1.4 not an image at all",
+        "image/png",
+        400,
+        "cannot read it as an image",
+    ),
     "truncated tiff": (_truncated_tiff, "image/tiff", 400, "request body"),
     "corrupt tiff": (lambda: b"II*\x00" + os.urandom(4000), "image/tiff", 400, "request body"),
     "unsupported content type": (lambda: b"a,b\n1,2\n", "text/csv", 415, "not supported"),
     "no content type": (lambda: tiff_bytes(lab_image()), None, 415, "not supported"),
     "too many pixels": (_huge_png, "image/png", 400, "more than the limit"),
-    "wrong json": (lambda: b"{\"image\": ", "application/json", 400, "cannot be parsed"),
-    "deeply nested json": (lambda: b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested too deeply"),
-    "json without image": (lambda: b"{\"img\": \"x\"}", "application/json", 400, "no \"image\""),
-    "bad base64": (lambda: b"{\"image\": \"%%%\"}", "application/json", 400, "base64"),
-    "k out of range": (lambda: json.dumps({"image": base64.b64encode(tiff_bytes(lab_image())).decode(), "k": 9}).encode(),
-                       "application/json", 400, "out of range"),
-    "batch too large": (lambda: json.dumps(["YQ=="] * 17).encode(), "application/json", 413, "at most 16"),
-    "payload over the limit": (lambda: b"II*\x00" + b"\x00" * (7 * 1024 * 1024), "image/tiff", 413, "SAGEMAKER_MAX_PAYLOAD_IN_MB"),
+    "wrong json": (lambda: b'{"image": ', "application/json", 400, "cannot be parsed"),
+    "deeply nested json": (
+        lambda: b"[" * 100_000 + b"]" * 100_000,
+        "application/json",
+        400,
+        "nested too deeply",
+    ),
+    "json without image": (lambda: b'{"img": "x"}', "application/json", 400, 'no "image"'),
+    "bad base64": (lambda: b'{"image": "%%%"}', "application/json", 400, "base64"),
+    "k out of range": (
+        lambda: json.dumps(
+            {"image": base64.b64encode(tiff_bytes(lab_image())).decode(), "k": 9}
+        ).encode(),
+        "application/json",
+        400,
+        "out of range",
+    ),
+    "batch too large": (
+        lambda: json.dumps(["YQ=="] * 17).encode(),
+        "application/json",
+        413,
+        "at most 16",
+    ),
+    "payload over the limit": (
+        lambda: b"II*\x00" + b"\x00" * (7 * 1024 * 1024),
+        "image/tiff",
+        413,
+        "SAGEMAKER_MAX_PAYLOAD_IN_MB",
+    ),
     "zlib bomb under the pixel limit": (_float64_bomb, "image/tiff", 400, "MiB decoded"),
 }
 
@@ -235,16 +300,20 @@ def _broken_model(tmp_path: Path, model_dir: Path, kind: str) -> Path | None:
         shutil.copy(model_dir / name, broken / name)
     if kind == "code folder":  # a model.tar.gz that would run its own code in the server
         (broken / "code").mkdir()
-        (broken / "code" / "inference.py").write_text("open('/tmp/ran', 'w').write('yes')\n", encoding="utf-8")
+        (broken / "code" / "inference.py").write_text(
+            "open('/tmp/ran', 'w').write('yes')\n", encoding="utf-8"
+        )
         (broken / "code" / "requirements.txt").write_text("flask\n", encoding="utf-8")
     elif kind == "corrupt onnx":
         (broken / "model.onnx").write_bytes(b"\x08\x07" + os.urandom(2000))
     elif kind == "bad metadata":
-        (broken / "metadata.json").write_text("{\"labels\": ", encoding="utf-8")
+        (broken / "metadata.json").write_text('{"labels": ', encoding="utf-8")
     return broken
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt onnx", "bad metadata", "code folder"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "empty", "corrupt onnx", "bad metadata", "code folder"]
+)
 def test_broken_model_exits_nonzero_and_is_never_healthy(images, model_dir, tmp_path, kind):
     folder = _broken_model(tmp_path, model_dir, kind)
     with start_serve_container(folder, images["serve"]) as container:
@@ -272,8 +341,10 @@ def test_management_api_is_loopback_only_and_a_lost_model_ends_the_container(ima
     with start_serve_container(model_dir, images["serve"]) as container:
         container.wait_healthy(timeout=180)
         good_request(container)  # the model is loaded and registered
-        unregister = ("import urllib.request as u; "
-                      "u.urlopen(u.Request('http://127.0.0.1:8081/models/model', method='DELETE'), timeout=30)")
+        unregister = (
+            "import urllib.request as u; "
+            "u.urlopen(u.Request('http://127.0.0.1:8081/models/model', method='DELETE'), timeout=30)"
+        )
         result = container.container.exec_run(["python", "-c", unregister])
         assert result.exit_code == 0, result.output.decode("utf-8", "replace")[-2000:]
         code = container.wait_exit(timeout=30)
@@ -287,7 +358,9 @@ def test_serve_container_stops_promptly_on_sigterm(images, model_dir):
         container.wait_healthy(timeout=180)
         seconds, code = container.stop(timeout=30)
         # docker stop sends SIGKILL after 30 s (exit 137): a prompt stop is well before that.
-        assert seconds < 15 and code != 137, f"{seconds:.1f} s, exit {code}; log:\n{container.logs(30)}"
+        assert seconds < 15 and code != 137, (
+            f"{seconds:.1f} s, exit {code}; log:\n{container.logs(30)}"
+        )
 
 
 # ---- the train image -----------------------------------------------------------------------------
@@ -303,11 +376,26 @@ def _training_tree(root: Path, bdgp_root: Path, epochs: int) -> Path:
         shutil.copy(record.path, target)
     config = root / "input" / "config"
     config.mkdir(parents=True)
-    hyperparameters = {"arch": "small_cnn", "epochs": str(epochs), "batch_size": "8", "height": "32", "width": "80",
-                       "patience": "0", "threads": "1"}
+    hyperparameters = {
+        "arch": "small_cnn",
+        "epochs": str(epochs),
+        "batch_size": "8",
+        "height": "32",
+        "width": "80",
+        "patience": "0",
+        "threads": "1",
+    }
     (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-    (config / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}}))
-    (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}))
+    (config / "inputdataconfig.json").write_text(
+        json.dumps(
+            {"train": {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}}
+        )
+    )
+    (config / "resourceconfig.json").write_text(
+        json.dumps(
+            {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}
+        )
+    )
     for folder in ("model", "output/data", "checkpoints"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     return root
@@ -316,10 +404,16 @@ def _training_tree(root: Path, bdgp_root: Path, epochs: int) -> Path:
 def test_train_container_runs_and_stops_promptly_on_sigterm(client, images, bdgp_root, tmp_path):
     tree = _training_tree(tmp_path / "opt-ml", bdgp_root, epochs=1000)
     container = client.containers.run(
-        images["train"], "train", detach=True, hostname="algo-1",
+        images["train"],
+        "train",
+        detach=True,
+        hostname="algo-1",
         environment={"SM_STUDIO_LOCAL_MODE": "true"},
         # As SageMaker does: the job's folders, not /opt/ml itself (the program is in /opt/ml/code).
-        volumes={str(tree / part): {"bind": f"/opt/ml/{part}", "mode": "rw"} for part in ("input", "model", "output", "checkpoints")},
+        volumes={
+            str(tree / part): {"bind": f"/opt/ml/{part}", "mode": "rw"}
+            for part in ("input", "model", "output", "checkpoints")
+        },
         labels={"flystage.role": "train-test"},
     )
     try:
@@ -336,7 +430,9 @@ def test_train_container_runs_and_stops_promptly_on_sigterm(client, images, bdgp
         seconds = time.monotonic() - start
         container.reload()
         code = container.attrs["State"]["ExitCode"]
-        assert seconds < 30 and code != 137, f"{seconds:.1f} s, exit {code}; log:\n{container.logs(tail=30).decode()}"
+        assert seconds < 30 and code != 137, (
+            f"{seconds:.1f} s, exit {code}; log:\n{container.logs(tail=30).decode()}"
+        )
         # The program itself (not just the toolkit) saw the signal: it checkpointed and said so.
         log = container.logs().decode("utf-8", "replace")
         assert "stopped by SIGTERM" in log, log[-3000:]
@@ -347,8 +443,17 @@ def test_train_container_runs_and_stops_promptly_on_sigterm(client, images, bdgp
 
 # ---- no secrets ------------------------------------------------------------------------------------
 
-SECRET_PATTERNS = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"ASIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key",
-                                           r"(?i)aws_session_token", r"(?i)password=", r"(?i)token=")]
+SECRET_PATTERNS = [
+    re.compile(p)
+    for p in (
+        r"AKIA[0-9A-Z]{16}",
+        r"ASIA[0-9A-Z]{16}",
+        r"(?i)aws_secret_access_key",
+        r"(?i)aws_session_token",
+        r"(?i)password=",
+        r"(?i)token=",
+    )
+]
 
 
 @pytest.mark.parametrize("which", ["train", "serve"])
@@ -360,6 +465,12 @@ def test_image_carries_no_credentials(client, images, which):
         for pattern in SECRET_PATTERNS:
             assert not pattern.search(text), f"{images[which]}: {text[:200]}"
     names = {item.split("=", 1)[0] for item in env}
-    assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PIP_INDEX_URL", "PIP_FIND_LINKS"}
+    assert not names & {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "PIP_INDEX_URL",
+        "PIP_FIND_LINKS",
+    }
     labels = image.attrs["Config"].get("Labels") or {}
     assert labels.get("org.opencontainers.image.title") == f"flystage-{which}"

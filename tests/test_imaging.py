@@ -55,6 +55,7 @@ def lab_tiff(tmp_path: Path, lab_image: np.ndarray) -> Path:
 
 # ---- reading ---------------------------------------------------------------------------------
 
+
 def test_reads_lab_16bit_tiff_unchanged(lab_tiff: Path, lab_image: np.ndarray) -> None:
     out = read_image(lab_tiff)
     assert out.shape == (LAB_HEIGHT, LAB_WIDTH) and out.dtype == np.uint16
@@ -62,7 +63,9 @@ def test_reads_lab_16bit_tiff_unchanged(lab_tiff: Path, lab_image: np.ndarray) -
     assert 100 <= out.min() and out.max() <= 900
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int16, np.uint32, np.float64])
+@pytest.mark.parametrize(
+    "dtype", [np.uint8, np.uint16, np.float32, np.int16, np.uint32, np.float64]
+)
 def test_tiff_pixel_types(dtype) -> None:
     img = (np.arange(40 * 60).reshape(40, 60) % 250).astype(dtype)
     out = read_image(tiff_bytes(img))
@@ -107,8 +110,11 @@ def test_lzw_tiff_from_fiji_or_opencv(tmp_path: Path) -> None:
 def test_rgb_tiff(planar: str) -> None:
     img = np.zeros((20, 30, 3), np.uint8)
     img[..., 0] = 200  # red
-    data = tiff_bytes(img if planar == "contig" else np.moveaxis(img, -1, 0),
-                      photometric="rgb", planarconfig=planar)
+    data = tiff_bytes(
+        img if planar == "contig" else np.moveaxis(img, -1, 0),
+        photometric="rgb",
+        planarconfig=planar,
+    )
     out = read_image(data)
     assert out.shape == (20, 30, 3)
     assert out[..., 0].min() == 200 and out[..., 1:].max() == 0
@@ -159,10 +165,13 @@ def test_sniff_format() -> None:
 
 def test_bytes_input_matches_path(lab_tiff: Path) -> None:
     np.testing.assert_array_equal(read_image(lab_tiff.read_bytes()), read_image(lab_tiff))
-    np.testing.assert_array_equal(read_image(bytearray(lab_tiff.read_bytes())), read_image(lab_tiff))
+    np.testing.assert_array_equal(
+        read_image(bytearray(lab_tiff.read_bytes())), read_image(lab_tiff)
+    )
 
 
 # ---- bad files -------------------------------------------------------------------------------
+
 
 def _truncate(data: bytes) -> bytes:
     return data[: len(data) * 2 // 3]
@@ -187,7 +196,9 @@ def _bad_files(lab_image: np.ndarray) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("filename", list(_bad_files(np.zeros((2, 2), np.uint16))))
-def test_bad_file_raises_image_error_naming_it(tmp_path: Path, lab_image: np.ndarray, filename: str) -> None:
+def test_bad_file_raises_image_error_naming_it(
+    tmp_path: Path, lab_image: np.ndarray, filename: str
+) -> None:
     path = tmp_path / filename
     path.write_bytes(_bad_files(lab_image)[filename])
     with pytest.raises(ImageError) as info:
@@ -226,15 +237,22 @@ def test_decompression_bomb_and_zero_size_refused_before_decoding() -> None:
         read_image(tiff_bytes(np.zeros((100, 100), np.uint8)), max_pixels=5000)
     with pytest.raises(ImageError, match="limit"):
         read_image(encode(np.zeros((100, 100), np.uint8), ".jpg"), max_pixels=5000)
-    assert read_image(tiff_bytes(np.zeros((100, 100), np.uint8)), max_pixels=10000).shape == (100, 100)
+    assert read_image(tiff_bytes(np.zeros((100, 100), np.uint8)), max_pixels=10000).shape == (
+        100,
+        100,
+    )
 
 
 def test_decoded_size_is_limited_before_decoding_not_only_pixels() -> None:
     # 1000 x 1000 float64 RGB: 1 MP (far under the pixel limit), 23 MiB decoded, a few KB zlib.
     bomb = io.BytesIO()
-    tifffile.imwrite(bomb, np.zeros((1000, 1000, 3), np.float64), photometric="rgb", compression="zlib")
+    tifffile.imwrite(
+        bomb, np.zeros((1000, 1000, 3), np.float64), photometric="rgb", compression="zlib"
+    )
     assert len(bomb.getvalue()) < 100_000
-    with pytest.raises(ImageError, match=r"23 MiB decoded, more than the limit of 20 MiB.*FLYSTAGE_MAX_DECODED_MB"):
+    with pytest.raises(
+        ImageError, match=r"23 MiB decoded, more than the limit of 20 MiB.*FLYSTAGE_MAX_DECODED_MB"
+    ):
         read_image(bomb.getvalue(), name="bomb.tif", max_decoded_mb=20)
     assert read_image(bomb.getvalue(), max_decoded_mb=24).dtype == np.float32
     # OpenCV formats: bounded by 4 channels of 1 byte, or 2 bytes for a 16-bit PNG.
@@ -253,6 +271,7 @@ def test_page_beyond_single_page_formats() -> None:
 
 # ---- config ----------------------------------------------------------------------------------
 
+
 def test_config_round_trips_through_json() -> None:
     cfg = PreprocessConfig(height=96, width=240, channels=3, background="light", align=False)
     again = PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
@@ -263,8 +282,14 @@ def test_config_round_trips_through_json() -> None:
 def test_config_rejects_unknown_keys_and_bad_values() -> None:
     with pytest.raises(ValueError, match="unknown preprocessing setting.*'gamma'"):
         PreprocessConfig.from_dict({"gamma": 2.0})
-    for bad in ({"channels": 2}, {"low_percentile": 99, "high_percentile": 1}, {"background": "grey"},
-                {"height": 0}, {"page": -1}, {"margin": 3.0}):
+    for bad in (
+        {"channels": 2},
+        {"low_percentile": 99, "high_percentile": 1},
+        {"background": "grey"},
+        {"height": 0},
+        {"page": -1},
+        {"margin": 3.0},
+    ):
         with pytest.raises(ValueError):
             PreprocessConfig(**bad)
     with pytest.raises(Exception):
@@ -272,6 +297,7 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
 
 
 # ---- the steps -------------------------------------------------------------------------------
+
 
 def test_stretch_contrast_maps_percentiles_to_0_and_1() -> None:
     img = np.linspace(100, 900, 200 * 100).reshape(100, 200).astype(np.uint16)
@@ -340,11 +366,19 @@ def test_letterbox_keeps_aspect_and_pads_black() -> None:
 
 # ---- the pipeline ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [(128, 320), (64, 160)])
-def test_preprocess_shape_dtype_range(lab_image: np.ndarray, channels: int, size: tuple[int, int]) -> None:
+def test_preprocess_shape_dtype_range(
+    lab_image: np.ndarray, channels: int, size: tuple[int, int]
+) -> None:
     cfg = PreprocessConfig(height=size[0], width=size[1], channels=channels)
-    for image in (lab_image, brightfield_embryo(), lab_image.astype(np.float32), (lab_image // 4).astype(np.uint8)):
+    for image in (
+        lab_image,
+        brightfield_embryo(),
+        lab_image.astype(np.float32),
+        (lab_image // 4).astype(np.uint8),
+    ):
         out = preprocess(image, cfg)
         assert out.shape == (channels, *size) and out.dtype == np.float32
         assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.5
@@ -364,7 +398,9 @@ def test_preprocess_keeps_the_aspect_ratio(align: bool, crop: bool) -> None:
 def test_preprocess_mask_zeroes_background_and_keeps_embryo(lab_image: np.ndarray) -> None:
     cfg = PreprocessConfig(**SIZE, align=False, crop=False)
     masked = preprocess(lab_image, cfg)[0]
-    unmasked = preprocess(lab_image, PreprocessConfig(**SIZE, align=False, crop=False, mask=False))[0]
+    unmasked = preprocess(lab_image, PreprocessConfig(**SIZE, align=False, crop=False, mask=False))[
+        0
+    ]
     # letterboxed 1110x420 -> 320x121; the corners are background
     corner = (slice(10, 30), slice(5, 40))
     assert masked[corner].max() == 0.0
@@ -390,7 +426,9 @@ def test_light_background_is_inverted_to_embryo_bright_on_black() -> None:
     # the purple stain is brighter than the unstained embryo after inversion
     stain = ellipse_mask(128, 320, 0.2 * 320, 1.5, centre=(320 // 3, 64))
     assert out[:, stain].mean() > out[:, body & ~stain].mean() + 0.3
-    forced_dark = preprocess(image, PreprocessConfig(**SIZE, channels=3, align=False, crop=False, background="dark"))
+    forced_dark = preprocess(
+        image, PreprocessConfig(**SIZE, channels=3, align=False, crop=False, background="dark")
+    )
     assert not np.allclose(forced_dark, out)
 
 
@@ -436,9 +474,13 @@ def test_grey_from_auto_takes_blue_for_brightfield_and_luminance_for_fluorescenc
     cfg = {"height": 64, "width": 160, "mask": False, "align": False, "crop": False}
     auto = preprocess(image, PreprocessConfig(**cfg))
     assert np.array_equal(auto, preprocess(image, PreprocessConfig(**cfg, grey_from="blue")))
-    assert not np.array_equal(auto, preprocess(image, PreprocessConfig(**cfg, grey_from="luminance")))
+    assert not np.array_equal(
+        auto, preprocess(image, PreprocessConfig(**cfg, grey_from="luminance"))
+    )
     dark = 255 - image  # fluorescence: dark background
-    assert np.array_equal(preprocess(dark, PreprocessConfig(**cfg)),
-                          preprocess(dark, PreprocessConfig(**cfg, grey_from="luminance")))
+    assert np.array_equal(
+        preprocess(dark, PreprocessConfig(**cfg)),
+        preprocess(dark, PreprocessConfig(**cfg, grey_from="luminance")),
+    )
     with pytest.raises(ValueError, match="grey_from"):
         PreprocessConfig(grey_from="purple")

@@ -18,22 +18,47 @@ ROLE = "arn:aws:iam::000000000000:role/flystage-test"
 
 
 def test_training_job_request_shape():
-    settings = Settings(bucket="lab", role_arn=ROLE, instance_count=2, spot=True, max_runtime_s=600, max_wait_s=1200)
-    request = jobdef.training_job_request(
-        settings, "img:1", {"learning_rate": 0.01, "arch": "small_cnn", "pretrained": False, "epochs": 3},
-        {"train": "s3://lab/flystage/data/"}, job_name="flystage-train-1",
+    settings = Settings(
+        bucket="lab", role_arn=ROLE, instance_count=2, spot=True, max_runtime_s=600, max_wait_s=1200
     )
-    assert request["HyperParameters"] == {"learning_rate": "0.01", "arch": "small_cnn", "pretrained": "false", "epochs": "3"}
-    assert request["AlgorithmSpecification"] == {
-        "TrainingImage": "img:1", "TrainingInputMode": "File", "MetricDefinitions": jobdef.METRIC_DEFINITIONS,
+    request = jobdef.training_job_request(
+        settings,
+        "img:1",
+        {"learning_rate": 0.01, "arch": "small_cnn", "pretrained": False, "epochs": 3},
+        {"train": "s3://lab/flystage/data/"},
+        job_name="flystage-train-1",
+    )
+    assert request["HyperParameters"] == {
+        "learning_rate": "0.01",
+        "arch": "small_cnn",
+        "pretrained": "false",
+        "epochs": "3",
     }
-    assert request["ResourceConfig"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30}
-    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 600, "MaxWaitTimeInSeconds": 1200}
+    assert request["AlgorithmSpecification"] == {
+        "TrainingImage": "img:1",
+        "TrainingInputMode": "File",
+        "MetricDefinitions": jobdef.METRIC_DEFINITIONS,
+    }
+    assert request["ResourceConfig"] == {
+        "InstanceType": "ml.m5.xlarge",
+        "InstanceCount": 2,
+        "VolumeSizeInGB": 30,
+    }
+    assert request["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": 600,
+        "MaxWaitTimeInSeconds": 1200,
+    }
     assert request["EnableManagedSpotTraining"] is True
-    assert request["CheckpointConfig"] == {"S3Uri": "s3://lab/flystage/checkpoints/flystage-train-1", "LocalPath": "/opt/ml/checkpoints"}
+    assert request["CheckpointConfig"] == {
+        "S3Uri": "s3://lab/flystage/checkpoints/flystage-train-1",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
     assert request["OutputDataConfig"] == {"S3OutputPath": "s3://lab/flystage/output"}
     [channel] = request["InputDataConfig"]
-    assert channel["ChannelName"] == "train" and channel["DataSource"]["S3DataSource"]["S3Uri"] == "s3://lab/flystage/data/"
+    assert (
+        channel["ChannelName"] == "train"
+        and channel["DataSource"]["S3DataSource"]["S3Uri"] == "s3://lab/flystage/data/"
+    )
     # The request is valid for botocore's model of CreateTrainingJob.
     import botocore.session
     from botocore.validate import validate_parameters
@@ -43,9 +68,18 @@ def test_training_job_request_shape():
 
 
 def test_on_demand_job_has_no_checkpoint_or_wait_and_local_mode_needs_no_bucket():
-    request = jobdef.training_job_request(Settings(), "flystage-train:latest", {}, {"train": "file:///data"},
-                                          job_name="local-1", output_uri="file:///out")
-    assert "CheckpointConfig" not in request and "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
+    request = jobdef.training_job_request(
+        Settings(),
+        "flystage-train:latest",
+        {},
+        {"train": "file:///data"},
+        job_name="local-1",
+        output_uri="file:///out",
+    )
+    assert (
+        "CheckpointConfig" not in request
+        and "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
+    )
     assert request["EnableManagedSpotTraining"] is False
 
 
@@ -61,7 +95,9 @@ def test_on_demand_job_has_no_checkpoint_or_wait_and_local_mode_needs_no_bucket(
 def test_bad_requests_are_refused(kwargs, message):
     args = {"hyperparameters": {}, "channels": {"train": "s3://b/p/"}} | kwargs
     with pytest.raises(ValueError, match=message):
-        jobdef.training_job_request(Settings(bucket="b"), "img", args.pop("hyperparameters"), args.pop("channels"), **args)
+        jobdef.training_job_request(
+            Settings(bucket="b"), "img", args.pop("hyperparameters"), args.pop("channels"), **args
+        )
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +108,33 @@ def train_log(tmp_path_factory) -> tuple[str, dict]:
     manifest = make_manifest_set(root / "set")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "flystage", "train", "--manifest", str(manifest), "--model_dir", str(root / "model"),
-         "--arch", "small_cnn", "--epochs", "2", "--height", "32", "--width", "80", "--threads", "1", "--batch_size", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "flystage",
+            "train",
+            "--manifest",
+            str(manifest),
+            "--model_dir",
+            str(root / "model"),
+            "--arch",
+            "small_cnn",
+            "--epochs",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "80",
+            "--threads",
+            "1",
+            "--batch_size",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:]
     metadata = json.loads((root / "model" / "metadata.json").read_text())
@@ -85,7 +145,9 @@ def test_metric_regexes_read_the_training_program_log(train_log):
     log, best = train_log
     values = {d["Name"]: jobdef.read_metric(log, d["Name"]) for d in jobdef.METRIC_DEFINITIONS}
     # One value per epoch and per metric, nothing from the other lines of the log.
-    assert {name: len(v) for name, v in values.items()} == {d["Name"]: 2 for d in jobdef.METRIC_DEFINITIONS}
+    assert {name: len(v) for name, v in values.items()} == {
+        d["Name"]: 2 for d in jobdef.METRIC_DEFINITIONS
+    }
     # The best epoch's line carries the values the program stored in its artefact.
     i = best["epoch"] - 1
     assert values["valid:top3"][i] == pytest.approx(best["valid_top3"], abs=1e-4)
@@ -93,4 +155,3 @@ def test_metric_regexes_read_the_training_program_log(train_log):
     assert values["valid:loss"][i] == pytest.approx(best["valid_loss"], abs=1e-4)
     assert values["train:loss"][i] == pytest.approx(best["train_loss"], abs=1e-4)
     assert jobdef.read_metric(log) == values[jobdef.OBJECTIVE_METRIC]
-

@@ -35,7 +35,14 @@ SERVE_IMAGE = os.environ.get("SERVE_IMAGE", "flystage-serve:latest")
 # Five small genes (63 images): one gene or more in each of train, valid and test.
 SUBSET_GENES = ("DNaseII", "Dms", "Dmn", "Dif", "dhd")
 # Small enough for seconds per epoch on one core, real enough to train and export.
-TINY = {"arch": "small_cnn", "epochs": "2", "height": "32", "width": "80", "batch_size": "16", "threads": "1"}
+TINY = {
+    "arch": "small_cnn",
+    "epochs": "2",
+    "height": "32",
+    "width": "80",
+    "batch_size": "16",
+    "threads": "1",
+}
 
 
 def _request(channel: Path, runs: Path, name: str, hps: dict[str, str], instances: int = 1) -> dict:
@@ -71,23 +78,38 @@ def test_channel_is_a_manifest_with_every_split(channel: Path) -> None:
 
 
 def test_request_becomes_sagemaker_host_trees(channel: Path, tmp_path: Path) -> None:
-    request = _request(channel, tmp_path, "tree-test", {"learning_rate": "0.01", "batch_size": "32"}, instances=2)
+    request = _request(
+        channel, tmp_path, "tree-test", {"learning_rate": "0.01", "batch_size": "32"}, instances=2
+    )
     assert request == jobdef.training_job_request(
-        Settings().replace(instance_count=2), TRAIN_IMAGE, {"learning_rate": "0.01", "batch_size": "32"},
-        {"train": f"file://{channel}"}, job_name="tree-test", output_uri=f"file://{tmp_path / 'tree-test'}",
+        Settings().replace(instance_count=2),
+        TRAIN_IMAGE,
+        {"learning_rate": "0.01", "batch_size": "32"},
+        {"train": f"file://{channel}"},
+        job_name="tree-test",
+        output_uri=f"file://{tmp_path / 'tree-test'}",
     )
     sources = jobtree.channel_sources(request)
     for host in ("algo-1", "algo-2"):
         tree = jobtree.write_host_tree(tmp_path / host, request, host, sources)
         config = tree / "input" / "config"
-        assert json.loads((config / "hyperparameters.json").read_text()) == {"learning_rate": "0.01", "batch_size": "32"}
+        assert json.loads((config / "hyperparameters.json").read_text()) == {
+            "learning_rate": "0.01",
+            "batch_size": "32",
+        }
         assert json.loads((config / "inputdataconfig.json").read_text()) == {
-            "train": {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+            "train": {
+                "TrainingInputMode": "File",
+                "S3DistributionType": "FullyReplicated",
+                "RecordWrapperType": "None",
+            }
         }
         resource = json.loads((config / "resourceconfig.json").read_text())
         assert resource["current_host"] == host and resource["hosts"] == ["algo-1", "algo-2"]
         assert resource["network_interface_name"] == "eth0"
-        assert (tree / "input" / "data" / "train" / "manifest.csv").read_bytes() == (channel / "manifest.csv").read_bytes()
+        assert (tree / "input" / "data" / "train" / "manifest.csv").read_bytes() == (
+            channel / "manifest.csv"
+        ).read_bytes()
         assert all((tree / d).is_dir() for d in ("model", "output/data", "checkpoints"))
     with pytest.raises(LocalModeError, match="already exists"):
         jobtree.write_host_tree(tmp_path / "algo-1", request, "algo-1", sources)
@@ -101,7 +123,9 @@ def test_bad_requests_are_refused_with_what_to_do(channel: Path, tmp_path: Path)
     request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] = "s3://bucket/data"
     with pytest.raises(LocalModeError, match="file:///path"):
         jobtree.channel_sources(request)
-    request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] = "ShardedByS3Key"
+    request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] = (
+        "ShardedByS3Key"
+    )
     with pytest.raises(LocalModeError, match="FullyReplicated"):
         jobtree.input_data_config(request)
 
@@ -166,7 +190,9 @@ def test_one_host_job_leaves_model_and_success(trained: training.JobResult) -> N
     assert 0.0 <= trained.final_metrics["valid:top3"] <= 1.0
     assert "host=algo-1 rank=0 world_size=1" in log
     described = json.loads((trained.folder / "job.json").read_text())
-    assert described["status"] == "Completed" and described["model_artefact"] == str(trained.model_artefact)
+    assert described["status"] == "Completed" and described["model_artefact"] == str(
+        trained.model_artefact
+    )
 
 
 @pytest.mark.docker
@@ -183,7 +209,9 @@ def test_two_hosts_train_data_parallel(engine, channel: Path, runs: Path) -> Non
         samples[host] = int(found.group(1))
     assert min(samples.values()) > 0
     for host in ("algo-1", "algo-2"):
-        resource = json.loads((result.folder / host / "input/config/resourceconfig.json").read_text())
+        resource = json.loads(
+            (result.folder / host / "input/config/resourceconfig.json").read_text()
+        )
         assert resource == {**resource, "current_host": host, "hosts": ["algo-1", "algo-2"]}
     assert result.model_artefact and result.model_artefact.is_file()
     # The job's network and containers are gone once it has finished.
@@ -191,7 +219,9 @@ def test_two_hosts_train_data_parallel(engine, channel: Path, runs: Path) -> Non
 
 
 @pytest.mark.docker
-def test_a_host_that_dies_fails_the_job_and_stops_its_peer(engine, channel: Path, runs: Path) -> None:
+def test_a_host_that_dies_fails_the_job_and_stops_its_peer(
+    engine, channel: Path, runs: Path
+) -> None:
     """An instance lost mid-training (killed once training runs): the job fails, naming it."""
     endless = {**TINY, "epochs": "5000", "patience": "0"}
     request = _request(channel, runs, "test-host-dies", endless, instances=2)
@@ -214,7 +244,9 @@ def test_a_host_that_dies_fails_the_job_and_stops_its_peer(engine, channel: Path
     assert result.failure_reason.startswith("AlgorithmError: algo-2 exited with code 137")
     assert (result.folder / "output" / "failure").read_text() == result.failure_reason
     assert result.model_artefact is None
-    assert not engine.containers.list(all=True, filters={"label": f"{containers.LABEL_JOB}=test-host-dies"})
+    assert not engine.containers.list(
+        all=True, filters={"label": f"{containers.LABEL_JOB}=test-host-dies"}
+    )
 
 
 @pytest.mark.docker
@@ -222,9 +254,19 @@ def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> N
     """Through the make target: a bad hyperparameter fails the job, with its reason and exit status."""
     env = {**os.environ, "TRAIN_IMAGE": TRAIN_IMAGE}
     done = subprocess.run(
-        ["make", "-s", "local-train", f"RUNS={runs / 'make'}", f"DATA={channel / 'manifest.csv'}",
-         "HP=arch=no_such_arch epochs=1 height=32 width=80"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            "make",
+            "-s",
+            "local-train",
+            f"RUNS={runs / 'make'}",
+            f"DATA={channel / 'manifest.csv'}",
+            "HP=arch=no_such_arch epochs=1 height=32 width=80",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode != 0
     job = next((runs / "make" / "local").glob("flystage-local-*"))
@@ -236,12 +278,17 @@ def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> N
 
 
 @pytest.mark.docker
-def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(engine, channel: Path, runs: Path) -> None:
+def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(
+    engine, channel: Path, runs: Path
+) -> None:
     """SageMaker's spot/time-box flow: stopped at MaxRuntimeInSeconds, checkpoints kept, rerun resumes."""
     checkpoints = runs / "kept-checkpoints"
     long = {**TINY, "epochs": "5000", "patience": "0"}  # no early stop: only the runtime ends it
     request = build_request(TRAIN_IMAGE, long, channel, 1, "test-stopped", runs, checkpoints)
-    assert request["CheckpointConfig"] == {"S3Uri": f"file://{checkpoints}", "LocalPath": "/opt/ml/checkpoints"}
+    assert request["CheckpointConfig"] == {
+        "S3Uri": f"file://{checkpoints}",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
     # Long enough for a few epochs even on a loaded CI machine (an epoch here takes ~1 s).
     request["StoppingCondition"]["MaxRuntimeInSeconds"] = 45
     stopped = training.run_training_job(request, runs, write=None, stop_grace=30)
@@ -261,17 +308,35 @@ def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(engine, channel
 
 
 @pytest.mark.docker
-def test_tune_reads_each_trials_objective_from_its_log(engine, channel: Path, runs: Path, capsys) -> None:
+def test_tune_reads_each_trials_objective_from_its_log(
+    engine, channel: Path, runs: Path, capsys
+) -> None:
     fixed = "arch=small_cnn epochs=1 height=32 width=80 threads=1"
-    argv = ["--runs", str(runs / "tune"), "tune", "--image", TRAIN_IMAGE, "--trials", "2",
-            "--data", str(channel / "manifest.csv"), "--hp", fixed, "--job-name", "test-tune"]
+    argv = [
+        "--runs",
+        str(runs / "tune"),
+        "tune",
+        "--image",
+        TRAIN_IMAGE,
+        "--trials",
+        "2",
+        "--data",
+        str(channel / "manifest.csv"),
+        "--hp",
+        fixed,
+        "--job-name",
+        "test-tune",
+    ]
     assert main(argv) == 0
     summary = json.loads((runs / "tune" / "test-tune" / "tuning.json").read_text())
     assert [t["status"] for t in summary["trials"]] == ["Completed", "Completed"]
     for trial in summary["trials"]:
         job = runs / "tune" / "test-tune" / trial["job"]
         sent = json.loads((job / "algo-1" / "input/config/hyperparameters.json").read_text())
-        assert sent["learning_rate"] == trial["hyperparameters"]["learning_rate"] and sent["epochs"] == "1"
+        assert (
+            sent["learning_rate"] == trial["hyperparameters"]["learning_rate"]
+            and sent["epochs"] == "1"
+        )
         assert sent["_tuning_objective_metric"] == jobdef.OBJECTIVE_METRIC
         assert trial["objective"] == jobdef.read_metric((job / "logs/algo-1.log").read_text())[-1]
     best = max(summary["trials"], key=lambda t: t["objective"])
@@ -291,7 +356,11 @@ def test_serve_and_predict_a_folder_with_rename_and_undo(
 ) -> None:
     port = _free_port()
     url, seconds = serving.start_server(
-        trained.model_artefact, SERVE_IMAGE, runs / "models", port=port, name="flystage-local-serve-test"
+        trained.model_artefact,
+        SERVE_IMAGE,
+        runs / "models",
+        port=port,
+        name="flystage-local-serve-test",
     )
     try:
         folder = tmp_path / "new images"
@@ -302,11 +371,28 @@ def test_serve_and_predict_a_folder_with_rename_and_undo(
         (folder / "notes.txt").write_text("not an image")
         before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
         out, undo = tmp_path / "top3.csv", tmp_path / "undo.csv"
-        assert main(["predict", str(folder), "--port", str(port), "--out", str(out), "--rename", "--undo-manifest", str(undo)]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(folder),
+                    "--port",
+                    str(port),
+                    "--out",
+                    str(out),
+                    "--rename",
+                    "--undo-manifest",
+                    str(undo),
+                ]
+            )
+            == 0
+        )
         with open(out, newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 5 and not any(r["error"] for r in rows)
-        labels = set(json.loads((runs / "models").glob("*/metadata.json").__next__().read_text())["labels"])
+        labels = set(
+            json.loads((runs / "models").glob("*/metadata.json").__next__().read_text())["labels"]
+        )
         assert all({r["stage_1"], r["stage_2"], r["stage_3"]} <= labels for r in rows)
         renamed = sorted(folder.rglob("*__s*.bmp"))
         assert len(renamed) == 5 and (folder / "notes.txt").is_file()
@@ -324,14 +410,23 @@ def test_serve_refuses_a_broken_artefact_with_its_log(engine, runs: Path, tmp_pa
     broken.mkdir()
     (broken / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(LocalModeError, match="did not become healthy"):
-        serving.start_server(broken, SERVE_IMAGE, runs / "models", port=_free_port(), timeout=60, name="flystage-local-serve-broken")
+        serving.start_server(
+            broken,
+            SERVE_IMAGE,
+            runs / "models",
+            port=_free_port(),
+            timeout=60,
+            name="flystage-local-serve-broken",
+        )
     assert containers.find_container(engine, "flystage-local-serve-broken") is None
 
 
 @pytest.mark.docker
 def test_stop_removes_every_container_and_network(engine) -> None:
     network = containers.create_network(engine, "flystage-local-stop-test-net", "stop-test")
-    containers.create_training_container(engine, TRAIN_IMAGE, "stop-test", "algo-1", network, {}, {})
+    containers.create_training_container(
+        engine, TRAIN_IMAGE, "stop-test", "algo-1", network, {}, {}
+    )
     assert {"stop-test-algo-1"} <= set(containers.labelled(engine)[0])
     assert main(["stop"]) == 0
     assert containers.labelled(engine) == ([], [])
@@ -341,9 +436,24 @@ def test_local_mode_is_a_command_of_the_installed_package(tmp_path):
     # No PYTHONPATH, not from the repository: what a user with flystage installed runs.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     flystage = Path(sys.executable).with_name("flystage")
-    result = subprocess.run([str(flystage), "local", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(flystage), "local", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
-    assert all(command in result.stdout for command in ("train", "tune", "serve", "predict", "stop"))
-    stop = subprocess.run([sys.executable, "-m", "flystage", "local", "predict"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    assert all(
+        command in result.stdout for command in ("train", "tune", "serve", "predict", "stop")
+    )
+    stop = subprocess.run(
+        [sys.executable, "-m", "flystage", "local", "predict"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert stop.returncode == 2 and "give a folder of images" in stop.stderr, stop.stderr

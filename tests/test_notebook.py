@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,27 @@ def test_notebook_local_cells_run(tmp_path: Path, bdgp_root: Path, monkeypatch) 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells = [c for c in nb.cells if "aws" not in c.metadata.get("tags", [])]
     config = write_sdk_config(tmp_path / "sdk-config.yaml")
-    for name, value in {"FLYSTAGE_NOTEBOOK_WORK": str(tmp_path / "work"), "FLYSTAGE_DATA": str(bdgp_root),
-                        "FLYSTAGE_NOTEBOOK_GENES": "Dif,dhd,Dms", "FLYSTAGE_NOTEBOOK_QUICK": "1",
-                        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config)}.items():
+    for name, value in {
+        "FLYSTAGE_NOTEBOOK_WORK": str(tmp_path / "work"),
+        "FLYSTAGE_DATA": str(bdgp_root),
+        "FLYSTAGE_NOTEBOOK_GENES": "Dif,dhd,Dms",
+        "FLYSTAGE_NOTEBOOK_QUICK": "1",
+        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config),
+    }.items():
         monkeypatch.setenv(name, value)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     try:
         client.execute()
     finally:
         remove_compose_containers(tmp_path / "work")
-    outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    outputs = "\n".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
     assert "ContinuousParameterRanges" in outputs and "Logarithmic" in outputs
     assert "exit status 0" in outputs
     assert outputs.count("renamed 4 file(s), skipped 0") == 2  # the rename, then its undo

@@ -10,12 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from flystage.options import ArgumentParser, Option, add_options, dataclass_values, field_options, option, parse_bool
+from flystage.options import (
+    ArgumentParser,
+    Option,
+    add_options,
+    dataclass_values,
+    field_options,
+    option,
+    parse_bool,
+)
 from flystage.training.train import configure_parser, hyperparameters_markdown, option_groups
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "hyperparameters.md"
-BEGIN, END = "<!-- BEGIN generated: flystage.training.train.hyperparameters_markdown() -->\n", "<!-- END generated -->"
+BEGIN, END = (
+    "<!-- BEGIN generated: flystage.training.train.hyperparameters_markdown() -->\n",
+    "<!-- END generated -->",
+)
 
 
 def test_the_docs_table_is_the_generated_one() -> None:
@@ -30,7 +41,11 @@ def test_the_docs_table_is_the_generated_one() -> None:
 
 def test_every_training_option_has_a_help_of_its_own() -> None:
     groups = option_groups()
-    assert [title for title, _, _ in groups] == ["training hyperparameters", "preprocessing", "augmentation"]
+    assert [title for title, _, _ in groups] == [
+        "training hyperparameters",
+        "preprocessing",
+        "augmentation",
+    ]
     names = [o.name for _, _, options in groups for o in options]
     assert len(names) == len(set(names)) > 50
     for _, _, options in groups:
@@ -41,7 +56,9 @@ def test_every_training_option_has_a_help_of_its_own() -> None:
     configure_parser(parser)
     text = parser.format_help()
     assert "probe: L2 penalty on the linear head's weights" in text and "(default 1.0)" in text
-    assert not re.search(r"^\s+--\S+ \S+\s+default ", text, re.M)  # no option whose help is only its default
+    assert not re.search(
+        r"^\s+--\S+ \S+\s+default ", text, re.M
+    )  # no option whose help is only its default
 
 
 def test_a_field_without_help_is_refused() -> None:
@@ -70,7 +87,13 @@ def test_options_parse_as_sagemaker_sends_them() -> None:
     assert (given["count"], given["flag"]) == (7, False)
     with pytest.raises(Exception, match="expected an integer"):
         parser.parse_args(["--count", "3.5"])
-    assert [Option("x", v, "h").default_text for v in (True, 0.5, (), "", (1, 2))] == ["true", "0.5", '""', '""', "1,2"]
+    assert [Option("x", v, "h").default_text for v in (True, 0.5, (), "", (1, 2))] == [
+        "true",
+        "0.5",
+        '""',
+        '""',
+        "1,2",
+    ]
 
 
 def test_one_bool_parser_for_hyperparameters_and_cloud_settings(tmp_path: Path) -> None:
@@ -79,8 +102,15 @@ def test_one_bool_parser_for_hyperparameters_and_cloud_settings(tmp_path: Path) 
     (tmp_path / "none.toml").write_text("")
     for text, value in [("on", True), ("0", False), ("YES", True)]:
         assert parse_bool(text) is value
-        assert load_settings(tmp_path / "none.toml", {"FLYSTAGE_SPOT": text, "FLYSTAGE_MAX_WAIT_S": "99999"}).spot is value
-    assert load_settings(tmp_path / "none.toml", {"FLYSTAGE_SPOT": ""}).spot is False  # empty = off, as before
+        assert (
+            load_settings(
+                tmp_path / "none.toml", {"FLYSTAGE_SPOT": text, "FLYSTAGE_MAX_WAIT_S": "99999"}
+            ).spot
+            is value
+        )
+    assert (
+        load_settings(tmp_path / "none.toml", {"FLYSTAGE_SPOT": ""}).spot is False
+    )  # empty = off, as before
     with pytest.raises(CloudError, match="is not a valid bool"):
         load_settings(tmp_path / "none.toml", {"FLYSTAGE_SPOT": "maybe"})
     with pytest.raises(argparse.ArgumentTypeError):

@@ -59,10 +59,20 @@ def lab_tree(tmp_path: Path) -> Path:
 def test_iter_images_keeps_images_and_counts_what_it_ignores(lab_tree: Path):
     paths, ignored = iter_images([lab_tree])
     names = sorted(p.name for p in paths)
-    assert names == sorted(["embryo0.TIF", "embryo1.TIF", "embryo2.TIF"] + ["embryo0.TIF", "embryo1.TIF"] * 2 + ["e7.png", "e8.jpeg", "unlabelled.bmp"])
+    assert names == sorted(
+        ["embryo0.TIF", "embryo1.TIF", "embryo2.TIF"]
+        + ["embryo0.TIF", "embryo1.TIF"] * 2
+        + ["e7.png", "e8.jpeg", "unlabelled.bmp"]
+    )
     assert ignored == Counter(
-        {"not an image (.txt)": 1, "not an image (.db)": 1, "in checkpoint folder": 1, "in hidden folder": 1,
-         "hidden file": 1, "in __MACOSX folder": 1}
+        {
+            "not an image (.txt)": 1,
+            "not an image (.db)": 1,
+            "in checkpoint folder": 1,
+            "in hidden folder": 1,
+            "hidden file": 1,
+            "in __MACOSX folder": 1,
+        }
     )
     assert len(set(paths)) == len(paths) and iter_images([lab_tree])[0] == paths  # stable order
     # A single image path is accepted as is.
@@ -81,10 +91,14 @@ def test_folder_labels_and_unlabelled_report(lab_tree: Path):
 
 
 def test_label_level_map_keep_and_drop(lab_tree: Path):
-    result = organise([lab_tree], label_level=1, mapping={"stage 11-12": "11-12", "misc": "13-16"}, split="none")
+    result = organise(
+        [lab_tree], label_level=1, mapping={"stage 11-12": "11-12", "misc": "13-16"}, split="none"
+    )
     assert Counter(r.label for r in result.records) == {"11-12": 3, "13-16": 5, "9-10": 2}
     assert result.mapped == {"stage 11-12 -> 11-12": 3, "misc -> 13-16": 1}
-    kept = organise([lab_tree], mapping={"stage 11-12": "11-12"}, keep={"11-12", "13-16"}, split="none")
+    kept = organise(
+        [lab_tree], mapping={"stage 11-12": "11-12"}, keep={"11-12", "13-16"}, split="none"
+    )
     assert set(r.label for r in kept.records) == {"11-12", "13-16"}
     assert kept.dropped == {"9-10": 2}
     dropped = organise([lab_tree], drop={"13-16"}, split="none")
@@ -100,9 +114,14 @@ def test_duplicates_kept_once_and_conflicts_dropped(tmp_path: Path):
     touch(root / "7-8" / "c.png")
     result = organise([root], split="none")
     assert sorted(r.path.name for r in result.records) == ["a.png", "c.png"]
-    assert [(k.name, [r.name for r in removed]) for k, removed in result.duplicates] == [("a.png", ["copy_of_a.png"])]
+    assert [(k.name, [r.name for r in removed]) for k, removed in result.duplicates] == [
+        ("a.png", ["copy_of_a.png"])
+    ]
     assert len(result.conflicts) == 1
-    assert sorted((p.name, label) for p, label in result.conflicts[0][1]) == [("b.png", "4-6"), ("b_again.png", "7-8")]
+    assert sorted((p.name, label) for p, label in result.conflicts[0][1]) == [
+        ("b.png", "4-6"),
+        ("b_again.png", "7-8"),
+    ]
     assert all(r.sha1 == hashlib.sha1(r.path.read_bytes()).hexdigest() for r in result.records)
 
 
@@ -112,7 +131,10 @@ def test_label_regex_and_group_regex(tmp_path: Path):
         for stage in (5, 11):
             touch(root / emb / f"{emb}_t{stage}_stage{stage}.tif")
     result = organise(
-        [root], label_regex=r"stage(?P<label>\d+)\.tif$", group_regex=r"^(?P<group>E\d)/", split="none"
+        [root],
+        label_regex=r"stage(?P<label>\d+)\.tif$",
+        group_regex=r"^(?P<group>E\d)/",
+        split="none",
     )
     assert Counter(r.label for r in result.records) == {"5": 3, "11": 3}
     assert Counter(r.group for r in result.records) == {"E1": 2, "E2": 2, "E3": 2}
@@ -137,11 +159,15 @@ def test_options_are_validated_and_one_object_or_keywords(tmp_path: Path):
     root = tmp_path / "flat"
     for emb in ("E1", "E2"):
         touch(root / emb / f"{emb}_stage5.tif")
-    options = OrganiseOptions(label_regex=r"stage(?P<label>\d+)\.tif$", group_regex=r"^(?P<group>E\d)/", split="none")
+    options = OrganiseOptions(
+        label_regex=r"stage(?P<label>\d+)\.tif$", group_regex=r"^(?P<group>E\d)/", split="none"
+    )
     by_object = organise([root], options)
     assert [(r.label, r.group) for r in by_object.records] == [("5", "E1"), ("5", "E2")]
     assert organise([root], options, group_regex=None).records[0].group == "E1/E1_stage5.tif"
-    rules = LabelRules(None, re.compile(options.label_regex), None, re.compile(DEFAULT_LABEL_PATTERN), None, False)
+    rules = LabelRules(
+        None, re.compile(options.label_regex), None, re.compile(DEFAULT_LABEL_PATTERN), None, False
+    )
     assert label_and_group(root, root / "E2" / "E2_stage5.tif", rules) == ("5", "E2/E2_stage5.tif")
     assert label_and_group(root, root / "E2" / "x.tif", rules) == (None, "E2/x.tif")
 
@@ -152,13 +178,18 @@ def test_labels_csv_with_groups(tmp_path: Path):
         touch(root / f"img{i}.png")
     touch(root / "not_listed.png")
     table = tmp_path / "labels.csv"
-    rows = [{"path": f"imgs/img{i}.png", "stage": "4-6" if i % 2 else "13-16", "embryo": f"e{i // 2}"} for i in range(6)]
+    rows = [
+        {"path": f"imgs/img{i}.png", "stage": "4-6" if i % 2 else "13-16", "embryo": f"e{i // 2}"}
+        for i in range(6)
+    ]
     rows.append({"path": "imgs/gone.png", "stage": "4-6", "embryo": "e9"})
     with open(table, "w", newline="") as f:
         w = csv.DictWriter(f, ["path", "stage", "embryo"])
         w.writeheader()
         w.writerows(rows)
-    result = organise([root], labels_csv=table, label_column="stage", group_column="embryo", split="none")
+    result = organise(
+        [root], labels_csv=table, label_column="stage", group_column="embryo", split="none"
+    )
     assert len(result.records) == 6
     assert result.ignored["not in the labels CSV"] == 1
     assert {r.path.name: (r.label, r.group) for r in result.records}["img3.png"] == ("4-6", "e1")
@@ -181,8 +212,14 @@ def test_split_keeps_groups_apart_stratifies_and_is_deterministic():
         assert set(sizes[split]) == {"a", "b", "c"}  # every label in every split
     # Singleton groups: the split follows the fractions per label within one image.
     singles = {f"s{i}": Counter({"x" if i < 40 else "y": 1}) for i in range(60)}
-    counts = Counter((s, next(iter(groups_c))) for g, s in split_groups(singles, seed=5).items() for groups_c in [singles[g]])
-    assert counts[("train", "x")] == 28 and counts[("valid", "x")] == 6 and counts[("test", "x")] == 6
+    counts = Counter(
+        (s, next(iter(groups_c)))
+        for g, s in split_groups(singles, seed=5).items()
+        for groups_c in [singles[g]]
+    )
+    assert (
+        counts[("train", "x")] == 28 and counts[("valid", "x")] == 6 and counts[("test", "x")] == 6
+    )
     assert counts[("train", "y")] == 14 and counts[("valid", "y")] + counts[("test", "y")] == 6
     # Different seeds order equal-size groups differently.
     assert split_groups(singles, seed=5) != split_groups(singles, seed=6)
@@ -196,8 +233,20 @@ def test_split_gives_every_split_a_group_when_possible():
 
 
 def test_sort_labels_in_stage_order():
-    assert sort_labels(["13-16", "1-3", "9-10", "11-12", "4-6", "7-8", "4-6"]) == ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
-    assert sort_labels(["stage 17", "stage 2", "unknown", "stage 10"]) == ["stage 2", "stage 10", "stage 17", "unknown"]
+    assert sort_labels(["13-16", "1-3", "9-10", "11-12", "4-6", "7-8", "4-6"]) == [
+        "1-3",
+        "4-6",
+        "7-8",
+        "9-10",
+        "11-12",
+        "13-16",
+    ]
+    assert sort_labels(["stage 17", "stage 2", "unknown", "stage 10"]) == [
+        "stage 2",
+        "stage 10",
+        "stage 17",
+        "unknown",
+    ]
 
 
 def test_manifest_round_trip_relative_and_absolute(tmp_path: Path):
@@ -230,9 +279,18 @@ def test_manifest_round_trip_relative_and_absolute(tmp_path: Path):
     [
         ("path,label,split\na.png,1-3,train\n", r"missing column\(s\) \['group', 'sha1'\]"),
         ("path,label,group,split,sha1\n", "no rows"),
-        ("path,label,group,split,sha1\na.png,1-3,g,training,x\n", "split must be one of train, valid, test; found line 2: 'training'"),
-        ("path,label,group,split,sha1\nmissing.png,1-3,g,train,x\n", r"1 image\(s\) listed but not found"),
-        ("path,label,group,split,sha1\na.png,1-3,g,train,x\na.png,1-3,g,test,x\n", "more than one split"),
+        (
+            "path,label,group,split,sha1\na.png,1-3,g,training,x\n",
+            "split must be one of train, valid, test; found line 2: 'training'",
+        ),
+        (
+            "path,label,group,split,sha1\nmissing.png,1-3,g,train,x\n",
+            r"1 image\(s\) listed but not found",
+        ),
+        (
+            "path,label,group,split,sha1\na.png,1-3,g,train,x\na.png,1-3,g,test,x\n",
+            "more than one split",
+        ),
     ],
 )
 def test_read_manifest_errors(tmp_path: Path, text: str, message: str):
@@ -255,7 +313,9 @@ def test_cli_writes_manifest_and_refuses_to_overwrite(lab_tree: Path, tmp_path: 
     assert cli.main(["organise", str(lab_tree), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert out.read_bytes() == before
-    assert cli.main(["organise", str(lab_tree), "--out", str(out), "--force", "--split", "none"]) == 0
+    assert (
+        cli.main(["organise", str(lab_tree), "--out", str(out), "--force", "--split", "none"]) == 0
+    )
     assert {r.split for r in read_manifest(out)} == {"train"}
 
 
@@ -270,8 +330,19 @@ def test_bdgp_by_gene(bdgp_root: Path, tmp_path: Path):
     assert len(records) == 193
     assert len({r.group for r in records}) == 8
     assert sort_labels(r.label for r in records) == ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
-    assert Counter(r.label for r in records) == {"1-3": 14, "4-6": 41, "7-8": 27, "9-10": 17, "11-12": 45, "13-16": 49}
-    assert result.ignored == {"not an image (.csv)": 1, "not an image (.md)": 1, "not an image (no suffix)": 1}
+    assert Counter(r.label for r in records) == {
+        "1-3": 14,
+        "4-6": 41,
+        "7-8": 27,
+        "9-10": 17,
+        "11-12": 45,
+        "13-16": 49,
+    }
+    assert result.ignored == {
+        "not an image (.csv)": 1,
+        "not an image (.md)": 1,
+        "not an image (no suffix)": 1,
+    }
     # The gene is the group, and a gene never spans two splits.
     assert all(r.group == r.path.relative_to(bdgp_root.resolve()).parts[0] for r in records)
     splits_of = defaultdict(set)
@@ -280,8 +351,14 @@ def test_bdgp_by_gene(bdgp_root: Path, tmp_path: Path):
     assert all(len(s) == 1 for s in splits_of.values())
     # Reasonable stratification: train holds most images and every stage; valid and test exist.
     per_split = Counter(r.split for r in records)
-    assert 0.55 <= per_split["train"] / 193 <= 0.85 and per_split["valid"] > 0 and per_split["test"] > 0
-    assert {r.label for r in records if r.split == "train"} == set(Counter(r.label for r in records))
+    assert (
+        0.55 <= per_split["train"] / 193 <= 0.85
+        and per_split["valid"] > 0
+        and per_split["test"] > 0
+    )
+    assert {r.label for r in records if r.split == "train"} == set(
+        Counter(r.label for r in records)
+    )
     # The sha1 column agrees with the dataset's own labels.csv.
     listed = {row["path"]: row["sha1"] for row in csv.DictReader(open(bdgp_root / "labels.csv"))}
     assert {r.path.relative_to(bdgp_root.resolve()).as_posix(): r.sha1 for r in records} == listed
@@ -292,7 +369,12 @@ def test_bdgp_by_gene(bdgp_root: Path, tmp_path: Path):
 
 
 def test_bdgp_labels_csv_matches_folder_labels(bdgp_root: Path):
-    by_csv = organise([bdgp_root], labels_csv=bdgp_root / "labels.csv", label_column="stage_range", group_column="gene")
+    by_csv = organise(
+        [bdgp_root],
+        labels_csv=bdgp_root / "labels.csv",
+        label_column="stage_range",
+        group_column="gene",
+    )
     by_folder = organise([bdgp_root], group_regex=GENE)
     assert [(r.path, r.label, r.group, r.split) for r in by_csv.records] == [
         (r.path, r.label, r.group, r.split) for r in by_folder.records
@@ -326,7 +408,9 @@ def test_several_folders_and_a_missing_one(lab_tree: Path, tmp_path: Path):
         organise([tmp_path / "nope"])
     empty = tmp_path / "empty"
     touch(empty / "readme.txt")
-    with pytest.raises(OrganiseError, match=r"no images .* ignored: \{'not an image \(.txt\)': 1\}"):
+    with pytest.raises(
+        OrganiseError, match=r"no images .* ignored: \{'not an image \(.txt\)': 1\}"
+    ):
         organise([empty])
 
 
@@ -336,11 +420,20 @@ def test_several_folders_and_a_missing_one(lab_tree: Path, tmp_path: Path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("path,label,group\nimgs/img0.png,4-6,e0\nimgs/img1.png\n", r"line 3: no value for column\(s\) \['label', 'group'\]"),
+        (
+            "path,label,group\nimgs/img0.png,4-6,e0\nimgs/img1.png\n",
+            r"line 3: no value for column\(s\) \['label', 'group'\]",
+        ),
         ("path,label,group\nimgs/img0.png,4-6\n", r"line 2: no value for column\(s\) \['group'\]"),
-        ("path,label\nimgs/img0.png,4-6,extra\n", "line 2: more values than the header has columns"),
+        (
+            "path,label\nimgs/img0.png,4-6,extra\n",
+            "line 2: more values than the header has columns",
+        ),
         ("path,label\n,4-6\n", "line 2: empty path"),
-        ('path,label\n"imgs/img0.png,4-6\n', r"no value for column\(s\) \['label'\]"),  # unclosed quote
+        (
+            'path,label\n"imgs/img0.png,4-6\n',
+            r"no value for column\(s\) \['label'\]",
+        ),  # unclosed quote
     ],
 )
 def test_malformed_labels_csv_names_the_file_and_line(tmp_path: Path, text: str, message: str):
@@ -361,7 +454,12 @@ def test_labels_csv_not_utf8_and_short_row_through_the_cli(tmp_path: Path, capsy
         organise([tmp_path / "imgs"], labels_csv=table)
     table.write_text("path,label,group\nimgs/img0.png\n")
     out = tmp_path / "m.csv"
-    assert cli.main(["organise", str(tmp_path / "imgs"), "--labels-csv", str(table), "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            ["organise", str(tmp_path / "imgs"), "--labels-csv", str(table), "--out", str(out)]
+        )
+        == 2
+    )
     assert f"{table}: line 2: no value" in capsys.readouterr().err
     assert not out.exists()
 
@@ -370,7 +468,9 @@ def test_names_not_utf8_are_skipped_counted_and_listed(tmp_path: Path, capsys):
     root = tmp_path / "lab"
     touch(root / "1-3" / "ok.tif")
     touch(root / "1-3" / "other.tif")
-    odd = Path(os.fsdecode(os.fsencode(root / "1-3") + b"/caf\xe9.tif"))  # Latin-1 name on a UTF-8 system
+    odd = Path(
+        os.fsdecode(os.fsencode(root / "1-3") + b"/caf\xe9.tif")
+    )  # Latin-1 name on a UTF-8 system
     touch(odd, b"odd file")
     odd_folder = Path(os.fsdecode(os.fsencode(root) + b"/s\xe9ance/4-6"))  # a folder name, too
     touch(odd_folder / "x.tif", b"odd folder")
@@ -399,8 +499,15 @@ def test_write_manifest_leaves_no_partial_or_temporary_file(tmp_path: Path, monk
     before = manifest.read_bytes()
     odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.png"))
     with pytest.raises(OrganiseError, match=r"caf\\xe9.png: not valid UTF-8"):
-        write_manifest([Record(good, "1-3", "g", "train", "aa"), Record(odd, "1-3", "h", "test", "bb")], manifest, force=True)
-    assert manifest.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]
+        write_manifest(
+            [Record(good, "1-3", "g", "train", "aa"), Record(odd, "1-3", "h", "test", "bb")],
+            manifest,
+            force=True,
+        )
+    assert manifest.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png",
+        "m.csv",
+    ]
 
     class Failing:
         def __init__(self, f, **kwargs):
@@ -415,7 +522,10 @@ def test_write_manifest_leaves_no_partial_or_temporary_file(tmp_path: Path, monk
     monkeypatch.setattr(csv, "writer", Failing)
     with pytest.raises(OSError, match="No space left"):
         write_manifest([Record(good, "4-6", "g", "train", "cc")], manifest, force=True)
-    assert manifest.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]
+    assert manifest.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png",
+        "m.csv",
+    ]
     with pytest.raises(OSError, match="No space left"):
         write_manifest([Record(good, "4-6", "g", "train", "cc")], tmp_path / "new.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.csv"]
@@ -428,15 +538,33 @@ SHA_A, SHA_B = "a" * 40, "b" * 40
     "rows, message",
     [
         # The same file twice, under two spellings, in train and test (groups differ).
-        (["a.png,1-3,g1,train,", "sub/../a.png,1-3,g2,test,"], r"line 2 \(train: .*a.png\) and line 3 \(test: .*a.png\) are the same file"),
+        (
+            ["a.png,1-3,g1,train,", "sub/../a.png,1-3,g2,test,"],
+            r"line 2 \(train: .*a.png\) and line 3 \(test: .*a.png\) are the same file",
+        ),
         # The same file by absolute path and by relative path.
-        (["a.png,1-3,g1,valid,", "{abs},1-3,g2,test,"], "line 2 .* and line 3 .* are the same file"),
+        (
+            ["a.png,1-3,g1,valid,", "{abs},1-3,g2,test,"],
+            "line 2 .* and line 3 .* are the same file",
+        ),
         # Two files with identical content (same SHA-1 in the column), train and valid.
-        ([f"a.png,1-3,g1,train,{SHA_A}", f"b.png,1-3,g2,train,{SHA_B}", f"c.png,1-3,g3,valid,{SHA_A.upper()}"],
-         r"line 2 \(train: .*a.png\) and line 4 \(valid: .*c.png\) are the same SHA-1 aaaaaaaaaaaa"),
+        (
+            [
+                f"a.png,1-3,g1,train,{SHA_A}",
+                f"b.png,1-3,g2,train,{SHA_B}",
+                f"c.png,1-3,g3,valid,{SHA_A.upper()}",
+            ],
+            r"line 2 \(train: .*a.png\) and line 4 \(valid: .*c.png\) are the same SHA-1 aaaaaaaaaaaa",
+        ),
         # '..' out of the manifest's folder.
-        (["../outside.png,1-3,g1,train,"], r"leave the manifest's folder .* line 2: '../outside.png'"),
-        (["sub/../../outside.png,1-3,g1,train,", "a.png,1-3,g2,test,"], r"line 2: 'sub/../../outside.png'"),
+        (
+            ["../outside.png,1-3,g1,train,"],
+            r"leave the manifest's folder .* line 2: '../outside.png'",
+        ),
+        (
+            ["sub/../../outside.png,1-3,g1,train,", "a.png,1-3,g2,test,"],
+            r"line 2: 'sub/../../outside.png'",
+        ),
         # A short row.
         (["a.png,1-3,g1"], r"line 2: no value for column\(s\) \['split', 'sha1'\]"),
     ],
@@ -447,7 +575,10 @@ def test_read_manifest_refuses_leaks_and_escapes(tmp_path: Path, rows: list[str]
         touch(data / name)
     touch(tmp_path / "outside.png")
     manifest = data / "manifest.csv"
-    text = "\n".join(["path,label,group,split,sha1", *rows]).replace("{abs}", str(data / "a.png")) + "\n"
+    text = (
+        "\n".join(["path,label,group,split,sha1", *rows]).replace("{abs}", str(data / "a.png"))
+        + "\n"
+    )
     manifest.write_text(text)
     with pytest.raises(OrganiseError, match=message) as info:
         read_manifest(manifest)

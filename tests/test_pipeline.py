@@ -20,7 +20,11 @@ pytestmark = pytest.mark.slow
 
 def flystage(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "flystage", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "flystage", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, f"flystage {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -28,21 +32,40 @@ def flystage(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_organise_train_evaluate_predict_rename_undo(tmp_path, bdgp_root):
     manifest = tmp_path / "manifest.csv"
-    flystage("organise", str(bdgp_root), "--group-regex", "^(?P<group>[^/]+)/", "--out", str(manifest),
-             cwd=tmp_path)
+    flystage(
+        "organise",
+        str(bdgp_root),
+        "--group-regex",
+        "^(?P<group>[^/]+)/",
+        "--out",
+        str(manifest),
+        cwd=tmp_path,
+    )
     rows = list(csv.DictReader(manifest.open()))
     assert len(rows) == 193
-    genes_by_split = {s: {r["group"] for r in rows if r["split"] == s} for s in ("train", "valid", "test")}
+    genes_by_split = {
+        s: {r["group"] for r in rows if r["split"] == s} for s in ("train", "valid", "test")
+    }
     assert all(genes_by_split.values())
     assert not (genes_by_split["train"] & genes_by_split["test"])
 
     # Real training of the default model (a linear probe solved exactly: one metric line).
     model = tmp_path / "model"
     train = flystage(
-        "train", "--manifest", str(manifest), "--model-dir", str(model),
-        "--checkpoint-dir", str(tmp_path / "ckpt"), "--output-data-dir", str(tmp_path / "out"),
+        "train",
+        "--manifest",
+        str(manifest),
+        "--model-dir",
+        str(model),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--output-data-dir",
+        str(tmp_path / "out"),
         # The default model and input, so that what `make demo` trains is what is tested.
-        "--epochs", "2", "--threads", "1",
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
         cwd=tmp_path,
     )
     assert "epoch=1 " in train.stdout + train.stderr
@@ -52,8 +75,18 @@ def test_organise_train_evaluate_predict_rename_undo(tmp_path, bdgp_root):
     assert metadata["model"]["arch"] == TrainConfig().arch and metadata["model"]["mode"] == "probe"
     assert metadata["model"]["temperature"] == metadata["metrics"]["temperature"] > 0
 
-    flystage("evaluate", "--model", str(model), "--manifest", str(manifest), "--split", "test",
-             "--out", str(tmp_path / "eval"), cwd=tmp_path)
+    flystage(
+        "evaluate",
+        "--model",
+        str(model),
+        "--manifest",
+        str(manifest),
+        "--split",
+        "test",
+        "--out",
+        str(tmp_path / "eval"),
+        cwd=tmp_path,
+    )
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     n_test = sum(r["split"] == "test" for r in rows)
     assert report["n"] == n_test
@@ -71,7 +104,9 @@ def test_organise_train_evaluate_predict_rename_undo(tmp_path, bdgp_root):
             shutil.copy2(record.path, new)
     before = sorted(p.name for p in new.iterdir())
     preds = tmp_path / "preds.csv"
-    flystage("predict", str(new), "--model", str(model), "--out", str(preds), "--rename", cwd=tmp_path)
+    flystage(
+        "predict", str(new), "--model", str(model), "--out", str(preds), "--rename", cwd=tmp_path
+    )
     pred_rows = list(csv.DictReader(preds.open()))
     assert len(pred_rows) == n_test
     labels = set(json.loads((model / "metadata.json").read_text())["labels"])

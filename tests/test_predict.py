@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from artefact_helpers import LABELS, make_artefact, tiny_config, write_image
 
+from artefact_helpers import LABELS, make_artefact, tiny_config, write_image
 from flystage import cli
 from flystage.imaging import load
 from flystage.predict import (
@@ -60,10 +60,15 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_softmax_and_top_k():
     probs = softmax(np.array([[0.0, 1.0, 2.0, 3.0], [5.0, 5.0, 0.0, -1000.0]], np.float32))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(probs[0], np.exp([0, 1, 2, 3]) / np.exp([0, 1, 2, 3]).sum(), rtol=1e-6)
+    np.testing.assert_allclose(
+        probs[0], np.exp([0, 1, 2, 3]) / np.exp([0, 1, 2, 3]).sum(), rtol=1e-6
+    )
     top = top_k(probs, LABELS, k=3)
     assert [label for label, _ in top[0]] == ["9-10", "7-8", "4-6"]
-    assert [label for label, _ in top[1]][:2] == ["1-3", "4-6"]  # a tie lists the earlier stage first
+    assert [label for label, _ in top[1]][:2] == [
+        "1-3",
+        "4-6",
+    ]  # a tie lists the earlier stage first
     assert len(top_k(probs, LABELS, k=10)[0]) == 4
 
 
@@ -86,7 +91,9 @@ def test_predictor_matches_torch_on_preprocessed_images(model_dir: Path, folder:
 def test_predict_sources_paths_bytes_and_errors(model_dir: Path, folder: Path):
     predictor = Predictor(model_dir, threads=1)
     tif = folder / "embryo1.tif"
-    preds = predictor.predict_sources([tif, tif.read_bytes(), b"not an image at all"], k=2, names=["a", "b", "c"])
+    preds = predictor.predict_sources(
+        [tif, tif.read_bytes(), b"not an image at all"], k=2, names=["a", "b", "c"]
+    )
     assert [p.source for p in preds] == ["a", "b", "c"]
     assert preds[0].top == preds[1].top and len(preds[0].top) == 2 and preds[0].error is None
     assert preds[2].top == [] and "c" in preds[2].error
@@ -95,7 +102,9 @@ def test_predict_sources_paths_bytes_and_errors(model_dir: Path, folder: Path):
 
 def test_folder_to_csv_and_json(model_dir: Path, folder: Path, tmp_path: Path, capsys):
     out = tmp_path / "preds.csv"
-    assert predict(folder, "--model", model_dir, "--out", out, "--batch-size", 3) == 1  # 1: an unreadable file
+    assert (
+        predict(folder, "--model", model_dir, "--out", out, "--batch-size", 3) == 1
+    )  # 1: an unreadable file
     rows = read_csv(out)
     assert list(rows[0]) == ["file", "stage_1", "p_1", "stage_2", "p_2", "stage_3", "p_3", "error"]
     assert sorted(r["file"] for r in rows) == sorted(
@@ -115,7 +124,9 @@ def test_folder_to_csv_and_json(model_dir: Path, folder: Path, tmp_path: Path, c
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["n"] == 5 and doc["errors"] == 1 and doc["model"]["labels"] == LABELS
     one = next(p for p in doc["predictions"] if p["file"] == "embryo1.tif")
-    assert [t["stage"] for t in one["top"]] == [by_file["embryo1.tif"][f"stage_{i}"] for i in (1, 2, 3)]
+    assert [t["stage"] for t in one["top"]] == [
+        by_file["embryo1.tif"][f"stage_{i}"] for i in (1, 2, 3)
+    ]
     err = capsys.readouterr().err
     assert "unreadable: day2/broken.tif" in err and "1 in checkpoint folder" in err
     # Existing outputs are never replaced without --force.
@@ -137,25 +148,45 @@ def test_predict_path_never_imports_torch(model_dir: Path, folder: Path, tmp_pat
         "bad = [m for m in ('torch', 'matplotlib', 'torchvision') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_rename_names():
-    assert renamed_path(Path("/d/embryo12.tif"), ["11-12", "13-16", "9-10"]) == Path("/d/embryo12__s11-12_s13-16_s9-10.tif")
+    assert renamed_path(Path("/d/embryo12.tif"), ["11-12", "13-16", "9-10"]) == Path(
+        "/d/embryo12__s11-12_s13-16_s9-10.tif"
+    )
     assert safe_label("stage 11/12") == "stage-11-12" and safe_label("st_5") == "st-5"
     assert is_renamed(Path("embryo12__s11-12_s13-16_s9-10.tif"))
     assert not is_renamed(Path("embryo12_s11.tif")) and not is_renamed(Path("embryo__12.tif"))
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_rename_twice_and_undo(model_dir: Path, folder: Path, tmp_path: Path, capsys):
     original = snapshot(folder)
     undo = tmp_path / "undo.csv"
-    assert predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo) == 1
+    assert (
+        predict(
+            folder,
+            "--model",
+            model_dir,
+            "--out",
+            tmp_path / "p.csv",
+            "--rename",
+            "--undo-manifest",
+            undo,
+        )
+        == 1
+    )
     rows = read_csv(tmp_path / "p.csv")
     renamed = snapshot(folder)
     assert sorted(renamed.values()) == sorted(original.values())  # same files, new names
@@ -169,7 +200,19 @@ def test_rename_twice_and_undo(model_dir: Path, folder: Path, tmp_path: Path, ca
     undo_rows = read_csv(undo)
     assert len(undo_rows) == 4 and all(Path(r["old"]).is_absolute() for r in undo_rows)
     # A second run predicts the renamed files but renames nothing.
-    assert predict(folder, "--model", model_dir, "--out", tmp_path / "p2.csv", "--rename", "--undo-manifest", tmp_path / "undo2.csv") == 1
+    assert (
+        predict(
+            folder,
+            "--model",
+            model_dir,
+            "--out",
+            tmp_path / "p2.csv",
+            "--rename",
+            "--undo-manifest",
+            tmp_path / "undo2.csv",
+        )
+        == 1
+    )
     assert snapshot(folder) == renamed
     assert "already renamed" in capsys.readouterr().out
     assert read_csv(tmp_path / "undo2.csv") == []
@@ -184,16 +227,39 @@ def test_rename_never_overwrites(model_dir: Path, folder: Path, tmp_path: Path, 
     top = predictor.predict_sources([folder / "embryo1.tif"])[0].top
     squatter = renamed_path(folder / "embryo1.tif", [label for label, _ in top])
     squatter.write_bytes(b"someone else's file")
-    assert predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", tmp_path / "u.csv") == 1
+    assert (
+        predict(
+            folder,
+            "--model",
+            model_dir,
+            "--out",
+            tmp_path / "p.csv",
+            "--rename",
+            "--undo-manifest",
+            tmp_path / "u.csv",
+        )
+        == 1
+    )
     assert squatter.read_bytes() == b"someone else's file"
     assert (folder / "embryo1.tif").is_file()
     assert f"{squatter.name} already exists" in capsys.readouterr().out
     assert str(folder / "embryo1.tif") not in {r["old"] for r in read_csv(tmp_path / "u.csv")}
 
 
-def test_undo_after_a_file_moved_or_its_name_was_taken(model_dir: Path, folder: Path, tmp_path: Path, capsys):
+def test_undo_after_a_file_moved_or_its_name_was_taken(
+    model_dir: Path, folder: Path, tmp_path: Path, capsys
+):
     undo = tmp_path / "undo.csv"
-    predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo)
+    predict(
+        folder,
+        "--model",
+        model_dir,
+        "--out",
+        tmp_path / "p.csv",
+        "--rename",
+        "--undo-manifest",
+        undo,
+    )
     rows = read_csv(undo)
     moved_new, taken = Path(rows[0]["new"]), rows[1]
     shutil.move(moved_new, tmp_path / moved_new.name)  # the user moved one file away
@@ -209,7 +275,9 @@ def test_undo_after_a_file_moved_or_its_name_was_taken(model_dir: Path, folder: 
         assert Path(r["old"]).is_file() and not Path(r["new"]).exists()
 
 
-def test_undo_manifest_survives_a_crash_mid_rename(model_dir: Path, folder: Path, tmp_path: Path, monkeypatch):
+def test_undo_manifest_survives_a_crash_mid_rename(
+    model_dir: Path, folder: Path, tmp_path: Path, monkeypatch
+):
     """Every rename is on disk in the manifest before it happens, so a crash loses nothing."""
     from flystage import predict as predict_module
 
@@ -225,7 +293,16 @@ def test_undo_manifest_survives_a_crash_mid_rename(model_dir: Path, folder: Path
     monkeypatch.setattr(predict_module, "_move_no_replace", crash_on_third)
     undo = tmp_path / "undo.csv"
     with pytest.raises(KeyboardInterrupt):
-        predict(folder, "--model", model_dir, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo)
+        predict(
+            folder,
+            "--model",
+            model_dir,
+            "--out",
+            tmp_path / "p.csv",
+            "--rename",
+            "--undo-manifest",
+            undo,
+        )
     monkeypatch.undo()
     assert len(read_csv(undo)) == 3  # two done, the third planned
     assert predict("--undo", undo) == 0
@@ -244,12 +321,25 @@ def test_remote_predictor_plugs_into_the_same_loop(folder: Path, tmp_path: Path)
 
         def predict_sources(self, sources, k=3, names=None):
             self.batches.append(len(sources))
-            return [Prediction(n, [("13-16", 0.9), ("11-12", 0.08), ("9-10", 0.02)][:k]) for n in names]
+            return [
+                Prediction(n, [("13-16", 0.9), ("11-12", 0.08), ("9-10", 0.02)][:k]) for n in names
+            ]
 
     parser = argparse.ArgumentParser()
     add_output_arguments(parser)
     remote = Constant()
-    args = parser.parse_args([str(folder), "--out", str(tmp_path / "r.csv"), "--batch-size", "2", "--rename", "--undo-manifest", str(tmp_path / "u.csv")])
+    args = parser.parse_args(
+        [
+            str(folder),
+            "--out",
+            str(tmp_path / "r.csv"),
+            "--batch-size",
+            "2",
+            "--rename",
+            "--undo-manifest",
+            str(tmp_path / "u.csv"),
+        ]
+    )
     assert run_with(remote, args) == 0
     assert remote.batches == [2, 2, 1]
     assert (folder / "embryo1__s13-16_s11-12_s9-10.tif").is_file()
@@ -272,7 +362,11 @@ def test_batches_in_flight_keep_order_and_results(model_dir: Path, folder: Path)
     paths, _ = iter_images([folder])
     one = predict_files(predictor, paths, root=folder, batch_size=2, workers=1, progress=False)
     many = predict_files(predictor, paths, root=folder, batch_size=1, workers=3, progress=False)
-    assert [p.source for p in many] == [p.source for p in one] == [p.relative_to(folder).as_posix() for p in paths]
+    assert (
+        [p.source for p in many]
+        == [p.source for p in one]
+        == [p.relative_to(folder).as_posix() for p in paths]
+    )
     for a, b in zip(one, many):
         assert a.error == b.error
         assert [label for label, _ in a.top] == [label for label, _ in b.top]
@@ -328,14 +422,30 @@ def mixed(tmp_path: Path) -> Path:
     return root
 
 
-def test_unsure_below_marks_low_top1_images_in_csv_and_json(known_model: Path, mixed: Path, tmp_path: Path, capsys):
+def test_unsure_below_marks_low_top1_images_in_csv_and_json(
+    known_model: Path, mixed: Path, tmp_path: Path, capsys
+):
     (mixed / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
     out = tmp_path / "p.csv"
-    assert predict(mixed, "--model", known_model, "--out", out, "--unsure-below", "0.5") == 1  # 1: the broken file
+    assert (
+        predict(mixed, "--model", known_model, "--out", out, "--unsure-below", "0.5") == 1
+    )  # 1: the broken file
     rows = {r["file"]: r for r in read_csv(out)}
-    assert list(next(iter(rows.values()))) == ["file", "stage_1", "p_1", "stage_2", "p_2", "stage_3", "p_3", "unsure", "error"]
+    assert list(next(iter(rows.values()))) == [
+        "file",
+        "stage_1",
+        "p_1",
+        "stage_2",
+        "p_2",
+        "stage_3",
+        "p_3",
+        "unsure",
+        "error",
+    ]
     faint_p1 = Predictor(known_model, threads=1).predict_sources([mixed / "faint.tif"])[0].top[0][1]
-    assert 0.25 < faint_p1 < 0.4 and float(rows["faint.tif"]["p_1"]) == pytest.approx(expected_top1(mixed / "faint.tif"), abs=1e-4)
+    assert 0.25 < faint_p1 < 0.4 and float(rows["faint.tif"]["p_1"]) == pytest.approx(
+        expected_top1(mixed / "faint.tif"), abs=1e-4
+    )
     assert rows["faint.tif"]["unsure"] == "true"
     for name in ("embryo1.tif", "sub/embryo2.png"):
         p1 = expected_top1(mixed / name)
@@ -345,15 +455,26 @@ def test_unsure_below_marks_low_top1_images_in_csv_and_json(known_model: Path, m
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["unsure_below"] == 0.5 and doc["unsure"] == 1
     assert {p["file"]: p["unsure"] for p in doc["predictions"]} == {
-        "faint.tif": True, "embryo1.tif": False, "sub/embryo2.png": False, "broken.tif": None,
+        "faint.tif": True,
+        "embryo1.tif": False,
+        "sub/embryo2.png": False,
+        "broken.tif": None,
     }
     assert "predicted 3 of 4 image(s), 1 unsure (top-1 below 0.5)" in capsys.readouterr().out
 
     # The cut is the evaluate report's: p >= P is accepted, so the top-1 itself is not unsure.
-    assert predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", repr(faint_p1)) == 1
+    assert (
+        predict(
+            mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", repr(faint_p1)
+        )
+        == 1
+    )
     assert {r["file"]: r["unsure"] for r in read_csv(out)}["faint.tif"] == "false"
     # Above every top-1: all readable images are unsure.
-    assert predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", "0.99") == 1
+    assert (
+        predict(mixed, "--model", known_model, "--out", out, "--force", "--unsure-below", "0.99")
+        == 1
+    )
     assert sorted(r["unsure"] for r in read_csv(out)) == ["", "true", "true", "true"]
     assert "3 unsure (top-1 below 0.99)" in capsys.readouterr().out
     # Without the option, the outputs keep their shape.
@@ -363,11 +484,23 @@ def test_unsure_below_marks_low_top1_images_in_csv_and_json(known_model: Path, m
     assert " unsure (top-1 below" not in capsys.readouterr().out
 
 
-def test_rename_leaves_unsure_images_under_their_names(known_model: Path, mixed: Path, tmp_path: Path, capsys):
+def test_rename_leaves_unsure_images_under_their_names(
+    known_model: Path, mixed: Path, tmp_path: Path, capsys
+):
     original = snapshot(mixed)
     undo = tmp_path / "undo.csv"
-    args = ("--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo, "--unsure-below", "0.5")
-    assert predict(mixed, "--model", known_model, *args) == 0  # keeping a name on purpose is no failure
+    args = (
+        "--out",
+        tmp_path / "p.csv",
+        "--rename",
+        "--undo-manifest",
+        undo,
+        "--unsure-below",
+        "0.5",
+    )
+    assert (
+        predict(mixed, "--model", known_model, *args) == 0
+    )  # keeping a name on purpose is no failure
     after = snapshot(mixed)
     assert after["faint.tif"] == original["faint.tif"]
     assert "embryo1.tif" not in after and "sub/embryo2.png" not in after
@@ -383,7 +516,9 @@ def test_rename_leaves_unsure_images_under_their_names(known_model: Path, mixed:
 def test_unsure_below_must_be_a_probability(known_model: Path, mixed: Path, tmp_path: Path, capsys):
     for bad in ("0", "1", "1.5", "-0.2", "nan", "eighty"):
         with pytest.raises(SystemExit) as exit_info:
-            predict(mixed, "--model", known_model, "--out", tmp_path / "p.csv", "--unsure-below", bad)
+            predict(
+                mixed, "--model", known_model, "--out", tmp_path / "p.csv", "--unsure-below", bad
+            )
         assert exit_info.value.code == 2
         assert "--unsure-below" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
@@ -401,14 +536,29 @@ def test_unsure_below_with_a_remote_predictor(mixed: Path, tmp_path: Path, capsy
 
     class Remote:
         def predict_sources(self, sources, k=3, names=None):
-            return [Prediction(n, [("13-16", 0.55 if "faint" in n else 0.9), ("11-12", 0.05)][:k]) for n in names]
+            return [
+                Prediction(n, [("13-16", 0.55 if "faint" in n else 0.9), ("11-12", 0.05)][:k])
+                for n in names
+            ]
 
     parser = argparse.ArgumentParser()
     add_output_arguments(parser)
-    args = parser.parse_args([str(mixed), "--out", str(tmp_path / "r.csv"), "--unsure-below", "0.6", "--rename",
-                              "--undo-manifest", str(tmp_path / "u.csv")])
+    args = parser.parse_args(
+        [
+            str(mixed),
+            "--out",
+            str(tmp_path / "r.csv"),
+            "--unsure-below",
+            "0.6",
+            "--rename",
+            "--undo-manifest",
+            str(tmp_path / "u.csv"),
+        ]
+    )
     assert run_with(Remote(), args) == 0
     assert {r["file"]: r["unsure"] for r in read_csv(tmp_path / "r.csv")} == {
-        "faint.tif": "true", "embryo1.tif": "false", "sub/embryo2.png": "false",
+        "faint.tif": "true",
+        "embryo1.tif": "false",
+        "sub/embryo2.png": "false",
     }
     assert (mixed / "faint.tif").is_file() and (mixed / "embryo1__s13-16_s11-12.tif").is_file()

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from artefact_helpers import make_artefact, write_image
 
+from artefact_helpers import make_artefact, write_image
 from flystage import cli
 from flystage.predict import Prediction, add_output_arguments, run_with
 
@@ -50,7 +50,14 @@ def run_remote(predictor, *argv) -> int:
 
 # ---- item 7: CSV injection, and an unwritable undo manifest ----------------------------------
 
-FORMULA_NAMES = ["=HYPERLINK(1).tif", "+1+1.png", "-2+3.tif", "@SUM(1).tif", "\tcmd.tif", "\rcmd.tif"]
+FORMULA_NAMES = [
+    "=HYPERLINK(1).tif",
+    "+1+1.png",
+    "-2+3.tif",
+    "@SUM(1).tif",
+    "\tcmd.tif",
+    "\rcmd.tif",
+]
 
 
 def test_formula_file_names_are_neutralised_in_the_csv(model_dir: Path, tmp_path: Path, capsys):
@@ -60,7 +67,9 @@ def test_formula_file_names_are_neutralised_in_the_csv(model_dir: Path, tmp_path
     write_image(root / "plain.tif", seed=7)
     (root / "=broken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
     out, undo = tmp_path / "p.csv", tmp_path / "undo.csv"
-    assert predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo) == 1
+    assert (
+        predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo) == 1
+    )
     rows = read_csv(out)
     files = sorted(r["file"] for r in rows)
     assert files == sorted(["'" + n for n in FORMULA_NAMES] + ["plain.tif", "'=broken.tif"])
@@ -71,12 +80,16 @@ def test_formula_file_names_are_neutralised_in_the_csv(model_dir: Path, tmp_path
     assert broken["error"]
     # The JSON keeps the real names (no spreadsheet opens it).
     doc = json.loads(out.with_suffix(".json").read_text())
-    assert sorted(p["file"] for p in doc["predictions"]) == sorted(FORMULA_NAMES + ["plain.tif", "=broken.tif"])
+    assert sorted(p["file"] for p in doc["predictions"]) == sorted(
+        FORMULA_NAMES + ["plain.tif", "=broken.tif"]
+    )
     # The undo manifest (absolute paths) restores every name.
     for row in read_csv(undo):
         assert not row["old"].startswith(("=", "+", "-", "@", "\t", "\r"))
     assert predict("--undo", undo) == 0
-    assert sorted(p.name for p in root.iterdir()) == sorted(FORMULA_NAMES + ["plain.tif", "=broken.tif"])
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        FORMULA_NAMES + ["plain.tif", "=broken.tif"]
+    )
 
 
 def test_help_documents_the_csv_injection_rule(capsys):
@@ -92,13 +105,23 @@ def test_unwritable_undo_manifest_fails_before_any_prediction(tmp_path: Path, ca
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     remote = Counting()
-    rc = run_remote(remote, root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", blocker / "undo.csv")
+    rc = run_remote(
+        remote,
+        root,
+        "--out",
+        tmp_path / "p.csv",
+        "--rename",
+        "--undo-manifest",
+        blocker / "undo.csv",
+    )
     assert rc == 2 and remote.calls == 0
     err = capsys.readouterr().err
     assert "cannot write" in err and "--undo-manifest" in err and str(blocker / "undo.csv") in err
     assert not (tmp_path / "p.csv").exists() and (root / "embryo1.tif").is_file()
     # The same for an undo manifest that names a folder.
-    rc = run_remote(remote, root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", tmp_path)
+    rc = run_remote(
+        remote, root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", tmp_path
+    )
     assert rc == 2 and remote.calls == 0
     # And for an unwritable --out.
     rc = run_remote(remote, root, "--out", blocker / "p.csv")
@@ -112,7 +135,9 @@ def _bytes_name(folder: Path, name: bytes) -> Path:
     return Path(os.fsdecode(os.path.join(os.fsencode(str(folder)), name)))
 
 
-def test_non_utf8_file_names_are_predicted_renamed_and_restored(model_dir: Path, tmp_path: Path, capsys):
+def test_non_utf8_file_names_are_predicted_renamed_and_restored(
+    model_dir: Path, tmp_path: Path, capsys
+):
     root = tmp_path / "imgs"
     write_image(root / "a.tif", seed=1)
     write_image(root / "b.png", seed=2)
@@ -121,10 +146,16 @@ def test_non_utf8_file_names_are_predicted_renamed_and_restored(model_dir: Path,
     _bytes_name(root, b"\xff\xfebroken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
     before = sorted(os.listdir(os.fsencode(str(root))))
     out, undo = tmp_path / "p.csv", tmp_path / "undo.csv"
-    assert predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo) == 1  # 1: the broken one
+    assert (
+        predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo) == 1
+    )  # 1: the broken one
     text = out.read_bytes().decode("utf-8")  # the CSV stays valid UTF-8, the odd bytes escaped
     rows = list(csv.DictReader(text.splitlines()))
-    assert sorted(r["file"] for r in rows) == ["\\udcff\\udcfebroken.tif", "caf\\udce9.png", "caf\\udce9.tif"]
+    assert sorted(r["file"] for r in rows) == [
+        "\\udcff\\udcfebroken.tif",
+        "caf\\udce9.png",
+        "caf\\udce9.tif",
+    ]
     assert [bool(r["error"]) for r in sorted(rows, key=lambda r: r["file"])] == [True, False, False]
     doc = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert doc["n"] == 3 and doc["errors"] == 1
@@ -140,7 +171,9 @@ def test_a_failed_write_leaves_no_partial_output(tmp_path: Path):
     from flystage.predict import write_csv, write_json
 
     good = [Prediction("a.tif", [("1-3", 0.9), ("4-6", 0.1)])]
-    bad = good + [Prediction("b.tif", [("1-3", "not a number")])]  # fails after the header and one row
+    bad = good + [
+        Prediction("b.tif", [("1-3", "not a number")])
+    ]  # fails after the header and one row
     out = tmp_path / "out" / "p.csv"
     with pytest.raises(ValueError):
         write_csv(bad, out)
@@ -174,16 +207,27 @@ def test_rename_skips_symbolic_links_and_never_touches_their_targets(tmp_path: P
     (root / "linked-folder").symlink_to(outside / "sub", target_is_directory=True)
     outside_before = sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*"))
     undo = tmp_path / "undo.csv"
-    assert run_remote(Counting(), root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo) == 0
+    assert (
+        run_remote(
+            Counting(), root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo
+        )
+        == 0
+    )
     assert sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*")) == outside_before
-    assert (root / "link.tif").is_symlink() and (root / "link.tif").resolve() == target and target.is_file()
+    assert (
+        (root / "link.tif").is_symlink()
+        and (root / "link.tif").resolve() == target
+        and target.is_file()
+    )
     assert (root / "embryo1__s13-16_s11-12_s9-10.tif").is_file()
     out = capsys.readouterr().out
     assert "renamed 1 file(s), skipped 1 (1 symbolic link(s), never renamed)" in out
     assert "link.tif: symbolic link" in out
     assert [Path(r["old"]).name for r in read_csv(undo)] == ["embryo1.tif"]
     assert predict("--undo", undo) == 0
-    assert (root / "embryo1.tif").is_file() and (root / "link.tif").is_symlink() and target.is_file()
+    assert (
+        (root / "embryo1.tif").is_file() and (root / "link.tif").is_symlink() and target.is_file()
+    )
 
 
 def test_help_documents_that_links_are_skipped(capsys):
@@ -196,7 +240,9 @@ def test_help_documents_that_links_are_skipped(capsys):
 # ---- item 3: an interruption between link and unlink -----------------------------------------
 
 
-def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(tmp_path: Path, monkeypatch, capsys):
+def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(
+    tmp_path: Path, monkeypatch, capsys
+):
     from flystage import predict as predict_module
 
     root = tmp_path / "imgs"
@@ -216,7 +262,9 @@ def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(tmp_path: Pa
     monkeypatch.setattr(predict_module, "_move_no_replace", interrupted_on_second)
     undo = tmp_path / "undo.csv"
     with pytest.raises(KeyboardInterrupt):
-        run_remote(Counting(), root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo)
+        run_remote(
+            Counting(), root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", undo
+        )
     monkeypatch.undo()
     rows = read_csv(undo)
     assert len(rows) == 2 and Path(rows[1]["old"]).exists() and Path(rows[1]["new"]).exists()
@@ -230,7 +278,9 @@ def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(tmp_path: Pa
 # ---- item 8: blank, constant and all-NaN images ----------------------------------------------
 
 
-def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(model_dir: Path, tmp_path: Path, capsys):
+def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(
+    model_dir: Path, tmp_path: Path, capsys
+):
     import cv2
     import numpy as np
     import tifffile
@@ -242,7 +292,9 @@ def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(mod
     root.mkdir(exist_ok=True)
     tifffile.imwrite(root / "constant.tif", np.full((42, 111), 300, np.uint16))
     assert cv2.imwrite(str(root / "black.png"), np.zeros((42, 111), np.uint8))
-    assert cv2.imwrite(str(root / "solid-colour.png"), np.full((42, 111, 3), (10, 200, 90), np.uint8))
+    assert cv2.imwrite(
+        str(root / "solid-colour.png"), np.full((42, 111, 3), (10, 200, 90), np.uint8)
+    )
     tifffile.imwrite(root / "nan.tif", np.full((42, 111), np.nan, np.float32))
     half = np.full((42, 111), 5.0, np.float32)
     half[:, :50] = np.nan
@@ -250,12 +302,37 @@ def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(mod
     inf = np.full((42, 111), np.inf, np.float32)
     inf[0, 0] = -np.inf
     tifffile.imwrite(root / "infinite.tif", inf)
-    blanks = ["black.png", "constant.tif", "infinite.tif", "nan-and-constant.tif", "nan.tif", "solid-colour.png"]
+    blanks = [
+        "black.png",
+        "constant.tif",
+        "infinite.tif",
+        "nan-and-constant.tif",
+        "nan.tif",
+        "solid-colour.png",
+    ]
     out, undo = tmp_path / "p.csv", tmp_path / "undo.csv"
-    assert predict(root, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo, "--unsure-below", "0.3") == 1
+    assert (
+        predict(
+            root,
+            "--model",
+            model_dir,
+            "--out",
+            out,
+            "--rename",
+            "--undo-manifest",
+            undo,
+            "--unsure-below",
+            "0.3",
+        )
+        == 1
+    )
     rows = {r["file"]: r for r in read_csv(out)}
     for name in blanks:
-        assert "blank image" in rows[name]["error"] and rows[name]["stage_1"] == "" and rows[name]["unsure"] == "", name
+        assert (
+            "blank image" in rows[name]["error"]
+            and rows[name]["stage_1"] == ""
+            and rows[name]["unsure"] == ""
+        ), name
         assert (root / name).is_file(), name  # kept its name
     assert "every pixel is 300" in rows["constant.tif"]["error"]
     assert "NaN or infinite" in rows["nan.tif"]["error"]
@@ -265,5 +342,7 @@ def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(mod
     assert doc["errors"] == len(blanks)
     assert "blank image" in capsys.readouterr().err
     # Bytes too (what the serve container hands the predictor).
-    got = Predictor(model_dir, threads=1).predict_sources([(root / "constant.tif").read_bytes()], names=["x"])[0]
+    got = Predictor(model_dir, threads=1).predict_sources(
+        [(root / "constant.tif").read_bytes()], names=["x"]
+    )[0]
     assert got.top == [] and "x: blank image" in got.error

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 
@@ -11,11 +10,10 @@ import pytest
 
 pytest.importorskip("flask")
 
-from review_helpers import predicted_folder, review_args  # noqa: E402
-
 from flystage.review.app import COOKIE, create_app  # noqa: E402
 from flystage.review.command import build_session  # noqa: E402
 from flystage.review.predictions import PredictionsError, read_predictions, resolve_items  # noqa: E402
+from review_helpers import predicted_folder, review_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +24,9 @@ def folder(tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.fixture
 def session(folder, tmp_path):
     images, model, csv_path = folder
-    return build_session(review_args(csv_path, tmp_path, out=tmp_path / "reviewed.csv", model=model, images=images))
+    return build_session(
+        review_args(csv_path, tmp_path, out=tmp_path / "reviewed.csv", model=model, images=images)
+    )
 
 
 @pytest.fixture
@@ -50,7 +50,9 @@ def test_csv_and_json_read_alike(folder) -> None:
     images, _, csv_path = folder
     a = resolve_items(read_predictions(csv_path), images)
     b = resolve_items(read_predictions(csv_path.with_suffix(".json")), images)
-    assert [(i.name, i.path, [s for s, _ in i.top]) for i in a] == [(i.name, i.path, [s for s, _ in i.top]) for i in b]
+    assert [(i.name, i.path, [s for s, _ in i.top]) for i in a] == [
+        (i.name, i.path, [s for s, _ in i.top]) for i in b
+    ]
     assert all(i.path.is_file() and len(i.top) == 3 for i in a)
 
 
@@ -59,7 +61,9 @@ def test_moved_images_refused_and_renames_followed(folder, tmp_path) -> None:
     copy = tmp_path / "images"
     shutil.copytree(images, copy)
     (copy / "embryo03.tif").unlink()
-    with pytest.raises(PredictionsError, match=r"1 of 8 image\(s\) are no longer where.*embryo03.tif.*--images"):
+    with pytest.raises(
+        PredictionsError, match=r"1 of 8 image\(s\) are no longer where.*embryo03.tif.*--images"
+    ):
         resolve_items(read_predictions(csv_path), copy)
     # A rename by `flystage predict --rename` is followed through its undo manifest.
     (copy / "embryo02.tif").rename(copy / "embryo02__s1-3_s4-6_s7-8.tif")
@@ -67,7 +71,8 @@ def test_moved_images_refused_and_renames_followed(folder, tmp_path) -> None:
     pred = tmp_path / "predictions.csv"
     shutil.copy(csv_path, pred)
     (tmp_path / "predictions-undo-20260101-000000.csv").write_text(
-        f"old,new\n{copy / 'embryo02.tif'},{copy / 'embryo02__s1-3_s4-6_s7-8.tif'}\n")
+        f"old,new\n{copy / 'embryo02.tif'},{copy / 'embryo02__s1-3_s4-6_s7-8.tif'}\n"
+    )
     items = resolve_items(read_predictions(pred))  # the folder is read off the undo manifest
     assert items[2].path == copy / "embryo02__s1-3_s4-6_s7-8.tif"
 
@@ -78,7 +83,10 @@ def test_every_request_needs_the_token_and_a_loopback_host(session) -> None:
     assert client.get("/api/items").status_code == 403
     assert client.get("/thumb/0.png").status_code == 403
     assert client.get("/?token=wrong").status_code == 403
-    assert client.get(f"/?token={session.token}", headers={"Host": "evil.example:80"}).status_code == 403
+    assert (
+        client.get(f"/?token={session.token}", headers={"Host": "evil.example:80"}).status_code
+        == 403
+    )
     client.get(f"/?token={session.token}")
     assert client.get("/api/items").status_code == 200
     # A cookie alone (what a cross-site form would carry) cannot write.
@@ -89,7 +97,12 @@ def test_images_by_index_only(client, session) -> None:
     assert client.get("/thumb/0.png").data[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get("/original/0.png").data[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get(f"/thumb/{len(session.items)}.png").status_code == 404
-    for path in ("/thumb/-1.png", "/thumb/..%2f..%2fetc%2fpasswd", "/static/../app.py", "/thumb/0.png/../../x"):
+    for path in (
+        "/thumb/-1.png",
+        "/thumb/..%2f..%2fetc%2fpasswd",
+        "/static/../app.py",
+        "/thumb/0.png/../../x",
+    ):
         assert client.get(path).status_code in (403, 404), path
 
 
@@ -116,20 +129,36 @@ def test_decide_undo_and_the_csv(client, session, folder, tmp_path) -> None:
     images, _, _ = folder
     item = session.items[4]
     top1, other = item.top[0][0], next(s for s in session.labels if s != item.top[0][0])
-    assert post(client, session, "/api/decide", {"id": 4, "label": other}).get_json()["item"]["decision"] == "corrected"
-    assert post(client, session, "/api/decide", {"id": 5, "label": session.items[5].top[0][0]}).status_code == 200
-    assert post(client, session, "/api/decide", {"id": 4, "label": "no-such-stage"}).status_code == 400
+    assert (
+        post(client, session, "/api/decide", {"id": 4, "label": other}).get_json()["item"][
+            "decision"
+        ]
+        == "corrected"
+    )
+    assert (
+        post(
+            client, session, "/api/decide", {"id": 5, "label": session.items[5].top[0][0]}
+        ).status_code
+        == 200
+    )
+    assert (
+        post(client, session, "/api/decide", {"id": 4, "label": "no-such-stage"}).status_code == 400
+    )
     assert post(client, session, "/api/decide", {"id": "../x", "label": other}).status_code == 400
     written = rows(tmp_path / "reviewed.csv")
     assert [(Path(r["path"]), r["label"], r["decision"]) for r in written] == [
-        (images / "embryo04.tif", other, "corrected"), (images / "embryo05.tif", session.items[5].top[0][0], "confirmed")]
+        (images / "embryo04.tif", other, "corrected"),
+        (images / "embryo05.tif", session.items[5].top[0][0], "confirmed"),
+    ]
     assert written[0]["predicted"] == top1
     counts = post(client, session, "/api/undo", {}).get_json()["counts"]
     assert counts == {"images": 8, "reviewed": 1, "corrected": 1, "confirmed": 0}
     assert len(rows(tmp_path / "reviewed.csv")) == 1
     assert not list(tmp_path.glob(".reviewed.csv.*"))  # no temporary file left behind
     # A new session on the same files resumes where this one stopped.
-    again = build_session(review_args(folder[2], tmp_path, out=tmp_path / "reviewed.csv", images=images))
+    again = build_session(
+        review_args(folder[2], tmp_path, out=tmp_path / "reviewed.csv", images=images)
+    )
     assert again.store.decisions[4].label == other
     filtered = client.get("/api/items?filter=corrected").get_json()
     assert [i["id"] for i in filtered["items"]] == [4]
@@ -143,14 +172,30 @@ def test_overlay_on_request(client) -> None:
 def test_base_labels_and_group_column(folder, tmp_path) -> None:
     images, model, csv_path = folder
     base = tmp_path / "base.csv"
-    base.write_text(f"path,label,group\n{images / 'embryo00.tif'},7-8,g0\n{tmp_path / 'old.tif'},1-3,old\n")
-    session = build_session(review_args(csv_path, tmp_path, out=tmp_path / "r.csv", base_labels=base, images=images,
-                                       group_regex=r"(?P<group>embryo0[0-3])"))
+    base.write_text(
+        f"path,label,group\n{images / 'embryo00.tif'},7-8,g0\n{tmp_path / 'old.tif'},1-3,old\n"
+    )
+    session = build_session(
+        review_args(
+            csv_path,
+            tmp_path,
+            out=tmp_path / "r.csv",
+            base_labels=base,
+            images=images,
+            group_regex=r"(?P<group>embryo0[0-3])",
+        )
+    )
     session.store.decide(0, "9-10")
     written = rows(tmp_path / "r.csv")
     assert [(r["path"], r["label"], r["group"], r["decision"]) for r in written] == [
-        ("old.tif", "1-3", "old", "base"), (str(images / "embryo00.tif"), "9-10", "embryo00", "confirmed"
-                                            if session.items[0].top[0][0] == "9-10" else "corrected")]
+        ("old.tif", "1-3", "old", "base"),
+        (
+            str(images / "embryo00.tif"),
+            "9-10",
+            "embryo00",
+            "confirmed" if session.items[0].top[0][0] == "9-10" else "corrected",
+        ),
+    ]
 
 
 def test_command_refuses_moved_images_clearly(folder, tmp_path, capsys) -> None:

@@ -33,7 +33,11 @@ def predicted(bdgp_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     predictor = Predictor(tmp / "model", threads=1)
     predictions = predict_files(predictor, paths, root=bdgp_root, progress=False)
     csv_path = write_csv(predictions, tmp / "predictions.csv")
-    write_json(predictions, tmp / "predictions.json", model={"model_dir": str(tmp / "model"), "labels": predictor.labels})
+    write_json(
+        predictions,
+        tmp / "predictions.json",
+        model={"model_dir": str(tmp / "model"), "labels": predictor.labels},
+    )
     return csv_path, tmp / "model"
 
 
@@ -48,13 +52,19 @@ def wait_cards(driver, n: int) -> None:
 def test_correct_two_by_keyboard_and_reload(predicted, bdgp_root, tmp_path) -> None:
     csv_path, model = predicted
     out = tmp_path / "reviewed.csv"
-    with Server(review_args(csv_path, tmp_path, images=bdgp_root, out=out, model=model)) as server, chromium() as driver:
+    with (
+        Server(review_args(csv_path, tmp_path, images=bdgp_root, out=out, model=model)) as server,
+        chromium() as driver,
+    ):
         labels = server.session.labels
         driver.get(server.url)
         wait_cards(driver, 10)
         # Thumbnails are real pictures, served and decoded.
-        WebDriverWait(driver, 15).until(lambda d: d.execute_script(
-            "return [...document.images].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)"))
+        WebDriverWait(driver, 15).until(
+            lambda d: d.execute_script(
+                "return [...document.images].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)"
+            )
+        )
 
         # The first card has the focus; a stage's key sets it and moves on to the next card.
         first, second = [c.get_attribute("data-id") for c in cards(driver)[:2]]
@@ -63,32 +73,52 @@ def test_correct_two_by_keyboard_and_reload(predicted, bdgp_root, tmp_path) -> N
         body = driver.find_element(By.TAG_NAME, "body")
         for card_id in (first, second):
             top1 = items[card_id].top[0][0]
-            stage = next(s for s in reversed(labels) if s != top1)  # not the model's answer: a correction
+            stage = next(
+                s for s in reversed(labels) if s != top1
+            )  # not the model's answer: a correction
             chosen[card_id] = stage
             body.send_keys(str(labels.index(stage) + 1))
-            WebDriverWait(driver, 10).until(lambda d: f"corrected to {stage}" in d.find_element(
-                By.CSS_SELECTOR, f'article.card[data-id="{card_id}"] .decision').text)
+            WebDriverWait(driver, 10).until(
+                lambda d: (
+                    f"corrected to {stage}"
+                    in d.find_element(
+                        By.CSS_SELECTOR, f'article.card[data-id="{card_id}"] .decision'
+                    ).text
+                )
+            )
         # Enter confirms the third card's top-1; z takes it back.
         body.send_keys("\n")
-        WebDriverWait(driver, 10).until(lambda d: "3 of 10 reviewed" in d.find_element(By.ID, "counts").text)
+        WebDriverWait(driver, 10).until(
+            lambda d: "3 of 10 reviewed" in d.find_element(By.ID, "counts").text
+        )
         body.send_keys("z")
-        WebDriverWait(driver, 10).until(lambda d: "2 of 10 reviewed, 2 corrected" in d.find_element(By.ID, "counts").text)
+        WebDriverWait(driver, 10).until(
+            lambda d: "2 of 10 reviewed, 2 corrected" in d.find_element(By.ID, "counts").text
+        )
 
         driver.refresh()
         wait_cards(driver, 10)
-        WebDriverWait(driver, 10).until(lambda d: "2 of 10 reviewed, 2 corrected" in d.find_element(By.ID, "counts").text)
+        WebDriverWait(driver, 10).until(
+            lambda d: "2 of 10 reviewed, 2 corrected" in d.find_element(By.ID, "counts").text
+        )
         for card_id, stage in chosen.items():
             card = driver.find_element(By.CSS_SELECTOR, f'article.card[data-id="{card_id}"]')
             assert f"corrected to {stage}" in card.find_element(By.CSS_SELECTOR, ".decision").text
             assert "corrected" in card.get_attribute("class")
 
         # The overlay of one image, on request.
-        driver.find_element(By.CSS_SELECTOR, f'article.card[data-id="{first}"] .views button:last-child').click()
-        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-            f"const i = document.querySelector('article.card[data-id=\"{first}\"] img');"
-            "return i.src.includes('/overlay/') && i.complete && i.naturalWidth > 0"))
+        driver.find_element(
+            By.CSS_SELECTOR, f'article.card[data-id="{first}"] .views button:last-child'
+        ).click()
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script(
+                f"const i = document.querySelector('article.card[data-id=\"{first}\"] img');"
+                "return i.src.includes('/overlay/') && i.complete && i.naturalWidth > 0"
+            )
+        )
 
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert {(r["path"], r["label"], r["decision"]) for r in rows} == {
-        (str(items[i].path), stage, "corrected") for i, stage in chosen.items()}
+        (str(items[i].path), stage, "corrected") for i, stage in chosen.items()
+    }

@@ -12,21 +12,40 @@ import pytest
 pytest.importorskip("flask")
 
 from artefact_helpers import make_artefact  # noqa: E402
+from flystage import cli  # noqa: E402
+from flystage.organise import read_manifest  # noqa: E402
 from review_helpers import Server, review_args  # noqa: E402
 from train_helpers import make_tree  # noqa: E402
 
-from flystage import cli  # noqa: E402
-from flystage.organise import read_manifest  # noqa: E402
-
-TINY = ["--arch", "small_cnn", "--batch_size", "8", "--threads", "1", "--height", "32", "--width", "80",
-        "--channels", "1", "--pretrained", "False", "--epochs", "1"]
+TINY = [
+    "--arch",
+    "small_cnn",
+    "--batch_size",
+    "8",
+    "--threads",
+    "1",
+    "--height",
+    "32",
+    "--width",
+    "80",
+    "--channels",
+    "1",
+    "--pretrained",
+    "False",
+    "--epochs",
+    "1",
+]
 
 
 def call(server: Server, path: str, body: dict | None = None) -> dict:
     """One request as the page sends it (the session token in X-Review-Token)."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.base + path, data=data, method="GET" if body is None else "POST",
-                                     headers={"X-Review-Token": server.session.token, "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server.base + path,
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"X-Review-Token": server.session.token, "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
@@ -37,8 +56,23 @@ def test_corrections_are_what_training_reads(tmp_path: Path, monkeypatch) -> Non
     make_tree(new, per_class=6)  # new-images/<true stage>/<stage>_<i>.png
     make_artefact(tmp_path / "model")  # an untrained model: many answers are wrong
     predictions = tmp_path / "predictions.csv"
-    assert cli.main(["predict", str(new), "--model", str(tmp_path / "model"), "--out", str(predictions),
-                     "--workers", "1", "--threads", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(new),
+                "--model",
+                str(tmp_path / "model"),
+                "--out",
+                str(predictions),
+                "--workers",
+                "1",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
 
     # The biologist's review: every image gets its true stage (its folder), except two images
     # of 1-3 that the lab now calls 4-6: labels no folder name could give.
@@ -52,11 +86,27 @@ def test_corrections_are_what_training_reads(tmp_path: Path, monkeypatch) -> Non
             call(server, "/api/decide", {"id": item["id"], "label": label})
         counts = call(server, "/api/items?limit=1")["counts"]
     assert counts["reviewed"] == 18 and counts["corrected"] >= 2
-    wanted = {(new / item["name"]).resolve(): relabel.get(item["name"], item["name"].split("/")[0]) for item in page["items"]}
+    wanted = {
+        (new / item["name"]).resolve(): relabel.get(item["name"], item["name"].split("/")[0])
+        for item in page["items"]
+    }
 
     manifest = tmp_path / "manifest.csv"
-    assert cli.main(["organise", str(new), "--labels-csv", str(reviewed), "--fractions", "0.75,0.25,0",
-                     "--out", str(manifest)]) == 0
+    assert (
+        cli.main(
+            [
+                "organise",
+                str(new),
+                "--labels-csv",
+                str(reviewed),
+                "--fractions",
+                "0.75,0.25,0",
+                "--out",
+                str(manifest),
+            ]
+        )
+        == 0
+    )
     assert {r.path: r.label for r in read_manifest(manifest)} == wanted
 
     # Watch what training itself is handed.
@@ -70,7 +120,20 @@ def test_corrections_are_what_training_reads(tmp_path: Path, monkeypatch) -> Non
         return real_fit(train_records, valid_records, *args, **kwargs)
 
     monkeypatch.setattr(train, "fit", spy)
-    assert cli.main(["train", "--manifest", str(manifest), "--model_dir", str(tmp_path / "model2"),
-                     "--checkpoint_dir", str(tmp_path / "ckpt"), *TINY]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--manifest",
+                str(manifest),
+                "--model_dir",
+                str(tmp_path / "model2"),
+                "--checkpoint_dir",
+                str(tmp_path / "ckpt"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert seen == wanted
     assert all(seen[(new / name).resolve()] == "4-6" for name in relabel)

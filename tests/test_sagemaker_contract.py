@@ -27,27 +27,47 @@ TRAIN_COMMAND = Path(sys.executable).parent / "train"  # sagemaker-training's co
 STAGES = ("4-6", "11-12", "13-16")
 # As SageMaker sends them: every value a JSON-encoded string.
 HYPERPARAMETERS = {
-    "arch": '"small_cnn"', "epochs": "2", "batch_size": "8", "learning_rate": "0.003",
-    "preprocess": '{"height": 32, "width": 80, "channels": 1}', "threads": "1", "pretrained": '"false"',
+    "arch": '"small_cnn"',
+    "epochs": "2",
+    "batch_size": "8",
+    "learning_rate": "0.003",
+    "preprocess": '{"height": 32, "width": 80, "channels": 1}',
+    "threads": "1",
+    "pretrained": '"false"',
 }
 TIMEOUT_S = 300
 pytestmark = pytest.mark.slow  # every test runs the toolkit in subprocesses
 
 
-def sagemaker_tree(base: Path, hyperparameters: dict[str, str], hosts=("algo-1",), current="algo-1",
-                   channels: dict[str, Path] | None = None) -> Path:
+def sagemaker_tree(
+    base: Path,
+    hyperparameters: dict[str, str],
+    hosts=("algo-1",),
+    current="algo-1",
+    channels: dict[str, Path] | None = None,
+) -> Path:
     """A SageMaker container's /opt/ml, as the platform lays it out, under ``base``."""
     config = base / "input" / "config"
     config.mkdir(parents=True)
     for folder in ("model", "output/data", "code", "checkpoints"):
         (base / folder).mkdir(parents=True)
     (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-    (config / "resourceconfig.json").write_text(json.dumps(
-        {"current_host": current, "hosts": list(hosts), "network_interface_name": "lo"}))
+    (config / "resourceconfig.json").write_text(
+        json.dumps({"current_host": current, "hosts": list(hosts), "network_interface_name": "lo"})
+    )
     channels = channels or {}
-    (config / "inputdataconfig.json").write_text(json.dumps({
-        name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
-        for name in channels}))
+    (config / "inputdataconfig.json").write_text(
+        json.dumps(
+            {
+                name: {
+                    "TrainingInputMode": "File",
+                    "S3DistributionType": "FullyReplicated",
+                    "RecordWrapperType": "None",
+                }
+                for name in channels
+            }
+        )
+    )
     for name, source in channels.items():
         shutil.copytree(source, base / "input" / "data" / name)
     shutil.copy2(PROGRAM, base / "code" / PROGRAM.name)
@@ -56,14 +76,25 @@ def sagemaker_tree(base: Path, hyperparameters: dict[str, str], hosts=("algo-1",
 
 def toolkit_env(base: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
-    env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_PROGRAM=PROGRAM.name, SM_STUDIO_LOCAL_MODE="true",
-               PYTHONUNBUFFERED="1", **extra)
+    env.update(
+        SAGEMAKER_BASE_DIR=str(base),
+        SAGEMAKER_PROGRAM=PROGRAM.name,
+        SM_STUDIO_LOCAL_MODE="true",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
     return env
 
 
 def run_train(base: Path, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TRAIN_COMMAND)], env=toolkit_env(base, **extra), capture_output=True, text=True,
-                          timeout=TIMEOUT_S, cwd=base)
+    return subprocess.run(
+        [str(TRAIN_COMMAND)],
+        env=toolkit_env(base, **extra),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=base,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +108,9 @@ def channels(bdgp_root: Path, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_one_host_writes_the_artefact(tmp_path: Path, channels) -> None:
-    assert TRAIN_COMMAND.is_file(), f"sagemaker-training's train command not found at {TRAIN_COMMAND}"
+    assert TRAIN_COMMAND.is_file(), (
+        f"sagemaker-training's train command not found at {TRAIN_COMMAND}"
+    )
     base = sagemaker_tree(tmp_path / "opt-ml", HYPERPARAMETERS, channels=channels)
     done = run_train(base)
     log = done.stdout + done.stderr
@@ -97,15 +130,27 @@ def test_one_host_writes_the_artefact(tmp_path: Path, channels) -> None:
     "case, hyperparameters, channel_names, cause",
     [
         ("empty channel", HYPERPARAMETERS, ("train",), "no images in channel train: "),
-        ("bad hyperparameter", HYPERPARAMETERS | {"optimizer": '"adam"'}, ("train", "valid"),
-         "bad hyperparameter: optimizer 'adam': choose one of"),
-        ("unknown hyperparameter", HYPERPARAMETERS | {"lr": "0.1"}, ("train", "valid"),
-         "bad argument or hyperparameter: unrecognized arguments: --lr 0.1"),
+        (
+            "bad hyperparameter",
+            HYPERPARAMETERS | {"optimizer": '"adam"'},
+            ("train", "valid"),
+            "bad hyperparameter: optimizer 'adam': choose one of",
+        ),
+        (
+            "unknown hyperparameter",
+            HYPERPARAMETERS | {"lr": "0.1"},
+            ("train", "valid"),
+            "bad argument or hyperparameter: unrecognized arguments: --lr 0.1",
+        ),
         ("corrupt image", HYPERPARAMETERS, ("train", "valid"), "<the truncated file's path>"),
     ],
 )
-def test_failing_job_writes_its_cause(tmp_path: Path, channels, case, hyperparameters, channel_names, cause) -> None:
-    base = sagemaker_tree(tmp_path / "opt-ml", hyperparameters, channels={n: channels[n] for n in channel_names})
+def test_failing_job_writes_its_cause(
+    tmp_path: Path, channels, case, hyperparameters, channel_names, cause
+) -> None:
+    base = sagemaker_tree(
+        tmp_path / "opt-ml", hyperparameters, channels={n: channels[n] for n in channel_names}
+    )
     if case == "empty channel":
         shutil.rmtree(base / "input" / "data" / "train")
         (base / "input" / "data" / "train").mkdir()
@@ -134,10 +179,23 @@ def test_two_hosts_train_data_parallel(tmp_path: Path, channels) -> None:
     port = str(_free_port())
     procs = {}
     for host in hosts:
-        base = sagemaker_tree(tmp_path / host, HYPERPARAMETERS, hosts=hosts, current=host, channels=channels)
-        env = toolkit_env(base, FLYSTAGE_MASTER_ADDR="127.0.0.1", FLYSTAGE_DIST_PORT=port, FLYSTAGE_DIST_TIMEOUT="120")
-        procs[host] = subprocess.Popen([str(TRAIN_COMMAND)], env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, cwd=base)
+        base = sagemaker_tree(
+            tmp_path / host, HYPERPARAMETERS, hosts=hosts, current=host, channels=channels
+        )
+        env = toolkit_env(
+            base,
+            FLYSTAGE_MASTER_ADDR="127.0.0.1",
+            FLYSTAGE_DIST_PORT=port,
+            FLYSTAGE_DIST_TIMEOUT="120",
+        )
+        procs[host] = subprocess.Popen(
+            [str(TRAIN_COMMAND)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=base,
+        )
     logs = {}
     try:
         for host, proc in procs.items():
@@ -148,7 +206,9 @@ def test_two_hosts_train_data_parallel(tmp_path: Path, channels) -> None:
     for host, proc in procs.items():
         assert proc.returncode == 0, f"{host}:\n{logs[host]}"
     for rank, host in enumerate(hosts):
-        took_part = re.search(rf"^host={host} rank={rank} world_size=2 samples=(\d+)$", logs[host], re.M)
+        took_part = re.search(
+            rf"^host={host} rank={rank} world_size=2 samples=(\d+)$", logs[host], re.M
+        )
         assert took_part, logs[host]
         assert int(took_part.group(1)) == 2 * 6  # 12 train images, 2 epochs, half on each host
     # Rank 0 prints the (all-reduced) metrics and writes the artefact; rank 1 neither.
@@ -162,9 +222,18 @@ def test_stop_signal_checkpoints_and_the_restart_resumes(tmp_path: Path, channel
     """SageMaker stops a job (or spot takes the instance) with SIGTERM to the container, whose
     init (tini -g in our image) passes it to the whole process group: the program finishes
     its step and saves a checkpoint; the restarted job resumes from it."""
-    base = sagemaker_tree(tmp_path / "opt-ml", HYPERPARAMETERS | {"epochs": "1000"}, channels=channels)
-    proc = subprocess.Popen([str(TRAIN_COMMAND)], env=toolkit_env(base), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=base, start_new_session=True)
+    base = sagemaker_tree(
+        tmp_path / "opt-ml", HYPERPARAMETERS | {"epochs": "1000"}, channels=channels
+    )
+    proc = subprocess.Popen(
+        [str(TRAIN_COMMAND)],
+        env=toolkit_env(base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=base,
+        start_new_session=True,
+    )
     lines = []
     try:
         for line in proc.stdout:  # until the program (which holds the pipe too) has exited
@@ -182,7 +251,8 @@ def test_stop_signal_checkpoints_and_the_restart_resumes(tmp_path: Path, channel
 
     # The restarted job (same tree, as SageMaker restores the checkpoint dir) resumes.
     (base / "input" / "config" / "hyperparameters.json").write_text(
-        json.dumps(HYPERPARAMETERS | {"epochs": str(saved + 1)}))
+        json.dumps(HYPERPARAMETERS | {"epochs": str(saved + 1)})
+    )
     (base / "output" / "failure").unlink(missing_ok=True)
     done = run_train(base)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -32,9 +32,16 @@ def test_importing_needs_no_sdk() -> None:
 
 
 def test_metrics_and_ranges_come_from_the_job_definition() -> None:
-    assert fs.METRIC_DEFINITIONS is jobdef.METRIC_DEFINITIONS and fs.OBJECTIVE_METRIC == "valid:top3"
+    assert (
+        fs.METRIC_DEFINITIONS is jobdef.METRIC_DEFINITIONS and fs.OBJECTIVE_METRIC == "valid:top3"
+    )
     plain = fs.hyperparameter_ranges(as_sdk=False)
-    assert plain["learning_rate"] == {"Name": "learning_rate", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"}
+    assert plain["learning_rate"] == {
+        "Name": "learning_rate",
+        "MinValue": "0.001",
+        "MaxValue": "0.1",
+        "ScalingType": "Logarithmic",
+    }
     assert plain["batch_size"]["Values"] == ["32", "64", "128", "256"]
 
 
@@ -45,18 +52,30 @@ def test_ranges_as_sdk_objects() -> None:
     ranges = fs.hyperparameter_ranges()
     lr, batch = ranges["learning_rate"], ranges["batch_size"]
     assert isinstance(lr, ContinuousParameter) and isinstance(batch, CategoricalParameter)
-    assert lr.as_tuning_range("learning_rate") == jobdef.TUNING_RANGES["ContinuousParameterRanges"][0]
-    assert batch.as_tuning_range("batch_size") == jobdef.TUNING_RANGES["CategoricalParameterRanges"][0]
+    assert (
+        lr.as_tuning_range("learning_rate") == jobdef.TUNING_RANGES["ContinuousParameterRanges"][0]
+    )
+    assert (
+        batch.as_tuning_range("batch_size") == jobdef.TUNING_RANGES["CategoricalParameterRanges"][0]
+    )
 
 
 def test_image_uris_from_the_settings() -> None:
-    settings = Settings(train_image="t:1", serve_image="s:1", registry_override="localhost:5000", image_tag="v2")
+    settings = Settings(
+        train_image="t:1", serve_image="s:1", registry_override="localhost:5000", image_tag="v2"
+    )
     assert fs.image_uris(settings, local=True) == ("t:1", "s:1")
-    assert fs.image_uris(settings) == ("localhost:5000/flystage-train:v2", "localhost:5000/flystage-serve:v2")
+    assert fs.image_uris(settings) == (
+        "localhost:5000/flystage-train:v2",
+        "localhost:5000/flystage-serve:v2",
+    )
 
 
 def test_folder_hyperparameters() -> None:
-    assert fs.folder_hyperparameters(group_regex=fs.GENE_GROUP, epochs=2) == {"group_regex": r"^(?P<group>[^/]+)/", "epochs": 2}
+    assert fs.folder_hyperparameters(group_regex=fs.GENE_GROUP, epochs=2) == {
+        "group_regex": r"^(?P<group>[^/]+)/",
+        "epochs": 2,
+    }
 
 
 def test_serializer_and_deserializer(tmp_path: Path) -> None:
@@ -64,13 +83,32 @@ def test_serializer_and_deserializer(tmp_path: Path) -> None:
     image = tmp_path / "e.png"
     image.write_bytes(png)
     serializer = fs.ImageSerializer()
-    assert serializer.serialize(png) == serializer.serialize(image) == serializer.serialize(str(image)) == png
-    assert fs.content_type(png) == "image/png" and fs.content_type(b"II*\0" + b"\0" * 12) == "image/tiff"
+    assert (
+        serializer.serialize(png)
+        == serializer.serialize(image)
+        == serializer.serialize(str(image))
+        == png
+    )
+    assert (
+        fs.content_type(png) == "image/png"
+        and fs.content_type(b"II*\0" + b"\0" * 12) == "image/tiff"
+    )
     with pytest.raises(TypeError, match="expected image bytes"):
         serializer.serialize(3)
-    top = [{"stage": "9-10", "probability": 0.7}, {"stage": "7-8", "probability": 0.2}, {"stage": "11-12", "probability": 0.1}]
-    body = encode_response([{"file": "request body", "top": top, "error": None}], {"labels": []}, {"total": 1.0})
+    top = [
+        {"stage": "9-10", "probability": 0.7},
+        {"stage": "7-8", "probability": 0.2},
+        {"stage": "11-12", "probability": 0.1},
+    ]
+    body = encode_response(
+        [{"file": "request body", "top": top, "error": None}], {"labels": []}, {"total": 1.0}
+    )
     assert fs.TopKDeserializer().deserialize(io.BytesIO(body.encode()), "application/json") == [
-        ("9-10", 0.7), ("7-8", 0.2), ("11-12", 0.1)]
+        ("9-10", 0.7),
+        ("7-8", 0.2),
+        ("11-12", 0.1),
+    ]
     with pytest.raises(ValueError, match="unsupported"):
-        fs.TopKDeserializer().deserialize(io.BytesIO(json.dumps({"error": "unsupported image", "status": 415}).encode()))
+        fs.TopKDeserializer().deserialize(
+            io.BytesIO(json.dumps({"error": "unsupported image", "status": 415}).encode())
+        )

@@ -75,7 +75,9 @@ def session(sdk, tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("sdk-containers")
     session = LocalSession()
-    session.config = {"local": {"local_code": True, "serving_port": _free_port(), "container_root": str(root)}}
+    session.config = {
+        "local": {"local_code": True, "serving_port": _free_port(), "container_root": str(root)}
+    }
     yield session
     remove_compose_containers(root)
 
@@ -91,7 +93,9 @@ def manifest_channel(folder_channel: Path, tmp_path_factory: pytest.TempPathFact
     """The same images staged as `make upload` / local mode stage them: manifest.csv + images."""
     from flystage_local import channels
 
-    folder, _ = channels.stage_channel([folder_channel], tmp_path_factory.mktemp("manifest-channel"))
+    folder, _ = channels.stage_channel(
+        [folder_channel], tmp_path_factory.mktemp("manifest-channel")
+    )
     return folder
 
 
@@ -104,9 +108,14 @@ def _fit(session, channel: Path, out: Path, instances: int, logs: bool = False, 
     from flystage import sagemaker as fs
 
     estimator = Estimator(
-        image_uri=TRAIN_IMAGE, role=fs.LOCAL_ROLE, instance_count=instances, instance_type="local",
-        hyperparameters={**TINY, **hyperparameters}, metric_definitions=fs.METRIC_DEFINITIONS,
-        output_path=f"file://{out}", sagemaker_session=session,
+        image_uri=TRAIN_IMAGE,
+        role=fs.LOCAL_ROLE,
+        instance_count=instances,
+        instance_type="local",
+        hyperparameters={**TINY, **hyperparameters},
+        metric_definitions=fs.METRIC_DEFINITIONS,
+        output_path=f"file://{out}",
+        sagemaker_session=session,
     )
     estimator.fit({fs.DATA_CHANNEL: f"file://{channel}"}, logs=logs)
     return estimator
@@ -123,8 +132,13 @@ def folder_model(session, folder_channel: Path, tmp_path_factory: pytest.TempPat
     from flystage import sagemaker as fs
 
     started = time.perf_counter()
-    estimator = _fit(session, folder_channel, tmp_path_factory.mktemp("fit-folder-1"), 1,
-                     **fs.folder_hyperparameters(group_regex=fs.GENE_GROUP))
+    estimator = _fit(
+        session,
+        folder_channel,
+        tmp_path_factory.mktemp("fit-folder-1"),
+        1,
+        **fs.folder_hyperparameters(group_regex=fs.GENE_GROUP),
+    )
     WALL["fit folder x1"] = time.perf_counter() - started
     return estimator.model_data
 
@@ -133,7 +147,10 @@ def test_telemetry_is_off_by_the_sdk_defaults_config(session) -> None:
     from sagemaker.config.config_schema import TELEMETRY_OPT_OUT_PATH
     from sagemaker.utils import resolve_value_from_config
 
-    assert resolve_value_from_config(config_path=TELEMETRY_OPT_OUT_PATH, sagemaker_session=session) is True
+    assert (
+        resolve_value_from_config(config_path=TELEMETRY_OPT_OUT_PATH, sagemaker_session=session)
+        is True
+    )
 
 
 def test_fit_on_a_nested_folder_channel_learns_stages(folder_model: str) -> None:
@@ -141,7 +158,9 @@ def test_fit_on_a_nested_folder_channel_learns_stages(folder_model: str) -> None
 
 
 @pytest.mark.parametrize("kind, instances", [("manifest", 1), ("manifest", 2), ("folder", 2)])
-def test_fit(session, folder_channel: Path, manifest_channel: Path, tmp_path: Path, kind: str, instances: int) -> None:
+def test_fit(
+    session, folder_channel: Path, manifest_channel: Path, tmp_path: Path, kind: str, instances: int
+) -> None:
     from flystage import sagemaker as fs
 
     channel = manifest_channel if kind == "manifest" else folder_channel
@@ -152,35 +171,48 @@ def test_fit(session, folder_channel: Path, manifest_channel: Path, tmp_path: Pa
     assert _labels(estimator.model_data) == STAGES
 
 
-def test_folder_channel_without_a_group_rule_fails_with_its_reason(session, folder_channel: Path, tmp_path: Path,
-                                                                   capfd) -> None:
-    with pytest.raises(RuntimeError, match="Failed to run"):  # local mode: the container's exit code
+def test_folder_channel_without_a_group_rule_fails_with_its_reason(
+    session, folder_channel: Path, tmp_path: Path, capfd
+) -> None:
+    with pytest.raises(
+        RuntimeError, match="Failed to run"
+    ):  # local mode: the container's exit code
         _fit(session, folder_channel, tmp_path, 1, logs=True)
     log = capfd.readouterr().out
-    assert "training failed: no group rule for the validation split of folder channel" in log, log[-2000:]
+    assert "training failed: no group rule for the validation split of folder channel" in log, log[
+        -2000:
+    ]
     assert "group_regex" in log
     archive = tmp_path / "model.tar.gz"  # local mode tars the job's (empty) model folder even so
     assert not archive.exists() or "metadata.json" not in tarfile.open(archive).getnames()
 
 
-def test_deploy_predict_and_predict_a_folder_with_rename(session, folder_model: str, folder_channel: Path,
-                                                         tmp_path: Path) -> None:
+def test_deploy_predict_and_predict_a_folder_with_rename(
+    session, folder_model: str, folder_channel: Path, tmp_path: Path
+) -> None:
     from sagemaker.model import Model
 
     from flystage import sagemaker as fs
     from flystage.predict import undo_renames
 
     started = time.perf_counter()
-    model = Model(image_uri=SERVE_IMAGE, model_data=folder_model,
-                  role=fs.LOCAL_ROLE, predictor_cls=fs.FlystagePredictor, sagemaker_session=session,
-                  name="flystage-sdk-test-deploy")
+    model = Model(
+        image_uri=SERVE_IMAGE,
+        model_data=folder_model,
+        role=fs.LOCAL_ROLE,
+        predictor_cls=fs.FlystagePredictor,
+        sagemaker_session=session,
+        name="flystage-sdk-test-deploy",
+    )
     predictor = model.deploy(initial_instance_count=1, instance_type="local")
     try:
         assert isinstance(predictor, fs.FlystagePredictor)
         image = sorted(folder_channel.glob("*/*/*.bmp"))[0]
         top = predictor.predict(image)
         assert len(top) == 3 and {stage for stage, _ in top} <= set(STAGES)
-        assert [stage for stage, _ in predictor.predict(image.read_bytes(), k=5)][:3] == [stage for stage, _ in top]
+        assert [stage for stage, _ in predictor.predict(image.read_bytes(), k=5)][:3] == [
+            stage for stage, _ in top
+        ]
         bad = predictor.predict_sources([b"not an image"])[0]
         assert bad.error and "400" in bad.error and not bad.top
         # A folder, as `flystage predict --rename` does it, through the SDK's endpoint.
@@ -208,18 +240,31 @@ def test_batch_transform(session, folder_model: str, folder_channel: Path, tmp_p
 
     started = time.perf_counter()
     name = "flystage-sdk-test-transform"
-    Model(image_uri=SERVE_IMAGE, model_data=folder_model,
-          role=fs.LOCAL_ROLE, sagemaker_session=session, name=name).create(instance_type="local")
+    Model(
+        image_uri=SERVE_IMAGE,
+        model_data=folder_model,
+        role=fs.LOCAL_ROLE,
+        sagemaker_session=session,
+        name=name,
+    ).create(instance_type="local")
     batch = tmp_path / "batch"
     batch.mkdir()
     for path in sorted(folder_channel.glob("Dms/*/*.bmp"))[:3]:
         shutil.copy2(path, batch / path.name)
     # One image per request (SingleRecord, no split): each file's answer lands in <file>.out.
-    transformer = Transformer(model_name=name, instance_count=1, instance_type="local", strategy="SingleRecord",
-                              accept="application/json", output_path=f"file://{tmp_path / 'out'}",
-                              sagemaker_session=session)
+    transformer = Transformer(
+        model_name=name,
+        instance_count=1,
+        instance_type="local",
+        strategy="SingleRecord",
+        accept="application/json",
+        output_path=f"file://{tmp_path / 'out'}",
+        sagemaker_session=session,
+    )
     # logs=False: the job's logs would be read from CloudWatch (local mode runs it synchronously).
-    transformer.transform(f"file://{batch}", content_type="application/x-image", split_type=None, logs=False)
+    transformer.transform(
+        f"file://{batch}", content_type="application/x-image", split_type=None, logs=False
+    )
     outputs = sorted((tmp_path / "out").glob("*.out"))
     assert [p.name for p in outputs] == sorted(f"{p.name}.out" for p in batch.iterdir())
     for out in outputs:

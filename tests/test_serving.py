@@ -5,8 +5,8 @@ trained here. The same code in the real container: tests/test_images.py."""
 from __future__ import annotations
 
 import base64
-import json
 import http.server
+import json
 import logging
 import os
 import threading
@@ -20,7 +20,6 @@ from mms.context import Context, RequestProcessor
 from flystage.predict import Predictor
 from flystage.serving import codec, entrypoint, model_watch, settings
 from flystage.serving.handler_service import HandlerService
-
 from serving_helpers import encoded, lab_image, tiff_bytes, train_artefact
 
 # ---- settings --------------------------------------------------------------------------------
@@ -75,7 +74,9 @@ def test_raw_body_is_one_image(content_type):
 def test_json_single_batch_list_and_k():
     one = base64.b64encode(b"abc").decode()
     assert codec.decode_request(json.dumps({"image": one, "k": 2}), "application/json").k == 2
-    batch = codec.decode_request(json.dumps({"instances": [one, {"image": one}]}), "application/json")
+    batch = codec.decode_request(
+        json.dumps({"instances": [one, {"image": one}]}), "application/json"
+    )
     assert batch.images == [b"abc", b"abc"] and batch.names == ["instances[0]", "instances[1]"]
     assert len(codec.decode_request(json.dumps([one] * 3), "application/json").images) == 3
 
@@ -86,7 +87,10 @@ def test_k_from_custom_attributes_header():
 
 
 def test_a_body_over_the_payload_limit_is_413_naming_the_setting():
-    for content_type, body in (("image/tiff", b"II*\x00" + b"\x00" * 2000), ("application/json", '{"image": "' + "A" * 2000 + '"}')):
+    for content_type, body in (
+        ("image/tiff", b"II*\x00" + b"\x00" * 2000),
+        ("application/json", '{"image": "' + "A" * 2000 + '"}'),
+    ):
         with pytest.raises(codec.RequestError) as caught:
             codec.decode_request(body, content_type, max_bytes=1000)
         assert caught.value.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE
@@ -99,7 +103,11 @@ def test_the_model_server_s_own_body_limit_is_above_flystage_s():
     # server's bare 413, which keeps any body from filling the Java front end's memory.
     env: dict[str, str] = {settings.MAX_PAYLOAD_MB: "6"}
     applied = settings.apply(env, cpus=2)
-    assert int(env[settings.TRANSPORT_LIMIT]) == settings.TRANSPORT_FACTOR * 6 * 2**20 > applied.max_payload_bytes
+    assert (
+        int(env[settings.TRANSPORT_LIMIT])
+        == settings.TRANSPORT_FACTOR * 6 * 2**20
+        > applied.max_payload_bytes
+    )
     assert env[settings.MAX_DECODED_MB] == str(settings.DEFAULT_MAX_DECODED_MB)
 
 
@@ -110,18 +118,54 @@ def test_the_model_server_s_own_body_limit_is_above_flystage_s():
         (b"x", None, {}, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "not supported"),
         (b"", "image/tiff", {}, HTTPStatus.BAD_REQUEST, "empty"),
         ("{not json", "application/json", {}, HTTPStatus.BAD_REQUEST, "cannot be parsed"),
-        ("[" * 100_000 + "]" * 100_000, "application/json", {}, HTTPStatus.BAD_REQUEST, "nested too deeply"),
-        ('{"picture": "x"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "no \"image\""),
+        (
+            "[" * 100_000 + "]" * 100_000,
+            "application/json",
+            {},
+            HTTPStatus.BAD_REQUEST,
+            "nested too deeply",
+        ),
+        ('{"picture": "x"}', "application/json", {}, HTTPStatus.BAD_REQUEST, 'no "image"'),
         ('{"image": "***"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "base64"),
         ('{"image": 7}', "application/json", {}, HTTPStatus.BAD_REQUEST, "base64 string"),
         ('{"instances": []}', "application/json", {}, HTTPStatus.BAD_REQUEST, "no images"),
         ('{"instances": "abc"}', "application/json", {}, HTTPStatus.BAD_REQUEST, "must be a list"),
         ('"abc"', "application/json", {}, HTTPStatus.BAD_REQUEST, "object or list"),
-        (json.dumps(["YQ=="] * 17), "application/json", {}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "at most 16"),
-        ('{"image": "YQ==", "k": 0}', "application/json", {}, HTTPStatus.BAD_REQUEST, "out of range"),
-        ('{"image": "YQ==", "k": 7}', "application/json", {}, HTTPStatus.BAD_REQUEST, "out of range"),
-        ('{"image": "YQ==", "k": true}', "application/json", {}, HTTPStatus.BAD_REQUEST, "whole number"),
-        (b"x", "image/png", {"x-amzn-sagemaker-custom-attributes": "k=three"}, HTTPStatus.BAD_REQUEST, "whole number"),
+        (
+            json.dumps(["YQ=="] * 17),
+            "application/json",
+            {},
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            "at most 16",
+        ),
+        (
+            '{"image": "YQ==", "k": 0}',
+            "application/json",
+            {},
+            HTTPStatus.BAD_REQUEST,
+            "out of range",
+        ),
+        (
+            '{"image": "YQ==", "k": 7}',
+            "application/json",
+            {},
+            HTTPStatus.BAD_REQUEST,
+            "out of range",
+        ),
+        (
+            '{"image": "YQ==", "k": true}',
+            "application/json",
+            {},
+            HTTPStatus.BAD_REQUEST,
+            "whole number",
+        ),
+        (
+            b"x",
+            "image/png",
+            {"x-amzn-sagemaker-custom-attributes": "k=three"},
+            HTTPStatus.BAD_REQUEST,
+            "whole number",
+        ),
     ],
 )
 def test_bad_requests_are_4xx_with_a_clear_message(body, content_type, headers, status, words):
@@ -160,23 +204,37 @@ def service(model_dir):
 
 def invoke(service, body, content_type, headers=None):
     handler, context = service
-    context.request_processor = [RequestProcessor({"Content-Type": content_type, **(headers or {})})]
+    context.request_processor = [
+        RequestProcessor({"Content-Type": content_type, **(headers or {})})
+    ]
     # The toolkit decodes JSON bodies to str before input_fn; everything else stays bytes.
     answer = handler.handle([{"body": bytearray(body)}], context)
     return context.get_response_status(0)[0], json.loads(answer[0])
 
 
-@pytest.mark.parametrize("ext, content_type", [(".tif", "image/tiff"), (".png", "image/png"), (".jpg", "image/jpeg"),
-                                               (".bmp", "image/bmp"), (".png", "application/octet-stream")])
+@pytest.mark.parametrize(
+    "ext, content_type",
+    [
+        (".tif", "image/tiff"),
+        (".png", "image/png"),
+        (".jpg", "image/jpeg"),
+        (".bmp", "image/bmp"),
+        (".png", "application/octet-stream"),
+    ],
+)
 def test_handler_answers_top3_with_model_and_timing(service, model_dir, ext, content_type):
     image = lab_image(seed=3)
     body = tiff_bytes(image) if ext == ".tif" else encoded(image, ext)
     status, answer = invoke(service, body, content_type)
     assert status == 200, answer
     (prediction,) = answer["predictions"]
-    expected = Predictor(model_dir, threads=1).predict_sources([body], k=3, names=["request body"])[0]
+    expected = Predictor(model_dir, threads=1).predict_sources([body], k=3, names=["request body"])[
+        0
+    ]
     assert [t["stage"] for t in prediction["top"]] == [s for s, _ in expected.top]
-    assert np.allclose([t["probability"] for t in prediction["top"]], [p for _, p in expected.top], atol=1e-5)
+    assert np.allclose(
+        [t["probability"] for t in prediction["top"]], [p for _, p in expected.top], atol=1e-5
+    )
     assert answer["model"]["arch"] == "small_cnn" and len(answer["model"]["version"]) == 16
     assert answer["timing_ms"]["total"] >= answer["timing_ms"]["predict"] > 0
 
@@ -184,7 +242,9 @@ def test_handler_answers_top3_with_model_and_timing(service, model_dir, ext, con
 def test_handler_batch_and_k_by_header(service):
     one = base64.b64encode(tiff_bytes(lab_image(seed=1))).decode()
     body = json.dumps({"instances": [one, one]}).encode()
-    status, answer = invoke(service, body, "application/json", {"X-Amzn-SageMaker-Custom-Attributes": "k=5"})
+    status, answer = invoke(
+        service, body, "application/json", {"X-Amzn-SageMaker-Custom-Attributes": "k=5"}
+    )
     assert status == 200, answer
     assert [len(p["top"]) for p in answer["predictions"]] == [5, 5]
     assert answer["predictions"][0]["top"] == answer["predictions"][1]["top"]
@@ -200,7 +260,9 @@ def test_handler_batch_and_k_by_header(service):
         (b"<xml/>", "application/xml", 415, "not supported"),
     ],
 )
-def test_handler_bad_input_is_json_4xx_and_the_next_request_works(service, body, content_type, status, words):
+def test_handler_bad_input_is_json_4xx_and_the_next_request_works(
+    service, body, content_type, status, words
+):
     if body is None:
         whole = tiff_bytes(lab_image())
         body = whole[: len(whole) // 3]
@@ -230,7 +292,9 @@ def saved_environ():
     os.environ.update(saved)
 
 
-def test_serve_refuses_a_missing_model_before_starting_the_server(tmp_path, monkeypatch, caplog, saved_environ):
+def test_serve_refuses_a_missing_model_before_starting_the_server(
+    tmp_path, monkeypatch, caplog, saved_environ
+):
     monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
     with caplog.at_level(logging.ERROR):
         assert entrypoint.serve() == entrypoint.EXIT_BAD_MODEL

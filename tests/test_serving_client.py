@@ -14,7 +14,9 @@ from flystage.serving import client, codec
 
 def _answer(stages: list[tuple[str, float]]) -> str:
     top = [{"stage": s, "probability": p} for s, p in stages]
-    return codec.encode_response([{"file": "request body", "top": top, "error": None}], {"version": "x"}, {"total": 1.0})
+    return codec.encode_response(
+        [{"file": "request body", "top": top, "error": None}], {"version": "x"}, {"total": 1.0}
+    )
 
 
 def test_content_type_comes_from_the_bytes():
@@ -25,7 +27,10 @@ def test_content_type_comes_from_the_bytes():
 
 
 def test_parse_answer_reads_top_k_errors_and_refuses_other_bodies():
-    assert client.parse_answer(_answer([("9-10", 0.8), ("7-8", 0.15)])) == [("9-10", 0.8), ("7-8", 0.15)]
+    assert client.parse_answer(_answer([("9-10", 0.8), ("7-8", 0.15)])) == [
+        ("9-10", 0.8),
+        ("7-8", 0.15),
+    ]
     with pytest.raises(ValueError, match="HTTP 400: the file is corrupt"):
         client.parse_answer(codec.error_body(400, "the file is corrupt").encode())
     with pytest.raises(client.AnswerError, match="not JSON"):
@@ -47,7 +52,9 @@ def test_predict_each_gives_each_failure_its_own_row_in_order(tmp_path: Path):
         return client.parse_answer(_answer([("1-3", 0.5), ("4-6", 0.3), ("7-8", 0.2)]))
 
     for concurrency in (1, 3):
-        rows = client.predict_each([good, missing, refused, b"II*\x00bytes"], send, k=2, concurrency=concurrency)
+        rows = client.predict_each(
+            [good, missing, refused, b"II*\x00bytes"], send, k=2, concurrency=concurrency
+        )
         assert [r.source for r in rows] == [str(good), str(missing), str(refused), "<image 3>"]
         assert rows[0].top == [("1-3", 0.5), ("4-6", 0.3)] and rows[3].top == rows[0].top
         assert "cannot read" in rows[1].error and "check the file" in rows[1].error

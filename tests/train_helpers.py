@@ -44,7 +44,9 @@ def make_tree(root: Path, per_class: int = 4, labels=LABELS, seed: int = 0) -> l
     return paths
 
 
-def make_manifest_set(root: Path, train_per_class: int = 4, valid_per_class: int = 2, labels=LABELS) -> Path:
+def make_manifest_set(
+    root: Path, train_per_class: int = 4, valid_per_class: int = 2, labels=LABELS
+) -> Path:
     """A tree plus ``root/manifest.csv``: the first ``train_per_class`` images of each label
     are train, the rest valid; every image its own group. Returns the manifest path."""
     make_tree(root, train_per_class + valid_per_class, labels)
@@ -57,12 +59,13 @@ def make_manifest_set(root: Path, train_per_class: int = 4, valid_per_class: int
     return write_manifest(records, root / "manifest.csv")
 
 
-def copy_bdgp_subset(bdgp_root: Path, dest: Path, per_stage: int = 3, stages=("4-6", "11-12", "13-16"),
-                     skip: int = 0) -> Path:
+def copy_bdgp_subset(
+    bdgp_root: Path, dest: Path, per_stage: int = 3, stages=("4-6", "11-12", "13-16"), skip: int = 0
+) -> Path:
     """Copy real BDGP images into ``dest/<stage>/`` (a channel tree): of each stage, the
     ``per_stage`` images after the first ``skip`` (by path)."""
     for stage in stages:
-        found = sorted(bdgp_root.glob(f"*/{stage}/*.bmp"))[skip:skip + per_stage]
+        found = sorted(bdgp_root.glob(f"*/{stage}/*.bmp"))[skip : skip + per_stage]
         assert len(found) == per_stage, f"BDGP has fewer than {per_stage} images of {stage}"
         (dest / stage).mkdir(parents=True, exist_ok=True)
         for path in found:
@@ -70,14 +73,20 @@ def copy_bdgp_subset(bdgp_root: Path, dest: Path, per_stage: int = 3, stages=("4
     return dest
 
 
-def bdgp_records(bdgp_root: Path, train_per_stage: int = 4, valid_per_stage: int = 2,
-                 stages=("4-6", "11-12", "13-16")) -> tuple[list[Record], list[Record]]:
+def bdgp_records(
+    bdgp_root: Path,
+    train_per_stage: int = 4,
+    valid_per_stage: int = 2,
+    stages=("4-6", "11-12", "13-16"),
+) -> tuple[list[Record], list[Record]]:
     """Train and valid records of real BDGP images, read in place: of each stage, the first
     ``train_per_stage`` images (by path) to train on and the next ``valid_per_stage`` to validate."""
     train, valid = [], []
     for stage in stages:
         found = sorted(bdgp_root.glob(f"*/{stage}/*.bmp"))[: train_per_stage + valid_per_stage]
-        assert len(found) == train_per_stage + valid_per_stage, f"BDGP has too few images of {stage}"
+        assert len(found) == train_per_stage + valid_per_stage, (
+            f"BDGP has too few images of {stage}"
+        )
         for i, path in enumerate(found):
             split = "train" if i < train_per_stage else "valid"
             record = Record(path, stage, path.parent.parent.name, split, file_sha1(path))

@@ -40,7 +40,17 @@ ARTEFACT_FILES = frozenset({ONNX_FILE, WEIGHTS_FILE, METADATA_FILE})
 
 
 _CORE_FIELDS = frozenset(
-    {"format_version", "flystage_version", "arch", "labels", "preprocess", "input_shape", "metrics", "manifest_sha256", "created"}
+    {
+        "format_version",
+        "flystage_version",
+        "arch",
+        "labels",
+        "preprocess",
+        "input_shape",
+        "metrics",
+        "manifest_sha256",
+        "created",
+    }
 )
 
 
@@ -104,13 +114,19 @@ def load_metadata(model_dir: str | Path) -> Metadata:
     config, shape = _checked_preprocess(where, raw)
     metrics = raw.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
-        raise ArtefactError(f"{where}: 'metrics' must be a JSON object, not {short_repr(metrics)}; re-export the model")
+        raise ArtefactError(
+            f"{where}: 'metrics' must be a JSON object, not {short_repr(metrics)}; re-export the model"
+        )
     manifest_hash = raw.get("manifest_sha256")
     if manifest_hash is not None and not isinstance(manifest_hash, str):
-        raise ArtefactError(f"{where}: 'manifest_sha256' must be a string or null, not {short_repr(manifest_hash)}")
+        raise ArtefactError(
+            f"{where}: 'manifest_sha256' must be a string or null, not {short_repr(manifest_hash)}"
+        )
     for key in ("flystage_version", "created"):
         if key in raw and not isinstance(raw[key], str):
-            raise ArtefactError(f"{where}: {key!r} must be a string, not {short_repr(raw[key])}; re-export the model")
+            raise ArtefactError(
+                f"{where}: {key!r} must be a string, not {short_repr(raw[key])}; re-export the model"
+            )
     return Metadata(
         format_version=raw["format_version"],
         flystage_version=str(raw.get("flystage_version", "")),
@@ -129,7 +145,9 @@ def _read_metadata_json(model_dir: Path) -> dict[str, Any]:
     """``metadata.json`` of ``model_dir`` as a JSON object holding the required fields
     (``ArtefactError`` for a missing directory or file, bad JSON, or an absent field)."""
     if not model_dir.is_dir():
-        raise ArtefactError(f"{model_dir}: no such model directory; train a model or unpack model.tar.gz there")
+        raise ArtefactError(
+            f"{model_dir}: no such model directory; train a model or unpack model.tar.gz there"
+        )
     missing = [name for name in (ONNX_FILE, METADATA_FILE) if not (model_dir / name).is_file()]
     if missing:
         raise ArtefactError(
@@ -139,15 +157,23 @@ def _read_metadata_json(model_dir: Path) -> dict[str, Any]:
     try:
         raw = json.loads((model_dir / METADATA_FILE).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: not valid JSON ({exc}); re-export the model") from None
+        raise ArtefactError(
+            f"{model_dir / METADATA_FILE}: not valid JSON ({exc}); re-export the model"
+        ) from None
     except RecursionError:  # arrays or objects nested thousands deep: tampered, not ours
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: JSON nested too deeply; re-export the model") from None
+        raise ArtefactError(
+            f"{model_dir / METADATA_FILE}: JSON nested too deeply; re-export the model"
+        ) from None
     if not isinstance(raw, dict):
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: expected a JSON object; re-export the model")
+        raise ArtefactError(
+            f"{model_dir / METADATA_FILE}: expected a JSON object; re-export the model"
+        )
     required = ("format_version", "arch", "labels", "preprocess")
     absent = [key for key in required if key not in raw]
     if absent:
-        raise ArtefactError(f"{model_dir / METADATA_FILE}: missing field(s) {absent}; re-export the model")
+        raise ArtefactError(
+            f"{model_dir / METADATA_FILE}: missing field(s) {absent}; re-export the model"
+        )
     return raw
 
 
@@ -160,7 +186,9 @@ def _checked_labels(where: Path, raw: dict[str, Any]) -> list[str]:
             f"{__version__} reads {FORMAT_VERSION}; use the matching flystage version or re-export"
         )
     if not isinstance(raw["arch"], str) or not raw["arch"]:
-        raise ArtefactError(f"{where}: 'arch' must be a non-empty string, not {short_repr(raw['arch'])}; re-export the model")
+        raise ArtefactError(
+            f"{where}: 'arch' must be a non-empty string, not {short_repr(raw['arch'])}; re-export the model"
+        )
     labels = raw["labels"]
     if (
         not isinstance(labels, list)
@@ -175,7 +203,9 @@ def _checked_labels(where: Path, raw: dict[str, Any]) -> list[str]:
     return labels
 
 
-def _checked_preprocess(where: Path, raw: dict[str, Any]) -> tuple[PreprocessConfig, tuple[int, int, int]]:
+def _checked_preprocess(
+    where: Path, raw: dict[str, Any]
+) -> tuple[PreprocessConfig, tuple[int, int, int]]:
     """The preprocessing config of ``raw`` and its input shape, which ``input_shape`` (if
     given) must equal."""
     if not isinstance(raw["preprocess"], dict):
@@ -185,7 +215,9 @@ def _checked_preprocess(where: Path, raw: dict[str, Any]) -> tuple[PreprocessCon
     try:
         config = PreprocessConfig.from_dict(raw["preprocess"])
     except (TypeError, ValueError, KeyError) as exc:
-        raise ArtefactError(f"{where}: bad 'preprocess' settings ({exc}); re-export the model") from None
+        raise ArtefactError(
+            f"{where}: bad 'preprocess' settings ({exc}); re-export the model"
+        ) from None
     shape = model_input_shape(config)
     if "input_shape" in raw:
         given = raw["input_shape"]
@@ -210,9 +242,13 @@ def open_session(model_dir: str | Path, threads: int | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     path = Path(model_dir) / ONNX_FILE
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
-        raise ArtefactError(f"{path}: onnxruntime cannot load it ({exc}); re-export the model") from None
+        raise ArtefactError(
+            f"{path}: onnxruntime cannot load it ({exc}); re-export the model"
+        ) from None
 
 
 def check_session(session: Any, metadata: Metadata, model_dir: str | Path) -> None:
@@ -226,7 +262,9 @@ def check_session(session: Any, metadata: Metadata, model_dir: str | Path) -> No
         )
     in_shape = inputs[0].shape
     if len(in_shape) != 4 or [d for d in in_shape[1:]] != list(metadata.input_shape):
-        raise ArtefactError(f"{where}: input shape {in_shape} does not match metadata input_shape {list(metadata.input_shape)}")
+        raise ArtefactError(
+            f"{where}: input shape {in_shape} does not match metadata input_shape {list(metadata.input_shape)}"
+        )
     out_shape = next(o.shape for o in outputs if o.name == OUTPUT_NAME)
     if len(out_shape) != 2 or out_shape[1] != len(metadata.labels):
         raise ArtefactError(
@@ -241,7 +279,9 @@ def _left_archive(path: Path) -> bool:
     return path.name.endswith(".tar.gz") and path.is_file() and not path.is_symlink()
 
 
-def check_artefact(model_dir: str | Path, threads: int | None = 1, strict: bool = False) -> Metadata:
+def check_artefact(
+    model_dir: str | Path, threads: int | None = 1, strict: bool = False
+) -> Metadata:
     """Load the metadata and the ONNX model, and run one batch; raise ``ArtefactError`` if anything is off.
 
     The serve image calls this (``strict``: nothing but :data:`ARTEFACT_FILES` and archives
@@ -249,7 +289,11 @@ def check_artefact(model_dir: str | Path, threads: int | None = 1, strict: bool 
     """
     if strict and Path(model_dir).is_dir():
         entries = sorted(Path(model_dir).iterdir())
-        extra = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in ARTEFACT_FILES and not _left_archive(p)]
+        extra = [
+            p.name + ("/" if p.is_dir() else "")
+            for p in entries
+            if p.name not in ARTEFACT_FILES and not _left_archive(p)
+        ]
         links = [p.name for p in entries if p.is_symlink()]
         if extra or links:
             raise ArtefactError(
@@ -264,7 +308,11 @@ def check_artefact(model_dir: str | Path, threads: int | None = 1, strict: bool 
     try:
         logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
     except Exception as exc:
-        raise ArtefactError(f"{Path(model_dir) / ONNX_FILE}: a trial batch failed ({exc}); re-export the model") from None
+        raise ArtefactError(
+            f"{Path(model_dir) / ONNX_FILE}: a trial batch failed ({exc}); re-export the model"
+        ) from None
     if logits.shape != (2, len(metadata.labels)) or not np.all(np.isfinite(logits)):
-        raise ArtefactError(f"{Path(model_dir) / ONNX_FILE}: a trial batch gave shape {logits.shape} or non-finite logits")
+        raise ArtefactError(
+            f"{Path(model_dir) / ONNX_FILE}: a trial batch gave shape {logits.shape} or non-finite logits"
+        )
     return metadata

@@ -33,9 +33,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -93,25 +94,41 @@ class AugmentConfig:
     # With alignment on (the default) only the 180-degree turn changes what the model sees,
     # and on BDGP (heads all left) even that cost accuracy (docs/accuracy.md), so it is off;
     # p_angle > 0 turns it on, angles=LAB_ANGLES gives the lab's angles for unaligned images.
-    angles: tuple[float, ...] = option((180.0,), "large rotations in degrees, one drawn with probability p_angle; "
-                                       "with align on (inputs horizontal) 180 is the one that matters")
-    p_angle: float = option(0.0, "probability of a large rotation from angles (off: the 180-degree turn cost "
-                            "accuracy on BDGP, whose embryos all face left)")
+    angles: tuple[float, ...] = option(
+        (180.0,),
+        "large rotations in degrees, one drawn with probability p_angle; "
+        "with align on (inputs horizontal) 180 is the one that matters",
+    )
+    p_angle: float = option(
+        0.0,
+        "probability of a large rotation from angles (off: the 180-degree turn cost "
+        "accuracy on BDGP, whose embryos all face left)",
+    )
     max_rotation: float = option(10.0, "small rotation of up to this many degrees either way")
     p_rotation: float = option(0.5, "probability of a small rotation")
     max_scale: float = option(0.1, "zoom by a factor within 1 +- max_scale (below 1)")
     max_shift: float = option(0.05, "shift by up to this fraction of the width and of the height")
     p_affine: float = option(0.5, "probability of a zoom and shift")
-    max_gain: float = option(0.25, "brightness: intensities multiplied by a gain within 1 +- max_gain (below 1)")
-    max_gamma: float = option(0.3, "contrast: intensities (0-1) raised to exp(u), u within +- max_gamma")
+    max_gain: float = option(
+        0.25, "brightness: intensities multiplied by a gain within 1 +- max_gain (below 1)"
+    )
+    max_gamma: float = option(
+        0.3, "contrast: intensities (0-1) raised to exp(u), u within +- max_gamma"
+    )
     p_intensity: float = option(0.5, "probability of a gain and gamma change")
     max_blur: float = option(1.2, "Gaussian blur with a sigma from 0.3 up to this many pixels")
     p_blur: float = option(0.2, "probability of a blur")
-    max_noise: float = option(0.03, "Gaussian noise with a standard deviation up to this (intensities are 0-1), "
-                              "on the embryo only: the background stays black")
+    max_noise: float = option(
+        0.03,
+        "Gaussian noise with a standard deviation up to this (intensities are 0-1), "
+        "on the embryo only: the background stays black",
+    )
     p_noise: float = option(0.2, "probability of noise")
-    max_erase: float = option(0.08, "random erasing: each patch up to this fraction of the image's area (below 1), "
-                              "centred on the embryo, set to black")
+    max_erase: float = option(
+        0.08,
+        "random erasing: each patch up to this fraction of the image's area (below 1), "
+        "centred on the embryo, set to black",
+    )
     erase_count: int = option(2, "random erasing: 1 to this many patches")
     p_erase: float = option(0.3, "probability of random erasing")
     p_hflip: float = option(0.0, "probability of a left-right flip (the head changes sides)")
@@ -131,7 +148,7 @@ class AugmentConfig:
             raise ValueError(f"erase_count must be >= 1, not {self.erase_count!r}")
 
     @classmethod
-    def off(cls) -> "AugmentConfig":
+    def off(cls) -> AugmentConfig:
         """No augmentation at all (every probability 0)."""
         return cls(**{f.name: 0.0 for f in fields(cls) if f.name.startswith("p_")})
 
@@ -142,7 +159,7 @@ class AugmentConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AugmentConfig":
+    def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
         """The config from :meth:`to_dict`'s output; missing keys take their defaults; unknown
         keys raise ValueError naming them."""
         known = {f.name for f in fields(cls)}
@@ -169,7 +186,9 @@ def _content_hull(image: np.ndarray) -> np.ndarray:
         return np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64) - 0.5
     hull = cv2.convexHull(points).reshape(-1, 2).astype(np.float64)
     # each pixel is a unit square: take all four of its corners
-    return np.concatenate([hull + offset for offset in ((-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5))])
+    return np.concatenate(
+        [hull + offset for offset in ((-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5))]
+    )
 
 
 class Augmenter:
@@ -253,7 +272,9 @@ class Augmenter:
         s = fit * scale
         matrix = s * rot
         matrix[:, 2] = s * (rot[:, 2] - [(rx0 + rx1) / 2.0, (ry0 + ry1) / 2.0]) + [
-            (w - 1) / 2.0 + shift_x * w, (h - 1) / 2.0 + shift_y * h]
+            (w - 1) / 2.0 + shift_x * w,
+            (h - 1) / 2.0 + shift_y * h,
+        ]
         if hflip:
             matrix = np.array([[-1.0, 0.0, w], [0.0, 1.0, 0.0]]) @ np.vstack([matrix, [0, 0, 1]])
         if vflip:
@@ -278,7 +299,7 @@ class Augmenter:
             else:
                 cy, cx = int(rng.integers(h)), int(rng.integers(w))
             top, left = max(0, cy - ph // 2), max(0, cx - pw // 2)
-            x[top:top + ph, left:left + pw] = 0.0
+            x[top : top + ph, left : left + pw] = 0.0
         return x
 
 
@@ -296,6 +317,7 @@ def build_train_transform(
 
 # ---- offline rotations (the lab's old workflow) ----------------------------------------------
 
+
 def rotate_full(image: np.ndarray, angle: float, fill: float | tuple[float, ...] = 0) -> np.ndarray:
     """Rotate an ``(H, W)`` or ``(H, W, C)`` image of any dtype by ``angle`` degrees
     (counter-clockwise as displayed) onto a canvas that holds the whole rotated frame.
@@ -312,17 +334,33 @@ def rotate_full(image: np.ndarray, angle: float, fill: float | tuple[float, ...]
     new_w, new_h = int(math.ceil(h * sin + w * cos)), int(math.ceil(h * cos + w * sin))
     matrix[0, 2] += new_w / 2.0 - w / 2.0
     matrix[1, 2] += new_h / 2.0 - h / 2.0
-    border = tuple(float(v) for v in np.broadcast_to(fill, (image.shape[2] if image.ndim == 3 else 1,)))
-    out = cv2.warpAffine(image, matrix, (new_w, new_h), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=border + (0.0,) * (4 - len(border)))
+    border = tuple(
+        float(v) for v in np.broadcast_to(fill, (image.shape[2] if image.ndim == 3 else 1,))
+    )
+    out = cv2.warpAffine(
+        image,
+        matrix,
+        (new_w, new_h),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=border + (0.0,) * (4 - len(border)),
+    )
     return _keep_channels(out, image)
 
 
 def rotate_fitted(image: np.ndarray, angle: float) -> np.ndarray:
     """Rotate a float32 ``(C, H, W)`` model input by ``angle`` degrees, the embryo shrunk if
     needed to stay whole inside the same frame (the :class:`Augmenter`'s large rotation)."""
-    config = AugmentConfig(angles=(angle,), p_angle=1.0, p_rotation=0.0, p_affine=0.0,
-                           p_intensity=0.0, p_blur=0.0, p_noise=0.0, p_erase=0.0)
+    config = AugmentConfig(
+        angles=(angle,),
+        p_angle=1.0,
+        p_rotation=0.0,
+        p_affine=0.0,
+        p_intensity=0.0,
+        p_blur=0.0,
+        p_noise=0.0,
+        p_erase=0.0,
+    )
     return Augmenter(config)(image)
 
 
@@ -384,7 +422,8 @@ def _output_stems(records: list, out_dir: Path, split: str) -> list[Path]:
         counts[str(s).lower()] = counts.get(str(s).lower(), 0) + 1
     return [
         s.with_name(f"{s.name}__{(r.sha1 or hashlib.sha1(str(r.path).encode()).hexdigest())[:10]}")
-        if counts[str(s).lower()] > 1 else s
+        if counts[str(s).lower()] > 1
+        else s
         for s, r in zip(stems, records)
     ]
 
@@ -419,7 +458,9 @@ def augment_split(
     out_dir = Path(out_dir).expanduser().resolve()
     records = [r for r in read_manifest(manifest) if r.split == split]
     if not records:
-        raise OrganiseError(f"{manifest}: no images in split {split!r}; choose a split that has images")
+        raise OrganiseError(
+            f"{manifest}: no images in split {split!r}; choose a split that has images"
+        )
     new_manifest = out_dir / "manifest.csv"
     if out_dir.exists() and any(out_dir.iterdir()):
         if not resume:
@@ -437,10 +478,20 @@ def augment_split(
     stems = _output_stems(records, out_dir, split)
     new_records: list[Record] = []
     failures: list[str] = []
-    bar = tqdm(list(zip(records, stems)), desc=f"augment {split}", unit="image", disable=None if progress is None else not progress)
+    bar = tqdm(
+        list(zip(records, stems)),
+        desc=f"augment {split}",
+        unit="image",
+        disable=None if progress is None else not progress,
+    )
     for record, stem in bar:
         outputs = [(0.0, stem.with_name(stem.name + ".png"))] + [
-            (a, stem.with_name(f"{stem.name}_rot{a:03.0f}.png" if a == int(a) else f"{stem.name}_rot{a:g}.png"))
+            (
+                a,
+                stem.with_name(
+                    f"{stem.name}_rot{a:03.0f}.png" if a == int(a) else f"{stem.name}_rot{a:g}.png"
+                ),
+            )
             for a in angles
         ]
         image = None
@@ -462,37 +513,68 @@ def augment_split(
             new_records.append(Record(path, record.label, record.group, record.split, sha1, extra))
     bar.close()
     if not new_records:
-        raise OrganiseError(f"none of the {len(records)} image(s) of split {split!r} could be read:\n" + "\n".join(failures[:10]))
+        raise OrganiseError(
+            f"none of the {len(records)} image(s) of split {split!r} could be read:\n"
+            + "\n".join(failures[:10])
+        )
     write_manifest(new_records, new_manifest, force=resume)
     return new_manifest, failures
 
 
 # ---- the command -----------------------------------------------------------------------------
 
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, help="manifest CSV (from `flystage organise`)")
-    parser.add_argument("--split", required=True, choices=["train", "valid", "test"],
-                        help="the one split to augment (splits are never mixed)")
+    parser.add_argument(
+        "--split",
+        required=True,
+        choices=["train", "valid", "test"],
+        help="the one split to augment (splits are never mixed)",
+    )
     parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
-    parser.add_argument("--angles", type=float, nargs="+", default=list(LAB_ANGLES), metavar="DEG",
-                        help="rotations in degrees, counter-clockwise (default: %(default)s)")
-    parser.add_argument("--8bit", dest="eight_bit", action="store_true",
-                        help="stretch 16-bit and float images to 8-bit PNG (default: keep 16-bit)")
+    parser.add_argument(
+        "--angles",
+        type=float,
+        nargs="+",
+        default=list(LAB_ANGLES),
+        metavar="DEG",
+        help="rotations in degrees, counter-clockwise (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--8bit",
+        dest="eight_bit",
+        action="store_true",
+        help="stretch 16-bit and float images to 8-bit PNG (default: keep 16-bit)",
+    )
     parser.add_argument("--page", type=int, default=0, help="page of multi-page TIFFs (default 0)")
-    parser.add_argument("--resume", action="store_true",
-                        help="finish an interrupted run in --out: skip outputs that exist")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run in --out: skip outputs that exist",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from flystage.organise import OrganiseError
 
     try:
-        manifest, failures = augment_split(args.manifest, args.split, args.out, tuple(args.angles),
-                                           eight_bit=args.eight_bit, resume=args.resume, page=args.page)
+        manifest, failures = augment_split(
+            args.manifest,
+            args.split,
+            args.out,
+            tuple(args.angles),
+            eight_bit=args.eight_bit,
+            resume=args.resume,
+            page=args.page,
+        )
     except (OrganiseError, FileExistsError) as exc:
         print(f"flystage augment: {exc}", file=sys.stderr)
         return 2
     for message in failures:
         print(f"skipped: {message}", file=sys.stderr)
-    print(f"wrote {manifest}" + (f" ({len(failures)} image(s) skipped, see above)" if failures else ""))
+    print(
+        f"wrote {manifest}"
+        + (f" ({len(failures)} image(s) skipped, see above)" if failures else "")
+    )
     return 1 if failures else 0

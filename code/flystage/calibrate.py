@@ -34,8 +34,12 @@ def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> fl
     return float(-np.mean(np.log(np.clip(p, 1e-12, None))))
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray, prior_sd: float = PRIOR_SD,
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+def fit_temperature(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    prior_sd: float = PRIOR_SD,
+    bounds: tuple[float, float] = (0.05, 20.0),
+) -> float:
     """The T in ``bounds`` minimising the validation NLL of ``softmax(logits / T)`` plus a
     Gaussian prior on log T centred on 0 (T = 1) with SD ``prior_sd``.
 
@@ -50,7 +54,10 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, prior_sd: float = P
     n = len(targets)
 
     def objective(log_t: float) -> float:
-        return nll(logits, targets, np.exp(log_t)) + (log_t**2 / (2.0 * prior_sd**2) if prior_sd else 0.0) / n
+        return (
+            nll(logits, targets, np.exp(log_t))
+            + (log_t**2 / (2.0 * prior_sd**2) if prior_sd else 0.0) / n
+        )
 
     lo, hi = np.log(bounds[0]), np.log(bounds[1])
     ratio = (np.sqrt(5.0) - 1.0) / 2.0
@@ -68,7 +75,9 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, prior_sd: float = P
     return float(np.exp((lo + hi) / 2.0))
 
 
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
+def expected_calibration_error(
+    probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS
+) -> float:
     """ECE: over ``bins`` equal-width bins of top-1 probability, the image-weighted mean of
     |accuracy - mean confidence| (0 = perfectly calibrated)."""
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.int64)
@@ -85,7 +94,9 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
     return float(ece)
 
 
-def coverage_table(probs: np.ndarray, targets: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> list[dict]:
+def coverage_table(
+    probs: np.ndarray, targets: np.ndarray, thresholds: Sequence[float] = THRESHOLDS
+) -> list[dict]:
     """For each threshold: the share of images whose top-1 probability reaches it
     (``coverage``), how many (``n``), and the top-1 accuracy on them (``accuracy``, None if none)."""
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.int64)
@@ -94,10 +105,12 @@ def coverage_table(probs: np.ndarray, targets: np.ndarray, thresholds: Sequence[
     rows = []
     for t in thresholds:
         kept = confidence >= t
-        rows.append({
-            "threshold": float(t),
-            "coverage": round(float(kept.mean()), 4) if len(kept) else None,
-            "n": int(kept.sum()),
-            "accuracy": round(float(correct[kept].mean()), 4) if kept.any() else None,
-        })
+        rows.append(
+            {
+                "threshold": float(t),
+                "coverage": round(float(kept.mean()), 4) if len(kept) else None,
+                "n": int(kept.sum()),
+                "accuracy": round(float(correct[kept].mean()), 4) if kept.any() else None,
+            }
+        )
     return rows

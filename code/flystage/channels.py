@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flystage.organise import (
-    ManifestError, OrganiseOptions, OrganiseResult, Record, organise, read_manifest, report_lines, sort_labels,
+    ManifestError,
+    OrganiseOptions,
+    OrganiseResult,
+    Record,
+    organise,
+    read_manifest,
+    report_lines,
+    sort_labels,
     summary_table,
 )
 
@@ -48,17 +55,29 @@ class FolderRules:
             label = f"label_level {self.label_level}"
         else:
             label = "the nearest stage-like folder"
-        group = f"group_regex {self.group_regex!r}" if self.group_regex else "none (each image its own group)"
+        group = (
+            f"group_regex {self.group_regex!r}"
+            if self.group_regex
+            else "none (each image its own group)"
+        )
         return f"labels from {label}; groups: {group}"
 
     def is_set(self) -> bool:
         return any(v is not None for v in (self.label_regex, self.label_level, self.group_regex))
 
-    def organise_options(self, split: str, fractions: Sequence[float], seed: int) -> OrganiseOptions:
+    def organise_options(
+        self, split: str, fractions: Sequence[float], seed: int
+    ) -> OrganiseOptions:
         """These rules as :func:`flystage.organise.organise`'s options (the label pattern and
         every other option at organise's defaults)."""
-        return OrganiseOptions(label_level=self.label_level, label_regex=self.label_regex, group_regex=self.group_regex,
-                               split=split, fractions=fractions, seed=seed)
+        return OrganiseOptions(
+            label_level=self.label_level,
+            label_regex=self.label_regex,
+            group_regex=self.group_regex,
+            split=split,
+            fractions=fractions,
+            seed=seed,
+        )
 
 
 NO_GROUP_RULE = (
@@ -70,12 +89,19 @@ NO_GROUP_RULE = (
 )
 
 
-def organise_folder(root: str | Path, rules: FolderRules = FolderRules(), split: str | None = "train", seed: int = 0,
-                    fractions: tuple[float, float, float] = (0.8, 0.2, 0.0)) -> OrganiseResult:
+def organise_folder(
+    root: str | Path,
+    rules: FolderRules = FolderRules(),
+    split: str | None = "train",
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.8, 0.2, 0.0),
+) -> OrganiseResult:
     """A folder channel organised by :func:`flystage.organise.organise` with ``rules`` (nested
     folders, stray files and exact duplicates handled there). ``split`` sets every record's
     split; ``None`` splits by group, stratified by ``fractions`` (train, valid, test), with ``seed``."""
-    options = rules.organise_options(split="stratified" if split is None else "none", fractions=fractions, seed=seed)
+    options = rules.organise_options(
+        split="stratified" if split is None else "none", fractions=fractions, seed=seed
+    )
     result = organise([Path(root)], options)
     if split is not None:
         for r in result.records:
@@ -83,15 +109,25 @@ def organise_folder(root: str | Path, rules: FolderRules = FolderRules(), split:
     return result
 
 
-def records_from_folder(root: str | Path, split: str | None = "train", seed: int = 0,
-                        fractions: tuple[float, float, float] = (0.8, 0.2, 0.0),
-                        rules: FolderRules = FolderRules()) -> list[Record]:
+def records_from_folder(
+    root: str | Path,
+    split: str | None = "train",
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.8, 0.2, 0.0),
+    rules: FolderRules = FolderRules(),
+) -> list[Record]:
     """The records of :func:`organise_folder`."""
     return organise_folder(root, rules, split, seed, fractions).records
 
 
-def _read_folder(channel: Path, name: str, rules: FolderRules, log: Callable[[str], None] | None,
-                 split: str | None, seed: int) -> list[Record]:
+def _read_folder(
+    channel: Path,
+    name: str,
+    rules: FolderRules,
+    log: Callable[[str], None] | None,
+    split: str | None,
+    seed: int,
+) -> list[Record]:
     result = organise_folder(channel, rules, split=split, seed=seed)
     if log is not None:
         log(f"channel {name}: folder tree {channel}, {rules.describe()}")
@@ -100,8 +136,12 @@ def _read_folder(channel: Path, name: str, rules: FolderRules, log: Callable[[st
     return result.records
 
 
-def read_channel(channel: str | Path, name: str, rules: FolderRules = FolderRules(),
-                 log: Callable[[str], None] | None = None) -> tuple[list[Record], Path | None]:
+def read_channel(
+    channel: str | Path,
+    name: str,
+    rules: FolderRules = FolderRules(),
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[Record], Path | None]:
     """Every record of a channel folder and its manifest (``None`` for a folder tree).
 
     A channel is a folder with ``manifest.csv`` (whose ``split`` column says which rows are
@@ -116,7 +156,9 @@ def read_channel(channel: str | Path, name: str, rules: FolderRules = FolderRule
         if manifest.is_file():
             return read_manifest(manifest), manifest
         if not any(channel.iterdir()):
-            raise DataError(f"no images in channel {name}: {channel} is empty (give a {MANIFEST_NAME} or <label>/<images> folders)")
+            raise DataError(
+                f"no images in channel {name}: {channel} is empty (give a {MANIFEST_NAME} or <label>/<images> folders)"
+            )
     except ManifestError as exc:
         raise DataError(f"no usable images in channel {name}: {exc}") from exc
     try:
@@ -126,8 +168,11 @@ def read_channel(channel: str | Path, name: str, rules: FolderRules = FolderRule
 
 
 def split_channels(
-    train_channel: str | Path, valid_channel: str | Path | None = None, seed: int = 0,
-    rules: FolderRules = FolderRules(), log: Callable[[str], None] | None = None,
+    train_channel: str | Path,
+    valid_channel: str | Path | None = None,
+    seed: int = 0,
+    rules: FolderRules = FolderRules(),
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[Record], list[Record], Path | None]:
     """Train and valid records from SageMaker channels, and the train manifest (if any).
 
@@ -139,7 +184,9 @@ def split_channels(
     """
     train_all, manifest = read_channel(train_channel, "train", rules, log)
     if manifest is not None and rules.is_set() and log is not None:
-        log(f"note: label_regex/label_level/group_regex not used: channel train has {manifest.name} (its labels and groups are used)")
+        log(
+            f"note: label_regex/label_level/group_regex not used: channel train has {manifest.name} (its labels and groups are used)"
+        )
     if manifest is None and valid_channel is None:
         if not rules.group_regex:
             raise DataError(NO_GROUP_RULE.format(channel=train_channel))
@@ -168,6 +215,8 @@ def split_channels(
 def data_summary(train: Sequence[Record], valid: Sequence[Record]) -> str:
     """The labels (stage order) and, per split, the images per label and the groups:
     :func:`flystage.organise.summary_table` of the train and valid records."""
-    records = [dataclasses.replace(r, split="train") for r in train] + [dataclasses.replace(r, split="valid") for r in valid]
+    records = [dataclasses.replace(r, split="train") for r in train] + [
+        dataclasses.replace(r, split="valid") for r in valid
+    ]
     labels = sort_labels(r.label for r in records)
     return f"labels ({len(labels)}): {', '.join(labels)}\n{summary_table(records)}"

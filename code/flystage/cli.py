@@ -19,12 +19,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "organise": ("flystage.organise", "scan image folders and write a split manifest (CSV)"),
     "augment": ("flystage.augment", "write an offline augmented copy of one split as PNG"),
     "train": ("flystage.training.train", "train a stage classifier and write the model artefact"),
-    "evaluate": ("flystage.evaluate", "score a model on a manifest split: accuracy, recall, confusion"),
+    "evaluate": (
+        "flystage.evaluate",
+        "score a model on a manifest split: accuracy, recall, confusion",
+    ),
     "crossval": ("flystage.training.crossval", "leave-one-group-out cross-validation"),
-    "predict": ("flystage.predict", "top-3 stages for every image in a folder (CSV/JSON, --rename)"),
-    "review": ("flystage.review.command", "a local page to look at every prediction and correct the wrong ones"),
-    "local": ("flystage_local.command", "local mode: the real images run as SageMaker runs them (train, tune, serve, predict, stop)"),
-    "cloud": ("flystage.cloud.command", "AWS: push images, upload data, tune, train, deploy, predict, tear down"),
+    "predict": (
+        "flystage.predict",
+        "top-3 stages for every image in a folder (CSV/JSON, --rename)",
+    ),
+    "review": (
+        "flystage.review.command",
+        "a local page to look at every prediction and correct the wrong ones",
+    ),
+    "local": (
+        "flystage_local.command",
+        "local mode: the real images run as SageMaker runs them (train, tune, serve, predict, stop)",
+    ),
+    "cloud": (
+        "flystage.cloud.command",
+        "AWS: push images, upload data, tune, train, deploy, predict, tear down",
+    ),
 }
 
 

@@ -96,7 +96,9 @@ def _download_and_extract(url: str, dest: Path) -> None:
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc="BDGP images", disable=None) as bar:
+                with tqdm(
+                    total=total, unit="B", unit_scale=True, desc="BDGP images", disable=None
+                ) as bar:
                     for block in iter(lambda: response.read(1 << 16), b""):
                         out.write(block)
                         bar.update(len(block))
@@ -117,7 +119,9 @@ def _download_and_extract(url: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             if not (dest / MARKER).is_file():
-                raise DatasetError(f"{dest} exists and was not made by flystage; choose another --dest")
+                raise DatasetError(
+                    f"{dest} exists and was not made by flystage; choose another --dest"
+                )
             shutil.rmtree(dest)  # an earlier, incomplete download of ours
         shutil.move(str(staging), dest)
 
@@ -129,9 +133,15 @@ def _relative_data_path(name: str) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dest", type=Path, default=None, help="where to keep the download "
-                        f"(default {DEFAULT_CACHE}/bdgp-insitu)")
-    parser.add_argument("--url", default=BDGP_URL, help="archive to download (default: the pinned commit)")
+    parser.add_argument(
+        "--dest",
+        type=Path,
+        default=None,
+        help=f"where to keep the download (default {DEFAULT_CACHE}/bdgp-insitu)",
+    )
+    parser.add_argument(
+        "--url", default=BDGP_URL, help="archive to download (default: the pinned commit)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,25 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
 from flystage.artefact import ArtefactError
+from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
 from flystage.imaging import ImageError, load
-from flystage.predict import Predictor
 from flystage.organise import SPLITS, ManifestError, manifest_sha256, read_manifest
+from flystage.predict import Predictor
 
 
 def topk_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:
     """Fraction of rows of ``probs`` ``(N, K)`` whose target index is among the k highest."""
     probs, targets = np.asarray(probs), np.asarray(targets, dtype=np.int64)
     if probs.ndim != 2 or len(probs) != len(targets):
-        raise ValueError(f"probs must be (N, K) and targets (N,), got {probs.shape} and {targets.shape}")
+        raise ValueError(
+            f"probs must be (N, K) and targets (N,), got {probs.shape} and {targets.shape}"
+        )
     if len(targets) == 0:
         return float("nan")
     # The same ranking as predict's top-k (stable: ties go to the earlier stage), so the
@@ -78,7 +80,9 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]
     targets = np.asarray(targets, dtype=np.int64)
     labels = list(labels)
     if probs.ndim != 2 or probs.shape[1] != len(labels):
-        raise ValueError(f"probs must be (N, {len(labels)}) for {len(labels)} labels, got {probs.shape}")
+        raise ValueError(
+            f"probs must be (N, {len(labels)}) for {len(labels)} labels, got {probs.shape}"
+        )
     if len(targets) and (targets.min() < 0 or targets.max() >= len(labels)):
         raise ValueError(f"targets must be class indices in [0, {len(labels)})")
     cm = confusion_matrix(targets, np.argsort(-probs, axis=1, kind="stable")[:, 0], len(labels))
@@ -92,7 +96,11 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]
         "mean_recall": _num(np.nanmean(recall)) if np.any(support) else None,
         "labels": labels,
         "per_stage": {
-            label: {"recall": _num(recall[i]), "precision": _num(precision[i]), "support": int(support[i])}
+            label: {
+                "recall": _num(recall[i]),
+                "precision": _num(precision[i]),
+                "support": int(support[i]),
+            }
             for i, label in enumerate(labels)
         },
         "confusion": cm.tolist(),
@@ -120,7 +128,9 @@ def _png(path: str | Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
         plt.close(fig)
 
 
-def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, title: str | None = None) -> Path:
+def plot_confusion(
+    cm: np.ndarray, labels: Sequence[str], path: str | Path, title: str | None = None
+) -> Path:
     """Save the confusion matrix as a PNG: counts in the cells, rows true, columns predicted."""
     cm = np.asarray(cm)
     k = len(labels)
@@ -135,7 +145,14 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: str | Path, titl
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    color="white" if cm[i, j] > threshold else "black",
+                )
     return Path(path)
 
 
@@ -146,7 +163,10 @@ def coverage_curve(probs: np.ndarray, targets: np.ndarray, steps: int = 100) -> 
 
 
 def plot_coverage(
-    curve: Sequence[dict], path: str | Path, marks: Sequence[dict] | None = None, title: str | None = None
+    curve: Sequence[dict],
+    path: str | Path,
+    marks: Sequence[dict] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Save the accuracy/coverage trade-off of accepting answers above a top-1 probability.
 
@@ -166,23 +186,54 @@ def plot_coverage(
     answered = [r for r in covered if r["accuracy"] is not None]  # at least one image accepted
     marked = [r for r in marks if r["coverage"] is not None and r["accuracy"] is not None]
     with _png(path, ncols=2, figsize=(10.5, 4.2)) as (fig, (left, right)):
-        left.plot([r["threshold"] for r in answered], [r["accuracy"] for r in answered], color="tab:blue", lw=2,
-                  label="top-1 accuracy of the accepted images")
-        left.plot([r["threshold"] for r in covered], [r["coverage"] for r in covered], color="tab:orange", lw=2,
-                  ls="--", label="share of images accepted")
-        left.plot([r["threshold"] for r in marked], [r["accuracy"] for r in marked], "o", color="tab:blue")
-        left.plot([r["threshold"] for r in marked], [r["coverage"] for r in marked], "o", color="tab:orange")
+        left.plot(
+            [r["threshold"] for r in answered],
+            [r["accuracy"] for r in answered],
+            color="tab:blue",
+            lw=2,
+            label="top-1 accuracy of the accepted images",
+        )
+        left.plot(
+            [r["threshold"] for r in covered],
+            [r["coverage"] for r in covered],
+            color="tab:orange",
+            lw=2,
+            ls="--",
+            label="share of images accepted",
+        )
+        left.plot(
+            [r["threshold"] for r in marked], [r["accuracy"] for r in marked], "o", color="tab:blue"
+        )
+        left.plot(
+            [r["threshold"] for r in marked],
+            [r["coverage"] for r in marked],
+            "o",
+            color="tab:orange",
+        )
         left.set_xlabel("threshold: accept when the top-1 probability reaches it")
         left.set_xlim(0.0, 1.0)
         left.legend(loc="lower left", fontsize=8)
 
-        right.plot([r["coverage"] for r in answered], [r["accuracy"] for r in answered], color="tab:blue", lw=2)
+        right.plot(
+            [r["coverage"] for r in answered],
+            [r["accuracy"] for r in answered],
+            color="tab:blue",
+            lw=2,
+        )
         # One marker per threshold, named in a legend (labels beside the points collide when
         # thresholds accept the same images, as they do on a small split).
         shades = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(1, len(marked))))
         for r, shade in zip(marked, shades):
-            right.plot(r["coverage"], r["accuracy"], "o", ms=7, color=shade, markeredgecolor="black", markeredgewidth=0.5,
-                       label=f"p >= {r['threshold']:.2f}: {100 * r['coverage']:.0f} % of images, top-1 {100 * r['accuracy']:.0f} %")
+            right.plot(
+                r["coverage"],
+                r["accuracy"],
+                "o",
+                ms=7,
+                color=shade,
+                markeredgecolor="black",
+                markeredgewidth=0.5,
+                label=f"p >= {r['threshold']:.2f}: {100 * r['coverage']:.0f} % of images, top-1 {100 * r['accuracy']:.0f} %",
+            )
         if marked:
             right.legend(loc="lower left", fontsize=7, title="accept when", title_fontsize=7)
         right.set_xlabel("share of images accepted (coverage)")
@@ -204,15 +255,23 @@ def coverage_text(report: dict[str, Any]) -> list[str]:
     if report.get("ece") is not None:
         metrics = (report.get("model") or {}).get("metrics") or {}
         temperature = metrics.get("temperature") if isinstance(metrics, dict) else None
-        fitted = f"; temperature {temperature:.2f} fitted on the valid split" if isinstance(temperature, (int, float)) else ""
-        lines.append(f"calibration: ECE {report['ece']:.3f} (0 = top-1 probabilities match top-1 accuracy{fitted})")
+        fitted = (
+            f"; temperature {temperature:.2f} fitted on the valid split"
+            if isinstance(temperature, (int, float))
+            else ""
+        )
+        lines.append(
+            f"calibration: ECE {report['ece']:.3f} (0 = top-1 probabilities match top-1 accuracy{fitted})"
+        )
     rows = report.get("coverage") or []
     if rows:
         lines.append("accepting the answers whose top-1 probability p reaches a threshold:")
     for r in rows:
         share = "n/a" if r["coverage"] is None else f"{100 * r['coverage']:3.0f} %"
         accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:3.0f} %"
-        lines.append(f"  p >= {r['threshold']:.2f}: {share} of images ({r['n']} of {report['n']}), top-1 {accuracy}")
+        lines.append(
+            f"  p >= {r['threshold']:.2f}: {share} of images ({r['n']} of {report['n']}), top-1 {accuracy}"
+        )
     return lines
 
 
@@ -223,17 +282,25 @@ def report_text(report: dict[str, Any]) -> str:
     def pct(x: float | None) -> str:
         return "   n/a" if x is None else f"{100 * x:5.1f}%"
 
-    lines = [f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"]
+    lines = [
+        f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"
+    ]
     width = max(len("stage"), *(len(label) for label in report["labels"]))
     lines.append(f"{'stage':>{width}}  recall  precision  support")
     for label, s in report["per_stage"].items():
-        lines.append(f"{label:>{width}}  {pct(s['recall'])}     {pct(s['precision'])}  {s['support']:7d}")
+        lines.append(
+            f"{label:>{width}}  {pct(s['recall'])}     {pct(s['precision'])}  {s['support']:7d}"
+        )
     lines += coverage_text(report)
     return "\n".join(lines)
 
 
 def evaluate_manifest(
-    model_dir: str | Path, manifest: str | Path, split: str = "test", batch_size: int = 32, threads: int | None = None
+    model_dir: str | Path,
+    manifest: str | Path,
+    split: str = "test",
+    batch_size: int = 32,
+    threads: int | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Run the model on one split of a manifest; returns (report, probs (N, K), targets (N,))."""
     predictor = Predictor(model_dir, threads=threads)
@@ -245,12 +312,16 @@ def evaluate_manifest(
         raise ManifestError(f"{manifest}: no images in split {split!r}; choose another --split")
     unknown = sorted({r.label for r in records} - set(labels))
     if unknown:
-        raise ManifestError(f"{manifest}: label(s) {unknown} are not among the model's labels {labels}; map them with organise --map")
+        raise ManifestError(
+            f"{manifest}: label(s) {unknown} are not among the model's labels {labels}; map them with organise --map"
+        )
     index = {label: i for i, label in enumerate(labels)}
     targets = np.array([index[r.label] for r in records], dtype=np.int64)
     chunks = []
     for start in range(0, len(records), batch_size):
-        batch = np.stack([load(r.path, predictor.config) for r in records[start : start + batch_size]])
+        batch = np.stack(
+            [load(r.path, predictor.config) for r in records[start : start + batch_size]]
+        )
         chunks.append(predictor.predict_arrays(batch))
     probs = np.concatenate(chunks)
     report = evaluate_probs(probs, targets, labels)
@@ -268,32 +339,61 @@ def evaluate_manifest(
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="model directory (model.onnx + metadata.json)")
-    parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV from `flystage organise`")
-    parser.add_argument("--split", choices=[*SPLITS, "all"], default="test", help="which split to score (default test)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for report.json, confusion.png and coverage.png")
+    parser.add_argument(
+        "--model", type=Path, required=True, help="model directory (model.onnx + metadata.json)"
+    )
+    parser.add_argument(
+        "--manifest", type=Path, required=True, help="manifest CSV from `flystage organise`"
+    )
+    parser.add_argument(
+        "--split",
+        choices=[*SPLITS, "all"],
+        default="test",
+        help="which split to score (default test)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for report.json, confusion.png and coverage.png",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing report in --out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
-    parser.add_argument("--html", action="store_true", help="also write report.html: one self-contained page (figures, "
-                        "per-stage table, thumbnails of the worst errors) to email or open offline")
+    parser.add_argument(
+        "--html",
+        action="store_true",
+        help="also write report.html: one self-contained page (figures, "
+        "per-stage table, thumbnails of the worst errors) to email or open offline",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report_path, png_path, coverage_path = (args.out / name for name in ("report.json", "confusion.png", "coverage.png"))
+    report_path, png_path, coverage_path = (
+        args.out / name for name in ("report.json", "confusion.png", "coverage.png")
+    )
     if not args.force and any(p.exists() for p in (report_path, png_path, coverage_path)):
-        print(f"error: {args.out} already holds a report; choose another --out or pass --force", file=sys.stderr)
+        print(
+            f"error: {args.out} already holds a report; choose another --out or pass --force",
+            file=sys.stderr,
+        )
         return 2
     try:
-        report, probs, targets = evaluate_manifest(args.model, args.manifest, args.split, args.batch_size, args.threads)
+        report, probs, targets = evaluate_manifest(
+            args.model, args.manifest, args.split, args.batch_size, args.threads
+        )
     except (ArtefactError, ManifestError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{args.split} split, n={report['n']}"
     plot_confusion(np.array(report["confusion"]), report["labels"], png_path, title=title)
-    plot_coverage(coverage_curve(probs, targets), coverage_path, marks=report["coverage"],
-                  title=title + (f", ECE {report['ece']:.3f}" if report.get("ece") is not None else ""))
+    plot_coverage(
+        coverage_curve(probs, targets),
+        coverage_path,
+        marks=report["coverage"],
+        title=title + (f", ECE {report['ece']:.3f}" if report.get("ece") is not None else ""),
+    )
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(report_text(report))
     print(f"wrote {report_path}, {png_path} and {coverage_path}")
@@ -302,8 +402,19 @@ def run(args: argparse.Namespace) -> int:
         from flystage.imaging import PreprocessConfig
 
         # The same records, in the same order, as evaluate_manifest scored.
-        records = [r for r in read_manifest(args.manifest) if args.split == "all" or r.split == args.split]
+        records = [
+            r for r in read_manifest(args.manifest) if args.split == "all" or r.split == args.split
+        ]
         config = PreprocessConfig.from_dict(report["model"]["preprocess"])
-        page = write_html(args.out / "report.html", report, probs, targets, records, config, png_path, coverage_path)
+        page = write_html(
+            args.out / "report.html",
+            report,
+            probs,
+            targets,
+            records,
+            config,
+            png_path,
+            coverage_path,
+        )
         print(f"wrote {page}")
     return 0

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,22 +61,31 @@ def render_html(
     for i in worst_errors(probs, targets):
         record, p = records[i], probs[i]
         try:
-            picture = _img(to_png(load(record.path, config, name=str(record.path))), record.path.name, "width:100%")
+            picture = _img(
+                to_png(load(record.path, config, name=str(record.path))),
+                record.path.name,
+                "width:100%",
+            )
         except (ImageError, ValueError, OSError) as exc:
             picture = f"<p>cannot show: {esc(str(exc))}</p>"
         predicted = int(p.argmax())
         cards.append(
-            f'<figure>{picture}<figcaption><b>true {esc(labels[int(targets[i])])}</b>, predicted '
+            f"<figure>{picture}<figcaption><b>true {esc(labels[int(targets[i])])}</b>, predicted "
             f"{esc(labels[predicted])} (p {p[predicted]:.2f})<br><small>{esc(str(record.path.name))}</small></figcaption></figure>"
         )
     errors = "".join(cards) or "<p>No errors on this split.</p>"
     if coverage_png is not None:
-        coverage = ("<h2>Accepting sure answers</h2><p>Top-1 accuracy of the images whose top-1 probability reaches a "
-                    "threshold, and the share of images that do (<code>flystage predict --unsure-below P</code> leaves "
-                    "the rest for a look).</p>" + _img(coverage_png.read_bytes(), "coverage and accuracy", "max-width:100%"))
+        coverage = (
+            "<h2>Accepting sure answers</h2><p>Top-1 accuracy of the images whose top-1 probability reaches a "
+            "threshold, and the share of images that do (<code>flystage predict --unsure-below P</code> leaves "
+            "the rest for a look).</p>"
+            + _img(coverage_png.read_bytes(), "coverage and accuracy", "max-width:100%")
+        )
     else:
-        coverage = ("<h2>Accepting sure answers</h2><p>This model's probabilities are not calibrated (no temperature "
-                    "fitted on a validation split), so no threshold is recommended.</p>")
+        coverage = (
+            "<h2>Accepting sure answers</h2><p>This model's probabilities are not calibrated (no temperature "
+            "fitted on a validation split), so no threshold is recommended.</p>"
+        )
     model = report.get("model") or {}
     title = f"flystage evaluation: {report.get('split', '')} split, {report['n']} images"
     return f"""<!doctype html>
@@ -89,9 +99,9 @@ figure {{ margin: 0; background: #f3f3f3; padding: 6px; }} figure img {{ backgro
 .big {{ font-size: 1.3em; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
-<p class="big">top-1 <b>{_pct(report['top1'])}</b> &nbsp; top-3 <b>{_pct(report['top3'])}</b> &nbsp; mean recall {_pct(report.get('mean_recall'))}</p>
-<p>Model: {esc(str(model.get('arch', '')))} ({esc(str(model.get('model_dir', '')))}), created {esc(str(model.get('created', '')))}.
-Manifest: {esc(str(report.get('manifest', '')))}{'' if report.get('same_manifest_as_training', True) else ' (not the manifest the model was trained on)'}.</p>
+<p class="big">top-1 <b>{_pct(report["top1"])}</b> &nbsp; top-3 <b>{_pct(report["top3"])}</b> &nbsp; mean recall {_pct(report.get("mean_recall"))}</p>
+<p>Model: {esc(str(model.get("arch", "")))} ({esc(str(model.get("model_dir", "")))}), created {esc(str(model.get("created", "")))}.
+Manifest: {esc(str(report.get("manifest", "")))}{"" if report.get("same_manifest_as_training", True) else " (not the manifest the model was trained on)"}.</p>
 <h2>Per stage</h2>
 <table><tr><th>stage</th><th>recall</th><th>precision</th><th>images</th></tr>{rows}</table>
 <h2>Confusion matrix</h2>
@@ -117,6 +127,8 @@ def write_html(
     """Write ``report.html``; the coverage curve only for a calibrated model (a fitted temperature)."""
     metrics = (report.get("model") or {}).get("metrics") or {}
     calibrated = isinstance(metrics, dict) and isinstance(metrics.get("temperature"), (int, float))
-    text = render_html(report, probs, targets, records, config, confusion_png, coverage_png if calibrated else None)
+    text = render_html(
+        report, probs, targets, records, config, confusion_png, coverage_png if calibrated else None
+    )
     path.write_text(text, encoding="utf-8")
     return path

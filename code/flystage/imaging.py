@@ -169,7 +169,9 @@ def read_image(
     except ImageError:
         raise
     except MemoryError as exc:
-        raise ImageError(f"{label}: too large to decode in memory ({exc}); downscale it first") from exc
+        raise ImageError(
+            f"{label}: too large to decode in memory ({exc}); downscale it first"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - no decoder's own exception may escape
         raise ImageError(
             f"{label}: the file is corrupt or truncated ({type(exc).__name__}: {exc}); "
@@ -194,7 +196,9 @@ def _open_source(
     return None, path, label
 
 
-def _decode(data: bytes | None, path: Path | None, page: int, label: str, limit: _Limits) -> np.ndarray:
+def _decode(
+    data: bytes | None, path: Path | None, page: int, label: str, limit: _Limits
+) -> np.ndarray:
     """The image of ``data`` (or of the file ``path`` when ``data`` is None) by its magic bytes,
     before ``_normalise_array``; decoders' own exceptions escape (``read_image`` wraps them)."""
     if data is None:
@@ -230,10 +234,14 @@ class _Limits:
     decoded_bytes: int
 
 
-def _check_size(height: int, width: int, label: str, limit: _Limits, decoded_bytes: int = 0) -> None:
+def _check_size(
+    height: int, width: int, label: str, limit: _Limits, decoded_bytes: int = 0
+) -> None:
     """Refuse, before decoding, an image whose header promises too many pixels or bytes."""
     if height <= 0 or width <= 0:
-        raise ImageError(f"{label}: the image has zero size ({width}x{height} pixels); re-export it")
+        raise ImageError(
+            f"{label}: the image has zero size ({width}x{height} pixels); re-export it"
+        )
     if height * width > limit.pixels:
         raise ImageError(
             f"{label}: {width}x{height} pixels is more than the limit of {limit.pixels:,} pixels "
@@ -267,9 +275,15 @@ def _read_tiff(source: Path | bytes, page: int, label: str, limit: _Limits) -> n
             tp = tif.pages[page]
             shape = tuple(int(s) for s in tp.shape)
             if len(shape) < 2 or 0 in shape:
-                raise ImageError(f"{label}: page {page} has no pixels (shape {shape}); re-export it")
+                raise ImageError(
+                    f"{label}: page {page} has no pixels (shape {shape}); re-export it"
+                )
             height, width = (int(tp.imagelength), int(tp.imagewidth))
-            itemsize = tp.dtype.itemsize if tp.dtype is not None else max(1, (int(tp.bitspersample) + 7) // 8)
+            itemsize = (
+                tp.dtype.itemsize
+                if tp.dtype is not None
+                else max(1, (int(tp.bitspersample) + 7) // 8)
+            )
             _check_size(height, width, label, limit, int(np.prod(shape)) * itemsize)
             if int(np.prod(shape)) > 4 * limit.pixels:
                 raise ImageError(f"{label}: page {page} holds {shape} samples, too many to read")
@@ -309,7 +323,9 @@ def _read_with_opencv(data: bytes, kind: str, label: str, limit: _Limits) -> np.
     _check_size(height, width, label, limit, height * width * 4 * sample_bytes)
     if kind == "jpeg" and b"\xff\xd9" not in data[2:]:
         # libjpeg decodes a cut-off JPEG with a grey bottom and only a warning.
-        raise ImageError(f"{label}: the JPEG is truncated (no end marker); copy it again from its source")
+        raise ImageError(
+            f"{label}: the JPEG is truncated (no end marker); copy it again from its source"
+        )
     if kind == "bmp":
         declared = struct.unpack_from("<I", data, 2)[0]
         if declared > len(data):
@@ -394,7 +410,9 @@ def _normalise_array(arr: np.ndarray, label: str) -> np.ndarray:
         arr = arr.astype(np.uint8) * 255
     elif arr.dtype not in (np.uint8, np.uint16, np.float32):
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise ImageError(f"{label}: pixel type {arr.dtype} is not supported; save as 8/16-bit or float")
+            raise ImageError(
+                f"{label}: pixel type {arr.dtype} is not supported; save as 8/16-bit or float"
+            )
         arr = arr.astype(np.float32)
     return np.ascontiguousarray(arr)
 
@@ -471,7 +489,9 @@ class PreprocessConfig:
     )
     mask: bool = option(True, "set everything outside the embryo to black")
     align: bool = option(True, "rotate each image so that the embryo's long axis is horizontal")
-    crop: bool = option(True, "cut each image to the embryo's bounding box (plus margin) before resizing")
+    crop: bool = option(
+        True, "cut each image to the embryo's bounding box (plus margin) before resizing"
+    )
     margin: float = option(
         0.05,
         "crop: margin around the embryo's bounding box, as a fraction of its size on each side (0-1)",
@@ -479,8 +499,14 @@ class PreprocessConfig:
     page: int = option(0, "which page of a multi-page TIFF to read (0 = the first)")
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.height, int) and isinstance(self.width, int)) or self.height < 8 or self.width < 8:
-            raise ValueError(f"height and width must be integers >= 8, not {self.height!r} x {self.width!r}")
+        if (
+            not (isinstance(self.height, int) and isinstance(self.width, int))
+            or self.height < 8
+            or self.width < 8
+        ):
+            raise ValueError(
+                f"height and width must be integers >= 8, not {self.height!r} x {self.width!r}"
+            )
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {self.channels!r}")
         if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
@@ -493,7 +519,9 @@ class PreprocessConfig:
         if self.background not in _BACKGROUNDS:
             raise ValueError(f"background must be one of {_BACKGROUNDS}, not {self.background!r}")
         if not 0.0 <= self.margin <= 1.0:
-            raise ValueError(f"margin must be between 0 and 1 (a fraction of the embryo's size), not {self.margin!r}")
+            raise ValueError(
+                f"margin must be between 0 and 1 (a fraction of the embryo's size), not {self.margin!r}"
+            )
         if not isinstance(self.page, int) or self.page < 0:
             raise ValueError(f"page must be an integer >= 0, not {self.page!r}")
 
@@ -502,7 +530,7 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         """The config from :meth:`to_dict`'s output; missing keys take their defaults.
 
         Raises ValueError for keys this version does not know (e.g. an artefact made by a
@@ -519,6 +547,7 @@ class PreprocessConfig:
 
 
 # ---- the steps ------------------------------------------------------------------------------
+
 
 def to_float(image: np.ndarray) -> np.ndarray:
     """``image`` as float32 of the same shape, values unchanged (non-finite values become 0)."""
@@ -547,9 +576,14 @@ def _corners(image: np.ndarray, size: float = 0.08) -> np.ndarray:
     """
     h, w = image.shape[:2]
     ch, cw = max(1, int(h * size)), max(1, int(w * size))
-    return np.concatenate([
-        image[:ch, :cw].ravel(), image[:ch, -cw:].ravel(), image[-ch:, :cw].ravel(), image[-ch:, -cw:].ravel()
-    ])
+    return np.concatenate(
+        [
+            image[:ch, :cw].ravel(),
+            image[:ch, -cw:].ravel(),
+            image[-ch:, :cw].ravel(),
+            image[-ch:, -cw:].ravel(),
+        ]
+    )
 
 
 def has_light_background(image: np.ndarray, corner: float = 0.08) -> bool:
@@ -644,7 +678,9 @@ def foreground_mask(image: np.ndarray, smooth: float = 0.02, work_size: int = 25
     h, w = grey.shape
     scale = min(1.0, work_size / max(h, w))
     if scale < 1.0:
-        small = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        )
     else:
         small = grey
     sh, sw = small.shape
@@ -679,9 +715,7 @@ def _long_axis_angle(mask: np.ndarray) -> float:
     return 0.5 * math.degrees(math.atan2(2.0 * m["mu11"], m["mu20"] - m["mu02"]))
 
 
-def align_long_axis(
-    image: np.ndarray, mask: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, float]:
+def align_long_axis(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Rotate so that the mask's long axis is horizontal.
 
     Parameters
@@ -713,7 +747,9 @@ def align_long_axis(
     out = cv2.warpAffine(image, rot, (new_w, new_h), flags=cv2.INTER_LINEAR, borderValue=0)
     if image.ndim == 3 and out.ndim == 2:
         out = out[:, :, None]
-    out_mask = cv2.warpAffine(mask.astype(np.uint8), rot, (new_w, new_h), flags=cv2.INTER_NEAREST, borderValue=0)
+    out_mask = cv2.warpAffine(
+        mask.astype(np.uint8), rot, (new_w, new_h), flags=cv2.INTER_NEAREST, borderValue=0
+    )
     return out, out_mask > 0, angle
 
 
@@ -743,8 +779,8 @@ def crop_to_mask(
     mx, my = int(round(margin * bw)), int(round(margin * bh))
     x0, y0, x1, y1 = x - mx, y - my, x + bw + mx, y + bh + my
     pads = (max(0, -y0), max(0, y1 - h), max(0, -x0), max(0, x1 - w))
-    image = image[max(0, y0):y1, max(0, x0):x1]
-    mask = mask[max(0, y0):y1, max(0, x0):x1]
+    image = image[max(0, y0) : y1, max(0, x0) : x1]
+    mask = mask[max(0, y0) : y1, max(0, x0) : x1]
     if any(pads):
         top, bottom, left, right = pads
         image = np.pad(image, ((top, bottom), (left, right)) + ((0, 0),) * (image.ndim - 2))
@@ -775,11 +811,12 @@ def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
         resized = resized[:, :, None]
     out = np.zeros((height, width) + image.shape[2:], np.float32)
     top, left = (height - new_h) // 2, (width - new_w) // 2
-    out[top:top + new_h, left:left + new_w] = resized
+    out[top : top + new_h, left : left + new_w] = resized
     return out
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
+
 
 def _match_channels(image: np.ndarray, channels: int, grey_from: str = "luminance") -> np.ndarray:
     if channels == 1 and image.ndim == 3:
@@ -831,7 +868,9 @@ def preprocess(image: np.ndarray, config: PreprocessConfig | None = None) -> np.
     h, w = image.shape[:2]
     k = int(min(h / config.height, w / config.width) / 1.5)
     if k >= 2:
-        image = cv2.resize(image[: h - h % k, : w - w % k], (w // k, h // k), interpolation=cv2.INTER_AREA)
+        image = cv2.resize(
+            image[: h - h % k, : w - w % k], (w // k, h // k), interpolation=cv2.INTER_AREA
+        )
 
     x = stretch_contrast(image, config.low_percentile, config.high_percentile, invert=light)
     if x.ndim == 2:
@@ -852,7 +891,9 @@ def preprocess(image: np.ndarray, config: PreprocessConfig | None = None) -> np.
     return np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
 
 
-def load(source: str | Path | bytes, config: PreprocessConfig | None = None, name: str | None = None) -> np.ndarray:
+def load(
+    source: str | Path | bytes, config: PreprocessConfig | None = None, name: str | None = None
+) -> np.ndarray:
     """:func:`read_image` (page ``config.page``) then :func:`preprocess`.
 
     Returns float32 ``(channels, height, width)`` in [0, 1]; raises :class:`ImageError` for

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # The training program prints one line per epoch, for example
 #   epoch=3 train_loss=0.8123 valid_loss=0.4100 valid_top1=0.8200 valid_top3=0.9700
@@ -24,7 +25,12 @@ OBJECTIVE_METRIC = "valid:top3"
 # What the lab tunes: learning rate on a log scale, batch size from a fixed set.
 TUNING_RANGES: dict[str, dict] = {
     "ContinuousParameterRanges": [
-        {"Name": "learning_rate", "MinValue": "0.001", "MaxValue": "0.1", "ScalingType": "Logarithmic"},
+        {
+            "Name": "learning_rate",
+            "MinValue": "0.001",
+            "MaxValue": "0.1",
+            "ScalingType": "Logarithmic",
+        },
     ],
     "CategoricalParameterRanges": [
         {"Name": "batch_size", "Values": ["32", "64", "128", "256"]},

@@ -44,7 +44,7 @@ def parse_bool(text: str | bool) -> bool:
     every non-empty string true."""
     if isinstance(text, bool):
         return text
-    value = str(text).strip().strip('"\'').lower()
+    value = str(text).strip().strip("\"'").lower()
     if value in ("true", "1", "yes", "on"):
         return True
     if value in ("false", "0", "no", "off"):
@@ -95,8 +95,10 @@ def argument_type(default: Any) -> Callable[[str], Any]:
     if isinstance(default, (float, str)):
         return type(default)
     # Tuples and lists: JSON ("[45, 90]") or comma-separated ("45,90").
-    return lambda text: tuple(json_or_text(text)) if str(text).startswith("[") else tuple(
-        json_or_text(part) for part in str(text).split(",") if part.strip()
+    return lambda text: (
+        tuple(json_or_text(text))
+        if str(text).startswith("[")
+        else tuple(json_or_text(part) for part in str(text).split(",") if part.strip())
     )
 
 
@@ -118,7 +120,11 @@ class Option:
         """The default as a user types it (``true``, ``0.003``, ``180.0``, ``""``)."""
         if isinstance(self.default, bool):
             return str(self.default).lower()
-        text = ",".join(map(str, self.default)) if isinstance(self.default, (tuple, list)) else str(self.default)
+        text = (
+            ",".join(map(str, self.default))
+            if isinstance(self.default, (tuple, list))
+            else str(self.default)
+        )
         return text or '""'
 
 
@@ -131,7 +137,9 @@ def field_options(instance: Any, skip: set[str] = frozenset()) -> Iterator[Optio
             continue
         text = f.metadata.get("help")
         if not text:
-            raise ValueError(f"{type(instance).__name__}.{f.name} has no help: add metadata={{'help': ...}}")
+            raise ValueError(
+                f"{type(instance).__name__}.{f.name} has no help: add metadata={{'help': ...}}"
+            )
         yield Option(f.name, getattr(instance, f.name), text)
 
 
@@ -141,19 +149,33 @@ def add_options(group: argparse._ArgumentGroup, options: Iterable[Option]) -> No
     for option in options:
         name = option.name
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        text = f"{option.help} (default {option.default_text})".replace("%", "%%")  # argparse %-formats help
-        group.add_argument(*flags, dest=name, type=argument_type(option.default), default=None,
-                           metavar=type(option.default).__name__.upper(), help=text)
+        text = f"{option.help} (default {option.default_text})".replace(
+            "%", "%%"
+        )  # argparse %-formats help
+        group.add_argument(
+            *flags,
+            dest=name,
+            type=argument_type(option.default),
+            default=None,
+            metavar=type(option.default).__name__.upper(),
+            help=text,
+        )
 
 
-def dataclass_values(instance: Any, args: argparse.Namespace, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def dataclass_values(
+    instance: Any, args: argparse.Namespace, given: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The field values of ``instance`` (the defaults), then ``given`` (a whole-config JSON
     option), then each single option the command line set."""
     values = dataclasses.asdict(instance)
     for key, value in (given or {}).items():
         # key=value text: typed like the default ("True" -> True, "64" -> 64).
         default = values.get(key)
-        values[key] = argument_type(default)(value) if isinstance(value, str) and default is not None else value
+        values[key] = (
+            argument_type(default)(value)
+            if isinstance(value, str) and default is not None
+            else value
+        )
     for f in dataclasses.fields(instance):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -163,9 +185,12 @@ def dataclass_values(instance: Any, args: argparse.Namespace, given: Mapping[str
 
 def markdown_table(options: Iterable[Option]) -> str:
     """A Markdown table of options: name, kind, default, help."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
     rows = ["| hyperparameter | type | default | what it does |", "|---|---|---|---|"]
-    rows += [f"| `{o.name}` | {o.kind} | `{cell(o.default_text)}` | {cell(o.help)} |" for o in options]
+    rows += [
+        f"| `{o.name}` | {o.kind} | `{cell(o.default_text)}` | {cell(o.help)} |" for o in options
+    ]
     return "\n".join(rows) + "\n"

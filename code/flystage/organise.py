@@ -23,9 +23,10 @@ import re
 import secrets
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
 SPLITS = ("train", "valid", "test")
@@ -175,7 +176,9 @@ def _parse_map(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         old, sep, new = pair.partition("=")
         if not sep or not old.strip() or not new.strip():
-            raise OrganiseError(f"--map {pair!r}: write it as OLD=NEW, for example --map 'stage 11=11-12'")
+            raise OrganiseError(
+                f"--map {pair!r}: write it as OLD=NEW, for example --map 'stage 11=11-12'"
+            )
         mapping[old.strip()] = new.strip()
     return mapping
 
@@ -190,7 +193,9 @@ def _compile(pattern: str, group: str, option: str) -> re.Pattern[str]:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise OrganiseError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from None
+        raise OrganiseError(
+            f"{option} {pattern!r} is not a valid regular expression: {exc}"
+        ) from None
     if group not in regex.groupindex:
         raise OrganiseError(f"{option} {pattern!r} needs a named group (?P<{group}>...)")
     return regex
@@ -220,7 +225,9 @@ def _cell_path(text: str, where: str) -> Path:
         raise OrganiseError(f"{where}: cannot expand {text!r} ({exc})") from None
 
 
-def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> dict[Path, tuple[str, str | None]]:
+def _read_labels_csv(
+    csv_path: Path, label_column: str, group_column: str
+) -> dict[Path, tuple[str, str | None]]:
     """Absolute image path -> (label, group or None) from a CSV with path,label[,group]."""
     if not os.path.isfile(csv_path):
         raise OrganiseError(f"{csv_path}: labels CSV not found")
@@ -239,7 +246,11 @@ def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> di
                 # A short row leaves its last columns None: say where, do not guess.
                 short = [c for c in columns if row.get(c) is None]
                 if short or None in row:
-                    what = f"no value for column(s) {short}" if short else "more values than the header has columns"
+                    what = (
+                        f"no value for column(s) {short}"
+                        if short
+                        else "more values than the header has columns"
+                    )
                     raise OrganiseError(
                         f"{csv_path}: line {reader.line_num}: {what}; every row needs "
                         f"{len(columns)} comma-separated values ({','.join(columns)})"
@@ -251,9 +262,13 @@ def _read_labels_csv(csv_path: Path, label_column: str, group_column: str) -> di
                 group = (row.get(group_column) or None) if group_column in columns else None
                 table[path] = (row[label_column].strip(), group)
     except UnicodeDecodeError as exc:
-        raise OrganiseError(f"{csv_path}: not UTF-8 text ({exc}); save the labels CSV as UTF-8") from None
+        raise OrganiseError(
+            f"{csv_path}: not UTF-8 text ({exc}); save the labels CSV as UTF-8"
+        ) from None
     except csv.Error as exc:
-        raise OrganiseError(f"{csv_path}: line {reader.line_num}: not a valid CSV ({exc})") from None
+        raise OrganiseError(
+            f"{csv_path}: line {reader.line_num}: not a valid CSV ({exc})"
+        ) from None
     return table
 
 
@@ -269,7 +284,9 @@ def stage_levels(path: Path, root: Path, pattern: re.Pattern[str]) -> list[int]:
     return levels
 
 
-def _folder_label(path: Path, root: Path, level: int | None, pattern: re.Pattern[str]) -> str | None:
+def _folder_label(
+    path: Path, root: Path, level: int | None, pattern: re.Pattern[str]
+) -> str | None:
     parents = list(path.parents)
     if level is not None:
         return parents[level - 1].name if level <= len(parents) else None
@@ -285,10 +302,13 @@ def _level_names(found: Sequence[tuple[Path, Path]], most: int = 4) -> str:
             if parent == root:
                 break
             names[level].add(parent.name)
-    return "; ".join(
-        f"level {level}: {len(n)} name(s) ({', '.join(sorted(n)[:most])}{', ...' if len(n) > most else ''})"
-        for level, n in sorted(names.items())
-    ) or "no folders below the scanned folder"
+    return (
+        "; ".join(
+            f"level {level}: {len(n)} name(s) ({', '.join(sorted(n)[:most])}{', ...' if len(n) > most else ''})"
+            for level, n in sorted(names.items())
+        )
+        or "no folders below the scanned folder"
+    )
 
 
 def default_label_level(found: Sequence[tuple[Path, Path]], pattern: re.Pattern[str]) -> int | None:
@@ -341,7 +361,9 @@ def split_groups(
     rare stages count as much as common ones) and in total. Returns group -> split.
     """
     if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise OrganiseError(f"split fractions {list(fractions)}: give three non-negative numbers, e.g. 0.7,0.15,0.15")
+        raise OrganiseError(
+            f"split fractions {list(fractions)}: give three non-negative numbers, e.g. 0.7,0.15,0.15"
+        )
     total_f = sum(fractions)
     fractions = [f / total_f for f in fractions]
     label_totals: Counter = Counter()
@@ -444,17 +466,25 @@ class OrganiseOptions:
         if self.split not in SPLIT_MODES:
             raise OrganiseError(f"split {self.split!r}: use 'stratified' or 'none'")
         if self.label_level is not None and self.label_level < 1:
-            raise OrganiseError(f"--label-level {self.label_level}: 1 is the image's own folder, 2 its parent, ...")
+            raise OrganiseError(
+                f"--label-level {self.label_level}: 1 is the image's own folder, 2 its parent, ..."
+            )
         self.patterns()  # every regular expression compiles and has its named group
 
     def patterns(self) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None, re.Pattern[str]]:
         """The compiled ``label_regex``, ``group_regex`` (``None`` when not given) and ``label_pattern``."""
-        label_re = _compile(self.label_regex, "label", "--label-regex") if self.label_regex else None
-        group_re = _compile(self.group_regex, "group", "--group-regex") if self.group_regex else None
+        label_re = (
+            _compile(self.label_regex, "label", "--label-regex") if self.label_regex else None
+        )
+        group_re = (
+            _compile(self.group_regex, "group", "--group-regex") if self.group_regex else None
+        )
         try:
             folder_re = re.compile(self.label_pattern)
         except re.error as exc:
-            raise OrganiseError(f"--label-pattern {self.label_pattern!r} is not a valid regular expression: {exc}") from None
+            raise OrganiseError(
+                f"--label-pattern {self.label_pattern!r} is not a valid regular expression: {exc}"
+            ) from None
         return label_re, group_re, folder_re
 
 
@@ -514,8 +544,12 @@ class _Labelled:
     not_utf8: list[Path] = field(default_factory=list)
 
 
-def _label_records(found: Sequence[tuple[Path, Path]], rules: LabelRules, options: OrganiseOptions,
-                   ignored: Counter) -> _Labelled:
+def _label_records(
+    found: Sequence[tuple[Path, Path]],
+    rules: LabelRules,
+    options: OrganiseOptions,
+    ignored: Counter,
+) -> _Labelled:
     """Label, map, filter and group every found image; what is left out is counted in
     ``ignored`` (not UTF-8, not in the labels CSV) or listed in the result."""
     out = _Labelled()
@@ -537,7 +571,9 @@ def _label_records(found: Sequence[tuple[Path, Path]], rules: LabelRules, option
         if label in mapping:
             out.mapped[f"{label} -> {mapping[label]}"] += 1
             label = mapping[label]
-        if (options.keep is not None and label not in options.keep) or (options.drop is not None and label in options.drop):
+        if (options.keep is not None and label not in options.keep) or (
+            options.drop is not None and label in options.drop
+        ):
             out.dropped[label] += 1
             continue
         if group is None:
@@ -560,7 +596,9 @@ def _assign_splits(records: Sequence[Record], options: OrganiseOptions) -> None:
         r.split = assignment[r.group]
 
 
-def organise(folders: Sequence[str | Path], options: OrganiseOptions | None = None, **overrides: Any) -> OrganiseResult:
+def organise(
+    folders: Sequence[str | Path], options: OrganiseOptions | None = None, **overrides: Any
+) -> OrganiseResult:
     """Scan ``folders`` and return labelled, de-duplicated, split records (nothing is written).
 
     ``options`` (:class:`OrganiseOptions`, default all defaults) says how; keyword arguments
@@ -570,7 +608,8 @@ def organise(folders: Sequence[str | Path], options: OrganiseOptions | None = No
     label_re, group_re, folder_re = options.patterns()
     table = (
         _read_labels_csv(real_path(options.labels_csv), options.label_column, options.group_column)
-        if options.labels_csv else None
+        if options.labels_csv
+        else None
     )
 
     found, ignored = _scan(folders)
@@ -582,7 +621,9 @@ def organise(folders: Sequence[str | Path], options: OrganiseOptions | None = No
     label_level = options.label_level
     if table is None and label_re is None and label_level is None:
         label_level = default_label_level(found, folder_re)
-    rules = LabelRules(table, label_re, group_re, folder_re, label_level, absolute_groups=len(folders) != 1)
+    rules = LabelRules(
+        table, label_re, group_re, folder_re, label_level, absolute_groups=len(folders) != 1
+    )
     labelled = _label_records(found, rules, options, ignored)
 
     if labelled.unmatched_groups:
@@ -596,7 +637,11 @@ def organise(folders: Sequence[str | Path], options: OrganiseOptions | None = No
     if not labelled.records:
         raise OrganiseError(
             f"no labelled images left ({len(labelled.unlabelled)} without a label, dropped {dict(labelled.dropped)}"
-            + (f", {len(labelled.not_utf8)} with a name not valid UTF-8" if labelled.not_utf8 else "")
+            + (
+                f", {len(labelled.not_utf8)} with a name not valid UTF-8"
+                if labelled.not_utf8
+                else ""
+            )
             + "); check --label-level/--label-regex/--labels-csv and --keep/--drop"
         )
 
@@ -605,7 +650,14 @@ def organise(folders: Sequence[str | Path], options: OrganiseOptions | None = No
         raise OrganiseError("every image was a duplicate with conflicting labels; nothing to write")
     _assign_splits(records, options)
     return OrganiseResult(
-        records, ignored, labelled.unlabelled, labelled.mapped, labelled.dropped, duplicates, conflicts, labelled.not_utf8
+        records,
+        ignored,
+        labelled.unlabelled,
+        labelled.mapped,
+        labelled.dropped,
+        duplicates,
+        conflicts,
+        labelled.not_utf8,
     )
 
 
@@ -647,7 +699,9 @@ def write_manifest(records: Sequence[Record], path: str | Path, force: bool = Fa
     """
     path = Path(path).expanduser().resolve()
     if path.exists() and not force:
-        raise OrganiseError(f"{path} already exists; choose another --out or pass --force to replace it")
+        raise OrganiseError(
+            f"{path} already exists; choose another --out or pass --force to replace it"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     extra_columns = sorted({k for r in records for k in r.extra} - set(MANIFEST_COLUMNS))
     rows = [
@@ -702,16 +756,22 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
                 )
             rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text ({exc}); a manifest is UTF-8 (make one with `flystage organise`)") from None
+        raise ManifestError(
+            f"{path}: not UTF-8 text ({exc}); a manifest is UTF-8 (make one with `flystage organise`)"
+        ) from None
     except csv.Error as exc:
-        raise ManifestError(f"{path}: not a valid CSV ({exc}); make one with `flystage organise`") from None
+        raise ManifestError(
+            f"{path}: not a valid CSV ({exc}); make one with `flystage organise`"
+        ) from None
     if not rows:
         raise ManifestError(f"{path}: the manifest has no rows")
     records, bad_split, missing_files, escaping, lines = [], [], [], [], []
     for line, row in rows:
         short = [c for c in columns if row.get(c) is None]
         if short:
-            raise ManifestError(f"{path}: line {line}: no value for column(s) {short}; every row needs {len(columns)} values")
+            raise ManifestError(
+                f"{path}: line {line}: no value for column(s) {short}; every row needs {len(columns)} values"
+            )
         image = _cell_path(row["path"], f"{path}: line {line}")
         if not image.is_absolute():
             image = path.parent / image
@@ -730,17 +790,20 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
     if escaping:
         raise ManifestError(
             f"{path}: relative path(s) that leave the manifest's folder {path.parent} through '..': "
-            + "; ".join(escaping[:10]) + (f" and {len(escaping) - 10} more" if len(escaping) > 10 else "")
+            + "; ".join(escaping[:10])
+            + (f" and {len(escaping) - 10} more" if len(escaping) > 10 else "")
             + ". List images below the manifest's folder, or by absolute path (organise writes both)"
         )
     if bad_split:
         raise ManifestError(
-            f"{path}: split must be one of {', '.join(SPLITS)}; found " + "; ".join(bad_split[:10])
+            f"{path}: split must be one of {', '.join(SPLITS)}; found "
+            + "; ".join(bad_split[:10])
             + (f" and {len(bad_split) - 10} more" if len(bad_split) > 10 else "")
         )
     if missing_files:
         raise ManifestError(
-            f"{path}: {len(missing_files)} image(s) listed but not found, e.g.\n  " + "\n  ".join(missing_files[:10])
+            f"{path}: {len(missing_files)} image(s) listed but not found, e.g.\n  "
+            + "\n  ".join(missing_files[:10])
             + "\nMove the manifest with its images, or organise again."
         )
     splits_of_group: dict[str, set[str]] = defaultdict(set)
@@ -748,7 +811,9 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
         splits_of_group[r.group].add(r.split)
     leaking = sorted(g for g, s in splits_of_group.items() if len(s) > 1)
     if leaking:
-        raise ManifestError(f"{path}: group(s) {leaking[:10]} appear in more than one split; organise again")
+        raise ManifestError(
+            f"{path}: group(s) {leaking[:10]} appear in more than one split; organise again"
+        )
     _refuse_images_in_two_splits(path, records, lines)
     return records
 
@@ -756,7 +821,9 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 
 
-def _refuse_images_in_two_splits(path: Path, records: Sequence[Record], lines: Sequence[int]) -> None:
+def _refuse_images_in_two_splits(
+    path: Path, records: Sequence[Record], lines: Sequence[int]
+) -> None:
     """``ManifestError`` naming both rows when one image (the same file once resolved, or the
     same SHA-1 where the column holds one) is listed in two splits: it would be tested on
     what it was trained on. Repeats within one split are left alone."""
@@ -779,7 +846,8 @@ def _refuse_images_in_two_splits(path: Path, records: Sequence[Record], lines: S
                 break
     if leaks:
         raise ManifestError(
-            f"{path}: {len(leaks)} image(s) in two splits: " + "; ".join(leaks[:5])
+            f"{path}: {len(leaks)} image(s) in two splits: "
+            + "; ".join(leaks[:5])
             + (f" and {len(leaks) - 5} more" if len(leaks) > 5 else "")
             + ". An image must lie in one split only (else it is tested on what it was trained on): "
             "remove the copies or organise again (organise removes exact duplicates)"
@@ -810,9 +878,23 @@ def summary_table(records: Sequence[Record]) -> str:
     rows = [header]
     for s in SPLITS:
         if counts[s]:
-            rows.append([s, *(str(counts[s][l]) for l in labels), str(sum(counts[s].values())), str(len(groups[s]))])
+            rows.append(
+                [
+                    s,
+                    *(str(counts[s][l]) for l in labels),
+                    str(sum(counts[s].values())),
+                    str(len(groups[s])),
+                ]
+            )
     all_groups = {r.group for r in records}
-    rows.append(["all", *(str(sum(c[l] for c in counts.values())) for l in labels), str(len(records)), str(len(all_groups))])
+    rows.append(
+        [
+            "all",
+            *(str(sum(c[l] for c in counts.values())) for l in labels),
+            str(len(records)),
+            str(len(all_groups)),
+        ]
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -826,15 +908,22 @@ def report_lines(result: OrganiseResult) -> list[str]:
     """``report_text`` without the table: what was ignored, mapped, dropped and de-duplicated."""
     lines = []
     if result.ignored:
-        lines.append("ignored files: " + ", ".join(f"{n} {why}" for why, n in sorted(result.ignored.items())))
+        lines.append(
+            "ignored files: " + ", ".join(f"{n} {why}" for why, n in sorted(result.ignored.items()))
+        )
     for path in result.not_utf8:
         lines.append(f"skipped: {printable_path(path)}: {NOT_UTF8}")
     if result.unlabelled:
-        lines.append(f"no label found for {len(result.unlabelled)} image(s), e.g. {printable_path(result.unlabelled[0])}")
+        lines.append(
+            f"no label found for {len(result.unlabelled)} image(s), e.g. {printable_path(result.unlabelled[0])}"
+        )
     for change, n in sorted(result.mapped.items()):
         lines.append(f"mapped {change}: {n}")
     if result.dropped:
-        lines.append("dropped out-of-scope labels: " + ", ".join(f"{l} ({n})" for l, n in sorted(result.dropped.items())))
+        lines.append(
+            "dropped out-of-scope labels: "
+            + ", ".join(f"{l} ({n})" for l, n in sorted(result.dropped.items()))
+        )
     for kept, removed in result.duplicates:
         lines.append(f"duplicate: kept {kept}, removed {', '.join(map(str, removed))}")
     for sha1, copies in result.conflicts:
@@ -850,26 +939,70 @@ def report_lines(result: OrganiseResult) -> list[str]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "folders", nargs="+", type=Path,
+        "folders",
+        nargs="+",
+        type=Path,
         help="folders to scan recursively; an image whose name is not valid UTF-8 is skipped, listed and "
         "counted in the summary (the manifest is UTF-8: rename such files to include them)",
     )
-    parser.add_argument("--out", type=Path, default=Path("manifest.csv"), help="manifest CSV to write (default manifest.csv)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("manifest.csv"),
+        help="manifest CSV to write (default manifest.csv)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing manifest")
-    how = parser.add_argument_group("labels (default: the nearest folder whose name looks like a stage)")
-    how.add_argument("--label-level", type=int, help="take the label from the N-th folder up (1 = the image's own folder)")
-    how.add_argument("--label-pattern", default=DEFAULT_LABEL_PATTERN, help="regex a folder name must match to be a label")
-    how.add_argument("--label-regex", help="regex with a named group 'label', searched in the path below the scanned folder")
-    how.add_argument("--labels-csv", type=Path, help="CSV with path,label[,group] (paths relative to the CSV's folder)")
-    how.add_argument("--label-column", default="label", help="label column of --labels-csv (default label)")
-    how.add_argument("--group-column", default="group", help="group column of --labels-csv (default group)")
-    how.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="rename a label (repeatable)")
-    how.add_argument("--keep", help="comma-separated labels to keep (after --map); others are dropped")
+    how = parser.add_argument_group(
+        "labels (default: the nearest folder whose name looks like a stage)"
+    )
+    how.add_argument(
+        "--label-level",
+        type=int,
+        help="take the label from the N-th folder up (1 = the image's own folder)",
+    )
+    how.add_argument(
+        "--label-pattern",
+        default=DEFAULT_LABEL_PATTERN,
+        help="regex a folder name must match to be a label",
+    )
+    how.add_argument(
+        "--label-regex",
+        help="regex with a named group 'label', searched in the path below the scanned folder",
+    )
+    how.add_argument(
+        "--labels-csv",
+        type=Path,
+        help="CSV with path,label[,group] (paths relative to the CSV's folder)",
+    )
+    how.add_argument(
+        "--label-column", default="label", help="label column of --labels-csv (default label)"
+    )
+    how.add_argument(
+        "--group-column", default="group", help="group column of --labels-csv (default group)"
+    )
+    how.add_argument(
+        "--map", action="append", default=[], metavar="OLD=NEW", help="rename a label (repeatable)"
+    )
+    how.add_argument(
+        "--keep", help="comma-separated labels to keep (after --map); others are dropped"
+    )
     how.add_argument("--drop", help="comma-separated labels to drop (after --map)")
     sp = parser.add_argument_group("groups and split")
-    sp.add_argument("--group-regex", help="regex with a named group 'group' on the path below the scanned folder, e.g. '^(?P<group>[^/]+)/'")
-    sp.add_argument("--split", choices=["stratified", "none"], default="stratified", help="'none' marks every image train (for crossval)")
-    sp.add_argument("--fractions", default="0.7,0.15,0.15", help="train,valid,test fractions (default 0.7,0.15,0.15)")
+    sp.add_argument(
+        "--group-regex",
+        help="regex with a named group 'group' on the path below the scanned folder, e.g. '^(?P<group>[^/]+)/'",
+    )
+    sp.add_argument(
+        "--split",
+        choices=["stratified", "none"],
+        default="stratified",
+        help="'none' marks every image train (for crossval)",
+    )
+    sp.add_argument(
+        "--fractions",
+        default="0.7,0.15,0.15",
+        help="train,valid,test fractions (default 0.7,0.15,0.15)",
+    )
     sp.add_argument("--seed", type=int, default=0, help="seed of the group order (default 0)")
 
 
@@ -877,11 +1010,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         fractions = [float(x) for x in args.fractions.split(",")]
     except ValueError:
-        print(f"error: --fractions {args.fractions!r}: give three numbers such as 0.7,0.15,0.15", file=sys.stderr)
+        print(
+            f"error: --fractions {args.fractions!r}: give three numbers such as 0.7,0.15,0.15",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.out.exists() and not args.force:
-            raise OrganiseError(f"{args.out} already exists; choose another --out or pass --force to replace it")
+            raise OrganiseError(
+                f"{args.out} already exists; choose another --out or pass --force to replace it"
+            )
         options = OrganiseOptions(
             label_level=args.label_level,
             label_pattern=args.label_pattern,
@@ -903,5 +1041,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report_text(result))
-    print(f"wrote {out} ({len(result.records)} images, {len({r.group for r in result.records})} groups)")
+    print(
+        f"wrote {out} ({len(result.records)} images, {len({r.group for r in result.records})} groups)"
+    )
     return 0

@@ -24,11 +24,12 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -116,9 +117,13 @@ def unsure_threshold(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a probability such as 0.8") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number; give a probability such as 0.8"
+        ) from None
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (exclusive); give a probability such as 0.8")
+        raise argparse.ArgumentTypeError(
+            f"{text} is not between 0 and 1 (exclusive); give a probability such as 0.8"
+        )
     return value
 
 
@@ -168,7 +173,9 @@ class Predictor:
         batch = np.asarray(batch)
         expected = tuple(self.metadata.input_shape)
         if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != expected:
-            raise ValueError(f"batch must be float32 (N, {', '.join(map(str, expected))}), got {batch.dtype} {batch.shape}")
+            raise ValueError(
+                f"batch must be float32 (N, {', '.join(map(str, expected))}), got {batch.dtype} {batch.shape}"
+            )
         if len(batch) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
         logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch)})[0]
@@ -183,7 +190,9 @@ class Predictor:
         preprocessing): the model would name three stages for nothing, and --rename would put
         them in its name. Its row says ``blank image (...)`` and it keeps its name.
         """
-        names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
+        names = (
+            list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
+        )
         predictions = [Prediction(name) for name in names]
         arrays, good = [], []
         for i, (source, name) in enumerate(zip(sources, names)):
@@ -250,6 +259,7 @@ def predict_files(
     predictor, requests overlap). A tqdm bar shows on a terminal.
     """
     from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     names = [_relative_name(p, root) for p in paths]
@@ -257,11 +267,17 @@ def predict_files(
     chunks = [slice(start, start + step) for start in range(0, len(paths), step)]
     out: list[Prediction] = []
     # disable=None: a bar on a terminal, silence in logs and CI.
-    with tqdm(total=len(paths), unit="img", disable=None if progress is None else not progress) as bar, \
-            ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with (
+        tqdm(
+            total=len(paths), unit="img", disable=None if progress is None else not progress
+        ) as bar,
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
         pending = []
         for i, chunk in enumerate(chunks):
-            pending.append(pool.submit(predictor.predict_sources, list(paths[chunk]), k=k, names=names[chunk]))
+            pending.append(
+                pool.submit(predictor.predict_sources, list(paths[chunk]), k=k, names=names[chunk])
+            )
             # Collect in order, with at most `workers` + 1 batches in memory.
             while pending and (len(pending) > max(1, workers) or i == len(chunks) - 1):
                 batch = pending.pop(0).result()
@@ -305,7 +321,9 @@ def _open_new(path: Path, force: bool, errors: str = "strict"):
     try:
         return open(path, "w" if force else "x", newline="", encoding="utf-8", errors=errors)
     except FileExistsError:
-        raise FileExistsError(f"{path} already exists; choose another name or pass --force to replace it") from None
+        raise FileExistsError(
+            f"{path} already exists; choose another name or pass --force to replace it"
+        ) from None
 
 
 @contextmanager
@@ -349,7 +367,11 @@ def _print(text: str = "", file=None) -> None:
 
 
 def write_csv(
-    predictions: Sequence[Prediction], path: str | Path, k: int = 3, force: bool = False, unsure_below: float | None = None
+    predictions: Sequence[Prediction],
+    path: str | Path,
+    k: int = 3,
+    force: bool = False,
+    unsure_below: float | None = None,
 ) -> Path:
     """CSV with ``file, stage_1, p_1, ..., stage_k, p_k, error`` (one row per image).
 
@@ -364,7 +386,14 @@ def write_csv(
     with _write_new(path, force, errors="backslashreplace") as f:
         writer = _CsvWriter(f)
         unsure = ["unsure"] if unsure_below is not None else []
-        writer.writerow(["file", *[c for i in range(1, k + 1) for c in (f"stage_{i}", f"p_{i}")], *unsure, "error"])
+        writer.writerow(
+            [
+                "file",
+                *[c for i in range(1, k + 1) for c in (f"stage_{i}", f"p_{i}")],
+                *unsure,
+                "error",
+            ]
+        )
         for p in predictions:
             cells = [c for label, prob in p.top[:k] for c in (label, f"{prob:.4f}")]
             cells += [""] * (2 * k - len(cells))
@@ -455,7 +484,9 @@ class RenameReport:
     renamed: list[tuple[Path, Path]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
     problems: int = 0  # skips the user should look at (not "already renamed" or "no prediction")
-    unsure: list[Path] = field(default_factory=list)  # kept their names on purpose (listed in the CSV)
+    unsure: list[Path] = field(
+        default_factory=list
+    )  # kept their names on purpose (listed in the CSV)
     links: int = 0  # symbolic links, skipped on purpose (never renamed, nor their targets)
 
     def skip(self, path: Path, why: str, problem: bool = True) -> None:
@@ -474,7 +505,11 @@ class RenameReport:
             self.renamed.append((src, dst))
 
     def text(self) -> str:
-        kept = f", left {len(self.unsure)} unsure image(s) under their own names" if self.unsure else ""
+        kept = (
+            f", left {len(self.unsure)} unsure image(s) under their own names"
+            if self.unsure
+            else ""
+        )
         links = f" ({self.links} symbolic link(s), never renamed)" if self.links else ""
         lines = [f"renamed {len(self.renamed)} file(s), skipped {len(self.skipped)}{links}{kept}"]
         lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
@@ -546,10 +581,18 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
         reader = csv.DictReader(f)
         try:
             if list(reader.fieldnames or []) != list(UNDO_COLUMNS):
-                raise ValueError(f"{undo_path}: not an undo manifest (expected columns {','.join(UNDO_COLUMNS)})")
-            rows = [(Path(csv_unsafe(r["old"])), Path(csv_unsafe(r["new"]))) for r in reader if r["old"] and r["new"]]
+                raise ValueError(
+                    f"{undo_path}: not an undo manifest (expected columns {','.join(UNDO_COLUMNS)})"
+                )
+            rows = [
+                (Path(csv_unsafe(r["old"])), Path(csv_unsafe(r["new"])))
+                for r in reader
+                if r["old"] and r["new"]
+            ]
         except csv.Error as exc:  # e.g. a field over the csv module's size limit: not one we wrote
-            raise ValueError(f"{undo_path}: line {reader.line_num}: not a valid undo manifest ({exc})") from None
+            raise ValueError(
+                f"{undo_path}: line {reader.line_num}: not a valid undo manifest ({exc})"
+            ) from None
     report = RenameReport()
     for old, new in reversed(rows):
         if not os.path.lexists(new):
@@ -564,7 +607,9 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
                 try:
                     os.unlink(new)
                 except OSError as exc:
-                    report.skip(new, f"cannot remove this second name of {old.name}: {exc.strerror or exc}")
+                    report.skip(
+                        new, f"cannot remove this second name of {old.name}: {exc.strerror or exc}"
+                    )
                 else:
                     report.renamed.append((new, old))
             else:
@@ -588,40 +633,59 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every folder predictor shares (local model, local container, endpoint)."""
-    parser.add_argument("folder", nargs="?", type=Path, help="folder of images (searched recursively) or one image")
     parser.add_argument(
-        "--out", type=Path, default=Path("predictions.csv"),
+        "folder", nargs="?", type=Path, help="folder of images (searched recursively) or one image"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
         help="CSV to write (default predictions.csv). A cell starting with =, +, -, @, a tab or a carriage "
         "return (a file name, say) gets a leading single quote, so a spreadsheet shows it as text, never "
         "as a formula (OWASP's CSV-injection rule)",
     )
-    parser.add_argument("--json", type=Path, help="JSON to write (default: the CSV's name with .json)")
+    parser.add_argument(
+        "--json", type=Path, help="JSON to write (default: the CSV's name with .json)"
+    )
     parser.add_argument("--force", action="store_true", help="replace existing CSV/JSON outputs")
     parser.add_argument("--k", type=int, default=3, help="how many stages per image (default 3)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--workers", type=int, default=1, help="batches in flight at once (default 1)")
     parser.add_argument(
-        "--unsure-below", type=unsure_threshold, metavar="P",
+        "--workers", type=int, default=1, help="batches in flight at once (default 1)"
+    )
+    parser.add_argument(
+        "--unsure-below",
+        type=unsure_threshold,
+        metavar="P",
         help="add a column 'unsure' (true/false): true when the top-1 probability is below P, a number "
         "between 0 and 1 (default: no column). With --rename, unsure images keep their names. "
         "`flystage evaluate` prints the share of images each threshold accepts and their accuracy",
     )
     parser.add_argument(
-        "--rename", action="store_true",
+        "--rename",
+        action="store_true",
         help="append the top-k stages to each file name (not for unsure images, with --unsure-below). "
         "Symbolic links are skipped and reported: neither the link nor its target is renamed",
     )
     parser.add_argument(
-        "--undo-manifest", type=Path,
+        "--undo-manifest",
+        type=Path,
         help="where --rename records old->new names (default: next to --out); checked writable before any prediction",
     )
-    parser.add_argument("--undo", type=Path, metavar="MANIFEST", help="restore the names recorded by an earlier --rename")
+    parser.add_argument(
+        "--undo",
+        type=Path,
+        metavar="MANIFEST",
+        help="restore the names recorded by an earlier --rename",
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
     parser.add_argument("--model", type=Path, help="model directory (model.onnx + metadata.json)")
-    parser.add_argument("--threads", type=int, help="onnxruntime threads per batch (default: cores / workers)")
+    parser.add_argument(
+        "--threads", type=int, help="onnxruntime threads per batch (default: cores / workers)"
+    )
     # Two batches in flight: one decoding while the other runs the model (see bench-predict).
     parser.set_defaults(workers=2)
 
@@ -636,7 +700,9 @@ def run_undo(manifest: Path) -> int:
     return 1 if report.problems else 0
 
 
-def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: dict[str, Any] | None = None) -> int:
+def run_with(
+    predictor: SourcePredictor, args: argparse.Namespace, model_info: dict[str, Any] | None = None
+) -> int:
     """Predict ``args.folder`` with ``predictor``, write CSV/JSON, rename if asked.
 
     Exit code 0 when every image was predicted (and renamed if asked), 1 when some were not,
@@ -656,29 +722,49 @@ def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: d
         return 2
     paths, ignored = iter_images([folder])
     if ignored:
-        _print("ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(ignored.items())), file=sys.stderr)
+        _print(
+            "ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(ignored.items())),
+            file=sys.stderr,
+        )
     if not paths:
-        _print(f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr)
+        _print(
+            f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr
+        )
         return 2
     json_path = args.json or args.out.with_suffix(".json")
     for out in (args.out, json_path):
         if out.exists() and not args.force:
-            _print(f"error: {out} already exists; choose another name or pass --force", file=sys.stderr)
+            _print(
+                f"error: {out} already exists; choose another name or pass --force", file=sys.stderr
+            )
             return 2
-    undo_path = args.undo_manifest or args.out.with_name(f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv")
+    undo_path = args.undo_manifest or args.out.with_name(
+        f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv"
+    )
     if args.rename and undo_path.exists():
-        _print(f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr)
+        _print(
+            f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr
+        )
         return 2
     # Every output must be writable before the first image is predicted, not after all of them.
-    checks = [(args.out, "--out"), (json_path, "--json")] + ([(undo_path, "--undo-manifest")] if args.rename else [])
+    checks = [(args.out, "--out"), (json_path, "--json")] + (
+        [(undo_path, "--undo-manifest")] if args.rename else []
+    )
     for out, option in checks:
         problem = _unwritable(out)
         if problem:
-            _print(f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr)
+            _print(
+                f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr
+            )
             return 2
     root = folder if folder.is_dir() else folder.parent
     predictions = predict_files(
-        predictor, paths, root=root, k=args.k, batch_size=args.batch_size, workers=getattr(args, "workers", 1)
+        predictor,
+        paths,
+        root=root,
+        k=args.k,
+        batch_size=args.batch_size,
+        workers=getattr(args, "workers", 1),
     )
     below = getattr(args, "unsure_below", None)
     write_csv(predictions, args.out, k=args.k, force=args.force, unsure_below=below)
@@ -686,8 +772,14 @@ def run_with(predictor: SourcePredictor, args: argparse.Namespace, model_info: d
     errors = [p for p in predictions if p.error]
     for p in errors:
         _print(f"unreadable: {p.error}", file=sys.stderr)
-    unsure = "" if below is None else f", {sum(bool(is_unsure(p, below)) for p in predictions)} unsure (top-1 below {below:g})"
-    _print(f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s){unsure}; wrote {args.out} and {json_path}")
+    unsure = (
+        ""
+        if below is None
+        else f", {sum(bool(is_unsure(p, below)) for p in predictions)} unsure (top-1 below {below:g})"
+    )
+    _print(
+        f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s){unsure}; wrote {args.out} and {json_path}"
+    )
     status = 1 if errors else 0
     if args.rename:
         report = rename_files(paths, predictions, undo_path, k=args.k, unsure_below=below)
@@ -710,5 +802,12 @@ def run(args: argparse.Namespace) -> int:
         _print(f"error: {exc}", file=sys.stderr)
         return 2
     md = predictor.metadata
-    info = {"model_dir": str(args.model), "arch": md.arch, "labels": md.labels, "flystage_version": md.flystage_version, "created": md.created, "manifest_sha256": md.manifest_sha256}
+    info = {
+        "model_dir": str(args.model),
+        "arch": md.arch,
+        "labels": md.labels,
+        "flystage_version": md.flystage_version,
+        "created": md.created,
+        "manifest_sha256": md.manifest_sha256,
+    }
     return run_with(predictor, args, info)

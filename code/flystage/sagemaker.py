@@ -35,8 +35,9 @@ Example (local mode; on AWS use ``ml.m5.xlarge`` and the ECR URIs)::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from flystage import jobdef
 from flystage.serving.client import content_type, parse_answer, predict_each
@@ -50,7 +51,9 @@ DATA_CHANNEL = jobdef.DATA_CHANNEL
 GENE_GROUP = r"^(?P<group>[^/]+)/"
 # Local mode never assumes a role, but the SDK's Estimator and Model want one.
 LOCAL_ROLE = "arn:aws:iam::111111111111:role/flystage-local"
-SDK_HINT = "the SageMaker Python SDK is not installed: pip install 'flystage[sdk]' (sagemaker>=2.250,<3)"
+SDK_HINT = (
+    "the SageMaker Python SDK is not installed: pip install 'flystage[sdk]' (sagemaker>=2.250,<3)"
+)
 
 
 def _sdk():
@@ -85,10 +88,13 @@ def hyperparameter_ranges(as_sdk: bool | None = None) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for r in TUNING_RANGES.get("ContinuousParameterRanges", []):
-        out[r["Name"]] = ContinuousParameter(float(r["MinValue"]), float(r["MaxValue"]),
-                                             scaling_type=r.get("ScalingType", "Auto"))
+        out[r["Name"]] = ContinuousParameter(
+            float(r["MinValue"]), float(r["MaxValue"]), scaling_type=r.get("ScalingType", "Auto")
+        )
     for r in TUNING_RANGES.get("IntegerParameterRanges", []):
-        out[r["Name"]] = IntegerParameter(int(r["MinValue"]), int(r["MaxValue"]), scaling_type=r.get("ScalingType", "Auto"))
+        out[r["Name"]] = IntegerParameter(
+            int(r["MinValue"]), int(r["MaxValue"]), scaling_type=r.get("ScalingType", "Auto")
+        )
     for r in TUNING_RANGES.get("CategoricalParameterRanges", []):
         out[r["Name"]] = CategoricalParameter(list(r["Values"]))
     return out
@@ -110,12 +116,18 @@ def image_uris(settings: Any = None, *, local: bool = False, api: Any = None) ->
     from flystage.cloud.session import Api
 
     api = api or Api(settings)
-    return (ecr.image_uri(api, settings, settings.train_repository),
-            ecr.image_uri(api, settings, settings.serve_repository))
+    return (
+        ecr.image_uri(api, settings, settings.train_repository),
+        ecr.image_uri(api, settings, settings.serve_repository),
+    )
 
 
-def folder_hyperparameters(label_regex: str | None = None, label_level: int | None = None,
-                           group_regex: str | None = None, **others: Any) -> dict[str, Any]:
+def folder_hyperparameters(
+    label_regex: str | None = None,
+    label_level: int | None = None,
+    group_regex: str | None = None,
+    **others: Any,
+) -> dict[str, Any]:
     """Hyperparameters for a folder channel (no manifest.csv), read as ``flystage organise``
     reads a folder: the label from the nearest stage-like folder, or ``label_regex`` /
     ``label_level``; the groups of the validation split from ``group_regex`` (the training
@@ -150,7 +162,9 @@ def _body(data: Any) -> bytes:
         return Path(data).expanduser().read_bytes()
     if hasattr(data, "read"):
         return data.read()
-    raise TypeError(f"expected image bytes, a file path or a binary file, not {type(data).__name__}")
+    raise TypeError(
+        f"expected image bytes, a file path or a binary file, not {type(data).__name__}"
+    )
 
 
 class ImageSerializer:
@@ -179,7 +193,9 @@ class TopKDeserializer:
     def accept(self) -> tuple[str, ...]:
         return self.ACCEPT
 
-    def deserialize(self, stream: Any, content_type: str = "application/json") -> list[tuple[str, float]]:
+    def deserialize(
+        self, stream: Any, content_type: str = "application/json"
+    ) -> list[tuple[str, float]]:
         try:
             raw = stream.read() if hasattr(stream, "read") else stream
         finally:
@@ -215,19 +231,33 @@ def _predictor_class():
                 kwargs.setdefault("custom_attributes", f"k={k}")
             return super().predict(body, initial_args=args, **kwargs)
 
-        def predict_sources(self, sources: Sequence[Any], k: int = 3, names: Sequence[str] | None = None) -> list:
+        def predict_sources(
+            self, sources: Sequence[Any], k: int = 3, names: Sequence[str] | None = None
+        ) -> list:
             def send(body: bytes, k: int) -> list[tuple[str, float]]:
                 try:
                     return self.predict(body, k=k)
                 except ValueError:
                     raise
-                except Exception as err:  # the SDK's error for a 4xx (botocore's ModelError, local mode's own)
-                    raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+                except (
+                    Exception
+                ) as err:  # the SDK's error for a 4xx (botocore's ModelError, local mode's own)
+                    raise ValueError(
+                        str(err).splitlines()[0] if str(err) else type(err).__name__
+                    ) from None
 
             return predict_each(sources, send, k, names)
 
-        def predict_folder(self, folder: str | Path, out: str | Path = "predictions.csv", *, rename: bool = False,
-                           k: int = 3, force: bool = False, unsure_below: float | None = None) -> int:
+        def predict_folder(
+            self,
+            folder: str | Path,
+            out: str | Path = "predictions.csv",
+            *,
+            rename: bool = False,
+            k: int = 3,
+            force: bool = False,
+            unsure_below: float | None = None,
+        ) -> int:
             """``flystage predict FOLDER --out OUT [--rename]`` through this endpoint: exit code 0
             when every image was predicted (and renamed)."""
             parser = argparse.ArgumentParser(prog="predict_folder")

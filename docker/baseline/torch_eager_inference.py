@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from flystage.artefact import load_metadata
-from flystage.training.export import load_torch_model
 from flystage.imaging import ImageError, load
 from flystage.predict import top_k
 from flystage.serving import codec
+from flystage.training.export import load_torch_model
 
 if os.environ.get("BASELINE_TORCH_THREADS"):
     torch.set_num_threads(int(os.environ["BASELINE_TORCH_THREADS"]))
@@ -27,7 +27,11 @@ if os.environ.get("BASELINE_TORCH_THREADS"):
 
 def model_fn(model_dir):
     metadata = load_metadata(model_dir)
-    return {"model": load_torch_model(model_dir), "metadata": metadata, "info": {"arch": metadata.arch, "runtime": "torch-eager"}}
+    return {
+        "model": load_torch_model(model_dir),
+        "metadata": metadata,
+        "info": {"arch": metadata.arch, "runtime": "torch-eager"},
+    }
 
 
 def input_fn(input_data, content_type):
@@ -38,13 +42,22 @@ def predict_fn(request, model):
     start = time.perf_counter()
     metadata = model["metadata"]
     try:
-        batch = np.stack([load(image, metadata.preprocess, name=name) for image, name in zip(request.images, request.names)])
+        batch = np.stack(
+            [
+                load(image, metadata.preprocess, name=name)
+                for image, name in zip(request.images, request.names)
+            ]
+        )
     except ImageError as exc:
         raise codec.RequestError(400, str(exc)) from None
     with torch.no_grad():
         probs = torch.softmax(model["model"](torch.from_numpy(batch)), dim=1).numpy()
     predictions = [
-        {"file": name, "top": [{"stage": s, "probability": round(p, 6)} for s, p in top], "error": None}
+        {
+            "file": name,
+            "top": [{"stage": s, "probability": round(p, 6)} for s, p in top],
+            "error": None,
+        }
         for name, top in zip(request.names, top_k(probs, metadata.labels, request.k))
     ]
     return predictions, model["info"], {"predict": (time.perf_counter() - start) * 1000}

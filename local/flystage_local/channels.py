@@ -12,20 +12,28 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from flystage.jobdef import DATA_MANIFEST
-from flystage.organise import OrganiseError, Record, organise, read_manifest, report_text, write_manifest
-
+from flystage.organise import (
+    OrganiseError,
+    Record,
+    organise,
+    read_manifest,
+    report_text,
+    write_manifest,
+)
 from flystage_local import LocalModeError
 
 # BDGP's layout is <gene>/<stage>/<id>.bmp: the gene, the first folder, is the group.
 GENE_GROUP_REGEX = r"^(?P<group>[^/]+)/"
 
 
-def _records(sources: Sequence[str | Path], group_regex: str, seed: int) -> tuple[list[Record], str]:
+def _records(
+    sources: Sequence[str | Path], group_regex: str, seed: int
+) -> tuple[list[Record], str]:
     """Records from a manifest CSV, or from organising image folders; and a report."""
     try:
         if len(sources) == 1 and Path(sources[0]).suffix.lower() == ".csv":
@@ -45,7 +53,10 @@ def _channel_key(records: Sequence[Record]) -> str:
 
 
 def stage_channel(
-    sources: Sequence[str | Path], channels_root: str | Path, group_regex: str = GENE_GROUP_REGEX, seed: int = 0
+    sources: Sequence[str | Path],
+    channels_root: str | Path,
+    group_regex: str = GENE_GROUP_REGEX,
+    seed: int = 0,
 ) -> tuple[Path, str]:
     """Stage ``sources`` (image folders, or one manifest CSV) under ``channels_root``.
 

@@ -14,14 +14,21 @@ from pathlib import Path
 from flystage import jobdef, predict
 from flystage.cloud.settings import CloudError, load_settings
 from flystage.cloud.training import job_name, parse_hyperparameters
-
 from flystage_local import LocalModeError, channels, containers, serving, training, tuning
 
-DEFAULT_DATA = os.environ.get("FLYSTAGE_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bdgp-insitu"))
+DEFAULT_DATA = os.environ.get(
+    "FLYSTAGE_DATA",
+    str(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bdgp-insitu"),
+)
 
 
 def build_request(
-    image: str, hyperparameters: dict[str, str], channel: Path, instances: int, name: str, jobs_root: Path,
+    image: str,
+    hyperparameters: dict[str, str],
+    channel: Path,
+    instances: int,
+    name: str,
+    jobs_root: Path,
     checkpoints: Path | None = None,
 ) -> dict:
     """The CreateTrainingJob request, built by ``flystage.jobdef`` as the cloud target builds it.
@@ -32,8 +39,12 @@ def build_request(
     try:
         settings = load_settings().replace(instance_count=instances, spot=False)
         return jobdef.training_job_request(
-            settings, image, hyperparameters, {jobdef.DATA_CHANNEL: f"file://{channel}"},
-            job_name=name, output_uri=f"file://{jobs_root.resolve() / name}",
+            settings,
+            image,
+            hyperparameters,
+            {jobdef.DATA_CHANNEL: f"file://{channel}"},
+            job_name=name,
+            output_uri=f"file://{jobs_root.resolve() / name}",
             checkpoint_uri=f"file://{checkpoints.resolve()}" if checkpoints else None,
         )
     except (CloudError, ValueError) as exc:
@@ -49,8 +60,18 @@ def _stage(args: argparse.Namespace) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     channel = _stage(args)
     name = args.job_name or job_name("local")
-    request = build_request(args.image, parse_hyperparameters(args.hp.split()), channel, args.instances, name, args.runs, args.checkpoints)
-    print(f"job {name}: {args.instances} host(s), image {args.image}, hyperparameters {request['HyperParameters']}")
+    request = build_request(
+        args.image,
+        parse_hyperparameters(args.hp.split()),
+        channel,
+        args.instances,
+        name,
+        args.runs,
+        args.checkpoints,
+    )
+    print(
+        f"job {name}: {args.instances} host(s), image {args.image}, hyperparameters {request['HyperParameters']}"
+    )
     result = training.run_training_job(request, args.runs, stop_grace=args.stop_grace)
     print("\n".join(training.status_lines(result)))
     return 0 if result.succeeded else 1
@@ -62,16 +83,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     search = args.job_name or job_name("tune")
     folder = args.runs / search
     folder.mkdir(parents=True)
-    print(f"tuning {search}: {args.trials} trial(s) over {[d.name for d in tuning.dimensions()]}, "
-          f"objective {jobdef.OBJECTIVE_METRIC} (maximise), fixed {fixed}")
+    print(
+        f"tuning {search}: {args.trials} trial(s) over {[d.name for d in tuning.dimensions()]}, "
+        f"objective {jobdef.OBJECTIVE_METRIC} (maximise), fixed {fixed}"
+    )
 
     def run_job(suffix: str, tuned: dict[str, str]) -> training.JobResult:
-        request = build_request(args.image, {**fixed, **tuned}, channel, args.instances, f"{search}-{suffix}", folder)
+        request = build_request(
+            args.image, {**fixed, **tuned}, channel, args.instances, f"{search}-{suffix}", folder
+        )
         return training.run_training_job(request, folder, write=None, stop_grace=args.stop_grace)
 
     def report(trial: tuning.Trial) -> None:
-        print(f"trial {trial.number}: {trial.hyperparameters} -> {trial.job.status}, "
-              f"{jobdef.OBJECTIVE_METRIC}={trial.objective} ({trial.job.seconds:.0f} s)", flush=True)
+        print(
+            f"trial {trial.number}: {trial.hyperparameters} -> {trial.job.status}, "
+            f"{jobdef.OBJECTIVE_METRIC}={trial.objective} ({trial.job.seconds:.0f} s)",
+            flush=True,
+        )
         if trial.job.failure_reason:
             print("  " + trial.job.failure_reason.strip().splitlines()[-1])
 
@@ -91,14 +119,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _latest_model(runs: Path) -> Path:
     found = sorted(runs.glob("*/model.tar.gz"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise LocalModeError(f"no model.tar.gz under {runs}; train with `make local-train` or give MODEL=...")
+        raise LocalModeError(
+            f"no model.tar.gz under {runs}; train with `make local-train` or give MODEL=..."
+        )
     return found[-1]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     model = args.model or _latest_model(args.runs)
     env = dict(e.split("=", 1) for e in args.env)
-    url, seconds = serving.start_server(model, args.image, args.runs / "models", args.port, args.timeout, env)
+    url, seconds = serving.start_server(
+        model, args.image, args.runs / "models", args.port, args.timeout, env
+    )
     print(f"serving {model} at {url} (healthy after {seconds:.1f} s); `make local-stop` stops it")
     return 0
 
@@ -115,34 +147,92 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     removed, networks = containers.remove_everything(containers.connect())
-    print(f"removed {len(removed)} container(s) {removed} and {len(networks)} network(s) {networks}")
+    print(
+        f"removed {len(removed)} container(s) {removed} and {len(networks)} network(s) {networks}"
+    )
     return 0
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add local mode's options and sub-commands to ``p`` (``flystage local``'s parser)."""
-    p.add_argument("--runs", type=Path, default=Path("runs/local"), help="folder of jobs, channels and models (default runs/local)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/local"),
+        help="folder of jobs, channels and models (default runs/local)",
+    )
     sub = p.add_subparsers(dest="local_command", metavar="LOCAL_COMMAND", required=True)
-    for name, helptext in (("train", "run one training job"), ("tune", "run a small hyperparameter search")):
+    for name, helptext in (
+        ("train", "run one training job"),
+        ("tune", "run a small hyperparameter search"),
+    ):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--data", nargs="+", default=[DEFAULT_DATA], help="image folders (gene/stage/image) or one manifest CSV (default $FLYSTAGE_DATA)")
-        s.add_argument("--instances", type=int, default=1, help="hosts (ResourceConfig.InstanceCount, default 1)")
+        s.add_argument(
+            "--data",
+            nargs="+",
+            default=[DEFAULT_DATA],
+            help="image folders (gene/stage/image) or one manifest CSV (default $FLYSTAGE_DATA)",
+        )
+        s.add_argument(
+            "--instances",
+            type=int,
+            default=1,
+            help="hosts (ResourceConfig.InstanceCount, default 1)",
+        )
         s.add_argument("--hp", default="", help="hyperparameters, 'name=value name=value'")
-        s.add_argument("--image", default=os.environ.get("TRAIN_IMAGE", "flystage-train:latest"), help="train image")
+        s.add_argument(
+            "--image",
+            default=os.environ.get("TRAIN_IMAGE", "flystage-train:latest"),
+            help="train image",
+        )
         s.add_argument("--job-name", help="job (or tuning) name; default a fresh timestamped one")
-        s.add_argument("--stop-grace", type=int, default=training.STOP_GRACE_SECONDS, help="seconds between SIGTERM and SIGKILL when a job is stopped")
-    sub.choices["train"].add_argument("--checkpoints", type=Path, help="checkpoint folder kept between jobs (CheckpointConfig); a rerun resumes from it")
-    sub.choices["tune"].add_argument("--trials", type=int, default=4, help="training jobs to run (default 4)")
-    sub.choices["tune"].add_argument("--seed", type=int, default=0, help="seed of the quasi-random design")
+        s.add_argument(
+            "--stop-grace",
+            type=int,
+            default=training.STOP_GRACE_SECONDS,
+            help="seconds between SIGTERM and SIGKILL when a job is stopped",
+        )
+    sub.choices["train"].add_argument(
+        "--checkpoints",
+        type=Path,
+        help="checkpoint folder kept between jobs (CheckpointConfig); a rerun resumes from it",
+    )
+    sub.choices["tune"].add_argument(
+        "--trials", type=int, default=4, help="training jobs to run (default 4)"
+    )
+    sub.choices["tune"].add_argument(
+        "--seed", type=int, default=0, help="seed of the quasi-random design"
+    )
     s = sub.add_parser("serve", help="start the serve image on a model.tar.gz")
-    s.add_argument("--model", type=Path, help="model.tar.gz or model folder (default: the newest under --runs)")
-    s.add_argument("--image", default=os.environ.get("SERVE_IMAGE", "flystage-serve:latest"), help="serve image")
-    s.add_argument("--port", type=int, default=serving.DEFAULT_PORT, help="port on 127.0.0.1 (default 8080)")
-    s.add_argument("--timeout", type=float, default=serving.DEFAULT_START_TIMEOUT, help="seconds to wait for /ping")
-    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="container environment (e.g. SAGEMAKER_MODEL_SERVER_WORKERS=2)")
+    s.add_argument(
+        "--model", type=Path, help="model.tar.gz or model folder (default: the newest under --runs)"
+    )
+    s.add_argument(
+        "--image",
+        default=os.environ.get("SERVE_IMAGE", "flystage-serve:latest"),
+        help="serve image",
+    )
+    s.add_argument(
+        "--port", type=int, default=serving.DEFAULT_PORT, help="port on 127.0.0.1 (default 8080)"
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=serving.DEFAULT_START_TIMEOUT,
+        help="seconds to wait for /ping",
+    )
+    s.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="container environment (e.g. SAGEMAKER_MODEL_SERVER_WORKERS=2)",
+    )
     s = sub.add_parser("predict", help="send every image of a folder to the local server")
     predict.add_output_arguments(s)
-    s.add_argument("--port", type=int, default=serving.DEFAULT_PORT, help="the server's port on 127.0.0.1")
+    s.add_argument(
+        "--port", type=int, default=serving.DEFAULT_PORT, help="the server's port on 127.0.0.1"
+    )
     sub.add_parser("stop", help="remove every container and network local mode made")
 
 
@@ -152,7 +242,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"train": cmd_train, "tune": cmd_tune, "serve": cmd_serve, "predict": cmd_predict, "stop": cmd_stop}
+COMMANDS = {
+    "train": cmd_train,
+    "tune": cmd_tune,
+    "serve": cmd_serve,
+    "predict": cmd_predict,
+    "stop": cmd_stop,
+}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import docker
 import docker.errors
@@ -54,7 +54,9 @@ def create_network(client: docker.DockerClient, name: str, job: str) -> Network:
     try:
         return client.networks.create(name, driver="bridge", labels=_labels(job, "network"))
     except docker.errors.APIError as exc:
-        raise LocalModeError(f"cannot create Docker network {name}: {exc.explanation or exc}") from None
+        raise LocalModeError(
+            f"cannot create Docker network {name}: {exc.explanation or exc}"
+        ) from None
 
 
 def create_training_container(
@@ -79,15 +81,21 @@ def create_training_container(
             hostname=host,
             network=network.name,
             networking_config={network.name: endpoint},
-            volumes={str(Path(src).resolve()): {"bind": dst, "mode": "rw"} for src, dst in mounts.items()},
+            volumes={
+                str(Path(src).resolve()): {"bind": dst, "mode": "rw"} for src, dst in mounts.items()
+            },
             environment=dict(environment),
             labels=_labels(job, "train"),
         )
     except docker.errors.APIError as exc:
-        raise LocalModeError(f"cannot create the container of {host} for job {job}: {exc.explanation or exc}") from None
+        raise LocalModeError(
+            f"cannot create the container of {host} for job {job}: {exc.explanation or exc}"
+        ) from None
 
 
-def follow_logs(container: Container, prefix: str, write: Callable[[str], None]) -> threading.Thread:
+def follow_logs(
+    container: Container, prefix: str, write: Callable[[str], None]
+) -> threading.Thread:
     """Print the container's log lines, prefixed, while it runs (a daemon thread)."""
 
     def pump() -> None:
@@ -105,7 +113,9 @@ def follow_logs(container: Container, prefix: str, write: Callable[[str], None])
     return thread
 
 
-def wait_for_exit(containers: list[Container], deadline: float, stop_grace: int, poll: float = 1.0) -> tuple[dict[str, int | None], str | None]:
+def wait_for_exit(
+    containers: list[Container], deadline: float, stop_grace: int, poll: float = 1.0
+) -> tuple[dict[str, int | None], str | None]:
     """Wait until every container has exited, as SageMaker waits for every host.
 
     Stops the rest when one host fails (a data-parallel peer would otherwise wait for it
@@ -123,7 +133,9 @@ def wait_for_exit(containers: list[Container], deadline: float, stop_grace: int,
             finished[c.name] = _sortable_time(c.attrs["State"]["FinishedAt"])
         running = [c for c in containers if codes[c.name] is None]
         # The first host to fail is the cause; the others fail because it went away.
-        failed = sorted((name for name, code in codes.items() if code not in (None, 0)), key=finished.get)
+        failed = sorted(
+            (name for name, code in codes.items() if code not in (None, 0)), key=finished.get
+        )
         if not running:
             if failed and stopped_because != "MaxRuntimeExceeded":
                 # Decided again at the end: a killed host can still look "running" for a moment
@@ -158,7 +170,12 @@ def remove_job(client: docker.DockerClient, job: str) -> None:
 
 
 def start_server(
-    client: docker.DockerClient, image: str, name: str, model_dir: Path, port: int, environment: Mapping[str, str]
+    client: docker.DockerClient,
+    image: str,
+    name: str,
+    model_dir: Path,
+    port: int,
+    environment: Mapping[str, str],
 ) -> Container:
     """Start ``IMAGE serve`` with ``model_dir`` at /opt/ml/model and port 8080 on 127.0.0.1:``port``."""
     try:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import urlparse
 
 from flystage_local import LocalModeError
@@ -64,13 +64,19 @@ def input_data_config(request: Mapping) -> dict[str, dict[str, str]]:
         mode = channel.get("InputMode", default_mode)
         distribution = source.get("S3DataDistributionType", "FullyReplicated")
         if mode not in FILE_MODES:
-            raise LocalModeError(f"channel {name!r}: InputMode {mode!r} is not supported locally; use 'File'")
+            raise LocalModeError(
+                f"channel {name!r}: InputMode {mode!r} is not supported locally; use 'File'"
+            )
         if distribution != "FullyReplicated":
             raise LocalModeError(
                 f"channel {name!r}: S3DataDistributionType {distribution!r} is not supported locally; "
                 "local mode gives every host the whole channel (FullyReplicated)"
             )
-        entry = {"TrainingInputMode": mode, "S3DistributionType": distribution, "RecordWrapperType": "None"}
+        entry = {
+            "TrainingInputMode": mode,
+            "S3DistributionType": distribution,
+            "RecordWrapperType": "None",
+        }
         if "ContentType" in channel:
             entry["ContentType"] = channel["ContentType"]
         config[name] = entry
@@ -86,13 +92,19 @@ def resource_config(request: Mapping, host: str, hosts: list[str]) -> dict:
         "current_group_name": "homogeneousCluster",
         "hosts": sorted(hosts),
         "instance_groups": [
-            {"instance_group_name": "homogeneousCluster", "instance_type": instance_type, "hosts": sorted(hosts)}
+            {
+                "instance_group_name": "homogeneousCluster",
+                "instance_type": instance_type,
+                "hosts": sorted(hosts),
+            }
         ],
         "network_interface_name": NETWORK_INTERFACE,
     }
 
 
-def channel_sources(request: Mapping, overrides: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
+def channel_sources(
+    request: Mapping, overrides: Mapping[str, str | Path] | None = None
+) -> dict[str, Path]:
     """Local folder of every channel: ``overrides[name]``, else the channel's ``file://`` S3Uri."""
     overrides = dict(overrides or {})
     sources: dict[str, Path] = {}
@@ -109,10 +121,14 @@ def channel_sources(request: Mapping, overrides: Mapping[str, str | Path] | None
                 f"give it as file:///path in the request or as a channel override"
             )
         if not folder.is_dir():
-            raise LocalModeError(f"channel {name!r}: {folder} is not a folder; organise the data into it first")
+            raise LocalModeError(
+                f"channel {name!r}: {folder} is not a folder; organise the data into it first"
+            )
         sources[name] = folder.resolve()
     if overrides:
-        raise LocalModeError(f"channel(s) {sorted(overrides)} are not in the request's InputDataConfig")
+        raise LocalModeError(
+            f"channel(s) {sorted(overrides)} are not in the request's InputDataConfig"
+        )
     return sources
 
 
@@ -130,7 +146,9 @@ def checkpoint_folder(request: Mapping, tree: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     if uri:
-        raise LocalModeError(f"CheckpointConfig.S3Uri {uri}: local mode keeps checkpoints in a folder; give file:///path")
+        raise LocalModeError(
+            f"CheckpointConfig.S3Uri {uri}: local mode keeps checkpoints in a folder; give file:///path"
+        )
     return tree / "checkpoints"
 
 
@@ -143,7 +161,9 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def write_host_tree(root: str | Path, request: Mapping, host: str, sources: Mapping[str, Path]) -> Path:
+def write_host_tree(
+    root: str | Path, request: Mapping, host: str, sources: Mapping[str, Path]
+) -> Path:
     """Write host ``host``'s ``/opt/ml`` tree under ``root`` (which must not exist) and return it.
 
     Layout, as SageMaker prepares an instance: ``input/config/{hyperparameters,
@@ -152,7 +172,9 @@ def write_host_tree(root: str | Path, request: Mapping, host: str, sources: Mapp
     """
     root = Path(root)
     if root.exists():
-        raise LocalModeError(f"{root} already exists; local mode never reuses a job's folder: pick a new job name")
+        raise LocalModeError(
+            f"{root} already exists; local mode never reuses a job's folder: pick a new job name"
+        )
     hosts = request_hosts(request)
     if host not in hosts:
         raise LocalModeError(f"host {host!r} is not one of the request's hosts {hosts}")

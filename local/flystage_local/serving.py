@@ -12,15 +12,14 @@ import hashlib
 import shutil
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import requests
 
-from flystage.serving.client import AnswerError, content_type, parse_answer, predict_each
 from flystage.predict import Prediction, Source
+from flystage.serving.client import AnswerError, content_type, parse_answer, predict_each
 from flystage.serving.container import ContainerError, ServeContainer
-
 from flystage_local import LocalModeError, containers
 
 SERVER_NAME = "flystage-local-serve"
@@ -35,7 +34,9 @@ def unpack_model(archive: str | Path, models_root: str | Path) -> Path:
     """Unpack ``archive`` into ``models_root/<sha256 prefix>/`` (reused if already there)."""
     archive = Path(archive).expanduser().resolve()
     if not archive.is_file():
-        raise LocalModeError(f"{archive}: model artefact not found; train one with `make local-train`")
+        raise LocalModeError(
+            f"{archive}: model artefact not found; train one with `make local-train`"
+        )
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
     target = Path(models_root).resolve() / digest
     # The marker sits beside the folder: the folder itself is exactly what the server sees.
@@ -49,7 +50,9 @@ def unpack_model(archive: str | Path, models_root: str | Path) -> Path:
             # filter="data": no absolute paths, links out of the folder or device files.
             tar.extractall(target, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise LocalModeError(f"{archive}: not a readable model.tar.gz ({exc}); train again or give another MODEL") from None
+        raise LocalModeError(
+            f"{archive}: not a readable model.tar.gz ({exc}); train again or give another MODEL"
+        ) from None
     done.write_text(str(archive) + "\n", encoding="utf-8")
     return target
 
@@ -77,7 +80,9 @@ def start_server(
     client = containers.connect()
     containers.require_image(client, image)
     if containers.find_container(client, name):
-        raise LocalModeError(f"a local server ({name}) already exists; `make local-stop` removes it")
+        raise LocalModeError(
+            f"a local server ({name}) already exists; `make local-stop` removes it"
+        )
     started = time.monotonic()
     container = containers.start_server(client, image, name, model_dir, port, environment or {})
     # The serve image's own waiter: /ping until 200, or the container's log if it exits.
@@ -86,7 +91,9 @@ def start_server(
         seconds = server.wait_healthy(timeout)
     except ContainerError as exc:
         container.remove(force=True)
-        raise LocalModeError(f"the serve container on {model_dir} did not become healthy: {exc}") from None
+        raise LocalModeError(
+            f"the serve container on {model_dir} did not become healthy: {exc}"
+        ) from None
     return server.url, seconds
 
 
@@ -103,9 +110,13 @@ class ContainerPredictor:
         try:
             response = self.session.get(f"{self.url}/ping", timeout=5)
         except requests.RequestException as exc:
-            raise LocalModeError(f"no server at {self.url} ({exc.__class__.__name__}); start one with `make local-serve`") from None
+            raise LocalModeError(
+                f"no server at {self.url} ({exc.__class__.__name__}); start one with `make local-serve`"
+            ) from None
         if response.status_code != 200:
-            raise LocalModeError(f"the server at {self.url} is not healthy (/ping {response.status_code}): {response.text[:500]}")
+            raise LocalModeError(
+                f"the server at {self.url} is not healthy (/ping {response.status_code}): {response.text[:500]}"
+            )
 
     def send(self, body: bytes, k: int) -> list[tuple[str, float]]:
         """Top-k for one image's bytes; ValueError with the server's message on a 4xx."""
@@ -113,22 +124,31 @@ class ContainerPredictor:
             response = self.session.post(
                 f"{self.url}/invocations",
                 data=body,
-                headers={"Content-Type": content_type(body), "Accept": "application/json",
-                         "X-Amzn-SageMaker-Custom-Attributes": f"k={k}"},
+                headers={
+                    "Content-Type": content_type(body),
+                    "Accept": "application/json",
+                    "X-Amzn-SageMaker-Custom-Attributes": f"k={k}",
+                },
                 timeout=self.timeout,
             )
             if response.status_code != 200:
                 try:
-                    parse_answer(response.content)  # flystage's JSON error: ValueError with its message
+                    parse_answer(
+                        response.content
+                    )  # flystage's JSON error: ValueError with its message
                 except AnswerError:
                     pass
                 # Not flystage's JSON (the model server's own 413 for a huge body, a proxy's page).
-                raise ValueError(f"HTTP {response.status_code}: {response.text.strip()[:500] or response.reason}")
+                raise ValueError(
+                    f"HTTP {response.status_code}: {response.text.strip()[:500] or response.reason}"
+                )
             return parse_answer(response.content)
         except requests.RequestException as exc:
             raise LocalModeError(f"lost the server at {self.url}: {exc}") from None
         except AnswerError as exc:
             raise LocalModeError(f"{self.url}: HTTP {response.status_code}: {exc}") from None
 
-    def predict_sources(self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None) -> list[Prediction]:
+    def predict_sources(
+        self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None
+    ) -> list[Prediction]:
         return predict_each(sources, self.send, k, names)

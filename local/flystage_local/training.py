@@ -22,12 +22,11 @@ import json
 import shutil
 import tarfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 from flystage.jobdef import METRIC_DEFINITIONS, read_metric
-
 from flystage_local import LocalModeError, containers, jobtree
 
 # SageMaker keeps the first 1024 characters of output/failure as the job's FailureReason.
@@ -96,7 +95,9 @@ def _merge(hosts: list[str], folder: Path, part: str, into: Path) -> None:
             shutil.copytree(source, into, dirs_exist_ok=True)
 
 
-def _failure_reason(folder: Path, hosts: list[str], codes: dict[str, int | None], cause: str | None) -> str | None:
+def _failure_reason(
+    folder: Path, hosts: list[str], codes: dict[str, int | None], cause: str | None
+) -> str | None:
     """The job's FailureReason: the failing host's ``output/failure``, or what is known."""
 
     def written(host: str) -> str | None:
@@ -106,10 +107,14 @@ def _failure_reason(folder: Path, hosts: list[str], codes: dict[str, int | None]
     others = next((text for h in hosts if (text := written(h))), None)
     if cause == "MaxRuntimeExceeded":
         reason = "MaxRuntimeExceeded: the job ran longer than StoppingCondition.MaxRuntimeInSeconds"
-        return (reason + (f"; the program wrote: {others}" if others else ""))[:FAILURE_REASON_CHARS]
+        return (reason + (f"; the program wrote: {others}" if others else ""))[
+            :FAILURE_REASON_CHARS
+        ]
     # The host that failed first caused the stop; the others may only have lost their peer.
     failed = [h for h in hosts if codes.get(h) not in (0, None)]
-    first = next((h for h in hosts if cause and cause.startswith(f"{h} ")), failed[0] if failed else None)
+    first = next(
+        (h for h in hosts if cause and cause.startswith(f"{h} ")), failed[0] if failed else None
+    )
     if first is None:
         return others[:FAILURE_REASON_CHARS] if others else None
     if text := written(first):
@@ -119,8 +124,15 @@ def _failure_reason(folder: Path, hosts: list[str], codes: dict[str, int | None]
 
 
 def _run_containers(
-    client, name: str, image: str, hosts: list[str], mounts: Mapping[str, dict[Path, str]],
-    environment: Mapping[str, str], write: Callable[[str], None] | None, deadline: float, stop_grace: int,
+    client,
+    name: str,
+    image: str,
+    hosts: list[str],
+    mounts: Mapping[str, dict[Path, str]],
+    environment: Mapping[str, str],
+    write: Callable[[str], None] | None,
+    deadline: float,
+    stop_grace: int,
 ) -> tuple[dict[str, str], dict[str, int | None], str | None]:
     """One container per host on the job's own network, run until every one has exited (or
     ``deadline``, ``time.monotonic()``, has passed); then the job's containers and network are
@@ -153,12 +165,16 @@ def _run_containers(
     return logs, codes, cause
 
 
-def _write_job_outputs(folder: Path, hosts: list[str], status: str, reason: str | None) -> Path | None:
+def _write_job_outputs(
+    folder: Path, hosts: list[str], status: str, reason: str | None
+) -> Path | None:
     """The job's ``output/`` (the hosts' output data, one success or failure file) and
     ``output.tar.gz``, and ``model.tar.gz`` unless the job failed (returned, else None)."""
     output = folder / "output"
     _merge(hosts, folder, "output/data", output / "data")
-    (output / ("success" if status == "Completed" else "failure")).write_text(reason or "", encoding="utf-8")
+    (output / ("success" if status == "Completed" else "failure")).write_text(
+        reason or "", encoding="utf-8"
+    )
     _tar_folder(output / "data", folder / "output.tar.gz")
     if status == "Failed":
         return None
@@ -218,14 +234,20 @@ def run_training_job(
     reason = _failure_reason(folder, hosts, codes, cause) if status != "Completed" else None
 
     artefact = _write_job_outputs(folder, hosts, status, reason)
-    result = JobResult(name, folder, status, reason, codes, seconds, artefact, logs, final_metrics(logs[hosts[0]]))
-    (folder / "job.json").write_text(json.dumps(result.describe(), indent=2) + "\n", encoding="utf-8")
+    result = JobResult(
+        name, folder, status, reason, codes, seconds, artefact, logs, final_metrics(logs[hosts[0]])
+    )
+    (folder / "job.json").write_text(
+        json.dumps(result.describe(), indent=2) + "\n", encoding="utf-8"
+    )
     return result
 
 
 def status_lines(result: JobResult) -> list[str]:
     """A short human report of a finished job: status, metrics, artefact or failure."""
-    lines = [f"job {result.name}: {result.status} in {result.seconds} s (exit codes {result.exit_codes})"]
+    lines = [
+        f"job {result.name}: {result.status} in {result.seconds} s (exit codes {result.exit_codes})"
+    ]
     for metric, value in result.final_metrics.items():
         lines.append(f"  {metric} = {value}")
     if result.model_artefact:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from flystage import jobdef
-
 from flystage_local import LocalModeError
 from flystage_local.training import JobResult
 
@@ -67,21 +67,30 @@ class Dimension:
 def dimensions(ranges: Mapping[str, list[dict]] = jobdef.TUNING_RANGES) -> list[Dimension]:
     """The search space of a SageMaker ``ParameterRanges`` dict."""
     dims = []
-    for kind, key in (("continuous", "ContinuousParameterRanges"), ("integer", "IntegerParameterRanges")):
+    for kind, key in (
+        ("continuous", "ContinuousParameterRanges"),
+        ("integer", "IntegerParameterRanges"),
+    ):
         for r in ranges.get(key, []):
             scaling = r.get("ScalingType", "Auto")
             if scaling == "ReverseLogarithmic":
-                raise LocalModeError(f"{r['Name']}: ScalingType ReverseLogarithmic is not supported by the local search")
+                raise LocalModeError(
+                    f"{r['Name']}: ScalingType ReverseLogarithmic is not supported by the local search"
+                )
             low, high = float(r["MinValue"]), float(r["MaxValue"])
             if scaling == "Logarithmic" and low <= 0:
-                raise LocalModeError(f"{r['Name']}: a logarithmic range needs MinValue > 0, not {low}")
+                raise LocalModeError(
+                    f"{r['Name']}: a logarithmic range needs MinValue > 0, not {low}"
+                )
             dims.append(Dimension(r["Name"], kind, low, high, log=scaling == "Logarithmic"))
     for r in ranges.get("CategoricalParameterRanges", []):
         dims.append(Dimension(r["Name"], "categorical", values=tuple(r["Values"])))
     if not dims:
         raise LocalModeError("the tuning ranges are empty: nothing to search")
     if len(dims) > len(PRIMES):
-        raise LocalModeError(f"{len(dims)} tunable hyperparameters; the local search handles up to {len(PRIMES)}")
+        raise LocalModeError(
+            f"{len(dims)} tunable hyperparameters; the local search handles up to {len(PRIMES)}"
+        )
     return dims
 
 
@@ -90,7 +99,10 @@ def trial_points(dims: list[Dimension], trials: int, seed: int = 0) -> list[dict
     rng = random.Random(seed)
     shift = [rng.random() for _ in dims]
     return [
-        {d.name: d.value((radical_inverse(i, PRIMES[j]) + shift[j]) % 1.0) for j, d in enumerate(dims)}
+        {
+            d.name: d.value((radical_inverse(i, PRIMES[j]) + shift[j]) % 1.0)
+            for j, d in enumerate(dims)
+        }
         for i in range(1, trials + 1)
     ]
 
@@ -145,8 +157,13 @@ def table(trials: list[Trial], objective: str = jobdef.OBJECTIVE_METRIC) -> str:
     names = list(trials[0].hyperparameters) if trials else []
     header = ["trial", *names, "status", objective, "seconds"]
     rows = [header] + [
-        [str(t.number), *(t.hyperparameters[n] for n in names), t.job.status,
-         "-" if t.objective is None else f"{t.objective:.4f}", f"{t.job.seconds:.0f}"]
+        [
+            str(t.number),
+            *(t.hyperparameters[n] for n in names),
+            t.job.status,
+            "-" if t.objective is None else f"{t.objective:.4f}",
+            f"{t.job.seconds:.0f}",
+        ]
         for t in trials
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -160,12 +177,25 @@ def summary(trials: list[Trial], objective: str = jobdef.OBJECTIVE_METRIC) -> di
         "strategy": "scrambled Halton (quasi-random), sequential",
         "objective": {"Type": "Maximize", "MetricName": objective},
         "trials": [
-            {"trial": t.number, "job": t.job.name, "status": t.job.status, "hyperparameters": t.hyperparameters,
-             "objective": t.objective, "seconds": t.job.seconds, "failure_reason": t.job.failure_reason}
+            {
+                "trial": t.number,
+                "job": t.job.name,
+                "status": t.job.status,
+                "hyperparameters": t.hyperparameters,
+                "objective": t.objective,
+                "seconds": t.job.seconds,
+                "failure_reason": t.job.failure_reason,
+            }
             for t in trials
         ],
-        "best": None if best is None else {"trial": best.number, "job": best.job.name,
-                                           "hyperparameters": best.hyperparameters, "objective": best.objective},
+        "best": None
+        if best is None
+        else {
+            "trial": best.number,
+            "job": best.job.name,
+            "hyperparameters": best.hyperparameters,
+            "objective": best.objective,
+        },
     }
 
 

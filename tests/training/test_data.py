@@ -12,6 +12,8 @@ from torch.utils.data import DistributedSampler
 
 from flystage.augment import AugmentConfig, build_train_transform
 from flystage.channels import DataError
+from flystage.imaging import PreprocessConfig, load
+from flystage.organise import read_manifest
 from flystage.training.data import (
     ImageCache,
     StageDataset,
@@ -19,8 +21,6 @@ from flystage.training.data import (
     class_weights,
     make_sampler,
 )
-from flystage.imaging import PreprocessConfig, load
-from flystage.organise import read_manifest
 from train_helpers import LABELS, TINY_PREPROCESS, make_manifest_set, make_tree
 
 torch.set_num_threads(1)
@@ -70,7 +70,9 @@ def test_augmentation_only_in_train_mode(manifest: Path) -> None:
     records = read_manifest(manifest)[:4]
     # Every augmentation on, so that each draw changes the image.
     augment = AugmentConfig(p_angle=1.0, p_rotation=1.0, p_affine=1.0, p_intensity=1.0)
-    dataset = StageDataset(records, list(LABELS), ImageCache(CONFIG), build_train_transform(augment), train=True)
+    dataset = StageDataset(
+        records, list(LABELS), ImageCache(CONFIG), build_train_transform(augment), train=True
+    )
     torch.manual_seed(0)
     a, _ = dataset[0]
     b, _ = dataset[0]

@@ -37,12 +37,23 @@ def test_forward_non_square(arch: str, channels: int) -> None:
 
 
 def test_required_archs_present_and_sizes_distinct() -> None:
-    required = {"resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"}
+    required = {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+    }
     assert required <= set(ARCHS)
     # The two HOG networks share their weights' shapes (one only averages over the turn).
-    counts = {arch: count_parameters(build_model(arch, 6, 3)) for arch in ARCHS if arch != "hognet_turn"}
+    counts = {
+        arch: count_parameters(build_model(arch, 6, 3)) for arch in ARCHS if arch != "hognet_turn"
+    }
     assert len(set(counts.values())) == len(counts), counts
-    assert counts["mobilenet_v3_small"] < counts["resnet18"] < counts["resnet34"] < counts["resnet50"]
+    assert (
+        counts["mobilenet_v3_small"] < counts["resnet18"] < counts["resnet34"] < counts["resnet50"]
+    )
 
 
 def test_normalisation_inside_model() -> None:
@@ -103,13 +114,38 @@ def test_hognet_turn_is_invariant_to_the_180_degree_turn_and_hognet_is_not() -> 
         assert not torch.allclose(plain(x), plain(turned), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch, stem, first_stages, unfrozen", [
-    ("resnet18", ["backbone.conv1", "backbone.bn1"], ["backbone.layer1", "backbone.layer2"], "backbone.layer3"),
-    ("mobilenet_v3_small", ["backbone.features.0"], ["backbone.features.1", "backbone.features.2"], "backbone.features.3"),
-    ("efficientnet_b0", ["backbone.features.0"], ["backbone.features.1", "backbone.features.2"], "backbone.features.3"),
-    ("efficientnet_lite0", ["net.conv_stem", "net.bn1"], ["net.blocks.0", "net.blocks.1"], "net.blocks.2"),
-])
-def test_freeze_backbone_freezes_the_stem_and_first_stages_never_the_head(arch, stem, first_stages, unfrozen) -> None:
+@pytest.mark.parametrize(
+    "arch, stem, first_stages, unfrozen",
+    [
+        (
+            "resnet18",
+            ["backbone.conv1", "backbone.bn1"],
+            ["backbone.layer1", "backbone.layer2"],
+            "backbone.layer3",
+        ),
+        (
+            "mobilenet_v3_small",
+            ["backbone.features.0"],
+            ["backbone.features.1", "backbone.features.2"],
+            "backbone.features.3",
+        ),
+        (
+            "efficientnet_b0",
+            ["backbone.features.0"],
+            ["backbone.features.1", "backbone.features.2"],
+            "backbone.features.3",
+        ),
+        (
+            "efficientnet_lite0",
+            ["net.conv_stem", "net.bn1"],
+            ["net.blocks.0", "net.blocks.1"],
+            "net.blocks.2",
+        ),
+    ],
+)
+def test_freeze_backbone_freezes_the_stem_and_first_stages_never_the_head(
+    arch, stem, first_stages, unfrozen
+) -> None:
     from flystage.training.models import freeze_backbone
 
     model = build_model(arch, 6, 1)

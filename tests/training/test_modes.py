@@ -10,13 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from flystage.training.backbones import DEFAULT_TAPS
 from flystage.augment import AugmentConfig, build_train_transform
-from flystage.training.backbones import build_lite
 from flystage.channels import split_channels
-from flystage.training.data import ImageCache, StageDataset, to_float
 from flystage.imaging import PreprocessConfig
-from flystage.training.models import HOGNet, LiteNet, StageNet, build_feature_extractor, build_from_spec
+from flystage.training.backbones import DEFAULT_TAPS, build_lite
+from flystage.training.data import ImageCache, StageDataset, to_float
+from flystage.training.models import (
+    HOGNet,
+    LiteNet,
+    StageNet,
+    build_feature_extractor,
+    build_from_spec,
+)
 from flystage.training.modes import setup_finetune
 from flystage.training.probe import ProbeNet, cached_features
 from flystage.training.train import TrainConfig, fit, make_optimizer
@@ -28,14 +33,23 @@ SURE_AUGMENT = AugmentConfig(p_intensity=1.0, p_rotation=1.0)
 
 
 def tiny_config(**changes) -> TrainConfig:
-    base = dict(epochs=2, batch_size=8, learning_rate=0.003, threads=1, augment_draws=2, augment=SURE_AUGMENT,
-                preprocess=PreprocessConfig(**TINY_PREPROCESS))
+    base = dict(
+        epochs=2,
+        batch_size=8,
+        learning_rate=0.003,
+        threads=1,
+        augment_draws=2,
+        augment=SURE_AUGMENT,
+        preprocess=PreprocessConfig(**TINY_PREPROCESS),
+    )
     return TrainConfig(**(base | changes))
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    manifest = make_manifest_set(tmp_path_factory.mktemp("modes"), train_per_class=4, valid_per_class=2)
+    manifest = make_manifest_set(
+        tmp_path_factory.mktemp("modes"), train_per_class=4, valid_per_class=2
+    )
     train, valid, _ = split_channels(manifest)
     return train, valid
 
@@ -65,11 +79,15 @@ def test_full_mode_trains_every_weight(records, arch: str, kind: type) -> None:
     again.load_state_dict(result.model.state_dict())  # strict: the spec rebuilds this architecture
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), logits)
-    assert nn.functional.cross_entropy(logits, y).item() == pytest.approx(result.best["valid_loss"], rel=1e-4)
+    assert nn.functional.cross_entropy(logits, y).item() == pytest.approx(
+        result.best["valid_loss"], rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "hognet"])
-def test_probe_caches_features_per_image_and_draw_and_shares_them(records, monkeypatch, arch: str) -> None:
+def test_probe_caches_features_per_image_and_draw_and_shares_them(
+    records, monkeypatch, arch: str
+) -> None:
     train, valid = records
     extracted = count_extracted(monkeypatch)
     cache = ImageCache(PreprocessConfig(**TINY_PREPROCESS))
@@ -86,7 +104,9 @@ def test_probe_caches_features_per_image_and_draw_and_shares_them(records, monke
         logits = model(x)
     assert logits.shape == (len(valid), len(LABELS))
     # The head trained on cached features scores the images alike (the best epoch's loss).
-    assert nn.functional.cross_entropy(logits, y).item() == pytest.approx(result.best["valid_loss"], rel=1e-4)
+    assert nn.functional.cross_entropy(logits, y).item() == pytest.approx(
+        result.best["valid_loss"], rel=1e-4
+    )
     if arch == "efficientnet_lite0":  # the backbone is ImageNet's, untouched
         reference = build_lite(arch).state_dict()
         for name, tensor in model.features.state_dict().items():
@@ -95,24 +115,43 @@ def test_probe_caches_features_per_image_and_draw_and_shares_them(records, monke
 
     # A second run on the same cache (another fold, another seed of the head) computes nothing.
     extracted.clear()
-    fit(train, valid, tiny_config(arch=arch, mode="probe", epochs=1, learning_rate=0.01), log=quiet,
-        image_cache=cache)
+    fit(
+        train,
+        valid,
+        tiny_config(arch=arch, mode="probe", epochs=1, learning_rate=0.01),
+        log=quiet,
+        image_cache=cache,
+    )
     assert extracted == []
     # Other augmentation settings are other draws: computed anew.
-    fit(train, valid, tiny_config(arch=arch, mode="probe", epochs=1, augment=AugmentConfig(p_blur=1.0)),
-        log=quiet, image_cache=cache)
+    fit(
+        train,
+        valid,
+        tiny_config(arch=arch, mode="probe", epochs=1, augment=AugmentConfig(p_blur=1.0)),
+        log=quiet,
+        image_cache=cache,
+    )
     assert sum(extracted) == len(train) * (1 + config.augment_draws) + len(valid)
 
     # Augmented draws differ from the clean rows and from each other; valid images are clean only.
-    (store,) = [s for key, s in cache.derived.items() if json.dumps(config.augment.to_dict()) in key[1]]
+    (store,) = [
+        s for key, s in cache.derived.items() if json.dumps(config.augment.to_dict()) in key[1]
+    ]
     for record in train:
         rows = [store[(record.path, d)] for d in range(1 + config.augment_draws)]
         assert not torch.allclose(rows[0], rows[1]) and not torch.allclose(rows[1], rows[2])
     assert all((r.path, 1) not in store for r in valid)
     # Each draw is seeded by (seed, draw, path): a fresh cache computes the same rows.
     features, _ = build_feature_extractor(arch, 1, config.feature_taps)
-    fresh = cached_features(features, "fresh", ImageCache(PreprocessConfig(**TINY_PREPROCESS)),
-                            [r.path for r in train], 2, build_train_transform(config.augment, config.seed), config.seed)
+    fresh = cached_features(
+        features,
+        "fresh",
+        ImageCache(PreprocessConfig(**TINY_PREPROCESS)),
+        [r.path for r in train],
+        2,
+        build_train_transform(config.augment, config.seed),
+        config.seed,
+    )
     torch.testing.assert_close(fresh, torch.stack([store[(r.path, 2)] for r in train]))
 
 
@@ -120,7 +159,9 @@ def test_finetune_freezes_the_first_stages_and_keeps_batchnorm_statistics(record
     train, valid = records
     arch = "efficientnet_lite0"
     cache = ImageCache(PreprocessConfig(**TINY_PREPROCESS))
-    config = tiny_config(arch=arch, mode="finetune", augment_draws=0, freeze_stages=2, learning_rate=0.01)
+    config = tiny_config(
+        arch=arch, mode="finetune", augment_draws=0, freeze_stages=2, learning_rate=0.01
+    )
     result = fit(train, valid, config, log=quiet, image_cache=cache)
     model = result.model
     assert isinstance(model, LiteNet) and not model.training
@@ -145,7 +186,9 @@ def test_finetune_freezes_the_first_stages_and_keeps_batchnorm_statistics(record
         elif not torch.equal(p, ref_params[name]):
             changed.append(name)
     assert any(name.startswith("blocks.6") for name in changed)  # the unfrozen backbone did train
-    batchnorms = [name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    batchnorms = [
+        name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     assert len(batchnorms) > 40
     for name, buffer in net.named_buffers():  # running_mean, running_var, num_batches_tracked
         assert torch.equal(buffer, ref_buffers[name]), f"{name} moved during training"
@@ -154,7 +197,9 @@ def test_finetune_freezes_the_first_stages_and_keeps_batchnorm_statistics(record
 
 def test_finetune_backbone_learns_at_its_scale_of_the_learning_rate(records) -> None:
     train, valid = records
-    config = tiny_config(arch="efficientnet_lite0", mode="finetune", backbone_lr_scale=0.1, freeze_stages=3)
+    config = tiny_config(
+        arch="efficientnet_lite0", mode="finetune", backbone_lr_scale=0.1, freeze_stages=3
+    )
     cache = ImageCache(config.preprocess)
     setup = setup_finetune(train, valid, list(LABELS), cache, config, quiet)
     optimizer = make_optimizer(setup.param_groups, config)
@@ -165,7 +210,9 @@ def test_finetune_backbone_learns_at_its_scale_of_the_learning_rate(records) -> 
         expected = config.learning_rate * (1.0 if in_head == {True} else 0.1)
         assert group["lr"] == pytest.approx(expected)
         assert all(p.requires_grad for p in group["params"])
-        assert group["weight_decay"] == (config.weight_decay if all(p.ndim > 1 for p in group["params"]) else 0.0)
+        assert group["weight_decay"] == (
+            config.weight_decay if all(p.ndim > 1 for p in group["params"]) else 0.0
+        )
     optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert optimised == {id(p) for p in setup.model.parameters() if p.requires_grad}
     assert not any(id(p) in optimised for p in setup.model.net.blocks[2].parameters())
@@ -184,8 +231,13 @@ def test_finetune_a_torchvision_backbone_from_the_hub_cache(records, tmp_path, m
     torch.save(reference, weights_cache_path(arch))
     train, valid = records
     cache = ImageCache(PreprocessConfig(**TINY_PREPROCESS))
-    result = fit(train, valid, tiny_config(arch=arch, mode="finetune", epochs=1, freeze_stages=2), log=quiet,
-                 image_cache=cache)
+    result = fit(
+        train,
+        valid,
+        tiny_config(arch=arch, mode="finetune", epochs=1, freeze_stages=2),
+        log=quiet,
+        image_cache=cache,
+    )
     x, _ = valid_batch(valid, result.labels, cache)
     with torch.no_grad():
         assert result.model(x).shape == (len(valid), len(LABELS))
@@ -193,7 +245,9 @@ def test_finetune_a_torchvision_backbone_from_the_hub_cache(records, tmp_path, m
     assert all(not p.requires_grad for stage in features[:3] for p in stage.parameters())
     assert all(p.requires_grad for p in features[3].parameters())
     assert torch.equal(features[2].block[0][0].weight, reference["features.2.block.0.0.weight"])
-    assert not torch.equal(features[-1][0].weight, reference[f"features.{len(features) - 1}.0.weight"])
+    assert not torch.equal(
+        features[-1][0].weight, reference[f"features.{len(features) - 1}.0.weight"]
+    )
     # BatchNorm keeps the loaded statistics there too (batches this small cannot re-estimate them).
     for name, buffer in result.model.backbone.named_buffers():
         if "running" in name:

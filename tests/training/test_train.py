@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from flystage.training.backbones import DEFAULT_TAPS
 from flystage.artefact import check_artefact, load_metadata
-from flystage.training.export import load_torch_model
 from flystage.augment import AugmentConfig
 from flystage.channels import split_channels
 from flystage.imaging import PreprocessConfig
 from flystage.jobdef import METRIC_DEFINITIONS, read_metric
-from flystage.training.models import Calibrated
+from flystage.options import ArgumentParser, parse_bool
 from flystage.organise import manifest_sha256
+from flystage.training.backbones import DEFAULT_TAPS
+from flystage.training.export import load_torch_model
+from flystage.training.models import Calibrated
 from flystage.training.train import (
     CHECKPOINT_FILE,
     EXIT_STOPPED,
@@ -35,18 +36,35 @@ from flystage.training.train import (
     metric_line,
     train_model,
 )
-from flystage.options import ArgumentParser, parse_bool
 from train_helpers import LABELS, TINY_PREPROCESS, make_manifest_set
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
-TINY_ARGS = ["--arch", "small_cnn", "--batch_size", "8", "--threads", "1", "--height", "32", "--width", "80",
-             "--channels", "1"]
+TINY_ARGS = [
+    "--arch",
+    "small_cnn",
+    "--batch_size",
+    "8",
+    "--threads",
+    "1",
+    "--height",
+    "32",
+    "--width",
+    "80",
+    "--channels",
+    "1",
+]
 
 
 def tiny_config(**changes) -> TrainConfig:
-    base = dict(arch="small_cnn", epochs=3, batch_size=8, learning_rate=0.003, threads=1,
-                preprocess=PreprocessConfig(**TINY_PREPROCESS))
+    base = dict(
+        arch="small_cnn",
+        epochs=3,
+        batch_size=8,
+        learning_rate=0.003,
+        threads=1,
+        preprocess=PreprocessConfig(**TINY_PREPROCESS),
+    )
     return TrainConfig(**(base | changes))
 
 
@@ -65,8 +83,12 @@ def test_fit_learns_and_returns_best_model(records) -> None:
     """Without augmentation, a few epochs separate the synthetic classes on the training set."""
     train, valid = records
     lines: list[str] = []
-    result = fit(train, valid, tiny_config(epochs=12, augment=AugmentConfig.off(), label_smoothing=0.0),
-                 log=lines.append)
+    result = fit(
+        train,
+        valid,
+        tiny_config(epochs=12, augment=AugmentConfig.off(), label_smoothing=0.0),
+        log=lines.append,
+    )
     assert result.labels == list(LABELS)
     assert [e["epoch"] for e in result.history] == list(range(1, 13))
     assert result.history[-1]["train_loss"] < 0.6 * result.history[0]["train_loss"]
@@ -95,8 +117,12 @@ def test_metric_lines_read_by_the_job_definition(records) -> None:
     assert metric_lines == [metric_line(e) for e in result.history]
     assert len(metric_lines) == 2
     for definition in METRIC_DEFINITIONS:
-        key = {"train:loss": "train_loss", "valid:loss": "valid_loss", "valid:top1": "valid_top1",
-               "valid:top3": "valid_top3"}[definition["Name"]]
+        key = {
+            "train:loss": "train_loss",
+            "valid:loss": "valid_loss",
+            "valid:top1": "valid_top1",
+            "valid:top3": "valid_top3",
+        }[definition["Name"]]
         values = read_metric(log, definition["Name"])
         assert values == pytest.approx([round(e[key], 4) for e in result.history], abs=1e-9)
 
@@ -115,8 +141,13 @@ def test_stop_then_resume_equals_an_uninterrupted_run(records, tmp_path: Path) -
 
     lines: list[str] = []
     resumed = fit(train, valid, tiny_config(), work_dir=tmp_path, log=lines.append)
-    assert any(line.startswith("resuming from checkpoint") and "after epoch 1" in line for line in lines)
-    assert [line.split()[0] for line in lines if line.startswith("epoch=")] == ["epoch=2", "epoch=3"]
+    assert any(
+        line.startswith("resuming from checkpoint") and "after epoch 1" in line for line in lines
+    )
+    assert [line.split()[0] for line in lines if line.startswith("epoch=")] == [
+        "epoch=2",
+        "epoch=3",
+    ]
     assert [e["epoch"] for e in resumed.history] == [1, 2, 3]
     # Per-epoch reseeding makes the resumed run the same as the uninterrupted one.
     for a, b in zip(straight.history, resumed.history):
@@ -135,15 +166,36 @@ def test_checkpoint_of_another_run_is_refused(records, tmp_path: Path) -> None:
 @pytest.mark.parametrize("balance", ["sampler", "none"])
 def test_balance_options_train(records, balance: str) -> None:
     train, valid = records
-    result = fit(train[:-4], valid, tiny_config(epochs=1, balance=balance, optimizer="sgd", scheduler="onecycle"),
-                 log=lambda line: None)
+    result = fit(
+        train[:-4],
+        valid,
+        tiny_config(epochs=1, balance=balance, optimizer="sgd", scheduler="onecycle"),
+        log=lambda line: None,
+    )
     assert len(result.history) == 1
 
 
-def test_main_writes_artefact_history_and_checkpoint(manifest: Path, tmp_path: Path, capsys) -> None:
+def test_main_writes_artefact_history_and_checkpoint(
+    manifest: Path, tmp_path: Path, capsys
+) -> None:
     model_dir, out, ckpt = tmp_path / "model", tmp_path / "out", tmp_path / "ckpt"
-    code = main(["--manifest", str(manifest), "--model_dir", str(model_dir), "--output-data-dir", str(out),
-                 "--checkpoint_dir", str(ckpt), "--epochs", "2", "--pretrained", "False", *TINY_ARGS])
+    code = main(
+        [
+            "--manifest",
+            str(manifest),
+            "--model_dir",
+            str(model_dir),
+            "--output-data-dir",
+            str(out),
+            "--checkpoint_dir",
+            str(ckpt),
+            "--epochs",
+            "2",
+            "--pretrained",
+            "False",
+            *TINY_ARGS,
+        ]
+    )
     log = capsys.readouterr().out
     assert code == 0, log
     assert len(read_metric(log, "valid:top3")) == 2
@@ -152,16 +204,34 @@ def test_main_writes_artefact_history_and_checkpoint(manifest: Path, tmp_path: P
     assert metadata.arch == "small_cnn"
     assert metadata.preprocess.to_dict() == PreprocessConfig(**TINY_PREPROCESS).to_dict()
     assert metadata.manifest_sha256 == manifest_sha256(manifest)
-    assert set(metadata.metrics) >= {"valid_top1", "valid_top3", "valid_loss", "epoch", "valid_ece", "temperature",
-                                     "calibrated_valid_loss", "calibrated_valid_ece"}
+    assert set(metadata.metrics) >= {
+        "valid_top1",
+        "valid_top3",
+        "valid_loss",
+        "epoch",
+        "valid_ece",
+        "temperature",
+        "calibrated_valid_loss",
+        "calibrated_valid_ece",
+    }
     # The artefact says what it is (calibrated by default) and weights.pt rebuilds it.
     spec = metadata.extra["model"]
-    assert (spec["arch"], spec["mode"], spec["temperature"]) == ("small_cnn", "full", metadata.metrics["temperature"])
+    assert (spec["arch"], spec["mode"], spec["temperature"]) == (
+        "small_cnn",
+        "full",
+        metadata.metrics["temperature"],
+    )
     model = load_torch_model(model_dir)
-    assert isinstance(model, Calibrated) and float(model.temperature) == pytest.approx(spec["temperature"])
+    assert isinstance(model, Calibrated) and float(model.temperature) == pytest.approx(
+        spec["temperature"]
+    )
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [e["epoch"] for e in history] == [1, 2]
-    assert (out / "history.csv").read_text().startswith("epoch,train_loss,valid_loss,valid_top1,valid_top3")
+    assert (
+        (out / "history.csv")
+        .read_text()
+        .startswith("epoch,train_loss,valid_loss,valid_top1,valid_top3")
+    )
     assert (ckpt / CHECKPOINT_FILE).is_file()
     assert "host=local rank=0 world_size=1 samples=36" in log
 
@@ -172,20 +242,53 @@ def test_hyperparameters_as_sagemaker_sends_them(monkeypatch) -> None:
     monkeypatch.setenv("SM_NUM_CPUS", "4")
     parser = ArgumentParser()
     configure_parser(parser)
-    args = parser.parse_args(["--batch_size", "64.0", "--learning_rate", "0.01", "--pretrained", "True",
-                              "--mask", "false", "--angles", "[90, 180]", "--p-angle", "0.25",
-                              "--preprocess", '{"height": 48, "width": 120}', "--width", "128"])
+    args = parser.parse_args(
+        [
+            "--batch_size",
+            "64.0",
+            "--learning_rate",
+            "0.01",
+            "--pretrained",
+            "True",
+            "--mask",
+            "false",
+            "--angles",
+            "[90, 180]",
+            "--p-angle",
+            "0.25",
+            "--preprocess",
+            '{"height": 48, "width": 120}',
+            "--width",
+            "128",
+        ]
+    )
     config = config_from_args(args)
     assert (config.batch_size, config.learning_rate, config.pretrained) == (64, 0.01, True)
     assert config.threads == 4  # from SM_NUM_CPUS
-    assert (config.preprocess.height, config.preprocess.width, config.preprocess.mask) == (48, 128, False)
+    assert (config.preprocess.height, config.preprocess.width, config.preprocess.mask) == (
+        48,
+        128,
+        False,
+    )
     assert config.augment.angles == (90.0, 180.0) and config.augment.p_angle == 0.25
     off = config_from_args(parser.parse_args(["--augment", "off"]))
     assert off.augment == AugmentConfig.off()
     # A JSON object hyperparameter reaches the program as key=value pairs (sagemaker-training).
-    pairs = config_from_args(parser.parse_args(["--preprocess", "align=False,height=40,width=96",
-                                                "--augment", "angles=[180.0],p_angle=1"]))
-    assert (pairs.preprocess.height, pairs.preprocess.width, pairs.preprocess.align) == (40, 96, False)
+    pairs = config_from_args(
+        parser.parse_args(
+            [
+                "--preprocess",
+                "align=False,height=40,width=96",
+                "--augment",
+                "angles=[180.0],p_angle=1",
+            ]
+        )
+    )
+    assert (pairs.preprocess.height, pairs.preprocess.width, pairs.preprocess.align) == (
+        40,
+        96,
+        False,
+    )
     assert pairs.augment.angles == (180.0,) and pairs.augment.p_angle == 1.0
     for text, value in [("true", True), ('"false"', False), ("1", True), ("False", False)]:
         assert parse_bool(text) is value
@@ -194,9 +297,17 @@ def test_hyperparameters_as_sagemaker_sends_them(monkeypatch) -> None:
 
 
 def test_bad_arguments_fail_with_a_clear_message(manifest: Path, tmp_path: Path, capsys) -> None:
-    assert main(["--manifest", str(manifest), "--model_dir", str(tmp_path), "--arch", "resnet7"]) == 1
-    assert "training failed: bad hyperparameter: arch 'resnet7': choose one of" in capsys.readouterr().err
-    assert main(["--manifest", str(manifest), "--model_dir", str(tmp_path), "--no_such_option", "1"]) == 2
+    assert (
+        main(["--manifest", str(manifest), "--model_dir", str(tmp_path), "--arch", "resnet7"]) == 1
+    )
+    assert (
+        "training failed: bad hyperparameter: arch 'resnet7': choose one of"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(["--manifest", str(manifest), "--model_dir", str(tmp_path), "--no_such_option", "1"])
+        == 2
+    )
     assert "unrecognized arguments: --no_such_option" in capsys.readouterr().err
     assert main(["--model_dir", str(tmp_path)]) == 1
     assert "no training data: give --manifest" in capsys.readouterr().err
@@ -209,10 +320,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path:
     checkpoint, exit with EXIT_STOPPED; a restart resumes from that checkpoint."""
     ckpt, model_dir = tmp_path / "ckpt", tmp_path / "model"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "flystage", "train", "--manifest", str(manifest), "--model-dir", str(model_dir),
-               "--checkpoint-dir", str(ckpt), *TINY_ARGS]
-    proc = subprocess.Popen(command + ["--epochs", "1000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    command = [
+        sys.executable,
+        "-m",
+        "flystage",
+        "train",
+        "--manifest",
+        str(manifest),
+        "--model-dir",
+        str(model_dir),
+        "--checkpoint-dir",
+        str(ckpt),
+        *TINY_ARGS,
+    ]
+    proc = subprocess.Popen(
+        command + ["--epochs", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     lines: list[str] = []
     timer = threading.Timer(240, proc.kill)  # a hang fails the test instead of blocking CI
     timer.start()
@@ -235,10 +362,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path:
     check_artefact(model_dir)
 
     # Restart: resumes after the saved epoch and finishes (a shorter job this time).
-    done = subprocess.run(command + ["--epochs", str(state["epoch"] + 1)], capture_output=True, text=True,
-                          env=env, timeout=240)
+    done = subprocess.run(
+        command + ["--epochs", str(state["epoch"] + 1)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"resuming from checkpoint {ckpt / CHECKPOINT_FILE} after epoch {state['epoch']}" in done.stdout
+    assert (
+        f"resuming from checkpoint {ckpt / CHECKPOINT_FILE} after epoch {state['epoch']}"
+        in done.stdout
+    )
     assert read_metric(done.stdout, "valid:top3") and f"epoch={state['epoch'] + 1} " in done.stdout
     assert load_metadata(model_dir).labels == list(LABELS)
     assert "stopped" not in load_metadata(model_dir).extra  # the finished model replaced it
@@ -259,7 +394,11 @@ def test_early_stopping_and_a_finished_run_is_not_retrained(records, tmp_path: P
 
 
 def test_best_epoch_rule_top1_then_loss() -> None:
-    entry = lambda top1, loss, top3=1.0: {"valid_top1": top1, "valid_loss": loss, "valid_top3": top3}  # noqa: E731
+    entry = lambda top1, loss, top3=1.0: {
+        "valid_top1": top1,
+        "valid_loss": loss,
+        "valid_top3": top3,
+    }  # noqa: E731
     assert _is_better(entry(0.3, 2.0), None)
     assert _is_better(entry(0.6, 1.5), entry(0.5, 0.2))  # more right answers beat a lower loss
     assert not _is_better(entry(0.5, 0.1), entry(0.6, 1.5))
@@ -285,7 +424,10 @@ def test_with_three_stages_the_best_epoch_is_chosen_by_top1(records) -> None:
     # Among the epochs of the best top-1, the lowest loss; earlier epochs of that top-1 lose only on loss.
     tied = [e for e in history if e["valid_top1"] == top1]
     assert result.best["valid_loss"] == min(e["valid_loss"] for e in tied)
-    assert result.best["epoch"] == first_best or result.best["valid_loss"] < history[first_best - 1]["valid_loss"]
+    assert (
+        result.best["epoch"] == first_best
+        or result.best["valid_loss"] < history[first_best - 1]["valid_loss"]
+    )
     lowest_loss = min(history, key=lambda e: e["valid_loss"])
     if lowest_loss["valid_top1"] < top1:
         assert result.best["epoch"] != lowest_loss["epoch"]
@@ -297,47 +439,99 @@ def test_train_model_calibrates_on_the_valid_images(records) -> None:
     result = train_model(train, valid, tiny_config(epochs=2), log=lines.append)
     assert isinstance(result.model, Calibrated) and not result.model.training
     t = result.best["temperature"]
-    assert result.spec == {"arch": "small_cnn", "mode": "full", "taps": list(DEFAULT_TAPS), "hog": False, "temperature": t}
+    assert result.spec == {
+        "arch": "small_cnn",
+        "mode": "full",
+        "taps": list(DEFAULT_TAPS),
+        "hog": False,
+        "temperature": t,
+    }
     assert float(result.model.temperature) == pytest.approx(t)
     # T minimises the valid NLL, so it is no worse than T = 1 (the uncalibrated model).
     assert result.best["calibrated_valid_loss"] <= result.best["valid_loss"] + 1e-9
     assert result.best["calibrated_valid_top1"] == result.best["valid_top1"]  # ranking unchanged
-    assert any(line.startswith(f"calibration: temperature {t:.3f} on {len(valid)} valid images") for line in lines)
+    assert any(
+        line.startswith(f"calibration: temperature {t:.3f} on {len(valid)} valid images")
+        for line in lines
+    )
     x = torch.rand(2, 1, 32, 80)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), result.model.model(x) / t)
     assert [e["member"] for e in result.history] == [0, 0]
-    uncalibrated = train_model(train, valid, tiny_config(epochs=2, calibrate=False), log=lambda line: None)
+    uncalibrated = train_model(
+        train, valid, tiny_config(epochs=2, calibrate=False), log=lambda line: None
+    )
     assert not isinstance(uncalibrated.model, Calibrated) and "temperature" not in uncalibrated.best
     # The same seed trains the same member; calibration only divides its logits.
     with torch.no_grad():
         torch.testing.assert_close(uncalibrated.model(x) / t, result.model(x))
 
 
-def test_main_with_the_default_probe_says_which_hyperparameters_it_ignores(manifest: Path, tmp_path: Path, capsys) -> None:
+def test_main_with_the_default_probe_says_which_hyperparameters_it_ignores(
+    manifest: Path, tmp_path: Path, capsys
+) -> None:
     """The default model's head is solved exactly: one metric line, and a tuner's learning_rate
     and batch_size are named as unused instead of silently training the same model."""
-    code = main(["--manifest", str(manifest), "--model_dir", str(tmp_path / "model"), "--learning_rate", "0.01",
-                 "--batch_size", "64", "--threads", "1", "--height", "32", "--width", "80"])
+    code = main(
+        [
+            "--manifest",
+            str(manifest),
+            "--model_dir",
+            str(tmp_path / "model"),
+            "--learning_rate",
+            "0.01",
+            "--batch_size",
+            "64",
+            "--threads",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "80",
+        ]
+    )
     log = capsys.readouterr().out
     assert code == 0, log
     assert "note: learning_rate, batch_size not used" in log
     assert len(read_metric(log, "valid:top3")) == 1
     assert check_artefact(tmp_path / "model").extra["model"]["mode"] == "probe"
-    code = main(["--manifest", str(manifest), "--model_dir", str(tmp_path / "sgd"), "--learning_rate", "0.01",
-                 "--probe_solver", "sgd", "--epochs", "2", "--threads", "1", "--height", "32", "--width", "80"])
+    code = main(
+        [
+            "--manifest",
+            str(manifest),
+            "--model_dir",
+            str(tmp_path / "sgd"),
+            "--learning_rate",
+            "0.01",
+            "--probe_solver",
+            "sgd",
+            "--epochs",
+            "2",
+            "--threads",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "80",
+        ]
+    )
     log = capsys.readouterr().out
     assert code == 0 and "not used" not in log and len(read_metric(log, "valid:top3")) == 2
 
 
-def test_train_refuses_to_replace_a_model_without_force(manifest: Path, tmp_path: Path, capsys) -> None:
+def test_train_refuses_to_replace_a_model_without_force(
+    manifest: Path, tmp_path: Path, capsys
+) -> None:
     model_dir = tmp_path / "model"
     args = ["--manifest", str(manifest), "--model_dir", str(model_dir), "--epochs", "1", *TINY_ARGS]
     assert main(args) == 0
     before = (model_dir / "model.onnx").read_bytes()
     capsys.readouterr()
     assert main(args) == 1
-    assert "already holds a model; choose another --model-dir or pass --force" in capsys.readouterr().err
+    assert (
+        "already holds a model; choose another --model-dir or pass --force"
+        in capsys.readouterr().err
+    )
     assert (model_dir / "model.onnx").read_bytes() == before
     assert main(args + ["--force", "--seed", "1"]) == 0
 
@@ -353,7 +547,18 @@ def test_a_crafted_checkpoint_is_refused_not_run(manifest: Path, tmp_path: Path,
             return (os.system, (f"touch {marker}",))
 
     torch.save({"format": 1, "payload": Payload()}, ckpt / CHECKPOINT_FILE)
-    code = main(["--manifest", str(manifest), "--model_dir", str(tmp_path / "model"), "--checkpoint_dir", str(ckpt),
-                 "--epochs", "1", *TINY_ARGS])
+    code = main(
+        [
+            "--manifest",
+            str(manifest),
+            "--model_dir",
+            str(tmp_path / "model"),
+            "--checkpoint_dir",
+            str(ckpt),
+            "--epochs",
+            "1",
+            *TINY_ARGS,
+        ]
+    )
     assert code == 1 and not marker.exists()
     assert "not a readable flystage checkpoint" in capsys.readouterr().err

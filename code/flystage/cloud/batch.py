@@ -14,11 +14,17 @@ from typing import Any
 
 from flystage.cloud import ecr
 from flystage.cloud.hosting import check_model_data, model_data_uri, model_request
-from flystage.serving.client import AnswerError, parse_top
-from flystage.cloud.s3 import check_bucket, check_role_can_read, parse_s3_uri, plan_folder, upload_files
+from flystage.cloud.s3 import (
+    check_bucket,
+    check_role_can_read,
+    parse_s3_uri,
+    plan_folder,
+    upload_files,
+)
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
 from flystage.cloud.training import job_name
+from flystage.serving.client import AnswerError, parse_top
 
 # Batch transform allows bodies up to 100 MB; lab TIFFs are a few MB.
 MAX_PAYLOAD_MB = 20
@@ -26,7 +32,9 @@ MAX_PAYLOAD_MB = 20
 CONTENT_TYPE = "application/x-image"
 
 
-def transform_job_request(settings: Settings, name: str, model_name: str, input_uri: str, output_uri: str) -> dict[str, Any]:
+def transform_job_request(
+    settings: Settings, name: str, model_name: str, input_uri: str, output_uri: str
+) -> dict[str, Any]:
     return {
         "TransformJobName": name,
         "ModelName": model_name,
@@ -38,8 +46,15 @@ def transform_job_request(settings: Settings, name: str, model_name: str, input_
             "CompressionType": "None",
             "SplitType": "None",
         },
-        "TransformOutput": {"S3OutputPath": output_uri, "Accept": "application/json", "AssembleWith": "None"},
-        "TransformResources": {"InstanceType": settings.transform_instance_type, "InstanceCount": 1},
+        "TransformOutput": {
+            "S3OutputPath": output_uri,
+            "Accept": "application/json",
+            "AssembleWith": "None",
+        },
+        "TransformResources": {
+            "InstanceType": settings.transform_instance_type,
+            "InstanceCount": 1,
+        },
         "Tags": settings.tag_list(),
     }
 
@@ -61,7 +76,9 @@ def batch_predict(
     if out_csv is not None and not force:
         for path in (Path(out_csv), Path(out_csv).with_suffix(".json")):
             if path.exists():
-                raise CloudError(f"{path} already exists; choose another --out (OUT=) or pass --force to replace it")
+                raise CloudError(
+                    f"{path} already exists; choose another --out (OUT=) or pass --force to replace it"
+                )
     settings.require("role_arn", "bucket")
     # What the execution role cannot read would fail inside the paid job: check first.
     if model_data:
@@ -88,14 +105,29 @@ def batch_predict(
     output_uri = settings.s3_uri("batch", name, "output")
     model_name = f"{name}-model"
     api.call(
-        "sagemaker", "create_model",
-        **model_request(settings, model_name, ecr.image_uri(api, settings, settings.serve_repository), model_data_uri(api, settings, model_data)),
+        "sagemaker",
+        "create_model",
+        **model_request(
+            settings,
+            model_name,
+            ecr.image_uri(api, settings, settings.serve_repository),
+            model_data_uri(api, settings, model_data),
+        ),
     )
     try:
-        api.call("sagemaker", "create_transform_job", **transform_job_request(settings, name, model_name, input_uri, output_uri))
+        api.call(
+            "sagemaker",
+            "create_transform_job",
+            **transform_job_request(settings, name, model_name, input_uri, output_uri),
+        )
         api.say(f"started transform job {name}: {input_uri} -> {output_uri}")
         try:
-            api.wait("sagemaker", "transform_job_completed_or_stopped", settings.poll_s, TransformJobName=name)
+            api.wait(
+                "sagemaker",
+                "transform_job_completed_or_stopped",
+                settings.poll_s,
+                TransformJobName=name,
+            )
         except CloudError:
             pass  # the description below says why
         if not api.dry_run:
@@ -114,7 +146,14 @@ def batch_predict(
 
 
 def write_answers(
-    api: Api, paths: list[Path], root: Path, output_uri: str, out_csv: Path, k: int, *, force: bool = False
+    api: Api,
+    paths: list[Path],
+    root: Path,
+    output_uri: str,
+    out_csv: Path,
+    k: int,
+    *,
+    force: bool = False,
 ) -> None:
     """Download ``<key>.out`` for each image and write the predict CSV/JSON."""
     from flystage.predict import Prediction, write_csv, write_json
@@ -124,10 +163,14 @@ def write_answers(
     for path in paths:
         name = path.relative_to(root).as_posix()
         try:
-            body = api.call("s3", "get_object", Bucket=bucket, Key=f"{prefix}/{name}.out")["Body"].read()
+            body = api.call("s3", "get_object", Bucket=bucket, Key=f"{prefix}/{name}.out")[
+                "Body"
+            ].read()
             predictions.append(Prediction(name, top=parse_top(json.loads(body))[:k]))
         except (CloudError, AnswerError, ValueError) as err:
-            predictions.append(Prediction(name, error=f"{name}: no answer from the transform job ({err})"))
+            predictions.append(
+                Prediction(name, error=f"{name}: no answer from the transform job ({err})")
+            )
     write_csv(predictions, out_csv, k=k, force=force)
     write_json(predictions, out_csv.with_suffix(".json"), force=force)
     api.say(f"wrote {out_csv} and {out_csv.with_suffix('.json')}")

@@ -24,44 +24,83 @@ TARGETS = {
 
 def _hp_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--hp", nargs="*", default=None, metavar="NAME=VALUE", help="hyperparameters (for example learning_rate=0.01 epochs=30)"
+        "--hp",
+        nargs="*",
+        default=None,
+        metavar="NAME=VALUE",
+        help="hyperparameters (for example learning_rate=0.01 epochs=30)",
     )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="settings file (default: $FLYSTAGE_CONFIG or ./flystage.toml)")
-    parser.add_argument("--dry-run", action="store_true", help="print the AWS requests as JSON; send nothing")
+    parser.add_argument(
+        "--config", type=Path, help="settings file (default: $FLYSTAGE_CONFIG or ./flystage.toml)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the AWS requests as JSON; send nothing"
+    )
     sub = parser.add_subparsers(dest="target", metavar="TARGET")
     sub.required = True
     p = {name: sub.add_parser(name, help=text, description=text) for name, text in TARGETS.items()}
 
-    p["upload"].add_argument("manifest", type=Path, help="the manifest CSV (flystage organise) or of an augmented set")
-    p["upload"].add_argument("--multipart-threshold-mb", type=float, default=64, help="files above this go in parts")
+    p["upload"].add_argument(
+        "manifest", type=Path, help="the manifest CSV (flystage organise) or of an augmented set"
+    )
+    p["upload"].add_argument(
+        "--multipart-threshold-mb", type=float, default=64, help="files above this go in parts"
+    )
 
     _hp_argument(p["tune"])
-    p["tune"].add_argument("--max-jobs", type=int, help="trials in total (default: tuning_max_jobs)")
-    p["tune"].add_argument("--parallel-jobs", type=int, help="trials at once (default: tuning_parallel_jobs)")
+    p["tune"].add_argument(
+        "--max-jobs", type=int, help="trials in total (default: tuning_max_jobs)"
+    )
+    p["tune"].add_argument(
+        "--parallel-jobs", type=int, help="trials at once (default: tuning_parallel_jobs)"
+    )
     p["tune"].add_argument("--no-wait", action="store_true", help="start the job and return")
 
     _hp_argument(p["train"])
-    p["train"].add_argument("--tuning-job", help="take the best hyperparameters of this tuning job (default: the last)")
+    p["train"].add_argument(
+        "--tuning-job", help="take the best hyperparameters of this tuning job (default: the last)"
+    )
     p["train"].add_argument("--instance-count", type=int, help="instances (data-parallel when > 1)")
-    p["train"].add_argument("--spot", action=argparse.BooleanOptionalAction, default=None, help="managed spot training")
+    p["train"].add_argument(
+        "--spot", action=argparse.BooleanOptionalAction, default=None, help="managed spot training"
+    )
     p["train"].add_argument("--no-wait", action="store_true", help="start the job and return")
 
-    p["deploy"].add_argument("--model-data", help="s3://.../model.tar.gz (default: the last training job's)")
-    p["deploy"].add_argument("--serverless", action=argparse.BooleanOptionalAction, default=None, help="serverless endpoint")
-    p["deploy"].add_argument("--no-wait", action="store_true", help="return before the endpoint is InService")
+    p["deploy"].add_argument(
+        "--model-data", help="s3://.../model.tar.gz (default: the last training job's)"
+    )
+    p["deploy"].add_argument(
+        "--serverless",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serverless endpoint",
+    )
+    p["deploy"].add_argument(
+        "--no-wait", action="store_true", help="return before the endpoint is InService"
+    )
 
     from flystage.predict import add_output_arguments
 
     add_output_arguments(p["predict"])
-    p["predict"].add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    p["predict"].add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight (default 4)"
+    )
 
-    p["batch-predict"].add_argument("source", help="s3:// prefix of images, or a local folder (uploaded first)")
-    p["batch-predict"].add_argument("--model-data", help="s3://.../model.tar.gz (default: the last training job's)")
-    p["batch-predict"].add_argument("--out", type=Path, help="with a local folder: the top-3 CSV to write")
-    p["batch-predict"].add_argument("--force", action="store_true", help="replace an existing --out CSV/JSON")
+    p["batch-predict"].add_argument(
+        "source", help="s3:// prefix of images, or a local folder (uploaded first)"
+    )
+    p["batch-predict"].add_argument(
+        "--model-data", help="s3://.../model.tar.gz (default: the last training job's)"
+    )
+    p["batch-predict"].add_argument(
+        "--out", type=Path, help="with a local folder: the top-3 CSV to write"
+    )
+    p["batch-predict"].add_argument(
+        "--force", action="store_true", help="replace an existing --out CSV/JSON"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -93,7 +132,12 @@ def _run(args: argparse.Namespace) -> int:
     elif args.target == "upload":
         from flystage.cloud.s3 import upload_dataset
 
-        report = upload_dataset(api, settings, args.manifest, multipart_threshold=int(args.multipart_threshold_mb * 2**20))
+        report = upload_dataset(
+            api,
+            settings,
+            args.manifest,
+            multipart_threshold=int(args.multipart_threshold_mb * 2**20),
+        )
         if not args.dry_run:
             print(
                 f"{report.uri}: uploaded {len(report.uploaded)}, replaced {len(report.replaced)}, "
@@ -102,7 +146,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.target == "tune":
         from flystage.cloud.tuning import tune
 
-        tune(api, settings, hps, max_jobs=args.max_jobs, parallel_jobs=args.parallel_jobs, wait=not args.no_wait)
+        tune(
+            api,
+            settings,
+            hps,
+            max_jobs=args.max_jobs,
+            parallel_jobs=args.parallel_jobs,
+            wait=not args.no_wait,
+        )
     elif args.target == "train":
         from flystage.cloud.training import train
 
@@ -116,7 +167,16 @@ def _run(args: argparse.Namespace) -> int:
     elif args.target == "batch-predict":
         from flystage.cloud.batch import batch_predict
 
-        emit(batch_predict(api, settings, args.source, model_data=args.model_data, out_csv=args.out, force=args.force))
+        emit(
+            batch_predict(
+                api,
+                settings,
+                args.source,
+                model_data=args.model_data,
+                out_csv=args.out,
+                force=args.force,
+            )
+        )
     elif args.target == "teardown":
         from flystage.cloud.hosting import teardown
 
@@ -133,15 +193,23 @@ def _predict(api, settings, args: argparse.Namespace) -> int:
     if args.folder is None:
         print("error: give a FOLDER of images (DIR=...) or --undo MANIFEST", file=sys.stderr)
         return 2
-    predictor = EndpointPredictor(api, settings.endpoint_name, concurrency=args.concurrency, serverless=settings.serverless)
+    predictor = EndpointPredictor(
+        api, settings.endpoint_name, concurrency=args.concurrency, serverless=settings.serverless
+    )
     if args.dry_run:
         from flystage.organise import iter_images
 
         paths, _ = iter_images([args.folder.expanduser().resolve()])
         for path in paths:
-            api.call("sagemaker-runtime", "invoke_endpoint", **predictor.request(path.read_bytes(), args.k))
+            api.call(
+                "sagemaker-runtime",
+                "invoke_endpoint",
+                **predictor.request(path.read_bytes(), args.k),
+            )
         return 0
-    return run_with(predictor, args, model_info={"endpoint": settings.endpoint_name, "region": api.region})
+    return run_with(
+        predictor, args, model_info={"endpoint": settings.endpoint_name, "region": api.region}
+    )
 
 
 def run(args: argparse.Namespace) -> int:

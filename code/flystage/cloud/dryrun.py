@@ -32,7 +32,9 @@ def _jsonable(value: Any) -> Any:
 def request_json(service: str, operation: str, request: dict[str, Any]) -> str:
     """One request as indented JSON: ``{"service", "operation", "request"}``."""
     return json.dumps(
-        {"service": service, "operation": operation, "request": _jsonable(request)}, indent=2, sort_keys=False
+        {"service": service, "operation": operation, "request": _jsonable(request)},
+        indent=2,
+        sort_keys=False,
     )
 
 

@@ -11,11 +11,11 @@ machine (Apple silicon, Graviton) starts there with "exec format error". The ima
 from __future__ import annotations
 
 import base64
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
-
 
 # What `make images` builds (docker build --platform linux/amd64) and SageMaker runs.
 PLATFORM = ("linux", "amd64")
@@ -41,7 +41,10 @@ def _host(endpoint: str) -> str:
 
 def image_pairs(settings: Settings) -> list[tuple[str, str]]:
     """(local image, ECR repository) for the train and the serve image."""
-    return [(settings.train_image, settings.train_repository), (settings.serve_image, settings.serve_repository)]
+    return [
+        (settings.train_image, settings.train_repository),
+        (settings.serve_image, settings.serve_repository),
+    ]
 
 
 def image_uri(api: Api, settings: Settings, repository: str) -> str:
@@ -52,11 +55,15 @@ def image_uri(api: Api, settings: Settings, repository: str) -> str:
     if api.dry_run:
         return f"<account-id>.dkr.ecr.{api.region}.amazonaws.com/{repository}:{tag}"
     try:
-        repo = api.call("ecr", "describe_repositories", repositoryNames=[repository])["repositories"][0]
+        repo = api.call("ecr", "describe_repositories", repositoryNames=[repository])[
+            "repositories"
+        ][0]
         api.call("ecr", "describe_images", repositoryName=repository, imageIds=[{"imageTag": tag}])
     except CloudError as err:
         if api.error_code(err) in ("RepositoryNotFoundException", "ImageNotFoundException"):
-            raise CloudError(f"image {repository}:{tag} is not in ECR ({api.region}): run `make push` first") from None
+            raise CloudError(
+                f"image {repository}:{tag} is not in ECR ({api.region}): run `make push` first"
+            ) from None
         raise
     return f"{repo['repositoryUri']}:{tag}"
 
@@ -71,7 +78,9 @@ def check_push_stream(lines: Iterable[dict[str, Any]], target: str) -> list[dict
             raise CloudError(f"push of {target} failed: {detail}")
     if not any("aux" in line or "digest" in str(line.get("status", "")) for line in seen):
         # A push that ends without a digest did not finish, whatever the daemon says.
-        raise CloudError(f"push of {target} ended without a digest: {seen[-3:] if seen else 'no output'}")
+        raise CloudError(
+            f"push of {target} ended without a digest: {seen[-3:] if seen else 'no output'}"
+        )
     return seen
 
 
@@ -90,7 +99,9 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
             docker_client = docker.from_env()
             docker_client.ping()
         except docker.errors.DockerException as err:
-            raise CloudError(f"cannot reach the Docker engine ({err}): start it (dockerd) and retry") from None
+            raise CloudError(
+                f"cannot reach the Docker engine ({err}): start it (dockerd) and retry"
+            ) from None
     images = {}
     for local, _ in image_pairs(settings):
         if api.dry_run:
@@ -100,7 +111,9 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
         try:
             images[local] = docker_client.images.get(local)
         except docker.errors.ImageNotFound:
-            raise CloudError(f"local image {local} not found: build it with `make images`") from None
+            raise CloudError(
+                f"local image {local} not found: build it with `make images`"
+            ) from None
         check_platform(images[local], local)
 
     for _, repository in image_pairs(settings):
@@ -119,11 +132,21 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
 
     token = api.call("ecr", "get_authorization_token")
     if api.dry_run:
-        registry = _host(settings.registry_override) if settings.registry_override else f"<account-id>.dkr.ecr.{api.region}.amazonaws.com"
+        registry = (
+            _host(settings.registry_override)
+            if settings.registry_override
+            else f"<account-id>.dkr.ecr.{api.region}.amazonaws.com"
+        )
         uris = {}
         for local, repository in image_pairs(settings):
             uri = f"{registry}/{repository}:{settings.image_tag}"
-            api.call("docker", "push", image=local, repository=uri.rsplit(":", 1)[0], tag=settings.image_tag)
+            api.call(
+                "docker",
+                "push",
+                image=local,
+                repository=uri.rsplit(":", 1)[0],
+                tag=settings.image_tag,
+            )
             uris[local] = uri
         return uris
 
@@ -150,6 +173,8 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
             )
             check_push_stream(stream, f"{target}:{settings.image_tag}")
         except docker.errors.APIError as err:
-            raise CloudError(f"push of {target}:{settings.image_tag} failed: {err.explanation or err}") from None
+            raise CloudError(
+                f"push of {target}:{settings.image_tag} failed: {err.explanation or err}"
+            ) from None
         uris[local] = f"{target}:{settings.image_tag}"
     return uris

@@ -40,7 +40,9 @@ def derived_name(endpoint_name: str, kind: str, stamp: str) -> str:
 def check_model_data(settings: Settings, model_data: str) -> None:
     """CloudError unless ``model_data`` is an s3://.../model.tar.gz the execution role may read."""
     if not model_data.startswith("s3://") or not model_data.endswith(".tar.gz"):
-        raise CloudError(f"model data {model_data!r}: give the s3://.../model.tar.gz of a training job")
+        raise CloudError(
+            f"model data {model_data!r}: give the s3://.../model.tar.gz of a training job"
+        )
     check_role_can_read(settings, model_data, "model data")
 
 
@@ -61,7 +63,9 @@ def model_data_uri(api: Api, settings: Settings, model_data: str | None = None) 
         return f"<S3ModelArtifacts of training job {job}>"
     described = api.call("sagemaker", "describe_training_job", TrainingJobName=job)
     if described["TrainingJobStatus"] != "Completed":
-        raise CloudError(f"training job {job} is {described['TrainingJobStatus']}, not Completed: nothing to deploy")
+        raise CloudError(
+            f"training job {job} is {described['TrainingJobStatus']}, not Completed: nothing to deploy"
+        )
     return described["ModelArtifacts"]["S3ModelArtifacts"]
 
 
@@ -88,7 +92,11 @@ def endpoint_config_request(settings: Settings, name: str, model_name: str) -> d
             "InstanceType": settings.endpoint_instance_type,
             "InitialVariantWeight": 1.0,
         }
-    return {"EndpointConfigName": name, "ProductionVariants": [variant], "Tags": settings.tag_list()}
+    return {
+        "EndpointConfigName": name,
+        "ProductionVariants": [variant],
+        "Tags": settings.tag_list(),
+    }
 
 
 def current_endpoint(api: Api, name: str) -> dict[str, Any] | None:
@@ -126,7 +134,9 @@ def _delete_config_and_models(api: Api, config_name: str, models: list[str]) -> 
         api.say(f"deleted model {model}")
 
 
-def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait: bool = True) -> str:
+def deploy(
+    api: Api, settings: Settings, model_data: str | None = None, *, wait: bool = True
+) -> str:
     """Create (or update) the endpoint ``settings.endpoint_name``; returns its name."""
     settings.require("role_arn")
     model_data = model_data_uri(api, settings, model_data)
@@ -158,23 +168,46 @@ def deploy(api: Api, settings: Settings, model_data: str | None = None, *, wait:
                 "run `make teardown` first, or deploy under another endpoint_name (FLYSTAGE_ENDPOINT_NAME=...)"
             )
     api.call("sagemaker", "create_model", **model_request(settings, model_name, image, model_data))
-    api.call("sagemaker", "create_endpoint_config", **endpoint_config_request(settings, config_name, model_name))
+    api.call(
+        "sagemaker",
+        "create_endpoint_config",
+        **endpoint_config_request(settings, config_name, model_name),
+    )
     if existing is None:
         api.call(
-            "sagemaker", "create_endpoint", EndpointName=settings.endpoint_name, EndpointConfigName=config_name,
+            "sagemaker",
+            "create_endpoint",
+            EndpointName=settings.endpoint_name,
+            EndpointConfigName=config_name,
             Tags=settings.tag_list(),
         )
     else:
-        api.call("sagemaker", "update_endpoint", EndpointName=settings.endpoint_name, EndpointConfigName=config_name)
+        api.call(
+            "sagemaker",
+            "update_endpoint",
+            EndpointName=settings.endpoint_name,
+            EndpointConfigName=config_name,
+        )
     if api.dry_run:
-        api.wait("sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name)
+        api.wait(
+            "sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name
+        )
         return settings.endpoint_name
-    update_state(settings.state_file, endpoint=settings.endpoint_name, model=model_name, endpoint_config=config_name)
-    api.say(f"{'updating' if existing else 'creating'} endpoint {settings.endpoint_name} ({model_data})")
+    update_state(
+        settings.state_file,
+        endpoint=settings.endpoint_name,
+        model=model_name,
+        endpoint_config=config_name,
+    )
+    api.say(
+        f"{'updating' if existing else 'creating'} endpoint {settings.endpoint_name} ({model_data})"
+    )
     if not wait:
         return settings.endpoint_name
     try:
-        api.wait("sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name)
+        api.wait(
+            "sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name
+        )
     except CloudError:
         described = api.call("sagemaker", "describe_endpoint", EndpointName=settings.endpoint_name)
         raise CloudError(
@@ -195,20 +228,32 @@ def teardown(api: Api, settings: Settings) -> list[str]:
     if not settings.tags:
         raise CloudError(
             "tags is empty: teardown deletes only resources that carry flystage's tags; set the [tags] the "
-            "endpoint was deployed with (default: project = \"flystage\")"
+            'endpoint was deployed with (default: project = "flystage")'
         )
     name = settings.endpoint_name
     wanted = ", ".join(f"{k}={v}" for k, v in sorted(settings.tags.items()))
     if api.dry_run:
         api.call("sagemaker", "describe_endpoint", EndpointName=name)
         api.call("sagemaker", "list_tags", ResourceArn=f"<EndpointArn of {name}>")
-        api.call("sagemaker", "describe_endpoint_config", EndpointConfigName=f"<EndpointConfigName of {name}>")
+        api.call(
+            "sagemaker",
+            "describe_endpoint_config",
+            EndpointConfigName=f"<EndpointConfigName of {name}>",
+        )
         api.call("sagemaker", "list_tags", ResourceArn="<EndpointConfigArn of that config>")
         api.call("sagemaker", "delete_endpoint", EndpointName=name)
-        api.call("sagemaker", "delete_endpoint_config", EndpointConfigName=f"<EndpointConfigName of {name}>")
-        api.call("sagemaker", "describe_model", ModelName="<ModelName of each variant of that config>")
+        api.call(
+            "sagemaker",
+            "delete_endpoint_config",
+            EndpointConfigName=f"<EndpointConfigName of {name}>",
+        )
+        api.call(
+            "sagemaker", "describe_model", ModelName="<ModelName of each variant of that config>"
+        )
         api.call("sagemaker", "list_tags", ResourceArn="<ModelArn of that model>")
-        api.call("sagemaker", "delete_model", ModelName="<ModelName of each variant of that config>")
+        api.call(
+            "sagemaker", "delete_model", ModelName="<ModelName of each variant of that config>"
+        )
         api.say(f"# each is deleted only if it carries the tags {wanted}")
         return []
     deleted: list[str] = []
@@ -218,7 +263,9 @@ def teardown(api: Api, settings: Settings) -> list[str]:
         tags = {t["Key"]: t["Value"] for t in listed}
         if all(tags.get(k) == str(v) for k, v in settings.tags.items()):
             return True
-        api.say(f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it yourself if it is yours")
+        api.say(
+            f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it yourself if it is yours"
+        )
         return False
 
     existing = current_endpoint(api, name)
@@ -230,7 +277,11 @@ def teardown(api: Api, settings: Settings) -> list[str]:
         if not config_name or state.get("endpoint") != name:
             return deleted
         config = _describe(api, "describe_endpoint_config", EndpointConfigName=config_name)
-        models = [v["ModelName"] for v in config["ProductionVariants"]] if config else ([model] if model else [])
+        models = (
+            [v["ModelName"] for v in config["ProductionVariants"]]
+            if config
+            else ([model] if model else [])
+        )
     else:
         config_name = existing["EndpointConfigName"]
         if not owned("endpoint", name, existing["EndpointArn"]):
@@ -261,7 +312,13 @@ def teardown(api: Api, settings: Settings) -> list[str]:
 PAYLOAD_LIMIT_MB = {"real-time": 6, "serverless": 4}
 # Errors that say "not now" (throttled, model still loading, busy): retried with backoff,
 # then recorded for that image only.
-RETRYABLE = {"ThrottlingException", "Throttling", "TooManyRequestsException", "ModelNotReadyException", "ServiceUnavailable"}
+RETRYABLE = {
+    "ThrottlingException",
+    "Throttling",
+    "TooManyRequestsException",
+    "ModelNotReadyException",
+    "ServiceUnavailable",
+}
 
 
 class EndpointPredictor:
@@ -275,8 +332,15 @@ class EndpointPredictor:
     """
 
     def __init__(
-        self, api: Api, endpoint_name: str, concurrency: int = 4, *, serverless: bool = False, retries: int = 5,
-        backoff_s: float = 0.5, sleep=None,
+        self,
+        api: Api,
+        endpoint_name: str,
+        concurrency: int = 4,
+        *,
+        serverless: bool = False,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        sleep=None,
     ) -> None:
         import time
 
@@ -292,8 +356,11 @@ class EndpointPredictor:
     def request(self, body: bytes, k: int = 3) -> dict[str, Any]:
         """The ``invoke_endpoint`` request for one image."""
         return {
-            "EndpointName": self.endpoint_name, "ContentType": content_type(body), "Accept": "application/json",
-            "CustomAttributes": f"k={k}", "Body": body,
+            "EndpointName": self.endpoint_name,
+            "ContentType": content_type(body),
+            "Accept": "application/json",
+            "CustomAttributes": f"k={k}",
+            "Body": body,
         }
 
     def invoke(self, body: bytes, k: int) -> list[tuple[str, float]]:
@@ -308,14 +375,18 @@ class EndpointPredictor:
             )
         for attempt in range(self.retries + 1):
             try:
-                response = self.api.client("sagemaker-runtime").invoke_endpoint(**self.request(body, k))
+                response = self.api.client("sagemaker-runtime").invoke_endpoint(
+                    **self.request(body, k)
+                )
                 break
             except ClientError as err:
                 error = err.response.get("Error", {})
                 code, message = error.get("Code"), error.get("Message")
                 if code == "ModelError":
                     # The container answered 4xx/5xx: its own message says what was wrong.
-                    raise ValueError(err.response.get("OriginalMessage") or message or str(err)) from None
+                    raise ValueError(
+                        err.response.get("OriginalMessage") or message or str(err)
+                    ) from None
                 if code in RETRYABLE:
                     if attempt < self.retries:
                         self.sleep(min(self.backoff_s * 2**attempt, 30.0))

@@ -56,7 +56,10 @@ def check_role_can_read(settings: Settings, uri: str, what: str) -> None:
     # The copy goes under batch/: the operator may write only data/ and batch/
     # (iam/operator-policy.json), never output/ or checkpoints/, and data/ is the training channel.
     if key.endswith(".tar.gz"):
-        arn, copy = f"arn:aws:s3:::{bucket}/{key}", f"aws s3 cp {uri} {settings.s3_uri('batch', 'imported', 'model.tar.gz')}"
+        arn, copy = (
+            f"arn:aws:s3:::{bucket}/{key}",
+            f"aws s3 cp {uri} {settings.s3_uri('batch', 'imported', 'model.tar.gz')}",
+        )
     else:
         arn = f"arn:aws:s3:::{bucket}/{key.rstrip('/')}/*"
         copy = f"aws s3 cp --recursive {uri.rstrip('/')}/ {settings.s3_uri('batch', 'imported')}/"
@@ -141,7 +144,9 @@ def plan_dataset(manifest: str | Path, staging: Path) -> Plan:
     keys = _image_keys(sorted({r.path for r in records}), manifest.parent)
     staged = []
     for r in records:
-        staged.append(type(r)(staging / keys[r.path], r.label, r.group, r.split, r.sha1, dict(r.extra)))
+        staged.append(
+            type(r)(staging / keys[r.path], r.label, r.group, r.split, r.sha1, dict(r.extra))
+        )
     copy = write_manifest(staged, staging / MANIFEST_KEY, force=True)
     plan = Plan()
     for path, key in [(copy, MANIFEST_KEY), *sorted(keys.items(), key=lambda kv: kv[1])]:
@@ -183,13 +188,24 @@ def upload_files(
     from tqdm import tqdm
 
     report = report or UploadReport(uri=f"s3://{bucket}/{prefix}/")
-    config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=max(5 << 20, multipart_threshold))
-    with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="upload", disable=not progress or api.dry_run) as bar:
+    config = TransferConfig(
+        multipart_threshold=multipart_threshold,
+        multipart_chunksize=max(5 << 20, multipart_threshold),
+    )
+    with tqdm(
+        total=plan.total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="upload",
+        disable=not progress or api.dry_run,
+    ) as bar:
         for path, key, sha, md5, size in plan.files:
             key = f"{prefix}/{key}" if prefix else key
             extra = {"Metadata": {"sha256": sha}}
             if api.dry_run:
-                api.call("s3", "upload_file", Filename=str(path), Bucket=bucket, Key=key, ExtraArgs=extra)
+                api.call(
+                    "s3", "upload_file", Filename=str(path), Bucket=bucket, Key=key, ExtraArgs=extra
+                )
                 report.uploaded.append(key)
                 continue
             match = _remote_matches(api, bucket, key, sha, md5)
@@ -198,7 +214,9 @@ def upload_files(
                 bar.update(size)
                 continue
             try:
-                api.client("s3").upload_file(str(path), bucket, key, ExtraArgs=extra, Config=config, Callback=bar.update)
+                api.client("s3").upload_file(
+                    str(path), bucket, key, ExtraArgs=extra, Config=config, Callback=bar.update
+                )
             except Exception as err:  # boto3's S3UploadFailedError wraps the ClientError
                 raise CloudError(f"upload of {path} to s3://{bucket}/{key} failed: {err}") from err
             (report.replaced if match is False else report.uploaded).append(key)
@@ -219,7 +237,9 @@ def upload_dataset(
     bucket, prefix = parse_s3_uri(settings.s3_uri("data"))
     with tempfile.TemporaryDirectory(prefix="flystage-upload-") as tmp:
         plan = plan_dataset(manifest, Path(tmp))
-        return upload_files(api, plan, bucket, prefix, multipart_threshold=multipart_threshold, progress=progress)
+        return upload_files(
+            api, plan, bucket, prefix, multipart_threshold=multipart_threshold, progress=progress
+        )
 
 
 def plan_folder(paths: list[Path], root: Path) -> Plan:

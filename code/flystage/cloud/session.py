@@ -41,7 +41,9 @@ class Api:
 
             self._session = boto3.Session(region_name=self.settings.region or None)
             if self._session.region_name is None:
-                raise CloudError("no AWS region: set region in flystage.toml or FLYSTAGE_REGION (or AWS_REGION)")
+                raise CloudError(
+                    "no AWS region: set region in flystage.toml or FLYSTAGE_REGION (or AWS_REGION)"
+                )
             if self._session.get_credentials() is None:
                 raise CloudError(
                     "no AWS credentials found: run `aws configure` (or `aws sso login`), or set "
@@ -56,7 +58,9 @@ class Api:
     def client(self, service: str):
         """A cached boto3 client; ``settings.endpoint_url`` (tests, private endpoints) wins."""
         if service not in self._clients:
-            kwargs = {"endpoint_url": self.settings.endpoint_url} if self.settings.endpoint_url else {}
+            kwargs = (
+                {"endpoint_url": self.settings.endpoint_url} if self.settings.endpoint_url else {}
+            )
             self._clients[service] = self.session().client(service, **kwargs)
         return self._clients[service]
 
@@ -75,7 +79,9 @@ class Api:
                 + (f"; {advice}" if advice else "")
             ) from err
         except NoCredentialsError as err:
-            raise CloudError("no AWS credentials found: run `aws configure` or set AWS_PROFILE") from err
+            raise CloudError(
+                "no AWS credentials found: run `aws configure` or set AWS_PROFILE"
+            ) from err
         except BotoCoreError as err:
             raise CloudError(f"{service} {operation} failed: {err}") from err
 

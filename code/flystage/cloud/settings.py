@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 from flystage.options import parse_bool
 
@@ -84,7 +86,9 @@ class Settings:
         """Raise CloudError naming each empty setting and how to set it."""
         missing = [n for n in names if not getattr(self, n)]
         if missing:
-            how = "; ".join(f"{n} = ... in flystage.toml or FLYSTAGE_{n.upper()}=..." for n in missing)
+            how = "; ".join(
+                f"{n} = ... in flystage.toml or FLYSTAGE_{n.upper()}=..." for n in missing
+            )
             hints = {
                 "role_arn": " (the SageMaker execution role: see iam/execution-role-policy.json)",
                 "bucket": " (an S3 bucket in the same region as the jobs)",
@@ -92,16 +96,18 @@ class Settings:
             }
             extra = "".join(hints.get(n, "") for n in missing)
             raise CloudError(f"missing setting {', '.join(missing)}: set {how}{extra}")
-        if "role_arn" in names and not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/.+", self.role_arn):
+        if "role_arn" in names and not re.fullmatch(
+            r"arn:aws[a-z-]*:iam::\d{12}:role/.+", self.role_arn
+        ):
             raise CloudError(
                 f"role_arn {self.role_arn!r} is not an IAM role ARN: expected "
                 "arn:aws:iam::<12-digit account>:role/<name>"
             )
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def validate(self) -> "Settings":
+    def validate(self) -> Settings:
         """Raise CloudError for values SageMaker would refuse after the first request; the
         same checks whether a value came from the file, the environment or a command option."""
         if self.spot and self.max_wait_s < self.max_runtime_s:
@@ -111,7 +117,9 @@ class Settings:
             )
         if self.instance_count < 1:
             raise CloudError(f"instance_count must be >= 1, got {self.instance_count}")
-        if len(self.endpoint_name) > 63 or not re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", self.endpoint_name):
+        if len(self.endpoint_name) > 63 or not re.fullmatch(
+            r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", self.endpoint_name
+        ):
             raise CloudError(
                 f"endpoint_name {self.endpoint_name!r}: SageMaker allows 1-63 letters, digits and hyphens, "
                 "starting and ending with a letter or digit"
@@ -126,7 +134,9 @@ def _convert(name: str, value: Any, source: str) -> Any:
     kind = type(getattr(Settings(), name))
     try:
         if kind is bool:
-            return parse_bool(value) if str(value).strip() else False  # FLYSTAGE_SPOT= (empty) is off
+            return (
+                parse_bool(value) if str(value).strip() else False
+            )  # FLYSTAGE_SPOT= (empty) is off
         if kind is int:
             if isinstance(value, bool):
                 raise ValueError(value)
@@ -142,10 +152,14 @@ def _convert(name: str, value: Any, source: str) -> Any:
             raise ValueError(value)
         return value
     except ValueError:
-        raise CloudError(f"{source}: {name} = {value!r} is not a valid {kind.__name__ if name != 'tags' else 'key=value list'}") from None
+        raise CloudError(
+            f"{source}: {name} = {value!r} is not a valid {kind.__name__ if name != 'tags' else 'key=value list'}"
+        ) from None
 
 
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Read ``path`` (default: ``$FLYSTAGE_CONFIG`` or ``./flystage.toml`` if it exists),
     then apply ``FLYSTAGE_<NAME>`` environment overrides. Unknown keys are an error."""
     environ = os.environ if environ is None else environ
@@ -156,13 +170,17 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise CloudError(f"{path}: not valid TOML ({err}); compare with flystage.toml.example") from None
+            raise CloudError(
+                f"{path}: not valid TOML ({err}); compare with flystage.toml.example"
+            ) from None
         for name, value in raw.items():
             if name not in FIELDS:
                 raise CloudError(f"{path}: unknown setting {name!r}; known: {', '.join(FIELDS)}")
             values[name] = _convert(name, value, str(path))
     elif explicit:
-        raise CloudError(f"settings file {path} not found: copy flystage.toml.example to it and fill it in")
+        raise CloudError(
+            f"settings file {path} not found: copy flystage.toml.example to it and fill it in"
+        )
     for name in FIELDS:
         env = f"FLYSTAGE_{name.upper()}"
         if env in environ:

@@ -21,7 +21,9 @@ def read_state(path: str | Path) -> dict[str, str]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CloudError(f"{path}: not valid JSON; delete it (it only records the last job names)") from None
+        raise CloudError(
+            f"{path}: not valid JSON; delete it (it only records the last job names)"
+        ) from None
 
 
 def update_state(path: str | Path, **values: str) -> None:

@@ -8,7 +8,8 @@ the last tuning job), sends it and reports the metrics and the model artefact.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flystage import jobdef
 from flystage.cloud import ecr
@@ -35,12 +36,16 @@ def parse_hyperparameters(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CloudError(f"hyperparameter {pair!r}: write it as name=value (for example learning_rate=0.01)")
+            raise CloudError(
+                f"hyperparameter {pair!r}: write it as name=value (for example learning_rate=0.01)"
+            )
         out[key.strip().replace("-", "_")] = value.strip()
     return out
 
 
-def best_hyperparameters(api: Api, settings: Settings, tuning_job: str | None = None) -> dict[str, str]:
+def best_hyperparameters(
+    api: Api, settings: Settings, tuning_job: str | None = None
+) -> dict[str, str]:
     """The tuned hyperparameters of the best job of ``tuning_job`` (default: the last one
     started by ``make tune``). Empty in a dry run (shown as a placeholder note)."""
     tuning_job = tuning_job or read_state(settings.state_file).get("tuning_job")
@@ -52,9 +57,13 @@ def best_hyperparameters(api: Api, settings: Settings, tuning_job: str | None = 
             "hyperparameters (HP='learning_rate=0.01 batch_size=64')"
         )
     if api.dry_run:
-        api.say(f"# hyperparameters: the best of tuning job {tuning_job} (read from AWS when not a dry run)")
+        api.say(
+            f"# hyperparameters: the best of tuning job {tuning_job} (read from AWS when not a dry run)"
+        )
         return {}
-    described = api.call("sagemaker", "describe_hyper_parameter_tuning_job", HyperParameterTuningJobName=tuning_job)
+    described = api.call(
+        "sagemaker", "describe_hyper_parameter_tuning_job", HyperParameterTuningJobName=tuning_job
+    )
     best = described.get("BestTrainingJob")
     if not best:
         raise CloudError(
@@ -71,10 +80,20 @@ def best_hyperparameters(api: Api, settings: Settings, tuning_job: str | None = 
         )
     api.say(f"best job of {tuning_job}: {best['TrainingJobName']} {tuned}")
     # The best job ran with the static values plus the tuned ones.
-    return {**{k: v for k, v in static.items() if not k.startswith(("sagemaker_", "_tuning"))}, **tuned}
+    return {
+        **{k: v for k, v in static.items() if not k.startswith(("sagemaker_", "_tuning"))},
+        **tuned,
+    }
 
 
-def start(api: Api, settings: Settings, operation: str, request: Mapping[str, Any], message: str, **state: str) -> bool:
+def start(
+    api: Api,
+    settings: Settings,
+    operation: str,
+    request: Mapping[str, Any],
+    message: str,
+    **state: str,
+) -> bool:
     """Send a create request, record ``state`` (job names) and say ``message``; False in a
     dry run (nothing started, nothing to wait for)."""
     api.call("sagemaker", operation, **request)
@@ -115,16 +134,29 @@ def train(
     wait for it. Returns the final DescribeTrainingJob (None in a dry run or without wait)."""
     settings.require("role_arn", "bucket")
     check_bucket(api, settings)
-    hps = dict(hyperparameters) if hyperparameters is not None else best_hyperparameters(api, settings, tuning_job)
+    hps = (
+        dict(hyperparameters)
+        if hyperparameters is not None
+        else best_hyperparameters(api, settings, tuning_job)
+    )
     name = name or job_name("train")
     request = jobdef.training_job_request(
-        settings, ecr.image_uri(api, settings, settings.train_repository), hps, data_channels(settings), job_name=name
+        settings,
+        ecr.image_uri(api, settings, settings.train_repository),
+        hps,
+        data_channels(settings),
+        job_name=name,
     )
     message = f"started training job {name} ({settings.instance_count} x {settings.instance_type}, spot {settings.spot})"
-    if not start(api, settings, "create_training_job", request, message, training_job=name) or not wait:
+    if (
+        not start(api, settings, "create_training_job", request, message, training_job=name)
+        or not wait
+    ):
         return None
     try:
-        api.wait("sagemaker", "training_job_completed_or_stopped", settings.poll_s, TrainingJobName=name)
+        api.wait(
+            "sagemaker", "training_job_completed_or_stopped", settings.poll_s, TrainingJobName=name
+        )
     except CloudError:
         pass  # a failed job ends the waiter with an error; the description below says why
     described = api.call("sagemaker", "describe_training_job", TrainingJobName=name)

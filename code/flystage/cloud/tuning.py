@@ -8,7 +8,8 @@ trial runs exactly what ``make train`` runs. No waiter exists for tuning jobs: w
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flystage import jobdef
 from flystage.cloud import ecr
@@ -42,15 +43,24 @@ def tuning_job_request(
     """The ``create_hyper_parameter_tuning_job`` request (keyword arguments)."""
     clash = jobdef.tuned_names() & set(static_hyperparameters)
     if clash:
-        raise CloudError(f"hyperparameter(s) {sorted(clash)} are tuned: do not also give them fixed values")
+        raise CloudError(
+            f"hyperparameter(s) {sorted(clash)} are tuned: do not also give them fixed values"
+        )
     max_jobs = settings.tuning_max_jobs if max_jobs is None else max_jobs
     parallel_jobs = settings.tuning_parallel_jobs if parallel_jobs is None else parallel_jobs
     if not 1 <= parallel_jobs <= max_jobs:
-        raise CloudError(f"parallel jobs ({parallel_jobs}) must be between 1 and max jobs ({max_jobs})")
+        raise CloudError(
+            f"parallel jobs ({parallel_jobs}) must be between 1 and max jobs ({max_jobs})"
+        )
     # No CheckpointConfig for trials: every trial would share the one URI, and one trial must
     # never resume from another's checkpoint. An interrupted spot trial restarts from scratch.
     training = jobdef.training_job_request(
-        settings, image_uri, static_hyperparameters, data_channels(settings), job_name=name, checkpoint_uri=""
+        settings,
+        image_uri,
+        static_hyperparameters,
+        data_channels(settings),
+        job_name=name,
+        checkpoint_uri="",
     )
     definition = {k: training[k] for k in _SHARED if k in training}
     definition["AlgorithmSpecification"] = training["AlgorithmSpecification"]
@@ -59,9 +69,17 @@ def tuning_job_request(
         "HyperParameterTuningJobName": name,
         "HyperParameterTuningJobConfig": {
             "Strategy": "Bayesian",
-            "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": jobdef.OBJECTIVE_METRIC},
-            "ResourceLimits": {"MaxNumberOfTrainingJobs": int(max_jobs), "MaxParallelTrainingJobs": int(parallel_jobs)},
-            "ParameterRanges": {k: [dict(r) for r in v] for k, v in jobdef.TUNING_RANGES.items() if v},
+            "HyperParameterTuningJobObjective": {
+                "Type": "Maximize",
+                "MetricName": jobdef.OBJECTIVE_METRIC,
+            },
+            "ResourceLimits": {
+                "MaxNumberOfTrainingJobs": int(max_jobs),
+                "MaxParallelTrainingJobs": int(parallel_jobs),
+            },
+            "ParameterRanges": {
+                k: [dict(r) for r in v] for k, v in jobdef.TUNING_RANGES.items() if v
+            },
             "TrainingJobEarlyStoppingType": "Auto",
         },
         "TrainingJobDefinition": definition,
@@ -85,11 +103,15 @@ def status_line(described: Mapping[str, Any]) -> str:
     return line
 
 
-def wait_for_tuning(api: Api, name: str, poll_s: float, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def wait_for_tuning(
+    api: Api, name: str, poll_s: float, sleep: Callable[[float], None] = time.sleep
+) -> dict[str, Any]:
     """Poll until the tuning job ends, printing a status line whenever it changes."""
     last = None
     while True:
-        described = api.call("sagemaker", "describe_hyper_parameter_tuning_job", HyperParameterTuningJobName=name)
+        described = api.call(
+            "sagemaker", "describe_hyper_parameter_tuning_job", HyperParameterTuningJobName=name
+        )
         line = status_line(described)
         if line != last:
             api.say(time.strftime("%H:%M:%S ") + line)
@@ -122,7 +144,14 @@ def tune(
         max_jobs=max_jobs,
         parallel_jobs=parallel_jobs,
     )
-    if not start(api, settings, "create_hyper_parameter_tuning_job", request, f"started tuning job {name}", tuning_job=name):
+    if not start(
+        api,
+        settings,
+        "create_hyper_parameter_tuning_job",
+        request,
+        f"started tuning job {name}",
+        tuning_job=name,
+    ):
         return None
     if not wait:
         return None
@@ -135,7 +164,9 @@ def tune(
         )
     if best:
         metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
-        api.say(f"best job: {best['TrainingJobName']} {metric.get('MetricName')} = {metric.get('Value')}")
+        api.say(
+            f"best job: {best['TrainingJobName']} {metric.get('MetricName')} = {metric.get('Value')}"
+        )
         for key, value in sorted(best.get("TunedHyperParameters", {}).items()):
             api.say(f"  {key} = {value}")
     return described

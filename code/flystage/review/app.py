@@ -16,9 +16,10 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request
@@ -99,10 +100,16 @@ def select(session: ReviewSession, sort: str, keep: str, stage: str | None) -> l
         "reviewed": lambda i: i.index in decisions,
         "corrected": lambda i: i.index in decisions and decisions[i.index].decision == "corrected",
     }
-    chosen = [i for i in session.items if tests[keep](i) and (not stage or (i.top and i.top[0][0] == stage))]
+    chosen = [
+        i
+        for i in session.items
+        if tests[keep](i) and (not stage or (i.top and i.top[0][0] == stage))
+    ]
     order = {label: n for n, label in enumerate(session.labels)}
     if sort == "stage":
-        chosen.sort(key=lambda i: (order.get(i.top[0][0], len(order)) if i.top else -1, i.p1, i.index))
+        chosen.sort(
+            key=lambda i: (order.get(i.top[0][0], len(order)) if i.top else -1, i.p1, i.index)
+        )
     elif sort == "file":
         chosen.sort(key=lambda i: i.name)
     else:
@@ -113,7 +120,9 @@ def select(session: ReviewSession, sort: str, keep: str, stage: str | None) -> l
 def create_app(session: ReviewSession) -> Flask:
     """The Flask app for ``session``: the page, the images by index, and the decision API."""
     here = Path(__file__).parent
-    app = Flask(__name__, static_folder=str(here / "static"), template_folder=str(here / "templates"))
+    app = Flask(
+        __name__, static_folder=str(here / "static"), template_folder=str(here / "templates")
+    )
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024  # a decision is a few bytes
     _add_guards(app, session)
     _add_page_and_api(app, session)
@@ -134,14 +143,20 @@ def _add_guards(app: Flask, session: ReviewSession) -> None:
             abort(403, "this review server answers loopback names only (127.0.0.1, localhost)")
         if request.path == "/" and token_ok(request.args.get("token")):
             return None  # the printed URL: sets the cookie below
-        if not token_ok(request.cookies.get(COOKIE)) and not token_ok(request.headers.get("X-Review-Token")):
-            abort(403, "open the URL that `flystage review` printed (it carries this session's token)")
+        if not token_ok(request.cookies.get(COOKIE)) and not token_ok(
+            request.headers.get("X-Review-Token")
+        ):
+            abort(
+                403, "open the URL that `flystage review` printed (it carries this session's token)"
+            )
         if request.method == "POST" and not token_ok(request.headers.get("X-Review-Token")):
             abort(403, "writes need this session's token in the X-Review-Token header")
 
     @app.after_request
     def headers(response: Response) -> Response:
-        response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self'; frame-ancestors 'none'"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self'; frame-ancestors 'none'"
+        )
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
@@ -172,10 +187,17 @@ def _add_page_and_api(app: Flask, session: ReviewSession) -> None:
             response = redirect("/", code=303)
             response.set_cookie(COOKIE, session.token, httponly=True, samesite="Strict")
             return response
-        keys = {label: STAGE_KEYS[n] for n, label in enumerate(session.labels) if n < len(STAGE_KEYS)}
+        keys = {
+            label: STAGE_KEYS[n] for n, label in enumerate(session.labels) if n < len(STAGE_KEYS)
+        }
         return render_template(
-            "index.html", title=session.title, token=session.token, labels=session.labels, keys=keys,
-            overlay=session.model_dir is not None, n=len(session.items),
+            "index.html",
+            title=session.title,
+            token=session.token,
+            labels=session.labels,
+            keys=keys,
+            overlay=session.model_dir is not None,
+            n=len(session.items),
         )
 
     @app.get("/api/items")
@@ -190,15 +212,23 @@ def _add_page_and_api(app: Flask, session: ReviewSession) -> None:
         except ValueError:
             abort(400, "offset and limit are integers")
         chosen = select(session, sort, keep, request.args.get("stage") or None)
-        page = chosen[offset:offset + limit]
-        return jsonify(total=len(chosen), offset=offset, items=[item_json(session, i) for i in page],
-                       counts=session.store.counts())
+        page = chosen[offset : offset + limit]
+        return jsonify(
+            total=len(chosen),
+            offset=offset,
+            items=[item_json(session, i) for i in page],
+            counts=session.store.counts(),
+        )
 
     @app.post("/api/decide")
     def decide():
         body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("id"), int) or body.get("label") not in session.labels:
-            abort(400, f"send JSON {{\"id\": <image id>, \"label\": one of {session.labels}}}")
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("id"), int)
+            or body.get("label") not in session.labels
+        ):
+            abort(400, f'send JSON {{"id": <image id>, "label": one of {session.labels}}}')
         item = _item(session, body["id"])
         session.store.decide(item.index, body["label"])
         return jsonify(item=item_json(session, item), counts=session.store.counts())

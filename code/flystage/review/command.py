@@ -24,21 +24,59 @@ from flystage.review.predictions import PredictionsError, read_predictions, reso
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", type=Path, help="predictions CSV/JSON from `flystage predict` (or local mode, the cloud), "
-                        "or a folder of images to predict first with --model")
-    parser.add_argument("--model", type=Path, help="model directory: labels, preprocessing (thumbnails show what it saw) and "
-                        "the 'what the model looked at' overlay (default: the model named in the predictions JSON)")
-    parser.add_argument("--images", type=Path, help="the folder that was predicted (default: the predictions file's folder)")
-    parser.add_argument("--out", type=Path, help="reviewed labels CSV (default: <predictions>-reviewed.csv); reopened to resume")
-    parser.add_argument("--base-labels", type=Path, metavar="CSV", help="labels to carry into the reviewed CSV first (e.g. the "
-                        "training manifest), so one `flystage organise --labels-csv` retrains on old and corrected images")
-    parser.add_argument("--group-regex", help="regex with a named group 'group' on each image's name, for the group column")
-    parser.add_argument("--unsure-below", type=unsure_threshold, default=0.8, metavar="P",
-                        help="images with a top-1 probability below P count as unsure when the file has no unsure column (default 0.8)")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")
+    parser.add_argument(
+        "source",
+        type=Path,
+        help="predictions CSV/JSON from `flystage predict` (or local mode, the cloud), "
+        "or a folder of images to predict first with --model",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="model directory: labels, preprocessing (thumbnails show what it saw) and "
+        "the 'what the model looked at' overlay (default: the model named in the predictions JSON)",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="the folder that was predicted (default: the predictions file's folder)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="reviewed labels CSV (default: <predictions>-reviewed.csv); reopened to resume",
+    )
+    parser.add_argument(
+        "--base-labels",
+        type=Path,
+        metavar="CSV",
+        help="labels to carry into the reviewed CSV first (e.g. the "
+        "training manifest), so one `flystage organise --labels-csv` retrains on old and corrected images",
+    )
+    parser.add_argument(
+        "--group-regex",
+        help="regex with a named group 'group' on each image's name, for the group column",
+    )
+    parser.add_argument(
+        "--unsure-below",
+        type=unsure_threshold,
+        default=0.8,
+        metavar="P",
+        help="images with a top-1 probability below P count as unsure when the file has no unsure column (default 0.8)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)"
+    )
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
-    parser.add_argument("--cache-dir", type=Path, help="thumbnail cache (default ~/.cache/flystage/thumbnails)")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for predicting and the overlay (default 1)")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="thumbnail cache (default ~/.cache/flystage/thumbnails)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="onnxruntime threads for predicting and the overlay (default 1)",
+    )
 
 
 def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
@@ -52,7 +90,12 @@ def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
         raise PredictionsError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}")
     predictions = predict_files(predictor, paths, root=folder, workers=1)
     write_csv(predictions, out, force=True)
-    write_json(predictions, out.with_suffix(".json"), model={"model_dir": str(model), "labels": predictor.labels}, force=True)
+    write_json(
+        predictions,
+        out.with_suffix(".json"),
+        model={"model_dir": str(model), "labels": predictor.labels},
+        force=True,
+    )
     return out
 
 
@@ -66,9 +109,13 @@ def build_session(args: argparse.Namespace):
     images = args.images
     if source.is_dir():
         if args.model is None:
-            raise PredictionsError(f"{source} is a folder: give --model DIR to predict it first (or a predictions file)")
+            raise PredictionsError(
+                f"{source} is a folder: give --model DIR to predict it first (or a predictions file)"
+            )
         out = args.out or Path(f"{source.resolve()}-reviewed.csv")
-        source = _predict_folder(source.resolve(), args.model, out.with_name(f"{out.stem}-predictions.csv"), args.threads)
+        source = _predict_folder(
+            source.resolve(), args.model, out.with_name(f"{out.stem}-predictions.csv"), args.threads
+        )
         images = args.source
     predictions = read_predictions(source)
     model_dir = args.model
@@ -85,8 +132,15 @@ def build_session(args: argparse.Namespace):
     out = args.out or source.with_name(f"{source.stem}-reviewed.csv")
     store = ReviewStore(out, items, group_regex=args.group_regex, base_labels=args.base_labels)
     thumbnails = ThumbnailCache(args.cache_dir or default_cache_dir(), config)
-    return ReviewSession(items, labels, store, thumbnails, title=f"flystage review: {source.name}",
-                         model_dir=model_dir, threads=args.threads)
+    return ReviewSession(
+        items,
+        labels,
+        store,
+        thumbnails,
+        title=f"flystage review: {source.name}",
+        model_dir=model_dir,
+        threads=args.threads,
+    )
 
 
 def serve(session, port: int = 0, ready: threading.Event | None = None, on_url=print):
@@ -119,9 +173,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     counts = session.store.counts()
-    server = serve(session, args.port, on_url=lambda url: print(
-        f"reviewing {counts['images']} image(s) ({counts['reviewed']} already reviewed); decisions saved to "
-        f"{session.store.out}\nopen {url}\n(Ctrl-C to stop)", flush=True))
+    server = serve(
+        session,
+        args.port,
+        on_url=lambda url: print(
+            f"reviewing {counts['images']} image(s) ({counts['reviewed']} already reviewed); decisions saved to "
+            f"{session.store.out}\nopen {url}\n(Ctrl-C to stop)",
+            flush=True,
+        ),
+    )
     if args.open:
         webbrowser.open(f"http://127.0.0.1:{server.server_port}/?token={session.token}")
     try:
@@ -130,5 +190,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         server.server_close()
-    print(f"reviewed labels: {session.store.out} (retrain: flystage organise FOLDER --labels-csv {session.store.out} ...)")
+    print(
+        f"reviewed labels: {session.store.out} (retrain: flystage organise FOLDER --labels-csv {session.store.out} ...)"
+    )
     return 0

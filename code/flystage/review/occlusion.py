@@ -1,4 +1,4 @@
-""""What the model looked at": occlusion sensitivity on the ONNX model (no torch needed).
+""" "What the model looked at": occlusion sensitivity on the ONNX model (no torch needed).
 
 A black patch (the value the preprocessing gives the masked background, so an occluded part
 looks like "no embryo here" rather than a new object) slides over the model input; the drop
@@ -18,7 +18,11 @@ OVERLAY_SCALE = 3  # the map is shown larger than the 96 x 240 model input
 
 
 def occlusion_map(
-    predictor: Predictor, array: np.ndarray, target: int, patch: int | None = None, stride: int | None = None,
+    predictor: Predictor,
+    array: np.ndarray,
+    target: int,
+    patch: int | None = None,
+    stride: int | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
     """Probability drop of class ``target`` per pixel, ``(H, W)`` float32 >= 0, for one model
@@ -33,16 +37,16 @@ def occlusion_map(
     positions = [(y, x) for y in ys for x in xs]
     drops = np.zeros(len(positions), np.float32)
     for start in range(0, len(positions), batch_size):
-        chunk = positions[start:start + batch_size]
+        chunk = positions[start : start + batch_size]
         batch = np.repeat(array[None], len(chunk), axis=0)
         for j, (y, x) in enumerate(chunk):
-            batch[j, :, y:y + patch, x:x + patch] = 0.0
-        drops[start:start + len(chunk)] = base - predictor.predict_arrays(batch)[:, target]
+            batch[j, :, y : y + patch, x : x + patch] = 0.0
+        drops[start : start + len(chunk)] = base - predictor.predict_arrays(batch)[:, target]
     heat = np.zeros((h, w), np.float32)
     cover = np.zeros((h, w), np.float32)
     for (y, x), d in zip(positions, drops):
-        heat[y:y + patch, x:x + patch] += max(0.0, float(d))
-        cover[y:y + patch, x:x + patch] += 1.0
+        heat[y : y + patch, x : x + patch] += max(0.0, float(d))
+        cover[y : y + patch, x : x + patch] += 1.0
     return heat / np.maximum(cover, 1.0)
 
 
@@ -58,7 +62,9 @@ def overlay_png(array: np.ndarray, heat: np.ndarray) -> bytes:
     alpha = (0.6 * norm)[:, :, None]
     blended = (base * (1 - alpha) + colour * alpha).astype(np.uint8)
     h, w = grey.shape
-    blended = cv2.resize(blended, (w * OVERLAY_SCALE, h * OVERLAY_SCALE), interpolation=cv2.INTER_NEAREST)
+    blended = cv2.resize(
+        blended, (w * OVERLAY_SCALE, h * OVERLAY_SCALE), interpolation=cv2.INTER_NEAREST
+    )
     ok, data = cv2.imencode(".png", blended)
     if not ok:
         raise ValueError("OpenCV could not encode a PNG")

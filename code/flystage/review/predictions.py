@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from flystage.predict import UNDO_COLUMNS, csv_unsafe
 
@@ -57,7 +58,9 @@ def read_predictions(path: str | Path) -> PredictionsFile:
     """
     path = Path(path)
     if not path.is_file():
-        raise PredictionsError(f"{path}: predictions file not found (write one with `flystage predict FOLDER --model DIR`)")
+        raise PredictionsError(
+            f"{path}: predictions file not found (write one with `flystage predict FOLDER --model DIR`)"
+        )
     if path.suffix.lower() == ".json":
         return _read_json(path)
     rows = _read_csv(path)
@@ -72,11 +75,20 @@ def _read_json(path: Path) -> PredictionsFile:
         rows = []
         for entry in document["predictions"]:
             top = [(str(t["stage"]), float(t["probability"])) for t in entry.get("top") or []]
-            rows.append({"file": str(entry["file"]), "top": top, "error": entry.get("error"), "unsure": entry.get("unsure")})
+            rows.append(
+                {
+                    "file": str(entry["file"]),
+                    "top": top,
+                    "error": entry.get("error"),
+                    "unsure": entry.get("unsure"),
+                }
+            )
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise PredictionsError(f"{path}: not a flystage predictions JSON ({exc})") from None
     except RecursionError:  # arrays nested thousands deep: not a file flystage wrote
-        raise PredictionsError(f"{path}: not a flystage predictions JSON (nested too deeply)") from None
+        raise PredictionsError(
+            f"{path}: not a flystage predictions JSON (nested too deeply)"
+        ) from None
     model = document.get("model") if isinstance(document.get("model"), dict) else {}
     return PredictionsFile(path, rows, model)
 
@@ -99,12 +111,14 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
                     stage, p = csv_unsafe(row.get(f"stage_{i}") or ""), row.get(f"p_{i}") or ""
                     if stage and p:
                         top.append((stage, float(p)))
-                rows.append({
-                    "file": csv_unsafe(row["file"]),
-                    "top": top,
-                    "error": csv_unsafe(row.get("error") or "") or None,
-                    "unsure": flags.get((row.get("unsure") or "").lower()),
-                })
+                rows.append(
+                    {
+                        "file": csv_unsafe(row["file"]),
+                        "top": top,
+                        "error": csv_unsafe(row.get("error") or "") or None,
+                        "unsure": flags.get((row.get("unsure") or "").lower()),
+                    }
+                )
     except (UnicodeDecodeError, ValueError, csv.Error) as exc:
         if isinstance(exc, PredictionsError):
             raise
@@ -112,7 +126,9 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def renamed_paths(predictions: Path, undo_manifests: Sequence[Path] | None = None) -> dict[Path, Path]:
+def renamed_paths(
+    predictions: Path, undo_manifests: Sequence[Path] | None = None
+) -> dict[Path, Path]:
     """Old absolute path -> new path from ``--rename``'s undo manifests (later renames win).
 
     Without an explicit list, the manifests beside the predictions file

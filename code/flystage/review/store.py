@@ -18,10 +18,10 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 from flystage.predict import csv_safe, csv_unsafe
 from flystage.review.predictions import Item
@@ -119,7 +119,9 @@ class ReviewStore:
         reviewed = {self.items[i].path for i in self.decisions}
         # A reviewed copy of a base image (same bytes, e.g. the demo's "new" images) replaces
         # its base row too: organise would otherwise drop both copies as conflicting labels.
-        hashes = {self._sha1(i) for i in self.decisions} if any(b[3] for b in self.base_rows) else set()
+        hashes = (
+            {self._sha1(i) for i in self.decisions} if any(b[3] for b in self.base_rows) else set()
+        )
         # ... and keeps the base row's group, so a gene or embryo stays on one side of the split.
         base_group = {b[3]: b[2] for b in self.base_rows if b[3]}
         rows: list[list[str]] = []
@@ -130,8 +132,17 @@ class ReviewStore:
             item, d = self.items[index], self.decisions[index]
             predicted, p = (item.top[0][0], f"{item.top[0][1]:.4f}") if item.top else ("", "")
             group = base_group.get(self._sha1(index)) if base_group else None
-            rows.append([self._cell_path(item.path), d.label, group or self.group(item), predicted, p, d.decision,
-                         d.reviewed_at])
+            rows.append(
+                [
+                    self._cell_path(item.path),
+                    d.label,
+                    group or self.group(item),
+                    predicted,
+                    p,
+                    d.decision,
+                    d.reviewed_at,
+                ]
+            )
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_name(f".{self.out.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -165,7 +176,9 @@ class ReviewStore:
                 path = path if path.is_absolute() else self.out.parent / path
                 index = by_path.get(Path(os.path.abspath(path)))
                 if index is not None:
-                    self.decisions[index] = Decision(csv_unsafe(row["label"]), row["decision"], row.get("reviewed_at") or "")
+                    self.decisions[index] = Decision(
+                        csv_unsafe(row["label"]), row["decision"], row.get("reviewed_at") or ""
+                    )
 
 
 def _read_base(path: Path) -> list[tuple[str, str, str, str]]:
@@ -175,7 +188,9 @@ def _read_base(path: Path) -> list[tuple[str, str, str, str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         columns = csv.DictReader(f).fieldnames or []
     if "split" in columns:  # a manifest: its own reader resolves and checks the paths
-        return [(str(r.path), r.label, r.group, r.sha1) for r in read_manifest(path, check_files=False)]
+        return [
+            (str(r.path), r.label, r.group, r.sha1) for r in read_manifest(path, check_files=False)
+        ]
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = []
         for row in csv.DictReader(f):

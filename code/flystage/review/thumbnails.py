@@ -17,8 +17,8 @@ import json
 import os
 import secrets
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -37,7 +37,9 @@ def default_cache_dir() -> Path:
 def to_png(image: np.ndarray) -> bytes:
     """PNG bytes of a float image in [0, 1]: ``(C, H, W)`` with C 1 or 3, or ``(H, W)``."""
     if image.ndim == 3:
-        image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)[:, :, ::-1]  # RGB -> OpenCV's BGR
+        image = (
+            image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)[:, :, ::-1]
+        )  # RGB -> OpenCV's BGR
     eight = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
     ok, data = cv2.imencode(".png", eight)
     if not ok:
@@ -77,7 +79,9 @@ class ThumbnailCache:
 
     def thumbnail(self, path: Path) -> bytes:
         """What the model saw: the preprocessed input, as a PNG."""
-        return self._cached(path, "model-input", lambda p: to_png(load(p, self.config, name=str(p))))
+        return self._cached(
+            path, "model-input", lambda p: to_png(load(p, self.config, name=str(p)))
+        )
 
     def original(self, path: Path) -> bytes:
         """The whole frame, contrast stretched (percentiles as the model's), at most ``ORIGINAL_WIDTH`` wide."""
@@ -86,7 +90,11 @@ class ThumbnailCache:
             image = read_image(p, page=self.config.page, name=str(p))
             h, w = image.shape[:2]
             if w > ORIGINAL_WIDTH:
-                image = cv2.resize(image, (ORIGINAL_WIDTH, max(1, round(h * ORIGINAL_WIDTH / w))), interpolation=cv2.INTER_AREA)
+                image = cv2.resize(
+                    image,
+                    (ORIGINAL_WIDTH, max(1, round(h * ORIGINAL_WIDTH / w))),
+                    interpolation=cv2.INTER_AREA,
+                )
             x = stretch_contrast(image, self.config.low_percentile, self.config.high_percentile)
             return to_png(x if x.ndim == 2 else x.transpose(2, 0, 1))
 

@@ -11,9 +11,10 @@ Needs neither torch nor the serving toolkit.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from flystage.imaging import sniff_format
 from flystage.predict import Prediction, Source, source_name

@@ -19,15 +19,23 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sagemaker_inference.errors import GenericInferenceToolkitError
 
 JSON_TYPE = "application/json"
 RAW_TYPES = frozenset(
-    {"image/tiff", "image/png", "image/jpeg", "image/bmp", "application/x-image", "application/octet-stream"}
+    {
+        "image/tiff",
+        "image/png",
+        "image/jpeg",
+        "image/bmp",
+        "application/x-image",
+        "application/octet-stream",
+    }
 )
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 DEFAULT_K = 3
@@ -75,7 +83,10 @@ def decode_request(
             f"{', '.join(sorted(RAW_TYPES))}, or JSON ({JSON_TYPE}) with base64 images",
         )
     if body is None or len(body) == 0:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "the request body is empty; send the image's bytes or JSON with a base64 image")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            "the request body is empty; send the image's bytes or JSON with a base64 image",
+        )
     if max_bytes is not None and len(body) > max_bytes:
         raise RequestError(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -97,14 +108,21 @@ def decode_request(
     return Request(images, names, _check_k(json_k if json_k is not None else header_k, num_labels))
 
 
-def _decode_json(body: bytes | bytearray | str, max_batch: int) -> tuple[list[bytes], list[str], Any]:
+def _decode_json(
+    body: bytes | bytearray | str, max_batch: int
+) -> tuple[list[bytes], list[str], Any]:
     try:
         text = body if isinstance(body, str) else bytes(body).decode("utf-8")
         document = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"the JSON body cannot be parsed ({exc}); send {{\"image\": \"<base64>\"}}") from None
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            f'the JSON body cannot be parsed ({exc}); send {{"image": "<base64>"}}',
+        ) from None
     except RecursionError:  # deeply nested arrays or objects: a stranger's body, not a server fault
-        raise RequestError(HTTPStatus.BAD_REQUEST, "the JSON body is nested too deeply; send {\"image\": \"<base64>\"}") from None
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, 'the JSON body is nested too deeply; send {"image": "<base64>"}'
+        ) from None
     k = None
     if isinstance(document, dict):
         k = document.get("k")
@@ -113,18 +131,22 @@ def _decode_json(body: bytes | bytearray | str, max_batch: int) -> tuple[list[by
         elif "instances" in document:
             items = document["instances"]
             if not isinstance(items, list):
-                raise RequestError(HTTPStatus.BAD_REQUEST, "\"instances\" must be a list of base64 images")
+                raise RequestError(
+                    HTTPStatus.BAD_REQUEST, '"instances" must be a list of base64 images'
+                )
             names = [f"instances[{i}]" for i in range(len(items))]
         else:
             raise RequestError(
                 HTTPStatus.BAD_REQUEST,
-                f"the JSON object has no \"image\" or \"instances\" (keys: {sorted(document)[:10]}); "
-                "send {\"image\": \"<base64>\"} or {\"instances\": [\"<base64>\", ...]}",
+                f'the JSON object has no "image" or "instances" (keys: {sorted(document)[:10]}); '
+                'send {"image": "<base64>"} or {"instances": ["<base64>", ...]}',
             )
     elif isinstance(document, list):
         items, names = document, [f"[{i}]" for i in range(len(document))]
     else:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"expected a JSON object or list, not {type(document).__name__}")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"expected a JSON object or list, not {type(document).__name__}"
+        )
     if not items:
         raise RequestError(HTTPStatus.BAD_REQUEST, "the request has no images; send at least one")
     if len(items) > max_batch:
@@ -139,13 +161,20 @@ def _b64_image(item: Any, name: str) -> bytes:
     if isinstance(item, dict) and "image" in item:
         item = item["image"]
     if not isinstance(item, str):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: expected a base64 string, not {type(item).__name__}")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"{name}: expected a base64 string, not {type(item).__name__}"
+        )
     try:
         data = base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: not valid base64; encode the image file's bytes with base64") from None
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            f"{name}: not valid base64; encode the image file's bytes with base64",
+        ) from None
     if not data:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name}: the image is empty; send the image file's bytes")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"{name}: the image is empty; send the image file's bytes"
+        )
     return data
 
 
@@ -164,13 +193,20 @@ def _check_k(k: Any, num_labels: int) -> int:
     if k is None:
         return min(DEFAULT_K, num_labels)
     if isinstance(k, bool) or not isinstance(k, (int, str)):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"k={k!r}: expected a whole number from 1 to {num_labels}")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"k={k!r}: expected a whole number from 1 to {num_labels}"
+        )
     try:
         value = int(k)
     except ValueError:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"k={k!r}: expected a whole number from 1 to {num_labels}") from None
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"k={k!r}: expected a whole number from 1 to {num_labels}"
+        ) from None
     if not 1 <= value <= num_labels:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"k={value}: out of range; this model knows {num_labels} stages, so ask for 1 to {num_labels}")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            f"k={value}: out of range; this model knows {num_labels} stages, so ask for 1 to {num_labels}",
+        )
     return value
 
 
@@ -178,10 +214,14 @@ def check_accept(accept: str | None) -> None:
     """Only JSON answers exist; raise 406 for an Accept header that excludes them."""
     wanted = [media_type(part) for part in (accept or "").split(",") if part.strip()]
     if wanted and not any(w in (JSON_TYPE, "*/*", "application/*") for w in wanted):
-        raise RequestError(HTTPStatus.NOT_ACCEPTABLE, f"Accept {accept!r}: this server answers {JSON_TYPE} only")
+        raise RequestError(
+            HTTPStatus.NOT_ACCEPTABLE, f"Accept {accept!r}: this server answers {JSON_TYPE} only"
+        )
 
 
-def encode_response(predictions: Sequence[dict[str, Any]], model: Mapping[str, Any], timing_ms: Mapping[str, float]) -> str:
+def encode_response(
+    predictions: Sequence[dict[str, Any]], model: Mapping[str, Any], timing_ms: Mapping[str, float]
+) -> str:
     """``{"predictions": [{"file", "top": [{"stage", "probability"}], "error"}], "model", "timing_ms"}``."""
     return json.dumps(
         {

@@ -12,9 +12,10 @@ mounted read-only at ``/opt/ml/model``, as SageMaker unpacks ``model.tar.gz`` th
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SERVE_IMAGE = "flystage-serve:latest"
 CONTAINER_PORT = "8080/tcp"
@@ -40,7 +41,11 @@ class ServeContainer:
 
     def exit_code(self) -> int | None:
         self.container.reload()
-        return self.container.attrs["State"]["ExitCode"] if self.container.status in ("exited", "dead") else None
+        return (
+            self.container.attrs["State"]["ExitCode"]
+            if self.container.status in ("exited", "dead")
+            else None
+        )
 
     def ping(self, timeout: float = 2.0) -> int | None:
         """``GET /ping``'s status, or None when nothing answers."""
@@ -59,9 +64,13 @@ class ServeContainer:
                 self.healthy_after = time.monotonic() - self.started
                 return self.healthy_after
             if self.status() in ("exited", "dead"):
-                raise ContainerError(f"the serve container exited with status {self.exit_code()} before it was healthy; its log:\n{self.logs(200)}")
+                raise ContainerError(
+                    f"the serve container exited with status {self.exit_code()} before it was healthy; its log:\n{self.logs(200)}"
+                )
             time.sleep(interval)
-        raise ContainerError(f"the serve container was not healthy within {timeout:.0f} s; its log:\n{self.logs(200)}")
+        raise ContainerError(
+            f"the serve container was not healthy within {timeout:.0f} s; its log:\n{self.logs(200)}"
+        )
 
     def wait_exit(self, timeout: float = 60.0) -> int | None:
         """The exit status once the container has stopped by itself, or None after ``timeout``."""
@@ -80,7 +89,7 @@ class ServeContainer:
     def remove(self) -> None:
         self.container.remove(force=True)
 
-    def __enter__(self) -> "ServeContainer":
+    def __enter__(self) -> ServeContainer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -41,7 +41,9 @@ def serve() -> int:
     from flystage.serving import settings
 
     if os.environ.get("SAGEMAKER_MULTI_MODEL", "false").lower() == "true":
-        logger.error("flystage serve: multi-model endpoints are not supported; unset SAGEMAKER_MULTI_MODEL")
+        logger.error(
+            "flystage serve: multi-model endpoints are not supported; unset SAGEMAKER_MULTI_MODEL"
+        )
         return EXIT_BAD_SETTINGS
     try:
         config = settings.apply()
@@ -56,8 +58,14 @@ def serve() -> int:
         return EXIT_BAD_MODEL
     logger.info(
         "flystage serve: model %s (%d stages: %s) in %s; %d workers x %d threads, timeout %d s, payload limit %d MB",
-        metadata.arch, len(metadata.labels), ", ".join(metadata.labels), where,
-        config.workers, config.threads, config.timeout_seconds, config.max_payload_mb,
+        metadata.arch,
+        len(metadata.labels),
+        ", ".join(metadata.labels),
+        where,
+        config.workers,
+        config.threads,
+        config.timeout_seconds,
+        config.max_payload_mb,
     )
     # The model server's management API (register, unregister, scale models; fetch a model from
     # any URL) shares port 8080 by default: keep it on the container's loopback, where only
@@ -78,7 +86,11 @@ def serve() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
     if not args or args[0] == "serve":
         return serve()
     os.execvp(args[0], args)  # replaces this process; returns only by raising

@@ -71,10 +71,19 @@ class InferenceHandler(DefaultInferenceHandler):
     def default_model_fn(self, model_dir: str, context: Any = None) -> ServedModel:
         config = settings.resolve()
         predictor = Predictor(model_dir, threads=config.threads)
-        logger.info("flystage model %s loaded from %s (%d onnxruntime threads)", predictor.metadata.arch, model_dir, config.threads)
-        return ServedModel(predictor, model_info(predictor), config.max_batch, config.max_payload_bytes)
+        logger.info(
+            "flystage model %s loaded from %s (%d onnxruntime threads)",
+            predictor.metadata.arch,
+            model_dir,
+            config.threads,
+        )
+        return ServedModel(
+            predictor, model_info(predictor), config.max_batch, config.max_payload_bytes
+        )
 
-    def default_model_warmup_fn(self, model_dir: str, model: ServedModel, context: Any = None) -> None:
+    def default_model_warmup_fn(
+        self, model_dir: str, model: ServedModel, context: Any = None
+    ) -> None:
         # The first run of onnxruntime and of OpenCV's resizers is slow; pay it before the
         # worker takes requests, not on the first request (it would be the p99).
         predictor = model.predictor
@@ -83,7 +92,9 @@ class InferenceHandler(DefaultInferenceHandler):
         image[height // 2 : height * 3 // 2, width // 2 : width * 3 // 2] = 40000
         predictor.predict_arrays(np.stack([preprocess(image, predictor.config)] * 2))
 
-    def default_input_fn(self, input_data: Any, content_type: str, context: Any = None) -> codec.Request:
+    def default_input_fn(
+        self, input_data: Any, content_type: str, context: Any = None
+    ) -> codec.Request:
         model: ServedModel | None = getattr(self, "_model", None)
         headers = request_headers(context)
         codec.check_accept(next((v for k, v in headers.items() if k.lower() == "accept"), None))
@@ -96,7 +107,9 @@ class InferenceHandler(DefaultInferenceHandler):
             max_bytes=model.max_bytes if model else settings.DEFAULT_MAX_PAYLOAD_MB * 2**20,
         )
 
-    def default_predict_fn(self, data: codec.Request, model: ServedModel, context: Any = None) -> dict[str, Any]:
+    def default_predict_fn(
+        self, data: codec.Request, model: ServedModel, context: Any = None
+    ) -> dict[str, Any]:
         start = time.perf_counter()
         predictions = model.predictor.predict_sources(data.images, k=data.k, names=data.names)
         errors = [p.error for p in predictions if p.error]
@@ -110,8 +123,12 @@ class InferenceHandler(DefaultInferenceHandler):
             "timing_ms": {"predict": (done - start) * 1000, "total": (done - data.received) * 1000},
         }
 
-    def default_output_fn(self, prediction: dict[str, Any], accept: str, context: Any = None) -> tuple[str, str]:
-        return codec.encode_response(prediction["predictions"], prediction["model"], prediction["timing_ms"]), JSON
+    def default_output_fn(
+        self, prediction: dict[str, Any], accept: str, context: Any = None
+    ) -> tuple[str, str]:
+        return codec.encode_response(
+            prediction["predictions"], prediction["model"], prediction["timing_ms"]
+        ), JSON
 
 
 class FlystageTransformer(Transformer):
@@ -135,12 +152,17 @@ class FlystageTransformer(Transformer):
                 try:
                     bytes(body).decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    error = codec.RequestError(HTTPStatus.BAD_REQUEST, f"the JSON body is not UTF-8 text ({exc}); send UTF-8 JSON")
+                    error = codec.RequestError(
+                        HTTPStatus.BAD_REQUEST,
+                        f"the JSON body is not UTF-8 text ({exc}); send UTF-8 JSON",
+                    )
                     return self.handle_error(context, error, "")
         return super().transform(data, context)
 
     @staticmethod
-    def handle_error(context: Any, inference_exception: BaseInferenceToolkitError, trace: str) -> list[str]:
+    def handle_error(
+        context: Any, inference_exception: BaseInferenceToolkitError, trace: str
+    ) -> list[str]:
         status = int(inference_exception.status_code)
         if status >= 500:
             logger.error("request failed: %s\n%s", inference_exception.message, trace)

@@ -16,14 +16,16 @@ import logging
 import threading
 import urllib.error
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the name sagemaker-inference registers a single model under
 
 
-def model_registered(management_url: str, name: str = MODEL_NAME, timeout: float = 2.0) -> bool | None:
+def model_registered(
+    management_url: str, name: str = MODEL_NAME, timeout: float = 2.0
+) -> bool | None:
     """Whether ``name`` is among the model server's models; None if the server did not answer."""
     try:
         with urllib.request.urlopen(f"{management_url}/models", timeout=timeout) as response:

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import MutableMapping
 
 from flystage import imaging
 
@@ -129,7 +129,9 @@ def _positive_int(environ: MutableMapping[str, str], name: str, default: int) ->
     return value
 
 
-def resolve(environ: MutableMapping[str, str] | None = None, cpus: int | None = None) -> ServeSettings:
+def resolve(
+    environ: MutableMapping[str, str] | None = None, cpus: int | None = None
+) -> ServeSettings:
     """The settings from ``environ`` (default ``os.environ``), defaults filled in for ``cpus``."""
     environ = os.environ if environ is None else environ
     cpus = available_cpus() if cpus is None else cpus
@@ -145,7 +147,9 @@ def resolve(environ: MutableMapping[str, str] | None = None, cpus: int | None = 
     )
 
 
-def apply(environ: MutableMapping[str, str] | None = None, cpus: int | None = None) -> ServeSettings:
+def apply(
+    environ: MutableMapping[str, str] | None = None, cpus: int | None = None
+) -> ServeSettings:
     """Resolve the settings and write them back into ``environ``, where the model server and its
     workers (child processes) read them."""
     environ = os.environ if environ is None else environ

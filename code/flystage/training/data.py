@@ -64,7 +64,11 @@ class ImageCache:
                 for path, array in zip(todo, pool.map(self._encode, todo)):
                     self._images[path] = array
         shape = (0, self.config.channels, self.config.height, self.config.width)
-        return np.stack([self._images[Path(p)] for p in paths]) if paths else np.zeros(shape, self.dtype)
+        return (
+            np.stack([self._images[Path(p)] for p in paths])
+            if paths
+            else np.zeros(shape, self.dtype)
+        )
 
     def __len__(self) -> int:
         return len(self._images)
@@ -148,7 +152,14 @@ class WeightedEpochSampler(Sampler[int]):
     so every rank draws the same sequence and takes its own interleaved share.
     """
 
-    def __init__(self, targets: np.ndarray, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        targets: np.ndarray,
+        num_samples: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
         counts = np.bincount(targets)
         self.weights = torch.tensor(1.0 / counts[targets], dtype=torch.float64)
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
@@ -159,7 +170,9 @@ class WeightedEpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=g)
+        drawn = torch.multinomial(
+            self.weights, self.per_rank * self.world_size, replacement=True, generator=g
+        )
         return iter(drawn[self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
@@ -175,4 +188,6 @@ def make_sampler(
         raise ValueError(f"balance must be one of {BALANCE_MODES}, not {balance!r}")
     if balance == "sampler":
         return WeightedEpochSampler(targets, len(targets), rank, world_size, seed)
-    return DistributedSampler(range(len(targets)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return DistributedSampler(
+        range(len(targets)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+    )

@@ -12,9 +12,10 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,9 @@ from flystage.training.models import build_from_spec
 
 def _json_safe(metrics: dict[str, Any] | None) -> dict[str, Any]:
     # numpy scalars from training loops are not JSON serialisable; fail here, not at load.
-    return json.loads(json.dumps(metrics or {}, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    return json.loads(
+        json.dumps(metrics or {}, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    )
 
 
 def save_artefact(
@@ -87,16 +90,27 @@ def save_artefact(
             _export_onnx(model, tmp / ONNX_FILE, (c, h, w), opset)
             max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
             torch.save(
-                {"arch": arch, "labels": labels, "channels": c, "spec": spec or {"arch": arch, "mode": "full"},
-                 "state_dict": model.state_dict()},
+                {
+                    "arch": arch,
+                    "labels": labels,
+                    "channels": c,
+                    "spec": spec or {"arch": arch, "mode": "full"},
+                    "state_dict": model.state_dict(),
+                },
                 tmp / WEIGHTS_FILE,
             )
             metadata = _new_metadata(
-                arch, labels, preprocess_config, metrics, manifest_sha256,
+                arch,
+                labels,
+                preprocess_config,
+                metrics,
+                manifest_sha256,
                 extra={**(extra or {}), "model": spec or {"arch": arch, "mode": "full"}},
                 onnx={"onnx_opset": opset, "onnx_max_abs_diff": max_diff},
             )
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n", encoding="utf-8")
+            (tmp / METADATA_FILE).write_text(
+                json.dumps(metadata.to_dict(), indent=2) + "\n", encoding="utf-8"
+            )
             # Metadata last: a reader never sees new metadata next to an old model.
             for name in (ONNX_FILE, WEIGHTS_FILE, METADATA_FILE):
                 os.replace(tmp / name, model_dir / name)
@@ -124,8 +138,13 @@ def _export_onnx(model: Any, path: Path, chw: tuple[int, int, int], opset: int) 
 
 
 def _new_metadata(
-    arch: str, labels: list[str], preprocess_config: PreprocessConfig, metrics: dict[str, Any] | None,
-    manifest_sha256: str | None, extra: dict[str, Any], onnx: dict[str, Any],
+    arch: str,
+    labels: list[str],
+    preprocess_config: PreprocessConfig,
+    metrics: dict[str, Any] | None,
+    manifest_sha256: str | None,
+    extra: dict[str, Any],
+    onnx: dict[str, Any],
 ) -> Metadata:
     """The metadata of a model being saved now: ``extra`` (made JSON-safe), then the export's
     facts (input and output names, ``onnx`` opset and difference, the torch version)."""
@@ -149,12 +168,16 @@ def _new_metadata(
     )
 
 
-def _check_onnx_matches_torch(model: Any, onnx_path: Path, chw: tuple[int, int, int], atol: float, rtol: float) -> float:
+def _check_onnx_matches_torch(
+    model: Any, onnx_path: Path, chw: tuple[int, int, int], atol: float, rtol: float
+) -> float:
     generator = torch.Generator().manual_seed(0)
     batch = torch.rand(3, *chw, generator=generator)  # batch 3: proves the batch axis is dynamic
     with torch.no_grad():
         expected = model(batch).numpy()
-    got = open_session(onnx_path.parent, threads=1).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    got = open_session(onnx_path.parent, threads=1).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[
+        0
+    ]
     if got.shape != expected.shape:
         raise ArtefactError(f"ONNX export returns shape {got.shape}, torch {expected.shape}")
     max_diff = float(np.max(np.abs(got - expected)))
@@ -179,17 +202,27 @@ def load_torch_model(model_dir: str | Path):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ArtefactError(f"{path}: cannot read the torch weights ({exc}); re-export the model") from None
+        raise ArtefactError(
+            f"{path}: cannot read the torch weights ({exc}); re-export the model"
+        ) from None
     if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
         raise ArtefactError(
             f"{path}: expected a dict with 'arch', 'labels', 'channels', 'spec' and 'state_dict', "
             f"found {type(saved).__name__}{'' if not isinstance(saved, dict) else ' without a state_dict'}; re-export the model"
         )
     labels, channels = saved.get("labels"), saved.get("channels")
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(label, str) for label in labels):
-        raise ArtefactError(f"{path}: 'labels' must be a list of at least two strings, not {short_repr(labels)}; re-export the model")
+    if (
+        not isinstance(labels, list)
+        or len(labels) < 2
+        or not all(isinstance(label, str) for label in labels)
+    ):
+        raise ArtefactError(
+            f"{path}: 'labels' must be a list of at least two strings, not {short_repr(labels)}; re-export the model"
+        )
     if type(channels) is not int or channels not in (1, 3):
-        raise ArtefactError(f"{path}: 'channels' must be 1 or 3, not {short_repr(channels)}; re-export the model")
+        raise ArtefactError(
+            f"{path}: 'channels' must be 1 or 3, not {short_repr(channels)}; re-export the model"
+        )
     spec = saved.get("spec")
     if spec is None:
         spec = {"arch": saved.get("arch"), "mode": "full"}
@@ -199,7 +232,9 @@ def load_torch_model(model_dir: str | Path):
         model = build_from_spec(spec, num_classes=len(labels), channels=channels)
         model.load_state_dict(saved["state_dict"])
     except Exception as exc:  # unknown arch, tensors of the wrong shape, missing keys
-        raise ArtefactError(f"{path}: cannot rebuild the model from its spec and state dict ({exc}); re-export the model") from None
+        raise ArtefactError(
+            f"{path}: cannot rebuild the model from its spec and state dict ({exc}); re-export the model"
+        ) from None
     return model.eval()
 
 
@@ -208,9 +243,15 @@ def _valid_spec(spec: Any, depth: int = 0) -> bool:
     if not isinstance(spec, dict) or depth > 2:
         return False
     temperature = spec.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+    ):
         return False
     if "members" in spec:
         members = spec["members"]
-        return isinstance(members, list) and bool(members) and all(_valid_spec(m, depth + 1) for m in members)
+        return (
+            isinstance(members, list)
+            and bool(members)
+            and all(_valid_spec(m, depth + 1) for m in members)
+        )
     return isinstance(spec.get("arch"), str) and isinstance(spec.get("mode", "full"), str)

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from flystage.training.backbones import DEFAULT_TAPS, LITE_ARCHS, LiteFeatures, WeightsUnavailableError, build_lite
+from flystage.training.backbones import (
+    DEFAULT_TAPS,
+    LITE_ARCHS,
+    LiteFeatures,
+    WeightsUnavailableError,
+    build_lite,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,7 +53,9 @@ SMALL_CNN_WIDTHS: dict[str, tuple[int, ...]] = {
 # either way (it cost accuracy on BDGP, whose embryos all face left).
 HOG_ARCHS: tuple[str, ...] = ("hognet", "hognet_turn")
 # ImageNet-pretrained EfficientNet-Lite0/1/2 whose weights install with pip (flystage.training.backbones).
-ARCHS: tuple[str, ...] = tuple(HOG_ARCHS) + LITE_ARCHS + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
+ARCHS: tuple[str, ...] = (
+    tuple(HOG_ARCHS) + LITE_ARCHS + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
+)
 PRETRAINED_ARCHS: tuple[str, ...] = LITE_ARCHS + tuple(TORCHVISION_ARCHS)
 
 # A download that cannot reach its host must fail, not hang a training job.
@@ -100,7 +108,9 @@ class SmallCNN(nn.Module):
     average pooling, dropout and a linear classifier. A few hundred thousand to a few million
     parameters: trainable from scratch on a few hundred images."""
 
-    def __init__(self, channels: int, num_classes: int, widths: tuple[int, ...], dropout: float = 0.2):
+    def __init__(
+        self, channels: int, num_classes: int, widths: tuple[int, ...], dropout: float = 0.2
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         cin = channels
@@ -109,7 +119,9 @@ class SmallCNN(nn.Module):
             cin = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -147,7 +159,9 @@ class HOGFeatures(nn.Module):
         cos2t, sin2t = (gx * gx - gy * gy) / energy, 2 * gx * gy / energy
         response = energy.sqrt() * torch.relu(cos2t * self.cos2 + sin2t * self.sin2) ** 4
         hist = nn.functional.adaptive_avg_pool2d(response, self.cells)
-        local = nn.functional.avg_pool2d((hist * hist).sum(1, keepdim=True), 3, 1, 1, count_include_pad=False)
+        local = nn.functional.avg_pool2d(
+            (hist * hist).sum(1, keepdim=True), 3, 1, 1, count_include_pad=False
+        )
         return hist / (local.sqrt() + 1e-3)
 
 
@@ -158,14 +172,21 @@ class HOGNet(nn.Module):
     for images whose embryos may face either way.
     """
 
-    def __init__(self, num_classes: int, bins: int = 9, cells: tuple[int, int] = (8, 20), dropout: float = 0.5,
-                 turn_invariant: bool = False):
+    def __init__(
+        self,
+        num_classes: int,
+        bins: int = 9,
+        cells: tuple[int, int] = (8, 20),
+        dropout: float = 0.5,
+        turn_invariant: bool = False,
+    ):
         super().__init__()
         self.turn_invariant = turn_invariant
         self.features = HOGFeatures(bins, cells)
         size = bins * cells[0] * cells[1]
-        self.classifier = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(size), nn.Dropout(dropout),
-                                        nn.Linear(size, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.BatchNorm1d(size), nn.Dropout(dropout), nn.Linear(size, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.features(x))
@@ -230,8 +251,14 @@ def _set_input_channels(model: nn.Module, channels: int) -> None:
     if conv.in_channels == channels:
         return
     new = nn.Conv2d(
-        channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None,
+        channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
     )
     with torch.no_grad():
         if channels == 1:
@@ -256,7 +283,9 @@ class LiteNet(FrozenBatchNorm, nn.Module):
         self.frozen_bn = frozen_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.expand(-1, 3, -1, -1)  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
+        x = x.expand(
+            -1, 3, -1, -1
+        )  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
         return self.net(x * 2.0 - 1.0)
 
 
@@ -315,8 +344,13 @@ class ConcatFeatures(nn.Module):
         return torch.cat([part(x) for part in self.parts], dim=1)
 
 
-def build_feature_extractor(arch: str, channels: int, taps: Sequence[int] = DEFAULT_TAPS, hog: bool = False,
-                            pretrained: bool = True) -> tuple[nn.Module, int]:
+def build_feature_extractor(
+    arch: str,
+    channels: int,
+    taps: Sequence[int] = DEFAULT_TAPS,
+    hog: bool = False,
+    pretrained: bool = True,
+) -> tuple[nn.Module, int]:
     """A frozen extractor ``(N, channels, H, W)`` in [0, 1] -> ``(N, D)`` and its ``D``, for the
     linear probe: an EfficientNet-Lite's pooled ``taps`` stages, a torchvision backbone's
     pooled last stage, or (``hognet``) the HOG features; ``hog`` appends the HOG features."""
@@ -345,7 +379,9 @@ def build_feature_extractor(arch: str, channels: int, taps: Sequence[int] = DEFA
     return features.eval(), dim
 
 
-def freeze_backbone(model: nn.Module, freeze_stages: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def freeze_backbone(
+    model: nn.Module, freeze_stages: int
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split a pretrained classifier's parameters into (backbone, head) for fine-tuning, with the
     stem and the first ``freeze_stages`` stages frozen (``requires_grad`` off)."""
     head_module = _last_linear(model)[2]
@@ -359,7 +395,11 @@ def freeze_backbone(model: nn.Module, freeze_stages: int) -> tuple[list[nn.Param
         if hasattr(net, "features"):
             frozen = list(net.features)[: 1 + freeze_stages]
         else:
-            frozen = [net.conv1, net.bn1, *[getattr(net, f"layer{i}") for i in range(1, 5)][:freeze_stages]]
+            frozen = [
+                net.conv1,
+                net.bn1,
+                *[getattr(net, f"layer{i}") for i in range(1, 5)][:freeze_stages],
+            ]
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
@@ -398,12 +438,19 @@ def build_from_spec(spec: dict, num_classes: int, channels: int) -> nn.Module:
     ensemble, either with ``"temperature"``. Pretrained weights are not loaded: the state dict
     holds every tensor."""
     if "members" in spec:
-        model: nn.Module = EnsembleNet([build_from_spec(m, num_classes, channels) for m in spec["members"]])
+        model: nn.Module = EnsembleNet(
+            [build_from_spec(m, num_classes, channels) for m in spec["members"]]
+        )
     elif spec.get("mode") == "probe":
         from flystage.training.probe import ProbeNet
 
-        features, dim = build_feature_extractor(spec["arch"], channels, spec.get("taps", DEFAULT_TAPS),
-                                                spec.get("hog", False), pretrained=False)
+        features, dim = build_feature_extractor(
+            spec["arch"],
+            channels,
+            spec.get("taps", DEFAULT_TAPS),
+            spec.get("hog", False),
+            pretrained=False,
+        )
         model = ProbeNet(features, dim, num_classes)
     else:
         model = build_model(spec["arch"], num_classes, channels, pretrained=False)
@@ -418,9 +465,17 @@ def count_parameters(model: nn.Module) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m flystage.training.models --download ARCH ...``: fill the torch hub cache (image builds)."""
-    parser = argparse.ArgumentParser(prog="python -m flystage.training.models", description=main.__doc__)
-    parser.add_argument("--download", nargs="+", choices=list(TORCHVISION_ARCHS), metavar="ARCH",
-                        required=True, help=f"archs whose ImageNet weights to fetch: {', '.join(TORCHVISION_ARCHS)}")
+    parser = argparse.ArgumentParser(
+        prog="python -m flystage.training.models", description=main.__doc__
+    )
+    parser.add_argument(
+        "--download",
+        nargs="+",
+        choices=list(TORCHVISION_ARCHS),
+        metavar="ARCH",
+        required=True,
+        help=f"archs whose ImageNet weights to fetch: {', '.join(TORCHVISION_ARCHS)}",
+    )
     args = parser.parse_args(argv)
     for arch in args.download:
         _load_pretrained(arch)

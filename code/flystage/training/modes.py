@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from flystage.augment import build_train_transform
+from flystage.organise import Record
 from flystage.training.data import ImageCache, StageDataset
 from flystage.training.models import build_feature_extractor, build_model, freeze_backbone
-from flystage.organise import Record
 from flystage.training.probe import ProbeNet, cached_features, fit_logistic
 
 if TYPE_CHECKING:
@@ -55,53 +55,92 @@ class Setup:
     solved: bool = False  # the model is fitted already (the probe's exact solver): no epochs to run
 
 
-def _decay_groups(params: Sequence[nn.Parameter], weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def _decay_groups(
+    params: Sequence[nn.Parameter], weight_decay: float, lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
     # As torchvision's references: no weight decay on norm weights and biases.
     decay = [p for p in params if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
-                        {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}) if g["params"]]
+    return [
+        g
+        for g in (
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale},
+        )
+        if g["params"]
+    ]
 
 
-def _image_sets(train: Sequence[Record], valid: Sequence[Record], labels: Sequence[str], cache: ImageCache,
-                config: "TrainConfig") -> tuple[StageDataset, StageDataset]:
+def _image_sets(
+    train: Sequence[Record],
+    valid: Sequence[Record],
+    labels: Sequence[str],
+    cache: ImageCache,
+    config: TrainConfig,
+) -> tuple[StageDataset, StageDataset]:
     augmenter = build_train_transform(config.augment, seed=config.seed)
-    return (StageDataset(train, labels, cache, augmenter, train=True), StageDataset(valid, labels, cache))
+    return (
+        StageDataset(train, labels, cache, augmenter, train=True),
+        StageDataset(valid, labels, cache),
+    )
 
 
 def setup_full(train, valid, labels, cache, config, log) -> Setup:
     train_set, valid_set = _image_sets(train, valid, labels, cache, config)
     model = build_model(config.arch, len(labels), config.preprocess.channels, config.pretrained)
-    return Setup(train_set, valid_set, train_set.targets, model,
-                 _decay_groups(list(model.parameters()), config.weight_decay), finish=lambda m: m)
+    return Setup(
+        train_set,
+        valid_set,
+        train_set.targets,
+        model,
+        _decay_groups(list(model.parameters()), config.weight_decay),
+        finish=lambda m: m,
+    )
 
 
 def setup_finetune(train, valid, labels, cache, config, log) -> Setup:
     train_set, valid_set = _image_sets(train, valid, labels, cache, config)
     model = build_model(config.arch, len(labels), config.preprocess.channels, pretrained=True)
     backbone, head = freeze_backbone(model, config.freeze_stages)
-    groups = (_decay_groups(backbone, config.weight_decay, config.backbone_lr_scale)
-              + _decay_groups(head, config.weight_decay))
+    groups = _decay_groups(backbone, config.weight_decay, config.backbone_lr_scale) + _decay_groups(
+        head, config.weight_decay
+    )
     return Setup(train_set, valid_set, train_set.targets, model, groups, finish=lambda m: m)
 
 
 def setup_probe(train, valid, labels, cache, config, log) -> Setup:
-    features, dim = build_feature_extractor(config.arch, config.preprocess.channels, config.feature_taps,
-                                            config.hog_features, pretrained=True)
+    features, dim = build_feature_extractor(
+        config.arch,
+        config.preprocess.channels,
+        config.feature_taps,
+        config.hog_features,
+        pretrained=True,
+    )
     t0 = time.perf_counter()
     train_set, valid_set = _image_sets(train, valid, labels, cache, config)
     # Every image once as it is, and augment_draws augmented copies, each drawn once: the
     # backbone runs (1 + draws) times per training image in the whole run (and across
     # cross-validation folds), not once per epoch.
-    key = (config.arch, tuple(config.feature_taps), config.hog_features, json.dumps(config.augment.to_dict()))
+    key = (
+        config.arch,
+        tuple(config.feature_taps),
+        config.hog_features,
+        json.dumps(config.augment.to_dict()),
+    )
     transform = build_train_transform(config.augment, seed=config.seed)
     train_paths, valid_paths = [r.path for r in train], [r.path for r in valid]
-    x = torch.cat([cached_features(features, key, cache, train_paths, draw, transform, config.seed)
-                   for draw in range(1 + config.augment_draws)])
+    x = torch.cat(
+        [
+            cached_features(features, key, cache, train_paths, draw, transform, config.seed)
+            for draw in range(1 + config.augment_draws)
+        ]
+    )
     y = np.tile(train_set.targets, 1 + config.augment_draws)
     valid_x = cached_features(features, key, cache, valid_paths, 0, None, config.seed)
-    log(f"probe: {config.arch} features ({dim}) of {len(train)} training images x {1 + config.augment_draws} "
-        f"draws and {len(valid)} valid images in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"probe: {config.arch} features ({dim}) of {len(train)} training images x {1 + config.augment_draws} "
+        f"draws and {len(valid)} valid images in {time.perf_counter() - t0:.1f} s"
+    )
     # The loop trains a ProbeNet without its backbone (on cached features); finish puts it back.
     head = ProbeNet(nn.Identity(), dim, len(labels))
     with torch.no_grad():
@@ -118,7 +157,9 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
         with torch.no_grad():
             head.head.weight.copy_(w)
             head.head.bias.copy_(b)
-        log(f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g}) in {time.perf_counter() - t1:.1f} s")
+        log(
+            f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g}) in {time.perf_counter() - t1:.1f} s"
+        )
 
     def finish(trained: nn.Module) -> nn.Module:
         trained.features = features
@@ -126,11 +167,20 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
 
     # An L2 penalty on the head's weights in the loss, as in a regularised logistic regression
     # (AdamW's decoupled decay is far weaker at these learning rates; docs/accuracy.md).
-    return Setup(TensorDataset(x, torch.from_numpy(y)),
-                 TensorDataset(valid_x, torch.from_numpy(valid_set.targets)),
-                 y, head, _decay_groups(list(head.parameters()), 0.0), finish,
-                 penalty=lambda: 0.5 * config.probe_l2 * head.head.weight.pow(2).sum(),
-                 solved=config.probe_solver == "lbfgs")
+    return Setup(
+        TensorDataset(x, torch.from_numpy(y)),
+        TensorDataset(valid_x, torch.from_numpy(valid_set.targets)),
+        y,
+        head,
+        _decay_groups(list(head.parameters()), 0.0),
+        finish,
+        penalty=lambda: 0.5 * config.probe_l2 * head.head.weight.pow(2).sum(),
+        solved=config.probe_solver == "lbfgs",
+    )
 
 
-SETUPS: dict[str, Callable[..., Setup]] = {"full": setup_full, "probe": setup_probe, "finetune": setup_finetune}
+SETUPS: dict[str, Callable[..., Setup]] = {
+    "full": setup_full,
+    "probe": setup_probe,
+    "finetune": setup_finetune,
+}

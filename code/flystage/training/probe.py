@@ -47,8 +47,15 @@ def extract(features: nn.Module, images: np.ndarray, batch_size: int = 32) -> to
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def cached_features(features: nn.Module, key: Any, cache: ImageCache, paths: Sequence[Path], draw: int,
-                    transform: Callable | None, seed: int) -> torch.Tensor:
+def cached_features(
+    features: nn.Module,
+    key: Any,
+    cache: ImageCache,
+    paths: Sequence[Path],
+    draw: int,
+    transform: Callable | None,
+    seed: int,
+) -> torch.Tensor:
     """Features ``(N, D)`` of ``paths`` (draw 0: as preprocessed; draw d > 0: the d-th
     augmented copy), computed once per (``key``, path, draw) and kept in ``cache.derived``.
 
@@ -60,10 +67,15 @@ def cached_features(features: nn.Module, key: Any, cache: ImageCache, paths: Seq
     if missing:
         images = cache.get(missing)
         if draw:
-            images = np.stack([
-                transform(to_float(image), np.random.default_rng((seed, draw, zlib.crc32(str(p).encode()))))
-                .numpy() for p, image in zip(missing, images)
-            ]).astype(np.float32)
+            images = np.stack(
+                [
+                    transform(
+                        to_float(image),
+                        np.random.default_rng((seed, draw, zlib.crc32(str(p).encode()))),
+                    ).numpy()
+                    for p, image in zip(missing, images)
+                ]
+            ).astype(np.float32)
         for p, row in zip(missing, extract(features, images)):
             store[(p, draw)] = row
     return torch.stack([store[(Path(p), draw)] for p in paths]) if paths else torch.zeros(0, 0)
@@ -87,8 +99,15 @@ def fit_logistic(
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     w = torch.ones(len(y), dtype=torch.float64) if sample_weight is None else sample_weight.double()
     w = w / w.sum()
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()

@@ -47,18 +47,34 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from flystage.augment import AugmentConfig
-from flystage.training.backbones import DEFAULT_TAPS, LITE_ARCHS
 from flystage.calibrate import fit_temperature
 from flystage.channels import DataError, FolderRules, data_summary, split_channels
-from flystage.training.data import BALANCE_MODES, CACHE_DTYPES, ImageCache, class_weights, make_sampler, to_float
 from flystage.imaging import PreprocessConfig
-from flystage.training.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
-from flystage.training.modes import MODES, SETUPS
 from flystage.options import (
-    ArgumentParser, Option, UsageError, add_options, dataclass_values, field_options, integer, mapping, markdown_table,
-    option, regex_text,
+    ArgumentParser,
+    Option,
+    UsageError,
+    add_options,
+    dataclass_values,
+    field_options,
+    integer,
+    mapping,
+    markdown_table,
+    option,
+    regex_text,
 )
 from flystage.organise import Record, manifest_sha256, sort_labels
+from flystage.training.backbones import DEFAULT_TAPS, LITE_ARCHS
+from flystage.training.data import (
+    BALANCE_MODES,
+    CACHE_DTYPES,
+    ImageCache,
+    class_weights,
+    make_sampler,
+    to_float,
+)
+from flystage.training.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
+from flystage.training.modes import MODES, SETUPS
 
 OPTIMIZERS = ("adamw", "sgd")
 PROBE_SOLVERS = ("lbfgs", "sgd")
@@ -81,89 +97,189 @@ class TrainConfig:
     # Measured held out by gene on BDGP and on a lab-like copy (docs/accuracy.md): a linear
     # probe on EfficientNet-Lite2's pooled stages 1-6, solved exactly, beats every model
     # trained from scratch, fine-tuning and the ensembles tried, in seconds per fold.
-    arch: str = option("efficientnet_lite2", f"model architecture: {', '.join(ARCHS)}; the EfficientNet-Lites are "
-                        "ImageNet-pretrained, the others train from scratch unless pretrained is true")
-    mode: str = option("auto", "what is trained: probe (frozen pretrained features and a linear head), finetune "
-                        "(a pretrained backbone at a lower learning rate), full (every weight), or auto (probe for "
-                        "the EfficientNet-Lites and pretrained torchvision archs, full for the rest)")
-    pretrained: bool = option(False, "mode full: start from ImageNet weights (torchvision archs from the torch hub "
-                               "or its cache, EfficientNet-Lites from their pip package); with mode auto a pretrained "
-                               "torchvision arch is probed. Probe and finetune always start pretrained")
-    feature_taps: tuple[int, ...] = option(DEFAULT_TAPS, "probe, EfficientNet-Lite: the block stages (0-6) whose "
-                                            "outputs are averaged over the image and concatenated as features")
-    hog_features: bool = option(False, "probe: append histogram-of-oriented-gradient features of the image to the "
-                                 "backbone's features")
-    augment_draws: int = option(0, "probe: augmented copies of each training image (each drawn once, features "
-                                 "computed once) added to the image itself; 0 = the probe sees no augmentation")
-    probe_l2: float = option(1.0, "probe: L2 penalty on the linear head's weights (>= 0); larger gives a simpler "
-                              "head and softer probabilities. The knob to tune for the default model")
-    probe_solver: str = option("lbfgs", "probe: lbfgs solves the head exactly (no epochs, learning rate or "
-                                "batches: those options are then unused), sgd trains it in the epoch loop")
-    backbone_lr_scale: float = option(0.1, "finetune: the backbone's learning rate as a multiple of learning_rate "
-                                       "(the head's), > 0")
-    freeze_stages: int = option(2, "finetune: the stem and this many first backbone stages (0-7) stay frozen")
+    arch: str = option(
+        "efficientnet_lite2",
+        f"model architecture: {', '.join(ARCHS)}; the EfficientNet-Lites are "
+        "ImageNet-pretrained, the others train from scratch unless pretrained is true",
+    )
+    mode: str = option(
+        "auto",
+        "what is trained: probe (frozen pretrained features and a linear head), finetune "
+        "(a pretrained backbone at a lower learning rate), full (every weight), or auto (probe for "
+        "the EfficientNet-Lites and pretrained torchvision archs, full for the rest)",
+    )
+    pretrained: bool = option(
+        False,
+        "mode full: start from ImageNet weights (torchvision archs from the torch hub "
+        "or its cache, EfficientNet-Lites from their pip package); with mode auto a pretrained "
+        "torchvision arch is probed. Probe and finetune always start pretrained",
+    )
+    feature_taps: tuple[int, ...] = option(
+        DEFAULT_TAPS,
+        "probe, EfficientNet-Lite: the block stages (0-6) whose "
+        "outputs are averaged over the image and concatenated as features",
+    )
+    hog_features: bool = option(
+        False,
+        "probe: append histogram-of-oriented-gradient features of the image to the "
+        "backbone's features",
+    )
+    augment_draws: int = option(
+        0,
+        "probe: augmented copies of each training image (each drawn once, features "
+        "computed once) added to the image itself; 0 = the probe sees no augmentation",
+    )
+    probe_l2: float = option(
+        1.0,
+        "probe: L2 penalty on the linear head's weights (>= 0); larger gives a simpler "
+        "head and softer probabilities. The knob to tune for the default model",
+    )
+    probe_solver: str = option(
+        "lbfgs",
+        "probe: lbfgs solves the head exactly (no epochs, learning rate or "
+        "batches: those options are then unused), sgd trains it in the epoch loop",
+    )
+    backbone_lr_scale: float = option(
+        0.1,
+        "finetune: the backbone's learning rate as a multiple of learning_rate (the head's), > 0",
+    )
+    freeze_stages: int = option(
+        2, "finetune: the stem and this many first backbone stages (0-7) stay frozen"
+    )
     # Members of one artefact whose probabilities are averaged: ensemble seeds (seed, seed+1,
     # ...) of each arch in ensemble_archs (empty: arch alone).
-    ensemble: int = option(1, "models trained per arch, with seeds seed, seed+1, ..., whose probabilities are "
-                            "averaged in one model (1 = a single model)")
-    ensemble_archs: tuple[str, ...] = option((), "comma-separated archs to ensemble, each trained ensemble times; "
-                                              "empty = arch alone")
-    calibrate: bool = option(True, "fit a temperature on the validation images so that the stated probabilities "
-                              "match how often the model is right (the ranking of stages is unchanged)")
+    ensemble: int = option(
+        1,
+        "models trained per arch, with seeds seed, seed+1, ..., whose probabilities are "
+        "averaged in one model (1 = a single model)",
+    )
+    ensemble_archs: tuple[str, ...] = option(
+        (), "comma-separated archs to ensemble, each trained ensemble times; empty = arch alone"
+    )
+    calibrate: bool = option(
+        True,
+        "fit a temperature on the validation images so that the stated probabilities "
+        "match how often the model is right (the ranking of stages is unchanged)",
+    )
     epochs: int = option(60, "passes over the training images (>= 1); unused by the exact probe")
-    batch_size: int = option(32, "images per optimiser step, all hosts together (split between hosts when "
-                              "training data-parallel); unused by the exact probe")
-    learning_rate: float = option(0.003, "peak learning rate (> 0), reached after warmup_epochs; unused by the "
-                                   "exact probe")
-    weight_decay: float = option(0.05, "weight decay (>= 0; AdamW decoupled, SGD as L2) on weights, not on biases "
-                                  "and normalisation; modes full and finetune (the probe uses probe_l2)")
+    batch_size: int = option(
+        32,
+        "images per optimiser step, all hosts together (split between hosts when "
+        "training data-parallel); unused by the exact probe",
+    )
+    learning_rate: float = option(
+        0.003, "peak learning rate (> 0), reached after warmup_epochs; unused by the exact probe"
+    )
+    weight_decay: float = option(
+        0.05,
+        "weight decay (>= 0; AdamW decoupled, SGD as L2) on weights, not on biases "
+        "and normalisation; modes full and finetune (the probe uses probe_l2)",
+    )
     optimizer: str = option("adamw", "adamw, or sgd (Nesterov, with momentum)")
     momentum: float = option(0.9, "optimizer sgd: momentum")
-    scheduler: str = option("cosine", "learning-rate schedule, stepped every batch: cosine (linear warm-up, then "
-                             "cosine decay to 0 at the last epoch) or onecycle")
-    warmup_epochs: float = option(1.0, "scheduler cosine: epochs (fractions allowed) of linear warm-up to "
-                                   "learning_rate")
-    label_smoothing: float = option(0.1, "training loss: share of each target's probability spread over the other "
-                                     "stages, in [0, 1); curbs overconfidence (0 = none)")
-    balance: str = option("loss", "how unequal image counts per stage are evened out: loss (each stage weighted "
-                           "by the inverse of its count), sampler (class-balanced draws each epoch), or none")
-    patience: int = option(0, "stop after this many epochs without a better valid top-1 (ties: lower valid "
-                            "loss); 0 = train every epoch")
-    seed: int = option(0, "random seed of weights, sampling, augmentation and the valid split drawn from a "
-                        "channel: the same seed on the same data trains the same model")
-    num_workers: int = option(0, "DataLoader worker processes that augment images (0 = in the training process)")
-    threads: int = option(0, "CPU threads torch uses; 0 = torch's choice (under SageMaker: the instance's CPUs)")
-    cache_dtype: str = option("uint8", "preprocessed images kept in memory as uint8 (half float16's memory) or "
-                               "float16 (finer intensity steps)")
-    stop_after_epoch: int = option(0, "end the run after this epoch with a checkpoint (exit code 3), to time-box "
-                                    "a job; run again with the same checkpoint dir to resume; 0 = never")
+    scheduler: str = option(
+        "cosine",
+        "learning-rate schedule, stepped every batch: cosine (linear warm-up, then "
+        "cosine decay to 0 at the last epoch) or onecycle",
+    )
+    warmup_epochs: float = option(
+        1.0, "scheduler cosine: epochs (fractions allowed) of linear warm-up to learning_rate"
+    )
+    label_smoothing: float = option(
+        0.1,
+        "training loss: share of each target's probability spread over the other "
+        "stages, in [0, 1); curbs overconfidence (0 = none)",
+    )
+    balance: str = option(
+        "loss",
+        "how unequal image counts per stage are evened out: loss (each stage weighted "
+        "by the inverse of its count), sampler (class-balanced draws each epoch), or none",
+    )
+    patience: int = option(
+        0,
+        "stop after this many epochs without a better valid top-1 (ties: lower valid "
+        "loss); 0 = train every epoch",
+    )
+    seed: int = option(
+        0,
+        "random seed of weights, sampling, augmentation and the valid split drawn from a "
+        "channel: the same seed on the same data trains the same model",
+    )
+    num_workers: int = option(
+        0, "DataLoader worker processes that augment images (0 = in the training process)"
+    )
+    threads: int = option(
+        0, "CPU threads torch uses; 0 = torch's choice (under SageMaker: the instance's CPUs)"
+    )
+    cache_dtype: str = option(
+        "uint8",
+        "preprocessed images kept in memory as uint8 (half float16's memory) or "
+        "float16 (finer intensity steps)",
+    )
+    stop_after_epoch: int = option(
+        0,
+        "end the run after this epoch with a checkpoint (exit code 3), to time-box "
+        "a job; run again with the same checkpoint dir to resume; 0 = never",
+    )
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         checks = [
             (self.arch in ARCHS, f"arch {self.arch!r}: choose one of {', '.join(ARCHS)}"),
-            (all(a in ARCHS for a in self.ensemble_archs), f"ensemble_archs {self.ensemble_archs}: choose from {', '.join(ARCHS)}"),
+            (
+                all(a in ARCHS for a in self.ensemble_archs),
+                f"ensemble_archs {self.ensemble_archs}: choose from {', '.join(ARCHS)}",
+            ),
             (self.mode in MODES, f"mode {self.mode!r}: choose one of {MODES}"),
-            (self.mode in ("auto", "full") or all(a in PRETRAINED_ARCHS or (self.mode == "probe" and a in HOG_ARCHS)
-                                                  for a in self.member_archs),
-             f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, for probe, hognet"),
+            (
+                self.mode in ("auto", "full")
+                or all(
+                    a in PRETRAINED_ARCHS or (self.mode == "probe" and a in HOG_ARCHS)
+                    for a in self.member_archs
+                ),
+                f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, for probe, hognet",
+            ),
             (self.ensemble >= 1, f"ensemble must be >= 1, not {self.ensemble}"),
             (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
             (self.probe_l2 >= 0, f"probe_l2 must be >= 0, not {self.probe_l2}"),
-            (self.probe_solver in PROBE_SOLVERS, f"probe_solver {self.probe_solver!r}: choose one of {PROBE_SOLVERS}"),
-            (self.backbone_lr_scale > 0, f"backbone_lr_scale must be > 0, not {self.backbone_lr_scale}"),
+            (
+                self.probe_solver in PROBE_SOLVERS,
+                f"probe_solver {self.probe_solver!r}: choose one of {PROBE_SOLVERS}",
+            ),
+            (
+                self.backbone_lr_scale > 0,
+                f"backbone_lr_scale must be > 0, not {self.backbone_lr_scale}",
+            ),
             (0 <= self.freeze_stages <= 7, f"freeze_stages must be 0..7, not {self.freeze_stages}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}"),
-            (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r}: choose one of {SCHEDULERS}"),
-            (self.balance in BALANCE_MODES, f"balance {self.balance!r}: choose one of {BALANCE_MODES}"),
-            (self.cache_dtype in CACHE_DTYPES, f"cache_dtype {self.cache_dtype!r}: choose one of {CACHE_DTYPES}"),
+            (
+                self.optimizer in OPTIMIZERS,
+                f"optimizer {self.optimizer!r}: choose one of {OPTIMIZERS}",
+            ),
+            (
+                self.scheduler in SCHEDULERS,
+                f"scheduler {self.scheduler!r}: choose one of {SCHEDULERS}",
+            ),
+            (
+                self.balance in BALANCE_MODES,
+                f"balance {self.balance!r}: choose one of {BALANCE_MODES}",
+            ),
+            (
+                self.cache_dtype in CACHE_DTYPES,
+                f"cache_dtype {self.cache_dtype!r}: choose one of {CACHE_DTYPES}",
+            ),
             (self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, not {self.batch_size}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), not {self.label_smoothing}"),
-            (self.patience >= 0, f"patience must be >= 0 (0 = never stop early), not {self.patience}"),
+            (
+                0 <= self.label_smoothing < 1,
+                f"label_smoothing must be in [0, 1), not {self.label_smoothing}",
+            ),
+            (
+                self.patience >= 0,
+                f"patience must be >= 0 (0 = never stop early), not {self.patience}",
+            ),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, not {self.warmup_epochs}"),
         ]
         for ok, message in checks:
@@ -175,7 +291,11 @@ class TrainConfig:
         arch = arch or self.arch
         if self.mode != "auto":
             return self.mode
-        return "probe" if arch in LITE_ARCHS or (self.pretrained and arch in PRETRAINED_ARCHS) else "full"
+        return (
+            "probe"
+            if arch in LITE_ARCHS or (self.pretrained and arch in PRETRAINED_ARCHS)
+            else "full"
+        )
 
     @property
     def member_archs(self) -> tuple[str, ...]:
@@ -183,12 +303,19 @@ class TrainConfig:
 
     def model_spec(self, arch: str | None = None) -> dict[str, Any]:
         """What ``flystage.training.models.build_from_spec`` needs to rebuild one member's architecture."""
-        return {"arch": arch or self.arch, "mode": self.mode_of(arch), "taps": list(self.feature_taps), "hog": self.hog_features}
+        return {
+            "arch": arch or self.arch,
+            "mode": self.mode_of(arch),
+            "taps": list(self.feature_taps),
+            "hog": self.hog_features,
+        }
 
     def architecture(self) -> dict[str, Any]:
         """The whole model's spec (every ensemble member, no temperature yet): build it untrained
         with ``flystage.training.models.build_from_spec`` (speed figures, tests)."""
-        members = [self.model_spec(arch) for arch in self.member_archs for _ in range(self.ensemble)]
+        members = [
+            self.model_spec(arch) for arch in self.member_archs for _ in range(self.ensemble)
+        ]
         return members[0] if len(members) == 1 else {"members": members}
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,7 +326,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -218,17 +345,23 @@ class FitResult:
 
     model: nn.Module
     labels: list[str]
-    history: list[dict[str, float]]  # one dict per epoch: epoch, train_loss, valid_loss, valid_top1, valid_top3, ...
+    history: list[
+        dict[str, float]
+    ]  # one dict per epoch: epoch, train_loss, valid_loss, valid_top1, valid_top3, ...
     best: dict[str, float]  # the history entry of the best epoch
     config: TrainConfig
     samples_seen: int = 0  # training samples this process saw (all epochs of this run)
-    spec: dict[str, Any] = field(default_factory=dict)  # rebuilds the architecture (flystage.training.models.build_from_spec)
+    spec: dict[str, Any] = field(
+        default_factory=dict
+    )  # rebuilds the architecture (flystage.training.models.build_from_spec)
 
 
 class TrainingStopped(Exception):
     """Training stopped on request (SIGTERM or ``stop_after_epoch``) after saving a checkpoint."""
 
-    def __init__(self, message: str, epoch: int, checkpoint: Path | None, result: "FitResult | None" = None):
+    def __init__(
+        self, message: str, epoch: int, checkpoint: Path | None, result: FitResult | None = None
+    ):
         super().__init__(message)
         self.epoch = epoch
         self.checkpoint = checkpoint
@@ -270,12 +403,16 @@ def _all_reduce_sum(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
-def make_optimizer(param_groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    param_groups: list[dict[str, Any]], config: TrainConfig
+) -> torch.optim.Optimizer:
     """AdamW or SGD over ``param_groups`` (from the mode's setup); a group's ``lr_scale``
     multiplies ``config.learning_rate`` (a fine-tuned backbone learns slower than its head)."""
     groups = [{**g, "lr": config.learning_rate * g.get("lr_scale", 1.0)} for g in param_groups]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum, nesterov=True)
+        return torch.optim.SGD(
+            groups, lr=config.learning_rate, momentum=config.momentum, nesterov=True
+        )
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
@@ -283,8 +420,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
     """Stepped every batch: linear warm-up then cosine decay to 0, or one-cycle."""
     total = config.epochs * steps_per_epoch
     if config.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                                   total_steps=total)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total
+        )
     warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
 
     def factor(step: int) -> float:
@@ -357,24 +495,48 @@ class TrainState:
     def out_of_patience(self, config: TrainConfig) -> bool:
         return bool(config.patience) and self.bad_epochs >= config.patience
 
-    def checkpoint(self, labels: list[str], config: TrainConfig, model: nn.Module,
-                   optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    def checkpoint(
+        self,
+        labels: list[str],
+        config: TrainConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+    ) -> dict[str, Any]:
         """The checkpoint (format ``CHECKPOINT_FORMAT``) after ``self.epoch``."""
         return {
-            "format": CHECKPOINT_FORMAT, "epoch": self.epoch, "labels": labels, "config": config.to_dict(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "history": self.history, "best": self.best, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "labels": labels,
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": self.history,
+            "best": self.best,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
         }
 
     @classmethod
-    def restore(cls, checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any) -> "TrainState":
+    def restore(
+        cls,
+        checkpoint: dict[str, Any],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+    ) -> TrainState:
         """Load a checkpoint's weights, optimiser and schedule; return its progress."""
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        return cls(checkpoint["epoch"], checkpoint["history"], checkpoint["best"], checkpoint["best_state"],
-                   checkpoint["bad_epochs"])
+        return cls(
+            checkpoint["epoch"],
+            checkpoint["history"],
+            checkpoint["best"],
+            checkpoint["best_state"],
+            checkpoint["bad_epochs"],
+        )
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -390,12 +552,18 @@ def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"{path}: not a readable flystage checkpoint ({type(exc).__name__}); remove it or use "
-                        "another checkpoint dir") from None
+        raise DataError(
+            f"{path}: not a readable flystage checkpoint ({type(exc).__name__}); remove it or use "
+            "another checkpoint dir"
+        ) from None
     if not isinstance(state, dict):
-        raise DataError(f"{path}: not a flystage checkpoint; remove it or use another checkpoint dir")
+        raise DataError(
+            f"{path}: not a flystage checkpoint; remove it or use another checkpoint dir"
+        )
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: not a flystage checkpoint of format {CHECKPOINT_FORMAT}; remove it or use another checkpoint dir")
+        raise DataError(
+            f"{path}: not a flystage checkpoint of format {CHECKPOINT_FORMAT}; remove it or use another checkpoint dir"
+        )
     mismatch = []
     if state["labels"] != labels:
         mismatch.append(f"labels {state['labels']} (now {labels})")
@@ -405,27 +573,42 @@ def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict
             mismatch.append(f"{key} {saved} (now {now})")
     if mismatch:
         raise DataError(
-            f"{path} belongs to another training run: " + "; ".join(mismatch)
+            f"{path} belongs to another training run: "
+            + "; ".join(mismatch)
             + ". Use an empty checkpoint dir for a new run, or remove that file."
         )
     return state
 
 
-def _labels_and_cache(train_records: Sequence[Record], valid_records: Sequence[Record], config: TrainConfig,
-                      labels: Sequence[str] | None, image_cache: ImageCache | None) -> tuple[list[str], ImageCache]:
+def _labels_and_cache(
+    train_records: Sequence[Record],
+    valid_records: Sequence[Record],
+    config: TrainConfig,
+    labels: Sequence[str] | None,
+    image_cache: ImageCache | None,
+) -> tuple[list[str], ImageCache]:
     """The label order (given, or every label of both sets in stage order) and an image cache
     for ``config.preprocess`` (given, or a new one)."""
     if labels is None:
         labels = sort_labels({r.label for r in train_records} | {r.label for r in valid_records})
     if image_cache is None:
-        image_cache = ImageCache(config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads()))
+        image_cache = ImageCache(
+            config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads())
+        )
     elif image_cache.config != config.preprocess:
         raise ValueError("image_cache was made for another PreprocessConfig than config.preprocess")
     return list(labels), image_cache
 
 
-def _resume(path: Path | None, labels: list[str], config: TrainConfig, model: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: Any, say: Callable[[str], None]) -> TrainState:
+def _resume(
+    path: Path | None,
+    labels: list[str],
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    say: Callable[[str], None],
+) -> TrainState:
     """The run's state from the checkpoint at ``path`` (weights, optimiser and schedule loaded),
     or a fresh one. Rank 0's checkpoint is the truth (only rank 0 writes one): it is broadcast,
     and its error stops every rank."""
@@ -446,13 +629,22 @@ def _resume(path: Path | None, labels: list[str], config: TrainConfig, model: nn
         return TrainState()
     state = TrainState.restore(saved, model, optimizer, scheduler)
     best = state.best
-    say(f"resuming from checkpoint {path} after epoch {state.epoch}"
-        + (f" (best valid_top1={best['valid_top1']:.4f} at epoch {best['epoch']})" if best else ""))
+    say(
+        f"resuming from checkpoint {path} after epoch {state.epoch}"
+        + (f" (best valid_top1={best['valid_top1']:.4f} at epoch {best['epoch']})" if best else "")
+    )
     return state
 
 
-def _save_state(path: Path | None, state: TrainState, labels: list[str], config: TrainConfig, model: nn.Module,
-                optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def _save_state(
+    path: Path | None,
+    state: TrainState,
+    labels: list[str],
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
     """Rank 0 checkpoints the run to ``path`` (None: no checkpoints)."""
     if path is not None and _dist_info()[0] == 0:
         _save_checkpoint(path, state.checkpoint(labels, config, model, optimizer, scheduler))
@@ -464,35 +656,54 @@ def _stop_requested(world: int) -> bool:
     return _all_reduce_sum([float(STOP.is_set())])[0] > 0 if world > 1 else STOP.is_set()
 
 
-def _best_so_far(state: TrainState, model: nn.Module, setup: Any, labels: list[str],
-                 config: TrainConfig) -> FitResult | None:
+def _best_so_far(
+    state: TrainState, model: nn.Module, setup: Any, labels: list[str], config: TrainConfig
+) -> FitResult | None:
     """A copy of the model at its best epoch so far: a stopped job (MaxRuntime, tuning early
     stop, spot) still leaves a usable model. None before the first finished epoch."""
     if state.best_state is None:
         return None
     best_model = copy.deepcopy(model)
     best_model.load_state_dict(state.best_state)
-    return FitResult(setup.finish(best_model).eval(), labels, list(state.history), dict(state.best), config,
-                     state.samples_seen, spec=config.model_spec())
+    return FitResult(
+        setup.finish(best_model).eval(),
+        labels,
+        list(state.history),
+        dict(state.best),
+        config,
+        state.samples_seen,
+        spec=config.model_spec(),
+    )
 
 
-def _setup(train_records: Sequence[Record], valid_records: Sequence[Record], config: TrainConfig,
-           labels: Sequence[str] | None, image_cache: ImageCache | None,
-           say: Callable[[str], None]) -> tuple[list[str], Any]:
+def _setup(
+    train_records: Sequence[Record],
+    valid_records: Sequence[Record],
+    config: TrainConfig,
+    labels: Sequence[str] | None,
+    image_cache: ImageCache | None,
+    say: Callable[[str], None],
+) -> tuple[list[str], Any]:
     """The label order and the mode's setup (flystage.training.modes): what is trained on which samples,
     augmented images or a frozen backbone's cached features. Images are preprocessed once and
     augmented per sample; the label order is the stage order."""
     if not train_records or not valid_records:
-        raise DataError(f"need training and validation images; got {len(train_records)} and {len(valid_records)}")
-    labels, image_cache = _labels_and_cache(train_records, valid_records, config, labels, image_cache)
+        raise DataError(
+            f"need training and validation images; got {len(train_records)} and {len(valid_records)}"
+        )
+    labels, image_cache = _labels_and_cache(
+        train_records, valid_records, config, labels, image_cache
+    )
     untrained = sorted(set(labels) - {r.label for r in train_records})
     if untrained:
         say(f"warning: no training images for label(s) {untrained}: the model cannot learn them")
     t0 = time.perf_counter()
     _seed_everything(config.seed)
     setup = SETUPS[config.mode_of()](train_records, valid_records, labels, image_cache, config, say)
-    say(f"data: {len(train_records)} train, {len(valid_records)} valid images, labels {labels}, "
-        f"ready in {time.perf_counter() - t0:.1f} s")
+    say(
+        f"data: {len(train_records)} train, {len(valid_records)} valid images, labels {labels}, "
+        f"ready in {time.perf_counter() - t0:.1f} s"
+    )
     return labels, setup
 
 
@@ -504,23 +715,39 @@ def _loaders(setup: Any, config: TrainConfig) -> tuple[Any, DataLoader, DataLoad
     per_rank_batch = max(1, config.batch_size // world)
     # BatchNorm cannot train on a batch of one: drop a last batch of exactly one.
     drop_last = len(sampler) % per_rank_batch == 1 and len(sampler) > 1
-    loader_args = dict(num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None)
-    train_loader = DataLoader(setup.train_set, per_rank_batch, sampler=sampler, drop_last=drop_last, **loader_args)
+    loader_args = dict(
+        num_workers=config.num_workers, worker_init_fn=_seed_worker if config.num_workers else None
+    )
+    train_loader = DataLoader(
+        setup.train_set, per_rank_batch, sampler=sampler, drop_last=drop_last, **loader_args
+    )
     valid_shard = Subset(setup.valid_set, range(rank, len(setup.valid_set), world))
     valid_loader = DataLoader(valid_shard, per_rank_batch * 2, shuffle=False, **loader_args)
     return sampler, train_loader, valid_loader
 
 
-def train_one_epoch(net: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    loader: DataLoader, penalty: Callable[[], torch.Tensor] | None, epoch: int,
-                    config: TrainConfig) -> tuple[float, float, bool]:
+def train_one_epoch(
+    net: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loader: DataLoader,
+    penalty: Callable[[], torch.Tensor] | None,
+    epoch: int,
+    config: TrainConfig,
+) -> tuple[float, float, bool]:
     """One pass over ``loader``, stepping the optimiser and the schedule every batch. Returns
     this process's summed loss and sample count, and whether a stop was requested (the epoch
     then ends after the step that saw it)."""
     rank, world = _dist_info()
     net.train()
     loss_sum = seen = 0.0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if rank == 0 else True)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}/{config.epochs}",
+        leave=False,
+        disable=None if rank == 0 else True,
+    )
     for x, y in bar:
         loss = criterion(net(x), y)
         if penalty is not None:
@@ -538,9 +765,18 @@ def train_one_epoch(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
     return loss_sum, seen, False
 
 
-def _finish_epoch(epoch: int, loss_sum: float, seen: float, t0: float, model: nn.Module, valid_loader: DataLoader,
-                  num_classes: int, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                  say: Callable[[str], None]) -> dict[str, float]:
+def _finish_epoch(
+    epoch: int,
+    loss_sum: float,
+    seen: float,
+    t0: float,
+    model: nn.Module,
+    valid_loader: DataLoader,
+    num_classes: int,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    say: Callable[[str], None],
+) -> dict[str, float]:
     """The epoch's history entry (training loss over every process, validation metrics, learning
     rate, speed), said as the metric line and a line of speed."""
     train_seconds = time.perf_counter() - t0
@@ -552,16 +788,20 @@ def _finish_epoch(epoch: int, loss_sum: float, seen: float, t0: float, model: nn
     entry["seconds"] = time.perf_counter() - t0
     entry["images_per_second"] = train_n / train_seconds
     say(metric_line(entry))
-    say(f"epoch {epoch}/{config.epochs}: {int(train_n)} images in {train_seconds:.1f} s "
-        f"({entry['images_per_second']:.1f} images/s), lr {entry['lr']:.2e}")
+    say(
+        f"epoch {epoch}/{config.epochs}: {int(train_n)} images in {train_seconds:.1f} s "
+        f"({entry['images_per_second']:.1f} images/s), lr {entry['lr']:.2e}"
+    )
     return entry
 
 
 def _plan_line(config: TrainConfig, model: nn.Module, train_loader: DataLoader, world: int) -> str:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (f"training {config.arch} ({config.mode_of()}: {trained:,} trained parameters) for {config.epochs} epochs, "
-            f"{len(train_loader)} steps of {train_loader.batch_size} x {world} images, {config.optimizer} lr "
-            f"{config.learning_rate:g}, {config.scheduler}, balance {config.balance}, {torch.get_num_threads()} threads")
+    return (
+        f"training {config.arch} ({config.mode_of()}: {trained:,} trained parameters) for {config.epochs} epochs, "
+        f"{len(train_loader)} steps of {train_loader.batch_size} x {world} images, {config.optimizer} lr "
+        f"{config.learning_rate:g}, {config.scheduler}, balance {config.balance}, {torch.get_num_threads()} threads"
+    )
 
 
 def fit(
@@ -614,52 +854,88 @@ def fit(
         _seed_everything(config.seed + 1000 * rank + epoch)
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss_sum, seen, stopped = train_one_epoch(net, criterion, optimizer, scheduler, train_loader, setup.penalty,
-                                                  epoch, config)
+        loss_sum, seen, stopped = train_one_epoch(
+            net, criterion, optimizer, scheduler, train_loader, setup.penalty, epoch, config
+        )
         state.samples_seen += int(seen)
         if stopped:
             # The checkpoint says epoch - 1: a restart runs this epoch again, from the weights reached so far.
             _save_state(checkpoint, state, *run)
-            say(f"SIGTERM: stopped in epoch {epoch} after a step; "
-                + (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint dir, nothing saved"))
-            raise TrainingStopped(f"stopped by SIGTERM in epoch {epoch}", state.epoch, checkpoint, best_so_far())
-        entry = _finish_epoch(epoch, loss_sum, seen, t0, model, valid_loader, len(labels), optimizer, config, say)
+            say(
+                f"SIGTERM: stopped in epoch {epoch} after a step; "
+                + (
+                    f"checkpoint saved to {checkpoint}"
+                    if checkpoint
+                    else "no checkpoint dir, nothing saved"
+                )
+            )
+            raise TrainingStopped(
+                f"stopped by SIGTERM in epoch {epoch}", state.epoch, checkpoint, best_so_far()
+            )
+        entry = _finish_epoch(
+            epoch, loss_sum, seen, t0, model, valid_loader, len(labels), optimizer, config, say
+        )
         state.record(entry, model)
         _save_state(checkpoint, state, *run)
         if state.out_of_patience(config):
-            say(f"early stop: no better valid_top1 for {state.bad_epochs} epochs (best {state.best['valid_top1']:.4f} "
-                f"at epoch {state.best['epoch']})")
+            say(
+                f"early stop: no better valid_top1 for {state.bad_epochs} epochs (best {state.best['valid_top1']:.4f} "
+                f"at epoch {state.best['epoch']})"
+            )
             break
         if config.stop_after_epoch and epoch >= config.stop_after_epoch and epoch < config.epochs:
-            say(f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to {checkpoint}")
-            raise TrainingStopped(f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint, best_so_far())
+            say(
+                f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to {checkpoint}"
+            )
+            raise TrainingStopped(
+                f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint, best_so_far()
+            )
 
     if state.best_state is None:  # resumed from a checkpoint of a run that had already finished
         raise DataError(f"{checkpoint} holds no trained epoch; remove it and train again")
     model.load_state_dict(state.best_state)
-    say(f"best epoch {state.best['epoch']}: valid_top1={state.best['valid_top1']:.4f} "
-        f"valid_top3={state.best['valid_top3']:.4f} valid_loss={state.best['valid_loss']:.4f}")
-    return FitResult(setup.finish(model).eval(), labels, state.history, state.best, config, state.samples_seen,
-                     spec=config.model_spec())
+    say(
+        f"best epoch {state.best['epoch']}: valid_top1={state.best['valid_top1']:.4f} "
+        f"valid_top3={state.best['valid_top3']:.4f} valid_loss={state.best['valid_loss']:.4f}"
+    )
+    return FitResult(
+        setup.finish(model).eval(),
+        labels,
+        state.history,
+        state.best,
+        config,
+        state.samples_seen,
+        spec=config.model_spec(),
+    )
 
 
-def _solved(setup: Any, labels: list[str], config: TrainConfig, say: Callable[[str], None]) -> FitResult:
+def _solved(
+    setup: Any, labels: list[str], config: TrainConfig, say: Callable[[str], None]
+) -> FitResult:
     """The result of a mode that fitted its model in closed form: one metric line (epoch 1),
     so tuners and logs read it like any run."""
     rank, world = _dist_info()
     train = DataLoader(Subset(setup.train_set, range(rank, len(setup.train_set), world)), 256)
     valid = DataLoader(Subset(setup.valid_set, range(rank, len(setup.valid_set), world)), 256)
-    entry = {"epoch": 1, "train_loss": evaluate_loader(setup.model, train, len(labels))["valid_loss"]}
+    entry = {
+        "epoch": 1,
+        "train_loss": evaluate_loader(setup.model, train, len(labels))["valid_loss"],
+    }
     entry.update(evaluate_loader(setup.model, valid, len(labels)))
     say(metric_line(entry))
     model = setup.finish(setup.model).eval()
-    return FitResult(model, labels, [entry], dict(entry), config, len(setup.train_set), spec=config.model_spec())
+    return FitResult(
+        model, labels, [entry], dict(entry), config, len(setup.train_set), spec=config.model_spec()
+    )
 
 
 @torch.no_grad()
 def _logits(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     model.eval()
-    out = [model(to_float(images[i : i + batch_size])).double().numpy() for i in range(0, len(images), batch_size)]
+    out = [
+        model(to_float(images[i : i + batch_size])).double().numpy()
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
@@ -682,19 +958,42 @@ def train_model(
     more than one. ``best`` holds the whole model's valid scores and ``temperature``.
     """
     say = log if _dist_info()[0] == 0 else (lambda line: None)
-    labels, image_cache = _labels_and_cache(train_records, valid_records, config, labels, image_cache)
-    members = [(arch, config.seed + i) for arch in config.member_archs for i in range(config.ensemble)]
+    labels, image_cache = _labels_and_cache(
+        train_records, valid_records, config, labels, image_cache
+    )
+    members = [
+        (arch, config.seed + i) for arch in config.member_archs for i in range(config.ensemble)
+    ]
     results = []
     for j, (arch, seed) in enumerate(members):
-        member_config = dataclasses.replace(config, arch=arch, seed=seed, ensemble=1, ensemble_archs=())
-        member_dir = Path(work_dir) / f"member-{j}" if work_dir is not None and len(members) > 1 else work_dir
+        member_config = dataclasses.replace(
+            config, arch=arch, seed=seed, ensemble=1, ensemble_archs=()
+        )
+        member_dir = (
+            Path(work_dir) / f"member-{j}"
+            if work_dir is not None and len(members) > 1
+            else work_dir
+        )
         t0 = time.perf_counter()
-        results.append(fit(train_records, valid_records, member_config, member_dir, log,
-                           labels=labels, image_cache=image_cache))
+        results.append(
+            fit(
+                train_records,
+                valid_records,
+                member_config,
+                member_dir,
+                log,
+                labels=labels,
+                image_cache=image_cache,
+            )
+        )
         if len(members) > 1:
-            say(f"member {j + 1}/{len(members)}: {arch} seed {seed}, best valid_top1="
-                f"{results[-1].best['valid_top1']:.4f} in {time.perf_counter() - t0:.1f} s")
-    model: nn.Module = results[0].model if len(results) == 1 else EnsembleNet([r.model for r in results]).eval()
+            say(
+                f"member {j + 1}/{len(members)}: {arch} seed {seed}, best valid_top1="
+                f"{results[-1].best['valid_top1']:.4f} in {time.perf_counter() - t0:.1f} s"
+            )
+    model: nn.Module = (
+        results[0].model if len(results) == 1 else EnsembleNet([r.model for r in results]).eval()
+    )
     spec = results[0].spec if len(results) == 1 else {"members": [r.spec for r in results]}
     valid_logits = _logits(model, image_cache.get([r.path for r in valid_records]))
     index = {label: i for i, label in enumerate(labels)}
@@ -706,11 +1005,15 @@ def train_model(
         model, spec = Calibrated(model, temperature).eval(), {**spec, "temperature": temperature}
         best["temperature"] = temperature
         best.update(_valid_scores(valid_logits / temperature, valid_targets, "calibrated_valid"))
-        say(f"calibration: temperature {temperature:.3f} on {len(valid_targets)} valid images, valid NLL "
+        say(
+            f"calibration: temperature {temperature:.3f} on {len(valid_targets)} valid images, valid NLL "
             f"{best['valid_loss']:.4f} -> {best['calibrated_valid_loss']:.4f}, ECE {best['valid_ece']:.4f} -> "
-            f"{best['calibrated_valid_ece']:.4f}")
+            f"{best['calibrated_valid_ece']:.4f}"
+        )
     history = [dict(entry, member=j) for j, r in enumerate(results) for entry in r.history]
-    return FitResult(model, labels, history, best, config, sum(r.samples_seen for r in results), spec=spec)
+    return FitResult(
+        model, labels, history, best, config, sum(r.samples_seen for r in results), spec=spec
+    )
 
 
 def _valid_scores(logits: np.ndarray, targets: np.ndarray, prefix: str) -> dict[str, float]:
@@ -748,33 +1051,84 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     underscores; hyphen aliases accepted). Paths default to the SageMaker environment."""
     env = os.environ.get
     io = parser.add_argument_group("data and output (defaults from the SageMaker environment)")
-    io.add_argument("--manifest", "--train", dest="train", default=env("SM_CHANNEL_TRAIN"),
-                    help="manifest CSV, a folder holding manifest.csv, or a <label>/<images> tree (SM_CHANNEL_TRAIN)")
-    io.add_argument("--valid", default=env("SM_CHANNEL_VALID", env("SM_CHANNEL_VALIDATION")),
-                    help="validation channel, same forms (SM_CHANNEL_VALID or SM_CHANNEL_VALIDATION); "
-                         "default: the manifest's valid rows")
-    io.add_argument("--model_dir", "--model-dir", dest="model_dir", default=env("SM_MODEL_DIR"),
-                    help="where the model artefact is written (SM_MODEL_DIR)")
-    io.add_argument("--output_data_dir", "--output-data-dir", dest="output_data_dir", default=env("SM_OUTPUT_DATA_DIR"),
-                    help="where per-epoch metrics are written (SM_OUTPUT_DATA_DIR)")
+    io.add_argument(
+        "--manifest",
+        "--train",
+        dest="train",
+        default=env("SM_CHANNEL_TRAIN"),
+        help="manifest CSV, a folder holding manifest.csv, or a <label>/<images> tree (SM_CHANNEL_TRAIN)",
+    )
+    io.add_argument(
+        "--valid",
+        default=env("SM_CHANNEL_VALID", env("SM_CHANNEL_VALIDATION")),
+        help="validation channel, same forms (SM_CHANNEL_VALID or SM_CHANNEL_VALIDATION); "
+        "default: the manifest's valid rows",
+    )
+    io.add_argument(
+        "--model_dir",
+        "--model-dir",
+        dest="model_dir",
+        default=env("SM_MODEL_DIR"),
+        help="where the model artefact is written (SM_MODEL_DIR)",
+    )
+    io.add_argument(
+        "--output_data_dir",
+        "--output-data-dir",
+        dest="output_data_dir",
+        default=env("SM_OUTPUT_DATA_DIR"),
+        help="where per-epoch metrics are written (SM_OUTPUT_DATA_DIR)",
+    )
     default_checkpoints = str(_base_dir() / "checkpoints") if _in_sagemaker() else None
-    io.add_argument("--checkpoint_dir", "--checkpoint-dir", dest="checkpoint_dir", default=default_checkpoints,
-                    help="checkpoint every epoch here and resume from it (SageMaker: <base>/checkpoints)")
-    io.add_argument("--hosts", type=json.loads, default=json.loads(env("SM_HOSTS", "[]")),
-                    help="JSON list of hosts (SM_HOSTS); more than one trains data-parallel")
-    io.add_argument("--current_host", "--current-host", dest="current_host", default=env("SM_CURRENT_HOST"),
-                    help="this host's name (SM_CURRENT_HOST)")
+    io.add_argument(
+        "--checkpoint_dir",
+        "--checkpoint-dir",
+        dest="checkpoint_dir",
+        default=default_checkpoints,
+        help="checkpoint every epoch here and resume from it (SageMaker: <base>/checkpoints)",
+    )
+    io.add_argument(
+        "--hosts",
+        type=json.loads,
+        default=json.loads(env("SM_HOSTS", "[]")),
+        help="JSON list of hosts (SM_HOSTS); more than one trains data-parallel",
+    )
+    io.add_argument(
+        "--current_host",
+        "--current-host",
+        dest="current_host",
+        default=env("SM_CURRENT_HOST"),
+        help="this host's name (SM_CURRENT_HOST)",
+    )
     io.add_argument("--force", action="store_true", help="replace a model already in --model-dir")
     rules = parser.add_argument_group(
-        "folder channels (a channel without manifest.csv is read as `flystage organise` reads a folder)")
-    rules.add_argument("--label_regex", "--label-regex", dest="label_regex", type=regex_text, default=None,
-                       help="regex with a named group 'label', searched in each image's path below the channel")
-    rules.add_argument("--label_level", "--label-level", dest="label_level", type=integer, default=None,
-                       help="take the label from the N-th folder up (1 = the image's own folder); default: the "
-                            "nearest folder that looks like a stage (refused when that is a guess)")
-    rules.add_argument("--group_regex", "--group-regex", dest="group_regex", type=regex_text, default=None,
-                       help="regex with a named group 'group' on each image's path below the channel, e.g. "
-                            "'^(?P<group>[^/]+)/'; needed to draw the validation split from a folder channel")
+        "folder channels (a channel without manifest.csv is read as `flystage organise` reads a folder)"
+    )
+    rules.add_argument(
+        "--label_regex",
+        "--label-regex",
+        dest="label_regex",
+        type=regex_text,
+        default=None,
+        help="regex with a named group 'label', searched in each image's path below the channel",
+    )
+    rules.add_argument(
+        "--label_level",
+        "--label-level",
+        dest="label_level",
+        type=integer,
+        default=None,
+        help="take the label from the N-th folder up (1 = the image's own folder); default: the "
+        "nearest folder that looks like a stage (refused when that is a guess)",
+    )
+    rules.add_argument(
+        "--group_regex",
+        "--group-regex",
+        dest="group_regex",
+        type=regex_text,
+        default=None,
+        help="regex with a named group 'group' on each image's path below the channel, e.g. "
+        "'^(?P<group>[^/]+)/'; needed to draw the validation split from a folder channel",
+    )
 
     add_config_options(parser)
 
@@ -786,19 +1140,32 @@ def option_groups() -> list[tuple[str, str, list[Option]]]:
     one group per config object, defaults and helps from the configs."""
     defaults = TrainConfig()
     return [
-        ("training hyperparameters", "the model, how it is trained, and the run (TrainConfig)",
-         list(field_options(defaults, {"preprocess", "augment"}))),
-        ("preprocessing", "how every image becomes the model input, in training and in serving alike "
-         "(PreprocessConfig, stored in the model)", list(field_options(defaults.preprocess))),
-        ("augmentation", "random changes to each training image; every p_* is a per-image probability "
-         "(AugmentConfig)", list(field_options(defaults.augment))),
+        (
+            "training hyperparameters",
+            "the model, how it is trained, and the run (TrainConfig)",
+            list(field_options(defaults, {"preprocess", "augment"})),
+        ),
+        (
+            "preprocessing",
+            "how every image becomes the model input, in training and in serving alike "
+            "(PreprocessConfig, stored in the model)",
+            list(field_options(defaults.preprocess)),
+        ),
+        (
+            "augmentation",
+            "random changes to each training image; every p_* is a per-image probability "
+            "(AugmentConfig)",
+            list(field_options(defaults.augment)),
+        ),
     ]
 
 
 def hyperparameters_markdown() -> str:
     """The hyperparameters table of docs/hyperparameters.md: one section per group."""
-    return "\n".join(f"### {title}\n\n{description[0].upper()}{description[1:]}.\n\n{markdown_table(options)}"
-                     for title, description, options in option_groups())
+    return "\n".join(
+        f"### {title}\n\n{description[0].upper()}{description[1:]}.\n\n{markdown_table(options)}"
+        for title, description, options in option_groups()
+    )
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -807,10 +1174,20 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     Shared by ``flystage train`` and every command that trains (``crossval``)."""
     for title, description, options in option_groups():
         add_options(parser.add_argument_group(title, description), options)
-    parser.add_argument("--preprocess", dest="preprocess_json", type=mapping, default=None,
-                        help="the whole preprocessing config as JSON (single options override it)")
-    parser.add_argument("--augment", dest="augment_json", type=_augment_mapping, default=None,
-                        help="the whole augmentation config as JSON, or 'off' (single options override it)")
+    parser.add_argument(
+        "--preprocess",
+        dest="preprocess_json",
+        type=mapping,
+        default=None,
+        help="the whole preprocessing config as JSON (single options override it)",
+    )
+    parser.add_argument(
+        "--augment",
+        dest="augment_json",
+        type=_augment_mapping,
+        default=None,
+        help="the whole augmentation config as JSON, or 'off' (single options override it)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -818,8 +1195,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     defaults = TrainConfig()
     top = dataclass_values(defaults, args)
     try:
-        top["preprocess"] = PreprocessConfig.from_dict(dataclass_values(defaults.preprocess, args, args.preprocess_json))
-        top["augment"] = AugmentConfig.from_dict(dataclass_values(defaults.augment, args, args.augment_json))
+        top["preprocess"] = PreprocessConfig.from_dict(
+            dataclass_values(defaults.preprocess, args, args.preprocess_json)
+        )
+        top["augment"] = AugmentConfig.from_dict(
+            dataclass_values(defaults.augment, args, args.augment_json)
+        )
         if not top["threads"]:
             top["threads"] = int(os.environ.get("SM_NUM_CPUS", 0))
         return TrainConfig(**top)
@@ -827,32 +1208,44 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UsageError(f"bad hyperparameter: {exc}") from exc
 
 
-def _init_distributed(hosts: list[str], current_host: str | None, log: Callable[[str], None]) -> tuple[int, int]:
+def _init_distributed(
+    hosts: list[str], current_host: str | None, log: Callable[[str], None]
+) -> tuple[int, int]:
     """Join the process group when there is more than one host: master = the first host of the
     sorted list (``FLYSTAGE_MASTER_ADDR`` overrides its address), port ``FLYSTAGE_DIST_PORT``."""
     hosts = sorted(hosts)
     if len(hosts) <= 1:
         return 0, 1
     if current_host not in hosts:
-        raise UsageError(f"current host {current_host!r} is not in the hosts {hosts} (SM_CURRENT_HOST, SM_HOSTS)")
+        raise UsageError(
+            f"current host {current_host!r} is not in the hosts {hosts} (SM_CURRENT_HOST, SM_HOSTS)"
+        )
     rank, world = hosts.index(current_host), len(hosts)
     master = os.environ.get("FLYSTAGE_MASTER_ADDR", hosts[0])
     port = int(os.environ.get("FLYSTAGE_DIST_PORT", DEFAULT_DIST_PORT))
-    timeout = datetime.timedelta(seconds=float(os.environ.get("FLYSTAGE_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)))
+    timeout = datetime.timedelta(
+        seconds=float(os.environ.get("FLYSTAGE_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S))
+    )
     if "GLOO_SOCKET_IFNAME" not in os.environ and os.environ.get("SM_NETWORK_INTERFACE_NAME"):
         os.environ["GLOO_SOCKET_IFNAME"] = os.environ["SM_NETWORK_INTERFACE_NAME"]
     log(f"host={current_host} rank={rank} world_size={world}: joining tcp://{master}:{port} (gloo)")
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world, timeout=timeout
+    )
     return rank, world
 
 
-def _write_history(output_dir: Path, history: list[dict[str, float]], best: dict[str, float]) -> None:
+def _write_history(
+    output_dir: Path, history: list[dict[str, float]], best: dict[str, float]
+) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "history.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[-1]))
         writer.writeheader()
         writer.writerows(history)
-    (output_dir / "metrics.json").write_text(json.dumps({"best": best, "history": history}, indent=2) + "\n")
+    (output_dir / "metrics.json").write_text(
+        json.dumps({"best": best, "history": history}, indent=2) + "\n"
+    )
 
 
 def _write_failure(message: str) -> Path | None:
@@ -883,24 +1276,47 @@ def _refuse_existing_model(model_dir: str, force: bool) -> None:
             return
     except (OSError, ValueError):
         pass
-    raise UsageError(f"{model_dir} already holds a model; choose another --model-dir or pass --force to replace it")
+    raise UsageError(
+        f"{model_dir} already holds a model; choose another --model-dir or pass --force to replace it"
+    )
 
 
-def _save(args: argparse.Namespace, result: FitResult, config: TrainConfig, train_records: Sequence[Record],
-          valid_records: Sequence[Record], manifest: Path | None, world: int, stopped: str | None = None) -> None:
+def _save(
+    args: argparse.Namespace,
+    result: FitResult,
+    config: TrainConfig,
+    train_records: Sequence[Record],
+    valid_records: Sequence[Record],
+    manifest: Path | None,
+    world: int,
+    stopped: str | None = None,
+) -> None:
     """The model artefact (and the history) of a finished or a stopped run."""
     from flystage.training.export import save_artefact  # needs onnx: imported only where used
 
-    extra = {"train_config": config.to_dict(), "train_images": len(train_records),
-             "valid_images": len(valid_records), "world_size": world}
+    extra = {
+        "train_config": config.to_dict(),
+        "train_images": len(train_records),
+        "valid_images": len(valid_records),
+        "world_size": world,
+    }
     if stopped:
         extra["stopped"] = stopped
     save_artefact(
-        args.model_dir, result.model, config.arch, result.labels, config.preprocess,
-        metrics=result.best, manifest_sha256=manifest_sha256(manifest) if manifest else None,
-        spec=result.spec, extra=extra,
+        args.model_dir,
+        result.model,
+        config.arch,
+        result.labels,
+        config.preprocess,
+        metrics=result.best,
+        manifest_sha256=manifest_sha256(manifest) if manifest else None,
+        spec=result.spec,
+        extra=extra,
     )
-    _log(f"model artefact written to {args.model_dir}" + (" (best model so far of a stopped run)" if stopped else ""))
+    _log(
+        f"model artefact written to {args.model_dir}"
+        + (" (best model so far of a stopped run)" if stopped else "")
+    )
     if args.output_data_dir and result.history:
         _write_history(Path(args.output_data_dir), result.history, result.best)
 
@@ -914,11 +1330,21 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
     try:
         config = config_from_args(args)
-        solved = [name for name in ("learning_rate", "batch_size", "epochs") if getattr(args, name, None) is not None]
-        if solved and all(config.mode_of(a) == "probe" for a in config.member_archs) and config.probe_solver == "lbfgs":
+        solved = [
+            name
+            for name in ("learning_rate", "batch_size", "epochs")
+            if getattr(args, name, None) is not None
+        ]
+        if (
+            solved
+            and all(config.mode_of(a) == "probe" for a in config.member_archs)
+            and config.probe_solver == "lbfgs"
+        ):
             # A tuning job over these would train the same model every trial: say so in its log.
-            _log(f"note: {', '.join(solved)} not used: the probe's head is solved exactly (probe_solver=lbfgs); "
-                 "tune probe_l2, or train with probe_solver=sgd or mode=finetune")
+            _log(
+                f"note: {', '.join(solved)} not used: the probe's head is solved exactly (probe_solver=lbfgs); "
+                "tune probe_l2, or train with probe_solver=sgd or mode=finetune"
+            )
         if not args.train:
             raise UsageError("no training data: give --manifest (or set SM_CHANNEL_TRAIN)")
         if not args.model_dir:
@@ -928,11 +1354,16 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(config.threads)
         rank, world = _init_distributed(args.hosts, args.current_host, _log)
         rules = FolderRules(args.label_regex, args.label_level, args.group_regex)
-        train_records, valid_records, manifest = split_channels(args.train, args.valid, seed=config.seed,
-                                                                rules=rules, log=_log)
+        train_records, valid_records, manifest = split_channels(
+            args.train, args.valid, seed=config.seed, rules=rules, log=_log
+        )
         _log(data_summary(train_records, valid_records))
-        result = train_model(train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log)
-        _log(f"host={args.current_host or 'local'} rank={rank} world_size={world} samples={result.samples_seen}")
+        result = train_model(
+            train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log
+        )
+        _log(
+            f"host={args.current_host or 'local'} rank={rank} world_size={world} samples={result.samples_seen}"
+        )
         if rank == 0:
             _save(args, result, config, train_records, valid_records, manifest, world)
         if world > 1:
@@ -940,16 +1371,30 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except TrainingStopped as exc:
         if exc.result is not None and _dist_info()[0] == 0 and args.model_dir:
-            _save(args, exc.result, config, train_records, valid_records, manifest, world,
-                  stopped=f"{exc} (best epoch {exc.result.best['epoch']} so far)")
+            _save(
+                args,
+                exc.result,
+                config,
+                train_records,
+                valid_records,
+                manifest,
+                world,
+                stopped=f"{exc} (best epoch {exc.result.best['epoch']} so far)",
+            )
         _log(f"{exc}; run again with the same checkpoint dir to resume")
-        _write_failure(f"{exc}: checkpoint {exc.checkpoint}; run again with the same checkpoint dir to resume\n")
+        _write_failure(
+            f"{exc}: checkpoint {exc.checkpoint}; run again with the same checkpoint dir to resume\n"
+        )
         return EXIT_STOPPED
     except Exception as exc:
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         text = f"{cause}\n\n{traceback.format_exc()}"
         where = _write_failure(text)
-        print(f"training failed: {cause}" + (f" (traceback in {where})" if where else ""), file=sys.stderr, flush=True)
+        print(
+            f"training failed: {cause}" + (f" (traceback in {where})" if where else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         if not isinstance(exc, (UsageError, DataError)):
             traceback.print_exc()
         return 1
@@ -962,13 +1407,19 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The SageMaker training program: ``train_flystage.py --key value ...``."""
-    parser = ArgumentParser(prog="train_flystage.py", description="Train a flystage stage classifier.")
+    parser = ArgumentParser(
+        prog="train_flystage.py", description="Train a flystage stage classifier."
+    )
     configure_parser(parser)
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
         where = _write_failure(f"{exc}\n\n{parser.format_usage()}")
-        print(f"training failed: {exc}" + (f" (written to {where})" if where else ""), file=sys.stderr, flush=True)
+        print(
+            f"training failed: {exc}" + (f" (written to {where})" if where else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     return run(args)
 
