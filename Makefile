@@ -12,7 +12,7 @@ FLYSTAGE_DATA ?= $(if $(wildcard ../shared/data/bdgp-insitu/labels.csv),$(abspat
 export FLYSTAGE_DATA
 RUNS ?= runs
 
-.PHONY: help install test demo bench-accuracy bench-preprocess bench-predict
+.PHONY: lint help install test demo bench-accuracy bench-preprocess bench-predict
 
 help:
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -26,6 +26,10 @@ install: ## make the virtual environment .venv with everything (torch, Efficient
 
 test: ## run the whole test suite (unit, training, SageMaker contract, containers, control plane)
 	$(PY) -m pytest -q -ra
+
+lint: ## ruff: lint and format check (pyproject.toml's settings; `ruff format .` fixes the format)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # ---- the package (issue 2) ----------------------------------------------------------------
 
