@@ -81,6 +81,10 @@ screenshots: ## docs/review.png, the review page on the demo's predictions in he
 bench-review: ## the review page on 2,000 lab-like 1110x420 16-bit TIFFs in headless Chromium: first page, scrolling, cached request times, server memory (JSON line)
 	$(PY) bench/bench_review.py
 
+.PHONY: bench-sdk
+bench-sdk: ## train on the BDGP folder channel through the SageMaker Python SDK (local mode): labels, grouped valid top-1/top-3 (JSON line) [INSTANCES=1|2]
+	$(PY) bench/bench_sdk_bdgp.py --instances $(or $(INSTANCES),1)
+
 .PHONY: hostile-report
 
 hostile-report: ## the hostile-input corpus (tests/hostile_corpus.py) through every reader and the serve container: JSON line (inputs, clear errors/4xx, restarts, files lost, worker peak memory on bombs)
