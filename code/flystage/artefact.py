@@ -55,7 +55,8 @@ _CORE_FIELDS = frozenset(
 
 
 class ArtefactError(ValueError):
-    """A model directory that is missing, incomplete or inconsistent; the message says what to do."""
+    """A model directory that is missing, incomplete or inconsistent; the message says what to
+    do."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def load_metadata(model_dir: str | Path) -> Metadata:
     metrics = raw.get("metrics")
     if metrics is not None and not isinstance(metrics, dict):
         raise ArtefactError(
-            f"{where}: 'metrics' must be a JSON object, not {short_repr(metrics)}; re-export the model"
+            f"{where}: 'metrics' must be a JSON object, not {short_repr(metrics)}; re-export the "
+            "model"
         )
     manifest_hash = raw.get("manifest_sha256")
     if manifest_hash is not None and not isinstance(manifest_hash, str):
@@ -125,7 +127,8 @@ def load_metadata(model_dir: str | Path) -> Metadata:
     for key in ("flystage_version", "created"):
         if key in raw and not isinstance(raw[key], str):
             raise ArtefactError(
-                f"{where}: {key!r} must be a string, not {short_repr(raw[key])}; re-export the model"
+                f"{where}: {key!r} must be a string, not {short_repr(raw[key])}; re-export the "
+                "model"
             )
     return Metadata(
         format_version=raw["format_version"],
@@ -151,8 +154,8 @@ def _read_metadata_json(model_dir: Path) -> dict[str, Any]:
     missing = [name for name in (ONNX_FILE, METADATA_FILE) if not (model_dir / name).is_file()]
     if missing:
         raise ArtefactError(
-            f"{model_dir}: missing {', '.join(missing)}; a model directory holds {ONNX_FILE}, {WEIGHTS_FILE} "
-            f"and {METADATA_FILE} (written by `flystage train`)"
+            f"{model_dir}: missing {', '.join(missing)}; a model directory holds {ONNX_FILE}, "
+            f"{WEIGHTS_FILE} and {METADATA_FILE} (written by `flystage train`)"
         )
     try:
         raw = json.loads((model_dir / METADATA_FILE).read_text(encoding="utf-8"))
@@ -187,7 +190,8 @@ def _checked_labels(where: Path, raw: dict[str, Any]) -> list[str]:
         )
     if not isinstance(raw["arch"], str) or not raw["arch"]:
         raise ArtefactError(
-            f"{where}: 'arch' must be a non-empty string, not {short_repr(raw['arch'])}; re-export the model"
+            f"{where}: 'arch' must be a non-empty string, not {short_repr(raw['arch'])}; "
+            "re-export the model"
         )
     labels = raw["labels"]
     if (
@@ -210,7 +214,8 @@ def _checked_preprocess(
     given) must equal."""
     if not isinstance(raw["preprocess"], dict):
         raise ArtefactError(
-            f"{where}: bad 'preprocess' settings (expected a JSON object, not {short_repr(raw['preprocess'])}); re-export the model"
+            f"{where}: bad 'preprocess' settings (expected a JSON object, not "
+            f"{short_repr(raw['preprocess'])}); re-export the model"
         )
     try:
         config = PreprocessConfig.from_dict(raw["preprocess"])
@@ -223,7 +228,8 @@ def _checked_preprocess(
         given = raw["input_shape"]
         if not isinstance(given, list) or len(given) != 3 or not all(type(d) is int for d in given):
             raise ArtefactError(
-                f"{where}: 'input_shape' must be a list of three integers [C, H, W], not {short_repr(given)}; re-export the model"
+                f"{where}: 'input_shape' must be a list of three integers [C, H, W], not "
+                f"{short_repr(given)}; re-export the model"
             )
         if tuple(given) != shape:
             raise ArtefactError(
@@ -263,13 +269,14 @@ def check_session(session: Any, metadata: Metadata, model_dir: str | Path) -> No
     in_shape = inputs[0].shape
     if len(in_shape) != 4 or [d for d in in_shape[1:]] != list(metadata.input_shape):
         raise ArtefactError(
-            f"{where}: input shape {in_shape} does not match metadata input_shape {list(metadata.input_shape)}"
+            f"{where}: input shape {in_shape} does not match metadata input_shape "
+            f"{list(metadata.input_shape)}"
         )
     out_shape = next(o.shape for o in outputs if o.name == OUTPUT_NAME)
     if len(out_shape) != 2 or out_shape[1] != len(metadata.labels):
         raise ArtefactError(
-            f"{where}: the model has {out_shape[-1]} outputs but metadata.json lists {len(metadata.labels)} "
-            "labels; the files come from different models"
+            f"{where}: the model has {out_shape[-1]} outputs but metadata.json lists "
+            f"{len(metadata.labels)} labels; the files come from different models"
         )
 
 
@@ -282,10 +289,12 @@ def _left_archive(path: Path) -> bool:
 def check_artefact(
     model_dir: str | Path, threads: int | None = 1, strict: bool = False
 ) -> Metadata:
-    """Load the metadata and the ONNX model, and run one batch; raise ``ArtefactError`` if anything is off.
+    """Load the metadata and the ONNX model, and run one batch; raise ``ArtefactError`` if anything
+    is off.
 
     The serve image calls this (``strict``: nothing but :data:`ARTEFACT_FILES` and archives
-    left beside them, no links) before starting its server, so a broken or tampered model never reports healthy.
+    left beside them, no links) before starting its server, so a broken or tampered model never
+    reports healthy.
     """
     if strict and Path(model_dir).is_dir():
         entries = sorted(Path(model_dir).iterdir())
@@ -297,9 +306,10 @@ def check_artefact(
         links = [p.name for p in entries if p.is_symlink()]
         if extra or links:
             raise ArtefactError(
-                f"{model_dir}: holds {', '.join(extra + [f'{name} (a link)' for name in links])} besides the model; "
-                f"a flystage model.tar.gz holds only {', '.join(sorted(ARTEFACT_FILES))} (written by `flystage "
-                "train`): nothing else is served, installed or imported"
+                f"{model_dir}: holds {', '.join(extra + [f'{name} (a link)' for name in links])} "
+                "besides the model; a flystage model.tar.gz holds only "
+                f"{', '.join(sorted(ARTEFACT_FILES))} (written by `flystage train`): nothing "
+                "else is served, installed or imported"
             )
     metadata = load_metadata(model_dir)
     session = open_session(model_dir, threads)
@@ -313,6 +323,7 @@ def check_artefact(
         ) from None
     if logits.shape != (2, len(metadata.labels)) or not np.all(np.isfinite(logits)):
         raise ArtefactError(
-            f"{Path(model_dir) / ONNX_FILE}: a trial batch gave shape {logits.shape} or non-finite logits"
+            f"{Path(model_dir) / ONNX_FILE}: a trial batch gave shape {logits.shape} or "
+            "non-finite logits"
         )
     return metadata

@@ -407,7 +407,7 @@ def _write_png(path: Path, image: np.ndarray) -> str:
     except OSError:  # a file system without hard links
         if path.exists():
             tmp.unlink()
-            raise FileExistsError(path)
+            raise FileExistsError(path) from None
         os.replace(tmp, path)
     else:
         tmp.unlink()
@@ -471,8 +471,8 @@ def augment_split(
         others = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name != split)
         if others:
             raise OrganiseError(
-                f"{out_dir} already holds split(s) {others}; an augmented set holds one split only, "
-                "so choose another --out folder"
+                f"{out_dir} already holds split(s) {others}; an augmented set holds one split "
+                "only, so choose another --out folder"
             )
     angles = tuple(dict.fromkeys(float(a) for a in angles))  # each angle once, in order
     stems = _output_stems(records, out_dir, split)

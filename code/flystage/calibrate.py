@@ -98,7 +98,8 @@ def coverage_table(
     probs: np.ndarray, targets: np.ndarray, thresholds: Sequence[float] = THRESHOLDS
 ) -> list[dict]:
     """For each threshold: the share of images whose top-1 probability reaches it
-    (``coverage``), how many (``n``), and the top-1 accuracy on them (``accuracy``, None if none)."""
+    (``coverage``), how many (``n``), and the top-1 accuracy on them (``accuracy``, None if
+    none)."""
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.int64)
     confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
     correct = probs.argmax(axis=1) == targets if len(probs) else np.zeros(0, bool)

@@ -81,11 +81,12 @@ class FolderRules:
 
 
 NO_GROUP_RULE = (
-    "no group rule for the validation split of folder channel {channel}: every image would be its own group, so "
-    "copies of one embryo (rotated or augmented images, other shots) could land in train and in valid and the "
-    "validation metrics would be measured on leaked images. Give the group_regex hyperparameter (a regex with a "
-    "named group 'group' on the path below the channel, e.g. '^(?P<group>[^/]+)/' for a <gene>/<stage>/ tree), "
-    "or a manifest made by `flystage organise --group-regex ...`, or a valid channel"
+    "no group rule for the validation split of folder channel {channel}: every image would be "
+    "its own group, so copies of one embryo (rotated or augmented images, other shots) could "
+    "land in train and in valid and the validation metrics would be measured on leaked images. "
+    "Give the group_regex hyperparameter (a regex with a named group 'group' on the path below "
+    "the channel, e.g. '^(?P<group>[^/]+)/' for a <gene>/<stage>/ tree), or a manifest made by "
+    "`flystage organise --group-regex ...`, or a valid channel"
 )
 
 
@@ -98,7 +99,8 @@ def organise_folder(
 ) -> OrganiseResult:
     """A folder channel organised by :func:`flystage.organise.organise` with ``rules`` (nested
     folders, stray files and exact duplicates handled there). ``split`` sets every record's
-    split; ``None`` splits by group, stratified by ``fractions`` (train, valid, test), with ``seed``."""
+    split; ``None`` splits by group, stratified by ``fractions`` (train, valid, test), with
+    ``seed``."""
     options = rules.organise_options(
         split="stratified" if split is None else "none", fractions=fractions, seed=seed
     )
@@ -157,7 +159,8 @@ def read_channel(
             return read_manifest(manifest), manifest
         if not any(channel.iterdir()):
             raise DataError(
-                f"no images in channel {name}: {channel} is empty (give a {MANIFEST_NAME} or <label>/<images> folders)"
+                f"no images in channel {name}: {channel} is empty (give a {MANIFEST_NAME} or "
+                "<label>/<images> folders)"
             )
     except ManifestError as exc:
         raise DataError(f"no usable images in channel {name}: {exc}") from exc
@@ -185,7 +188,8 @@ def split_channels(
     train_all, manifest = read_channel(train_channel, "train", rules, log)
     if manifest is not None and rules.is_set() and log is not None:
         log(
-            f"note: label_regex/label_level/group_regex not used: channel train has {manifest.name} (its labels and groups are used)"
+            "note: label_regex/label_level/group_regex not used: channel train has "
+            f"{manifest.name} (its labels and groups are used)"
         )
     if manifest is None and valid_channel is None:
         if not rules.group_regex:
@@ -206,8 +210,8 @@ def split_channels(
         raise DataError(f"no images in channel train: {train_channel} has no rows with split=train")
     if not valid:
         raise DataError(
-            f"no validation images: {train_channel} has no rows with split=valid and no valid channel "
-            "was given; organise with a valid fraction or add a valid channel"
+            f"no validation images: {train_channel} has no rows with split=valid and no valid "
+            "channel was given; organise with a valid fraction or add a valid channel"
         )
     return train, valid, manifest
 

@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "local": (
         "flystage_local.command",
-        "local mode: the real images run as SageMaker runs them (train, tune, serve, predict, stop)",
+        "local mode: the real images run as SageMaker runs them (train, tune, serve, predict, "
+        "stop)",
     ),
     "cloud": (
         "flystage.cloud.command",

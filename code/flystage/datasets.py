@@ -75,8 +75,9 @@ def fetch_bdgp(dest: Path | None = None, url: str = BDGP_URL) -> Path:
         problems = verify(folder) if folder.is_dir() else [f"{folder} is not a folder"]
         if problems:
             raise DatasetError(
-                f"FLYSTAGE_DATA={folder} is not a complete BDGP example set ({len(problems)} problems, "
-                f"first: {problems[0]}); unset it to download the set, or point it at the right folder"
+                f"FLYSTAGE_DATA={folder} is not a complete BDGP example set ({len(problems)} "
+                f"problems, first: {problems[0]}); unset it to download the set, or point it at "
+                "the right folder"
             )
         return folder
     dest = (dest or DEFAULT_CACHE / "bdgp-insitu").resolve()

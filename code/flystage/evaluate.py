@@ -232,7 +232,10 @@ def plot_coverage(
                 color=shade,
                 markeredgecolor="black",
                 markeredgewidth=0.5,
-                label=f"p >= {r['threshold']:.2f}: {100 * r['coverage']:.0f} % of images, top-1 {100 * r['accuracy']:.0f} %",
+                label=(
+                    f"p >= {r['threshold']:.2f}: {100 * r['coverage']:.0f} % of images, top-1 "
+                    f"{100 * r['accuracy']:.0f} %"
+                ),
             )
         if marked:
             right.legend(loc="lower left", fontsize=7, title="accept when", title_fontsize=7)
@@ -261,7 +264,8 @@ def coverage_text(report: dict[str, Any]) -> list[str]:
             else ""
         )
         lines.append(
-            f"calibration: ECE {report['ece']:.3f} (0 = top-1 probabilities match top-1 accuracy{fitted})"
+            f"calibration: ECE {report['ece']:.3f} (0 = top-1 probabilities match top-1 "
+            f"accuracy{fitted})"
         )
     rows = report.get("coverage") or []
     if rows:
@@ -270,7 +274,8 @@ def coverage_text(report: dict[str, Any]) -> list[str]:
         share = "n/a" if r["coverage"] is None else f"{100 * r['coverage']:3.0f} %"
         accuracy = "n/a" if r["accuracy"] is None else f"{100 * r['accuracy']:3.0f} %"
         lines.append(
-            f"  p >= {r['threshold']:.2f}: {share} of images ({r['n']} of {report['n']}), top-1 {accuracy}"
+            f"  p >= {r['threshold']:.2f}: {share} of images ({r['n']} of {report['n']}), top-1 "
+            f"{accuracy}"
         )
     return lines
 
@@ -283,7 +288,8 @@ def report_text(report: dict[str, Any]) -> str:
         return "   n/a" if x is None else f"{100 * x:5.1f}%"
 
     lines = [
-        f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 {pct(report['top3']).strip()}"
+        f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 "
+        f"{pct(report['top3']).strip()}"
     ]
     width = max(len("stage"), *(len(label) for label in report["labels"]))
     lines.append(f"{'stage':>{width}}  recall  precision  support")
@@ -313,7 +319,8 @@ def evaluate_manifest(
     unknown = sorted({r.label for r in records} - set(labels))
     if unknown:
         raise ManifestError(
-            f"{manifest}: label(s) {unknown} are not among the model's labels {labels}; map them with organise --map"
+            f"{manifest}: label(s) {unknown} are not among the model's labels {labels}; map them "
+            "with organise --map"
         )
     index = {label: i for i, label in enumerate(labels)}
     targets = np.array([index[r.label] for r in records], dtype=np.int64)

@@ -71,37 +71,49 @@ def render_html(
         predicted = int(p.argmax())
         cards.append(
             f"<figure>{picture}<figcaption><b>true {esc(labels[int(targets[i])])}</b>, predicted "
-            f"{esc(labels[predicted])} (p {p[predicted]:.2f})<br><small>{esc(str(record.path.name))}</small></figcaption></figure>"
+            f"{esc(labels[predicted])} (p "
+            f"{p[predicted]:.2f})<br><small>{esc(str(record.path.name))}</small></figcaption></figure>"
         )
     errors = "".join(cards) or "<p>No errors on this split.</p>"
     if coverage_png is not None:
         coverage = (
-            "<h2>Accepting sure answers</h2><p>Top-1 accuracy of the images whose top-1 probability reaches a "
-            "threshold, and the share of images that do (<code>flystage predict --unsure-below P</code> leaves "
-            "the rest for a look).</p>"
+            "<h2>Accepting sure answers</h2><p>Top-1 accuracy of the images whose top-1 "
+            "probability reaches a threshold, and the share of images that do (<code>flystage "
+            "predict --unsure-below P</code> leaves the rest for a look).</p>"
             + _img(coverage_png.read_bytes(), "coverage and accuracy", "max-width:100%")
         )
     else:
         coverage = (
-            "<h2>Accepting sure answers</h2><p>This model's probabilities are not calibrated (no temperature "
-            "fitted on a validation split), so no threshold is recommended.</p>"
+            "<h2>Accepting sure answers</h2><p>This model's probabilities are not calibrated (no "
+            "temperature fitted on a validation split), so no threshold is recommended.</p>"
         )
     model = report.get("model") or {}
     title = f"flystage evaluation: {report.get('split', '')} split, {report['n']} images"
+    other_manifest = (
+        ""
+        if report.get("same_manifest_as_training", True)
+        else " (not the manifest the model was trained on)"
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
-body {{ font: 15px/1.4 system-ui, sans-serif; max-width: 1100px; margin: 1em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 10px; text-align: right; }}
+body {{ font: 15px/1.4 system-ui, sans-serif; max-width: 1100px; margin: 1em auto; \
+padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; }} \
+td, th {{ border: 1px solid #ccc; padding: 3px 10px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
-.errors {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 12px; }}
+.errors {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); \
+gap: 12px; }}
 figure {{ margin: 0; background: #f3f3f3; padding: 6px; }} figure img {{ background: #000; }}
 .big {{ font-size: 1.3em; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
-<p class="big">top-1 <b>{_pct(report["top1"])}</b> &nbsp; top-3 <b>{_pct(report["top3"])}</b> &nbsp; mean recall {_pct(report.get("mean_recall"))}</p>
-<p>Model: {esc(str(model.get("arch", "")))} ({esc(str(model.get("model_dir", "")))}), created {esc(str(model.get("created", "")))}.
-Manifest: {esc(str(report.get("manifest", "")))}{"" if report.get("same_manifest_as_training", True) else " (not the manifest the model was trained on)"}.</p>
+<p class="big">top-1 <b>{_pct(report["top1"])}</b> \
+&nbsp; top-3 <b>{_pct(report["top3"])}</b> \
+&nbsp; mean recall {_pct(report.get("mean_recall"))}</p>
+<p>Model: {esc(str(model.get("arch", "")))} ({esc(str(model.get("model_dir", "")))}), \
+created {esc(str(model.get("created", "")))}.
+Manifest: {esc(str(report.get("manifest", "")))}{other_manifest}.</p>
 <h2>Per stage</h2>
 <table><tr><th>stage</th><th>recall</th><th>precision</th><th>images</th></tr>{rows}</table>
 <h2>Confusion matrix</h2>
@@ -124,7 +136,8 @@ def write_html(
     confusion_png: Path,
     coverage_png: Path,
 ) -> Path:
-    """Write ``report.html``; the coverage curve only for a calibrated model (a fitted temperature)."""
+    """Write ``report.html``; the coverage curve only for a calibrated model (a fitted
+    temperature)."""
     metrics = (report.get("model") or {}).get("metrics") or {}
     calibrated = isinstance(metrics, dict) and isinstance(metrics.get("temperature"), (int, float))
     text = render_html(

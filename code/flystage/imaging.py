@@ -250,10 +250,10 @@ def _check_size(
         )
     if decoded_bytes > limit.decoded_bytes:
         raise ImageError(
-            f"{label}: {width}x{height} pixels would take {decoded_bytes / 2**20:,.0f} MiB decoded, more "
-            f"than the limit of {limit.decoded_bytes / 2**20:,.0f} MiB (a guard against decompression "
-            "bombs); save it as 8- or 16-bit, or downscale it, or raise FLYSTAGE_MAX_DECODED_MB if it "
-            "is genuine"
+            f"{label}: {width}x{height} pixels would take {decoded_bytes / 2**20:,.0f} MiB "
+            f"decoded, more than the limit of {limit.decoded_bytes / 2**20:,.0f} MiB (a guard "
+            "against decompression bombs); save it as 8- or 16-bit, or downscale it, or raise "
+            "FLYSTAGE_MAX_DECODED_MB if it is genuine"
         )
 
 
@@ -459,15 +459,18 @@ class PreprocessConfig:
     # better for the pretrained probe); the aspect is the embryo's, about 2.5:1.
     height: int = option(
         96,
-        "model input height in pixels (>= 8); embryos are about 2.5:1, so 96 x 240 keeps their shape",
+        "model input height in pixels (>= 8); embryos are about 2.5:1, so 96 x 240 keeps their "
+        "shape",
     )
     width: int = option(
         240,
-        "model input width in pixels (>= 8); the image is resized with its aspect kept and padded with black",
+        "model input width in pixels (>= 8); the image is resized with its aspect kept and "
+        "padded with black",
     )
     channels: int = option(
         1,
-        "1 = grey (an RGB image becomes grey as grey_from says) or 3 = RGB (a grey image is repeated)",
+        "1 = grey (an RGB image becomes grey as grey_from says) or 3 = RGB (a grey image is "
+        "repeated)",
     )
     low_percentile: float = option(
         1.0,
@@ -484,8 +487,9 @@ class PreprocessConfig:
     )
     grey_from: str = option(
         "auto",
-        "how an RGB image becomes grey: luminance, red, green, blue, or auto (blue for brightfield, "
-        "which shows the embryo with little of the in situ stain; luminance for fluorescence)",
+        "how an RGB image becomes grey: luminance, red, green, blue, or auto (blue for "
+        "brightfield, which shows the embryo with little of the in situ stain; luminance for "
+        "fluorescence)",
     )
     mask: bool = option(True, "set everything outside the embryo to black")
     align: bool = option(True, "rotate each image so that the embryo's long axis is horizontal")
@@ -494,7 +498,8 @@ class PreprocessConfig:
     )
     margin: float = option(
         0.05,
-        "crop: margin around the embryo's bounding box, as a fraction of its size on each side (0-1)",
+        "crop: margin around the embryo's bounding box, as a fraction of its size on each side "
+        "(0-1)",
     )
     page: int = option(0, "which page of a multi-page TIFF to read (0 = the first)")
 
@@ -520,7 +525,8 @@ class PreprocessConfig:
             raise ValueError(f"background must be one of {_BACKGROUNDS}, not {self.background!r}")
         if not 0.0 <= self.margin <= 1.0:
             raise ValueError(
-                f"margin must be between 0 and 1 (a fraction of the embryo's size), not {self.margin!r}"
+                "margin must be between 0 and 1 (a fraction of the embryo's size), not "
+                f"{self.margin!r}"
             )
         if not isinstance(self.page, int) or self.page < 0:
             raise ValueError(f"page must be an integer >= 0, not {self.page!r}")

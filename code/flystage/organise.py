@@ -110,7 +110,8 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
                 elif suffix not in IMAGE_SUFFIXES:
                     ignored[f"not an image ({suffix or 'no suffix'})"] += 1
                 elif not os.path.isfile(here / name):
-                    # Reading a FIFO or a device never ends; a broken or looping link cannot be read.
+                    # Reading a FIFO or a device never ends; a broken or looping link cannot be
+                    # read.
                     ignored[NOT_A_FILE] += 1
                 else:
                     found.append((root, here / name))
@@ -132,7 +133,8 @@ NOT_UTF8 = "name not valid UTF-8 (rename it to include it)"
 
 
 def _is_utf8(text: str | Path) -> bool:
-    """False for a path or text whose bytes are not UTF-8 (Python holds them as surrogate escapes)."""
+    """False for a path or text whose bytes are not UTF-8 (Python holds them as surrogate
+    escapes)."""
     try:
         str(text).encode("utf-8")
     except UnicodeEncodeError:
@@ -238,8 +240,8 @@ def _read_labels_csv(
             missing = [c for c in ("path", label_column) if c not in columns]
             if missing:
                 raise OrganiseError(
-                    f"{csv_path}: missing column(s) {missing}; it has {columns}. "
-                    "Give a CSV with path,label[,group] or name the columns with --label-column/--group-column"
+                    f"{csv_path}: missing column(s) {missing}; it has {columns}. Give a CSV with "
+                    "path,label[,group] or name the columns with --label-column/--group-column"
                 )
             table = {}
             for row in reader:
@@ -295,7 +297,8 @@ def _folder_label(
 
 
 def _level_names(found: Sequence[tuple[Path, Path]], most: int = 4) -> str:
-    """What each folder level holds, e.g. ``level 1: 6 names (1-3, 4-6, ...); level 2: 11 names (Dif, ...)``."""
+    """What each folder level holds, e.g. ``level 1: 6 names (1-3, 4-6, ...); level 2: 11 names
+    (Dif, ...)``."""
     names: dict[int, set[str]] = defaultdict(set)
     for root, path in found:
         for level, parent in enumerate(path.parents, start=1):
@@ -304,7 +307,8 @@ def _level_names(found: Sequence[tuple[Path, Path]], most: int = 4) -> str:
             names[level].add(parent.name)
     return (
         "; ".join(
-            f"level {level}: {len(n)} name(s) ({', '.join(sorted(n)[:most])}{', ...' if len(n) > most else ''})"
+            f"level {level}: {len(n)} name(s) "
+            f"({', '.join(sorted(n)[:most])}{', ...' if len(n) > most else ''})"
             for level, n in sorted(names.items())
         )
         or "no folders below the scanned folder"
@@ -332,18 +336,20 @@ def default_label_level(found: Sequence[tuple[Path, Path]], pattern: re.Pattern[
         parents = list(path.parents)
         which = ", ".join(f"level {level} {parents[level - 1].name!r}" for level in levels)
         raise OrganiseError(
-            f"ambiguous label level: {len(nested)} image(s) lie below more than one folder that looks like a "
-            f"stage, e.g. {printable_path(path)} ({which}). Say which folder is the label: label_level N "
-            "(--label-level; 1 = the image's own folder, 2 its parent) or label_regex (--label-regex)"
+            f"ambiguous label level: {len(nested)} image(s) lie below more than one folder that "
+            f"looks like a stage, e.g. {printable_path(path)} ({which}). Say which folder is the "
+            "label: label_level N (--label-level; 1 = the image's own folder, 2 its parent) or "
+            "label_regex (--label-regex)"
         )
     if any_stage:
         return None
     if all(path.parent.parent == root for root, path in found):
         return 1  # <label>/<images>: one folder level, nothing to choose
     raise OrganiseError(
-        "ambiguous label level: no folder name looks like a stage (e.g. 9-10, stage 11, st13) and the images lie "
-        f"more than one folder deep ({_level_names(found)}). Say which folder is the label: label_level N "
-        "(--label-level; 1 = the image's own folder, 2 its parent) or label_regex (--label-regex)"
+        "ambiguous label level: no folder name looks like a stage (e.g. 9-10, stage 11, st13) "
+        f"and the images lie more than one folder deep ({_level_names(found)}). Say which folder "
+        "is the label: label_level N (--label-level; 1 = the image's own folder, 2 its parent) "
+        "or label_regex (--label-regex)"
     )
 
 
@@ -362,7 +368,8 @@ def split_groups(
     """
     if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise OrganiseError(
-            f"split fractions {list(fractions)}: give three non-negative numbers, e.g. 0.7,0.15,0.15"
+            f"split fractions {list(fractions)}: give three non-negative numbers, e.g. "
+            "0.7,0.15,0.15"
         )
     total_f = sum(fractions)
     fractions = [f / total_f for f in fractions]
@@ -472,7 +479,8 @@ class OrganiseOptions:
         self.patterns()  # every regular expression compiles and has its named group
 
     def patterns(self) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None, re.Pattern[str]]:
-        """The compiled ``label_regex``, ``group_regex`` (``None`` when not given) and ``label_pattern``."""
+        """The compiled ``label_regex``, ``group_regex`` (``None`` when not given) and
+        ``label_pattern``."""
         label_re = (
             _compile(self.label_regex, "label", "--label-regex") if self.label_regex else None
         )
@@ -630,13 +638,14 @@ def organise(
         # Guessing a group could leak an embryo across splits: stop and say which files.
         shown = "\n  ".join(str(p) for p in labelled.unmatched_groups[:10])
         raise OrganiseError(
-            f"--group-regex {options.group_regex!r} did not match {len(labelled.unmatched_groups)} image path(s), "
-            f"e.g.\n  {shown}\n"
-            "Fix the pattern (it is searched in the path relative to the scanned folder) or move those files."
+            f"--group-regex {options.group_regex!r} did not match "
+            f"{len(labelled.unmatched_groups)} image path(s), e.g.\n  {shown}\nFix the pattern "
+            "(it is searched in the path relative to the scanned folder) or move those files."
         )
     if not labelled.records:
         raise OrganiseError(
-            f"no labelled images left ({len(labelled.unlabelled)} without a label, dropped {dict(labelled.dropped)}"
+            f"no labelled images left ({len(labelled.unlabelled)} without a label, dropped "
+            f"{dict(labelled.dropped)}"
             + (
                 f", {len(labelled.not_utf8)} with a name not valid UTF-8"
                 if labelled.not_utf8
@@ -713,7 +722,8 @@ def write_manifest(records: Sequence[Record], path: str | Path, force: bool = Fa
         bad = [cell for cell in row if not _is_utf8(cell)]
         if bad:
             raise OrganiseError(
-                f"{path}: cannot write {printable_path(bad[0])}: not valid UTF-8 (a manifest is UTF-8 text); rename the file"
+                f"{path}: cannot write {printable_path(bad[0])}: not valid UTF-8 (a manifest is "
+                "UTF-8 text); rename the file"
             )
     # A temporary file of its own in the same folder, renamed over the manifest only when
     # complete: a crash or an error never leaves half a manifest or a stray temporary file.
@@ -751,13 +761,14 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
             missing = [c for c in MANIFEST_COLUMNS if c not in columns]
             if missing:
                 raise ManifestError(
-                    f"{path}: missing column(s) {missing}; a manifest has {','.join(MANIFEST_COLUMNS)} "
-                    "(make one with `flystage organise`)"
+                    f"{path}: missing column(s) {missing}; a manifest has "
+                    f"{','.join(MANIFEST_COLUMNS)} (make one with `flystage organise`)"
                 )
             rows = [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as exc:
         raise ManifestError(
-            f"{path}: not UTF-8 text ({exc}); a manifest is UTF-8 (make one with `flystage organise`)"
+            f"{path}: not UTF-8 text ({exc}); a manifest is UTF-8 (make one with `flystage "
+            "organise`)"
         ) from None
     except csv.Error as exc:
         raise ManifestError(
@@ -770,7 +781,8 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
         short = [c for c in columns if row.get(c) is None]
         if short:
             raise ManifestError(
-                f"{path}: line {line}: no value for column(s) {short}; every row needs {len(columns)} values"
+                f"{path}: line {line}: no value for column(s) {short}; every row needs "
+                f"{len(columns)} values"
             )
         image = _cell_path(row["path"], f"{path}: line {line}")
         if not image.is_absolute():
@@ -789,10 +801,14 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
         lines.append(line)
     if escaping:
         raise ManifestError(
-            f"{path}: relative path(s) that leave the manifest's folder {path.parent} through '..': "
+            f"{path}: relative path(s) that leave the manifest's folder {path.parent} through "
+            "'..': "
             + "; ".join(escaping[:10])
             + (f" and {len(escaping) - 10} more" if len(escaping) > 10 else "")
-            + ". List images below the manifest's folder, or by absolute path (organise writes both)"
+            + (
+                ". List images below the manifest's folder, or by absolute path (organise writes "
+                "both)"
+            )
         )
     if bad_split:
         raise ManifestError(
@@ -840,8 +856,8 @@ def _refuse_images_in_two_splits(
                 other_line, other = seen
                 what = "the same file" if key[0] == "file" else f"the same SHA-1 {sha1[:12]}"
                 leaks.append(
-                    f"line {other_line} ({other.split}: {printable_path(other.path)}) and line {line} "
-                    f"({r.split}: {printable_path(r.path)}) are {what}"
+                    f"line {other_line} ({other.split}: {printable_path(other.path)}) and line "
+                    f"{line} ({r.split}: {printable_path(r.path)}) are {what}"
                 )
                 break
     if leaks:
@@ -849,8 +865,10 @@ def _refuse_images_in_two_splits(
             f"{path}: {len(leaks)} image(s) in two splits: "
             + "; ".join(leaks[:5])
             + (f" and {len(leaks) - 5} more" if len(leaks) > 5 else "")
-            + ". An image must lie in one split only (else it is tested on what it was trained on): "
-            "remove the copies or organise again (organise removes exact duplicates)"
+            + (
+                ". An image must lie in one split only (else it is tested on what it was trained "
+                "on): remove the copies or organise again (organise removes exact duplicates)"
+            )
         )
 
 
@@ -881,7 +899,7 @@ def summary_table(records: Sequence[Record]) -> str:
             rows.append(
                 [
                     s,
-                    *(str(counts[s][l]) for l in labels),
+                    *(str(counts[s][label]) for label in labels),
                     str(sum(counts[s].values())),
                     str(len(groups[s])),
                 ]
@@ -890,7 +908,7 @@ def summary_table(records: Sequence[Record]) -> str:
     rows.append(
         [
             "all",
-            *(str(sum(c[l] for c in counts.values())) for l in labels),
+            *(str(sum(c[label] for c in counts.values())) for label in labels),
             str(len(records)),
             str(len(all_groups)),
         ]
@@ -915,21 +933,22 @@ def report_lines(result: OrganiseResult) -> list[str]:
         lines.append(f"skipped: {printable_path(path)}: {NOT_UTF8}")
     if result.unlabelled:
         lines.append(
-            f"no label found for {len(result.unlabelled)} image(s), e.g. {printable_path(result.unlabelled[0])}"
+            f"no label found for {len(result.unlabelled)} image(s), e.g. "
+            f"{printable_path(result.unlabelled[0])}"
         )
     for change, n in sorted(result.mapped.items()):
         lines.append(f"mapped {change}: {n}")
     if result.dropped:
         lines.append(
             "dropped out-of-scope labels: "
-            + ", ".join(f"{l} ({n})" for l, n in sorted(result.dropped.items()))
+            + ", ".join(f"{label} ({n})" for label, n in sorted(result.dropped.items()))
         )
     for kept, removed in result.duplicates:
         lines.append(f"duplicate: kept {kept}, removed {', '.join(map(str, removed))}")
     for sha1, copies in result.conflicts:
         lines.append(
             f"conflict: identical files with different labels, all dropped (sha1 {sha1[:12]}): "
-            + ", ".join(f"{p} [{l}]" for p, l in copies)
+            + ", ".join(f"{p} [{label}]" for p, label in copies)
         )
     return lines
 
@@ -942,8 +961,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "folders",
         nargs="+",
         type=Path,
-        help="folders to scan recursively; an image whose name is not valid UTF-8 is skipped, listed and "
-        "counted in the summary (the manifest is UTF-8: rename such files to include them)",
+        help=(
+            "folders to scan recursively; an image whose name is not valid UTF-8 is skipped, "
+            "listed and counted in the summary (the manifest is UTF-8: rename such files to "
+            "include them)"
+        ),
     )
     parser.add_argument(
         "--out",
@@ -990,7 +1012,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sp = parser.add_argument_group("groups and split")
     sp.add_argument(
         "--group-regex",
-        help="regex with a named group 'group' on the path below the scanned folder, e.g. '^(?P<group>[^/]+)/'",
+        help=(
+            "regex with a named group 'group' on the path below the scanned folder, e.g. "
+            "'^(?P<group>[^/]+)/'"
+        ),
     )
     sp.add_argument(
         "--split",
@@ -1042,6 +1067,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(report_text(result))
     print(
-        f"wrote {out} ({len(result.records)} images, {len({r.group for r in result.records})} groups)"
+        f"wrote {out} ({len(result.records)} images, {len({r.group for r in result.records})} "
+        "groups)"
     )
     return 0

@@ -56,7 +56,8 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_safe(cell: Any) -> Any:
-    """``cell`` with a leading ``'`` if it is text starting with ``= + - @``, tab or carriage return."""
+    """``cell`` with a leading ``'`` if it is text starting with ``= + - @``, tab or carriage
+    return."""
     if isinstance(cell, str) and cell.startswith(FORMULA_START):
         return "'" + cell
     return cell
@@ -169,12 +170,14 @@ class Predictor:
         self.config = self.metadata.preprocess
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``(N, K)`` float32 for a preprocessed batch float32 ``(N, C, H, W)`` in [0, 1]."""
+        """Probabilities ``(N, K)`` float32 for a preprocessed batch float32 ``(N, C, H, W)`` in [0,
+        1]."""
         batch = np.asarray(batch)
         expected = tuple(self.metadata.input_shape)
         if batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != expected:
             raise ValueError(
-                f"batch must be float32 (N, {', '.join(map(str, expected))}), got {batch.dtype} {batch.shape}"
+                f"batch must be float32 (N, {', '.join(map(str, expected))}), got {batch.dtype} "
+                f"{batch.shape}"
             )
         if len(batch) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
@@ -437,7 +440,8 @@ def write_json(
 
 
 def safe_label(label: str) -> str:
-    """A label fit for a file name part: letters, digits, ``.``, ``+`` and ``-`` only (``_`` separates stages)."""
+    """A label fit for a file name part: letters, digits, ``.``, ``+`` and ``-`` only (``_``
+    separates stages)."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", label).strip("-") or "x"
 
 
@@ -620,7 +624,8 @@ def undo_renames(undo_path: str | Path) -> RenameReport:
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` are two names of one file (same device and inode, links not followed)."""
+    """True when ``a`` and ``b`` are two names of one file (same device and inode, links not
+    followed)."""
     try:
         sa, sb = os.lstat(a), os.lstat(b)
     except OSError:
@@ -640,9 +645,11 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=Path("predictions.csv"),
-        help="CSV to write (default predictions.csv). A cell starting with =, +, -, @, a tab or a carriage "
-        "return (a file name, say) gets a leading single quote, so a spreadsheet shows it as text, never "
-        "as a formula (OWASP's CSV-injection rule)",
+        help=(
+            "CSV to write (default predictions.csv). A cell starting with =, +, -, @, a tab or a "
+            "carriage return (a file name, say) gets a leading single quote, so a spreadsheet "
+            "shows it as text, never as a formula (OWASP's CSV-injection rule)"
+        ),
     )
     parser.add_argument(
         "--json", type=Path, help="JSON to write (default: the CSV's name with .json)"
@@ -657,20 +664,29 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--unsure-below",
         type=unsure_threshold,
         metavar="P",
-        help="add a column 'unsure' (true/false): true when the top-1 probability is below P, a number "
-        "between 0 and 1 (default: no column). With --rename, unsure images keep their names. "
-        "`flystage evaluate` prints the share of images each threshold accepts and their accuracy",
+        help=(
+            "add a column 'unsure' (true/false): true when the top-1 probability is below P, a "
+            "number between 0 and 1 (default: no column). With --rename, unsure images keep "
+            "their names. `flystage evaluate` prints the share of images each threshold accepts "
+            "and their accuracy"
+        ),
     )
     parser.add_argument(
         "--rename",
         action="store_true",
-        help="append the top-k stages to each file name (not for unsure images, with --unsure-below). "
-        "Symbolic links are skipped and reported: neither the link nor its target is renamed",
+        help=(
+            "append the top-k stages to each file name (not for unsure images, with "
+            "--unsure-below). Symbolic links are skipped and reported: neither the link nor its "
+            "target is renamed"
+        ),
     )
     parser.add_argument(
         "--undo-manifest",
         type=Path,
-        help="where --rename records old->new names (default: next to --out); checked writable before any prediction",
+        help=(
+            "where --rename records old->new names (default: next to --out); checked writable "
+            "before any prediction"
+        ),
     )
     parser.add_argument(
         "--undo",
@@ -775,10 +791,14 @@ def run_with(
     unsure = (
         ""
         if below is None
-        else f", {sum(bool(is_unsure(p, below)) for p in predictions)} unsure (top-1 below {below:g})"
+        else (
+            f", {sum(bool(is_unsure(p, below)) for p in predictions)} unsure (top-1 below "
+            f"{below:g})"
+        )
     )
     _print(
-        f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s){unsure}; wrote {args.out} and {json_path}"
+        f"predicted {len(predictions) - len(errors)} of {len(predictions)} image(s){unsure}; "
+        f"wrote {args.out} and {json_path}"
     )
     status = 1 if errors else 0
     if args.rename:

@@ -26,7 +26,8 @@ Example (local mode; on AWS use ``ml.m5.xlarge`` and the ECR URIs)::
     from flystage import sagemaker as fs
 
     train_uri, serve_uri = fs.image_uris(local=True)
-    est = Estimator(image_uri=train_uri, role=fs.LOCAL_ROLE, instance_count=1, instance_type="local",
+    est = Estimator(image_uri=train_uri, role=fs.LOCAL_ROLE,
+                    instance_count=1, instance_type="local",
                     hyperparameters=fs.folder_hyperparameters(group_regex=fs.GENE_GROUP),
                     metric_definitions=fs.METRIC_DEFINITIONS)
     est.fit({"train": "file:///data/bdgp-insitu"})

@@ -77,7 +77,8 @@ def batch_predict(
         for path in (Path(out_csv), Path(out_csv).with_suffix(".json")):
             if path.exists():
                 raise CloudError(
-                    f"{path} already exists; choose another --out (OUT=) or pass --force to replace it"
+                    f"{path} already exists; choose another --out (OUT=) or pass --force to "
+                    "replace it"
                 )
     settings.require("role_arn", "bucket")
     # What the execution role cannot read would fail inside the paid job: check first.
@@ -134,8 +135,9 @@ def batch_predict(
             described = api.call("sagemaker", "describe_transform_job", TransformJobName=name)
             if described["TransformJobStatus"] != "Completed":
                 raise CloudError(
-                    f"transform job {name} {described['TransformJobStatus']}: {described.get('FailureReason', '')}; "
-                    "see /aws/sagemaker/TransformJobs in CloudWatch"
+                    f"transform job {name} {described['TransformJobStatus']}: "
+                    f"{described.get('FailureReason', '')}; see /aws/sagemaker/TransformJobs in "
+                    "CloudWatch"
                 )
     finally:
         api.call("sagemaker", "delete_model", ModelName=model_name)

@@ -12,13 +12,18 @@ from pathlib import Path
 
 TARGETS = {
     "push": "create the ECR repositories, log in, tag and push the train and serve images",
-    "upload": "upload a manifest and its images to s3://bucket/prefix/data/ (skips unchanged files)",
+    "upload": (
+        "upload a manifest and its images to s3://bucket/prefix/data/ (skips unchanged files)"
+    ),
     "tune": "hyperparameter tuning job (Bayesian: learning_rate, batch_size; maximise valid:top3)",
     "train": "training job with the best (or given) hyperparameters",
     "deploy": "model, endpoint config and endpoint on the serve image; waits until InService",
     "predict": "top-3 stages for a folder of images through the endpoint (CSV/JSON, --rename)",
     "batch-predict": "batch transform over images in S3 (or a local folder, uploaded first)",
-    "teardown": "delete the endpoint, its config and model if they carry flystage's tags (never S3 data or images)",
+    "teardown": (
+        "delete the endpoint, its config and model if they carry flystage's tags (never S3 data "
+        "or images)"
+    ),
 }
 
 

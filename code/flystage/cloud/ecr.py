@@ -27,10 +27,11 @@ def check_platform(image: Any, name: str) -> None:
     if (os_, arch) != PLATFORM:
         variant = f"/{image.attrs['Variant']}" if image.attrs.get("Variant") else ""
         raise CloudError(
-            f"local image {name} is {os_}/{arch}{variant}, but SageMaker runs {'/'.join(PLATFORM)} images only: "
-            f"nothing was pushed. Rebuild it for {'/'.join(PLATFORM)} with `make images` (it builds with "
-            f"`docker build --platform {'/'.join(PLATFORM)}`; on an arm64 machine that needs QEMU emulation, "
-            "e.g. the binfmt handlers of qemu-user-static), then push again"
+            f"local image {name} is {os_}/{arch}{variant}, but SageMaker runs "
+            f"{'/'.join(PLATFORM)} images only: nothing was pushed. Rebuild it for "
+            f"{'/'.join(PLATFORM)} with `make images` (it builds with `docker build --platform "
+            f"{'/'.join(PLATFORM)}`; on an arm64 machine that needs QEMU emulation, e.g. the "
+            "binfmt handlers of qemu-user-static), then push again"
         )
 
 

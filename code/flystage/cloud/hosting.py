@@ -64,7 +64,8 @@ def model_data_uri(api: Api, settings: Settings, model_data: str | None = None) 
     described = api.call("sagemaker", "describe_training_job", TrainingJobName=job)
     if described["TrainingJobStatus"] != "Completed":
         raise CloudError(
-            f"training job {job} is {described['TrainingJobStatus']}, not Completed: nothing to deploy"
+            f"training job {job} is {described['TrainingJobStatus']}, not Completed: nothing to "
+            "deploy"
         )
     return described["ModelArtifacts"]["S3ModelArtifacts"]
 
@@ -148,13 +149,14 @@ def deploy(
     # Checked before creating anything, so a refused deploy leaves nothing behind.
     if existing is not None and existing["EndpointStatus"] == "Failed":
         raise CloudError(
-            f"endpoint {settings.endpoint_name} is Failed ({existing.get('FailureReason', 'no reason given')}) and "
-            "cannot be updated: run `make teardown`, then `make deploy`"
+            f"endpoint {settings.endpoint_name} is Failed "
+            f"({existing.get('FailureReason', 'no reason given')}) and cannot be updated: run "
+            "`make teardown`, then `make deploy`"
         )
     if existing is not None and existing["EndpointStatus"] != "InService":
         raise CloudError(
-            f"endpoint {settings.endpoint_name} is {existing['EndpointStatus']}: wait until it is InService "
-            "before deploying again"
+            f"endpoint {settings.endpoint_name} is {existing['EndpointStatus']}: wait until it "
+            "is InService before deploying again"
         )
     if existing is not None:
         old_config = existing["EndpointConfigName"]
@@ -164,8 +166,9 @@ def deploy(
         # would fail after the model and config exist.
         if settings.serverless and any("ServerlessConfig" not in v for v in old_variants):
             raise CloudError(
-                f"endpoint {settings.endpoint_name} runs on instances and SageMaker cannot update it to serverless: "
-                "run `make teardown` first, or deploy under another endpoint_name (FLYSTAGE_ENDPOINT_NAME=...)"
+                f"endpoint {settings.endpoint_name} runs on instances and SageMaker cannot "
+                "update it to serverless: run `make teardown` first, or deploy under another "
+                "endpoint_name (FLYSTAGE_ENDPOINT_NAME=...)"
             )
     api.call("sagemaker", "create_model", **model_request(settings, model_name, image, model_data))
     api.call(
@@ -212,8 +215,8 @@ def deploy(
         described = api.call("sagemaker", "describe_endpoint", EndpointName=settings.endpoint_name)
         raise CloudError(
             f"endpoint {settings.endpoint_name} is {described['EndpointStatus']}: "
-            f"{described.get('FailureReason', 'no reason given')}; the container log is in CloudWatch under "
-            f"/aws/sagemaker/Endpoints/{settings.endpoint_name}"
+            f"{described.get('FailureReason', 'no reason given')}; the container log is in "
+            f"CloudWatch under /aws/sagemaker/Endpoints/{settings.endpoint_name}"
         ) from None
     if existing is not None and old_config != config_name:
         _delete_config_and_models(api, old_config, old_models)
@@ -227,8 +230,8 @@ def teardown(api: Api, settings: Settings) -> list[str]:
     deleted."""
     if not settings.tags:
         raise CloudError(
-            "tags is empty: teardown deletes only resources that carry flystage's tags; set the [tags] the "
-            'endpoint was deployed with (default: project = "flystage")'
+            "tags is empty: teardown deletes only resources that carry flystage's tags; set the "
+            '[tags] the endpoint was deployed with (default: project = "flystage")'
         )
     name = settings.endpoint_name
     wanted = ", ".join(f"{k}={v}" for k, v in sorted(settings.tags.items()))
@@ -264,7 +267,8 @@ def teardown(api: Api, settings: Settings) -> list[str]:
         if all(tags.get(k) == str(v) for k, v in settings.tags.items()):
             return True
         api.say(
-            f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it yourself if it is yours"
+            f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it "
+            "yourself if it is yours"
         )
         return False
 
@@ -370,8 +374,9 @@ class EndpointPredictor:
 
         if len(body) > self.max_payload:
             raise ValueError(
-                f"{len(body) / 2**20:.1f} MB is over the {PAYLOAD_LIMIT_MB[self.kind]} MB request limit of a {self.kind} "
-                "endpoint: not sent; use `make batch-predict` (up to 100 MB per image) or a smaller file"
+                f"{len(body) / 2**20:.1f} MB is over the {PAYLOAD_LIMIT_MB[self.kind]} MB "
+                f"request limit of a {self.kind} endpoint: not sent; use `make batch-predict` "
+                "(up to 100 MB per image) or a smaller file"
             )
         for attempt in range(self.retries + 1):
             try:
@@ -392,8 +397,9 @@ class EndpointPredictor:
                         self.sleep(min(self.backoff_s * 2**attempt, 30.0))
                         continue
                     raise ValueError(
-                        f"endpoint {self.endpoint_name} still answered {code} ({message}) after {self.retries + 1} tries: "
-                        "run again for the images with this error, or raise the endpoint's instance count or concurrency"
+                        f"endpoint {self.endpoint_name} still answered {code} ({message}) after "
+                        f"{self.retries + 1} tries: run again for the images with this error, or "
+                        "raise the endpoint's instance count or concurrency"
                     ) from None
                 if code == "ValidationError" and "payload" in str(message).lower():
                     raise ValueError(f"{code}: {message}") from None

@@ -64,10 +64,12 @@ def check_role_can_read(settings: Settings, uri: str, what: str) -> None:
         arn = f"arn:aws:s3:::{bucket}/{key.rstrip('/')}/*"
         copy = f"aws s3 cp --recursive {uri.rstrip('/')}/ {settings.s3_uri('batch', 'imported')}/"
     raise CloudError(
-        f"{what} {uri}: the execution role may read only under s3://{settings.bucket}/{settings.prefix}/"
-        f"{{{','.join(ROLE_READS)}}}/ (iam/execution-role-policy.json): copy it there (`{copy}`), or add {arn} to the "
-        "ReadDataModelsCheckpointsBatchInput statement of iam/execution-role-policy.json (and its prefix to the "
-        "s3:ListBucket condition), update the role, and list the URI in role_read_uris (FLYSTAGE_ROLE_READ_URIS)"
+        f"{what} {uri}: the execution role may read only under "
+        f"s3://{settings.bucket}/{settings.prefix}/{{{','.join(ROLE_READS)}}}/ "
+        f"(iam/execution-role-policy.json): copy it there (`{copy}`), or add {arn} to the "
+        "ReadDataModelsCheckpointsBatchInput statement of iam/execution-role-policy.json (and "
+        "its prefix to the s3:ListBucket condition), update the role, and list the URI in "
+        "role_read_uris (FLYSTAGE_ROLE_READ_URIS)"
     )
 
 
@@ -90,8 +92,8 @@ def check_bucket(api: Api, settings: Settings) -> None:
             ) from None
         if code in ("AccessDenied", "403"):
             raise CloudError(
-                f"no access to bucket {settings.bucket}: it belongs to another account, or the operator "
-                "lacks s3:GetBucketLocation (iam/operator-policy.json)"
+                f"no access to bucket {settings.bucket}: it belongs to another account, or the "
+                "operator lacks s3:GetBucketLocation (iam/operator-policy.json)"
             ) from None
         raise
     # us-east-1 is reported as no constraint, and old eu-west-1 buckets as "EU".
@@ -100,8 +102,9 @@ def check_bucket(api: Api, settings: Settings) -> None:
     )
     if bucket_region != api.region:
         raise CloudError(
-            f"bucket {settings.bucket} is in {bucket_region}, the jobs run in {api.region}: SageMaker "
-            "jobs must read a bucket in their own region; set region to the bucket's, or use a bucket in this region"
+            f"bucket {settings.bucket} is in {bucket_region}, the jobs run in {api.region}: "
+            "SageMaker jobs must read a bucket in their own region; set region to the bucket's, "
+            "or use a bucket in this region"
         )
 
 

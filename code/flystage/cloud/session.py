@@ -19,7 +19,9 @@ _ADVICE = {
     "InvalidClientTokenId": "check the AWS credentials (aws configure, or AWS_PROFILE)",
     "ExpiredToken": "refresh the AWS credentials (aws sso login, or new session keys)",
     "ExpiredTokenException": "refresh the AWS credentials (aws sso login, or new session keys)",
-    "ResourceLimitExceeded": "ask AWS for a higher quota (Service Quotas, SageMaker) or lower instance_count",
+    "ResourceLimitExceeded": (
+        "ask AWS for a higher quota (Service Quotas, SageMaker) or lower instance_count"
+    ),
     "NoSuchBucket": "create the bucket (aws s3 mb s3://BUCKET --region REGION) or fix `bucket`",
 }
 
@@ -75,7 +77,8 @@ class Api:
             code = err.response.get("Error", {}).get("Code", "")
             advice = _ADVICE.get(code)
             raise CloudError(
-                f"{service} {operation} failed: {code}: {err.response.get('Error', {}).get('Message', err)}"
+                f"{service} {operation} failed: {code}: "
+                f"{err.response.get('Error', {}).get('Message', err)}"
                 + (f"; {advice}" if advice else "")
             ) from err
         except NoCredentialsError as err:

@@ -34,7 +34,8 @@ class Settings:
     bucket: str = ""
     prefix: str = "flystage"
     # Other s3:// prefixes (comma-separated) the execution role was given read access to; by
-    # default it reads only prefix/{data,output,checkpoints,batch}/ (iam/execution-role-policy.json).
+    # default it reads only prefix/{data,output,checkpoints,batch}/
+    # (iam/execution-role-policy.json).
     role_read_uris: str = ""
     # Images: local tags built by `make images`, and the ECR repositories they go to.
     train_image: str = "flystage-train:latest"
@@ -121,8 +122,8 @@ class Settings:
             r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", self.endpoint_name
         ):
             raise CloudError(
-                f"endpoint_name {self.endpoint_name!r}: SageMaker allows 1-63 letters, digits and hyphens, "
-                "starting and ending with a letter or digit"
+                f"endpoint_name {self.endpoint_name!r}: SageMaker allows 1-63 letters, digits "
+                "and hyphens, starting and ending with a letter or digit"
             )
         return self
 
@@ -153,7 +154,8 @@ def _convert(name: str, value: Any, source: str) -> Any:
         return value
     except ValueError:
         raise CloudError(
-            f"{source}: {name} = {value!r} is not a valid {kind.__name__ if name != 'tags' else 'key=value list'}"
+            f"{source}: {name} = {value!r} is not a valid "
+            f"{kind.__name__ if name != 'tags' else 'key=value list'}"
         ) from None
 
 

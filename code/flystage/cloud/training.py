@@ -58,7 +58,8 @@ def best_hyperparameters(
         )
     if api.dry_run:
         api.say(
-            f"# hyperparameters: the best of tuning job {tuning_job} (read from AWS when not a dry run)"
+            f"# hyperparameters: the best of tuning job {tuning_job} (read from AWS when not a "
+            "dry run)"
         )
         return {}
     described = api.call(
@@ -67,16 +68,17 @@ def best_hyperparameters(
     best = described.get("BestTrainingJob")
     if not best:
         raise CloudError(
-            f"tuning job {tuning_job} ({described['HyperParameterTuningJobStatus']}) has no best job yet: "
-            "wait for it (`make tune` prints its status) or give hyperparameters"
+            f"tuning job {tuning_job} ({described['HyperParameterTuningJobStatus']}) has no best "
+            "job yet: wait for it (`make tune` prints its status) or give hyperparameters"
         )
     static = (described.get("TrainingJobDefinition") or {}).get("StaticHyperParameters") or {}
     tuned = best["TunedHyperParameters"]
     expected = jobdef.tuned_names()
     if set(tuned) != expected:
         raise CloudError(
-            f"the best job of tuning job {tuning_job} tuned {sorted(tuned)}, not {sorted(expected)}: "
-            "it is not a flystage tuning job; give TUNING_JOB=<name> or hyperparameters"
+            f"the best job of tuning job {tuning_job} tuned {sorted(tuned)}, not "
+            f"{sorted(expected)}: it is not a flystage tuning job; give TUNING_JOB=<name> or "
+            "hyperparameters"
         )
     api.say(f"best job of {tuning_job}: {best['TrainingJobName']} {tuned}")
     # The best job ran with the static values plus the tuned ones.
@@ -113,7 +115,8 @@ def summarise(described: Mapping[str, Any]) -> list[str]:
         lines.append(f"  {metric['MetricName']} = {metric['Value']:.4f}")
     if described.get("BillableTimeInSeconds") is not None:
         lines.append(
-            f"  billable {described['BillableTimeInSeconds']} s of {described.get('TrainingTimeInSeconds', '?')} s"
+            f"  billable {described['BillableTimeInSeconds']} s of "
+            f"{described.get('TrainingTimeInSeconds', '?')} s"
         )
     artefact = (described.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
     if artefact:
@@ -147,7 +150,10 @@ def train(
         data_channels(settings),
         job_name=name,
     )
-    message = f"started training job {name} ({settings.instance_count} x {settings.instance_type}, spot {settings.spot})"
+    message = (
+        f"started training job {name} ({settings.instance_count} x {settings.instance_type}, "
+        f"spot {settings.spot})"
+    )
     if (
         not start(api, settings, "create_training_job", request, message, training_job=name)
         or not wait
@@ -164,7 +170,8 @@ def train(
         api.say(line)
     if described["TrainingJobStatus"] != "Completed":
         raise CloudError(
-            f"training job {name} {described['TrainingJobStatus']}: {described.get('FailureReason', 'no reason given')}; "
-            "its log is in CloudWatch under /aws/sagemaker/TrainingJobs"
+            f"training job {name} {described['TrainingJobStatus']}: "
+            f"{described.get('FailureReason', 'no reason given')}; its log is in CloudWatch "
+            "under /aws/sagemaker/TrainingJobs"
         )
     return described

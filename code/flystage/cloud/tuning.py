@@ -93,13 +93,18 @@ def status_line(described: Mapping[str, Any]) -> str:
     done = counts.get("Completed", 0)
     failed = counts.get("RetryableError", 0) + counts.get("NonRetryableError", 0)
     line = (
-        f"{described['HyperParameterTuningJobName']}: {described['HyperParameterTuningJobStatus']}, "
-        f"trials {done} done, {counts.get('InProgress', 0)} running, {failed} failed, {counts.get('Stopped', 0)} stopped"
+        f"{described['HyperParameterTuningJobName']}: "
+        f"{described['HyperParameterTuningJobStatus']}, trials {done} done, "
+        f"{counts.get('InProgress', 0)} running, {failed} failed, {counts.get('Stopped', 0)} "
+        "stopped"
     )
     best = described.get("BestTrainingJob")
     if best:
         metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
-        line += f"; best {metric.get('MetricName', '?')} = {metric.get('Value', float('nan')):.4f} ({best['TrainingJobName']})"
+        line += (
+            f"; best {metric.get('MetricName', '?')} = {metric.get('Value', float('nan')):.4f} "
+            f"({best['TrainingJobName']})"
+        )
     return line
 
 
@@ -160,12 +165,14 @@ def tune(
     if described["HyperParameterTuningJobStatus"] != "Completed" and not best:
         raise CloudError(
             f"tuning job {name} {described['HyperParameterTuningJobStatus']}: "
-            f"{described.get('FailureReason') or 'no trial succeeded'}; see the trials' logs in CloudWatch"
+            f"{described.get('FailureReason') or 'no trial succeeded'}; see the trials' logs in "
+            "CloudWatch"
         )
     if best:
         metric = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
         api.say(
-            f"best job: {best['TrainingJobName']} {metric.get('MetricName')} = {metric.get('Value')}"
+            f"best job: {best['TrainingJobName']} {metric.get('MetricName')} = "
+            f"{metric.get('Value')}"
         )
         for key, value in sorted(best.get("TunedHyperParameters", {}).items()):
             api.say(f"  {key} = {value}")

@@ -32,7 +32,8 @@ from flystage.review.thumbnails import ThumbnailCache
 COOKIE = "flystage_review"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PAGE_LIMIT = 200
-# One key per stage: digits, then letters that are not the page's own keys (m map, o original, z undo).
+# One key per stage: digits, then letters that are not the page's own keys (m map, o original, z
+# undo).
 STAGE_KEYS = "1234567890abcdefghijklnpqrstuvwxy"
 SORTS = ("unsure", "stage", "file")
 FILTERS = ("all", "unsure", "unreviewed", "reviewed", "corrected")

@@ -50,8 +50,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--base-labels",
         type=Path,
         metavar="CSV",
-        help="labels to carry into the reviewed CSV first (e.g. the "
-        "training manifest), so one `flystage organise --labels-csv` retrains on old and corrected images",
+        help=(
+            "labels to carry into the reviewed CSV first (e.g. the training manifest), so one "
+            "`flystage organise --labels-csv` retrains on old and corrected images"
+        ),
     )
     parser.add_argument(
         "--group-regex",
@@ -62,7 +64,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=unsure_threshold,
         default=0.8,
         metavar="P",
-        help="images with a top-1 probability below P count as unsure when the file has no unsure column (default 0.8)",
+        help=(
+            "images with a top-1 probability below P count as unsure when the file has no unsure "
+            "column (default 0.8)"
+        ),
     )
     parser.add_argument(
         "--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)"
@@ -80,7 +85,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
-    """Predict ``folder`` with ``model`` into ``out`` (CSV + JSON), the same files `flystage predict` writes."""
+    """Predict ``folder`` with ``model`` into ``out`` (CSV + JSON), the same files `flystage
+    predict` writes."""
     from flystage.organise import iter_images
     from flystage.predict import Predictor, predict_files, write_csv, write_json
 
@@ -100,7 +106,8 @@ def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
 
 
 def build_session(args: argparse.Namespace):
-    """The :class:`ReviewSession` the arguments describe (predicting a folder first if given one)."""
+    """The :class:`ReviewSession` the arguments describe (predicting a folder first if given
+    one)."""
     from flystage.review.app import ReviewSession
     from flystage.review.store import ReviewStore
     from flystage.review.thumbnails import ThumbnailCache, default_cache_dir
@@ -110,7 +117,8 @@ def build_session(args: argparse.Namespace):
     if source.is_dir():
         if args.model is None:
             raise PredictionsError(
-                f"{source} is a folder: give --model DIR to predict it first (or a predictions file)"
+                f"{source} is a folder: give --model DIR to predict it first (or a predictions "
+                "file)"
             )
         out = args.out or Path(f"{source.resolve()}-reviewed.csv")
         source = _predict_folder(
@@ -144,7 +152,8 @@ def build_session(args: argparse.Namespace):
 
 
 def serve(session, port: int = 0, ready: threading.Event | None = None, on_url=print):
-    """Serve ``session`` on 127.0.0.1 (never another address) until interrupted; returns the server."""
+    """Serve ``session`` on 127.0.0.1 (never another address) until interrupted; returns the
+    server."""
     from werkzeug.serving import make_server
 
     from flystage.review.app import create_app
@@ -177,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
         session,
         args.port,
         on_url=lambda url: print(
-            f"reviewing {counts['images']} image(s) ({counts['reviewed']} already reviewed); decisions saved to "
-            f"{session.store.out}\nopen {url}\n(Ctrl-C to stop)",
+            f"reviewing {counts['images']} image(s) ({counts['reviewed']} already reviewed); "
+            f"decisions saved to {session.store.out}\nopen {url}\n(Ctrl-C to stop)",
             flush=True,
         ),
     )
@@ -191,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     print(
-        f"reviewed labels: {session.store.out} (retrain: flystage organise FOLDER --labels-csv {session.store.out} ...)"
+        f"reviewed labels: {session.store.out} (retrain: flystage organise FOLDER --labels-csv "
+        f"{session.store.out} ...)"
     )
     return 0

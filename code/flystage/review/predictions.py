@@ -26,7 +26,8 @@ class PredictionsError(ValueError):
 
 @dataclass
 class Item:
-    """One image to review: its name in the predictions file, where it is now, what the model said."""
+    """One image to review: its name in the predictions file, where it is now, what the model
+    said."""
 
     index: int
     name: str
@@ -37,7 +38,8 @@ class Item:
 
     @property
     def p1(self) -> float:
-        """Top-1 probability; -1 for an image without a prediction (those sort first: look at them)."""
+        """Top-1 probability; -1 for an image without a prediction (those sort first: look at
+        them)."""
         return self.top[0][1] if self.top else -1.0
 
 
@@ -59,7 +61,8 @@ def read_predictions(path: str | Path) -> PredictionsFile:
     path = Path(path)
     if not path.is_file():
         raise PredictionsError(
-            f"{path}: predictions file not found (write one with `flystage predict FOLDER --model DIR`)"
+            f"{path}: predictions file not found (write one with `flystage predict FOLDER "
+            "--model DIR`)"
         )
     if path.suffix.lower() == ".json":
         return _read_json(path)
@@ -101,7 +104,8 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
             columns = reader.fieldnames or []
             if "file" not in columns or "stage_1" not in columns:
                 raise PredictionsError(
-                    f"{path}: not a flystage predictions CSV (columns file, stage_1, p_1, ..., error; found {columns})"
+                    f"{path}: not a flystage predictions CSV (columns file, stage_1, p_1, ..., "
+                    f"error; found {columns})"
                 )
             k = sum(1 for c in columns if c.startswith("stage_"))
             rows = []
@@ -187,7 +191,8 @@ def resolve_items(
         name = row["file"]
         candidate = Path(name) if os.path.isabs(name) else root / name
         candidate = Path(os.path.abspath(candidate))
-        # os.path.isfile: a name too long for the file system is simply not found (Path.is_file raises).
+        # os.path.isfile: a name too long for the file system is simply not found (Path.is_file
+        # raises).
         if not os.path.isfile(candidate) and candidate in moved:
             candidate = moved[candidate]
         if not os.path.isfile(candidate):
@@ -200,9 +205,10 @@ def resolve_items(
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise PredictionsError(
-            f"{predictions.path}: {len(missing)} of {len(predictions.rows)} image(s) are no longer where the predictions "
-            f"say ({shown}; looked under {root}). Give the folder that was predicted with --images FOLDER, restore "
-            "moved files (renames by `flystage predict --rename` are followed through its undo manifest), or predict again"
+            f"{predictions.path}: {len(missing)} of {len(predictions.rows)} image(s) are no "
+            f"longer where the predictions say ({shown}; looked under {root}). Give the folder "
+            "that was predicted with --images FOLDER, restore moved files (renames by `flystage "
+            "predict --rename` are followed through its undo manifest), or predict again"
         )
     if not items:
         raise PredictionsError(f"{predictions.path}: no predictions to review")

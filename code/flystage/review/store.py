@@ -60,7 +60,8 @@ class ReviewStore:
     # ---- decisions ---------------------------------------------------------------------------
 
     def decide(self, index: int, label: str) -> Decision:
-        """Record ``label`` for item ``index`` and save; ``confirmed`` when it is the model's top-1."""
+        """Record ``label`` for item ``index`` and save; ``confirmed`` when it is the model's
+        top-1."""
         item = self.items[index]
         top1 = item.top[0][0] if item.top else None
         decision = Decision(label, "confirmed" if label == top1 else "corrected", _now())
@@ -71,7 +72,8 @@ class ReviewStore:
         return decision
 
     def undo(self) -> int | None:
-        """Take back the last decision of this session (restoring the one before); its index, or None."""
+        """Take back the last decision of this session (restoring the one before); its index, or
+        None."""
         with self.lock:
             if not self.history:
                 return None
@@ -182,7 +184,8 @@ class ReviewStore:
 
 
 def _read_base(path: Path) -> list[tuple[str, str, str, str]]:
-    """(absolute path, label, group, sha1 or "") of a manifest or a labels CSV (``path,label[,group]``)."""
+    """(absolute path, label, group, sha1 or "") of a manifest or a labels CSV
+    (``path,label[,group]``)."""
     from flystage.organise import read_manifest
 
     with open(path, newline="", encoding="utf-8-sig") as f:

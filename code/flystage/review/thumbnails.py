@@ -84,7 +84,8 @@ class ThumbnailCache:
         )
 
     def original(self, path: Path) -> bytes:
-        """The whole frame, contrast stretched (percentiles as the model's), at most ``ORIGINAL_WIDTH`` wide."""
+        """The whole frame, contrast stretched (percentiles as the model's), at most
+        ``ORIGINAL_WIDTH`` wide."""
 
         def make(p: Path) -> bytes:
             image = read_image(p, page=self.config.page, name=str(p))

@@ -90,8 +90,9 @@ def decode_request(
     if max_bytes is not None and len(body) > max_bytes:
         raise RequestError(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            f"the request body is {len(body) / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:g} MiB "
-            "(SAGEMAKER_MAX_PAYLOAD_IN_MB); send fewer images per request, or smaller ones",
+            f"the request body is {len(body) / 2**20:.1f} MiB, over the limit of "
+            f"{max_bytes / 2**20:g} MiB (SAGEMAKER_MAX_PAYLOAD_IN_MB); send fewer images per "
+            "request, or smaller ones",
         )
     header_k = _k_from_headers(headers or {})
     if kind in RAW_TYPES:
@@ -101,7 +102,8 @@ def decode_request(
         except UnicodeEncodeError:
             raise RequestError(
                 HTTPStatus.BAD_REQUEST,
-                f"the body is text, not the bytes of an image ({content_type}); send the image file's bytes",
+                f"the body is text, not the bytes of an image ({content_type}); send the image "
+                "file's bytes",
             ) from None
         return Request([data], ["request body"], _check_k(header_k, num_labels))
     images, names, json_k = _decode_json(body, max_batch)
@@ -205,7 +207,8 @@ def _check_k(k: Any, num_labels: int) -> int:
     if not 1 <= value <= num_labels:
         raise RequestError(
             HTTPStatus.BAD_REQUEST,
-            f"k={value}: out of range; this model knows {num_labels} stages, so ask for 1 to {num_labels}",
+            f"k={value}: out of range; this model knows {num_labels} stages, so ask for 1 to "
+            f"{num_labels}",
         )
     return value
 
@@ -222,7 +225,8 @@ def check_accept(accept: str | None) -> None:
 def encode_response(
     predictions: Sequence[dict[str, Any]], model: Mapping[str, Any], timing_ms: Mapping[str, float]
 ) -> str:
-    """``{"predictions": [{"file", "top": [{"stage", "probability"}], "error"}], "model", "timing_ms"}``."""
+    """``{"predictions": [{"file", "top": [{"stage", "probability"}], "error"}], "model",
+    "timing_ms"}``."""
     return json.dumps(
         {
             "predictions": list(predictions),

@@ -6,7 +6,8 @@ mounted read-only at ``/opt/ml/model``, as SageMaker unpacks ``model.tar.gz`` th
 
     with start_serve_container("flystage-serve:latest", "model/") as server:
         seconds = server.wait_healthy()
-        requests.post(server.url + "/invocations", data=tiff, headers={"Content-Type": "image/tiff"})
+        requests.post(server.url + "/invocations", data=tiff,
+                      headers={"Content-Type": "image/tiff"})
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class ServeContainer:
             return None
 
     def wait_healthy(self, timeout: float = 120.0, interval: float = 0.1) -> float:
-        """Seconds from ``docker run`` to the first ``/ping`` 200; ContainerError if it exits or times out."""
+        """Seconds from ``docker run`` to the first ``/ping`` 200; ContainerError if it exits or
+        times out."""
         deadline = self.started + timeout
         while time.monotonic() < deadline:
             if self.ping() == 200:
@@ -65,11 +67,13 @@ class ServeContainer:
                 return self.healthy_after
             if self.status() in ("exited", "dead"):
                 raise ContainerError(
-                    f"the serve container exited with status {self.exit_code()} before it was healthy; its log:\n{self.logs(200)}"
+                    f"the serve container exited with status {self.exit_code()} before it was "
+                    f"healthy; its log:\n{self.logs(200)}"
                 )
             time.sleep(interval)
         raise ContainerError(
-            f"the serve container was not healthy within {timeout:.0f} s; its log:\n{self.logs(200)}"
+            f"the serve container was not healthy within {timeout:.0f} s; its "
+            f"log:\n{self.logs(200)}"
         )
 
     def wait_exit(self, timeout: float = 60.0) -> int | None:
@@ -80,7 +84,8 @@ class ServeContainer:
             return None
 
     def stop(self, timeout: int = 30) -> tuple[float, int | None]:
-        """``docker stop`` (SIGTERM, SIGKILL after ``timeout`` s): the seconds it took and the exit status."""
+        """``docker stop`` (SIGTERM, SIGKILL after ``timeout`` s): the seconds it took and the exit
+        status."""
         start = time.monotonic()
         self.container.stop(timeout=timeout)
         seconds = time.monotonic() - start
@@ -106,7 +111,8 @@ def start_serve_container(
     command: Sequence[str] = ("serve",),
     client: Any = None,
 ) -> ServeContainer:
-    """Run ``image`` with ``model_dir`` (None: no model) at /opt/ml/model, port 8080 on 127.0.0.1."""
+    """Run ``image`` with ``model_dir`` (None: no model) at /opt/ml/model, port 8080 on
+    127.0.0.1."""
     import docker
 
     client = client or docker.from_env()

@@ -57,7 +57,8 @@ def serve() -> int:
         logger.error("flystage serve: NOT SERVING, the model in %s is unusable: %s", where, exc)
         return EXIT_BAD_MODEL
     logger.info(
-        "flystage serve: model %s (%d stages: %s) in %s; %d workers x %d threads, timeout %d s, payload limit %d MB",
+        "flystage serve: model %s (%d stages: %s) in %s; %d workers x %d threads, timeout %d s, "
+        "payload limit %d MB",
         metadata.arch,
         len(metadata.labels),
         ", ".join(metadata.labels),

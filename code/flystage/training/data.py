@@ -107,7 +107,8 @@ class StageDataset(Dataset):
         if unknown:
             raise DataError(
                 f"{len(unknown)} image(s) have labels outside {list(labels)}, e.g. "
-                f"{unknown[0].path} ({unknown[0].label!r}); train with those labels or drop the images"
+                f"{unknown[0].path} ({unknown[0].label!r}); train with those labels or drop the "
+                "images"
             )
         self.records = list(records)
         self.labels = list(labels)

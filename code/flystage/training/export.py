@@ -85,7 +85,8 @@ def save_artefact(
                 out = model(torch.zeros(1, c, h, w))
             if tuple(out.shape) != (1, len(labels)):
                 raise ArtefactError(
-                    f"the model returns shape {tuple(out.shape)} for one image but there are {len(labels)} labels"
+                    f"the model returns shape {tuple(out.shape)} for one image but there are "
+                    f"{len(labels)} labels"
                 )
             _export_onnx(model, tmp / ONNX_FILE, (c, h, w), opset)
             max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
@@ -191,7 +192,8 @@ def _check_onnx_matches_torch(
 
 
 def load_torch_model(model_dir: str | Path):
-    """The torch model of ``weights.pt`` rebuilt from its spec (``flystage.training.models.build_from_spec``), in eval mode.
+    """The torch model of ``weights.pt`` rebuilt from its spec
+    (``flystage.training.models.build_from_spec``), in eval mode.
 
     Anything but the dict ``save_artefact`` writes (a list, no state dict, bad labels,
     channels or spec, tensors that do not fit the spec) raises ``ArtefactError`` naming the file.
@@ -207,8 +209,11 @@ def load_torch_model(model_dir: str | Path):
         ) from None
     if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
         raise ArtefactError(
-            f"{path}: expected a dict with 'arch', 'labels', 'channels', 'spec' and 'state_dict', "
-            f"found {type(saved).__name__}{'' if not isinstance(saved, dict) else ' without a state_dict'}; re-export the model"
+            f"{path}: expected a dict with 'arch', 'labels', 'channels', 'spec' and "
+            "'state_dict', found "
+            f"{type(saved).__name__}"
+            f"{'' if not isinstance(saved, dict) else ' without a state_dict'}; "
+            "re-export the model"
         )
     labels, channels = saved.get("labels"), saved.get("channels")
     if (
@@ -217,7 +222,8 @@ def load_torch_model(model_dir: str | Path):
         or not all(isinstance(label, str) for label in labels)
     ):
         raise ArtefactError(
-            f"{path}: 'labels' must be a list of at least two strings, not {short_repr(labels)}; re-export the model"
+            f"{path}: 'labels' must be a list of at least two strings, not {short_repr(labels)}; "
+            "re-export the model"
         )
     if type(channels) is not int or channels not in (1, 3):
         raise ArtefactError(
@@ -233,7 +239,8 @@ def load_torch_model(model_dir: str | Path):
         model.load_state_dict(saved["state_dict"])
     except Exception as exc:  # unknown arch, tensors of the wrong shape, missing keys
         raise ArtefactError(
-            f"{path}: cannot rebuild the model from its spec and state dict ({exc}); re-export the model"
+            f"{path}: cannot rebuild the model from its spec and state dict ({exc}); re-export "
+            "the model"
         ) from None
     return model.eval()
 

@@ -7,7 +7,8 @@ serving code feed the preprocessed image as is.
 
 ImageNet weights come through torchvision's own weights API (``weights="DEFAULT"``): they are
 downloaded into the torch hub cache (``$TORCH_HOME``, default ``~/.cache/torch``) once, at
-image build time for the train image (``python -m flystage.training.models --download resnet18``), so
+image build time for the train image (``python -m flystage.training.models --download resnet18``),
+so
 that jobs run with network isolation.
 """
 
@@ -52,7 +53,8 @@ SMALL_CNN_WIDTHS: dict[str, tuple[int, ...]] = {
 # "hognet_turn" also averages over the 180-degree turn, for sets where the head may point
 # either way (it cost accuracy on BDGP, whose embryos all face left).
 HOG_ARCHS: tuple[str, ...] = ("hognet", "hognet_turn")
-# ImageNet-pretrained EfficientNet-Lite0/1/2 whose weights install with pip (flystage.training.backbones).
+# ImageNet-pretrained EfficientNet-Lite0/1/2 whose weights install with pip
+# (flystage.training.backbones).
 ARCHS: tuple[str, ...] = (
     tuple(HOG_ARCHS) + LITE_ARCHS + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
 )
@@ -215,10 +217,11 @@ def _load_pretrained(arch: str) -> nn.Module:
         return TORCHVISION_ARCHS[arch](weights=weights)
     except Exception as exc:  # any failure to fetch or read: one clear message
         raise WeightsUnavailableError(
-            f"ImageNet weights for {arch} are not in the torch hub cache ({cached}) and could not "
-            f"be downloaded from {weights.url} ({type(exc).__name__}: {exc}). Fetch them where a "
-            f"network is reachable (python -m flystage.training.models --download {arch}, e.g. at image "
-            f"build time) and set TORCH_HOME to that cache, or train with pretrained=false."
+            f"ImageNet weights for {arch} are not in the torch hub cache ({cached}) and could "
+            f"not be downloaded from {weights.url} ({type(exc).__name__}: {exc}). Fetch them "
+            "where a network is reachable (python -m flystage.training.models --download "
+            f"{arch}, e.g. at image build time) and set TORCH_HOME to that cache, or train with "
+            "pretrained=false."
         ) from exc
     finally:
         socket.setdefaulttimeout(previous)
@@ -390,7 +393,8 @@ def freeze_backbone(
     if isinstance(model, LiteNet):
         frozen = [model.net.conv_stem, model.net.bn1, *list(model.net.blocks)[:freeze_stages]]
     else:  # torchvision: its children are not stages (resnet: conv1, bn1, relu, maxpool, layer1..;
-        # mobilenet_v3, efficientnet_b0: features, avgpool, classifier, whose first child is the stem)
+        # mobilenet_v3, efficientnet_b0: features, avgpool, classifier, whose first child is the
+        # stem)
         net = model.backbone if isinstance(model, StageNet) else model
         if hasattr(net, "features"):
             frozen = list(net.features)[: 1 + freeze_stages]
@@ -464,7 +468,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flystage.training.models --download ARCH ...``: fill the torch hub cache (image builds)."""
+    """``python -m flystage.training.models --download ARCH ...``: fill the torch hub cache (image
+    builds)."""
     parser = argparse.ArgumentParser(
         prog="python -m flystage.training.models", description=main.__doc__
     )

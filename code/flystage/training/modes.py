@@ -138,8 +138,9 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
     y = np.tile(train_set.targets, 1 + config.augment_draws)
     valid_x = cached_features(features, key, cache, valid_paths, 0, None, config.seed)
     log(
-        f"probe: {config.arch} features ({dim}) of {len(train)} training images x {1 + config.augment_draws} "
-        f"draws and {len(valid)} valid images in {time.perf_counter() - t0:.1f} s"
+        f"probe: {config.arch} features ({dim}) of {len(train)} training images x "
+        f"{1 + config.augment_draws} draws and {len(valid)} valid images in "
+        f"{time.perf_counter() - t0:.1f} s"
     )
     # The loop trains a ProbeNet without its backbone (on cached features); finish puts it back.
     head = ProbeNet(nn.Identity(), dim, len(labels))
@@ -158,7 +159,8 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
             head.head.weight.copy_(w)
             head.head.bias.copy_(b)
         log(
-            f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g}) in {time.perf_counter() - t1:.1f} s"
+            f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g}) in "
+            f"{time.perf_counter() - t1:.1f} s"
         )
 
     def finish(trained: nn.Module) -> nn.Module:

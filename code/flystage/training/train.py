@@ -238,7 +238,8 @@ class TrainConfig:
                     a in PRETRAINED_ARCHS or (self.mode == "probe" and a in HOG_ARCHS)
                     for a in self.member_archs
                 ),
-                f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, for probe, hognet",
+                f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, "
+                "for probe, hognet",
             ),
             (self.ensemble >= 1, f"ensemble must be >= 1, not {self.ensemble}"),
             (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
@@ -302,7 +303,8 @@ class TrainConfig:
         return tuple(self.ensemble_archs) or (self.arch,)
 
     def model_spec(self, arch: str | None = None) -> dict[str, Any]:
-        """What ``flystage.training.models.build_from_spec`` needs to rebuild one member's architecture."""
+        """What ``flystage.training.models.build_from_spec`` needs to rebuild one member's
+        architecture."""
         return {
             "arch": arch or self.arch,
             "mode": self.mode_of(arch),
@@ -437,8 +439,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
 def metric_line(entry: dict[str, float]) -> str:
     """The per-epoch line that ``flystage.jobdef.METRIC_DEFINITIONS`` reads."""
     return (
-        f"epoch={entry['epoch']} train_loss={entry['train_loss']:.4f} valid_loss={entry['valid_loss']:.4f} "
-        f"valid_top1={entry['valid_top1']:.4f} valid_top3={entry['valid_top3']:.4f}"
+        f"epoch={entry['epoch']} train_loss={entry['train_loss']:.4f} "
+        f"valid_loss={entry['valid_loss']:.4f} valid_top1={entry['valid_top1']:.4f} "
+        f"valid_top3={entry['valid_top3']:.4f}"
     )
 
 
@@ -540,7 +543,8 @@ class TrainState:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically: a reader (or a restart after SIGKILL) sees the old or the new file, never half."""
+    """Atomically: a reader (or a restart after SIGKILL) sees the old or the new file, never
+    half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
@@ -562,7 +566,8 @@ def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict
         )
     if state.get("format") != CHECKPOINT_FORMAT:
         raise DataError(
-            f"{path}: not a flystage checkpoint of format {CHECKPOINT_FORMAT}; remove it or use another checkpoint dir"
+            f"{path}: not a flystage checkpoint of format {CHECKPOINT_FORMAT}; remove it or use "
+            "another checkpoint dir"
         )
     mismatch = []
     if state["labels"] != labels:
@@ -684,12 +689,14 @@ def _setup(
     image_cache: ImageCache | None,
     say: Callable[[str], None],
 ) -> tuple[list[str], Any]:
-    """The label order and the mode's setup (flystage.training.modes): what is trained on which samples,
+    """The label order and the mode's setup (flystage.training.modes): what is trained on which
+    samples,
     augmented images or a frozen backbone's cached features. Images are preprocessed once and
     augmented per sample; the label order is the stage order."""
     if not train_records or not valid_records:
         raise DataError(
-            f"need training and validation images; got {len(train_records)} and {len(valid_records)}"
+            f"need training and validation images; got {len(train_records)} and "
+            f"{len(valid_records)}"
         )
     labels, image_cache = _labels_and_cache(
         train_records, valid_records, config, labels, image_cache
@@ -798,9 +805,10 @@ def _finish_epoch(
 def _plan_line(config: TrainConfig, model: nn.Module, train_loader: DataLoader, world: int) -> str:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (
-        f"training {config.arch} ({config.mode_of()}: {trained:,} trained parameters) for {config.epochs} epochs, "
-        f"{len(train_loader)} steps of {train_loader.batch_size} x {world} images, {config.optimizer} lr "
-        f"{config.learning_rate:g}, {config.scheduler}, balance {config.balance}, {torch.get_num_threads()} threads"
+        f"training {config.arch} ({config.mode_of()}: {trained:,} trained parameters) for "
+        f"{config.epochs} epochs, {len(train_loader)} steps of {train_loader.batch_size} x "
+        f"{world} images, {config.optimizer} lr {config.learning_rate:g}, {config.scheduler}, "
+        f"balance {config.balance}, {torch.get_num_threads()} threads"
     )
 
 
@@ -859,7 +867,8 @@ def fit(
         )
         state.samples_seen += int(seen)
         if stopped:
-            # The checkpoint says epoch - 1: a restart runs this epoch again, from the weights reached so far.
+            # The checkpoint says epoch - 1: a restart runs this epoch again, from the weights
+            # reached so far.
             _save_state(checkpoint, state, *run)
             say(
                 f"SIGTERM: stopped in epoch {epoch} after a step; "
@@ -879,13 +888,14 @@ def fit(
         _save_state(checkpoint, state, *run)
         if state.out_of_patience(config):
             say(
-                f"early stop: no better valid_top1 for {state.bad_epochs} epochs (best {state.best['valid_top1']:.4f} "
-                f"at epoch {state.best['epoch']})"
+                f"early stop: no better valid_top1 for {state.bad_epochs} epochs (best "
+                f"{state.best['valid_top1']:.4f} at epoch {state.best['epoch']})"
             )
             break
         if config.stop_after_epoch and epoch >= config.stop_after_epoch and epoch < config.epochs:
             say(
-                f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to {checkpoint}"
+                f"stopping after epoch {epoch} as asked (stop_after_epoch); checkpoint saved to "
+                f"{checkpoint}"
             )
             raise TrainingStopped(
                 f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint, best_so_far()
@@ -1006,9 +1016,9 @@ def train_model(
         best["temperature"] = temperature
         best.update(_valid_scores(valid_logits / temperature, valid_targets, "calibrated_valid"))
         say(
-            f"calibration: temperature {temperature:.3f} on {len(valid_targets)} valid images, valid NLL "
-            f"{best['valid_loss']:.4f} -> {best['calibrated_valid_loss']:.4f}, ECE {best['valid_ece']:.4f} -> "
-            f"{best['calibrated_valid_ece']:.4f}"
+            f"calibration: temperature {temperature:.3f} on {len(valid_targets)} valid images, "
+            f"valid NLL {best['valid_loss']:.4f} -> {best['calibrated_valid_loss']:.4f}, ECE "
+            f"{best['valid_ece']:.4f} -> {best['calibrated_valid_ece']:.4f}"
         )
     history = [dict(entry, member=j) for j, r in enumerate(results) for entry in r.history]
     return FitResult(
@@ -1056,7 +1066,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--train",
         dest="train",
         default=env("SM_CHANNEL_TRAIN"),
-        help="manifest CSV, a folder holding manifest.csv, or a <label>/<images> tree (SM_CHANNEL_TRAIN)",
+        help=(
+            "manifest CSV, a folder holding manifest.csv, or a <label>/<images> tree "
+            "(SM_CHANNEL_TRAIN)"
+        ),
     )
     io.add_argument(
         "--valid",
@@ -1101,7 +1114,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--force", action="store_true", help="replace a model already in --model-dir")
     rules = parser.add_argument_group(
-        "folder channels (a channel without manifest.csv is read as `flystage organise` reads a folder)"
+        "folder channels (a channel without manifest.csv is read as `flystage organise` reads a "
+        "folder)"
     )
     rules.add_argument(
         "--label_regex",
@@ -1277,7 +1291,8 @@ def _refuse_existing_model(model_dir: str, force: bool) -> None:
     except (OSError, ValueError):
         pass
     raise UsageError(
-        f"{model_dir} already holds a model; choose another --model-dir or pass --force to replace it"
+        f"{model_dir} already holds a model; choose another --model-dir or pass --force to "
+        "replace it"
     )
 
 
@@ -1342,8 +1357,9 @@ def run(args: argparse.Namespace) -> int:
         ):
             # A tuning job over these would train the same model every trial: say so in its log.
             _log(
-                f"note: {', '.join(solved)} not used: the probe's head is solved exactly (probe_solver=lbfgs); "
-                "tune probe_l2, or train with probe_solver=sgd or mode=finetune"
+                f"note: {', '.join(solved)} not used: the probe's head is solved exactly "
+                "(probe_solver=lbfgs); tune probe_l2, or train with probe_solver=sgd or "
+                "mode=finetune"
             )
         if not args.train:
             raise UsageError("no training data: give --manifest (or set SM_CHANNEL_TRAIN)")
@@ -1362,7 +1378,8 @@ def run(args: argparse.Namespace) -> int:
             train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log
         )
         _log(
-            f"host={args.current_host or 'local'} rank={rank} world_size={world} samples={result.samples_seen}"
+            f"host={args.current_host or 'local'} rank={rank} world_size={world} "
+            f"samples={result.samples_seen}"
         )
         if rank == 0:
             _save(args, result, config, train_records, valid_records, manifest, world)
@@ -1383,7 +1400,8 @@ def run(args: argparse.Namespace) -> int:
             )
         _log(f"{exc}; run again with the same checkpoint dir to resume")
         _write_failure(
-            f"{exc}: checkpoint {exc.checkpoint}; run again with the same checkpoint dir to resume\n"
+            f"{exc}: checkpoint {exc.checkpoint}; run again with the same checkpoint dir to "
+            "resume\n"
         )
         return EXIT_STOPPED
     except Exception as exc:
