@@ -1,10 +1,11 @@
-"""Ablation of the pretrained linear probe, leave-one-gene-out on the BDGP images (docs/accuracy.md).
+"""Ablation of the pretrained linear probe: leave-one-gene-out on BDGP images (docs/accuracy.md).
 
 Cheap by design: for each (backbone, input size, colour) the features of every image are
-computed once with the toolkit's own preprocessing and :class:`flystage.training.backbones.LiteFeatures`,
-then each fold fits :func:`flystage.training.probe.fit_logistic` on the other genes' standardised
-features (every training gene, fixed L2: a proxy for the toolkit's probe, which also holds
-out genes to calibrate). Prints one JSON line per setting: top1, top3, seconds.
+computed once with the toolkit's own preprocessing and
+:class:`flystage.training.backbones.LiteFeatures`, then each fold fits
+:func:`flystage.training.probe.fit_logistic` on the other genes' standardised features (every
+training gene, fixed L2: a proxy for the toolkit's probe, which also holds out genes to
+calibrate). Prints one JSON line per setting: top1, top3, seconds.
 
     python bench/ablation_pretrained.py [--archs efficientnet_lite0,...] [--sizes 128x320,...]
         [--grey auto,luminance,rgb] [--taps 6 4,6 2,4,6] [--l2 0.01,0.1] [--data lablike-dir]

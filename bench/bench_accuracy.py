@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lablike",
         action="store_true",
-        help="benchmark a lab-like copy of --data (dim 16-bit grey TIFFs at random angles; bench/make_lablike.py)",
+        help="benchmark a lab-like copy of --data "
+        "(dim 16-bit grey TIFFs at random angles; bench/make_lablike.py)",
     )
     parser.add_argument(
         "--lablike-seed", type=int, default=0, help="seed of the lab-like copy (default 0)"
@@ -63,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         type=int,
         default=0,
-        help="torch threads (default 0: torch's choice; 1 is much faster on a busy machine, same result)",
+        help="torch threads "
+        "(default 0: torch's choice; 1 is much faster on a busy machine, same result)",
     )
     args = parser.parse_args(argv)
     if not (args.data / "labels.csv").is_file():
         print(
-            f"error: BDGP images not found at {args.data}: set FLYSTAGE_DATA (or --data) to the bdgp-insitu folder",
+            f"error: BDGP images not found at {args.data}: "
+            "set FLYSTAGE_DATA (or --data) to the bdgp-insitu folder",
             file=sys.stderr,
         )
         return 2
@@ -105,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         records = read_manifest(manifest)
         folds = args.folds.split(",") if args.folds else None
         print(
-            f"leave-one-gene-out on {len(records)} images of {len({r.group for r in records})} genes from {data}; "
-            f"{config.arch}, input {config.preprocess.channels}x{config.preprocess.height}x{config.preprocess.width}, "
+            f"leave-one-gene-out on {len(records)} images of "
+            f"{len({r.group for r in records})} genes from {data}; "
+            f"{config.arch}, input {config.preprocess.channels}x"
+            f"{config.preprocess.height}x{config.preprocess.width}, "
             f"{config.epochs} epochs, {torch.get_num_threads()} threads",
             flush=True,
         )

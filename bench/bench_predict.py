@@ -77,7 +77,10 @@ def make_folder(folder: Path, source: str, n: int) -> str:
 
 def default_model(model_dir: Path) -> str:
     default_artefact(model_dir, ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"])
-    return "an untrained model of the training defaults (TrainConfig().architecture()), exported by save_artefact"
+    return (
+        "an untrained model of the training defaults (TrainConfig().architecture()), "
+        "exported by save_artefact"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

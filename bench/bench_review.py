@@ -95,7 +95,8 @@ return imgs.every(i => i.complete && i.naturalWidth > 0);
 
 
 def scroll_all(driver, n: int) -> float:
-    """Seconds to scroll one window at a time to the last of ``n`` cards, each window's thumbnails decoded."""
+    """Seconds to scroll one window at a time to the last of ``n`` cards, each window's
+    thumbnails decoded."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     t0 = time.perf_counter()

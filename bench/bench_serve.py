@@ -64,7 +64,8 @@ def image_gb(client, tag: str) -> float | None:
 def first_answer(
     http: urllib3.PoolManager, url: str, body: bytes, started: float, timeout: float
 ) -> float:
-    """Seconds from ``started`` to the first 200 from /invocations (workers may still be loading)."""
+    """Seconds from ``started`` to the first 200 from /invocations (workers may still be
+    loading)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

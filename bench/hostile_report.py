@@ -1,5 +1,5 @@
-"""Issue 8's figures: run the hostile-input corpus (tests/hostile_corpus.py) through every reader and
-the real serve container, and print one JSON line.
+"""Issue 8's figures: run the hostile-input corpus (tests/hostile_corpus.py) through every reader
+and the real serve container, and print one JSON line.
 
     .venv/bin/python bench/hostile_report.py [--serve-image flystage-serve:latest] [--no-server]
 
@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,14 +65,14 @@ def readers(tally: Tally, work: Path, model_dir: Path) -> None:
         tally.outcome(
             "read_image(bytes)",
             case.name,
-            hc.outcome(lambda: read_image(case.data, page=case.page), (ImageError,)),
+            hc.outcome(partial(read_image, case.data, page=case.page), (ImageError,)),
             case.expect,
         )
     for case in hc.image_file_cases(work / "images"):
         tally.outcome(
             "read_image(file)",
             case.name,
-            hc.outcome(lambda: read_image(case.path), (ImageError,), seconds=10),
+            hc.outcome(partial(read_image, case.path), (ImageError,), seconds=10),
             case.expect,
         )
 
@@ -130,14 +131,14 @@ def readers(tally: Tally, work: Path, model_dir: Path) -> None:
         folder = shutil.copytree(model_dir, work / f"meta{i}")
         (folder / "metadata.json").write_bytes(content)
         tally.outcome(
-            "metadata.json", name, hc.outcome(lambda: load_metadata(folder), (ArtefactError,))
+            "metadata.json", name, hc.outcome(partial(load_metadata, folder), (ArtefactError,))
         )
     hc.WEIGHTS_MARKER.unlink(missing_ok=True)
     for i, (name, content) in enumerate(hc.weights_cases((model_dir / "weights.pt").read_bytes())):
         folder = shutil.copytree(model_dir, work / f"weights{i}")
         (folder / "weights.pt").write_bytes(content)
         tally.outcome(
-            "weights.pt", name, hc.outcome(lambda: load_torch_model(folder), (ArtefactError,))
+            "weights.pt", name, hc.outcome(partial(load_torch_model, folder), (ArtefactError,))
         )
     if hc.WEIGHTS_MARKER.exists():
         tally.wrong.append("weights.pt: a crafted file ran a command")
@@ -154,7 +155,9 @@ def readers(tally: Tally, work: Path, model_dir: Path) -> None:
         archive = work / f"model{i}.tar.gz"
         archive.write_bytes(case.data)
         got = hc.outcome(
-            lambda: check_artefact(unpack_model(archive, work / "models"), strict=True),
+            lambda archive=archive: check_artefact(
+                unpack_model(archive, work / "models"), strict=True
+            ),
             (LocalModeError, ArtefactError),
         )
         tally.outcome("model.tar.gz", case.name, got)

@@ -98,7 +98,8 @@ def lablike_image(
     Returns the ``(config.height, config.width)`` uint16 image and the draws (angle, mirror,
     gain, position of the turned frame's top-left corner).
     """
-    # The draws, always in this order, so that one setting (e.g. mirror) leaves the others as they were.
+    # The draws, always in this order, so that one setting (e.g. mirror) leaves the others as
+    # they were.
     angle = float(rng.uniform(-config.max_angle, config.max_angle))
     mirror = bool(rng.random() < 0.5) and config.mirror
     gain = float(rng.uniform(config.gain_min, 1.0))
@@ -115,7 +116,8 @@ def lablike_image(
     h, w = x.shape
     if h > config.height or w > config.width:
         raise LablikeError(
-            f"a {rgb.shape[1]}x{rgb.shape[0]} image enlarged {config.scale}x and turned {angle:.0f} degrees "
+            f"a {rgb.shape[1]}x{rgb.shape[0]} image enlarged {config.scale}x "
+            f"and turned {angle:.0f} degrees "
             f"({w}x{h}) does not fit the {config.width}x{config.height} frame; lower the scale"
         )
     top, left = int(v * (config.height - h + 1)), int(u * (config.width - w + 1))
@@ -179,7 +181,8 @@ def make_lablike(
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise LablikeError(
-            f"{out} exists and is not empty; choose another folder or pass --force to replace its files"
+            f"{out} exists and is not empty; "
+            "choose another folder or pass --force to replace its files"
         )
     for row in rows:
         path = source / row["path"]
@@ -210,7 +213,8 @@ def make_lablike(
     (out / "lablike.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
     if log:
         log(
-            f"wrote {len(written)} lab-like {config.width}x{config.height} 16-bit TIFFs and {labels_csv}"
+            f"wrote {len(written)} lab-like {config.width}x{config.height} 16-bit TIFFs "
+            f"and {labels_csv}"
         )
     return labels_csv
 
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-angle",
         type=float,
         default=180.0,
-        help="turn by an angle uniform in [-A, A] degrees (default 180: any angle; 90 keeps the head left)",
+        help="turn by an angle uniform in [-A, A] degrees "
+        "(default 180: any angle; 90 keeps the head left)",
     )
     parser.add_argument(
         "--mirror", action="store_true", help="also mirror half the images (default: turns only)"

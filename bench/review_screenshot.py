@@ -1,6 +1,7 @@
 """Screenshot of the review page for README: `make screenshots` -> docs/review.png.
 
-    python bench/review_screenshot.py [--predictions runs/demo/predictions.csv] [--model runs/demo/model] [--out docs/review.png]
+    python bench/review_screenshot.py [--predictions runs/demo/predictions.csv]
+        [--model runs/demo/model] [--out docs/review.png]
 
 Opens `flystage review` on the demo's predictions (run `make demo` first) in Debian's headless
 Chromium, confirms one image and corrects another through the page's own keys (the decisions
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             driver.get(server.url)
             WebDriverWait(driver, 30).until(
                 lambda d: d.execute_script(
-                    "const i = [...document.images]; return i.length > 8 && i.slice(0, 12).every(x => x.complete && x.naturalWidth > 0)"
+                    "const i = [...document.images]; return i.length > 8 && "
+                    "i.slice(0, 12).every(x => x.complete && x.naturalWidth > 0)"
                 )
             )
             body = driver.find_element(By.TAG_NAME, "body")

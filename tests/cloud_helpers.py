@@ -147,7 +147,8 @@ def docker_client():
         client.ping()
     except docker.errors.DockerException as err:
         pytest.fail(
-            f"Docker engine not reachable ({err}): start it with `dockerd >/var/log/dockerd.log 2>&1 &`"
+            f"Docker engine not reachable ({err}): "
+            "start it with `dockerd >/var/log/dockerd.log 2>&1 &`"
         )
     return client
 
@@ -286,7 +287,10 @@ class RuntimeProxy:
                             "ErrorCode": "CLIENT_ERROR_FROM_MODEL"
                             if err.code < 500
                             else "SERVER_ERROR_FROM_MODEL",
-                            "Message": f'Received client error ({err.code}) from primary with message "{text}".',
+                            "Message": (
+                                f"Received client error ({err.code}) from primary "
+                                f'with message "{text}".'
+                            ),
                             "OriginalStatusCode": err.code,
                             "OriginalMessage": text,
                         },

@@ -1,4 +1,5 @@
-"""A corpus of hostile inputs for every flystage reader, built in memory or under a temporary folder.
+"""A corpus of hostile inputs for every flystage reader, built in memory or under a temporary
+folder.
 
 Used by tests/test_hostile_inputs.py and by bench/hostile_report.py (the figures of issue 8):
 
@@ -157,7 +158,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_of(
     width: int, height: int, idat: bytes | None = None, bit_depth: int = 8, colour: int = 0
 ) -> bytes:
-    """A PNG with a chosen IHDR (valid CRCs) and IDAT (default: all-zero rows, streamed into zlib)."""
+    """A PNG with a chosen IHDR (valid CRCs) and IDAT (default: all-zero rows, streamed into
+    zlib)."""
     if idat is None:
         compressor = zlib.compressobj(9)
         row = bytes(1 + width * (bit_depth // 8) * (3 if colour == 2 else 1))
@@ -453,7 +455,8 @@ class CsvCase:
 
 
 def csv_cases(header: str, row: Callable[[str], str]) -> list[CsvCase]:
-    """Hostile CSV files for a reader with ``header``; ``row(path)`` writes one row naming ``path``."""
+    """Hostile CSV files for a reader with ``header``; ``row(path)`` writes one row naming
+    ``path``."""
     h = header.encode()
     good = row("img.tif").encode()
     columns = header.count(",") + 1
@@ -1063,7 +1066,8 @@ def send(url: str, case: HttpCase, timeout: float = 60) -> tuple[int | None, str
 
 
 def clear_error_body(status: int | None, body: str) -> bool:
-    """A 4xx whose body is the serving JSON ``{"error": message, "status": code}`` without a traceback."""
+    """A 4xx whose body is the serving JSON ``{"error": message, "status": code}`` without a
+    traceback."""
     if status is None or not 400 <= status < 500 or "Traceback" in body:
         return False
     try:
@@ -1132,7 +1136,8 @@ def predictions_row(path: str) -> str:
 
 
 def predictions_json_cases() -> list[tuple[str, bytes]]:
-    """Tampered predictions JSON (``flystage predict``'s ``{"predictions": [...], "model": {...}}``)."""
+    """Tampered predictions JSON (``flystage predict``'s
+    ``{"predictions": [...], "model": {...}}``)."""
 
     def doc(*entries: Any, **extra: Any) -> bytes:
         return json.dumps(

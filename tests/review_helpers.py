@@ -11,7 +11,8 @@ from artefact_helpers import make_artefact, write_image
 
 def predicted_folder(root: Path, n: int = 8, suffix: str = ".tif") -> tuple[Path, Path, Path]:
     """``root/images`` with ``n`` small embryo images, a tiny artefact in ``root/model`` and
-    ``root/predictions.csv`` (+ .json) as `flystage predict` writes them; returns (images, model, csv)."""
+    ``root/predictions.csv`` (+ .json) as `flystage predict` writes them; returns (images, model,
+    csv)."""
     from flystage.predict import Predictor, predict_files, write_csv, write_json
 
     images, model = root / "images", root / "model"

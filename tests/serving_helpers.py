@@ -32,7 +32,8 @@ def bdgp_records(bdgp_root: Path, train_per_stage: int = 3, valid_per_stage: int
 
 
 def train_artefact(model_dir: Path, bdgp_root: Path, epochs: int = 1):
-    """Train a small CNN on a few real BDGP images with ``flystage.training.train.fit`` and save the artefact."""
+    """Train a small CNN on a few real BDGP images with ``flystage.training.train.fit`` and save
+    the artefact."""
     import torch
 
     from flystage.imaging import PreprocessConfig
@@ -56,7 +57,8 @@ def train_artefact(model_dir: Path, bdgp_root: Path, epochs: int = 1):
 
 
 def default_artefact(model_dir: Path, labels: list[str]):
-    """The default architecture and input size (``TrainConfig()``), untrained: for speed figures only."""
+    """The default architecture and input size (``TrainConfig()``), untrained: for speed figures
+    only."""
     import torch
 
     from flystage.training.export import save_artefact

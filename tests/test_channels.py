@@ -136,7 +136,8 @@ def test_ambiguous_label_level_is_refused(tmp_path: Path) -> None:
 
 
 def test_channel_reader_needs_no_torch() -> None:
-    """The channel reader is organise's rules and a manifest reader: it imports with torch unimportable."""
+    """The channel reader is organise's rules and a manifest reader: it imports with torch
+    unimportable."""
     import subprocess
     import sys
 

@@ -117,7 +117,8 @@ def test_push_error_lines_in_the_stream_are_failures():
     ]
     with pytest.raises(
         CloudError,
-        match="push of 127.0.0.1:5000/x:latest failed: denied: requested access to the resource is denied",
+        match="push of 127.0.0.1:5000/x:latest failed: "
+        "denied: requested access to the resource is denied",
     ):
         ecr.check_push_stream(iter(lines), "127.0.0.1:5000/x:latest")
     with pytest.raises(CloudError, match="ended without a digest"):

@@ -236,7 +236,8 @@ def test_serverless_onto_an_instance_endpoint_is_refused_before_creating_anythin
         )
         with pytest.raises(
             CloudError,
-            match="runs on instances and SageMaker cannot update it to serverless: run `make teardown`",
+            match="runs on instances and SageMaker cannot update it to serverless: "
+            "run `make teardown`",
         ):
             hosting.deploy(api, settings, MODEL)
         # No CreateModel / CreateEndpointConfig was sent (the Stubber would have failed on it).

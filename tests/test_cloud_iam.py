@@ -218,7 +218,9 @@ def test_operator_may_put_only_where_the_code_writes(policies):
     assert re.findall(r'settings\.s3_uri\("(\w+)"[^)]*\)[^\n]*\n[^\n]*upload_files', text) == [
         "batch"
     ]
-    assert 's3_uri("data")' in text and re.search(r"upload_files\(\s*api,\s*plan,\s*bucket,\s*prefix", text)
+    assert 's3_uri("data")' in text and re.search(
+        r"upload_files\(\s*api,\s*plan,\s*bucket,\s*prefix", text
+    )
     assert (
         len(
             re.findall(

@@ -86,7 +86,9 @@ def test_tuned_hyperparameters_cannot_also_be_fixed(aws):
 def tuning_description(status: str, best: bool, counts: dict) -> dict:
     response = {
         "HyperParameterTuningJobName": "flystage-tune-1",
-        "HyperParameterTuningJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:hyper-parameter-tuning-job/flystage-tune-1",
+        "HyperParameterTuningJobArn": (
+            f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:hyper-parameter-tuning-job/flystage-tune-1"
+        ),
         "HyperParameterTuningJobConfig": {
             "Strategy": "Bayesian",
             "ResourceLimits": {"MaxParallelTrainingJobs": 2},
@@ -161,7 +163,8 @@ def test_tuning_wait_prints_a_line_per_change(aws, out):
         "flystage-tune-1: InProgress, trials 0 done, 2 running, 0 failed, 0 stopped"
     )
     assert lines[2].endswith(
-        "Completed, trials 2 done, 0 running, 1 failed, 0 stopped; best valid:top3 = 0.9300 (flystage-tune-1-003-abc)"
+        "Completed, trials 2 done, 0 running, 1 failed, 0 stopped; "
+        "best valid:top3 = 0.9300 (flystage-tune-1-003-abc)"
     )
 
 
@@ -250,7 +253,8 @@ def test_train_with_the_best_of_the_last_tuning_job(aws, out):
         )
         with pytest.raises(
             CloudError,
-            match="training job flystage-train-2 Failed: AlgorithmError: see output/failure; its log is in CloudWatch",
+            match="training job flystage-train-2 Failed: AlgorithmError: see output/failure; "
+            "its log is in CloudWatch",
         ):
             training.train(api, settings, None, name="flystage-train-2")
         stub.assert_no_pending_responses()
@@ -316,7 +320,8 @@ def test_best_job_that_tuned_other_hyperparameters_is_refused(aws):
     tuning.tune(api, settings, name="flystage-tune-9")
     with pytest.raises(
         CloudError,
-        match=r"tuned \['string'\], not \['batch_size', 'learning_rate'\]: it is not a flystage tuning job",
+        match=r"tuned \['string'\], not \['batch_size', 'learning_rate'\]: "
+        "it is not a flystage tuning job",
     ):
         training.train(api, settings, None)
     assert api.call("sagemaker", "list_training_jobs")["TrainingJobSummaries"] == []
@@ -388,13 +393,15 @@ def test_uris_the_execution_role_cannot_read_are_refused_before_sending(aws, out
     with pytest.raises(
         CloudError,
         match=r"batch input s3://other-bucket/images/: the execution role may read only under "
-        rf"s3://{BUCKET}/flystage/\{{data,output,checkpoints,batch\}}/ \(iam/execution-role-policy.json\)",
+        rf"s3://{BUCKET}/flystage/\{{data,output,checkpoints,batch\}}/ "
+        r"\(iam/execution-role-policy.json\)",
     ):
         batch.batch_predict(api, settings, "s3://other-bucket/images/", model_data=model)
     with pytest.raises(
         CloudError,
         match=r"model data s3://flystage-test/elsewhere/model.tar.gz: .*"
-        r"add arn:aws:s3:::flystage-test/elsewhere/model.tar.gz to the ReadDataModelsCheckpointsBatchInput",
+        r"add arn:aws:s3:::flystage-test/elsewhere/model.tar.gz "
+        r"to the ReadDataModelsCheckpointsBatchInput",
     ):
         batch.batch_predict(
             api,

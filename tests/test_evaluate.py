@@ -1,4 +1,5 @@
-"""evaluate: metrics on hand-made probabilities, the confusion PNG, and a real model on a manifest."""
+"""evaluate: metrics on hand-made probabilities, the confusion PNG, and a real model on a
+manifest."""
 
 from __future__ import annotations
 

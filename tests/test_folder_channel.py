@@ -11,18 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "local"))
-
-from flystage_local import containers, training  # noqa: E402
-from flystage_local.command import build_request  # noqa: E402
-from train_helpers import BDGP_GENES as GENES  # noqa: E402
+from flystage_local import containers, training
+from flystage_local.command import build_request
+from train_helpers import BDGP_GENES as GENES
 from train_helpers import copy_bdgp_genes
 
 TRAIN_IMAGE = os.environ.get("TRAIN_IMAGE", "flystage-train:latest")

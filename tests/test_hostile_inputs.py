@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_read_image_files(tmp_path: Path):
     assert len(cases) > 100
     wrong = []
     for case in cases:
-        got = hc.outcome(lambda: read_image(case.path), (ImageError,), seconds=10)
+        got = hc.outcome(partial(read_image, case.path), (ImageError,), seconds=10)
         if not got.fits(case.expect):
             wrong.append((case.name, case.expect, got))
     assert wrong == []
@@ -90,7 +91,9 @@ def test_read_manifest(case: hc.CsvCase, tmp_path: Path):
     manifest = folder / "manifest.csv"
     manifest.write_bytes(case.data)
     for check_files in (True, False):
-        got = hc.outcome(lambda: read_manifest(manifest, check_files=check_files), (ManifestError,))
+        got = hc.outcome(
+            partial(read_manifest, manifest, check_files=check_files), (ManifestError,)
+        )
         assert got.fits("any"), (check_files, got)
         if got.kind == "error":
             assert str(manifest) in got.detail, got  # names the file
@@ -164,7 +167,8 @@ def _review_readers():
 
 @pytest.mark.parametrize("case", _params(PREDICTIONS_CASES))
 def test_review_predictions_csv(case: hc.CsvCase, tmp_path: Path):
-    """``flystage review`` reads a predictions CSV and finds its images: PredictionsError or fine."""
+    """``flystage review`` reads a predictions CSV and finds its images: PredictionsError or
+    fine."""
     _, read, allowed = _review_readers()
     folder = _csv_folder(tmp_path / "data")
     (folder / "predictions.csv").write_bytes(case.data)
@@ -200,7 +204,7 @@ def test_tampered_metadata(model_dir: Path, tmp_path: Path):
         folder = _copy_model(model_dir, tmp_path / f"m{i}")
         (folder / "metadata.json").write_bytes(data)
         for reader in (load_metadata, lambda d: check_artefact(d, strict=True)):
-            got = hc.outcome(lambda: reader(folder), (ArtefactError,))
+            got = hc.outcome(partial(reader, folder), (ArtefactError,))
             if got.kind != "error" or "metadata.json" not in got.detail:
                 wrong.append((name, got))
     assert len(cases) >= 40 and wrong == []
@@ -213,7 +217,7 @@ def test_tampered_weights(model_dir: Path, tmp_path: Path):
     for i, (name, data) in enumerate(cases):
         folder = _copy_model(model_dir, tmp_path / f"w{i}")
         (folder / "weights.pt").write_bytes(data)
-        got = hc.outcome(lambda: load_torch_model(folder), (ArtefactError,))
+        got = hc.outcome(partial(load_torch_model, folder), (ArtefactError,))
         if got.kind != "error" or "weights.pt" not in got.detail:
             wrong.append((name, got))
     assert wrong == []
@@ -239,7 +243,7 @@ def test_hostile_model_tar(model_dir: Path, tmp_path: Path):
         archive.write_bytes(case.data)
         models = tmp_path / "models"
 
-        def unpack_and_check():
+        def unpack_and_check(archive=archive, models=models):
             return check_artefact(unpack_model(archive, models), strict=True)
 
         got = hc.outcome(unpack_and_check, (LocalModeError, ArtefactError))

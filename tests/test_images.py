@@ -1,9 +1,9 @@
 """The real train and serve images in real containers (Docker engine needed; `make images` builds
 them, and this module builds any that is missing through docker/build-offline.sh).
 
-The serve container runs a model trained here with flystage.training.train.fit: good requests of every
-content type, every kind of bad request each followed by a good one, honest health on a missing
-or broken model, SIGTERM. The train container gets SIGTERM mid-job. No image may carry
+The serve container runs a model trained here with flystage.training.train.fit: good requests of
+every content type, every kind of bad request each followed by a good one, honest health on a
+missing or broken model, SIGTERM. The train container gets SIGTERM mid-job. No image may carry
 credentials.
 """
 
@@ -49,7 +49,8 @@ def client():
 
 @pytest.fixture(scope="module")
 def images(client):
-    """Both images; the missing ones are built the documented offline way (cached steps are skipped)."""
+    """Both images; the missing ones are built the documented offline way (cached steps are
+    skipped)."""
     missing = [
         name
         for name, tag in (("train", TRAIN_IMAGE), ("serve", SERVE_IMAGE))
@@ -282,7 +283,10 @@ def test_no_traceback_reaches_the_client(server):
 
 def test_serve_image_has_onnxruntime_and_no_torch(client, images):
     # Any command other than `serve` is run as given (here through tini and the entrypoint).
-    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('onnxruntime') and not u.find_spec('torch') else 3)"
+    probe = (
+        "import importlib.util as u, sys; "
+        "sys.exit(0 if u.find_spec('onnxruntime') and not u.find_spec('torch') else 3)"
+    )
     client.containers.run(images["serve"], ["python", "-c", probe], remove=True)
 
 
@@ -343,7 +347,8 @@ def test_management_api_is_loopback_only_and_a_lost_model_ends_the_container(ima
         good_request(container)  # the model is loaded and registered
         unregister = (
             "import urllib.request as u; "
-            "u.urlopen(u.Request('http://127.0.0.1:8081/models/model', method='DELETE'), timeout=30)"
+            "u.urlopen(u.Request('http://127.0.0.1:8081/models/model', method='DELETE'), "
+            "timeout=30)"
         )
         result = container.container.exec_run(["python", "-c", unregister])
         assert result.exit_code == 0, result.output.decode("utf-8", "replace")[-2000:]
@@ -367,7 +372,8 @@ def test_serve_container_stops_promptly_on_sigterm(images, model_dir):
 
 
 def _training_tree(root: Path, bdgp_root: Path, epochs: int) -> Path:
-    """A one-host /opt/ml tree: config files, a <stage>/<image> train channel, empty model/ and output/."""
+    """A one-host /opt/ml tree: config files, a <stage>/<image> train channel, empty model/ and
+    output/."""
     train, valid = bdgp_records(bdgp_root)
     channel = root / "input" / "data" / "train"
     for record in train + valid:
@@ -441,7 +447,7 @@ def test_train_container_runs_and_stops_promptly_on_sigterm(client, images, bdgp
         container.remove(force=True)
 
 
-# ---- no secrets ------------------------------------------------------------------------------------
+# ---- no secrets ------------------------------------------------------------------------------
 
 SECRET_PATTERNS = [
     re.compile(p)

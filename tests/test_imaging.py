@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import cv2
@@ -292,7 +293,7 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
     ):
         with pytest.raises(ValueError):
             PreprocessConfig(**bad)
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         PreprocessConfig().height = 5  # frozen
 
 

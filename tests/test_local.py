@@ -251,7 +251,8 @@ def test_a_host_that_dies_fails_the_job_and_stops_its_peer(
 
 @pytest.mark.docker
 def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> None:
-    """Through the make target: a bad hyperparameter fails the job, with its reason and exit status."""
+    """Through the make target: a bad hyperparameter fails the job, with its reason and exit
+    status."""
     env = {**os.environ, "TRAIN_IMAGE": TRAIN_IMAGE}
     done = subprocess.run(
         [
@@ -281,7 +282,8 @@ def test_failing_job_reports_its_failure(engine, channel: Path, runs: Path) -> N
 def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(
     engine, channel: Path, runs: Path
 ) -> None:
-    """SageMaker's spot/time-box flow: stopped at MaxRuntimeInSeconds, checkpoints kept, rerun resumes."""
+    """SageMaker's spot/time-box flow: stopped at MaxRuntimeInSeconds, checkpoints kept, rerun
+    resumes."""
     checkpoints = runs / "kept-checkpoints"
     long = {**TINY, "epochs": "5000", "patience": "0"}  # no early stop: only the runtime ends it
     request = build_request(TRAIN_IMAGE, long, channel, 1, "test-stopped", runs, checkpoints)

@@ -35,7 +35,8 @@ def test_the_docs_table_is_the_generated_one() -> None:
     in_doc = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert in_doc == hyperparameters_markdown(), (
         f"{DOC} is out of date: replace the text between its markers with the output of "
-        "`python -c 'from flystage.training.train import hyperparameters_markdown as m; print(m(), end=\"\")'`"
+        "`python -c 'from flystage.training.train import hyperparameters_markdown as m; "
+        'print(m(), end="")\'`'
     )
 
 

@@ -554,7 +554,10 @@ SHA_A, SHA_B = "a" * 40, "b" * 40
                 f"b.png,1-3,g2,train,{SHA_B}",
                 f"c.png,1-3,g3,valid,{SHA_A.upper()}",
             ],
-            r"line 2 \(train: .*a.png\) and line 4 \(valid: .*c.png\) are the same SHA-1 aaaaaaaaaaaa",
+            (
+                r"line 2 \(train: .*a.png\) and line 4 \(valid: .*c.png\) "
+                r"are the same SHA-1 aaaaaaaaaaaa"
+            ),
         ),
         # '..' out of the manifest's folder.
         (

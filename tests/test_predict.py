@@ -141,7 +141,8 @@ def test_predict_path_never_imports_torch(model_dir: Path, folder: Path, tmp_pat
     code = (
         "import sys\n"
         "from flystage import cli\n"
-        f"rc = cli.main(['predict', {str(folder)!r}, '--model', {str(model_dir)!r}, '--out', {str(tmp_path / 'p.csv')!r}])\n"
+        f"rc = cli.main(['predict', {str(folder)!r}, '--model', {str(model_dir)!r}, "
+        f"'--out', {str(tmp_path / 'p.csv')!r}])\n"
         "from flystage.artefact import check_artefact\n"
         f"check_artefact({str(model_dir)!r})\n"
         "assert rc == 1, rc\n"
@@ -310,7 +311,8 @@ def test_undo_manifest_survives_a_crash_mid_rename(
 
 
 def test_remote_predictor_plugs_into_the_same_loop(folder: Path, tmp_path: Path):
-    """Any object with predict_sources (an HTTP client, say) gets the folder loop, outputs and rename."""
+    """Any object with predict_sources (an HTTP client, say) gets the folder loop, outputs and
+    rename."""
     import argparse
 
     from flystage.predict import add_output_arguments, run_with
@@ -529,7 +531,8 @@ def test_unsure_below_must_be_a_probability(known_model: Path, mixed: Path, tmp_
 
 
 def test_unsure_below_with_a_remote_predictor(mixed: Path, tmp_path: Path, capsys):
-    """The option comes with add_output_arguments, so the endpoint and local container get it too."""
+    """The option comes with add_output_arguments, so the endpoint and local container get it
+    too."""
     import argparse
 
     from flystage.predict import add_output_arguments, run_with

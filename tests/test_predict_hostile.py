@@ -1,4 +1,5 @@
-"""predict against hostile folders: formula file names, odd bytes in names, links, interrupted renames, blank images."""
+"""predict against hostile folders: formula file names, odd bytes in names, links, interrupted
+renames, blank images."""
 
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def test_correct_two_by_keyboard_and_reload(predicted, bdgp_root, tmp_path) -> N
         # Thumbnails are real pictures, served and decoded.
         WebDriverWait(driver, 15).until(
             lambda d: d.execute_script(
-                "return [...document.images].slice(0, 4).every(i => i.complete && i.naturalWidth > 0)"
+                "return [...document.images].slice(0, 4)"
+                ".every(i => i.complete && i.naturalWidth > 0)"
             )
         )
 
@@ -73,13 +74,12 @@ def test_correct_two_by_keyboard_and_reload(predicted, bdgp_root, tmp_path) -> N
         body = driver.find_element(By.TAG_NAME, "body")
         for card_id in (first, second):
             top1 = items[card_id].top[0][0]
-            stage = next(
-                s for s in reversed(labels) if s != top1
-            )  # not the model's answer: a correction
+            # Not the model's answer: a correction.
+            stage = next(s for s in reversed(labels) if s != top1)
             chosen[card_id] = stage
             body.send_keys(str(labels.index(stage) + 1))
             WebDriverWait(driver, 10).until(
-                lambda d: (
+                lambda d, stage=stage, card_id=card_id: (
                     f"corrected to {stage}"
                     in d.find_element(
                         By.CSS_SELECTOR, f'article.card[data-id="{card_id}"] .decision'

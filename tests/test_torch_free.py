@@ -36,7 +36,10 @@ def test_the_core_imports_with_torch_made_unimportable():
         + "import importlib\n"
         + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     )
-    code += "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')]\n"
+    code += (
+        "assert not [m for m in sys.modules "
+        "if m.split('.')[0] in ('torch', 'torchvision', 'timm')]\n"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )

@@ -80,7 +80,8 @@ def bdgp_records(
     stages=("4-6", "11-12", "13-16"),
 ) -> tuple[list[Record], list[Record]]:
     """Train and valid records of real BDGP images, read in place: of each stage, the first
-    ``train_per_stage`` images (by path) to train on and the next ``valid_per_stage`` to validate."""
+    ``train_per_stage`` images (by path) to train on and the next ``valid_per_stage`` to
+    validate."""
     train, valid = [], []
     for stage in stages:
         found = sorted(bdgp_root.glob(f"*/{stage}/*.bmp"))[: train_per_stage + valid_per_stage]

@@ -70,7 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.checkpoints,
     )
     print(
-        f"job {name}: {args.instances} host(s), image {args.image}, hyperparameters {request['HyperParameters']}"
+        f"job {name}: {args.instances} host(s), image {args.image}, "
+        f"hyperparameters {request['HyperParameters']}"
     )
     result = training.run_training_job(request, args.runs, stop_grace=args.stop_grace)
     print("\n".join(training.status_lines(result)))

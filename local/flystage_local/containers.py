@@ -31,7 +31,8 @@ def connect() -> docker.DockerClient:
         client.ping()
     except docker.errors.DockerException as exc:
         raise LocalModeError(
-            f"cannot reach the Docker engine ({exc}); start it (e.g. `dockerd >/var/log/dockerd.log 2>&1 &`) "
+            f"cannot reach the Docker engine ({exc}); "
+            "start it (e.g. `dockerd >/var/log/dockerd.log 2>&1 &`) "
             "and check `docker info`"
         ) from None
     return client
@@ -177,7 +178,8 @@ def start_server(
     port: int,
     environment: Mapping[str, str],
 ) -> Container:
-    """Start ``IMAGE serve`` with ``model_dir`` at /opt/ml/model and port 8080 on 127.0.0.1:``port``."""
+    """Start ``IMAGE serve`` with ``model_dir`` at /opt/ml/model and port 8080 on
+    127.0.0.1:``port``."""
     try:
         return client.containers.run(
             image,

@@ -69,7 +69,8 @@ def input_data_config(request: Mapping) -> dict[str, dict[str, str]]:
             )
         if distribution != "FullyReplicated":
             raise LocalModeError(
-                f"channel {name!r}: S3DataDistributionType {distribution!r} is not supported locally; "
+                f"channel {name!r}: S3DataDistributionType {distribution!r} "
+                "is not supported locally; "
                 "local mode gives every host the whole channel (FullyReplicated)"
             )
         entry = {

@@ -111,11 +111,13 @@ class ContainerPredictor:
             response = self.session.get(f"{self.url}/ping", timeout=5)
         except requests.RequestException as exc:
             raise LocalModeError(
-                f"no server at {self.url} ({exc.__class__.__name__}); start one with `make local-serve`"
+                f"no server at {self.url} ({exc.__class__.__name__}); "
+                "start one with `make local-serve`"
             ) from None
         if response.status_code != 200:
             raise LocalModeError(
-                f"the server at {self.url} is not healthy (/ping {response.status_code}): {response.text[:500]}"
+                f"the server at {self.url} is not healthy (/ping {response.status_code}): "
+                f"{response.text[:500]}"
             )
 
     def send(self, body: bytes, k: int) -> list[tuple[str, float]]:

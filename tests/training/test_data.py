@@ -1,4 +1,5 @@
-"""The training dataset: preprocess-once cache, train-only augmentation, balance (channels: test_channels.py)."""
+"""The training dataset: preprocess-once cache, train-only augmentation, balance (channels:
+test_channels.py)."""
 
 from __future__ import annotations
 

@@ -394,11 +394,9 @@ def test_early_stopping_and_a_finished_run_is_not_retrained(records, tmp_path: P
 
 
 def test_best_epoch_rule_top1_then_loss() -> None:
-    entry = lambda top1, loss, top3=1.0: {
-        "valid_top1": top1,
-        "valid_loss": loss,
-        "valid_top3": top3,
-    }  # noqa: E731
+    def entry(top1, loss, top3=1.0):
+        return {"valid_top1": top1, "valid_loss": loss, "valid_top3": top3}
+
     assert _is_better(entry(0.3, 2.0), None)
     assert _is_better(entry(0.6, 1.5), entry(0.5, 0.2))  # more right answers beat a lower loss
     assert not _is_better(entry(0.5, 0.1), entry(0.6, 1.5))
@@ -421,7 +419,8 @@ def test_with_three_stages_the_best_epoch_is_chosen_by_top1(records) -> None:
     first_best = min(e["epoch"] for e in history if e["valid_top1"] == top1)
     assert result.best["valid_top1"] == top1
     assert result.best["epoch"] > 1  # not simply the first epoch of equal top-3
-    # Among the epochs of the best top-1, the lowest loss; earlier epochs of that top-1 lose only on loss.
+    # Among the epochs of the best top-1, the lowest loss; earlier epochs of that top-1 lose only
+    # on loss.
     tied = [e for e in history if e["valid_top1"] == top1]
     assert result.best["valid_loss"] == min(e["valid_loss"] for e in tied)
     assert (
