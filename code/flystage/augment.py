@@ -428,6 +428,37 @@ def _output_stems(records: list, out_dir: Path, split: str) -> list[Path]:
     ]
 
 
+def _check_out_dir(out_dir: Path, split: str, resume: bool) -> None:
+    """Refuse an ``out_dir`` that is not empty (unless ``resume``) or holds another split."""
+    from flystage.organise import OrganiseError
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not resume:
+            raise OrganiseError(
+                f"{out_dir} is not empty; choose a new --out folder, or pass --resume to finish an "
+                "interrupted run there (existing files are kept, never replaced)"
+            )
+        others = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name != split)
+        if others:
+            raise OrganiseError(
+                f"{out_dir} already holds split(s) {others}; an augmented set holds one split "
+                "only, so choose another --out folder"
+            )
+
+
+def _output_paths(stem: Path, angles: tuple[float, ...]) -> list[tuple[float, Path]]:
+    """(angle, output path) of one image: the original (angle 0), then each rotation."""
+    return [(0.0, stem.with_name(stem.name + ".png"))] + [
+        (
+            a,
+            stem.with_name(
+                f"{stem.name}_rot{a:03.0f}.png" if a == int(a) else f"{stem.name}_rot{a:g}.png"
+            ),
+        )
+        for a in angles
+    ]
+
+
 def augment_split(
     manifest: str | Path,
     split: str,
@@ -462,18 +493,7 @@ def augment_split(
             f"{manifest}: no images in split {split!r}; choose a split that has images"
         )
     new_manifest = out_dir / "manifest.csv"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not resume:
-            raise OrganiseError(
-                f"{out_dir} is not empty; choose a new --out folder, or pass --resume to finish an "
-                "interrupted run there (existing files are kept, never replaced)"
-            )
-        others = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name != split)
-        if others:
-            raise OrganiseError(
-                f"{out_dir} already holds split(s) {others}; an augmented set holds one split "
-                "only, so choose another --out folder"
-            )
+    _check_out_dir(out_dir, split, resume)
     angles = tuple(dict.fromkeys(float(a) for a in angles))  # each angle once, in order
     stems = _output_stems(records, out_dir, split)
     new_records: list[Record] = []
@@ -485,15 +505,7 @@ def augment_split(
         disable=None if progress is None else not progress,
     )
     for record, stem in bar:
-        outputs = [(0.0, stem.with_name(stem.name + ".png"))] + [
-            (
-                a,
-                stem.with_name(
-                    f"{stem.name}_rot{a:03.0f}.png" if a == int(a) else f"{stem.name}_rot{a:g}.png"
-                ),
-            )
-            for a in angles
-        ]
+        outputs = _output_paths(stem, angles)
         image = None
         for angle, path in outputs:
             if path.exists():

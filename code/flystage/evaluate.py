@@ -162,6 +162,59 @@ def coverage_curve(probs: np.ndarray, targets: np.ndarray, steps: int = 100) -> 
     return coverage_table(probs, targets, [round(t, 4) for t in np.linspace(0.0, 1.0, steps + 1)])
 
 
+def _plot_against_threshold(ax: Any, covered: list, answered: list, marked: list) -> None:
+    """Left panel of :func:`plot_coverage`: accuracy and share accepted against the threshold,
+    the marked thresholds as points."""
+    lines = (
+        (answered, "accuracy", {"color": "tab:blue"}, "top-1 accuracy of the accepted images"),
+        (covered, "coverage", {"color": "tab:orange", "ls": "--"}, "share of images accepted"),
+    )
+    for rows, key, style, label in lines:
+        ax.plot([r["threshold"] for r in rows], [r[key] for r in rows], lw=2, label=label, **style)
+    for _, key, style, _ in lines:
+        ax.plot(
+            [r["threshold"] for r in marked], [r[key] for r in marked], "o", color=style["color"]
+        )
+    ax.set_xlabel("threshold: accept when the top-1 probability reaches it")
+    ax.set_xlim(0.0, 1.0)
+    ax.legend(loc="lower left", fontsize=8)
+
+
+def _plot_accuracy_against_coverage(ax: Any, answered: list, marked: list) -> None:
+    """Right panel of :func:`plot_coverage`: accuracy against the share accepted, one marker
+    per marked threshold, named in a legend."""
+    import matplotlib
+
+    ax.plot(
+        [r["coverage"] for r in answered],
+        [r["accuracy"] for r in answered],
+        color="tab:blue",
+        lw=2,
+    )
+    # One marker per threshold, named in a legend (labels beside the points collide when
+    # thresholds accept the same images, as they do on a small split).
+    shades = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(1, len(marked))))
+    for r, shade in zip(marked, shades):
+        ax.plot(
+            r["coverage"],
+            r["accuracy"],
+            "o",
+            ms=7,
+            color=shade,
+            markeredgecolor="black",
+            markeredgewidth=0.5,
+            label=(
+                f"p >= {r['threshold']:.2f}: {100 * r['coverage']:.0f} % of images, top-1 "
+                f"{100 * r['accuracy']:.0f} %"
+            ),
+        )
+    if marked:
+        ax.legend(loc="lower left", fontsize=7, title="accept when", title_fontsize=7)
+    ax.set_xlabel("share of images accepted (coverage)")
+    ax.set_ylabel("top-1 accuracy of the accepted images")
+    ax.set_xlim(-0.02, 1.02)
+
+
 def plot_coverage(
     curve: Sequence[dict],
     path: str | Path,
@@ -177,8 +230,6 @@ def plot_coverage(
     against the threshold, the top-1 accuracy of the accepted images and the share accepted.
     Right panel: top-1 accuracy against the share accepted.
     """
-    import matplotlib
-
     curve = sorted(curve, key=lambda r: r["threshold"])
     if marks is None:
         marks = [r for r in curve if any(abs(r["threshold"] - t) < 1e-9 for t in THRESHOLDS)]
@@ -186,62 +237,8 @@ def plot_coverage(
     answered = [r for r in covered if r["accuracy"] is not None]  # at least one image accepted
     marked = [r for r in marks if r["coverage"] is not None and r["accuracy"] is not None]
     with _png(path, ncols=2, figsize=(10.5, 4.2)) as (fig, (left, right)):
-        left.plot(
-            [r["threshold"] for r in answered],
-            [r["accuracy"] for r in answered],
-            color="tab:blue",
-            lw=2,
-            label="top-1 accuracy of the accepted images",
-        )
-        left.plot(
-            [r["threshold"] for r in covered],
-            [r["coverage"] for r in covered],
-            color="tab:orange",
-            lw=2,
-            ls="--",
-            label="share of images accepted",
-        )
-        left.plot(
-            [r["threshold"] for r in marked], [r["accuracy"] for r in marked], "o", color="tab:blue"
-        )
-        left.plot(
-            [r["threshold"] for r in marked],
-            [r["coverage"] for r in marked],
-            "o",
-            color="tab:orange",
-        )
-        left.set_xlabel("threshold: accept when the top-1 probability reaches it")
-        left.set_xlim(0.0, 1.0)
-        left.legend(loc="lower left", fontsize=8)
-
-        right.plot(
-            [r["coverage"] for r in answered],
-            [r["accuracy"] for r in answered],
-            color="tab:blue",
-            lw=2,
-        )
-        # One marker per threshold, named in a legend (labels beside the points collide when
-        # thresholds accept the same images, as they do on a small split).
-        shades = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(1, len(marked))))
-        for r, shade in zip(marked, shades):
-            right.plot(
-                r["coverage"],
-                r["accuracy"],
-                "o",
-                ms=7,
-                color=shade,
-                markeredgecolor="black",
-                markeredgewidth=0.5,
-                label=(
-                    f"p >= {r['threshold']:.2f}: {100 * r['coverage']:.0f} % of images, top-1 "
-                    f"{100 * r['accuracy']:.0f} %"
-                ),
-            )
-        if marked:
-            right.legend(loc="lower left", fontsize=7, title="accept when", title_fontsize=7)
-        right.set_xlabel("share of images accepted (coverage)")
-        right.set_ylabel("top-1 accuracy of the accepted images")
-        right.set_xlim(-0.02, 1.02)
+        _plot_against_threshold(left, covered, answered, marked)
+        _plot_accuracy_against_coverage(right, answered, marked)
         for ax in (left, right):
             ax.set_ylim(-0.02, 1.05)
             ax.grid(alpha=0.3)

@@ -39,24 +39,18 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def render_html(
-    report: dict[str, Any],
+def _error_cards(
     probs: np.ndarray,
     targets: np.ndarray,
     records: Sequence[Record],
     config: PreprocessConfig,
-    confusion_png: Path,
-    coverage_png: Path | None,
-) -> str:
-    """The page's text; ``coverage_png`` None leaves the curve out (uncalibrated model)."""
+    labels: Sequence[str],
+) -> list[str]:
+    """A figure for each of the worst errors: the image as the model saw it, true and
+    predicted stage."""
     from flystage.review.thumbnails import to_png
 
-    labels = report["labels"]
     esc = html.escape
-    rows = "".join(
-        f"<tr><td>{esc(label)}</td><td>{_pct(s['recall'])}</td><td>{_pct(s['precision'])}</td><td>{s['support']}</td></tr>"
-        for label, s in report["per_stage"].items()
-    )
     cards = []
     for i in worst_errors(probs, targets):
         record, p = records[i], probs[i]
@@ -74,19 +68,44 @@ def render_html(
             f"{esc(labels[predicted])} (p "
             f"{p[predicted]:.2f})<br><small>{esc(str(record.path.name))}</small></figcaption></figure>"
         )
-    errors = "".join(cards) or "<p>No errors on this split.</p>"
+    return cards
+
+
+def _coverage_section(coverage_png: Path | None) -> str:
+    """The coverage curve's section, or why there is none (uncalibrated model)."""
     if coverage_png is not None:
-        coverage = (
+        return (
             "<h2>Accepting sure answers</h2><p>Top-1 accuracy of the images whose top-1 "
             "probability reaches a threshold, and the share of images that do (<code>flystage "
             "predict --unsure-below P</code> leaves the rest for a look).</p>"
             + _img(coverage_png.read_bytes(), "coverage and accuracy", "max-width:100%")
         )
     else:
-        coverage = (
+        return (
             "<h2>Accepting sure answers</h2><p>This model's probabilities are not calibrated (no "
             "temperature fitted on a validation split), so no threshold is recommended.</p>"
         )
+
+
+def render_html(
+    report: dict[str, Any],
+    probs: np.ndarray,
+    targets: np.ndarray,
+    records: Sequence[Record],
+    config: PreprocessConfig,
+    confusion_png: Path,
+    coverage_png: Path | None,
+) -> str:
+    """The page's text; ``coverage_png`` None leaves the curve out (uncalibrated model)."""
+    labels = report["labels"]
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(label)}</td><td>{_pct(s['recall'])}</td><td>{_pct(s['precision'])}</td><td>{s['support']}</td></tr>"
+        for label, s in report["per_stage"].items()
+    )
+    cards = _error_cards(probs, targets, records, config, labels)
+    errors = "".join(cards) or "<p>No errors on this split.</p>"
+    coverage = _coverage_section(coverage_png)
     model = report.get("model") or {}
     title = f"flystage evaluation: {report.get('split', '')} split, {report['n']} images"
     other_manifest = (

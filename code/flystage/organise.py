@@ -742,18 +742,8 @@ def write_manifest(records: Sequence[Record], path: str | Path, force: bool = Fa
     return path
 
 
-def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
-    """Records of a manifest CSV, with image paths resolved against the manifest's folder.
-
-    Raises ``ManifestError`` for a missing file, missing columns, an empty manifest, a short
-    row, bad split values, a relative path that leaves the manifest's folder through ``..``,
-    (with ``check_files``) images that do not exist, a group in two splits, or one image in
-    two splits (the same file once resolved, or the same SHA-1 where the column holds a
-    40-digit hex SHA-1); the message names the rows.
-    """
-    path = real_path(path)
-    if not os.path.isfile(path):
-        raise ManifestError(f"{path}: manifest not found; make one with `flystage organise`")
+def _manifest_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """The manifest's columns and its (line number, row) pairs; every column required."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -774,31 +764,17 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
         raise ManifestError(
             f"{path}: not a valid CSV ({exc}); make one with `flystage organise`"
         ) from None
-    if not rows:
-        raise ManifestError(f"{path}: the manifest has no rows")
-    records, bad_split, missing_files, escaping, lines = [], [], [], [], []
-    for line, row in rows:
-        short = [c for c in columns if row.get(c) is None]
-        if short:
-            raise ManifestError(
-                f"{path}: line {line}: no value for column(s) {short}; every row needs "
-                f"{len(columns)} values"
-            )
-        image = _cell_path(row["path"], f"{path}: line {line}")
-        if not image.is_absolute():
-            image = path.parent / image
-            # Relative paths name images below the manifest's folder; '..' must not lead out.
-            if not Path(os.path.normpath(image)).is_relative_to(path.parent):
-                escaping.append(f"line {line}: {row['path']!r}")
-        if row["split"] not in SPLITS:
-            bad_split.append(f"line {line}: {row['split']!r}")
-        if not row["label"]:
-            raise ManifestError(f"{path}: line {line} has an empty label")
-        if check_files and not os.path.isfile(image):
-            missing_files.append(str(image))
-        extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k is not None}
-        records.append(Record(image, row["label"], row["group"], row["split"], row["sha1"], extra))
-        lines.append(line)
+    return columns, rows
+
+
+def _refuse_bad_rows(
+    path: Path,
+    records: list[Record],
+    escaping: list[str],
+    bad_split: list[str],
+    missing_files: list[str],
+) -> None:
+    """Raise ``ManifestError`` for the rows found wrong, or for a group in two splits."""
     if escaping:
         raise ManifestError(
             f"{path}: relative path(s) that leave the manifest's folder {path.parent} through "
@@ -830,6 +806,47 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
         raise ManifestError(
             f"{path}: group(s) {leaking[:10]} appear in more than one split; organise again"
         )
+
+
+def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
+    """Records of a manifest CSV, with image paths resolved against the manifest's folder.
+
+    Raises ``ManifestError`` for a missing file, missing columns, an empty manifest, a short
+    row, bad split values, a relative path that leaves the manifest's folder through ``..``,
+    (with ``check_files``) images that do not exist, a group in two splits, or one image in
+    two splits (the same file once resolved, or the same SHA-1 where the column holds a
+    40-digit hex SHA-1); the message names the rows.
+    """
+    path = real_path(path)
+    if not os.path.isfile(path):
+        raise ManifestError(f"{path}: manifest not found; make one with `flystage organise`")
+    columns, rows = _manifest_rows(path)
+    if not rows:
+        raise ManifestError(f"{path}: the manifest has no rows")
+    records, bad_split, missing_files, escaping, lines = [], [], [], [], []
+    for line, row in rows:
+        short = [c for c in columns if row.get(c) is None]
+        if short:
+            raise ManifestError(
+                f"{path}: line {line}: no value for column(s) {short}; every row needs "
+                f"{len(columns)} values"
+            )
+        image = _cell_path(row["path"], f"{path}: line {line}")
+        if not image.is_absolute():
+            image = path.parent / image
+            # Relative paths name images below the manifest's folder; '..' must not lead out.
+            if not Path(os.path.normpath(image)).is_relative_to(path.parent):
+                escaping.append(f"line {line}: {row['path']!r}")
+        if row["split"] not in SPLITS:
+            bad_split.append(f"line {line}: {row['split']!r}")
+        if not row["label"]:
+            raise ManifestError(f"{path}: line {line} has an empty label")
+        if check_files and not os.path.isfile(image):
+            missing_files.append(str(image))
+        extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k is not None}
+        records.append(Record(image, row["label"], row["group"], row["split"], row["sha1"], extra))
+        lines.append(line)
+    _refuse_bad_rows(path, records, escaping, bad_split, missing_files)
     _refuse_images_in_two_splits(path, records, lines)
     return records
 

@@ -732,47 +732,14 @@ def run_with(
     if args.k < 1 or args.batch_size < 1:
         _print("error: --k and --batch-size must be at least 1", file=sys.stderr)
         return 2
-    folder = args.folder.expanduser().resolve()
-    if not folder.exists():
-        _print(f"error: {folder}: no such folder or file", file=sys.stderr)
+    found = _find_images(args.folder)
+    if found is None:
         return 2
-    paths, ignored = iter_images([folder])
-    if ignored:
-        _print(
-            "ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(ignored.items())),
-            file=sys.stderr,
-        )
-    if not paths:
-        _print(
-            f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr
-        )
+    folder, paths = found
+    outputs = _output_paths(args)
+    if outputs is None:
         return 2
-    json_path = args.json or args.out.with_suffix(".json")
-    for out in (args.out, json_path):
-        if out.exists() and not args.force:
-            _print(
-                f"error: {out} already exists; choose another name or pass --force", file=sys.stderr
-            )
-            return 2
-    undo_path = args.undo_manifest or args.out.with_name(
-        f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv"
-    )
-    if args.rename and undo_path.exists():
-        _print(
-            f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr
-        )
-        return 2
-    # Every output must be writable before the first image is predicted, not after all of them.
-    checks = [(args.out, "--out"), (json_path, "--json")] + (
-        [(undo_path, "--undo-manifest")] if args.rename else []
-    )
-    for out, option in checks:
-        problem = _unwritable(out)
-        if problem:
-            _print(
-                f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr
-            )
-            return 2
+    json_path, undo_path = outputs
     root = folder if folder.is_dir() else folder.parent
     predictions = predict_files(
         predictor,
@@ -807,6 +774,59 @@ def run_with(
         _print(f"undo with: flystage predict --undo {undo_path}")
         status = 1 if report.problems or errors else 0
     return status
+
+
+def _find_images(folder: Path) -> tuple[Path, list[Path]] | None:
+    """The resolved ``folder`` and the images under it; None (after printing why) when there
+    are none. Ignored files are counted on stderr."""
+    folder = folder.expanduser().resolve()
+    if not folder.exists():
+        _print(f"error: {folder}: no such folder or file", file=sys.stderr)
+        return None
+    paths, ignored = iter_images([folder])
+    if ignored:
+        _print(
+            "ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(ignored.items())),
+            file=sys.stderr,
+        )
+    if not paths:
+        _print(
+            f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr
+        )
+        return None
+    return folder, paths
+
+
+def _output_paths(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """The JSON and undo-manifest paths, every output checked new (or --force) and writable
+    before the first image is predicted; None (after printing why) when one is not."""
+    json_path = args.json or args.out.with_suffix(".json")
+    for out in (args.out, json_path):
+        if out.exists() and not args.force:
+            _print(
+                f"error: {out} already exists; choose another name or pass --force", file=sys.stderr
+            )
+            return None
+    undo_path = args.undo_manifest or args.out.with_name(
+        f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv"
+    )
+    if args.rename and undo_path.exists():
+        _print(
+            f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr
+        )
+        return None
+    # Every output must be writable before the first image is predicted, not after all of them.
+    checks = [(args.out, "--out"), (json_path, "--json")] + (
+        [(undo_path, "--undo-manifest")] if args.rename else []
+    )
+    for out, option in checks:
+        problem = _unwritable(out)
+        if problem:
+            _print(
+                f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr
+            )
+            return None
+    return json_path, undo_path
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from flystage import jobdef, predict
 from flystage.cloud.settings import CloudError, load_settings
@@ -154,15 +155,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """Add local mode's options and sub-commands to ``p`` (``flystage local``'s parser)."""
-    p.add_argument(
-        "--runs",
-        type=Path,
-        default=Path("runs/local"),
-        help="folder of jobs, channels and models (default runs/local)",
-    )
-    sub = p.add_subparsers(dest="local_command", metavar="LOCAL_COMMAND", required=True)
+def _add_job_commands(sub: Any) -> None:
+    """The ``train`` and ``tune`` sub-commands."""
     for name, helptext in (
         ("train", "run one training job"),
         ("tune", "run a small hyperparameter search"),
@@ -204,6 +198,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     sub.choices["tune"].add_argument(
         "--seed", type=int, default=0, help="seed of the quasi-random design"
     )
+
+
+def _add_serve_command(sub: Any) -> None:
+    """The ``serve`` sub-command."""
     s = sub.add_parser("serve", help="start the serve image on a model.tar.gz")
     s.add_argument(
         "--model", type=Path, help="model.tar.gz or model folder (default: the newest under --runs)"
@@ -229,6 +227,19 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="container environment (e.g. SAGEMAKER_MODEL_SERVER_WORKERS=2)",
     )
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Add local mode's options and sub-commands to ``p`` (``flystage local``'s parser)."""
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/local"),
+        help="folder of jobs, channels and models (default runs/local)",
+    )
+    sub = p.add_subparsers(dest="local_command", metavar="LOCAL_COMMAND", required=True)
+    _add_job_commands(sub)
+    _add_serve_command(sub)
     s = sub.add_parser("predict", help="send every image of a folder to the local server")
     predict.add_output_arguments(s)
     s.add_argument(

@@ -17,6 +17,7 @@ import docker.errors
 from docker.models.containers import Container
 from docker.models.networks import Network
 
+from flystage.cloud.ecr import docker_engine
 from flystage_local import LocalModeError
 
 LABEL = "flystage.local"
@@ -26,16 +27,13 @@ LABEL_ROLE = "flystage.local.role"
 
 def connect() -> docker.DockerClient:
     """A client of the local Docker engine (DOCKER_HOST etc. as the docker CLI reads them)."""
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise LocalModeError(
+    return docker_engine(
+        lambda exc: LocalModeError(
             f"cannot reach the Docker engine ({exc}); "
             "start it (e.g. `dockerd >/var/log/dockerd.log 2>&1 &`) "
             "and check `docker info`"
-        ) from None
-    return client
+        )
+    )
 
 
 def require_image(client: docker.DockerClient, image: str) -> None:

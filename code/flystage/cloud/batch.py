@@ -59,6 +59,48 @@ def transform_job_request(
     }
 
 
+def _local_images(source: str) -> tuple[Path, list[Path]]:
+    """The folder ``source``, resolved, and the images under it (refused when none)."""
+    from flystage.organise import iter_images
+
+    root = Path(source).expanduser().resolve()
+    if not root.is_dir():
+        raise CloudError(f"{root}: not a folder; give a folder of images or an s3:// prefix")
+    local, _ = iter_images([root])
+    if not local:
+        raise CloudError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {root}")
+    return root, local
+
+
+def _run_transform_job(
+    api: Api, settings: Settings, name: str, model_name: str, input_uri: str, output_uri: str
+) -> None:
+    """Start the transform job and wait for it; raises unless it Completed."""
+    api.call(
+        "sagemaker",
+        "create_transform_job",
+        **transform_job_request(settings, name, model_name, input_uri, output_uri),
+    )
+    api.say(f"started transform job {name}: {input_uri} -> {output_uri}")
+    try:
+        api.wait(
+            "sagemaker",
+            "transform_job_completed_or_stopped",
+            settings.poll_s,
+            TransformJobName=name,
+        )
+    except CloudError:
+        pass  # the description below says why
+    if not api.dry_run:
+        described = api.call("sagemaker", "describe_transform_job", TransformJobName=name)
+        if described["TransformJobStatus"] != "Completed":
+            raise CloudError(
+                f"transform job {name} {described['TransformJobStatus']}: "
+                f"{described.get('FailureReason', '')}; see /aws/sagemaker/TransformJobs in "
+                "CloudWatch"
+            )
+
+
 def batch_predict(
     api: Api,
     settings: Settings,
@@ -93,14 +135,7 @@ def batch_predict(
     if source.startswith("s3://"):
         input_uri = source
     else:
-        from flystage.organise import iter_images
-
-        root = Path(source).expanduser().resolve()
-        if not root.is_dir():
-            raise CloudError(f"{root}: not a folder; give a folder of images or an s3:// prefix")
-        local, _ = iter_images([root])
-        if not local:
-            raise CloudError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {root}")
+        root, local = _local_images(source)
         input_uri = settings.s3_uri("batch", name, "input")
         upload_files(api, plan_folder(local, root), *parse_s3_uri(input_uri))
     output_uri = settings.s3_uri("batch", name, "output")
@@ -116,29 +151,7 @@ def batch_predict(
         ),
     )
     try:
-        api.call(
-            "sagemaker",
-            "create_transform_job",
-            **transform_job_request(settings, name, model_name, input_uri, output_uri),
-        )
-        api.say(f"started transform job {name}: {input_uri} -> {output_uri}")
-        try:
-            api.wait(
-                "sagemaker",
-                "transform_job_completed_or_stopped",
-                settings.poll_s,
-                TransformJobName=name,
-            )
-        except CloudError:
-            pass  # the description below says why
-        if not api.dry_run:
-            described = api.call("sagemaker", "describe_transform_job", TransformJobName=name)
-            if described["TransformJobStatus"] != "Completed":
-                raise CloudError(
-                    f"transform job {name} {described['TransformJobStatus']}: "
-                    f"{described.get('FailureReason', '')}; see /aws/sagemaker/TransformJobs in "
-                    "CloudWatch"
-                )
+        _run_transform_job(api, settings, name, model_name, input_uri, output_uri)
     finally:
         api.call("sagemaker", "delete_model", ModelName=model_name)
     api.say(f"answers in {output_uri}/ (one <image>.out JSON per image)")

@@ -11,7 +11,7 @@ machine (Apple silicon, Graviton) starts there with "exec format error". The ima
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flystage.cloud.session import Api
@@ -85,6 +85,19 @@ def check_push_stream(lines: Iterable[dict[str, Any]], target: str) -> list[dict
     return seen
 
 
+def docker_engine(failure: Callable[[Exception], Exception]) -> Any:
+    """A client of the local Docker engine (DOCKER_HOST etc. as the docker CLI reads them),
+    pinged; ``failure(error)`` is raised (from None) when the engine does not answer."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as err:
+        raise failure(err) from None
+    return client
+
+
 def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, str]:
     """Create the repositories, log in with the ECR token, tag and push both images.
 
@@ -94,21 +107,37 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
     ``settings.registry_override`` names another (a local registry in tests).
     """
     if docker_client is None and not api.dry_run:
-        import docker
-
-        try:
-            docker_client = docker.from_env()
-            docker_client.ping()
-        except docker.errors.DockerException as err:
-            raise CloudError(
+        docker_client = docker_engine(
+            lambda err: CloudError(
                 f"cannot reach the Docker engine ({err}): start it (dockerd) and retry"
-            ) from None
+            )
+        )
+    images = {} if api.dry_run else _local_images(docker_client, settings)
+    _create_repositories(api, settings)
+    token = api.call("ecr", "get_authorization_token")
+    if api.dry_run:
+        return _push_dry_run(api, settings)
+    registry, credentials = _login(docker_client, settings, token)
+    return {
+        local: _push_image(
+            api,
+            docker_client,
+            images[local],
+            local,
+            f"{registry}/{repository}",
+            settings.image_tag,
+            credentials,
+        )
+        for local, repository in image_pairs(settings)
+    }
+
+
+def _local_images(docker_client: Any, settings: Settings) -> dict[str, Any]:
+    """The two local images, each checked linux/amd64."""
+    import docker
+
     images = {}
     for local, _ in image_pairs(settings):
-        if api.dry_run:
-            continue
-        import docker
-
         try:
             images[local] = docker_client.images.get(local)
         except docker.errors.ImageNotFound:
@@ -116,7 +145,11 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
                 f"local image {local} not found: build it with `make images`"
             ) from None
         check_platform(images[local], local)
+    return images
 
+
+def _create_repositories(api: Api, settings: Settings) -> None:
+    """Create both ECR repositories (scan on push, tagged); one that exists is kept."""
     for _, repository in image_pairs(settings):
         try:
             api.call(
@@ -131,51 +164,63 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
             if api.error_code(err) != "RepositoryAlreadyExistsException":
                 raise
 
-    token = api.call("ecr", "get_authorization_token")
-    if api.dry_run:
-        registry = (
-            _host(settings.registry_override)
-            if settings.registry_override
-            else f"<account-id>.dkr.ecr.{api.region}.amazonaws.com"
+
+def _push_dry_run(api: Api, settings: Settings) -> dict[str, str]:
+    """The pushes a real run would make, as dry-run calls; the URIs they would give."""
+    registry = (
+        _host(settings.registry_override)
+        if settings.registry_override
+        else f"<account-id>.dkr.ecr.{api.region}.amazonaws.com"
+    )
+    uris = {}
+    for local, repository in image_pairs(settings):
+        uri = f"{registry}/{repository}:{settings.image_tag}"
+        api.call(
+            "docker",
+            "push",
+            image=local,
+            repository=uri.rsplit(":", 1)[0],
+            tag=settings.image_tag,
         )
-        uris = {}
-        for local, repository in image_pairs(settings):
-            uri = f"{registry}/{repository}:{settings.image_tag}"
-            api.call(
-                "docker",
-                "push",
-                image=local,
-                repository=uri.rsplit(":", 1)[0],
-                tag=settings.image_tag,
-            )
-            uris[local] = uri
-        return uris
+        uris[local] = uri
+    return uris
+
+
+def _login(docker_client: Any, settings: Settings, token: dict) -> tuple[str, dict[str, str]]:
+    """Log the Docker client in to the registry with the ECR token: (registry host,
+    credentials for each push)."""
+    import docker
 
     auth = token["authorizationData"][0]
     username, password = base64.b64decode(auth["authorizationToken"]).decode().split(":", 1)
     registry = _host(settings.registry_override or auth["proxyEndpoint"])
-    import docker
-
     try:
         docker_client.login(username=username, password=password, registry=registry, reauth=True)
     except docker.errors.APIError as err:
         raise CloudError(f"docker login to {registry} failed: {err.explanation or err}") from None
-    credentials = {"username": username, "password": password}
+    return registry, {"username": username, "password": password}
 
-    uris = {}
-    for local, repository in image_pairs(settings):
-        target = f"{registry}/{repository}"
-        if not images[local].tag(target, tag=settings.image_tag):
-            raise CloudError(f"could not tag {local} as {target}:{settings.image_tag}")
-        api.say(f"pushing {local} -> {target}:{settings.image_tag}")
-        try:
-            stream = docker_client.images.push(
-                target, tag=settings.image_tag, stream=True, decode=True, auth_config=credentials
-            )
-            check_push_stream(stream, f"{target}:{settings.image_tag}")
-        except docker.errors.APIError as err:
-            raise CloudError(
-                f"push of {target}:{settings.image_tag} failed: {err.explanation or err}"
-            ) from None
-        uris[local] = f"{target}:{settings.image_tag}"
-    return uris
+
+def _push_image(
+    api: Api,
+    docker_client: Any,
+    image: Any,
+    local: str,
+    target: str,
+    tag: str,
+    credentials: dict[str, str],
+) -> str:
+    """Tag ``image`` (named ``local``) as ``target:tag`` and push it; the pushed URI."""
+    import docker
+
+    if not image.tag(target, tag=tag):
+        raise CloudError(f"could not tag {local} as {target}:{tag}")
+    api.say(f"pushing {local} -> {target}:{tag}")
+    try:
+        stream = docker_client.images.push(
+            target, tag=tag, stream=True, decode=True, auth_config=credentials
+        )
+        check_push_stream(stream, f"{target}:{tag}")
+    except docker.errors.APIError as err:
+        raise CloudError(f"push of {target}:{tag} failed: {err.explanation or err}") from None
+    return f"{target}:{tag}"

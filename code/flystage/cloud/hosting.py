@@ -8,6 +8,7 @@ its config and its model, each only if it carries flystage's tags; never S3 data
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flystage.cloud import ecr
@@ -135,48 +136,44 @@ def _delete_config_and_models(api: Api, config_name: str, models: list[str]) -> 
         api.say(f"deleted model {model}")
 
 
-def deploy(
-    api: Api, settings: Settings, model_data: str | None = None, *, wait: bool = True
-) -> str:
-    """Create (or update) the endpoint ``settings.endpoint_name``; returns its name."""
-    settings.require("role_arn")
-    model_data = model_data_uri(api, settings, model_data)
-    image = ecr.image_uri(api, settings, settings.serve_repository)
-    stamp = job_name("x").removeprefix("flystage-x-")
-    model_name = derived_name(settings.endpoint_name, "model", stamp)
-    config_name = derived_name(settings.endpoint_name, "config", stamp)
-    existing = None if api.dry_run else current_endpoint(api, settings.endpoint_name)
-    # Checked before creating anything, so a refused deploy leaves nothing behind.
-    if existing is not None and existing["EndpointStatus"] == "Failed":
+def _check_updatable(
+    api: Api, settings: Settings, existing: dict[str, Any] | None
+) -> tuple[str | None, list[str]]:
+    """Refuse a deploy onto an endpoint that cannot be updated (Failed, not InService, or
+    instance-based when serverless is asked). Returns the endpoint's current config and its
+    models (None, [] when there is no endpoint yet)."""
+    if existing is None:
+        return None, []
+    if existing["EndpointStatus"] == "Failed":
         raise CloudError(
             f"endpoint {settings.endpoint_name} is Failed "
             f"({existing.get('FailureReason', 'no reason given')}) and cannot be updated: run "
             "`make teardown`, then `make deploy`"
         )
-    if existing is not None and existing["EndpointStatus"] != "InService":
+    if existing["EndpointStatus"] != "InService":
         raise CloudError(
             f"endpoint {settings.endpoint_name} is {existing['EndpointStatus']}: wait until it "
             "is InService before deploying again"
         )
-    if existing is not None:
-        old_config = existing["EndpointConfigName"]
-        old_variants = _config_variants(api, old_config)
-        old_models = [v["ModelName"] for v in old_variants]
-        # SageMaker cannot turn an instance-based endpoint into a serverless one: the update
-        # would fail after the model and config exist.
-        if settings.serverless and any("ServerlessConfig" not in v for v in old_variants):
-            raise CloudError(
-                f"endpoint {settings.endpoint_name} runs on instances and SageMaker cannot "
-                "update it to serverless: run `make teardown` first, or deploy under another "
-                "endpoint_name (FLYSTAGE_ENDPOINT_NAME=...)"
-            )
-    api.call("sagemaker", "create_model", **model_request(settings, model_name, image, model_data))
-    api.call(
-        "sagemaker",
-        "create_endpoint_config",
-        **endpoint_config_request(settings, config_name, model_name),
-    )
-    if existing is None:
+    old_config = existing["EndpointConfigName"]
+    old_variants = _config_variants(api, old_config)
+    # SageMaker cannot turn an instance-based endpoint into a serverless one: the update
+    # would fail after the model and config exist.
+    if settings.serverless and any("ServerlessConfig" not in v for v in old_variants):
+        raise CloudError(
+            f"endpoint {settings.endpoint_name} runs on instances and SageMaker cannot "
+            "update it to serverless: run `make teardown` first, or deploy under another "
+            "endpoint_name (FLYSTAGE_ENDPOINT_NAME=...)"
+        )
+    old_models = [v["ModelName"] for v in old_variants]
+    return old_config, old_models
+
+
+def _create_or_update_endpoint(
+    api: Api, settings: Settings, config_name: str, *, update: bool
+) -> None:
+    """Point the endpoint at ``config_name``: create it (tagged), or update it."""
+    if not update:
         api.call(
             "sagemaker",
             "create_endpoint",
@@ -191,6 +188,43 @@ def deploy(
             EndpointName=settings.endpoint_name,
             EndpointConfigName=config_name,
         )
+
+
+def _wait_in_service(api: Api, settings: Settings) -> None:
+    """Wait until the endpoint is InService; a failure says its status, reason and log."""
+    try:
+        api.wait(
+            "sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name
+        )
+    except CloudError:
+        described = api.call("sagemaker", "describe_endpoint", EndpointName=settings.endpoint_name)
+        raise CloudError(
+            f"endpoint {settings.endpoint_name} is {described['EndpointStatus']}: "
+            f"{described.get('FailureReason', 'no reason given')}; the container log is in "
+            f"CloudWatch under /aws/sagemaker/Endpoints/{settings.endpoint_name}"
+        ) from None
+
+
+def deploy(
+    api: Api, settings: Settings, model_data: str | None = None, *, wait: bool = True
+) -> str:
+    """Create (or update) the endpoint ``settings.endpoint_name``; returns its name."""
+    settings.require("role_arn")
+    model_data = model_data_uri(api, settings, model_data)
+    image = ecr.image_uri(api, settings, settings.serve_repository)
+    stamp = job_name("x").removeprefix("flystage-x-")
+    model_name = derived_name(settings.endpoint_name, "model", stamp)
+    config_name = derived_name(settings.endpoint_name, "config", stamp)
+    existing = None if api.dry_run else current_endpoint(api, settings.endpoint_name)
+    # Checked before creating anything, so a refused deploy leaves nothing behind.
+    old_config, old_models = _check_updatable(api, settings, existing)
+    api.call("sagemaker", "create_model", **model_request(settings, model_name, image, model_data))
+    api.call(
+        "sagemaker",
+        "create_endpoint_config",
+        **endpoint_config_request(settings, config_name, model_name),
+    )
+    _create_or_update_endpoint(api, settings, config_name, update=existing is not None)
     if api.dry_run:
         api.wait(
             "sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name
@@ -207,21 +241,46 @@ def deploy(
     )
     if not wait:
         return settings.endpoint_name
-    try:
-        api.wait(
-            "sagemaker", "endpoint_in_service", settings.poll_s, EndpointName=settings.endpoint_name
-        )
-    except CloudError:
-        described = api.call("sagemaker", "describe_endpoint", EndpointName=settings.endpoint_name)
-        raise CloudError(
-            f"endpoint {settings.endpoint_name} is {described['EndpointStatus']}: "
-            f"{described.get('FailureReason', 'no reason given')}; the container log is in "
-            f"CloudWatch under /aws/sagemaker/Endpoints/{settings.endpoint_name}"
-        ) from None
+    _wait_in_service(api, settings)
     if existing is not None and old_config != config_name:
         _delete_config_and_models(api, old_config, old_models)
     api.say(f"endpoint {settings.endpoint_name} is InService")
     return settings.endpoint_name
+
+
+def _teardown_dry_run(api: Api, name: str, wanted: str) -> None:
+    """The calls teardown makes, as dry-run calls (what each names is not known yet)."""
+    api.call("sagemaker", "describe_endpoint", EndpointName=name)
+    api.call("sagemaker", "list_tags", ResourceArn=f"<EndpointArn of {name}>")
+    api.call(
+        "sagemaker",
+        "describe_endpoint_config",
+        EndpointConfigName=f"<EndpointConfigName of {name}>",
+    )
+    api.call("sagemaker", "list_tags", ResourceArn="<EndpointConfigArn of that config>")
+    api.call("sagemaker", "delete_endpoint", EndpointName=name)
+    api.call(
+        "sagemaker",
+        "delete_endpoint_config",
+        EndpointConfigName=f"<EndpointConfigName of {name}>",
+    )
+    api.call("sagemaker", "describe_model", ModelName="<ModelName of each variant of that config>")
+    api.call("sagemaker", "list_tags", ResourceArn="<ModelArn of that model>")
+    api.call("sagemaker", "delete_model", ModelName="<ModelName of each variant of that config>")
+    api.say(f"# each is deleted only if it carries the tags {wanted}")
+
+
+def _owned(api: Api, tags: dict, wanted: str, kind: str, resource: str, arn: str) -> bool:
+    """Whether the resource at ``arn`` carries every tag of ``tags``; says so when not."""
+    listed = api.call("sagemaker", "list_tags", ResourceArn=arn).get("Tags", [])
+    carried = {t["Key"]: t["Value"] for t in listed}
+    if all(carried.get(k) == str(v) for k, v in tags.items()):
+        return True
+    api.say(
+        f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it "
+        "yourself if it is yours"
+    )
+    return False
 
 
 def teardown(api: Api, settings: Settings) -> list[str]:
@@ -236,41 +295,11 @@ def teardown(api: Api, settings: Settings) -> list[str]:
     name = settings.endpoint_name
     wanted = ", ".join(f"{k}={v}" for k, v in sorted(settings.tags.items()))
     if api.dry_run:
-        api.call("sagemaker", "describe_endpoint", EndpointName=name)
-        api.call("sagemaker", "list_tags", ResourceArn=f"<EndpointArn of {name}>")
-        api.call(
-            "sagemaker",
-            "describe_endpoint_config",
-            EndpointConfigName=f"<EndpointConfigName of {name}>",
-        )
-        api.call("sagemaker", "list_tags", ResourceArn="<EndpointConfigArn of that config>")
-        api.call("sagemaker", "delete_endpoint", EndpointName=name)
-        api.call(
-            "sagemaker",
-            "delete_endpoint_config",
-            EndpointConfigName=f"<EndpointConfigName of {name}>",
-        )
-        api.call(
-            "sagemaker", "describe_model", ModelName="<ModelName of each variant of that config>"
-        )
-        api.call("sagemaker", "list_tags", ResourceArn="<ModelArn of that model>")
-        api.call(
-            "sagemaker", "delete_model", ModelName="<ModelName of each variant of that config>"
-        )
-        api.say(f"# each is deleted only if it carries the tags {wanted}")
+        _teardown_dry_run(api, name, wanted)
         return []
     deleted: list[str] = []
 
-    def owned(kind: str, resource: str, arn: str) -> bool:
-        listed = api.call("sagemaker", "list_tags", ResourceArn=arn).get("Tags", [])
-        tags = {t["Key"]: t["Value"] for t in listed}
-        if all(tags.get(k) == str(v) for k, v in settings.tags.items()):
-            return True
-        api.say(
-            f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it "
-            "yourself if it is yours"
-        )
-        return False
+    owned = functools.partial(_owned, api, settings.tags, wanted)
 
     existing = current_endpoint(api, name)
     if existing is None:

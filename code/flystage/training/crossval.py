@@ -148,6 +148,30 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, batch_size: int = 
     return np.concatenate(chunks) if chunks else np.zeros((0, 0))
 
 
+def _fold_report(
+    fold: Any,
+    group_column: str,
+    probs: np.ndarray,
+    targets: np.ndarray,
+    result: Any,
+    seconds: float,
+) -> dict[str, Any]:
+    """One fold's line of the report: its images, scores and training."""
+    return {
+        "group": fold.group,
+        "n_test": len(fold.test),
+        "n_train": len(fold.train),
+        "n_valid": len(fold.valid),
+        "valid_groups": sorted({group_of(r, group_column) for r in fold.valid}),
+        "top1": round(topk_accuracy(probs, targets, 1), 6),
+        "top3": round(topk_accuracy(probs, targets, 3), 6),
+        "best_epoch": int(result.best["epoch"]) if "epoch" in result.best else None,
+        "temperature": result.best.get("temperature"),
+        "epochs_run": len(result.history),
+        "seconds": round(seconds, 1),
+    }
+
+
 def crossval(
     records: Sequence[Record],
     config: TrainConfig,
@@ -189,21 +213,7 @@ def crossval(
         probs = predict_probs(result.model, cache.get([r.path for r in fold.test]))
         targets = np.array([index[r.label] for r in fold.test], dtype=np.int64)
         seconds = time.perf_counter() - t0
-        fold_reports.append(
-            {
-                "group": fold.group,
-                "n_test": len(fold.test),
-                "n_train": len(fold.train),
-                "n_valid": len(fold.valid),
-                "valid_groups": sorted({group_of(r, group_column) for r in fold.valid}),
-                "top1": round(topk_accuracy(probs, targets, 1), 6),
-                "top3": round(topk_accuracy(probs, targets, 3), 6),
-                "best_epoch": int(result.best["epoch"]) if "epoch" in result.best else None,
-                "temperature": result.best.get("temperature"),
-                "epochs_run": len(result.history),
-                "seconds": round(seconds, 1),
-            }
-        )
+        fold_reports.append(_fold_report(fold, group_column, probs, targets, result, seconds))
         log(
             f"fold {i}/{len(plan)}: {group_column}={fold.group} "
             f"top1={fold_reports[-1]['top1']:.3f} top3={fold_reports[-1]['top3']:.3f} "

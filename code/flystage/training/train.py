@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -867,20 +867,7 @@ def fit(
         )
         state.samples_seen += int(seen)
         if stopped:
-            # The checkpoint says epoch - 1: a restart runs this epoch again, from the weights
-            # reached so far.
-            _save_state(checkpoint, state, *run)
-            say(
-                f"SIGTERM: stopped in epoch {epoch} after a step; "
-                + (
-                    f"checkpoint saved to {checkpoint}"
-                    if checkpoint
-                    else "no checkpoint dir, nothing saved"
-                )
-            )
-            raise TrainingStopped(
-                f"stopped by SIGTERM in epoch {epoch}", state.epoch, checkpoint, best_so_far()
-            )
+            _stop_on_sigterm(epoch, state, checkpoint, run, say, best_so_far)
         entry = _finish_epoch(
             epoch, loss_sum, seen, t0, model, valid_loader, len(labels), optimizer, config, say
         )
@@ -901,6 +888,44 @@ def fit(
                 f"stopped after epoch {epoch} (stop_after_epoch)", epoch, checkpoint, best_so_far()
             )
 
+    return _best_result(state, setup, model, labels, config, checkpoint, say)
+
+
+def _stop_on_sigterm(
+    epoch: int,
+    state: TrainState,
+    checkpoint: Path | None,
+    run: tuple,
+    say: Callable[[str], None],
+    best_so_far: Callable[[], FitResult],
+) -> NoReturn:
+    """Save the state reached in ``epoch`` and raise ``TrainingStopped`` (SIGTERM)."""
+    # The checkpoint says epoch - 1: a restart runs this epoch again, from the weights
+    # reached so far.
+    _save_state(checkpoint, state, *run)
+    say(
+        f"SIGTERM: stopped in epoch {epoch} after a step; "
+        + (
+            f"checkpoint saved to {checkpoint}"
+            if checkpoint
+            else "no checkpoint dir, nothing saved"
+        )
+    )
+    raise TrainingStopped(
+        f"stopped by SIGTERM in epoch {epoch}", state.epoch, checkpoint, best_so_far()
+    )
+
+
+def _best_result(
+    state: TrainState,
+    setup: Any,
+    model: nn.Module,
+    labels: list[str],
+    config: TrainConfig,
+    checkpoint: Path | None,
+    say: Callable[[str], None],
+) -> FitResult:
+    """The model at its best epoch, said and returned as the run's result."""
     if state.best_state is None:  # resumed from a checkpoint of a run that had already finished
         raise DataError(f"{checkpoint} holds no trained epoch; remove it and train again")
     model.load_state_dict(state.best_state)
@@ -1056,9 +1081,8 @@ def _in_sagemaker() -> bool:
     return "SM_TRAINING_ENV" in os.environ or "SM_MODEL_DIR" in os.environ
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Options of ``flystage train`` and of the SageMaker program (hyperparameters with
-    underscores; hyphen aliases accepted). Paths default to the SageMaker environment."""
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The channels, output folders and hosts, each defaulting to the SageMaker environment."""
     env = os.environ.get
     io = parser.add_argument_group("data and output (defaults from the SageMaker environment)")
     io.add_argument(
@@ -1113,6 +1137,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="this host's name (SM_CURRENT_HOST)",
     )
     io.add_argument("--force", action="store_true", help="replace a model already in --model-dir")
+
+
+def _add_folder_channel_options(parser: argparse.ArgumentParser) -> None:
+    """How a channel without manifest.csv is labelled and grouped."""
     rules = parser.add_argument_group(
         "folder channels (a channel without manifest.csv is read as `flystage organise` reads a "
         "folder)"
@@ -1144,6 +1172,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "'^(?P<group>[^/]+)/'; needed to draw the validation split from a folder channel",
     )
 
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Options of ``flystage train`` and of the SageMaker program (hyperparameters with
+    underscores; hyphen aliases accepted). Paths default to the SageMaker environment."""
+    _add_data_options(parser)
+    _add_folder_channel_options(parser)
     add_config_options(parser)
 
 
@@ -1336,6 +1370,41 @@ def _save(
         _write_history(Path(args.output_data_dir), result.history, result.best)
 
 
+def _note_unused_by_probe(args: argparse.Namespace, config: TrainConfig) -> None:
+    """Say which given hyperparameters the exactly solved probe does not use."""
+    solved = [
+        name
+        for name in ("learning_rate", "batch_size", "epochs")
+        if getattr(args, name, None) is not None
+    ]
+    if (
+        solved
+        and all(config.mode_of(a) == "probe" for a in config.member_archs)
+        and config.probe_solver == "lbfgs"
+    ):
+        # A tuning job over these would train the same model every trial: say so in its log.
+        _log(
+            f"note: {', '.join(solved)} not used: the probe's head is solved exactly "
+            "(probe_solver=lbfgs); tune probe_l2, or train with probe_solver=sgd or "
+            "mode=finetune"
+        )
+
+
+def _report_failure(exc: Exception) -> None:
+    """Write the failure file and say on stderr why training failed (with the traceback
+    unless it is a usage or data error)."""
+    cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = f"{cause}\n\n{traceback.format_exc()}"
+    where = _write_failure(text)
+    print(
+        f"training failed: {cause}" + (f" (traceback in {where})" if where else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    if not isinstance(exc, (UsageError, DataError)):
+        traceback.print_exc()
+
+
 def run(args: argparse.Namespace) -> int:
     """Train from parsed arguments; 0 on success, ``EXIT_STOPPED`` when stopped with a
     checkpoint, 1 on an error (traceback in ``<base>/output/failure`` under SageMaker)."""
@@ -1345,22 +1414,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set())
     try:
         config = config_from_args(args)
-        solved = [
-            name
-            for name in ("learning_rate", "batch_size", "epochs")
-            if getattr(args, name, None) is not None
-        ]
-        if (
-            solved
-            and all(config.mode_of(a) == "probe" for a in config.member_archs)
-            and config.probe_solver == "lbfgs"
-        ):
-            # A tuning job over these would train the same model every trial: say so in its log.
-            _log(
-                f"note: {', '.join(solved)} not used: the probe's head is solved exactly "
-                "(probe_solver=lbfgs); tune probe_l2, or train with probe_solver=sgd or "
-                "mode=finetune"
-            )
+        _note_unused_by_probe(args, config)
         if not args.train:
             raise UsageError("no training data: give --manifest (or set SM_CHANNEL_TRAIN)")
         if not args.model_dir:
@@ -1405,16 +1459,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_STOPPED
     except Exception as exc:
-        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        text = f"{cause}\n\n{traceback.format_exc()}"
-        where = _write_failure(text)
-        print(
-            f"training failed: {cause}" + (f" (traceback in {where})" if where else ""),
-            file=sys.stderr,
-            flush=True,
-        )
-        if not isinstance(exc, (UsageError, DataError)):
-            traceback.print_exc()
+        _report_failure(exc)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():
