@@ -24,27 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import DATA, read_by_gene
 from flystage.evaluate import topk_accuracy
 from flystage.imaging import PreprocessConfig
-from flystage.organise import organise, sort_labels
+from flystage.organise import sort_labels
 from flystage.training.backbones import LiteFeatures
 from flystage.training.data import ImageCache
 from flystage.training.models import HOGFeatures
 from flystage.training.probe import extract, fit_logistic, standardise
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "bdgp-insitu"))
-
-
-def records_of(data: Path):
-    result = organise(
-        [data],
-        labels_csv=data / "labels.csv",
-        label_column="stage_range",
-        group_column="gene",
-        split="none",
-    )
-    return result.records
 
 
 def logo(
@@ -93,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("THREADS", "0")) or torch.get_num_threads())
 
-    records = records_of(args.data)
+    records = read_by_gene(args.data)
     labels = sort_labels({r.label for r in records})
     targets = np.array([labels.index(r.label) for r in records])
     groups = np.array([r.group for r in records])

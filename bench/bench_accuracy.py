@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from flystage.organise import organise, read_manifest, write_manifest
+from common import DATA, read_by_gene
+from flystage.organise import read_manifest, write_manifest
 from flystage.training.crossval import crossval, write_report
 from flystage.training.train import TrainConfig
 from make_lablike import LablikeConfig, LablikeError, make_lablike
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "bdgp-insitu"))
 BASELINE = {"top1": 0.632, "top3": 0.896}  # HOG + logistic regression, same protocol (data README)
 GOAL = {"top1": 0.85, "top3": 0.98}
 
@@ -97,14 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
         # Labels and genes from the data set's own CSV; every image "train": crossval splits.
-        result = organise(
-            [data],
-            labels_csv=data / "labels.csv",
-            label_column="stage_range",
-            group_column="gene",
-            split="none",
-        )
-        manifest = write_manifest(result.records, Path(tmp) / "manifest.csv")
+        manifest = write_manifest(read_by_gene(data), Path(tmp) / "manifest.csv")
         records = read_manifest(manifest)
         folds = args.folds.split(",") if args.folds else None
         print(

@@ -13,6 +13,8 @@ import numpy as np
 import tifffile
 
 LAB_HEIGHT, LAB_WIDTH = 420, 1110
+# The imaging and augmentation tests place marks in pixels of a 128x320 model input.
+SIZE = {"height": 128, "width": 320}
 
 
 def ellipse_mask(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from pathlib import Path
@@ -111,3 +112,30 @@ def encoded(image: np.ndarray, ext: str) -> bytes:
     if not ok:
         raise ValueError(f"OpenCV cannot encode {ext}")
     return data.tobytes()
+
+
+# Each image format the server reads, with its own content type (extension, content type).
+IMAGE_TYPES = [
+    (".tif", "image/tiff"),
+    (".png", "image/png"),
+    (".jpg", "image/jpeg"),
+    (".bmp", "image/bmp"),
+]
+
+
+def image_body(ext: str, seed: int) -> bytes:
+    """A lab-like image as a request body: a 16-bit TIFF for ``.tif``, else 8-bit ``ext``."""
+    image = lab_image(seed=seed)
+    return tiff_bytes(image) if ext == ".tif" else encoded(image, ext)
+
+
+@contextlib.contextmanager
+def healthy_serve_container(model_dir: Path, image: str):
+    """The serve image on model_dir with one model-server worker, once /ping answers 200
+    (three minutes at most); removed on leaving, also when it never became healthy."""
+    from flystage.serving.container import start_serve_container
+
+    one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    with start_serve_container(model_dir, image, environment=one_worker) as container:
+        container.wait_healthy(timeout=180)
+        yield container

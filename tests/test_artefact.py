@@ -349,6 +349,25 @@ def bdgp_set(bdgp_root):
     return train, valid, unseen
 
 
+def train_and_save(train, valid, model_dir: Path, preprocess: PreprocessConfig, **choices):
+    """Two epochs of ``train_model`` (one thread, batches of 8) with the given choices, saved
+    as an artefact in model_dir; returns the result and the metadata."""
+    from flystage.training.train import TrainConfig, train_model
+
+    config = TrainConfig(**choices, epochs=2, batch_size=8, threads=1, preprocess=preprocess)
+    result = train_model(train, valid, config, log=lambda line: None)
+    metadata = save_artefact(
+        model_dir,
+        result.model,
+        config.arch,
+        result.labels,
+        preprocess,
+        result.best,
+        spec=result.spec,
+    )
+    return result, metadata
+
+
 @pytest.mark.parametrize(
     "members, calibrate",
     [
@@ -360,32 +379,15 @@ def test_ensemble_artefact_averages_the_members_probabilities(
     bdgp_set, tmp_path: Path, members, calibrate
 ):
     from flystage.training.models import Calibrated, EnsembleNet
-    from flystage.training.train import TrainConfig, train_model
 
     train, valid, unseen = bdgp_set
     preprocess = PreprocessConfig(height=32, width=80, channels=1)
-    config = TrainConfig(
-        **members,
-        mode="full",
-        calibrate=calibrate,
-        epochs=2,
-        batch_size=8,
-        threads=1,
-        preprocess=preprocess,
+    result, metadata = train_and_save(
+        train, valid, tmp_path, preprocess, **members, mode="full", calibrate=calibrate
     )
-    result = train_model(train, valid, config, log=lambda line: None)
     ensemble = result.model.model if calibrate else result.model
     assert isinstance(ensemble, EnsembleNet) and len(ensemble.members) == 2
     assert isinstance(result.model, Calibrated) == calibrate
-    metadata = save_artefact(
-        tmp_path,
-        result.model,
-        config.arch,
-        result.labels,
-        preprocess,
-        result.best,
-        spec=result.spec,
-    )
     assert metadata.extra["model"] == result.spec and len(result.spec["members"]) == 2
     assert ("temperature" in result.spec) == calibrate
 
@@ -413,30 +415,13 @@ def test_ensemble_artefact_averages_the_members_probabilities(
 
 def test_probe_artefact_onnx_matches_torch_on_real_images(bdgp_set, tmp_path: Path):
     from flystage.training.probe import ProbeNet
-    from flystage.training.train import TrainConfig, train_model
 
     train, valid, unseen = bdgp_set
     preprocess = PreprocessConfig()  # the default input, 64 x 160 grey
-    config = TrainConfig(
-        arch="efficientnet_lite0",
-        mode="probe",
-        epochs=2,
-        batch_size=8,
-        threads=1,
-        augment_draws=1,
-        preprocess=preprocess,
+    result, _ = train_and_save(
+        train, valid, tmp_path, preprocess, arch="efficientnet_lite0", mode="probe", augment_draws=1
     )
-    result = train_model(train, valid, config, log=lambda line: None)
     assert isinstance(result.model.model, ProbeNet)
-    save_artefact(
-        tmp_path,
-        result.model,
-        config.arch,
-        result.labels,
-        preprocess,
-        result.best,
-        spec=result.spec,
-    )
     assert check_artefact(tmp_path).extra["model"]["mode"] == "probe"
 
     x = real_inputs(unseen + valid, preprocess)

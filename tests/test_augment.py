@@ -23,10 +23,10 @@ from flystage.augment import (
 from flystage.cli import main as flystage_main
 from flystage.imaging import PreprocessConfig, preprocess, read_image
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
-from imaging_helpers import brightfield_embryo, dim_embryo, encode, foreground_box
+from imaging_helpers import SIZE, brightfield_embryo, dim_embryo, encode, foreground_box
 
-# These tests place marks in pixels of a 128x320 model input.
-SIZE = {"height": 128, "width": 320}
+# Every op but the flips, each drawn with this probability.
+OPS = ("p_angle", "p_rotation", "p_affine", "p_intensity", "p_blur", "p_noise", "p_erase")
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +82,7 @@ def test_output_shape_dtype_range(channels: int) -> None:
     image = preprocess(
         brightfield_embryo(), PreprocessConfig(channels=channels, height=64, width=160)
     )
-    strong = AugmentConfig(
-        p_angle=1,
-        p_rotation=1,
-        p_affine=1,
-        p_intensity=1,
-        p_blur=1,
-        p_noise=1,
-        p_erase=1,
-        p_hflip=0.5,
-        p_vflip=0.5,
-        max_gain=0.9,
-    )
+    strong = AugmentConfig(**dict.fromkeys(OPS, 1), p_hflip=0.5, p_vflip=0.5, max_gain=0.9)
     aug = Augmenter(strong, seed=0)
     for _ in range(20):
         out = aug(image)
@@ -107,17 +96,7 @@ def test_off_is_the_identity(model_input: np.ndarray) -> None:
 
 @pytest.mark.parametrize(
     "op",
-    [
-        dict(p_angle=1.0),
-        dict(p_rotation=1.0),
-        dict(p_affine=1.0),
-        dict(p_intensity=1.0),
-        dict(p_blur=1.0),
-        dict(p_noise=1.0),
-        dict(p_erase=1.0),
-        dict(p_hflip=1.0),
-        dict(p_vflip=1.0),
-    ],
+    [{op: 1.0} for op in (*OPS, "p_hflip", "p_vflip")],
     ids=lambda d: next(iter(d)),
 )
 def test_each_op_changes_the_image(model_input: np.ndarray, op: dict) -> None:
@@ -198,23 +177,14 @@ def small_manifest(tmp_path: Path) -> Path:
     return write_manifest(records, data / "manifest.csv")
 
 
+def augment_args(manifest: Path, split: str, out: Path, *extra: str) -> list[str]:
+    """``flystage augment`` arguments: one split of the manifest into out."""
+    return ["augment", "--manifest", str(manifest), "--split", split, "--out", str(out), *extra]
+
+
 def test_offline_augment_writes_one_split(tmp_path: Path, small_manifest: Path) -> None:
     out = tmp_path / "aug"
-    code = flystage_main(
-        [
-            "augment",
-            "--manifest",
-            str(small_manifest),
-            "--split",
-            "train",
-            "--out",
-            str(out),
-            "--angles",
-            "90",
-            "180",
-            "45",
-        ]
-    )
+    code = flystage_main(augment_args(small_manifest, "train", out, "--angles", "90", "180", "45"))
     assert code == 0
     records = read_manifest(out / "manifest.csv")
     assert len(records) == 4 * 4  # four train images, original + three angles
@@ -270,17 +240,7 @@ def test_offline_augment_never_overwrites(tmp_path: Path, small_manifest: Path, 
     out.mkdir()
     keep = out / "notes.txt"
     keep.write_text("mine")
-    args = [
-        "augment",
-        "--manifest",
-        str(small_manifest),
-        "--split",
-        "train",
-        "--out",
-        str(out),
-        "--angles",
-        "90",
-    ]
+    args = augment_args(small_manifest, "train", out, "--angles", "90")
     assert flystage_main(args) == 2
     assert "not empty" in capsys.readouterr().err
     assert keep.read_text() == "mine" and sorted(out.iterdir()) == [keep]
@@ -298,21 +258,7 @@ def test_offline_augment_never_overwrites(tmp_path: Path, small_manifest: Path, 
     assert len(read_manifest(out / "manifest.csv")) == 8
 
     # never two splits in one folder
-    assert (
-        flystage_main(
-            [
-                "augment",
-                "--manifest",
-                str(small_manifest),
-                "--split",
-                "valid",
-                "--out",
-                str(out),
-                "--resume",
-            ]
-        )
-        == 2
-    )
+    assert flystage_main(augment_args(small_manifest, "valid", out, "--resume")) == 2
     assert "one split only" in capsys.readouterr().err
 
 
@@ -322,17 +268,7 @@ def test_offline_augment_skips_unreadable_images_and_says_so(
     broken = small_manifest.parent / "s3/11-12/c.bmp"
     broken.write_bytes(broken.read_bytes()[:100])
     out = tmp_path / "aug"
-    args = [
-        "augment",
-        "--manifest",
-        str(small_manifest),
-        "--split",
-        "train",
-        "--out",
-        str(out),
-        "--angles",
-        "180",
-    ]
+    args = augment_args(small_manifest, "train", out, "--angles", "180")
     assert flystage_main(args) == 1
     err = capsys.readouterr().err
     assert "skipped" in err and str(broken) in err

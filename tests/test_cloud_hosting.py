@@ -124,20 +124,26 @@ def old_config(**variant) -> dict:
     }
 
 
+def described_endpoint(arn: str, config: str, status: str) -> dict:
+    """DescribeEndpoint of the endpoint "flystage" (its ARN, current config and status)."""
+    when = dt.datetime(2025, 1, 1)
+    return {
+        "EndpointName": "flystage",
+        "EndpointArn": arn,
+        "EndpointConfigName": config,
+        "EndpointStatus": status,
+        "CreationTime": when,
+        "LastModifiedTime": when,
+    }
+
+
 def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
     api, settings = aws
     api.out = io.StringIO()
     settings = settings.replace(registry_override="registry.example:5000")
     client = api.client("sagemaker")
     arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/flystage"
-    endpoint = {
-        "EndpointName": "flystage",
-        "EndpointArn": arn,
-        "EndpointConfigName": "flystage-config-old",
-        "EndpointStatus": "InService",
-        "CreationTime": dt.datetime(2025, 1, 1),
-        "LastModifiedTime": dt.datetime(2025, 1, 1),
-    }
+    endpoint = described_endpoint(arn, "flystage-config-old", "InService")
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
         stub.add_response(
@@ -188,14 +194,7 @@ def test_redeploy_while_updating_is_refused(aws):
     api, settings = aws
     settings = settings.replace(registry_override="registry.example:5000")
     client = api.client("sagemaker")
-    endpoint = {
-        "EndpointName": "flystage",
-        "EndpointArn": ARN,
-        "EndpointConfigName": "c",
-        "EndpointStatus": "Updating",
-        "CreationTime": dt.datetime(2025, 1, 1),
-        "LastModifiedTime": dt.datetime(2025, 1, 1),
-    }
+    endpoint = described_endpoint(ARN, "c", "Updating")
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
         with pytest.raises(
@@ -219,14 +218,7 @@ def test_redeploy_while_updating_is_refused(aws):
 def test_serverless_onto_an_instance_endpoint_is_refused_before_creating_anything(aws):
     api, settings = aws
     settings = settings.replace(registry_override="registry.example:5000", serverless=True)
-    endpoint = {
-        "EndpointName": "flystage",
-        "EndpointArn": ARN,
-        "EndpointConfigName": "flystage-config-old",
-        "EndpointStatus": "InService",
-        "CreationTime": dt.datetime(2025, 1, 1),
-        "LastModifiedTime": dt.datetime(2025, 1, 1),
-    }
+    endpoint = described_endpoint(ARN, "flystage-config-old", "InService")
     with Stubber(api.client("sagemaker")) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
         stub.add_response(

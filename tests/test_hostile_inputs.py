@@ -31,6 +31,7 @@ from flystage.predict import undo_renames
 from flystage.training.export import load_torch_model
 from flystage_local import LocalModeError  # noqa: E402
 from flystage_local.serving import unpack_model  # noqa: E402
+from serving_helpers import healthy_serve_container
 
 
 def _params(cases):
@@ -412,13 +413,7 @@ HTTP_CASES = hc.http_cases()
 
 @pytest.fixture(scope="module")
 def serving(images, model_dir):
-    from flystage.serving.container import start_serve_container
-
-    container = start_serve_container(
-        model_dir, images["serve"], environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
-    )
-    try:
-        container.wait_healthy(timeout=180)
+    with healthy_serve_container(model_dir, images["serve"]) as container:
         pids = hc.worker_pids(container.container)
         state = {
             "server": container,
@@ -426,8 +421,6 @@ def serving(images, model_dir):
             "rss_before": hc.peak_rss_mib(container.container, pids),
         }
         yield state
-    finally:
-        container.remove()
 
 
 @pytest.mark.docker

@@ -26,7 +26,15 @@ requests = pytest.importorskip("requests")
 
 from flystage.predict import Predictor  # noqa: E402
 from flystage.serving.container import ContainerError, start_serve_container  # noqa: E402
-from serving_helpers import bdgp_records, encoded, lab_image, tiff_bytes, train_artefact  # noqa: E402
+from serving_helpers import (  # noqa: E402
+    IMAGE_TYPES,
+    bdgp_records,
+    healthy_serve_container,
+    image_body,
+    lab_image,
+    tiff_bytes,
+    train_artefact,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -88,14 +96,8 @@ def model_dir(tmp_path_factory, bdgp_root) -> Path:
 
 @pytest.fixture(scope="module")
 def server(images, model_dir):
-    container = start_serve_container(
-        model_dir, images["serve"], environment={"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
-    )
-    try:
-        container.wait_healthy(timeout=180)
+    with healthy_serve_container(model_dir, images["serve"]) as container:
         yield container
-    finally:
-        container.remove()
 
 
 def post(
@@ -140,18 +142,10 @@ def test_the_management_api_is_not_on_the_inference_port(server):
 
 @pytest.mark.parametrize(
     "ext, content_type",
-    [
-        (".tif", "image/tiff"),
-        (".png", "image/png"),
-        (".jpg", "image/jpeg"),
-        (".bmp", "image/bmp"),
-        (".png", "application/x-image"),
-        (".tif", "application/octet-stream"),
-    ],
+    [*IMAGE_TYPES, (".png", "application/x-image"), (".tif", "application/octet-stream")],
 )
 def test_raw_image_gets_the_same_top3_as_the_predictor(server, model_dir, ext, content_type):
-    image = lab_image(seed=5)
-    body = tiff_bytes(image) if ext == ".tif" else encoded(image, ext)
+    body = image_body(ext, seed=5)
     response = post(server, body, content_type)
     assert response.status_code == 200, response.text
     answer = response.json()

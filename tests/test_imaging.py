@@ -30,6 +30,7 @@ from flystage.imaging import (
 from imaging_helpers import (
     LAB_HEIGHT,
     LAB_WIDTH,
+    SIZE,
     brightfield_embryo,
     dim_embryo,
     ellipse_mask,
@@ -37,9 +38,6 @@ from imaging_helpers import (
     foreground_box,
     tiff_bytes,
 )
-
-# These tests place marks in pixels of a 128x320 model input.
-SIZE = {"height": 128, "width": 320}
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from flystage import jobdef
 from flystage.cloud.settings import Settings
-from train_helpers import make_manifest_set
+from train_helpers import make_manifest_set, train_command
 
 ROLE = "arn:aws:iam::000000000000:role/flystage-test"
 
@@ -107,29 +106,9 @@ def train_log(tmp_path_factory) -> tuple[str, dict]:
     root = tmp_path_factory.mktemp("jobdef-train")
     manifest = make_manifest_set(root / "set")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    small = "--arch small_cnn --epochs 2 --height 32 --width 80 --threads 1 --batch_size 4".split()
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flystage",
-            "train",
-            "--manifest",
-            str(manifest),
-            "--model_dir",
-            str(root / "model"),
-            "--arch",
-            "small_cnn",
-            "--epochs",
-            "2",
-            "--height",
-            "32",
-            "--width",
-            "80",
-            "--threads",
-            "1",
-            "--batch_size",
-            "4",
-        ],
+        train_command("--manifest", manifest, "--model_dir", root / "model", *small),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -52,6 +52,11 @@ def predict(*args: str) -> int:
     return cli.main(["predict", *map(str, args)])
 
 
+def predict_rename(folder: Path, model_dir: Path, out: Path, undo: Path) -> int:
+    """Predict the folder into out and rename its images, recording each rename in undo."""
+    return predict(folder, "--model", model_dir, "--out", out, "--rename", "--undo-manifest", undo)
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -175,19 +180,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def test_rename_twice_and_undo(model_dir: Path, folder: Path, tmp_path: Path, capsys):
     original = snapshot(folder)
     undo = tmp_path / "undo.csv"
-    assert (
-        predict(
-            folder,
-            "--model",
-            model_dir,
-            "--out",
-            tmp_path / "p.csv",
-            "--rename",
-            "--undo-manifest",
-            undo,
-        )
-        == 1
-    )
+    assert predict_rename(folder, model_dir, tmp_path / "p.csv", undo) == 1
     rows = read_csv(tmp_path / "p.csv")
     renamed = snapshot(folder)
     assert sorted(renamed.values()) == sorted(original.values())  # same files, new names
@@ -201,19 +194,7 @@ def test_rename_twice_and_undo(model_dir: Path, folder: Path, tmp_path: Path, ca
     undo_rows = read_csv(undo)
     assert len(undo_rows) == 4 and all(Path(r["old"]).is_absolute() for r in undo_rows)
     # A second run predicts the renamed files but renames nothing.
-    assert (
-        predict(
-            folder,
-            "--model",
-            model_dir,
-            "--out",
-            tmp_path / "p2.csv",
-            "--rename",
-            "--undo-manifest",
-            tmp_path / "undo2.csv",
-        )
-        == 1
-    )
+    assert predict_rename(folder, model_dir, tmp_path / "p2.csv", tmp_path / "undo2.csv") == 1
     assert snapshot(folder) == renamed
     assert "already renamed" in capsys.readouterr().out
     assert read_csv(tmp_path / "undo2.csv") == []
@@ -228,19 +209,7 @@ def test_rename_never_overwrites(model_dir: Path, folder: Path, tmp_path: Path, 
     top = predictor.predict_sources([folder / "embryo1.tif"])[0].top
     squatter = renamed_path(folder / "embryo1.tif", [label for label, _ in top])
     squatter.write_bytes(b"someone else's file")
-    assert (
-        predict(
-            folder,
-            "--model",
-            model_dir,
-            "--out",
-            tmp_path / "p.csv",
-            "--rename",
-            "--undo-manifest",
-            tmp_path / "u.csv",
-        )
-        == 1
-    )
+    assert predict_rename(folder, model_dir, tmp_path / "p.csv", tmp_path / "u.csv") == 1
     assert squatter.read_bytes() == b"someone else's file"
     assert (folder / "embryo1.tif").is_file()
     assert f"{squatter.name} already exists" in capsys.readouterr().out
@@ -251,16 +220,7 @@ def test_undo_after_a_file_moved_or_its_name_was_taken(
     model_dir: Path, folder: Path, tmp_path: Path, capsys
 ):
     undo = tmp_path / "undo.csv"
-    predict(
-        folder,
-        "--model",
-        model_dir,
-        "--out",
-        tmp_path / "p.csv",
-        "--rename",
-        "--undo-manifest",
-        undo,
-    )
+    predict_rename(folder, model_dir, tmp_path / "p.csv", undo)
     rows = read_csv(undo)
     moved_new, taken = Path(rows[0]["new"]), rows[1]
     shutil.move(moved_new, tmp_path / moved_new.name)  # the user moved one file away
@@ -294,16 +254,7 @@ def test_undo_manifest_survives_a_crash_mid_rename(
     monkeypatch.setattr(predict_module, "_move_no_replace", crash_on_third)
     undo = tmp_path / "undo.csv"
     with pytest.raises(KeyboardInterrupt):
-        predict(
-            folder,
-            "--model",
-            model_dir,
-            "--out",
-            tmp_path / "p.csv",
-            "--rename",
-            "--undo-manifest",
-            undo,
-        )
+        predict_rename(folder, model_dir, tmp_path / "p.csv", undo)
     monkeypatch.undo()
     assert len(read_csv(undo)) == 3  # two done, the third planned
     assert predict("--undo", undo) == 0

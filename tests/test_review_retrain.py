@@ -15,26 +15,9 @@ from artefact_helpers import make_artefact  # noqa: E402
 from flystage import cli  # noqa: E402
 from flystage.organise import read_manifest  # noqa: E402
 from review_helpers import Server, review_args  # noqa: E402
-from train_helpers import make_tree  # noqa: E402
+from train_helpers import TINY_ARGS, make_tree  # noqa: E402
 
-TINY = [
-    "--arch",
-    "small_cnn",
-    "--batch_size",
-    "8",
-    "--threads",
-    "1",
-    "--height",
-    "32",
-    "--width",
-    "80",
-    "--channels",
-    "1",
-    "--pretrained",
-    "False",
-    "--epochs",
-    "1",
-]
+TINY = [*TINY_ARGS, "--pretrained", "False", "--epochs", "1"]
 
 
 def call(server: Server, path: str, body: dict | None = None) -> dict:

@@ -20,7 +20,7 @@ from mms.context import Context, RequestProcessor
 from flystage.predict import Predictor
 from flystage.serving import codec, entrypoint, model_watch, settings
 from flystage.serving.handler_service import HandlerService
-from serving_helpers import encoded, lab_image, tiff_bytes, train_artefact
+from serving_helpers import IMAGE_TYPES, image_body, lab_image, tiff_bytes, train_artefact
 
 # ---- settings --------------------------------------------------------------------------------
 
@@ -214,17 +214,10 @@ def invoke(service, body, content_type, headers=None):
 
 @pytest.mark.parametrize(
     "ext, content_type",
-    [
-        (".tif", "image/tiff"),
-        (".png", "image/png"),
-        (".jpg", "image/jpeg"),
-        (".bmp", "image/bmp"),
-        (".png", "application/octet-stream"),
-    ],
+    [*IMAGE_TYPES, (".png", "application/octet-stream")],
 )
 def test_handler_answers_top3_with_model_and_timing(service, model_dir, ext, content_type):
-    image = lab_image(seed=3)
-    body = tiff_bytes(image) if ext == ".tif" else encoded(image, ext)
+    body = image_body(ext, seed=3)
     status, answer = invoke(service, body, content_type)
     assert status == 200, answer
     (prediction,) = answer["predictions"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,6 +14,32 @@ from flystage.organise import Record, file_sha1, write_manifest
 LABELS = ("1-3", "4-6", "7-8")
 # Tiny model input: training steps take milliseconds.
 TINY_PREPROCESS = {"height": 32, "width": 80, "channels": 1}
+# The same tiny run on the command line (train, crossval, the SageMaker entry point).
+TINY_ARGS = (
+    "--arch small_cnn --batch_size 8 --threads 1 --height 32 --width 80 --channels 1".split()
+)
+
+
+def train_command(*args) -> list[str]:
+    """The argv that runs ``flystage train`` with args in a fresh Python (as a job does)."""
+    return [sys.executable, "-m", "flystage", "train", *map(str, args)]
+
+
+def tiny_config(**changes):
+    """A ``TrainConfig`` for a tiny small_cnn run (3 epochs, one thread); ``changes`` override.
+    (flystage.training is imported here: the torch-free tests import this module too.)"""
+    from flystage.imaging import PreprocessConfig
+    from flystage.training.train import TrainConfig
+
+    base = dict(
+        arch="small_cnn",
+        epochs=3,
+        batch_size=8,
+        learning_rate=0.003,
+        threads=1,
+        preprocess=PreprocessConfig(**TINY_PREPROCESS),
+    )
+    return TrainConfig(**(base | changes))
 
 
 def embryo_image(label_index: int, seed: int, height: int = 84, width: int = 220) -> np.ndarray:

@@ -12,44 +12,22 @@ import torch
 
 from flystage.cli import main as cli_main
 from flystage.evaluate import evaluate_probs
-from flystage.imaging import PreprocessConfig
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
 from flystage.training.crossval import CrossvalError, crossval, inner_validation_groups, make_folds
 from flystage.training.probe import cached_features
 from flystage.training.train import TrainConfig, train_model
-from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, embryo_image
+from train_helpers import LABELS, count_extracted, embryo_image
+from train_helpers import TINY_ARGS as TINY_TRAIN_ARGS
+from train_helpers import tiny_config as tiny_train_config
 
 torch.set_num_threads(1)
 GROUPS = ("geneA", "geneB", "geneC")
-TINY_ARGS = [
-    "--arch",
-    "small_cnn",
-    "--epochs",
-    "2",
-    "--batch_size",
-    "8",
-    "--threads",
-    "1",
-    "--height",
-    "32",
-    "--width",
-    "80",
-    "--channels",
-    "1",
-]
+# Crossval's tiny runs: two epochs on the command line, six without early stopping in code.
+TINY_ARGS = [*TINY_TRAIN_ARGS, "--epochs", "2"]
 
 
 def tiny_config(**changes) -> TrainConfig:
-    base = dict(
-        arch="small_cnn",
-        epochs=6,
-        batch_size=8,
-        learning_rate=0.003,
-        threads=1,
-        patience=0,
-        preprocess=PreprocessConfig(**TINY_PREPROCESS),
-    )
-    return TrainConfig(**(base | changes))
+    return tiny_train_config(**({"epochs": 6, "patience": 0} | changes))
 
 
 @pytest.fixture(scope="module")
@@ -146,47 +124,26 @@ def test_bad_folds_and_too_few_groups_are_refused(manifest: Path) -> None:
         make_folds(records, group_column="embryo")
 
 
+def run_crossval(manifest: Path, out: Path, *extra: str) -> int:
+    """``flystage crossval`` on the manifest into out, a tiny run; returns the exit code."""
+    return cli_main(
+        ["crossval", "--manifest", str(manifest), "--out", str(out), *extra, *TINY_ARGS]
+    )
+
+
 def test_command_writes_report_and_never_overwrites(manifest: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cv"
-    assert (
-        cli_main(
-            [
-                "crossval",
-                "--manifest",
-                str(manifest),
-                "--out",
-                str(out),
-                "--folds",
-                "geneA,geneC",
-                *TINY_ARGS,
-            ]
-        )
-        == 0
-    )
+    assert run_crossval(manifest, out, "--folds", "geneA,geneC") == 0
     report = json.loads((out / "report.json").read_text())
     assert [f["group"] for f in report["folds"]] == ["geneA", "geneC"]
     assert report["n"] == 18 and report["config"]["epochs"] == 2
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "top-3" in capsys.readouterr().out
     before = (out / "report.json").read_bytes()
-    assert cli_main(["crossval", "--manifest", str(manifest), "--out", str(out), *TINY_ARGS]) == 2
+    assert run_crossval(manifest, out) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "report.json").read_bytes() == before
-    assert (
-        cli_main(
-            [
-                "crossval",
-                "--manifest",
-                str(manifest),
-                "--out",
-                str(tmp_path / "x"),
-                "--group-column",
-                "embryo",
-                *TINY_ARGS,
-            ]
-        )
-        == 2
-    )
+    assert run_crossval(manifest, tmp_path / "x", "--group-column", "embryo") == 2
     assert "no column 'embryo'" in capsys.readouterr().err
 
 

@@ -26,6 +26,7 @@ from flystage.training.modes import setup_finetune
 from flystage.training.probe import ProbeNet, cached_features
 from flystage.training.train import TrainConfig, fit, make_optimizer
 from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, make_manifest_set
+from train_helpers import tiny_config as tiny_train_config
 
 torch.set_num_threads(1)
 # Every augmented draw changes every image (the default probabilities can leave one untouched).
@@ -33,16 +34,9 @@ SURE_AUGMENT = AugmentConfig(p_intensity=1.0, p_rotation=1.0)
 
 
 def tiny_config(**changes) -> TrainConfig:
-    base = dict(
-        epochs=2,
-        batch_size=8,
-        learning_rate=0.003,
-        threads=1,
-        augment_draws=2,
-        augment=SURE_AUGMENT,
-        preprocess=PreprocessConfig(**TINY_PREPROCESS),
+    return tiny_train_config(
+        **({"epochs": 2, "augment_draws": 2, "augment": SURE_AUGMENT} | changes)
     )
-    return TrainConfig(**(base | changes))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from flystage.training.models import Calibrated
 from flystage.training.train import (
     CHECKPOINT_FILE,
     EXIT_STOPPED,
-    TrainConfig,
     TrainingStopped,
     _is_better,
     config_from_args,
@@ -36,36 +34,17 @@ from flystage.training.train import (
     metric_line,
     train_model,
 )
-from train_helpers import LABELS, TINY_PREPROCESS, make_manifest_set
+from train_helpers import (
+    LABELS,
+    TINY_ARGS,
+    TINY_PREPROCESS,
+    make_manifest_set,
+    tiny_config,
+    train_command,
+)
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
-TINY_ARGS = [
-    "--arch",
-    "small_cnn",
-    "--batch_size",
-    "8",
-    "--threads",
-    "1",
-    "--height",
-    "32",
-    "--width",
-    "80",
-    "--channels",
-    "1",
-]
-
-
-def tiny_config(**changes) -> TrainConfig:
-    base = dict(
-        arch="small_cnn",
-        epochs=3,
-        batch_size=8,
-        learning_rate=0.003,
-        threads=1,
-        preprocess=PreprocessConfig(**TINY_PREPROCESS),
-    )
-    return TrainConfig(**(base | changes))
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +56,11 @@ def manifest(tmp_path_factory) -> Path:
 def records(manifest: Path):
     train, valid, _ = split_channels(manifest)
     return train, valid
+
+
+def train_main(manifest: Path, model_dir: Path, *args) -> int:
+    """``main`` (the training program in this process) on the manifest into model_dir."""
+    return main(["--manifest", str(manifest), "--model_dir", str(model_dir), *map(str, args)])
 
 
 def test_fit_learns_and_returns_best_model(records) -> None:
@@ -179,23 +163,17 @@ def test_main_writes_artefact_history_and_checkpoint(
     manifest: Path, tmp_path: Path, capsys
 ) -> None:
     model_dir, out, ckpt = tmp_path / "model", tmp_path / "out", tmp_path / "ckpt"
-    code = main(
-        [
-            "--manifest",
-            str(manifest),
-            "--model_dir",
-            str(model_dir),
-            "--output-data-dir",
-            str(out),
-            "--checkpoint_dir",
-            str(ckpt),
-            "--epochs",
-            "2",
-            "--pretrained",
-            "False",
-            *TINY_ARGS,
-        ]
-    )
+    options = [
+        "--output-data-dir",
+        out,
+        "--checkpoint_dir",
+        ckpt,
+        "--epochs",
+        2,
+        "--pretrained",
+        False,
+    ]
+    code = train_main(manifest, model_dir, *options, *TINY_ARGS)
     log = capsys.readouterr().out
     assert code == 0, log
     assert len(read_metric(log, "valid:top3")) == 2
@@ -320,19 +298,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(manifest: Path, tmp_path:
     checkpoint, exit with EXIT_STOPPED; a restart resumes from that checkpoint."""
     ckpt, model_dir = tmp_path / "ckpt", tmp_path / "model"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "flystage",
-        "train",
-        "--manifest",
-        str(manifest),
-        "--model-dir",
-        str(model_dir),
-        "--checkpoint-dir",
-        str(ckpt),
-        *TINY_ARGS,
-    ]
+    command = train_command(
+        "--manifest", manifest, "--model-dir", model_dir, "--checkpoint-dir", ckpt, *TINY_ARGS
+    )
     proc = subprocess.Popen(
         command + ["--epochs", "1000"],
         stdout=subprocess.PIPE,
@@ -471,49 +439,16 @@ def test_main_with_the_default_probe_says_which_hyperparameters_it_ignores(
 ) -> None:
     """The default model's head is solved exactly: one metric line, and a tuner's learning_rate
     and batch_size are named as unused instead of silently training the same model."""
-    code = main(
-        [
-            "--manifest",
-            str(manifest),
-            "--model_dir",
-            str(tmp_path / "model"),
-            "--learning_rate",
-            "0.01",
-            "--batch_size",
-            "64",
-            "--threads",
-            "1",
-            "--height",
-            "32",
-            "--width",
-            "80",
-        ]
-    )
+    small = "--threads 1 --height 32 --width 80".split()
+    tuned = "--learning_rate 0.01 --batch_size 64".split()
+    code = train_main(manifest, tmp_path / "model", *tuned, *small)
     log = capsys.readouterr().out
     assert code == 0, log
     assert "note: learning_rate, batch_size not used" in log
     assert len(read_metric(log, "valid:top3")) == 1
     assert check_artefact(tmp_path / "model").extra["model"]["mode"] == "probe"
-    code = main(
-        [
-            "--manifest",
-            str(manifest),
-            "--model_dir",
-            str(tmp_path / "sgd"),
-            "--learning_rate",
-            "0.01",
-            "--probe_solver",
-            "sgd",
-            "--epochs",
-            "2",
-            "--threads",
-            "1",
-            "--height",
-            "32",
-            "--width",
-            "80",
-        ]
-    )
+    sgd = "--learning_rate 0.01 --probe_solver sgd --epochs 2".split()
+    code = train_main(manifest, tmp_path / "sgd", *sgd, *small)
     log = capsys.readouterr().out
     assert code == 0 and "not used" not in log and len(read_metric(log, "valid:top3")) == 2
 
@@ -546,18 +481,8 @@ def test_a_crafted_checkpoint_is_refused_not_run(manifest: Path, tmp_path: Path,
             return (os.system, (f"touch {marker}",))
 
     torch.save({"format": 1, "payload": Payload()}, ckpt / CHECKPOINT_FILE)
-    code = main(
-        [
-            "--manifest",
-            str(manifest),
-            "--model_dir",
-            str(tmp_path / "model"),
-            "--checkpoint_dir",
-            str(ckpt),
-            "--epochs",
-            "1",
-            *TINY_ARGS,
-        ]
+    code = train_main(
+        manifest, tmp_path / "model", "--checkpoint_dir", ckpt, "--epochs", "1", *TINY_ARGS
     )
     assert code == 1 and not marker.exists()
     assert "not a readable flystage checkpoint" in capsys.readouterr().err
