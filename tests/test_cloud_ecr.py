@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from cloud_helpers import (
+from cloud_helpers import (  # fixtures are used as test parameters
+    aws,
     docker_client,
     foreign_image,
     free_port,
+    moto_url,
+    start_registry,
     tiny_image,
-)  # noqa: F401 (fixtures)
+)
 from flystage.cloud import ecr
 from flystage.cloud.settings import CloudError
 

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from cloud_helpers import (
+from cloud_helpers import (  # fixtures are used as test parameters
     BUCKET,
     REGION,
     ROLE,
+    aws,
     docker_client,
+    moto_url,
+    start_registry,
     tiny_image,
-)  # noqa: F401
+)
 from flystage.cloud.state import read_state
 from train_helpers import make_manifest_set
 

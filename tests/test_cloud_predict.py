@@ -19,14 +19,16 @@ from pathlib import Path
 import pytest
 
 from artefact_helpers import make_artefact, write_image
-from cloud_helpers import (
+from cloud_helpers import (  # fixtures are used as test parameters
     BUCKET,
     REGION,
     RuntimeProxy,
+    aws,
     docker_client,
     fake_credentials,
     free_port,
-)  # noqa: F401
+    moto_url,
+)
 from flystage.cloud.hosting import EndpointPredictor
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings

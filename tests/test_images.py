@@ -366,12 +366,12 @@ def test_serve_container_stops_promptly_on_sigterm(images, model_dir):
 
 
 def _training_tree(root: Path, bdgp_root: Path, epochs: int) -> Path:
-    """A one-host /opt/ml tree: config files, a <stage>/<image> train channel, empty model/ and
-    output/."""
+    """A one-host /opt/ml tree: config files, a <gene>/<stage>/<image> train channel (grouped by
+    gene, so a validation split may be drawn from it), empty model/ and output/."""
     train, valid = bdgp_records(bdgp_root)
     channel = root / "input" / "data" / "train"
     for record in train + valid:
-        target = channel / record.label / record.path.name
+        target = channel / record.group / record.label / record.path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(record.path, target)
     config = root / "input" / "config"
@@ -384,6 +384,7 @@ def _training_tree(root: Path, bdgp_root: Path, epochs: int) -> Path:
         "width": "80",
         "patience": "0",
         "threads": "1",
+        "group_regex": "^(?P<group>[^/]+)/",
     }
     (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
     (config / "inputdataconfig.json").write_text(

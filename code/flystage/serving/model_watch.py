@@ -37,11 +37,13 @@ def model_registered(
 
 
 class ModelWatch(threading.Thread):
-    """Poll ``model_registered`` every ``interval`` seconds; after the model was seen once,
-    ``misses`` answers in a row without it call ``on_lost`` (once) and end the thread.
+    """Poll ``model_registered`` every ``interval`` seconds; ``misses`` answers in a row
+    without the model call ``on_lost`` (once) and end the thread.
 
-    No answer at all is not a miss: while the server starts or stops, the listing is unknown,
-    and a server that died ends the container by itself.
+    The model server registers the model given on its command line before it listens, so any
+    answer without it means the model was removed (possibly before the first poll). No answer
+    at all is not a miss: while the server starts or stops, the listing is unknown, and a
+    server that died ends the container by itself.
     """
 
     def __init__(
@@ -63,15 +65,13 @@ class ModelWatch(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
-        seen, missing = False, 0
+        missing = 0
         while not self._stop_event.wait(self.interval):
             registered = model_registered(self.management_url)
             if registered is None:
                 continue
             if registered:
-                seen, missing = True, 0
-                continue
-            if not seen:
+                missing = 0
                 continue
             missing += 1
             if missing >= self.misses:
