@@ -205,3 +205,38 @@ def test_command_refuses_moved_images_clearly(folder, tmp_path, capsys) -> None:
     code = run(review_args(csv_path, tmp_path, images=tmp_path))
     assert code == 2
     assert "no longer where the predictions say" in capsys.readouterr().err
+
+
+def test_a_thumbnail_asked_for_twice_at_once_is_made_once(tmp_path: Path, monkeypatch):
+    # The warming thread and a page request often want the same thumbnail on a cold start.
+    import threading
+    import time
+
+    import numpy as np
+    import tifffile
+
+    from flystage.imaging import PreprocessConfig
+    from flystage.review import thumbnails
+
+    image = tmp_path / "embryo.tif"
+    tifffile.imwrite(image, (np.random.default_rng(0).random((120, 300)) * 4000).astype(np.uint16))
+    made = []
+    real_load = thumbnails.load
+
+    def slow_load(*args, **kwargs):
+        made.append(1)
+        time.sleep(0.3)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(thumbnails, "load", slow_load)
+    cache = thumbnails.ThumbnailCache(tmp_path / "cache", PreprocessConfig(height=32, width=80))
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.thumbnail(image))) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and len(results) == 4 and len(set(results)) == 1
+    assert results[0].startswith(b"\x89PNG")

@@ -55,6 +55,10 @@ class ThumbnailCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config = config
         self._settings = json.dumps(config.to_dict(), sort_keys=True)
+        # One lock per file being made: a page request and the warming thread asking for the
+        # same thumbnail make it once (on a cold start they would otherwise race for the cores).
+        self._making: dict[Path, threading.Lock] = {}
+        self._making_lock = threading.Lock()
 
     def _key(self, path: Path, kind: str) -> Path:
         st = path.stat()
@@ -68,6 +72,20 @@ class ThumbnailCache:
             return key.read_bytes()
         except FileNotFoundError:
             pass
+        with self._making_lock:
+            lock = self._making.setdefault(key, threading.Lock())
+        try:
+            with lock:
+                try:
+                    return key.read_bytes()  # made by another thread while this one waited
+                except FileNotFoundError:
+                    return self._make(key, path, make)
+        finally:
+            with self._making_lock:
+                self._making.pop(key, None)
+
+    @staticmethod
+    def _make(key: Path, path: Path, make) -> bytes:
         data = make(path)
         key.parent.mkdir(parents=True, exist_ok=True)
         # Written under a temporary name and renamed: a reader never sees half a PNG, and two
