@@ -44,7 +44,7 @@ demo: ## the main job on the default dataset (BDGP): fetch, organise by gene, tr
 	rm -rf $(DEMO)/checkpoints $(DEMO)/model $(DEMO)/new-images
 	$(FLY) train --manifest $(DEMO)/manifest.csv --model-dir $(DEMO)/model \
 		--checkpoint-dir $(DEMO)/checkpoints --output-data-dir $(DEMO)/output
-	$(FLY) evaluate --model $(DEMO)/model --manifest $(DEMO)/manifest.csv --split test --out $(DEMO)/evaluation
+	$(FLY) evaluate --model $(DEMO)/model --manifest $(DEMO)/manifest.csv --split test --out $(DEMO)/evaluation --force
 	@# "New" images: copies of the held-out test genes, so renaming touches no source file.
 	mkdir -p $(DEMO)/new-images
 	$(PY) -c 'import shutil, sys; from flystage.organise import read_manifest; \
