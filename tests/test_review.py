@@ -169,6 +169,61 @@ def test_overlay_on_request(client) -> None:
     assert response.status_code == 200 and response.data[:4] == b"\x89PNG"
 
 
+def open_client(session):
+    client = create_app(session).test_client()
+    assert client.get(f"/?token={session.token}").status_code == 303
+    return client
+
+
+def test_overlay_gradcam_where_the_weights_are(folder, tmp_path) -> None:
+    pytest.importorskip("torch")
+    from artefact_helpers import LABELS, tiny_config
+    from flystage.training.export import save_artefact
+    from flystage.training.models import build_model
+
+    images, _, csv_path = folder
+    model = tmp_path / "small_cnn"
+    save_artefact(
+        model, build_model("small_cnn", len(LABELS), 1).eval(), "small_cnn", LABELS, tiny_config()
+    )
+    session = build_session(
+        review_args(csv_path, tmp_path, out=tmp_path / "r.csv", model=model, images=images)
+    )
+    client = open_client(session)
+    assert b'id="method"' in client.get("/").data  # the page offers the choice
+    for query, method in (
+        ("?method=gradcam", "gradcam"),
+        ("", "gradcam"),
+        ("?method=occlusion", "occlusion"),
+    ):
+        response = client.get(f"/overlay/2.png{query}")
+        assert response.status_code == 200 and response.data[:4] == b"\x89PNG", response.data
+        assert response.headers["X-Overlay-Method"] == method
+    assert client.get("/overlay/2.png?method=magic").status_code == 400
+    assert client.get("/overlay/99.png?method=gradcam").status_code == 404
+    # Without weights.pt: no choice on the page, an explicit gradcam is a 422 saying why, and
+    # the default is occlusion.
+    (model / "weights.pt").unlink()
+    session = build_session(
+        review_args(csv_path, tmp_path, out=tmp_path / "r2.csv", model=model, images=images)
+    )
+    client = open_client(session)
+    assert b'id="method"' not in client.get("/").data
+    response = client.get("/overlay/2.png?method=gradcam")
+    assert response.status_code == 422 and "weights.pt" in response.get_json()["error"]
+    response = client.get("/overlay/2.png")
+    assert response.status_code == 200 and response.headers["X-Overlay-Method"] == "occlusion"
+
+
+def test_overlay_gradcam_refused_for_a_model_it_cannot_rebuild(client) -> None:
+    # The tiny test artefact's weights.pt is not a flystage arch: Grad-CAM is a clear 422, the
+    # default falls back to occlusion.
+    pytest.importorskip("torch")
+    response = client.get("/overlay/3.png?method=gradcam")
+    assert response.status_code == 422 and "Grad-CAM" in response.get_json()["error"]
+    assert client.get("/overlay/3.png").headers["X-Overlay-Method"] == "occlusion"
+
+
 def test_base_labels_and_group_column(folder, tmp_path) -> None:
     images, model, csv_path = folder
     base = tmp_path / "base.csv"

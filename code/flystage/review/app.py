@@ -8,11 +8,19 @@ Security, for a server that exposes a lab's images and writes a labels file:
   cross-site form cannot set);
 - images are named by their index in the predictions file: no path from a request ever
   reaches the file system.
+
+"What the model looked at" (``/overlay/<index>.png?method=``): ``occlusion`` on the ONNX model
+works for every artefact; ``gradcam`` (:mod:`flystage.training.gradcam`) needs the artefact's
+``weights.pt`` and torch. Without ``method`` the overlay is Grad-CAM where both are there and the
+model has a convolutional feature map (not HOG), else occlusion (the ``X-Overlay-Method`` header
+says which); an explicit ``method=gradcam`` that cannot be had is a 422 saying why. Torch is
+imported only inside the request that asks for Grad-CAM: this module runs without it.
 """
 
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import secrets
 import threading
 from collections import OrderedDict
@@ -37,6 +45,16 @@ PAGE_LIMIT = 200
 STAGE_KEYS = "1234567890abcdefghijklnpqrstuvwxy"
 SORTS = ("unsure", "stage", "file")
 FILTERS = ("all", "unsure", "unreviewed", "reviewed", "corrected")
+METHODS = ("gradcam", "occlusion")
+WEIGHTS_FILE = "weights.pt"  # flystage.artefact.WEIGHTS_FILE
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass
@@ -52,6 +70,8 @@ class ReviewSession:
     threads: int = 1
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     _predictor: Any = None
+    _gradcam: Any = None
+    _gradcam_error: str | None = None
     _maps: OrderedDict = field(default_factory=OrderedDict)
     _model_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,15 +84,45 @@ class ReviewSession:
                 self._predictor = Predictor(self.model_dir, threads=self.threads)
             return self._predictor
 
-    def overlay(self, index: int, make: Callable[[], bytes]) -> bytes:
-        """Occlusion overlays of the last few images, kept in memory (a second look is instant)."""
+    def gradcam_unavailable(self) -> str | None:
+        """Why Grad-CAM cannot be offered (no model, no weights.pt, no torch), or None."""
+        if self.model_dir is None:
+            return "no model given: start `flystage review` with --model DIR for the overlay"
+        if not (self.model_dir / WEIGHTS_FILE).is_file():
+            return (
+                f"Grad-CAM needs the torch weights ({self.model_dir / WEIGHTS_FILE}), which this "
+                "model directory does not have; use method=occlusion"
+            )
+        if not torch_installed():
+            return "Grad-CAM needs torch, which is not installed here; use method=occlusion"
+        return None
+
+    def gradcam(self):
+        """The torch model for Grad-CAM, loaded on the first Grad-CAM request; a model it cannot
+        explain (HOG features, weights that do not rebuild) raises ``ValueError`` saying why, and
+        is not tried again."""
         with self._model_lock:
-            if index in self._maps:
-                self._maps.move_to_end(index)
-                return self._maps[index]
+            if self._gradcam is None and self._gradcam_error is None:
+                from flystage.training.gradcam import GradCam  # torch: only when asked for
+
+                try:
+                    self._gradcam = GradCam(self.model_dir, threads=self.threads)
+                except ValueError as exc:  # GradCamUnavailable, ArtefactError
+                    self._gradcam_error = str(exc)
+            if self._gradcam is None:
+                raise ValueError(self._gradcam_error)
+            return self._gradcam
+
+    def overlay(self, key: tuple[int, str], make: Callable[[], bytes]) -> bytes:
+        """Overlays (by image and method) of the last few images, kept in memory (a second look
+        is instant)."""
+        with self._model_lock:
+            if key in self._maps:
+                self._maps.move_to_end(key)
+                return self._maps[key]
         data = make()
         with self._model_lock:
-            self._maps[index] = data
+            self._maps[key] = data
             while len(self._maps) > 32:
                 self._maps.popitem(last=False)
         return data
@@ -198,6 +248,7 @@ def _add_page_and_api(app: Flask, session: ReviewSession) -> None:
             labels=session.labels,
             keys=keys,
             overlay=session.model_dir is not None,
+            gradcam=session.model_dir is not None and session.gradcam_unavailable() is None,
             n=len(session.items),
         )
 
@@ -253,7 +304,8 @@ def _png(make: Callable[[], bytes]) -> Response:
 
 
 def _add_images(app: Flask, session: ReviewSession) -> None:
-    """The images by index: as the model saw them, the original, and the occlusion overlay."""
+    """The images by index: as the model saw them, the original, and the overlay (Grad-CAM or
+    occlusion)."""
 
     @app.get("/thumb/<int:index>.png")
     def thumbnail(index: int):
@@ -268,6 +320,7 @@ def _add_images(app: Flask, session: ReviewSession) -> None:
         item = _item(session, index)
         if session.model_dir is None:
             abort(404, "no model given: start `flystage review` with --model DIR for the overlay")
+        method = _overlay_method(session)
 
         def make() -> bytes:
             from flystage.imaging import load
@@ -276,8 +329,33 @@ def _add_images(app: Flask, session: ReviewSession) -> None:
             predictor = session.predictor()
             config: PreprocessConfig = predictor.config
             array = load(item.path, config, name=str(item.path))
+            if method == "gradcam":
+                return overlay_png(array, session.gradcam()(array))
             probs = predictor.predict_arrays(array[None])[0]
             target = int(probs.argmax())
             return overlay_png(array, occlusion_map(predictor, array, target))
 
-        return _png(lambda: session.overlay(index, make))
+        response = _png(lambda: session.overlay((index, method), make))
+        response.headers["X-Overlay-Method"] = method
+        return response
+
+
+def _overlay_method(session: ReviewSession) -> str:
+    """The overlay ``method`` asked for (400 if unknown; 422 if Grad-CAM cannot be had), or
+    without one the best there is: Grad-CAM where the model allows, else occlusion."""
+    asked = request.args.get("method")
+    if asked is not None and asked not in METHODS:
+        abort(400, f"method is one of {METHODS}")
+    if asked == "occlusion":
+        return asked
+    why_not = session.gradcam_unavailable()
+    if why_not is None:
+        try:
+            session.gradcam()  # loads the torch model once; raises if it cannot be explained
+        except ValueError as exc:
+            why_not = f"no Grad-CAM for this model: {exc}; use method=occlusion"
+    if why_not is None:
+        return "gradcam"
+    if asked == "gradcam":
+        abort(422, why_not)
+    return "occlusion"

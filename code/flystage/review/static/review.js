@@ -4,6 +4,11 @@
 
 const token = document.body.dataset.token;
 const hasOverlay = document.body.dataset.overlay === "yes";
+// Grad-CAM is offered (and the default) only where the model has torch weights and torch is here.
+const methodSelect = document.getElementById("method");
+// "" lets the server choose: Grad-CAM where the model allows, else occlusion.
+function overlayMethod() { return methodSelect ? methodSelect.value : ""; }
+function overlayUrl(id) { const m = overlayMethod(); return `/overlay/${id}.png${m ? `?method=${m}` : ""}`; }
 const grid = document.getElementById("grid");
 const labels = JSON.parse(grid.dataset.labels);
 const keys = JSON.parse(grid.dataset.keys);                 // stage -> key
@@ -96,8 +101,15 @@ function toggleView(card, kind) {
   const id = card.item.id;
   const next = card.dataset.view === kind ? "thumb" : kind;
   card.dataset.view = next;
-  img.src = `/${next}/${id}.png`;
+  img.src = next === "overlay" ? overlayUrl(id) : `/${next}/${id}.png`;
 }
+
+if (methodSelect) methodSelect.addEventListener("change", () => {
+  // Cards showing a map show the newly chosen one.
+  for (const card of cards) {
+    if (card.dataset.view === "overlay") card.querySelector("img").src = overlayUrl(card.item.id);
+  }
+});
 
 function loadPage() {
   if (loading || loaded >= total) return;
