@@ -87,25 +87,13 @@ def _coverage_section(coverage_png: Path | None) -> str:
         )
 
 
-def render_html(
-    report: dict[str, Any],
-    probs: np.ndarray,
-    targets: np.ndarray,
-    records: Sequence[Record],
-    config: PreprocessConfig,
-    confusion_png: Path,
-    coverage_png: Path | None,
-) -> str:
-    """The page's text; ``coverage_png`` None leaves the curve out (uncalibrated model)."""
-    labels = report["labels"]
+def _page(report: dict[str, Any], confusion_png: Path, errors: str, coverage: str) -> str:
+    """The page's text around its two computed sections (error cards, coverage)."""
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(label)}</td><td>{_pct(s['recall'])}</td><td>{_pct(s['precision'])}</td><td>{s['support']}</td></tr>"
         for label, s in report["per_stage"].items()
     )
-    cards = _error_cards(probs, targets, records, config, labels)
-    errors = "".join(cards) or "<p>No errors on this split.</p>"
-    coverage = _coverage_section(coverage_png)
     model = report.get("model") or {}
     title = f"flystage evaluation: {report.get('split', '')} split, {report['n']} images"
     other_manifest = (
@@ -159,8 +147,9 @@ def write_html(
     temperature)."""
     metrics = (report.get("model") or {}).get("metrics") or {}
     calibrated = isinstance(metrics, dict) and isinstance(metrics.get("temperature"), (int, float))
-    text = render_html(
-        report, probs, targets, records, config, confusion_png, coverage_png if calibrated else None
-    )
+    cards = _error_cards(probs, targets, records, config, report["labels"])
+    errors = "".join(cards) or "<p>No errors on this split.</p>"
+    coverage = _coverage_section(coverage_png if calibrated else None)
+    text = _page(report, confusion_png, errors, coverage)
     path.write_text(text, encoding="utf-8")
     return path
