@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request
 
-from flystage.imaging import ImageError, PreprocessConfig
+from flystage.artefact import WEIGHTS_FILE
+from flystage.imaging import ImageError, PreprocessConfig, load
 from flystage.review.predictions import Item
 from flystage.review.store import ReviewStore
 from flystage.review.thumbnails import ThumbnailCache
@@ -46,7 +47,6 @@ STAGE_KEYS = "1234567890abcdefghijklnpqrstuvwxy"
 SORTS = ("unsure", "stage", "file")
 FILTERS = ("all", "unsure", "unreviewed", "reviewed", "corrected")
 METHODS = ("gradcam", "occlusion")
-WEIGHTS_FILE = "weights.pt"  # flystage.artefact.WEIGHTS_FILE
 
 
 def torch_installed() -> bool:
@@ -74,6 +74,11 @@ class ReviewSession:
     _gradcam_error: str | None = None
     _maps: OrderedDict = field(default_factory=OrderedDict)
     _model_lock: threading.Lock = field(default_factory=threading.Lock)
+    _why_no_gradcam: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        # Asked on every page and overlay request; the answer cannot change during a session.
+        self._why_no_gradcam = self._check_gradcam()
 
     def predictor(self):
         """The ONNX model, opened on the first overlay request (most sessions never ask)."""
@@ -86,6 +91,9 @@ class ReviewSession:
 
     def gradcam_unavailable(self) -> str | None:
         """Why Grad-CAM cannot be offered (no model, no weights.pt, no torch), or None."""
+        return self._why_no_gradcam
+
+    def _check_gradcam(self) -> str | None:
         if self.model_dir is None:
             return "no model given: start `flystage review` with --model DIR for the overlay"
         if not (self.model_dir / WEIGHTS_FILE).is_file():
@@ -248,7 +256,7 @@ def _add_page_and_api(app: Flask, session: ReviewSession) -> None:
             labels=session.labels,
             keys=keys,
             overlay=session.model_dir is not None,
-            gradcam=session.model_dir is not None and session.gradcam_unavailable() is None,
+            gradcam=session.gradcam_unavailable() is None,
             n=len(session.items),
         )
 
@@ -323,7 +331,6 @@ def _add_images(app: Flask, session: ReviewSession) -> None:
         method = _overlay_method(session)
 
         def make() -> bytes:
-            from flystage.imaging import load
             from flystage.review.occlusion import occlusion_map, overlay_png
 
             predictor = session.predictor()
@@ -331,9 +338,7 @@ def _add_images(app: Flask, session: ReviewSession) -> None:
             array = load(item.path, config, name=str(item.path))
             if method == "gradcam":
                 return overlay_png(array, session.gradcam()(array))
-            probs = predictor.predict_arrays(array[None])[0]
-            target = int(probs.argmax())
-            return overlay_png(array, occlusion_map(predictor, array, target))
+            return overlay_png(array, occlusion_map(predictor, array))
 
         response = _png(lambda: session.overlay((index, method), make))
         response.headers["X-Overlay-Method"] = method

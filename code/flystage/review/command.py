@@ -156,14 +156,14 @@ def serve(session, port: int = 0, ready: threading.Event | None = None, on_url=p
     server."""
     from werkzeug.serving import make_server
 
-    from flystage.review.app import create_app
+    from flystage.review.app import create_app, select
 
     server = make_server("127.0.0.1", port, create_app(session), threaded=True)
     # werkzeug logs every request (thousands of thumbnails, the token in the first one): only
     # its warnings and errors reach the terminal.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # Least sure first is the default order: warm those thumbnails first.
-    session.thumbnails.warm([i.path for i in sorted(session.items, key=lambda i: (i.p1, i.index))])
+    session.thumbnails.warm([i.path for i in select(session, "unsure", "all", None)])
     on_url(f"http://127.0.0.1:{server.server_port}/?token={session.token}")
     if ready is not None:
         ready.set()

@@ -20,18 +20,21 @@ OVERLAY_SCALE = 3  # the map is shown larger than the 96 x 240 model input
 def occlusion_map(
     predictor: Predictor,
     array: np.ndarray,
-    target: int,
+    target: int | None = None,
     patch: int | None = None,
     stride: int | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Probability drop of class ``target`` per pixel, ``(H, W)`` float32 >= 0, for one model
-    input ``array`` float32 ``(C, H, W)``. ``patch`` defaults to a quarter of the height, ``stride``
-    to half the patch; each pixel gets the mean drop of the patches covering it."""
+    """Probability drop of class ``target`` (default: the predicted one) per pixel, ``(H, W)``
+    float32 >= 0, for one model input ``array`` float32 ``(C, H, W)``. ``patch`` defaults to a
+    quarter of the height, ``stride`` to half the patch; each pixel gets the mean drop of the
+    patches covering it."""
     c, h, w = array.shape
     patch = patch or max(4, h // 4)
     stride = stride or max(2, patch // 2)
-    base = float(predictor.predict_arrays(array[None])[0, target])
+    probs = predictor.predict_arrays(array[None])[0]
+    target = int(probs.argmax()) if target is None else target
+    base = float(probs[target])
     ys = list(range(0, max(1, h - patch) + 1, stride))
     xs = list(range(0, max(1, w - patch) + 1, stride))
     positions = [(y, x) for y in ys for x in xs]

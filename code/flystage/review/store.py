@@ -16,14 +16,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flystage.predict import csv_safe, csv_unsafe
+from flystage.predict import _CsvWriter, _write_new, csv_safe, csv_unsafe
 from flystage.review.predictions import Item
 
 COLUMNS = ("path", "label", "group", "predicted", "p_predicted", "decision", "reviewed_at")
@@ -55,6 +54,9 @@ class ReviewStore:
         # Werkzeug serves requests on threads; one lock keeps decisions and the file in step.
         self.lock = threading.Lock()
         self.base_rows = _read_base(Path(base_labels)) if base_labels else []
+        # A reviewed copy of a base image keeps the base row's group (by SHA-1), so a gene or
+        # embryo stays on one side of the split.
+        self._base_group = {b[3]: b[2] for b in self.base_rows if b[3]}
         self._resume()
 
     # ---- decisions ---------------------------------------------------------------------------
@@ -121,11 +123,7 @@ class ReviewStore:
         reviewed = {self.items[i].path for i in self.decisions}
         # A reviewed copy of a base image (same bytes, e.g. the demo's "new" images) replaces
         # its base row too: organise would otherwise drop both copies as conflicting labels.
-        hashes = (
-            {self._sha1(i) for i in self.decisions} if any(b[3] for b in self.base_rows) else set()
-        )
-        # ... and keeps the base row's group, so a gene or embryo stays on one side of the split.
-        base_group = {b[3]: b[2] for b in self.base_rows if b[3]}
+        hashes = {self._sha1(i) for i in self.decisions} if self._base_group else set()
         rows: list[list[str]] = []
         for base in self.base_rows:
             if Path(base[0]) not in reviewed and base[3] not in hashes:
@@ -133,7 +131,7 @@ class ReviewStore:
         for index in sorted(self.decisions):
             item, d = self.items[index], self.decisions[index]
             predicted, p = (item.top[0][0], f"{item.top[0][1]:.4f}") if item.top else ("", "")
-            group = base_group.get(self._sha1(index)) if base_group else None
+            group = self._base_group.get(self._sha1(index)) if self._base_group else None
             rows.append(
                 [
                     self._cell_path(item.path),
@@ -145,19 +143,11 @@ class ReviewStore:
                     d.reviewed_at,
                 ]
             )
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(f".{self.out.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "x", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(COLUMNS)
-                writer.writerows([csv_safe(c) for c in row] for row in rows)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with _write_new(self.out, force=True) as f:
+            writer = _CsvWriter(f)
+            writer.writerow(COLUMNS)
+            for row in rows:
+                writer.writerow([csv_safe(c) for c in row])
         # The rename itself is durable only once the folder is synced.
         fd = os.open(self.out.parent, os.O_RDONLY)
         try:
