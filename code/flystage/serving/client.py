@@ -14,10 +14,10 @@ import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flystage.imaging import sniff_format
-from flystage.predict import Prediction, Source, source_name
+if TYPE_CHECKING:
+    from flystage.predict import Prediction, Source
 
 CONTENT_TYPES = {"tiff": "image/tiff", "png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
 
@@ -31,6 +31,10 @@ class AnswerError(Exception):
 
 def content_type(body: bytes) -> str:
     """The image's MIME type from its magic bytes (the server checks them again)."""
+    # Imported here: the control plane and flystage.sagemaker import this module, and the image
+    # stack (OpenCV, numpy) is no part of what they need.
+    from flystage.imaging import sniff_format
+
     return CONTENT_TYPES.get(sniff_format(body[:16]) or "", "application/octet-stream")
 
 
@@ -79,6 +83,8 @@ def predict_each(
     """Top-k for each source through ``send``, in order; an unreadable file or a ValueError
     from ``send`` is that image's ``error`` and the others go on. Other exceptions (the server
     is gone, no permission) propagate: they would fail every image alike."""
+    from flystage.predict import Prediction, source_name
+
     names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
 
     def one(item: tuple[Source, str]) -> Prediction:

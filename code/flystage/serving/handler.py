@@ -95,16 +95,16 @@ class InferenceHandler(DefaultInferenceHandler):
     def default_input_fn(
         self, input_data: Any, content_type: str, context: Any = None
     ) -> codec.Request:
-        model: ServedModel | None = getattr(self, "_model", None)
+        model: ServedModel = self._model  # set by FlystageTransformer.validate_and_initialize
         headers = request_headers(context)
         codec.check_accept(next((v for k, v in headers.items() if k.lower() == "accept"), None))
         return codec.decode_request(
             input_data,
             content_type,
             headers,
-            num_labels=len(model.predictor.labels) if model else codec.DEFAULT_K,
-            max_batch=model.max_batch if model else settings.DEFAULT_MAX_BATCH,
-            max_bytes=model.max_bytes if model else settings.DEFAULT_MAX_PAYLOAD_MB * 2**20,
+            num_labels=len(model.predictor.labels),
+            max_batch=model.max_batch,
+            max_bytes=model.max_bytes,
         )
 
     def default_predict_fn(
