@@ -70,6 +70,7 @@ def save_artefact(
     in ``model_dir``. Other files in ``model_dir`` are left alone.
     """
 
+    spec = spec or {"arch": arch, "mode": "full"}  # what load_torch_model rebuilds
     labels = [str(label) for label in labels]
     if not labels or len(set(labels)) != len(labels):
         raise ArtefactError(f"labels {labels}: need a non-empty list of distinct labels")
@@ -95,7 +96,7 @@ def save_artefact(
                     "arch": arch,
                     "labels": labels,
                     "channels": c,
-                    "spec": spec or {"arch": arch, "mode": "full"},
+                    "spec": spec,
                     "state_dict": model.state_dict(),
                 },
                 tmp / WEIGHTS_FILE,
@@ -106,7 +107,7 @@ def save_artefact(
                 preprocess_config,
                 metrics,
                 manifest_sha256,
-                extra={**(extra or {}), "model": spec or {"arch": arch, "mode": "full"}},
+                extra={**(extra or {}), "model": spec},
                 onnx={"onnx_opset": opset, "onnx_max_abs_diff": max_diff},
             )
             (tmp / METADATA_FILE).write_text(

@@ -664,17 +664,23 @@ def _stop_requested(world: int) -> bool:
 def _best_so_far(
     state: TrainState, model: nn.Module, setup: Any, labels: list[str], config: TrainConfig
 ) -> FitResult | None:
-    """A copy of the model at its best epoch so far: a stopped job (MaxRuntime, tuning early
-    stop, spot) still leaves a usable model. None before the first finished epoch."""
+    """The model at its best epoch so far: a stopped job (MaxRuntime, tuning early stop, spot)
+    still leaves a usable model. None before the first finished epoch. Called only as the run
+    stops, after its checkpoint is saved, so the live weights are not needed again."""
     if state.best_state is None:
         return None
-    best_model = copy.deepcopy(model)
-    best_model.load_state_dict(state.best_state)
+    return _result_at_best(state, setup, model, labels, config)
+
+
+def _result_at_best(
+    state: TrainState, setup: Any, model: nn.Module, labels: list[str], config: TrainConfig
+) -> FitResult:
+    model.load_state_dict(state.best_state)
     return FitResult(
-        setup.finish(best_model).eval(),
+        setup.finish(model).eval(),
         labels,
-        list(state.history),
-        dict(state.best),
+        state.history,
+        state.best,
         config,
         state.samples_seen,
         spec=config.model_spec(),
@@ -928,20 +934,11 @@ def _best_result(
     """The model at its best epoch, said and returned as the run's result."""
     if state.best_state is None:  # resumed from a checkpoint of a run that had already finished
         raise DataError(f"{checkpoint} holds no trained epoch; remove it and train again")
-    model.load_state_dict(state.best_state)
     say(
         f"best epoch {state.best['epoch']}: valid_top1={state.best['valid_top1']:.4f} "
         f"valid_top3={state.best['valid_top3']:.4f} valid_loss={state.best['valid_loss']:.4f}"
     )
-    return FitResult(
-        setup.finish(model).eval(),
-        labels,
-        state.history,
-        state.best,
-        config,
-        state.samples_seen,
-        spec=config.model_spec(),
-    )
+    return _result_at_best(state, setup, model, labels, config)
 
 
 def _solved(
@@ -1181,8 +1178,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_config_options(parser)
 
 
-# imaging.PreprocessConfig's fields, explained for --help and docs/hyperparameters.md (field
-# metadata, as TrainConfig's and AugmentConfig's, once imaging.py carries them).
 def option_groups() -> list[tuple[str, str, list[Option]]]:
     """The hyperparameters as ``flystage train`` groups them: (title, description, options),
     one group per config object, defaults and helps from the configs."""
