@@ -143,12 +143,15 @@ def read_channel(
     name: str,
     rules: FolderRules = FolderRules(),
     log: Callable[[str], None] | None = None,
+    split: str | None = "",
+    seed: int = 0,
 ) -> tuple[list[Record], Path | None]:
     """Every record of a channel folder and its manifest (``None`` for a folder tree).
 
     A channel is a folder with ``manifest.csv`` (whose ``split`` column says which rows are
     train or valid), a manifest CSV file itself, or a folder tree labelled by ``rules``
-    (records get split ``""``: the caller decides). ``log`` gets what organising a tree left out.
+    (records get split ``split``: ``""`` leaves it to the caller, None splits by group with
+    ``seed`` as ``organise`` does). ``log`` gets what organising a tree left out.
     """
     channel = Path(channel)
     if not channel.exists():
@@ -165,7 +168,7 @@ def read_channel(
     except ManifestError as exc:
         raise DataError(f"no usable images in channel {name}: {exc}") from exc
     try:
-        return _read_folder(channel, name, rules, log, split="", seed=0), None
+        return _read_folder(channel, name, rules, log, split=split, seed=seed), None
     except ManifestError as exc:  # the folder rules: ambiguous labels, a group regex that misses
         raise DataError(f"channel {name} ({channel}): {exc}") from exc
 
@@ -185,7 +188,10 @@ def split_channels(
       channel; without one, a seeded stratified 80/20 split by group, which needs
       ``rules.group_regex`` (refused without: :data:`NO_GROUP_RULE`).
     """
-    train_all, manifest = read_channel(train_channel, "train", rules, log)
+    # A folder tree with a group rule and no valid channel is split as it is organised (once:
+    # organising hashes every image).
+    split = None if valid_channel is None and rules.group_regex else ""
+    train_all, manifest = read_channel(train_channel, "train", rules, log, split=split, seed=seed)
     if manifest is not None and rules.is_set() and log is not None:
         log(
             "note: label_regex/label_level/group_regex not used: channel train has "
@@ -194,12 +200,8 @@ def split_channels(
     if manifest is None and valid_channel is None:
         if not rules.group_regex:
             raise DataError(NO_GROUP_RULE.format(channel=train_channel))
-        try:
-            records = organise_folder(train_channel, rules, split=None, seed=seed).records
-        except ManifestError as exc:
-            raise DataError(f"channel train ({train_channel}): {exc}") from exc
-        train = [r for r in records if r.split == "train"]
-        valid = [r for r in records if r.split == "valid"]
+        train = [r for r in train_all if r.split == "train"]
+        valid = [r for r in train_all if r.split == "valid"]
     else:
         train = [r for r in train_all if r.split in ("train", "")]
         valid = [r for r in train_all if r.split == "valid"]
