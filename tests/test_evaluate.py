@@ -11,6 +11,8 @@ import pytest
 
 from artefact_helpers import LABELS, make_artefact, write_image
 from flystage import cli
+from flystage.bootstrap import image_terms, metrics_of_sums, resampled_sums
+from flystage.calibrate import expected_calibration_error
 from flystage.evaluate import (
     confusion_matrix,
     coverage_curve,
@@ -21,6 +23,7 @@ from flystage.evaluate import (
     recall_precision,
     report_text,
     topk_accuracy,
+    topk_contiguous,
 )
 from flystage.organise import ManifestError, Record, write_manifest
 from flystage.predict import Predictor
@@ -70,8 +73,131 @@ def test_evaluate_probs_report():
     assert absent["per_stage"]["4-6"] == {"recall": None, "precision": None, "support": 0}
     text = report_text(absent)
     assert "top-1 50.0%" in text and "n/a" in text
+    lines = report_text(report).splitlines()
+    lo, hi = (100 * x for x in report["intervals"]["top1"])
+    assert lines[0].startswith(f"images 4   top-1 50.0% [{lo:.1f}, {hi:.1f}]   top-3 100.0% [")
+    assert "within one stage 75.0% [" in lines[0]
+    assert lines[1].startswith("mean stage error 0.75 [")
+    assert "2000 resamples of the 4 groups" in lines[1]
     with pytest.raises(ValueError, match="for 2 labels"):
         evaluate_probs(PROBS, TARGETS, ["a", "b"])
+
+
+def test_stage_distance_and_contiguity_by_hand():
+    # Top-1 0, 2, 1, 1 against truth 0, 0, 2, 1: stage errors 0, 2, 1, 0.
+    report = evaluate_probs(PROBS, TARGETS, ["1-3", "4-6", "7-8"])
+    assert report["within1"] == 0.75 and report["mae"] == 0.75
+    assert report["top3_contiguous"] == 1.0  # three labels: any top 3 is all of them
+    five = np.array(
+        [
+            [0.5, 0.2, 0.15, 0.1, 0.05],  # top 3: 0, 1, 2 (neighbours)
+            [0.4, 0.05, 0.25, 0.1, 0.2],  # 0, 2, 4: scattered
+            [0.05, 0.2, 0.4, 0.25, 0.1],  # 2, 3, 1: neighbours in another order
+            [0.3, 0.25, 0.05, 0.3, 0.1],  # 0 and 3 tie (0 ranks first), then 1: 0, 3, 1
+        ]
+    )
+    assert topk_contiguous(five, 3) == 0.5
+    report = evaluate_probs(five, np.array([4, 4, 0, 1]), ["1", "2", "3", "4", "5"])
+    # Top-1 0, 0, 2, 0 against truth 4, 4, 0, 1: errors 4, 4, 2, 1.
+    assert report["within1"] == 0.25 and report["mae"] == 2.75
+    assert report["top3_contiguous"] == 0.5
+    two = evaluate_probs(np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([1, 1]), ["a", "b"])
+    assert two["top3_contiguous"] is None and two["within1"] == 1.0 and two["mae"] == 0.5
+    json.dumps(two)
+
+
+def _grouped(n_groups: int, per_group: int, seed: int, correlated: bool = False):
+    """Probabilities of 5 ordered stages for n_groups x per_group images, right about 70 % of
+    the time; with ``correlated`` every image of a group gets the group's row and truth."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * per_group
+    units = n_groups if correlated else n
+    targets = rng.integers(0, 5, units)
+    top1 = np.where(rng.random(units) < 0.7, targets, (targets + rng.integers(1, 5, units)) % 5)
+    probs = rng.dirichlet(np.ones(5), units) * 0.4
+    probs[np.arange(units), top1] += 0.6
+    if correlated:
+        probs, targets = np.repeat(probs, per_group, axis=0), np.repeat(targets, per_group)
+    groups = [f"g{i // per_group}" for i in range(n)]
+    return probs, targets, groups
+
+
+def _width(interval):
+    return interval[1] - interval[0]
+
+
+def test_intervals_hold_the_estimate_and_narrow_with_more_groups():
+    labels = ["1", "2", "3", "4", "5"]
+    probs, targets, groups = _grouped(20, 5, seed=1)
+    few = evaluate_probs(probs, targets, labels, groups)
+    probs, targets, groups = _grouped(400, 5, seed=1)
+    many = evaluate_probs(probs, targets, labels, groups)
+    for report in (few, many):
+        assert set(report["intervals"]) == {"top1", "top3", "ece", "within1", "mae"}
+        for key, (lo, hi) in report["intervals"].items():
+            assert lo <= report[key] <= hi, key
+        assert 0.0 <= report["intervals"]["top1"][0] < report["intervals"]["top1"][1] <= 1.0
+    for key in ("top1", "top3", "within1", "mae", "ece"):
+        assert _width(many["intervals"][key]) < 0.5 * _width(few["intervals"][key]), key
+    assert few["bootstrap"] == {
+        "method": "percentile bootstrap over groups",
+        "resamples": 2000,
+        "level": 0.95,
+        "n_groups": 20,
+    }
+    json.dumps(many)
+    # All right: nothing to resample away.
+    sure = evaluate_probs(np.eye(3)[[0, 1, 2, 0]], np.array([0, 1, 2, 0]), ["a", "b", "c"])
+    assert sure["intervals"]["top1"] == [1.0, 1.0] and sure["intervals"]["mae"] == [0.0, 0.0]
+
+
+def test_cluster_bootstrap_is_wider_when_images_of_a_group_agree():
+    # 40 groups of 10 identical images: 40 independent answers, not 400.
+    probs, targets, groups = _grouped(40, 10, seed=2, correlated=True)
+    labels = ["1", "2", "3", "4", "5"]
+    by_group = evaluate_probs(probs, targets, labels, groups)
+    by_image = evaluate_probs(probs, targets, labels)
+    assert by_group["top1"] == by_image["top1"]
+    assert by_group["bootstrap"]["n_groups"] == 40 and by_image["bootstrap"]["n_groups"] == 400
+    # About sqrt(10) wider; well above 2 for any seed.
+    for key in ("top1", "within1", "mae"):
+        assert _width(by_group["intervals"][key]) > 2.0 * _width(by_image["intervals"][key]), key
+
+
+def test_intervals_are_deterministic_for_a_seed():
+    probs, targets, groups = _grouped(30, 4, seed=3)
+    labels = ["1", "2", "3", "4", "5"]
+    first = evaluate_probs(probs, targets, labels, groups, seed=7)
+    assert evaluate_probs(probs, targets, labels, groups, seed=7) == first
+    assert evaluate_probs(probs, targets, labels, groups, seed=8)["intervals"] != first["intervals"]
+    fewer = evaluate_probs(probs, targets, labels, groups, n_boot=100)
+    assert fewer["bootstrap"]["resamples"] == 100
+    off = evaluate_probs(probs, targets, labels, groups, n_boot=0)
+    assert off["intervals"]["top1"] is None and off["bootstrap"]["resamples"] == 0
+    assert off["top1"] == first["top1"]
+    with pytest.raises(ValueError, match="each of the 120 images"):
+        evaluate_probs(probs, targets, labels, groups[:-1])
+    # The positional signature of old still works and ignores nothing.
+    assert evaluate_probs(probs, targets, labels)["n"] == 120
+
+
+def test_a_resample_scores_as_the_drawn_images_would():
+    """The summed-terms shortcut gives what scoring the resampled multiset directly gives."""
+    probs, targets, groups = _grouped(12, 3, seed=4)
+    probs[::5] = np.roll(probs[::5], 2, axis=1)  # errors of 2 stages too
+    index = np.unique(groups, return_inverse=True)[1]  # group numbers in sorted-name order
+    for seed in range(5):
+        sums, counts, n_groups = resampled_sums(image_terms(probs, targets), groups, 1, seed)
+        drawn = np.random.default_rng(seed).integers(0, n_groups, size=(1, n_groups))[0]
+        rows = np.concatenate([np.flatnonzero(index == g) for g in drawn])
+        scores = metrics_of_sums(sums[0], counts[0])
+        direct = evaluate_probs(probs[rows], targets[rows], ["1", "2", "3", "4", "5"], n_boot=0)
+        assert counts[0] == len(rows)
+        for key in ("top1", "top3", "within1", "mae"):
+            assert scores[key] == pytest.approx(direct[key], abs=1e-6), key
+        assert scores["ece"] == pytest.approx(
+            expected_calibration_error(probs[rows], targets[rows])
+        )
 
 
 def test_report_text_prints_ece_and_coverage():
@@ -148,7 +274,7 @@ def setup(tmp_path_factory):
     for i in range(10):
         path = write_image(root / "data" / f"img{i}.{'tif' if i % 2 else 'png'}", seed=i)
         split = "test" if i < 6 else "train"
-        records.append(Record(path, LABELS[i % len(LABELS)], f"g{i}", split, f"{i:040d}"))
+        records.append(Record(path, LABELS[i % len(LABELS)], f"g{i // 2}", split, f"{i:040d}"))
     manifest = write_manifest(records, root / "data" / "manifest.csv")
     return root / "model", manifest, records
 
@@ -165,6 +291,12 @@ def test_evaluate_manifest_agrees_with_the_predictor(setup):
     assert sum(map(sum, report["confusion"])) == 6
     assert report["model"]["labels"] == LABELS and report["split"] == "test"
     assert report["same_manifest_as_training"] is False
+    # Every image's probabilities and group, so that two reports can be paired image by image.
+    assert [(p["path"], p["group"], p["label"]) for p in report["predictions"]] == [
+        (str(r.path), r.group, r.label) for r in test
+    ]
+    np.testing.assert_allclose([p["probs"] for p in report["predictions"]], probs, atol=1e-6)
+    assert report["bootstrap"]["n_groups"] == 3  # g0, g1, g2: two test images each
     assert evaluate_manifest(model_dir, manifest, "all", threads=1)[0]["n"] == 10
 
 
@@ -191,6 +323,7 @@ def test_evaluate_cli_writes_report_and_png(setup, tmp_path: Path, capsys):
     assert "top-1" in printed and "recall" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 6 and set(report["per_stage"]) == set(LABELS)
+    assert len(report["predictions"]) == 6 and report["intervals"]["top1"] is not None
     assert len(report["manifest_sha256"]) == 64
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "coverage.png").read_bytes()[:4] == b"\x89PNG"

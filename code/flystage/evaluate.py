@@ -1,12 +1,15 @@
-"""Score a model on a manifest split: top-1/top-3 accuracy, per-stage recall and precision,
-a confusion matrix picture and a JSON report.
+"""Score a model on a manifest split: top-1/top-3 accuracy, how far off in stages the top-1
+is, per-stage recall and precision, 95 % intervals (a bootstrap over groups), a confusion
+matrix picture and a JSON report.
 
 ``flystage evaluate --model DIR --manifest M [--split test] --out DIR`` runs the artefact's
 ONNX model (onnxruntime, the same path as serving) and writes ``report.json``,
 ``confusion.png`` and ``coverage.png`` (top-1 accuracy of the images whose top-1 probability
 reaches a threshold, against the threshold and against the share of images accepted: what
-``flystage predict --unsure-below P`` leaves for a biologist to look at). ``evaluate_probs``
-is the pure scoring function: cross-validation pools its folds' probabilities and calls it once.
+``flystage predict --unsure-below P`` leaves for a biologist to look at); the report keeps
+every image's probabilities (``predictions``) so that ``flystage compare`` can pair two
+reports image by image. ``evaluate_probs`` is the pure scoring function: cross-validation
+pools its folds' probabilities and calls it once.
 """
 
 from __future__ import annotations
@@ -22,9 +25,20 @@ from typing import Any
 import numpy as np
 
 from flystage.artefact import ArtefactError
+from flystage.bootstrap import (
+    LEVEL,
+    N_BOOT,
+    bootstrap_intervals,
+    describe,
+    group_index,
+    image_terms,
+    metrics_of_sums,
+    ranking,
+)
+from flystage.bootstrap import json_float as _num
 from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
 from flystage.imaging import ImageError, load
-from flystage.organise import SPLITS, ManifestError, manifest_sha256, read_manifest
+from flystage.organise import SPLITS, ManifestError, Record, manifest_sha256, read_manifest
 from flystage.predict import Predictor
 
 
@@ -63,18 +77,44 @@ def recall_precision(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return recall, precision
 
 
-def _num(x: float) -> float | None:
-    return None if x is None or np.isnan(x) else round(float(x), 6)
+def topk_contiguous(probs: np.ndarray, k: int = 3) -> float:
+    """Share of rows of ``probs`` ``(N, K)`` whose k most probable classes are neighbours in
+    class order (e.g. 4-6, 7-8, 9-10); NaN when K < k or N = 0. An ordinal model should name
+    a run of stages, not stages scattered over the embryo's development."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < k or len(probs) == 0:
+        return float("nan")
+    top = ranking(probs)[:, :k]
+    return float(np.mean(top.max(axis=1) - top.min(axis=1) == k - 1))
 
 
-def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
-    """Scores of probabilities ``(N, K)`` against target indices ``(N,)`` (``labels[i]`` = class i).
+# The report's interval keys, in the order a reader meets them.
+INTERVAL_KEYS = ("top1", "top3", "ece", "within1", "mae")
 
-    Returns a JSON-safe dict: ``n``, ``top1``, ``top3``, ``mean_recall``, ``labels``,
-    ``per_stage`` {label: recall, precision, support} (None where undefined),
-    ``confusion`` (rows true, columns predicted), ``ece`` (expected calibration error) and
-    ``coverage`` (per top-1 probability threshold: share of images at or above it and their
-    top-1 accuracy; :func:`flystage.calibrate.coverage_table`).
+
+def evaluate_probs(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    labels: Sequence[str],
+    groups: Sequence[str] | None = None,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Scores of probabilities ``(N, K)`` against target indices ``(N,)`` (``labels[i]`` = class i,
+    labels in stage order).
+
+    Returns a JSON-safe dict: ``n``, ``top1``, ``top3``, ``within1`` (top-1 at most one stage
+    from the truth), ``mae`` (mean |top-1 - truth| in label-list steps), ``top3_contiguous``
+    (share whose top 3 are neighbouring stages; None for fewer than 3 labels),
+    ``mean_recall``, ``labels``, ``per_stage`` {label: recall, precision, support} (None where
+    undefined), ``confusion`` (rows true, columns predicted), ``ece`` (expected calibration
+    error), ``coverage`` (per top-1 probability threshold: share of images at or above it and
+    their top-1 accuracy; :func:`flystage.calibrate.coverage_table`), ``intervals`` (95 %
+    [lo, hi] of top1, top3, ece, within1 and mae; None without images or with ``n_boot=0``)
+    and ``bootstrap`` (how: :mod:`flystage.bootstrap`). The intervals resample whole
+    ``groups`` (N group names: gene, embryo, session; None: each image its own group),
+    ``n_boot`` times from ``np.random.default_rng(seed)``.
     """
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
@@ -85,13 +125,24 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]
         )
     if len(targets) and (targets.min() < 0 or targets.max() >= len(labels)):
         raise ValueError(f"targets must be class indices in [0, {len(labels)})")
-    cm = confusion_matrix(targets, np.argsort(-probs, axis=1, kind="stable")[:, 0], len(labels))
+    cm = confusion_matrix(targets, ranking(probs)[:, 0], len(labels))
     recall, precision = recall_precision(cm)
     support = cm.sum(axis=1)
+    terms = image_terms(probs, targets)
+    ordinal = metrics_of_sums(terms.sum(axis=0), len(targets))
+    if len(targets) and n_boot:
+        drawn, bootstrap = bootstrap_intervals(terms, groups, n_boot=n_boot, seed=seed)
+        intervals = {key: [_num(drawn[key][0]), _num(drawn[key][1])] for key in INTERVAL_KEYS}
+    else:
+        intervals = dict.fromkeys(INTERVAL_KEYS)
+        bootstrap = describe(0, LEVEL, group_index(groups, len(targets))[1])
     return {
         "n": int(len(targets)),
         "top1": _num(topk_accuracy(probs, targets, 1)),
         "top3": _num(topk_accuracy(probs, targets, 3)),
+        "within1": _num(ordinal["within1"]),
+        "mae": _num(ordinal["mae"]),
+        "top3_contiguous": _num(topk_contiguous(probs, 3)),
         # Mean over stages present: what a lab gets across stages, whatever their frequency.
         "mean_recall": _num(np.nanmean(recall)) if np.any(support) else None,
         "labels": labels,
@@ -106,7 +157,26 @@ def evaluate_probs(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]
         "confusion": cm.tolist(),
         "ece": _num(expected_calibration_error(probs, targets)),
         "coverage": coverage_table(probs, targets),
+        "intervals": intervals,
+        "bootstrap": bootstrap,
     }
+
+
+def predictions_of(
+    records: Sequence[Record], probs: np.ndarray, groups: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The report's per-image entries (``path``, ``group``, ``label``, ``probs`` rounded to 6
+    places) of ``records`` scored as the rows of ``probs`` ``(N, K)``: what ``flystage
+    compare`` pairs two reports by."""
+    return [
+        {
+            "path": str(r.path),
+            "group": str(group),
+            "label": r.label,
+            "probs": [round(float(p), 6) for p in row],
+        }
+        for r, group, row in zip(records, groups, np.asarray(probs, dtype=np.float64))
+    ]
 
 
 @contextmanager
@@ -248,6 +318,16 @@ def plot_coverage(
     return Path(path)
 
 
+def interval_text(report: dict[str, Any], key: str, scale: float = 100.0, digits: int = 1) -> str:
+    """`` [lo, hi]`` of ``report["intervals"][key]`` times ``scale``; empty when the report has
+    none (older reports, no images)."""
+    interval = (report.get("intervals") or {}).get(key)
+    if not interval or None in interval:
+        return ""
+    lo, hi = (scale * x for x in interval)
+    return f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 def coverage_text(report: dict[str, Any]) -> list[str]:
     """The calibration lines of a report: ECE (and the model's temperature), then per threshold
     the share of images whose top-1 probability reaches it and their top-1 accuracy."""
@@ -261,8 +341,8 @@ def coverage_text(report: dict[str, Any]) -> list[str]:
             else ""
         )
         lines.append(
-            f"calibration: ECE {report['ece']:.3f} (0 = top-1 probabilities match top-1 "
-            f"accuracy{fitted})"
+            f"calibration: ECE {report['ece']:.3f}{interval_text(report, 'ece', 1.0, 3)} (0 = "
+            f"top-1 probabilities match top-1 accuracy{fitted})"
         )
     rows = report.get("coverage") or []
     if rows:
@@ -278,16 +358,39 @@ def coverage_text(report: dict[str, Any]) -> list[str]:
 
 
 def report_text(report: dict[str, Any]) -> str:
-    """A few readable lines: accuracy, recall/precision/support per stage, then calibration
-    (ECE) and coverage (``p >= 0.80:  62 % of images (37 of 60), top-1  97 %``)."""
+    """A few readable lines: accuracy and stage error with their 95 % intervals
+    (``top-1 78.8% [72.5, 84.5]``), recall/precision/support per stage, then calibration (ECE)
+    and coverage (``p >= 0.80:  62 % of images (37 of 60), top-1  97 %``)."""
 
     def pct(x: float | None) -> str:
         return "   n/a" if x is None else f"{100 * x:5.1f}%"
 
+    figures = [("top-1", "top1"), ("top-3", "top3"), ("within one stage", "within1")]
     lines = [
-        f"images {report['n']}   top-1 {pct(report['top1']).strip()}   top-3 "
-        f"{pct(report['top3']).strip()}"
+        "   ".join(
+            [f"images {report['n']}"]
+            + [
+                f"{name} {pct(report[key]).strip()}{interval_text(report, key)}"
+                for name, key in figures
+                if key in report
+            ]
+        )
     ]
+    ordinal = []
+    if report.get("mae") is not None:
+        ordinal.append(
+            f"mean stage error {report['mae']:.2f}{interval_text(report, 'mae', 1.0, 2)} stages"
+        )
+    if report.get("top3_contiguous") is not None:
+        ordinal.append(f"top-3 neighbouring stages {pct(report['top3_contiguous']).strip()}")
+    bootstrap = report.get("bootstrap") or {}
+    if bootstrap.get("resamples") and report.get("intervals", {}).get("top1"):
+        ordinal.append(
+            f"(brackets: {100 * bootstrap['level']:.0f} % intervals, {bootstrap['resamples']} "
+            f"resamples of the {bootstrap['n_groups']} groups)"
+        )
+    if ordinal:
+        lines.append("   ".join(ordinal))
     width = max(len("stage"), *(len(label) for label in report["labels"]))
     lines.append(f"{'stage':>{width}}  recall  precision  support")
     for label, s in report["per_stage"].items():
@@ -319,6 +422,7 @@ def evaluate_manifest(
             f"{manifest}: label(s) {unknown} are not among the model's labels {labels}; map them "
             "with organise --map"
         )
+    groups = [r.group for r in records]
     index = {label: i for i, label in enumerate(labels)}
     targets = np.array([index[r.label] for r in records], dtype=np.int64)
     chunks = []
@@ -328,7 +432,7 @@ def evaluate_manifest(
         )
         chunks.append(predictor.predict_arrays(batch))
     probs = np.concatenate(chunks)
-    report = evaluate_probs(probs, targets, labels)
+    report = evaluate_probs(probs, targets, labels, groups)
     md = predictor.metadata
     report.update(
         split=split,
@@ -338,6 +442,7 @@ def evaluate_manifest(
         # Whether the model was trained on this manifest; evaluating on a split it was not
         # trained from is fine, this only makes it visible.
         same_manifest_as_training=md.manifest_sha256 == manifest_sha256(manifest),
+        predictions=predictions_of(records, probs, groups),
     )
     return report, probs, targets
 
