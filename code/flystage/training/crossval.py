@@ -231,7 +231,13 @@ def crossval(
             }
             for r, row in zip(fold.test, probs)
         ]
-    report = evaluate_probs(np.concatenate(all_probs), np.concatenate(all_targets), labels)
+    # Intervals resample whole held-out groups, the unit the folds hold out.
+    report = evaluate_probs(
+        np.concatenate(all_probs),
+        np.concatenate(all_targets),
+        labels,
+        [p["group"] for p in predictions],
+    )
     report.update(
         protocol=PROTOCOL,
         group_column=group_column,
