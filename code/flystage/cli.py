@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "score a model on a manifest split: accuracy, recall, confusion",
     ),
     "crossval": ("flystage.training.crossval", "leave-one-group-out cross-validation"),
+    "compare": (
+        "flystage.compare",
+        "two models on the same images: B - A per score with a paired bootstrap interval",
+    ),
     "predict": (
         "flystage.predict",
         "top-3 stages for every image in a folder (CSV/JSON, --rename)",
