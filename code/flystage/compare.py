@@ -62,8 +62,8 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not report.get("predictions"):
         raise CompareError(
             f"{path}: the report has no per-image predictions to pair; write it again with "
-            "this version's `flystage evaluate` or `flystage crossval` (older reports kept "
-            "only the totals)"
+            "this version's `flystage evaluate` (its older reports kept only the totals) or "
+            "`flystage crossval`"
         )
     return report
 
