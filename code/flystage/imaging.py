@@ -9,6 +9,7 @@ The pipeline, for an image ``(H, W)`` or ``(H, W, 3)`` of any dtype:
 
 1. colour: RGB to grey (``channels=1``) or grey to RGB (``channels=3``);
 2. shrink (k x k box average) to at least 1.5 times the model input, so later steps are cheap;
+   a frame smaller than the model input is enlarged (bicubic) to 1.5 times it instead;
 3. :func:`stretch_contrast`: percentile stretch to float32 [0, 1]. Light backgrounds
    (BDGP brightfield: white, purple stain) are inverted so that every image ends up like the
    lab's fluorescence images: embryo bright, background black (:func:`has_light_background`);
@@ -806,19 +807,42 @@ def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
     Returns
     -------
     ndarray, float32, (height, width[, C])
-        Area averaging when shrinking (no aliasing), bilinear when enlarging.
+        Area averaging when shrinking (no aliasing), bicubic when enlarging (sharper than
+        bilinear; its overshoot at edges clipped to the input's range).
     """
     h, w = image.shape[:2]
     scale = min(height / h, width / w)
     new_h, new_w = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    if scale < 1:
+        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    else:
+        resized = enlarge(image, size=(new_w, new_h))
     if resized.ndim == 2 and image.ndim == 3:
         resized = resized[:, :, None]
     out = np.zeros((height, width) + image.shape[2:], np.float32)
     top, left = (height - new_h) // 2, (width - new_w) // 2
     out[top : top + new_h, left : left + new_w] = resized
     return out
+
+
+def enlarge(
+    image: np.ndarray, factor: float = 1.0, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``image`` enlarged ``factor`` times (or to ``size``, (width, height)), bicubic, within
+    the input's range.
+
+    Bicubic, not bilinear: it keeps more of the fine relief (2-4x smaller copies of the BDGP
+    images came 8 to 12 % closer to the original's model input than with bilinear). Its
+    overshoot at edges is clipped to the input's range (OpenCV would only saturate integers at
+    the dtype's limits, far above a dim image's brightest pixel).
+    """
+    h, w = image.shape[:2]
+    size = size or (max(1, round(w * factor)), max(1, round(h * factor)))
+    if image.dtype.kind == "f":
+        image = to_float(image)  # NaN would spread over each 4x4 neighbourhood
+    out = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+    np.clip(out, image.min(), image.max(), out=out)
+    return out.reshape(out.shape[:2] + image.shape[2:])
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
@@ -872,11 +896,18 @@ def preprocess(image: np.ndarray, config: PreprocessConfig | None = None) -> np.
     # still enough pixels when the crop keeps only part of the frame. An integer factor
     # (box average of k x k pixels) is OpenCV's fast path, 20 times faster than an odd one.
     h, w = image.shape[:2]
-    k = int(min(h / config.height, w / config.width) / 1.5)
+    fit = min(h / config.height, w / config.width)
+    k = int(fit / 1.5)
     if k >= 2:
         image = cv2.resize(
             image[: h - h % k, : w - w % k], (w // k, h // k), interpolation=cv2.INTER_AREA
         )
+    elif fit < 1.0:
+        # A frame smaller than the model input (e.g. 80x32 images already cropped to the
+        # embryo) is enlarged to the same 1.5 times, so that the mask, the turn and the crop
+        # work at the output's resolution, not at one where a pixel is 3 of the input's (a
+        # crop margin rounded to whole coarse pixels shrank such embryos by about 1.5 %).
+        image = enlarge(image, 1.5 / fit)
 
     x = stretch_contrast(image, config.low_percentile, config.high_percentile, invert=light)
     if x.ndim == 2:
