@@ -32,7 +32,8 @@ from flystage.augment import build_train_transform
 from flystage.organise import Record
 from flystage.training.data import ImageCache, StageDataset
 from flystage.training.models import build_feature_extractor, build_model, freeze_backbone
-from flystage.training.probe import ProbeNet, cached_features, fit_logistic
+from flystage.training.ordinal import ordinal_targets
+from flystage.training.probe import ProbeNet, cached_features, fit_logistic, scaled_l2
 
 if TYPE_CHECKING:
     from flystage.training.train import TrainConfig
@@ -147,6 +148,7 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
     with torch.no_grad():
         head.mean.copy_(x.mean(0))
         head.std.copy_(x.std(0).clamp_min(1e-6))
+    l2 = scaled_l2(config.probe_l2, len(train))
     if config.probe_solver == "lbfgs":
         # The exact L2-regularised logistic regression: no learning rate, batches or epochs,
         # and no best epoch to choose on a handful of validation images (docs/accuracy.md).
@@ -154,13 +156,18 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
         y_t = torch.from_numpy(y)
         counts = torch.bincount(y_t, minlength=len(labels)).double().clamp_min(1)
         weights = 1.0 / counts[y_t] if config.balance != "none" else None
-        w, b = fit_logistic((x - head.mean) / head.std, y_t, len(labels), config.probe_l2, weights)
+        targets = (
+            ordinal_targets(y_t, len(labels), config.ordinal_smoothing)
+            if config.ordinal_smoothing
+            else y_t
+        )
+        w, b = fit_logistic((x - head.mean) / head.std, targets, len(labels), l2, weights)
         with torch.no_grad():
             head.head.weight.copy_(w)
             head.head.bias.copy_(b)
         log(
-            f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g}) in "
-            f"{time.perf_counter() - t1:.1f} s"
+            f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g} x 200/{len(train)} "
+            f"images = {l2:.3g}) in {time.perf_counter() - t1:.1f} s"
         )
 
     def finish(trained: nn.Module) -> nn.Module:
@@ -176,7 +183,7 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
         head,
         _decay_groups(list(head.parameters()), 0.0),
         finish,
-        penalty=lambda: 0.5 * config.probe_l2 * head.head.weight.pow(2).sum(),
+        penalty=lambda: 0.5 * l2 * head.head.weight.pow(2).sum(),
         solved=config.probe_solver == "lbfgs",
     )
 

@@ -92,11 +92,13 @@ def fit_logistic(
     """Multinomial logistic regression: weight ``(K, D)`` and bias ``(K,)`` minimising the
     (weighted) mean cross-entropy + ``l2 / 2 * |weight|^2``, by L-BFGS (deterministic).
 
-    ``x`` ``(N, D)`` float32 (standardise it first), ``y`` ``(N,)`` int64 class indices.
+    ``x`` ``(N, D)`` float32 (standardise it first), ``y`` ``(N,)`` int64 class indices or
+    ``(N, K)`` target probabilities (``flystage.training.ordinal.ordinal_targets``).
     """
     x = x.double()
     weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    y = y.double() if y.is_floating_point() else y
     w = torch.ones(len(y), dtype=torch.float64) if sample_weight is None else sample_weight.double()
     w = w / w.sum()
     optimizer = torch.optim.LBFGS(
@@ -118,6 +120,16 @@ def fit_logistic(
 
     optimizer.step(closure)
     return weight.detach().float(), bias.detach().float()
+
+
+# Training images at which ``probe_l2`` is applied as given (about one BDGP fold's).
+L2_REFERENCE_IMAGES = 200
+
+
+def scaled_l2(l2: float, n_images: int) -> float:
+    """The penalty per image of a fixed prior ``l2`` stated for :data:`L2_REFERENCE_IMAGES`
+    images: ``l2 * 200 / n_images`` (the mean loss of more images needs less of it)."""
+    return l2 * L2_REFERENCE_IMAGES / max(1, n_images)
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor) -> Sequence[torch.Tensor]:
