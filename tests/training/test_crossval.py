@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -13,7 +16,13 @@ import torch
 from flystage.cli import main as cli_main
 from flystage.evaluate import evaluate_probs
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
-from flystage.training.crossval import CrossvalError, crossval, inner_validation_groups, make_folds
+from flystage.training.crossval import (
+    CrossvalError,
+    crossval,
+    inner_validation_groups,
+    make_folds,
+    make_kfolds,
+)
 from flystage.training.probe import cached_features
 from flystage.training.train import TrainConfig, train_model
 from train_helpers import LABELS, count_extracted, embryo_image
@@ -167,3 +176,113 @@ def test_probe_folds_share_every_feature_row(manifest: Path, monkeypatch) -> Non
     # Training images are wanted augmented too (draws 1 and 2), valid images clean only.
     assert {draw for _, draw in requested} == {0, 1, 2}
     assert len(requested) > len(records)
+
+
+# ---- k folds ---------------------------------------------------------------------------------
+
+
+def embryo_records(counts: dict[str, int], seed: int = 0) -> list[Record]:
+    """One record per embryo (its own group), ``counts[label]`` of each label, in a shuffled
+    order (no image files: the plan reads only labels and groups)."""
+    records = [
+        Record(Path(f"/x/{label}/e{i}.png"), label, f"{label}-e{i}", "train", "")
+        for label, n in counts.items()
+        for i in range(n)
+    ]
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def assert_partition(records: list[Record], plan) -> None:
+    """Every record tested exactly once; within a fold, train, valid and test are disjoint,
+    share no group, and hold every record."""
+    tested = Counter(r.path for fold in plan for r in fold.test)
+    assert tested == Counter(r.path for r in records), "a record tested twice or never"
+    for fold in plan:
+        sides = [{r.group for r in part} for part in (fold.train, fold.valid, fold.test)]
+        assert all(sides), f"{fold.group} has an empty side"
+        assert sides[0].isdisjoint(sides[1]) and sides[0].isdisjoint(sides[2])
+        assert sides[1].isdisjoint(sides[2]), f"{fold.group}: a group validated and tested"
+        paths = sorted(r.path for part in (fold.train, fold.valid, fold.test) for r in part)
+        assert paths == sorted(r.path for r in records)
+
+
+def test_kfold_plan_is_a_stratified_k_fold_for_one_image_per_group() -> None:
+    counts = {"c01": 23, "c02": 17, "c03": 20, "c04": 9, "c05": 31, "c06": 12}
+    records = embryo_records(counts)
+    plan = make_kfolds(records, 5, valid_fraction=0.1, seed=0)
+    assert [f.group for f in plan] == [f"fold{i}" for i in range(1, 6)]
+    assert_partition(records, plan)
+    # Strata balanced: every label within one image across folds, and the folds' sizes too.
+    for label in counts:
+        per_fold = [sum(r.label == label for r in fold.test) for fold in plan]
+        assert max(per_fold) - min(per_fold) <= 1, (label, per_fold)
+    sizes = [len(fold.test) for fold in plan]
+    assert max(sizes) - min(sizes) <= 1, sizes
+    # Validation: a stratified tenth of each fold's training images, every label in it.
+    for fold in plan:
+        for label in counts:
+            valid = sum(r.label == label for r in fold.valid)
+            rest = valid + sum(r.label == label for r in fold.train)
+            assert abs(valid - 0.1 * rest) <= 0.5 and valid >= 1, (fold.group, label, valid)
+    # Seeded: the same plan for the same seed and records in another order, another for
+    # another seed.
+    again = make_kfolds(embryo_records(counts, seed=7), 5, valid_fraction=0.1, seed=0)
+    assert [[r.path for r in f.test] for f in again] == [[r.path for r in f.test] for f in plan]
+    other = make_kfolds(records, 5, valid_fraction=0.1, seed=1)
+    assert [[r.path for r in f.test] for f in other] != [[r.path for r in f.test] for f in plan]
+
+
+def test_kfold_plan_keeps_groups_of_several_images_whole() -> None:
+    rng = random.Random(3)
+    records = [
+        Record(Path(f"/x/g{g}/{i}.png"), rng.choice(LABELS), f"g{g}", "train", "")
+        for g in range(40)
+        for i in range(rng.randint(1, 4))
+    ]
+    plan = make_kfolds(records, 4, valid_fraction=0.15, seed=2)
+    assert_partition(records, plan)
+    sizes = [len(fold.test) for fold in plan]
+    assert max(sizes) <= 1.5 * min(sizes), sizes
+
+
+def test_kfold_plan_refuses_too_few_groups_and_bad_k() -> None:
+    records = embryo_records({"c01": 3, "c02": 3})
+    with pytest.raises(CrossvalError, match="k >= 2"):
+        make_kfolds(records, 1)
+    with pytest.raises(CrossvalError, match="at least 7 groups"):
+        make_kfolds(records, 5)
+    with pytest.raises(CrossvalError, match="no column 'embryo'"):
+        make_kfolds(records, 2, group_column="embryo")
+
+
+@pytest.fixture(scope="module")
+def embryo_manifest(manifest: Path) -> Path:
+    """The synthetic images, each its own group (one embryo per image)."""
+    records = [
+        dataclasses.replace(r, group=f"{r.group}-{r.label}-{r.path.stem}")
+        for r in read_manifest(manifest)
+    ]
+    return write_manifest(records, manifest.parent / "embryos.csv")
+
+
+def test_command_k_folds_pools_every_image_once_by_its_own_group(
+    embryo_manifest: Path, tmp_path: Path, capsys
+) -> None:
+    records = read_manifest(embryo_manifest)
+    assert run_crossval(embryo_manifest, tmp_path / "cv", "--k-folds", "3") == 0
+    out = capsys.readouterr().out
+    assert "fold 1/3: fold1: hold out 9 groups (9 images)" in out
+    report = json.loads((tmp_path / "cv" / "report.json").read_text())
+    assert report["protocol"] == "stratified 3-fold" and report["k"] == 3
+    assert [f["group"] for f in report["folds"]] == ["fold1", "fold2", "fold3"]
+    assert [f["n_test"] for f in report["folds"]] == [9, 9, 9]
+    # Every image scored once, under its own group: the intervals resample images.
+    by_path = {str(r.path): r.group for r in records}
+    assert sorted(p["path"] for p in report["predictions"]) == sorted(by_path)
+    assert all(p["group"] == by_path[p["path"]] for p in report["predictions"])
+    assert report["bootstrap"]["n_groups"] == len(records)
+    assert all(len(report["intervals"][key]) == 2 for key in ("top1", "top3", "ece"))
+    # Held-out groups are chosen by the folds, so --folds cannot name them too.
+    assert run_crossval(embryo_manifest, tmp_path / "x", "--k-folds", "3", "--folds", "a") == 2
+    assert "--folds" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Leave-one-group-out cross-validation: the honest accuracy on a small data set.
+"""Cross-validation by group: the honest accuracy on a small data set.
 
 With a few hundred images a single train/valid/test split is noise, and when the group (a
 gene, an embryo, a session) is confounded with the stage, a random split flatters the model.
@@ -7,11 +7,15 @@ group's images, pools the held-out probabilities of all folds and scores them on
 (``flystage.evaluate.evaluate_probs``), so every image is scored by a model that never saw
 its group.
 
-Each fold's early stopping needs a validation set; it is made of whole *training* groups
-(``inner_validation_groups``), never of the held-out group.
+With many groups (thousands of images, each its own embryo) one model per group is too many:
+``k`` folds (``make_kfolds``) hold out about 1/k of the groups each, stratified by label, so
+every fold tests every stage in the same proportions.
 
-``flystage crossval --manifest M --out DIR [training options]`` writes ``report.json`` and
-``confusion.png``; the training options are those of ``flystage train``.
+Each fold's early stopping needs a validation set; it is made of whole *training* groups
+(``inner_validation_groups``; per label for k folds), never of held-out groups.
+
+``flystage crossval --manifest M --out DIR [--k-folds K] [training options]`` writes
+``report.json`` and ``confusion.png``; the training options are those of ``flystage train``.
 """
 
 from __future__ import annotations
@@ -94,6 +98,13 @@ def inner_validation_groups(groups: dict[str, int], fraction: float, seed: int) 
     return chosen or [min(order, key=lambda name: (groups[name], name))]
 
 
+def _by_group(records: Sequence[Record], group_column: str) -> dict[str, list[Record]]:
+    by_group: dict[str, list[Record]] = {}
+    for record in records:
+        by_group.setdefault(group_of(record, group_column), []).append(record)
+    return by_group
+
+
 def make_folds(
     records: Sequence[Record],
     group_column: str = "group",
@@ -103,9 +114,7 @@ def make_folds(
 ) -> list[Fold]:
     """One fold per group (or per group in ``folds``): that group is the test set, a few other
     groups the validation set, the rest the training set."""
-    by_group: dict[str, list[Record]] = {}
-    for record in records:
-        by_group.setdefault(group_of(record, group_column), []).append(record)
+    by_group = _by_group(records, group_column)
     if len(by_group) < 3:
         raise CrossvalError(
             "leave-one-group-out needs at least 3 groups (test, valid, train), got "
@@ -132,6 +141,102 @@ def make_folds(
                 ],
                 valid=[r for g in sorted(valid_groups) for r in by_group[g]],
                 test=list(by_group[group]),
+            )
+        )
+    return out
+
+
+def kfold_protocol(k: int) -> str:
+    """The report's ``protocol`` for ``k`` folds."""
+    return f"stratified {k}-fold"
+
+
+def _strata(by_group: dict[str, list[Record]]) -> dict[str, str]:
+    """Each group's most frequent label (the earlier stage on a tie): what it is stratified by.
+    A group of one image (an embryo) is its image's label."""
+    strata = {}
+    for group, members in by_group.items():
+        counts: dict[str, int] = {}
+        for record in members:
+            counts[record.label] = counts.get(record.label, 0) + 1
+        order = sort_labels(counts)
+        strata[group] = max(order, key=lambda label: (counts[label], -order.index(label)))
+    return strata
+
+
+def stratified_validation_groups(
+    groups: dict[str, int], strata: dict[str, str], fraction: float, seed: int
+) -> list[str]:
+    """Training groups to validate on: about ``fraction`` of each label's images, whole groups.
+
+    ``groups`` maps each training group to its image count, ``strata`` each group to its label.
+    Within each label :func:`inner_validation_groups` chooses (so each label with at least two
+    groups gives at least one, and keeps at least one to train on); labels are visited in stage
+    order, each with its own seed. When no label has two groups, the groups are chosen
+    regardless of label.
+    """
+    by_label: dict[str, dict[str, int]] = {}
+    for group in sorted(groups):
+        by_label.setdefault(strata[group], {})[group] = groups[group]
+    chosen = []
+    for j, label in enumerate(sort_labels(by_label)):
+        if len(by_label[label]) >= 2:
+            chosen += inner_validation_groups(by_label[label], fraction, seed + j)
+    return chosen or inner_validation_groups(groups, fraction, seed)
+
+
+def make_kfolds(
+    records: Sequence[Record],
+    k: int,
+    group_column: str = "group",
+    valid_fraction: float = VALID_FRACTION,
+    seed: int = 0,
+) -> list[Fold]:
+    """``k`` folds of whole groups, stratified by label; fold ``i``'s groups are its test set,
+    a stratified ``valid_fraction`` of the other groups its validation set, the rest its
+    training set. Every group is tested exactly once.
+
+    Groups are dealt label by label (each group counted under its most frequent label; within
+    a label in a seeded order, larger groups first), each to the fold with the fewest images of
+    that label so far, ties to the fold with the fewest images: with one image per group
+    (a stratified k-fold), every fold's count of every label is within one of every other
+    fold's, and so are the folds' sizes. Folds are named ``fold1`` ... ``fold<k>``.
+    """
+    by_group = _by_group(records, group_column)
+    if not isinstance(k, int) or k < 2:
+        raise CrossvalError(f"k-fold cross-validation needs k >= 2 folds, not {k!r}")
+    if len(by_group) < k + 2:
+        raise CrossvalError(
+            f"{k} folds need at least {k + 2} groups (each fold tests at least one and "
+            f"validates and trains on others), got {len(by_group)}; "
+            f"check the manifest's {group_column!r} column or lower k"
+        )
+    strata = _strata(by_group)
+    labels = sort_labels(strata.values())
+    order = sorted(by_group)
+    random.Random(seed).shuffle(order)
+    # A stable sort keeps the seeded order among groups of one label and size.
+    order.sort(key=lambda g: (labels.index(strata[g]), -len(by_group[g])))
+    per_label = {label: [0] * k for label in labels}
+    sizes = [0] * k
+    assigned: list[list[str]] = [[] for _ in range(k)]
+    for group in order:
+        counts = per_label[strata[group]]
+        i = min(range(k), key=lambda f: (counts[f], sizes[f], f))
+        assigned[i].append(group)
+        counts[i] += len(by_group[group])
+        sizes[i] += len(by_group[group])
+    out = []
+    for i, test_groups in enumerate(assigned):
+        held_out = set(test_groups)
+        rest = {g: len(rs) for g, rs in by_group.items() if g not in held_out}
+        valid_groups = set(stratified_validation_groups(rest, strata, valid_fraction, seed + i))
+        out.append(
+            Fold(
+                group=f"fold{i + 1}",
+                train=[r for g in sorted(rest) if g not in valid_groups for r in by_group[g]],
+                valid=[r for g in sorted(valid_groups) for r in by_group[g]],
+                test=[r for g in sorted(test_groups) for r in by_group[g]],
             )
         )
     return out
@@ -172,29 +277,70 @@ def _fold_report(
     }
 
 
+def plan_folds(
+    records: Sequence[Record],
+    group_column: str = "group",
+    folds: Sequence[str] | None = None,
+    k: int | None = None,
+    valid_fraction: float = VALID_FRACTION,
+    seed: int = 0,
+) -> list[Fold]:
+    """:func:`make_folds` (one fold per group, or per group in ``folds``), or with ``k``
+    :func:`make_kfolds`."""
+    if k is None:
+        return make_folds(records, group_column, folds, valid_fraction, seed)
+    if folds is not None:
+        raise CrossvalError("folds name held-out groups, which k folds choose themselves")
+    return make_kfolds(records, k, group_column, valid_fraction, seed)
+
+
+def _fold_name(fold: Fold, group_column: str, kfold: bool) -> str:
+    return fold.group if kfold else f"{group_column}={fold.group}"
+
+
+def _fold_start(fold: Fold, group_column: str, kfold: bool) -> str:
+    """What a fold holds out and trains on, for the log (a k-fold's groups are too many to
+    name)."""
+    if not kfold:
+        return (
+            f"hold out {group_column}={fold.group} ({len(fold.test)} "
+            f"images); train {len(fold.train)}, valid {len(fold.valid)} "
+            f"({', '.join(sorted({group_of(r, group_column) for r in fold.valid}))})"
+        )
+    n_groups = len({group_of(r, group_column) for r in fold.test})
+    n_valid = len({group_of(r, group_column) for r in fold.valid})
+    return (
+        f"{fold.group}: hold out {n_groups} {group_column}s ({len(fold.test)} images); "
+        f"train {len(fold.train)}, valid {len(fold.valid)} ({n_valid} {group_column}s)"
+    )
+
+
 def crossval(
     records: Sequence[Record],
     config: TrainConfig,
     group_column: str = "group",
     folds: Sequence[str] | None = None,
     *,
+    k: int | None = None,
     valid_fraction: float = VALID_FRACTION,
     log: Callable[[str], None] = print,
     fit_fn: Callable[..., Any] = train_model,
 ) -> dict[str, Any]:
-    """Train and test one model per held-out group; score the pooled held-out probabilities.
+    """Train and test one model per held-out group (or, with ``k``, per fold of
+    :func:`make_kfolds`); score the pooled held-out probabilities.
 
-    Returns a JSON-safe report: ``protocol``, ``group_column``, ``n`` ... ``confusion`` of
+    Returns a JSON-safe report: ``protocol`` ("leave-one-group-out" or "stratified <k>-fold",
+    then also ``k``), ``group_column``, ``n`` ... ``confusion`` of
     :func:`flystage.evaluate.evaluate_probs` over all held-out images, ``folds`` (per fold:
-    group, image counts, valid groups, top-1/top-3, best epoch, seconds), ``predictions``
-    (per image: path, group, label, probabilities), ``config`` and ``seconds``.
-    ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to watch what each fold
-    is given).
+    group (the fold's name for k folds), image counts, valid groups, top-1/top-3, best epoch,
+    seconds), ``predictions`` (per image: path, group, label, probabilities), ``config`` and
+    ``seconds``. ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to
+    watch what each fold is given).
     """
     t_start = time.perf_counter()
     labels = sort_labels({r.label for r in records})
     index = {label: i for i, label in enumerate(labels)}
-    plan = make_folds(records, group_column, folds, valid_fraction, config.seed)
+    plan = plan_folds(records, group_column, folds, k, valid_fraction, config.seed)
     # One cache for every fold: each image is preprocessed once.
     cache = ImageCache(
         config.preprocess, config.cache_dtype, workers=max(1, torch.get_num_threads())
@@ -202,11 +348,7 @@ def crossval(
     fold_reports, all_probs, all_targets, predictions = [], [], [], []
     for i, fold in enumerate(plan, 1):
         t0 = time.perf_counter()
-        log(
-            f"fold {i}/{len(plan)}: hold out {group_column}={fold.group} ({len(fold.test)} "
-            f"images); train {len(fold.train)}, valid {len(fold.valid)} "
-            f"({', '.join(sorted({group_of(r, group_column) for r in fold.valid}))})"
-        )
+        log(f"fold {i}/{len(plan)}: {_fold_start(fold, group_column, k is not None)}")
         result = fit_fn(
             fold.train, fold.valid, config, log=lambda line: None, labels=labels, image_cache=cache
         )
@@ -215,7 +357,7 @@ def crossval(
         seconds = time.perf_counter() - t0
         fold_reports.append(_fold_report(fold, group_column, probs, targets, result, seconds))
         log(
-            f"fold {i}/{len(plan)}: {group_column}={fold.group} "
+            f"fold {i}/{len(plan)}: {_fold_name(fold, group_column, k is not None)} "
             f"top1={fold_reports[-1]['top1']:.3f} top3={fold_reports[-1]['top3']:.3f} "
             f"best_epoch={fold_reports[-1]['best_epoch']} "
             f"T={fold_reports[-1]['temperature'] or 1:.2f} {seconds:.0f} s"
@@ -225,7 +367,9 @@ def crossval(
         predictions += [
             {
                 "path": str(r.path),
-                "group": fold.group,
+                # Each image's own group (in leave-one-group-out, the fold's), which the
+                # intervals resample.
+                "group": group_of(r, group_column),
                 "label": r.label,
                 "probs": [round(float(p), 6) for p in row],
             }
@@ -239,7 +383,8 @@ def crossval(
         [p["group"] for p in predictions],
     )
     report.update(
-        protocol=PROTOCOL,
+        protocol=PROTOCOL if k is None else kfold_protocol(k),
+        **({} if k is None else {"k": k}),
         group_column=group_column,
         folds=fold_reports,
         valid_fraction=valid_fraction,
@@ -272,6 +417,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="manifest column whose values are held out one at a time (default group)",
     )
     parser.add_argument("--folds", help="comma-separated groups to hold out (default: every group)")
+    parser.add_argument(
+        "--k-folds",
+        type=int,
+        metavar="K",
+        help="instead of one fold per group, K folds of whole groups stratified by label "
+        "(for many groups, e.g. one per embryo)",
+    )
     parser.add_argument(
         "--valid-fraction",
         type=float,
@@ -307,6 +459,8 @@ def run(args: argparse.Namespace) -> int:
             raise CrossvalError(
                 f"{args.out} already holds a report; choose another --out or pass --force"
             )
+        if args.k_folds is not None and args.folds:
+            raise CrossvalError("--folds names groups to hold out; with --k-folds, leave it out")
         if not 0.0 < args.valid_fraction < 1.0:
             raise CrossvalError(
                 f"--valid-fraction {args.valid_fraction}: give a share between 0 and 1, e.g. 0.15"
@@ -321,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
             config,
             args.group_column,
             folds,
+            k=args.k_folds,
             valid_fraction=args.valid_fraction,
             log=lambda line: print(line, flush=True),
         )
