@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +34,12 @@ from flystage.training.data import ImageCache, StageDataset
 from flystage.training.models import build_feature_extractor, build_model, freeze_backbone
 from flystage.training.ordinal import ordinal_targets
 from flystage.training.probe import ProbeNet, cached_features, fit_logistic, scaled_l2
+from flystage.training.unlabelled import (
+    PseudoLabel,
+    describe_taken,
+    pseudo_labels,
+    with_pseudo_labels,
+)
 
 if TYPE_CHECKING:
     from flystage.training.train import TrainConfig
@@ -54,6 +60,8 @@ class Setup:
     finish: Callable[[nn.Module], nn.Module]
     penalty: Callable[[], torch.Tensor] | None = None  # added to every batch's loss
     solved: bool = False  # the model is fitted already (the probe's exact solver): no epochs to run
+    # Unlabelled images that joined the training images with a stage (self-training).
+    pseudo_labels: list[PseudoLabel] = field(default_factory=list)
 
 
 def _decay_groups(
@@ -109,7 +117,7 @@ def setup_finetune(train, valid, labels, cache, config, log) -> Setup:
     return Setup(train_set, valid_set, train_set.targets, model, groups, finish=lambda m: m)
 
 
-def setup_probe(train, valid, labels, cache, config, log) -> Setup:
+def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setup:
     features, dim = build_feature_extractor(
         config.arch,
         config.preprocess.channels,
@@ -143,32 +151,36 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
         f"{1 + config.augment_draws} draws and {len(valid)} valid images in "
         f"{time.perf_counter() - t0:.1f} s"
     )
+    unlabelled_x = cached_features(features, key, cache, list(unlabelled), 0, None, config.seed)
     # The loop trains a ProbeNet without its backbone (on cached features); finish puts it back.
     head = ProbeNet(nn.Identity(), dim, len(labels))
+    stats = torch.cat([x, unlabelled_x]) if unlabelled and config.unlabelled_standardise else x
     with torch.no_grad():
-        head.mean.copy_(x.mean(0))
-        head.std.copy_(x.std(0).clamp_min(1e-6))
+        head.mean.copy_(stats.mean(0))
+        head.std.copy_(stats.std(0).clamp_min(1e-6))
     l2 = scaled_l2(config.probe_l2, len(train))
+    pseudo: list[PseudoLabel] = []
     if config.probe_solver == "lbfgs":
         # The exact L2-regularised logistic regression: no learning rate, batches or epochs,
         # and no best epoch to choose on a handful of validation images (docs/accuracy.md).
         t1 = time.perf_counter()
-        y_t = torch.from_numpy(y)
-        counts = torch.bincount(y_t, minlength=len(labels)).double().clamp_min(1)
-        weights = 1.0 / counts[y_t] if config.balance != "none" else None
-        targets = (
-            ordinal_targets(y_t, len(labels), config.ordinal_smoothing)
-            if config.ordinal_smoothing
-            else y_t
-        )
-        w, b = fit_logistic((x - head.mean) / head.std, targets, len(labels), l2, weights)
-        with torch.no_grad():
-            head.head.weight.copy_(w)
-            head.head.bias.copy_(b)
+        _solve_head(head, x, y, labels, config, l2)
         log(
             f"probe: head solved exactly (L-BFGS, l2 {config.probe_l2:g} x 200/{len(train)} "
             f"images = {l2:.3g}) in {time.perf_counter() - t1:.1f} s"
         )
+        if unlabelled and config.self_training:
+            with torch.no_grad():
+                take, stage, probability = pseudo_labels(
+                    head(unlabelled_x), head(valid_x), valid_set.targets, config.self_training
+                )
+            x, y, pseudo = with_pseudo_labels(
+                x, y, unlabelled_x, list(unlabelled), take, stage, probability, labels
+            )
+            log(describe_taken(pseudo, len(unlabelled), labels, config.self_training))
+            _solve_head(
+                head, x, y, labels, config, scaled_l2(config.probe_l2, len(train) + len(pseudo))
+            )
 
     def finish(trained: nn.Module) -> nn.Module:
         trained.features = features
@@ -185,7 +197,27 @@ def setup_probe(train, valid, labels, cache, config, log) -> Setup:
         finish,
         penalty=lambda: 0.5 * l2 * head.head.weight.pow(2).sum(),
         solved=config.probe_solver == "lbfgs",
+        pseudo_labels=pseudo,
     )
+
+
+def _solve_head(
+    head: ProbeNet, x: torch.Tensor, y: np.ndarray, labels: Sequence[str], config, l2: float
+) -> None:
+    """Set ``head``'s linear layer to the exact L2 logistic regression of features ``x`` (N, D)
+    (standardised by the head's own mean and std) on stage indices ``y`` (N,)."""
+    y_t = torch.from_numpy(y)
+    counts = torch.bincount(y_t, minlength=len(labels)).double().clamp_min(1)
+    weights = 1.0 / counts[y_t] if config.balance != "none" else None
+    targets = (
+        ordinal_targets(y_t, len(labels), config.ordinal_smoothing)
+        if config.ordinal_smoothing
+        else y_t
+    )
+    w, b = fit_logistic((x - head.mean) / head.std, targets, len(labels), l2, weights)
+    with torch.no_grad():
+        head.head.weight.copy_(w)
+        head.head.bias.copy_(b)
 
 
 SETUPS: dict[str, Callable[..., Setup]] = {

@@ -63,7 +63,7 @@ from flystage.options import (
     option,
     regex_text,
 )
-from flystage.organise import Record, manifest_sha256, sort_labels
+from flystage.organise import Record, iter_images, manifest_sha256, sort_labels
 from flystage.training.backbones import DEFAULT_TAPS, LITE_ARCHS
 from flystage.training.data import (
     BALANCE_MODES,
@@ -76,6 +76,7 @@ from flystage.training.data import (
 from flystage.training.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
 from flystage.training.modes import MODES, SETUPS
 from flystage.training.ordinal import OrdinalLoss
+from flystage.training.unlabelled import PseudoLabel
 
 OPTIMIZERS = ("adamw", "sgd")
 PROBE_SOLVERS = ("lbfgs", "sgd")
@@ -138,6 +139,18 @@ class TrainConfig:
         "probe: L2 penalty on the linear head's weights (>= 0) for 200 training images, "
         "scaled by 200 / (training images) so that more images are fitted more closely; larger "
         "gives a simpler head and softer probabilities. The knob to tune for the default model",
+    )
+    unlabelled_standardise: bool = option(
+        True,
+        "probe, with unlabelled images (--unlabelled, channel unlabelled): standardise the "
+        "features by the training and unlabelled images together, the scale of the lab's own "
+        "images",
+    )
+    self_training: float = option(
+        0.0,
+        "probe, with unlabelled images: those whose calibrated top-1 probability reaches this "
+        "threshold join the training images with that stage, and the head is solved again "
+        "(0 = off; e.g. 0.9)",
     )
     probe_solver: str = option(
         "lbfgs",
@@ -256,6 +269,11 @@ class TrainConfig:
             (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
             (self.probe_l2 >= 0, f"probe_l2 must be >= 0, not {self.probe_l2}"),
             (
+                0 <= self.self_training < 1,
+                f"self_training must be a probability in [0, 1) (0 = off), not "
+                f"{self.self_training}",
+            ),
+            (
                 self.probe_solver in PROBE_SOLVERS,
                 f"probe_solver {self.probe_solver!r}: choose one of {PROBE_SOLVERS}",
             ),
@@ -371,6 +389,8 @@ class FitResult:
     spec: dict[str, Any] = field(
         default_factory=dict
     )  # rebuilds the architecture (flystage.training.models.build_from_spec)
+    # Unlabelled images that joined the training images (self-training), with their stage.
+    pseudo_labels: list[PseudoLabel] = field(default_factory=list)
 
 
 class TrainingStopped(Exception):
@@ -709,6 +729,7 @@ def _setup(
     labels: Sequence[str] | None,
     image_cache: ImageCache | None,
     say: Callable[[str], None],
+    unlabelled: Sequence[Path] = (),
 ) -> tuple[list[str], Any]:
     """The label order and the mode's setup (flystage.training.modes): what is trained on which
     samples,
@@ -727,7 +748,15 @@ def _setup(
         say(f"warning: no training images for label(s) {untrained}: the model cannot learn them")
     t0 = time.perf_counter()
     _seed_everything(config.seed)
-    setup = SETUPS[config.mode_of()](train_records, valid_records, labels, image_cache, config, say)
+    if unlabelled and config.mode_of() != "probe":
+        raise UsageError(
+            f"unlabelled images are used by the probe only, not by mode {config.mode_of()}: "
+            "train with mode probe, or leave out --unlabelled"
+        )
+    extra = {"unlabelled": list(unlabelled)} if unlabelled else {}
+    setup = SETUPS[config.mode_of()](
+        train_records, valid_records, labels, image_cache, config, say, **extra
+    )
     say(
         f"data: {len(train_records)} train, {len(valid_records)} valid images, labels {labels}, "
         f"ready in {time.perf_counter() - t0:.1f} s"
@@ -842,6 +871,7 @@ def fit(
     *,
     labels: Sequence[str] | None = None,
     image_cache: ImageCache | None = None,
+    unlabelled: Sequence[Path] = (),
 ) -> FitResult:
     """Train on ``train_records``, pick the best epoch on ``valid_records``.
 
@@ -850,7 +880,9 @@ def fit(
     every line to print (the metric lines only on rank 0). ``labels`` fixes the label order
     (default: every label of both sets, in stage order). ``image_cache`` shares
     preprocessed images between calls (cross-validation folds); it must use
-    ``config.preprocess``. Runs data-parallel when torch.distributed is initialised.
+    ``config.preprocess``. ``unlabelled`` are paths of images without a stage, used by the
+    probe (``flystage.training.unlabelled``). Runs data-parallel when torch.distributed is
+    initialised.
 
     Raises ``TrainingStopped`` on SIGTERM (``STOP``) or at ``config.stop_after_epoch``.
     """
@@ -859,7 +891,9 @@ def fit(
     if config.threads > 0:
         torch.set_num_threads(config.threads)
 
-    labels, setup = _setup(train_records, valid_records, config, labels, image_cache, say)
+    labels, setup = _setup(
+        train_records, valid_records, config, labels, image_cache, say, unlabelled
+    )
     model = setup.model
     if setup.solved:
         return _solved(setup, labels, config, say)
@@ -976,7 +1010,14 @@ def _solved(
     say(metric_line(entry))
     model = setup.finish(setup.model).eval()
     return FitResult(
-        model, labels, [entry], dict(entry), config, len(setup.train_set), spec=config.model_spec()
+        model,
+        labels,
+        [entry],
+        dict(entry),
+        config,
+        len(setup.train_set),
+        spec=config.model_spec(),
+        pseudo_labels=setup.pseudo_labels,
     )
 
 
@@ -999,6 +1040,7 @@ def train_model(
     *,
     labels: Sequence[str] | None = None,
     image_cache: ImageCache | None = None,
+    unlabelled: Sequence[Path] = (),
 ) -> FitResult:
     """The whole model of one training run: ``fit`` once per ensemble member (each arch of
     ``config.member_archs`` with ``config.ensemble`` seeds), members' probabilities averaged
@@ -1035,6 +1077,7 @@ def train_model(
                 log,
                 labels=labels,
                 image_cache=image_cache,
+                unlabelled=unlabelled,
             )
         )
         if len(members) > 1:
@@ -1063,7 +1106,14 @@ def train_model(
         )
     history = [dict(entry, member=j) for j, r in enumerate(results) for entry in r.history]
     return FitResult(
-        model, labels, history, best, config, sum(r.samples_seen for r in results), spec=spec
+        model,
+        labels,
+        history,
+        best,
+        config,
+        sum(r.samples_seen for r in results),
+        spec=spec,
+        pseudo_labels=[p for r in results for p in r.pseudo_labels],
     )
 
 
@@ -1116,6 +1166,13 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         default=env("SM_CHANNEL_VALID", env("SM_CHANNEL_VALIDATION")),
         help="validation channel, same forms (SM_CHANNEL_VALID or SM_CHANNEL_VALIDATION); "
         "default: the manifest's valid rows",
+    )
+    io.add_argument(
+        "--unlabelled",
+        default=env("SM_CHANNEL_UNLABELLED"),
+        help="a folder of the lab's unlabelled images (any nesting; SM_CHANNEL_UNLABELLED): the "
+        "probe standardises its features by them too and, with self_training, learns from the "
+        "ones it names with confidence",
     )
     io.add_argument(
         "--model_dir",
@@ -1363,6 +1420,8 @@ def _save(
         "valid_images": len(valid_records),
         "world_size": world,
     }
+    if result.pseudo_labels:
+        extra["pseudo_labelled_images"] = len(result.pseudo_labels)
     if stopped:
         extra["stopped"] = stopped
     save_artefact(
@@ -1382,6 +1441,27 @@ def _save(
     )
     if args.output_data_dir and result.history:
         _write_history(Path(args.output_data_dir), result.history, result.best)
+
+
+def _unlabelled_images(
+    folder: str | None, train_records: Sequence[Record], valid_records: Sequence[Record]
+) -> list[Path]:
+    """Every image under ``folder`` (as ``flystage organise`` finds them) that is not a
+    training or validation image; [] without a folder."""
+    if not folder:
+        return []
+    if not Path(folder).is_dir():
+        raise UsageError(f"--unlabelled {folder}: not a folder; give a folder of images")
+    labelled = {r.path.resolve() for r in (*train_records, *valid_records)}
+    images, _ = iter_images([folder])
+    found = [p for p in images if p.resolve() not in labelled]
+    if not found:
+        raise DataError(
+            f"--unlabelled {folder}: no images there besides the labelled ones (looked for "
+            ".tif/.tiff/.png/.bmp/.jpg/.jpeg)"
+        )
+    _log(f"unlabelled: {len(found)} images from {folder}")
+    return found
 
 
 def _note_unused_by_probe(args: argparse.Namespace, config: TrainConfig) -> None:
@@ -1442,8 +1522,14 @@ def run(args: argparse.Namespace) -> int:
             args.train, args.valid, seed=config.seed, rules=rules, log=_log
         )
         _log(data_summary(train_records, valid_records))
+        unlabelled = _unlabelled_images(args.unlabelled, train_records, valid_records)
         result = train_model(
-            train_records, valid_records, config, work_dir=args.checkpoint_dir, log=_log
+            train_records,
+            valid_records,
+            config,
+            work_dir=args.checkpoint_dir,
+            log=_log,
+            unlabelled=unlabelled,
         )
         _log(
             f"host={args.current_host or 'local'} rank={rank} world_size={world} "
