@@ -4,9 +4,11 @@
 
 The lab's own images are not BDGP's: 1110x420, 16-bit greyscale, "black with faint grey
 lines" (the embryo a little brighter than a dark background, a low dynamic range), the
-embryo anywhere in the frame at any angle. To measure the default model on images like those
-(``bench/bench_accuracy.py --lablike``), each of the 193 BDGP images (``$FLYSTAGE_DATA``, a
-320x128 RGB brightfield image, embryo cut out on white) becomes one such TIFF:
+embryo anywhere in the frame at any angle, and no two sessions alike: the camera's offset,
+the exposure, the focus, the noise and the evenness of the illumination vary. To measure the
+default model on images like those (``bench/bench_accuracy.py --lablike``), each of the 193
+BDGP images (``$FLYSTAGE_DATA``, a 320x128 RGB brightfield image, embryo cut out on white)
+becomes one such TIFF:
 
 1. grey from the blue channel (the in situ stain almost vanishes there, the relief stays);
 2. inverted, so the embryo is bright and BDGP's white background (exactly 255) becomes 0;
@@ -19,13 +21,37 @@ embryo anywhere in the frame at any angle. To measure the default model on image
    degrees puts the anterior on the right once the toolkit aligns the long axis, so by
    default half the images face the other way from BDGP's, as the lab's embryos do;
    ``--max-angle 90`` keeps BDGP's head direction (apart from near-vertical draws);
-5. placed at a random position (the whole turned frame inside the canvas) on a background of
-   ``low`` counts (200 of 65535), at a random brightness: the embryo's top reaches
-   ``low + gain * (high - low)`` with gain uniform in [0.7, 1.0] (``high`` 1400);
-6. Gaussian noise (sigma 15 counts) everywhere; rounded to uint16.
+5. placed at a random position (the whole turned frame inside the canvas), its brightest
+   part ``contrast`` counts above the background;
+6. out of focus by a Gaussian blur of ``blur`` pixels (sigma; 0 = in focus);
+7. on a background of ``background`` counts (the camera's offset and the sample's glow), the
+   whole frame lit unevenly: multiplied by a linear ramp from ``1 - gradient / 2`` to
+   ``1 + gradient / 2`` across the frame in a random direction;
+8. Gaussian noise of sigma ``noise`` counts everywhere; rounded to uint16.
+
+Each of ``contrast``, ``blur``, ``background``, ``noise`` and ``gradient`` is drawn per image,
+uniformly from its range in :class:`LablikeConfig`:
+
+=============  ================  =====================================================
+parameter      range (default)   what it is
+=============  ================  =====================================================
+background     100 - 600         counts of 65535: dark, as the lab's camera offset
+contrast       300 - 1800        counts the embryo's brightest part rises above it
+noise          5 - 40            counts, sigma
+blur           0 - 3             pixels of the 1110x420 frame, sigma (3: visibly soft)
+gradient       0 - 0.5           share of the level the illumination changes across
+=============  ================  =====================================================
+
+so the brightest pixel of a frame stays under about 2,700 counts (4 % of the 16-bit range):
+"black with faint grey lines", the dimmest embryo 300 counts above a background whose noise
+reaches 40. Where the ramp's rise across the frame (``gradient * background``, up to 300
+counts) comes near a dim embryo's contrast, the toolkit's mask can take the brighter side of
+the frame instead of the embryo (about 1 % of the images per seed with these ranges): a lab's
+uneven illumination is part of what this copy measures.
 
 Every draw comes from a generator seeded with ``seed`` and the image's path, so an image's
-copy does not depend on which other images are made, and the same seed gives the same bytes.
+copy does not depend on which other images are made, and the same seed gives the same bytes;
+another seed gives every image another angle, place, brightness, noise, focus and background.
 
 The output keeps BDGP's layout, ``<gene>/<stage_range>/<image_id>.tif``, with a
 ``labels.csv`` of the same columns (path relative to OUT, gene, stage_range, image_id, sha1
@@ -65,29 +91,39 @@ class LablikeError(ValueError):
     """A lab-like set that cannot be made (missing or changed source, an occupied output)."""
 
 
+Range = tuple[float, float]
+
+
 @dataclass(frozen=True)
 class LablikeConfig:
-    """How a BDGP image becomes a lab-like TIFF (see the module's docstring)."""
+    """How a BDGP image becomes a lab-like TIFF (see the module's docstring): the frame, and
+    the (low, high) range each per-image parameter is drawn from uniformly."""
 
     height: int = 420
     width: int = 1110
     scale: float = 1.2
-    low: float = 200.0
-    high: float = 1400.0
-    gain_min: float = 0.7
-    noise: float = 15.0
+    background: Range = (100.0, 600.0)
+    contrast: Range = (300.0, 1800.0)
+    noise: Range = (5.0, 40.0)
+    blur: Range = (0.0, 3.0)
+    gradient: Range = (0.0, 0.5)
     max_angle: float = 180.0
     mirror: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_angle <= 180:
             raise LablikeError(f"max_angle must be 0..180 degrees, not {self.max_angle}")
-        if not 0 <= self.low < self.high <= 65535:
-            raise LablikeError(f"need 0 <= low < high <= 65535, not {self.low}, {self.high}")
-        if not 0 < self.gain_min <= 1:
-            raise LablikeError(f"gain_min must be in (0, 1], not {self.gain_min}")
-        if self.scale <= 0 or self.noise < 0:
-            raise LablikeError(f"scale must be > 0 and noise >= 0, not {self.scale}, {self.noise}")
+        if self.scale <= 0:
+            raise LablikeError(f"scale must be > 0, not {self.scale}")
+        for name in ("background", "contrast", "noise", "blur", "gradient"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise LablikeError(f"{name}: need a range 0 <= low <= high, not {low}, {high}")
+        if self.gradient[1] >= 2:
+            raise LablikeError(f"gradient must stay below 2 (one side dark), not {self.gradient}")
+        brightest = (self.background[1] + self.contrast[1]) * (1 + self.gradient[1] / 2)
+        if brightest > 60000:
+            raise LablikeError(f"background + contrast reach {brightest:.0f}: past 16 bits")
 
 
 def lablike_image(
@@ -96,14 +132,20 @@ def lablike_image(
     """One BDGP image (``(H, W, 3)`` uint8 RGB, embryo on white) as a lab-like frame.
 
     Returns the ``(config.height, config.width)`` uint16 image and the draws (angle, mirror,
-    gain, position of the turned frame's top-left corner).
+    contrast, position of the turned frame's top-left corner, background, noise, blur,
+    gradient and its direction in degrees).
     """
-    # The draws, always in this order, so that one setting (e.g. mirror) leaves the others as
-    # they were.
+    # The draws, always in this order, so that one setting (e.g. mirror, or a range) leaves
+    # the others as they were.
     angle = float(rng.uniform(-config.max_angle, config.max_angle))
     mirror = bool(rng.random() < 0.5) and config.mirror
-    gain = float(rng.uniform(config.gain_min, 1.0))
+    contrast = float(rng.uniform(*config.contrast))
     u, v = rng.random(2)
+    background = float(rng.uniform(*config.background))
+    noise = float(rng.uniform(*config.noise))
+    blur = float(rng.uniform(*config.blur))
+    gradient = float(rng.uniform(*config.gradient))
+    direction = float(rng.uniform(0.0, 360.0))
 
     inverted = (255.0 - rgb[:, :, 2].astype(np.float32)) / 255.0
     embryo = inverted[inverted > 0.02]
@@ -121,17 +163,35 @@ def lablike_image(
             f"({w}x{h}) does not fit the {config.width}x{config.height} frame; lower the scale"
         )
     top, left = int(v * (config.height - h + 1)), int(u * (config.width - w + 1))
-    canvas = np.full((config.height, config.width), config.low, np.float32)
-    canvas[top : top + h, left : left + w] += gain * (config.high - config.low) * x
-    canvas += rng.normal(0.0, config.noise, canvas.shape).astype(np.float32)
+    signal = np.zeros((config.height, config.width), np.float32)
+    signal[top : top + h, left : left + w] = contrast * x
+    if blur > 0:
+        # Blurred on the whole frame, so the embryo's edge spreads onto the background.
+        signal = cv2.GaussianBlur(signal, (0, 0), blur)
+    canvas = (background + signal) * _illumination(config.height, config.width, gradient, direction)
+    canvas += rng.normal(0.0, noise, canvas.shape).astype(np.float32)
     out = np.clip(np.rint(canvas), 0, 65535).astype(np.uint16)
     return out, {
         "angle": round(angle, 3),
         "mirror": mirror,
-        "gain": round(gain, 4),
+        "contrast": round(contrast, 1),
         "top": top,
         "left": left,
+        "background": round(background, 1),
+        "noise": round(noise, 2),
+        "blur": round(blur, 3),
+        "gradient": round(gradient, 4),
+        "direction": round(direction, 1),
     }
+
+
+def _illumination(height: int, width: int, gradient: float, direction: float) -> np.ndarray:
+    """A linear ramp from ``1 - gradient / 2`` to ``1 + gradient / 2`` across the frame along
+    ``direction`` (degrees): a lamp off the optical axis lights one side more."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    along = np.cos(np.radians(direction)) * xx + np.sin(np.radians(direction)) * yy
+    span = float(along.max() - along.min())
+    return 1.0 + gradient * ((along - along.min()) / span - 0.5)
 
 
 def read_labels(source: Path) -> list[dict[str, str]]:

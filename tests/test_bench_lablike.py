@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -29,6 +30,8 @@ def bench_module(name: str, as_name: str):
 
 make_lablike_module = bench_module("make_lablike", "make_lablike")
 make_lablike = make_lablike_module.make_lablike
+lablike_image = make_lablike_module.lablike_image
+LablikeConfig = make_lablike_module.LablikeConfig
 LablikeError = make_lablike_module.LablikeError
 # How the benchmarks read BDGP (and the lab-like copy): labels.csv's stage range, by gene.
 read_by_gene = bench_module("common", "bench_common").read_by_gene
@@ -56,6 +59,7 @@ def lablike(bdgp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_writes_dim_16_bit_frames_in_bdgp_layout(lablike: Path, bdgp_root: Path) -> None:
     rows = _rows(lablike / "labels.csv")
+    draws = json.loads((lablike / "lablike.json").read_text())["images"]
     source = {r["path"]: r for r in _rows(bdgp_root / "labels.csv")}
     assert sorted(r["path"] for r in rows) == sorted(
         Path(p).with_suffix(".tif").as_posix() for p in ONLY
@@ -72,11 +76,14 @@ def test_writes_dim_16_bit_frames_in_bdgp_layout(lablike: Path, bdgp_root: Path)
         assert row["sha1"] == file_sha1(path)
         image = tifffile.imread(path)
         assert image.dtype == np.uint16 and image.shape == (420, 1110)
-        low, high = np.percentile(image, [1, 99.9])
-        assert 100 < low < 250 and 800 < high < 1600, (low, high)  # dim: ~2 % of the 16-bit range
-        assert image.max() < 2000
-        # Embryo bright on a dark background: the corners are background.
-        assert np.median(image[:20, :20]) < np.percentile(image, 95) - 300
+        # Dim: under 3000 of 65535 (the widest ranges' brightest pixel is about 2,700).
+        assert image.max() < 3000
+        # Embryo bright on a dark background: the frame's median is the background (within
+        # the illumination ramp), the brightest pixels rise about `contrast` above it.
+        drawn = draws[row["path"]]
+        background = np.median(image)
+        assert abs(background - drawn["background"]) <= 0.3 * drawn["background"], row["path"]
+        assert np.percentile(image, 99.9) - background > 0.5 * drawn["contrast"], row["path"]
 
 
 def test_organise_reads_it_as_it_reads_bdgp(lablike: Path) -> None:
@@ -96,6 +103,48 @@ def test_deterministic_for_a_seed_and_independent_of_the_other_images(
     assert _rows(again) and all(r == first[r["path"]] for r in _rows(again))
     other = make_lablike(bdgp_root, tmp_path / "other", seed=4, only=ONLY[:1])
     assert _rows(other)[0]["sha1"] != first[_rows(other)[0]["path"]]["sha1"]
+
+
+def test_each_image_draws_its_brightness_noise_focus_and_background(bdgp_root: Path) -> None:
+    """Per-image draws cover their documented ranges, and the frame shows what was drawn."""
+    config = LablikeConfig()
+    rgb = read_image(bdgp_root / ONLY[1])
+    drawn = []
+    for i in range(40):
+        image, d = lablike_image(rgb, np.random.default_rng([3, i]), config)
+        drawn.append(d)
+        frame = image.astype(np.float32)
+        # The noise: what a flat patch far from the embryo keeps after its smooth part is gone.
+        far = frame[:, :100] if d["left"] > 400 else frame[:, -100:]
+        grain = far - cv2.GaussianBlur(far, (0, 0), 5)
+        assert 0.7 * d["noise"] < grain[10:-10, 10:-10].std() < 1.15 * d["noise"] + 1, d
+        # The background level, lit by the ramp: one side brighter by about `gradient`.
+        assert (
+            abs(np.median(far) - d["background"]) < (0.5 * d["gradient"] + 0.05) * d["background"]
+        ), d
+    for name in ("background", "contrast", "noise", "blur", "gradient"):
+        low, high = getattr(config, name)
+        values = [d[name] for d in drawn]
+        assert low <= min(values) and max(values) <= high, name
+        # Spread over the range, not stuck at one value.
+        assert max(values) - min(values) > 0.6 * (high - low), (name, values)
+
+    # Focus: a sharp frame's embryo edge is steeper than a blurred one's.
+    def steepest(blur: float) -> float:
+        narrow = dataclasses.replace(config, blur=(blur, blur), noise=(0.0, 0.0))
+        image, _ = lablike_image(rgb, np.random.default_rng(0), narrow)
+        return float(np.abs(np.diff(image.astype(np.float32), axis=1)).max())
+
+    assert steepest(0.0) > 2 * steepest(3.0)
+
+
+def test_config_refuses_bad_ranges() -> None:
+    with pytest.raises(LablikeError, match="noise"):
+        LablikeConfig(noise=(10.0, 5.0))
+    with pytest.raises(LablikeError, match="gradient"):
+        LablikeConfig(gradient=(0.0, 2.5))
+    with pytest.raises(LablikeError, match="16 bits"):
+        LablikeConfig(contrast=(300.0, 70000.0))
 
 
 def test_turns_only_unless_mirror_asked(lablike: Path) -> None:
