@@ -1,4 +1,5 @@
-"""bench/make_lablike.py: the lab-like copy of BDGP that bench_accuracy.py --lablike measures."""
+"""bench/make_lablike.py, the lab-like copies of BDGP, and bench/bench_accuracy.py, which
+measures the default model on BDGP, on those copies (seeds pooled) and on bdgp-stages15."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ lablike_image = make_lablike_module.lablike_image
 LablikeConfig = make_lablike_module.LablikeConfig
 LablikeError = make_lablike_module.LablikeError
 # How the benchmarks read BDGP (and the lab-like copy): labels.csv's stage range, by gene.
-read_by_gene = bench_module("common", "bench_common").read_by_gene
+# Imported as "common", the name bench_accuracy.py imports it by.
+read_by_gene = bench_module("common", "common").read_by_gene
+bench_accuracy = bench_module("bench_accuracy", "bench_accuracy")
 
 # Four genes, four stage ranges.
 ONLY = [
@@ -196,3 +199,132 @@ def test_preprocessing_recovers_a_horizontal_embryo(lablike: Path) -> None:
         moments = cv2.moments(body, binaryImage=True)
         angle = 0.5 * np.degrees(np.arctan2(2 * moments["mu11"], moments["mu20"] - moments["mu02"]))
         assert abs(angle) < 5, (row["path"], angle)
+
+
+# ---- bench_accuracy.py -----------------------------------------------------------------------
+
+
+def test_model_options_are_parsed_as_flystage_train_parses_them() -> None:
+    argv = bench_accuracy.train_arguments(["probe_l2=0.3"], "--feature_taps 1,2,3 --height 128", 1)
+    config = bench_accuracy.config_of(argv)
+    assert config.probe_l2 == 0.3 and config.feature_taps == (1, 2, 3)
+    assert config.preprocess.height == 128 and config.threads == 1
+    assert bench_accuracy.config_changes(config) == {
+        "probe_l2": 0.3,
+        "feature_taps": (1, 2, 3),
+        "preprocess.height": 128,
+    }
+    assert bench_accuracy.config_changes(bench_accuracy.config_of([])) == {}
+    # A misspelt or abbreviated name, a bad value, a pair without "=": refused, never ignored.
+    for sets, text in ((["probe=0.3"], None), (["probe_l2=abc"], None), (["probe_l2"], None)):
+        with pytest.raises(bench_accuracy.BenchError):
+            bench_accuracy.config_of(bench_accuracy.train_arguments(sets, text, 0))
+
+
+def _seed_report(seed: int, rng: np.random.Generator) -> dict:
+    """A leave-one-gene-out report of one lab-like seed: 3 genes x 4 images, 3 labels."""
+    labels = ["1-3", "4-6", "7-8"]
+    predictions = [
+        {
+            "path": f"seed{seed}/{gene}/{labels[i % 3]}/{i}.tif",
+            "group": gene,
+            "label": labels[i % 3],
+            "probs": list(rng.dirichlet(np.ones(3))),
+        }
+        for gene in ("geneA", "geneB", "geneC")
+        for i in range(4)
+    ]
+    return {
+        "labels": labels,
+        "protocol": "leave-one-group-out",
+        "group_column": "group",
+        "folds": [{"group": g, "n_test": 4} for g in ("geneA", "geneB", "geneC")],
+        "valid_fraction": 0.05,
+        "config": {},
+        "seconds": 1.0,
+        "predictions": predictions,
+    }
+
+
+def test_seeds_pool_into_one_report_whose_groups_are_genes() -> None:
+    rng = np.random.default_rng(0)
+    reports = {seed: _seed_report(seed, rng) for seed in (0, 1, 2)}
+    pooled = bench_accuracy.pool(reports)
+    predictions = [p for r in reports.values() for p in r["predictions"]]
+    assert pooled["n"] == 36 and pooled["seeds"] == [0, 1, 2]
+    assert pooled["predictions"] == predictions
+    # Scored once over every seed's predictions, resampling genes (3), not seed x gene (9).
+    labels = pooled["labels"]
+    expected = bench_accuracy.evaluate_probs(
+        np.array([p["probs"] for p in predictions]),
+        np.array([labels.index(p["label"]) for p in predictions]),
+        labels,
+        [p["group"] for p in predictions],
+    )
+    for key in ("top1", "top3", "ece", "within1", "mae", "intervals", "confusion"):
+        assert pooled[key] == expected[key], key
+    assert pooled["bootstrap"]["n_groups"] == 3
+    assert [(f["seed"], f["group"]) for f in pooled["folds"]][:4] == [
+        (0, "geneA"),
+        (0, "geneB"),
+        (0, "geneC"),
+        (1, "geneA"),
+    ]
+
+
+def test_stages15_is_read_one_embryo_per_group_labels_from_folders(stages15_root: Path) -> None:
+    records = bench_accuracy.read_stages15(stages15_root)
+    rows = _rows(stages15_root / "labels.csv")
+    assert len(records) == len(rows) == 2994
+    assert sorted({r.label for r in records}) == [f"c{i:02d}" for i in range(1, 16)]
+    assert len({r.group for r in records}) == len(records)
+    # The folder's class is labels.csv's class.
+    by_path = {r.path.relative_to(stages15_root).as_posix(): r.label for r in records}
+    assert all(by_path[row["path"]] == f"c{int(row['class']):02d}" for row in rows)
+
+
+def test_bench_refuses_what_cannot_run(tmp_path: Path, capsys) -> None:
+    assert bench_accuracy.main(["--dataset", "stages15", "--lablike"]) == 2
+    assert "--dataset bdgp" in capsys.readouterr().err
+    assert bench_accuracy.main(["--data", str(tmp_path)]) == 2
+    assert "FLYSTAGE_DATA" in capsys.readouterr().err
+    assert bench_accuracy.main(["--dataset", "stages15", "--data", str(tmp_path)]) == 2
+    assert "FLYSTAGE_STAGES15" in capsys.readouterr().err
+    assert bench_accuracy.main(["--set", "probe=1"]) == 2
+    assert "not a training option: --probe 1" in capsys.readouterr().err
+
+
+TINY_TRAIN = "--arch small_cnn --batch_size 8 --threads 1 --height 32 --width 80 --epochs 2"
+
+
+def test_lablike_bench_pools_seeds_with_paths_relative_to_the_data(
+    bdgp_root: Path, tmp_path: Path, capsys
+) -> None:
+    """A small real run: two seeds, one held-out gene, a tiny model."""
+    out = tmp_path / "run"
+    argv = ["--data", str(bdgp_root), "--lablike", "--lablike-seeds", "0,1", "--folds", "Dif"]
+    assert bench_accuracy.main([*argv, "--out", str(out), "--train-args", TINY_TRAIN]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["data"] == "lablike" and line["protocol"].startswith("leave-one-gene-out")
+    assert line["lablike"]["seeds"] == [0, 1] and line["arch"] == "small_cnn"
+    for key in ("top1", "top3", "ece", "within1", "mae"):
+        lo, hi = line[f"{key}_ci"]
+        assert lo <= line[key] <= hi, key
+    assert line["config_changes"]["arch"] == "small_cnn"
+    report = json.loads((out / "report.json").read_text())
+    held_out = sorted(r["path"] for r in _rows(bdgp_root / "labels.csv") if r["gene"] == "Dif")
+    assert report["n"] == line["n_images"] == 2 * len(held_out)
+    # Each seed's copy of every held-out image, by its path in the copy: seed<N>/ + BDGP's
+    # path as a .tif; group = gene in both seeds, so the intervals resample genes.
+    for seed in (0, 1):
+        paths = sorted(
+            p["path"].removeprefix(f"seed{seed}/")
+            for p in report["predictions"]
+            if p["path"].startswith(f"seed{seed}/")
+        )
+        assert paths == [Path(p).with_suffix(".tif").as_posix() for p in held_out]
+    assert {p["group"] for p in report["predictions"]} == {"Dif"}
+    # Another run's report pairs with it image by image.
+    from flystage.compare import compare_reports
+
+    assert compare_reports(report, report)["n_paired"] == report["n"]
