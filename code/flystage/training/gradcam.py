@@ -17,7 +17,10 @@ Which feature map, per model kind (:func:`target_layers`):
   Its gradient carries only what the head reads from that tap (the shallower taps' own
   contributions to the score are not in this map: a choice of one readable map over a blend
   of resolutions). A probe that also appends HOG features explains its CNN part only; a
-  torchvision probe uses the backbone's last stage, as below.
+  torchvision probe uses the backbone's last stage, as below. A probe whose features are
+  averaged over flips of the image (``probe_flips``: ``FlipAverage``) runs every flipped copy
+  through that layer: each copy's map is flipped back onto the image and the maps are summed,
+  so the map of a mirrored image is the mirrored map.
 - fine-tuned EfficientNet-Lite (``LiteNet``): the head conv after its BN and activation
   (``net.bn2``); torchvision ResNets: ``layer4``; MobileNet-V3 / EfficientNet-B0: the last
   block of ``features``; ``small_cnn``: its last conv-BN-ReLU. Anything else: the last Conv2d.
@@ -45,6 +48,7 @@ from flystage.training.models import (
     Calibrated,
     ConcatFeatures,
     EnsembleNet,
+    FlipAverage,
     HOGNet,
     HOGVector,
     LiteNet,
@@ -91,6 +95,8 @@ def _feature_layer(features: nn.Module) -> nn.Module:
     """The deepest convolutional feature map a probe's head sees (module docstring)."""
     if isinstance(features, LiteFeatures):
         return features.bn2 if features.conv_head is not None else features.blocks[-1]
+    if isinstance(features, FlipAverage):
+        return _feature_layer(features.features)
     if isinstance(features, ConcatFeatures):
         for part in features.parts:
             if not isinstance(part, HOGVector):
@@ -120,20 +126,34 @@ def target_layer(model: nn.Module) -> nn.Module:
     return _last_conv(model)
 
 
-def target_layers(model: nn.Module) -> list[nn.Module]:
-    """One feature-map module per member (one for a single model); see the module docstring."""
+def _flips(model: nn.Module) -> tuple[tuple[int, ...], ...]:
+    """The flips (``torch.flip`` dims) whose copies of the input one model's target layer sees,
+    in the order of the layer's batch rows."""
+    model = _unwrap(model)
+    if isinstance(model, ProbeNet) and isinstance(model.features, FlipAverage):
+        return model.features.dims
+    return ((),)
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, tuple[tuple[int, ...], ...]]]:
+    """(feature-map module, its flips) per member that can be mapped (one for a single model)."""
     model = _unwrap(model)
     if not isinstance(model, EnsembleNet):
-        return [target_layer(model)]
-    layers, reasons = [], []
+        return [(target_layer(model), _flips(model))]
+    targets, reasons = [], []
     for member in model.members:
         try:
-            layers.append(target_layer(member))
+            targets.append((target_layer(member), _flips(member)))
         except GradCamUnavailable as exc:
             reasons.append(str(exc))
-    if not layers:
+    if not targets:
         raise GradCamUnavailable(f"no ensemble member can be mapped: {'; '.join(reasons)}")
-    return layers
+    return targets
+
+
+def target_layers(model: nn.Module) -> list[nn.Module]:
+    """One feature-map module per member (one for a single model); see the module docstring."""
+    return [layer for layer, _ in _targets(model)]
 
 
 def gradcam(
@@ -145,7 +165,8 @@ def gradcam(
     Returns the map ``(H, W)`` float32 in [0, 1] (its maximum is 1 unless no positive evidence
     was found, then all zeros), the class it explains, and the model's probabilities.
     """
-    layers = target_layers(model)
+    targets = _targets(model)
+    layers = [layer for layer, _ in targets]
     maps: dict[int, torch.Tensor] = {}
     hooks = [
         layer.register_forward_hook(lambda _m, _i, out, k=k: maps.__setitem__(k, out))
@@ -171,14 +192,18 @@ def gradcam(
         model.train(was_training)
     h, w = array.shape[1:]
     total = torch.zeros(h, w)
-    for act, grad in zip(acts, grads):
+    for act, grad, (_, flips) in zip(acts, grads, targets):
         if grad is None:
             continue
-        weights = grad[0].mean(dim=(1, 2))  # (channels,)
-        cam = (weights[:, None, None] * act[0].detach()).sum(0)
-        total += nn.functional.interpolate(
-            cam[None, None], size=(h, w), mode="bilinear", align_corners=False
-        )[0, 0]
+        # One batch row per flipped copy of the one image (a single row without flips).
+        for row, dims in enumerate(flips):
+            weights = grad[row].mean(dim=(1, 2))  # (channels,)
+            cam = (weights[:, None, None] * act[row].detach()).sum(0)
+            up = nn.functional.interpolate(
+                cam[None, None], size=(h, w), mode="bilinear", align_corners=False
+            )[0, 0]
+            # The copy's map flipped back onto the image: (N, C, H, W) dims -> (H, W) dims.
+            total += torch.flip(up, [d - 2 for d in dims]) if dims else up
     heat = total.clamp_min(0).numpy().astype(np.float32)
     peak = float(heat.max())
     return (heat / peak if peak > 0 else heat), cls, probs

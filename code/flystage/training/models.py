@@ -347,16 +347,50 @@ class ConcatFeatures(nn.Module):
         return torch.cat([part(x) for part in self.parts], dim=1)
 
 
+# Flips of the input (``torch.flip`` dims of ``(N, C, H, W)``) a probe's features are averaged
+# over: an embryo's head and back may face either way, and its orientation is not its stage.
+PROBE_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "turn": ((), (2, 3)),  # the 180-degree turn: flipped up-down and left-right
+    "all": ((), (3,), (2,), (2, 3)),  # as is, left-right, up-down, both
+}
+
+
+class FlipAverage(nn.Module):
+    """``features`` averaged over flips of the input: ``(N, C, H, W)`` -> ``(N, D)``.
+
+    The flips form a group, so flipping the input by one of them permutes the copies and the
+    average is unchanged: the features are invariant to ``flips``. All copies go through
+    ``features`` as one batch ``(F * N, C, H, W)``, copy ``f`` in rows ``f * N .. f * N + N``
+    (Grad-CAM maps each copy back through its own flip).
+    """
+
+    def __init__(self, features: nn.Module, flips: str):
+        super().__init__()
+        if flips not in PROBE_FLIPS:
+            raise ValueError(f"flips {flips!r}: choose one of {', '.join(PROBE_FLIPS)}")
+        self.features = features
+        self.flips = flips
+        self.dims = PROBE_FLIPS[flips]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        copies = torch.cat([torch.flip(x, dims) if dims else x for dims in self.dims])
+        out = self.features(copies)
+        return out.view(len(self.dims), -1, out.shape[1]).mean(0)
+
+
 def build_feature_extractor(
     arch: str,
     channels: int,
     taps: Sequence[int] = DEFAULT_TAPS,
     hog: bool = False,
     pretrained: bool = True,
+    flips: str = "none",
 ) -> tuple[nn.Module, int]:
     """A frozen extractor ``(N, channels, H, W)`` in [0, 1] -> ``(N, D)`` and its ``D``, for the
     linear probe: an EfficientNet-Lite's pooled ``taps`` stages, a torchvision backbone's
-    pooled last stage, or (``hognet``) the HOG features; ``hog`` appends the HOG features."""
+    pooled last stage, or (``hognet``) the HOG features; ``hog`` appends the HOG features;
+    ``flips`` (a key of :data:`PROBE_FLIPS`) averages them over those flips of the image."""
     _check_arch(arch, 2, channels)
     if arch in SMALL_CNN_WIDTHS:
         raise ValueError(f"{arch} has no pretrained features to probe: train it with mode=full")
@@ -377,6 +411,8 @@ def build_feature_extractor(
     if hog:
         hog_part = HOGVector()
         features, dim = ConcatFeatures(features, hog_part), dim + hog_part.dim
+    if flips != "none":  # FlipAverage refuses an unknown value
+        features = FlipAverage(features, flips)
     for p in features.parameters():
         p.requires_grad_(False)
     return features.eval(), dim
@@ -438,7 +474,7 @@ class Calibrated(nn.Module):
 
 def build_from_spec(spec: dict, num_classes: int, channels: int) -> nn.Module:
     """The untrained architecture a model spec describes (what ``weights.pt`` stores beside the
-    state dict): ``{"arch", "mode", "taps", "hog"}``, ``{"members": [spec, ...]}`` for an
+    state dict): ``{"arch", "mode", "taps", "hog", "flips"}``, ``{"members": [spec, ...]}`` for an
     ensemble, either with ``"temperature"``. Pretrained weights are not loaded: the state dict
     holds every tensor."""
     if "members" in spec:
@@ -454,6 +490,7 @@ def build_from_spec(spec: dict, num_classes: int, channels: int) -> nn.Module:
             spec.get("taps", DEFAULT_TAPS),
             spec.get("hog", False),
             pretrained=False,
+            flips=spec.get("flips", "none"),  # specs from before probe_flips: none
         )
         model = ProbeNet(features, dim, num_classes)
     else:
