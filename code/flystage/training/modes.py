@@ -124,6 +124,7 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
         config.feature_taps,
         config.hog_features,
         pretrained=True,
+        flips=config.probe_flips,
     )
     t0 = time.perf_counter()
     train_set, valid_set = _image_sets(train, valid, labels, cache, config)
@@ -134,6 +135,7 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
         config.arch,
         tuple(config.feature_taps),
         config.hog_features,
+        config.probe_flips,
         json.dumps(config.augment.to_dict()),
     )
     transform = build_train_transform(config.augment, seed=config.seed)

@@ -73,7 +73,14 @@ from flystage.training.data import (
     make_sampler,
     to_float,
 )
-from flystage.training.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, Calibrated, EnsembleNet
+from flystage.training.models import (
+    ARCHS,
+    HOG_ARCHS,
+    PRETRAINED_ARCHS,
+    PROBE_FLIPS,
+    Calibrated,
+    EnsembleNet,
+)
 from flystage.training.modes import MODES, SETUPS
 from flystage.training.ordinal import OrdinalLoss
 from flystage.training.unlabelled import PseudoLabel
@@ -125,6 +132,12 @@ class TrainConfig:
         False,
         "probe: append histogram-of-oriented-gradient features of the image to the "
         "backbone's features",
+    )
+    probe_flips: str = option(
+        "none",
+        "probe: average the features over flips of the image, in training and in the exported "
+        "model, so that the embryo's orientation cannot count: none, turn (the image and its "
+        "180-degree turn) or all (as is, left-right, up-down, both); 2 or 4 times the feature time",
     )
     augment_draws: int = option(
         0,
@@ -278,6 +291,10 @@ class TrainConfig:
                 f"probe_solver {self.probe_solver!r}: choose one of {PROBE_SOLVERS}",
             ),
             (
+                self.probe_flips in PROBE_FLIPS,
+                f"probe_flips {self.probe_flips!r}: choose one of {', '.join(PROBE_FLIPS)}",
+            ),
+            (
                 self.backbone_lr_scale > 0,
                 f"backbone_lr_scale must be > 0, not {self.backbone_lr_scale}",
             ),
@@ -343,6 +360,7 @@ class TrainConfig:
             "mode": self.mode_of(arch),
             "taps": list(self.feature_taps),
             "hog": self.hog_features,
+            "flips": self.probe_flips,
         }
 
     def architecture(self) -> dict[str, Any]:
@@ -607,8 +625,9 @@ def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict
     mismatch = []
     if state["labels"] != labels:
         mismatch.append(f"labels {state['labels']} (now {labels})")
-    for key in ("arch", "mode", "feature_taps", "hog_features", "preprocess"):
-        saved, now = state["config"].get(key), config.to_dict()[key]
+    for key in ("arch", "mode", "feature_taps", "hog_features", "probe_flips", "preprocess"):
+        # A checkpoint from before probe_flips was trained without flips.
+        saved, now = {"probe_flips": "none", **state["config"]}.get(key), config.to_dict()[key]
         if saved != now:
             mismatch.append(f"{key} {saved} (now {now})")
     if mismatch:
