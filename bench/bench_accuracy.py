@@ -25,9 +25,10 @@ line one JSON object: ``top1``, ``top3``, ``ece``, ``within1``, ``mae`` and thei
 intervals ``top1_ci`` ... ``mae_ci`` (a bootstrap over groups), ``protocol``, ``data``
 ("bdgp", "lablike" or "stages15"), ``seconds``, ``arch``, ``mode``, ``input``, ``coverage``,
 ``per_fold``, ``per_stage_recall``, ``config_changes`` (every setting that differs from the
-defaults) and more. ``--out DIR`` writes ``report.json`` (its ``predictions[].path`` relative
-to the data folder, ``seed<N>/`` in front for lab-like copies, so that two runs compare image
-by image with ``flystage compare A/report.json B/report.json``) and ``confusion.png``.
+defaults) and more. ``--out DIR`` (default ``runs/bench-accuracy[-lablike|-stages15]``) gets
+``report.json`` (its ``predictions[].path`` relative to the data folder, ``seed<N>/`` in
+front for lab-like copies, so that two runs compare image by image with ``flystage compare
+A/report.json B/report.json``) and ``confusion.png``.
 
 Model options, parsed exactly as ``flystage train`` parses them:
 ``--set probe_l2=0.3 --set feature_taps=1,2,3`` or ``--train-args "--probe_l2 0.3"``.
@@ -310,7 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        help="write report.json and confusion.png here (replacing a previous run's)",
+        help="write report.json and confusion.png here, replacing a previous run's (default "
+        "runs/bench-accuracy, -lablike or -stages15 in the repository)",
     )
     parser.add_argument(
         "--threads",
@@ -336,6 +338,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.folds = [g.strip() for g in args.folds.split(",") if g.strip()] if args.folds else None
     if args.data is None:
         args.data = STAGES15 if args.dataset == "stages15" else DATA
+    if args.out is None:
+        # Where `make bench-accuracy` keeps each protocol's last report, for flystage compare.
+        suffix = "-lablike" if args.lablike else "-stages15" if args.dataset == "stages15" else ""
+        args.out = REPO / "runs" / f"bench-accuracy{suffix}"
     return args
 
 
@@ -375,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - t0
     report["data_dir"] = str(args.data.resolve())
-    if args.out:
-        write_report(report, args.out, force=True)
+    write_report(report, args.out, force=True)
     print(json.dumps(summary(args, report, config, seconds)))
     return 0
 
