@@ -174,6 +174,28 @@ def pool(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return pooled
 
 
+def describe(config: TrainConfig) -> str:
+    p = config.preprocess
+    return (
+        f"{config.arch}, input {p.channels}x{p.height}x{p.width}, {config.epochs} epochs, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def leave_one_gene_out(
+    data: Path, config: TrainConfig, folds: list[str] | None, tmp: Path, log: Log
+) -> dict[str, Any]:
+    """Leave-one-gene-out on a bdgp-insitu folder (or a lab-like copy of one)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Labels and genes from the data set's own CSV; every image "train": crossval splits.
+    records = through_manifest(read_by_gene(data), tmp)
+    log(
+        f"leave-one-gene-out on {len(records)} images of {len({r.group for r in records})} "
+        f"genes from {data}; {describe(config)}"
+    )
+    return crossval(records, config, "group", folds, log=log)
+
+
 def run_protocol(args: argparse.Namespace, config: TrainConfig, tmp: Path, log: Log) -> dict:
     """The cross-validation the arguments ask for; its report, paths relative to the data."""
     if args.dataset == "stages15":
@@ -196,28 +218,6 @@ def run_protocol(args: argparse.Namespace, config: TrainConfig, tmp: Path, log: 
         reports[seed] = leave_one_gene_out(copy, config, args.folds, tmp / f"m{seed}", log)
         relative_paths(reports[seed], copy, f"seed{seed}/")
     return pool(reports)
-
-
-def leave_one_gene_out(
-    data: Path, config: TrainConfig, folds: list[str] | None, tmp: Path, log: Log
-) -> dict[str, Any]:
-    """Leave-one-gene-out on a bdgp-insitu folder (or a lab-like copy of one)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    # Labels and genes from the data set's own CSV; every image "train": crossval splits.
-    records = through_manifest(read_by_gene(data), tmp)
-    log(
-        f"leave-one-gene-out on {len(records)} images of {len({r.group for r in records})} "
-        f"genes from {data}; {describe(config)}"
-    )
-    return crossval(records, config, "group", folds, log=log)
-
-
-def describe(config: TrainConfig) -> str:
-    p = config.preprocess
-    return (
-        f"{config.arch}, input {p.channels}x{p.height}x{p.width}, {config.epochs} epochs, "
-        f"{torch.get_num_threads()} threads"
-    )
 
 
 # ---- the summary -------------------------------------------------------------------------
