@@ -132,13 +132,26 @@ def build_lite(arch: str, pretrained: bool = True) -> nn.Module:
     return model
 
 
+def band_matrix(width: int, columns: int) -> torch.Tensor:
+    """``(width, columns)`` float32: column ``j`` averages the ``j``-th of ``columns`` equal
+    bands of ``width`` positions, binned as adaptive average pooling bins them (neighbouring
+    bands share a position when ``width`` is not a multiple of ``columns``)."""
+    rows = torch.arange(width).unsqueeze(1)
+    j = torch.arange(columns).unsqueeze(0)
+    inside = (rows >= (j * width) // columns) & (rows < -(-((j + 1) * width) // columns))
+    return inside.float() / inside.sum(0, keepdim=True).float()
+
+
 class LiteFeatures(nn.Module):
     """Pooled multi-stage features of an EfficientNet-Lite: ``(N, C, H, W)`` in [0, 1] -> ``(N,
     D)``.
 
     ``taps`` are block stages (0-6) whose outputs are averaged over space and concatenated;
-    ``head`` adds the pooled 1280-channel head conv. Grey input (C = 1) is replicated to RGB,
-    and [0, 1] is scaled to [-1, 1], as the weights were trained.
+    ``head`` adds the pooled 1280-channel head conv. ``columns`` > 1 averages each map over
+    its height and over that many equal bands of its width instead (the embryo's long axis
+    after alignment: anterior, middle, posterior for 3), so the head sees where along the
+    embryo a pattern lies; ``D`` grows ``columns`` times. Grey input (C = 1) is replicated to
+    RGB, and [0, 1] is scaled to [-1, 1], as the weights were trained.
     """
 
     def __init__(
@@ -147,8 +160,11 @@ class LiteFeatures(nn.Module):
         taps: tuple[int, ...] = DEFAULT_TAPS,
         head: bool = False,
         pretrained: bool = True,
+        columns: int = 1,
     ):
         super().__init__()
+        if columns < 1:
+            raise ValueError(f"columns must be >= 1, not {columns}")
         if not taps and not head:
             raise ValueError("need at least one stage tap or the head")
         if any(not 0 <= t <= 6 for t in taps):
@@ -165,7 +181,20 @@ class LiteFeatures(nn.Module):
             stage[-1].bn3.num_features if hasattr(stage[-1], "bn3") else stage[-1].bn2.num_features
             for stage in net.blocks
         ]
-        self.dim = sum(widths[t] for t in self.taps) + (net.conv_head.out_channels if head else 0)
+        self.columns = columns
+        self.dim = columns * (
+            sum(widths[t] for t in self.taps) + (net.conv_head.out_channels if head else 0)
+        )
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, h, w)`` -> ``(N, C * columns)``: the mean over space, or over the height
+        and each of ``columns`` bands of the width (channel-major)."""
+        if self.columns == 1:
+            return x.mean(dim=(2, 3))
+        # A constant (w, columns) averaging matrix, as adaptive average pooling bins the width
+        # (bands may share a column when w is not a multiple): the shapes are fixed when the
+        # model is exported, so it is a constant in the ONNX graph.
+        return (x.mean(dim=2) @ band_matrix(int(x.shape[-1]), self.columns)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.expand(
@@ -176,7 +205,7 @@ class LiteFeatures(nn.Module):
         for i, stage in enumerate(self.blocks):
             x = stage(x)
             if i in self.taps:
-                pooled.append(x.mean(dim=(2, 3)))
+                pooled.append(self._pool(x))
         if self.conv_head is not None:
-            pooled.append(self.bn2(self.conv_head(x)).mean(dim=(2, 3)))
+            pooled.append(self._pool(self.bn2(self.conv_head(x))))
         return torch.cat(pooled, dim=1)

@@ -386,11 +386,13 @@ def build_feature_extractor(
     hog: bool = False,
     pretrained: bool = True,
     flips: str = "none",
+    columns: int = 1,
 ) -> tuple[nn.Module, int]:
     """A frozen extractor ``(N, channels, H, W)`` in [0, 1] -> ``(N, D)`` and its ``D``, for the
     linear probe: an EfficientNet-Lite's pooled ``taps`` stages, a torchvision backbone's
     pooled last stage, or (``hognet``) the HOG features; ``hog`` appends the HOG features;
-    ``flips`` (a key of :data:`PROBE_FLIPS`) averages them over those flips of the image."""
+    ``flips`` (a key of :data:`PROBE_FLIPS`) averages them over those flips of the image;
+    ``columns`` bands along the width for an EfficientNet-Lite (:class:`LiteFeatures`)."""
     _check_arch(arch, 2, channels)
     if arch in SMALL_CNN_WIDTHS:
         raise ValueError(f"{arch} has no pretrained features to probe: train it with mode=full")
@@ -399,7 +401,7 @@ def build_feature_extractor(
         dim = features.dim
         hog = False
     elif arch in LITE_ARCHS:
-        features = LiteFeatures(arch, tuple(taps), pretrained=pretrained)
+        features = LiteFeatures(arch, tuple(taps), pretrained=pretrained, columns=columns)
         dim = features.dim
     else:
         backbone = _load_pretrained(arch) if pretrained else TORCHVISION_ARCHS[arch](weights=None)
@@ -474,9 +476,9 @@ class Calibrated(nn.Module):
 
 def build_from_spec(spec: dict, num_classes: int, channels: int) -> nn.Module:
     """The untrained architecture a model spec describes (what ``weights.pt`` stores beside the
-    state dict): ``{"arch", "mode", "taps", "hog", "flips"}``, ``{"members": [spec, ...]}`` for an
-    ensemble, either with ``"temperature"``. Pretrained weights are not loaded: the state dict
-    holds every tensor."""
+    state dict): ``{"arch", "mode", "taps", "hog", "flips", "columns"}``,
+    ``{"members": [spec, ...]}`` for an ensemble, either with ``"temperature"``. Pretrained
+    weights are not loaded: the state dict holds every tensor."""
     if "members" in spec:
         model: nn.Module = EnsembleNet(
             [build_from_spec(m, num_classes, channels) for m in spec["members"]]
@@ -491,6 +493,7 @@ def build_from_spec(spec: dict, num_classes: int, channels: int) -> nn.Module:
             spec.get("hog", False),
             pretrained=False,
             flips=spec.get("flips", "none"),  # specs from before probe_flips: none
+            columns=spec.get("columns", 1),
         )
         model = ProbeNet(features, dim, num_classes)
     else:

@@ -125,6 +125,7 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
         config.hog_features,
         pretrained=True,
         flips=config.probe_flips,
+        columns=config.probe_columns,
     )
     t0 = time.perf_counter()
     train_set, valid_set = _image_sets(train, valid, labels, cache, config)
@@ -136,6 +137,7 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
         tuple(config.feature_taps),
         config.hog_features,
         config.probe_flips,
+        config.probe_columns,
         json.dumps(config.augment.to_dict()),
     )
     transform = build_train_transform(config.augment, seed=config.seed)

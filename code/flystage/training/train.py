@@ -139,6 +139,12 @@ class TrainConfig:
         "model, so that the embryo's orientation cannot count: none, turn (the image and its "
         "180-degree turn) or all (as is, left-right, up-down, both); 2 or 4 times the feature time",
     )
+    probe_columns: int = option(
+        1,
+        "probe, EfficientNet-Lite: pool each stage's map over this many equal bands along the "
+        "embryo's long axis (1 = over the whole image; 3 = anterior, middle, posterior), so the "
+        "head sees where along the embryo a pattern lies; multiplies the features",
+    )
     augment_draws: int = option(
         0,
         "probe: augmented copies of each training image (each drawn once, features "
@@ -282,6 +288,10 @@ class TrainConfig:
             (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
             (self.probe_l2 >= 0, f"probe_l2 must be >= 0, not {self.probe_l2}"),
             (
+                1 <= self.probe_columns <= 16,
+                f"probe_columns must be 1..16 bands, not {self.probe_columns}",
+            ),
+            (
                 0 <= self.self_training < 1,
                 f"self_training must be a probability in [0, 1) (0 = off), not "
                 f"{self.self_training}",
@@ -361,6 +371,7 @@ class TrainConfig:
             "taps": list(self.feature_taps),
             "hog": self.hog_features,
             "flips": self.probe_flips,
+            "columns": self.probe_columns,
         }
 
     def architecture(self) -> dict[str, Any]:
@@ -625,9 +636,11 @@ def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict
     mismatch = []
     if state["labels"] != labels:
         mismatch.append(f"labels {state['labels']} (now {labels})")
-    for key in ("arch", "mode", "feature_taps", "hog_features", "probe_flips", "preprocess"):
-        # A checkpoint from before probe_flips was trained without flips.
-        saved, now = {"probe_flips": "none", **state["config"]}.get(key), config.to_dict()[key]
+    keys = ("arch", "mode", "feature_taps", "hog_features", "probe_flips", "probe_columns")
+    for key in (*keys, "preprocess"):
+        # A checkpoint from before probe_flips/probe_columns was trained without them.
+        saved = {"probe_flips": "none", "probe_columns": 1, **state["config"]}.get(key)
+        now = config.to_dict()[key]
         if saved != now:
             mismatch.append(f"{key} {saved} (now {now})")
     if mismatch:
