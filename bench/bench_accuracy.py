@@ -56,7 +56,13 @@ from common import DATA, REPO, read_by_gene
 from flystage.evaluate import evaluate_probs
 from flystage.organise import Record, organise, read_manifest, write_manifest
 from flystage.training import train
-from flystage.training.crossval import CrossvalError, crossval, write_report
+from flystage.training.crossval import (
+    UNLABELLED_PROTOCOLS,
+    CrossvalError,
+    crossval,
+    pooled_pseudo,
+    write_report,
+)
 from flystage.training.train import TrainConfig, UsageError, config_from_args
 from make_lablike import LablikeConfig, LablikeError, make_lablike
 
@@ -171,6 +177,8 @@ def pool(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
         seconds=round(sum(report["seconds"] for report in reports.values()), 1),
         predictions=predictions,
     )
+    if "unlabelled" in first:
+        pooled["unlabelled"] = pooled_pseudo(first["unlabelled"]["protocol"], pooled["folds"])
     return pooled
 
 
@@ -183,7 +191,12 @@ def describe(config: TrainConfig) -> str:
 
 
 def leave_one_gene_out(
-    data: Path, config: TrainConfig, folds: list[str] | None, tmp: Path, log: Log
+    data: Path,
+    config: TrainConfig,
+    folds: list[str] | None,
+    tmp: Path,
+    log: Log,
+    unlabelled: str = "none",
 ) -> dict[str, Any]:
     """Leave-one-gene-out on a bdgp-insitu folder (or a lab-like copy of one)."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -193,7 +206,7 @@ def leave_one_gene_out(
         f"leave-one-gene-out on {len(records)} images of {len({r.group for r in records})} "
         f"genes from {data}; {describe(config)}"
     )
-    return crossval(records, config, "group", folds, log=log)
+    return crossval(records, config, "group", folds, unlabelled=unlabelled, log=log)
 
 
 def run_protocol(args: argparse.Namespace, config: TrainConfig, tmp: Path, log: Log) -> dict:
@@ -204,18 +217,22 @@ def run_protocol(args: argparse.Namespace, config: TrainConfig, tmp: Path, log: 
             f"stratified {args.k_folds}-fold on {len(records)} images ({len(records)} embryos) "
             f"from {args.data}; {describe(config)}"
         )
-        report = crossval(records, config, "group", k=args.k_folds, log=log)
+        report = crossval(
+            records, config, "group", k=args.k_folds, unlabelled=args.unlabelled, log=log
+        )
         relative_paths(report, args.data)
         return report
     if not args.lablike:
-        report = leave_one_gene_out(args.data, config, args.folds, tmp, log)
+        report = leave_one_gene_out(args.data, config, args.folds, tmp, log, args.unlabelled)
         relative_paths(report, args.data)
         return report
     reports = {}
     for seed in args.lablike_seeds:
         copy = tmp / f"seed{seed}"
         make_lablike(args.data, copy, seed=seed, config=LablikeConfig(), log=log)
-        reports[seed] = leave_one_gene_out(copy, config, args.folds, tmp / f"m{seed}", log)
+        reports[seed] = leave_one_gene_out(
+            copy, config, args.folds, tmp / f"m{seed}", log, args.unlabelled
+        )
         relative_paths(reports[seed], copy, f"seed{seed}/")
     return pool(reports)
 
@@ -254,6 +271,8 @@ def summary(
         "input": f"{p.channels}x{p.height}x{p.width}",
         "epochs": config.epochs,
         "config_changes": config_changes(config),
+        # The unlabelled-images protocol, the share that took a pseudo-label and its accuracy.
+        "unlabelled": report.get("unlabelled"),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
@@ -303,6 +322,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=lambda text: [int(s) for s in text.split(",") if s.strip()],
         default=[0, 1, 2],
         help="seeds of the lab-like copies, pooled into one report (default 0,1,2)",
+    )
+    parser.add_argument(
+        "--unlabelled",
+        choices=UNLABELLED_PROTOCOLS,
+        default="none",
+        help="give each fold unlabelled images: held-out = its own test images without their "
+        "stages (transductive), other-group = one training gene taken out of training; use "
+        "with --set self_training=0.9 (default none)",
     )
     parser.add_argument("--folds", help="bdgp: comma-separated genes to hold out (default: all 8)")
     parser.add_argument(

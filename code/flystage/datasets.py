@@ -42,6 +42,21 @@ def bdgp_checksums() -> dict[str, str]:
     return sums
 
 
+def bdgp_by_gene(data: Path) -> list:
+    """Every image of a bdgp-insitu folder (or a lab-like copy of one) as manifest records:
+    its stage range from ``labels.csv`` as the label, its gene as the group, all in one split
+    ("none": cross-validation holds out genes itself)."""
+    from flystage.organise import organise
+
+    return organise(
+        [data],
+        labels_csv=data / "labels.csv",
+        label_column="stage_range",
+        group_column="gene",
+        split="none",
+    ).records
+
+
 def sha1_of(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:

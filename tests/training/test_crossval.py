@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flystage.cli import main as cli_main
+from flystage.datasets import bdgp_by_gene
 from flystage.evaluate import evaluate_probs
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
 from flystage.training.crossval import (
@@ -286,3 +287,45 @@ def test_command_k_folds_pools_every_image_once_by_its_own_group(
     # Held-out groups are chosen by the folds, so --folds cannot name them too.
     assert run_crossval(embryo_manifest, tmp_path / "x", "--k-folds", "3", "--folds", "a") == 2
     assert "--folds" in capsys.readouterr().err
+
+
+# ---- unlabelled images -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["held-out", "other-group"])
+def test_unlabelled_protocols_give_each_fold_images_it_never_trains_on(
+    bdgp_root: Path, protocol: str
+) -> None:
+    calls = []
+
+    def watching_fit(train_records, valid_records, config, **kwargs):
+        calls.append((list(train_records), list(valid_records), kwargs.get("unlabelled")))
+        return train_model(train_records, valid_records, config, **kwargs)
+
+    records = bdgp_by_gene(bdgp_root)
+    config = TrainConfig(threads=1, self_training=0.8)
+    report = crossval(
+        records,
+        config,
+        folds=["Dif", "dhd"],
+        unlabelled=protocol,
+        log=lambda line: None,
+        fit_fn=watching_fit,
+    )
+    by_path = {r.path: r for r in records}
+    for fold, (train, valid, unlabelled) in zip(report["folds"], calls):
+        test = {r.path for r in records if r.group == fold["group"]}
+        hidden = {by_path[p].group for p in unlabelled}
+        assert unlabelled and fold["unlabelled_images"] == len(unlabelled)
+        if protocol == "held-out":
+            assert set(unlabelled) == test
+        else:  # one training gene, out of training, never the test or a validation gene
+            assert len(hidden) == 1 and fold["group"] not in hidden
+            assert not hidden & {r.group for r in (*train, *valid)}
+        assert 0 <= fold["pseudo_right"] <= fold["pseudo_labelled"] <= len(unlabelled)
+    pooled = report["unlabelled"]
+    assert pooled["protocol"] == protocol and pooled["transductive"] == (protocol == "held-out")
+    assert pooled["pseudo_labelled"] == sum(f["pseudo_labelled"] for f in report["folds"]) > 0
+    assert 0.0 <= pooled["pseudo_accuracy"] <= 1.0
+    with pytest.raises(CrossvalError, match="choose one of none, held-out, other-group"):
+        crossval(records, config, unlabelled="sideways", log=lambda line: None)

@@ -323,6 +323,7 @@ def crossval(
     *,
     k: int | None = None,
     valid_fraction: float = VALID_FRACTION,
+    unlabelled: str = "none",
     log: Callable[[str], None] = print,
     fit_fn: Callable[..., Any] = train_model,
 ) -> dict[str, Any]:
@@ -334,12 +335,21 @@ def crossval(
     :func:`flystage.evaluate.evaluate_probs` over all held-out images, ``folds`` (per fold:
     group (the fold's name for k folds), image counts, valid groups, top-1/top-3, best epoch,
     seconds), ``predictions`` (per image: path, group, label, probabilities), ``config`` and
-    ``seconds``. ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to
+    ``seconds``. ``unlabelled`` (:data:`UNLABELLED_PROTOCOLS`) gives each fold unlabelled
+    images (``flystage.training.unlabelled``): ``held-out``, the fold's own test images
+    (transductive: the model sees the images it is scored on, without their stages);
+    ``other-group``, one training group's images, taken out of training (never the test
+    group); each fold then reports how many took a pseudo-label and how many of those were
+    right. ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to
     watch what each fold is given).
     """
     t_start = time.perf_counter()
     labels = sort_labels({r.label for r in records})
     index = {label: i for i, label in enumerate(labels)}
+    if unlabelled not in UNLABELLED_PROTOCOLS:
+        raise CrossvalError(
+            f"unlabelled {unlabelled!r}: choose one of {', '.join(UNLABELLED_PROTOCOLS)}"
+        )
     plan = plan_folds(records, group_column, folds, k, valid_fraction, config.seed)
     # One cache for every fold: each image is preprocessed once.
     cache = ImageCache(
@@ -349,13 +359,22 @@ def crossval(
     for i, fold in enumerate(plan, 1):
         t0 = time.perf_counter()
         log(f"fold {i}/{len(plan)}: {_fold_start(fold, group_column, k is not None)}")
+        fold, extra = _with_unlabelled(fold, unlabelled, group_column, config.seed + i)
         result = fit_fn(
-            fold.train, fold.valid, config, log=lambda line: None, labels=labels, image_cache=cache
+            fold.train,
+            fold.valid,
+            config,
+            log=lambda line: None,
+            labels=labels,
+            image_cache=cache,
+            **({"unlabelled": [r.path for r in extra]} if extra else {}),
         )
         probs = predict_probs(result.model, cache.get([r.path for r in fold.test]))
         targets = np.array([index[r.label] for r in fold.test], dtype=np.int64)
         seconds = time.perf_counter() - t0
         fold_reports.append(_fold_report(fold, group_column, probs, targets, result, seconds))
+        if extra:
+            fold_reports[-1].update(_pseudo_report(extra, result, group_column))
         log(
             f"fold {i}/{len(plan)}: {_fold_name(fold, group_column, k is not None)} "
             f"top1={fold_reports[-1]['top1']:.3f} top3={fold_reports[-1]['top3']:.3f} "
@@ -392,7 +411,59 @@ def crossval(
         seconds=round(time.perf_counter() - t_start, 1),
         predictions=predictions,
     )
+    if unlabelled != "none":
+        report["unlabelled"] = pooled_pseudo(unlabelled, fold_reports)
     return report
+
+
+UNLABELLED_PROTOCOLS = ("none", "held-out", "other-group")
+
+
+def _with_unlabelled(
+    fold: Fold, protocol: str, group_column: str, seed: int
+) -> tuple[Fold, list[Record]]:
+    """The fold as trained under an unlabelled-images protocol, and its unlabelled records."""
+    if protocol == "held-out":
+        return fold, list(fold.test)
+    if protocol == "other-group":
+        groups = sorted({group_of(r, group_column) for r in fold.train})
+        if len(groups) < 2:
+            raise CrossvalError(
+                "unlabelled other-group needs at least 2 training groups per fold, one to keep"
+            )
+        chosen = random.Random(seed).choice(groups)
+        keep = [r for r in fold.train if group_of(r, group_column) != chosen]
+        hidden = [r for r in fold.train if group_of(r, group_column) == chosen]
+        return Fold(fold.group, keep, fold.valid, fold.test), hidden
+    return fold, []
+
+
+def _pseudo_report(extra: Sequence[Record], result: Any, group_column: str) -> dict[str, Any]:
+    """A fold's unlabelled images: how many, which groups, how many took a pseudo-label and the
+    share of those that name the true stage (known here, never to training)."""
+    truth = {Path(r.path): r.label for r in extra}
+    taken = getattr(result, "pseudo_labels", [])
+    right = sum(truth.get(Path(p.path)) == p.label for p in taken)
+    return {
+        "unlabelled_images": len(extra),
+        "unlabelled_groups": sorted({group_of(r, group_column) for r in extra}),
+        "pseudo_labelled": len(taken),
+        "pseudo_right": int(right),
+    }
+
+
+def pooled_pseudo(protocol: str, fold_reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    unlabelled = sum(f.get("unlabelled_images", 0) for f in fold_reports)
+    taken = sum(f.get("pseudo_labelled", 0) for f in fold_reports)
+    right = sum(f.get("pseudo_right", 0) for f in fold_reports)
+    return {
+        "protocol": protocol,
+        "transductive": protocol == "held-out",
+        "images": unlabelled,
+        "pseudo_labelled": taken,
+        "pseudo_share": round(taken / unlabelled, 6) if unlabelled else None,
+        "pseudo_accuracy": round(right / taken, 6) if taken else None,
+    }
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -432,6 +503,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             "share of each fold's training images (whole groups) used to choose the best epoch "
             "(default %(default)s)"
         ),
+    )
+    parser.add_argument(
+        "--unlabelled",
+        choices=UNLABELLED_PROTOCOLS,
+        default="none",
+        help="give each fold unlabelled images (train's --unlabelled): held-out = the fold's own "
+        "test images without their stages (transductive), other-group = one training group, "
+        "taken out of training; default none",
     )
     # The training options of `flystage train`, with the same names and defaults.
     train.add_config_options(parser)
@@ -477,6 +556,7 @@ def run(args: argparse.Namespace) -> int:
             folds,
             k=args.k_folds,
             valid_fraction=args.valid_fraction,
+            unlabelled=args.unlabelled,
             log=lambda line: print(line, flush=True),
         )
         report["manifest"] = str(args.manifest.resolve())
