@@ -61,7 +61,7 @@ def test_columns_out_of_range_are_refused() -> None:
 def test_a_banded_probe_exports_reloads_and_explains(bdgp_root, tmp_path) -> None:
     train, valid = bdgp_records(bdgp_root, train_per_stage=3, valid_per_stage=1)
     labels = sorted({r.label for r in train}, key=lambda s: int(s.split("-")[0]))
-    config = TrainConfig(probe_columns=3, threads=1)
+    config = TrainConfig(probe_columns=3, probe_flips="none", threads=1)
     result = train_model(train, valid, config, log=lambda line: None, labels=labels)
     assert result.spec["columns"] == 3
     save_artefact(tmp_path, result.model, config.arch, labels, config.preprocess, spec=result.spec)

@@ -103,9 +103,18 @@ def test_probe_caches_features_per_image_and_draw_and_shares_them(
     )
     if arch == "efficientnet_lite0":  # the backbone is ImageNet's, untouched
         reference = build_lite(arch).state_dict()
-        for name, tensor in model.features.state_dict().items():
+        # The default probe averages over the 180-degree turn: the backbone inside FlipAverage.
+        lite = model.features.features
+        for name, tensor in lite.state_dict().items():
             torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
-    assert result.spec == {"arch": arch, "mode": "probe", "taps": list(DEFAULT_TAPS), "hog": False}
+    pooling = {"flips": "turn", **({"columns": 3} if arch == "efficientnet_lite0" else {})}
+    assert result.spec == {
+        "arch": arch,
+        "mode": "probe",
+        "taps": list(DEFAULT_TAPS),
+        "hog": False,
+        **pooling,
+    }
 
     # A second run on the same cache (another fold, another seed of the head) computes nothing.
     extracted.clear()
@@ -136,7 +145,9 @@ def test_probe_caches_features_per_image_and_draw_and_shares_them(
         assert not torch.allclose(rows[0], rows[1]) and not torch.allclose(rows[1], rows[2])
     assert all((r.path, 1) not in store for r in valid)
     # Each draw is seeded by (seed, draw, path): a fresh cache computes the same rows.
-    features, _ = build_feature_extractor(arch, 1, config.feature_taps)
+    features, _ = build_feature_extractor(
+        arch, 1, config.feature_taps, flips=config.probe_flips, columns=config.probe_columns
+    )
     fresh = cached_features(
         features,
         "fresh",
