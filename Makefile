@@ -198,9 +198,9 @@ upload: ## upload a manifest + images to s3://bucket/prefix/data/ (unchanged fil
 tune: ## SageMaker tuning job (Bayesian learning_rate x batch_size, max valid:top3): [MAX_JOBS=20] [PARALLEL_JOBS=2] [HP=fixed] [DRY_RUN=1]
 	$(CLOUD) tune $(if $(MAX_JOBS),--max-jobs $(MAX_JOBS)) $(if $(PARALLEL_JOBS),--parallel-jobs $(PARALLEL_JOBS)) $(if $(HP),--hp $(HP))
 
-train: ## SageMaker training job, best of the last tuning job or HP='learning_rate=0.01 batch_size=64': [INSTANCE_COUNT=2] [SPOT=1] [DRY_RUN=1]
+train: ## SageMaker training job, best of the last tuning job or HP='learning_rate=0.01 batch_size=64': [INSTANCE_COUNT=2] [SPOT=1] [UNLABELLED=s3://.../unlabelled/] [DRY_RUN=1]
 	$(CLOUD) train $(if $(TUNING_JOB),--tuning-job $(TUNING_JOB)) $(if $(INSTANCE_COUNT),--instance-count $(INSTANCE_COUNT)) \
-	$(if $(filter 1,$(SPOT)),--spot) $(if $(HP),--hp $(HP))
+	$(if $(filter 1,$(SPOT)),--spot) $(if $(HP),--hp $(HP)) $(if $(UNLABELLED),--unlabelled $(UNLABELLED))
 
 deploy: ## model + endpoint config + endpoint on the serve image, waits for InService: [MODEL_DATA=s3://.../model.tar.gz] [SERVERLESS=1] [DRY_RUN=1]
 	$(CLOUD) deploy $(if $(MODEL_DATA),--model-data '$(MODEL_DATA)') $(if $(filter 1,$(SERVERLESS)),--serverless)

@@ -100,9 +100,18 @@ def test_tune_train_deploy_teardown_dry_runs(tmp_path):
     assert tune["request"]["TrainingJobDefinition"]["StaticHyperParameters"] == {"epochs": "40"}
 
     [train] = make(
-        "train", tmp_path, INSTANCE_COUNT="2", SPOT="1", HP="learning_rate=0.01 batch_size=64"
+        "train",
+        tmp_path,
+        INSTANCE_COUNT="2",
+        SPOT="1",
+        HP="learning_rate=0.01 batch_size=64",
+        UNLABELLED="s3://lab-bucket/flystage/unlabelled",
     )
     request = train["request"]
+    unlabelled = {c["ChannelName"]: c for c in request["InputDataConfig"]}["unlabelled"]
+    assert (
+        unlabelled["DataSource"]["S3DataSource"]["S3Uri"] == "s3://lab-bucket/flystage/unlabelled/"
+    )
     assert (
         request["ResourceConfig"]["InstanceCount"] == 2
         and request["EnableManagedSpotTraining"] is True

@@ -72,6 +72,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p["train"].add_argument(
         "--spot", action=argparse.BooleanOptionalAction, default=None, help="managed spot training"
     )
+    p["train"].add_argument(
+        "--unlabelled",
+        help="s3:// prefix of the lab's unlabelled images: the job's channel 'unlabelled' "
+        "(feature statistics and, with hyperparameter self_training, pseudo-labels)",
+    )
     p["train"].add_argument("--no-wait", action="store_true", help="start the job and return")
 
     p["deploy"].add_argument(
@@ -162,7 +167,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.target == "train":
         from flystage.cloud.training import train
 
-        train(api, settings, hps, tuning_job=args.tuning_job, wait=not args.no_wait)
+        train(
+            api,
+            settings,
+            hps,
+            tuning_job=args.tuning_job,
+            wait=not args.no_wait,
+            unlabelled=args.unlabelled,
+        )
     elif args.target == "deploy":
         from flystage.cloud.hosting import deploy
 

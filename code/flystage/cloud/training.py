@@ -25,9 +25,23 @@ def job_name(kind: str, now: float | None = None) -> str:
     return f"flystage-{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}"
 
 
-def data_channels(settings: Settings) -> dict[str, str]:
-    """The job's channels: the uploaded dataset (``make upload``)."""
-    return {jobdef.DATA_CHANNEL: settings.s3_uri("data") + "/"}
+def data_channels(settings: Settings, unlabelled: str | None = None) -> dict[str, str]:
+    """The job's channels: the uploaded dataset (``make upload``) and, when given, the
+    ``s3://`` prefix of the lab's unlabelled images as the channel ``unlabelled``."""
+    channels = {jobdef.DATA_CHANNEL: settings.s3_uri("data") + "/"}
+    if unlabelled:
+        if not unlabelled.startswith("s3://"):
+            raise CloudError(
+                f"--unlabelled {unlabelled}: give the s3:// prefix of the unlabelled images, "
+                f"{settings.s3_uri('unlabelled')}/ (which the execution role may read: upload "
+                f"them with `aws s3 sync FOLDER {settings.s3_uri('unlabelled')}/`)"
+            )
+        channels[UNLABELLED_CHANNEL] = unlabelled.rstrip("/") + "/"
+    return channels
+
+
+# The training program reads it as SM_CHANNEL_UNLABELLED (flystage train --unlabelled).
+UNLABELLED_CHANNEL = "unlabelled"
 
 
 def parse_hyperparameters(pairs: list[str] | None) -> dict[str, str]:
@@ -132,6 +146,7 @@ def train(
     tuning_job: str | None = None,
     wait: bool = True,
     name: str | None = None,
+    unlabelled: str | None = None,
 ) -> dict[str, Any] | None:
     """Start a training job with ``hyperparameters`` (None: the best of the tuning job) and
     wait for it. Returns the final DescribeTrainingJob (None in a dry run or without wait)."""
@@ -147,7 +162,7 @@ def train(
         settings,
         ecr.image_uri(api, settings, settings.train_repository),
         hps,
-        data_channels(settings),
+        data_channels(settings, unlabelled),
         job_name=name,
     )
     message = (
