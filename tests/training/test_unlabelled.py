@@ -36,29 +36,26 @@ def quiet(line: str) -> None:
 def test_features_are_standardised_by_the_training_and_unlabelled_images(sets) -> None:
     train, valid, unlabelled, labels, cache = sets
     paths = [r.path for r in unlabelled]
-    result = train_model(
-        train,
-        valid,
-        TrainConfig(threads=1),
-        log=quiet,
-        labels=labels,
-        image_cache=cache,
-        unlabelled=paths,
+
+    def probe(**changes):
+        config = TrainConfig(threads=1, **changes)
+        return train_model(
+            train, valid, config, log=quiet, labels=labels, image_cache=cache, unlabelled=paths
+        )
+
+    result = probe()
+    net = result.model.model  # Calibrated(ProbeNet)
+    both = extract(net.features, cache.get([r.path for r in train] + paths))
+    assert torch.allclose(net.mean, both.mean(0), atol=1e-5)
+    alone = probe(unlabelled_standardise=False).model.model
+    assert not torch.allclose(alone.mean, net.mean, atol=1e-3)
+    # Self-training is on by default when there are unlabelled images, and takes none without.
+    assert result.pseudo_labels
+    assert probe(self_training=0.0).pseudo_labels == []
+    none = train_model(
+        train, valid, TrainConfig(threads=1), log=quiet, labels=labels, image_cache=cache
     )
-    probe = result.model.model  # Calibrated(ProbeNet)
-    both = extract(probe.features, cache.get([r.path for r in train] + paths))
-    assert torch.allclose(probe.mean, both.mean(0), atol=1e-5)
-    alone = train_model(
-        train,
-        valid,
-        TrainConfig(threads=1, unlabelled_standardise=False),
-        log=quiet,
-        labels=labels,
-        image_cache=cache,
-        unlabelled=paths,
-    ).model.model
-    assert not torch.allclose(alone.mean, probe.mean, atol=1e-3)
-    assert result.pseudo_labels == []  # self-training is off by default
+    assert none.pseudo_labels == []
 
 
 def test_self_training_takes_confident_unlabelled_images_and_logs_the_share(sets) -> None:
