@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +195,11 @@ class LiteFeatures(nn.Module):
         # A constant (w, columns) averaging matrix, as adaptive average pooling bins the width
         # (bands may share a column when w is not a multiple): the shapes are fixed when the
         # model is exported, so it is a constant in the ONNX graph.
-        return (x.mean(dim=2) @ band_matrix(int(x.shape[-1]), self.columns)).flatten(1)
+        with warnings.catch_warnings():
+            # The exporter warns that the width becomes a constant: it is one (fixed input size).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            width = int(x.shape[-1])
+        return (x.mean(dim=2) @ band_matrix(width, self.columns)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.expand(
