@@ -34,7 +34,13 @@ import numpy as np
 import torch
 
 from flystage.channels import DataError
-from flystage.evaluate import evaluate_probs, plot_confusion, report_text, topk_accuracy
+from flystage.evaluate import (
+    evaluate_probs,
+    plot_confusion,
+    predictions_of,
+    report_text,
+    topk_accuracy,
+)
 from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
 from flystage.training.data import ImageCache, to_float
 from flystage.training.train import TrainConfig, UsageError, config_from_args, train_model
@@ -383,17 +389,11 @@ def crossval(
         )
         all_probs.append(probs)
         all_targets.append(targets)
-        predictions += [
-            {
-                "path": str(r.path),
-                # Each image's own group (in leave-one-group-out, the fold's), which the
-                # intervals resample.
-                "group": group_of(r, group_column),
-                "label": r.label,
-                "probs": [round(float(p), 6) for p in row],
-            }
-            for r, row in zip(fold.test, probs)
-        ]
+        # Each image's own group (in leave-one-group-out, the fold's): what the intervals
+        # resample.
+        predictions += predictions_of(
+            fold.test, probs, [group_of(r, group_column) for r in fold.test]
+        )
     # Intervals resample whole held-out groups, the unit the folds hold out.
     report = evaluate_probs(
         np.concatenate(all_probs),
@@ -442,7 +442,7 @@ def _pseudo_report(extra: Sequence[Record], result: Any, group_column: str) -> d
     """A fold's unlabelled images: how many, which groups, how many took a pseudo-label and the
     share of those that name the true stage (known here, never to training)."""
     truth = {Path(r.path): r.label for r in extra}
-    taken = getattr(result, "pseudo_labels", [])
+    taken = result.pseudo_labels
     right = sum(truth.get(Path(p.path)) == p.label for p in taken)
     return {
         "unlabelled_images": len(extra),

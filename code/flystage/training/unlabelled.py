@@ -17,7 +17,7 @@ linear probe (``flystage train --unlabelled FOLDER``, or the SageMaker channel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +93,3 @@ def with_pseudo_labels(
         np.concatenate([y, stage[index]]),
         taken,
     )
-
-
-Logits = Callable[[torch.Tensor], torch.Tensor]
