@@ -6,6 +6,7 @@ Fake credentials are set only in the test's environment (monkeypatch), never on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -26,27 +27,46 @@ ACCOUNT = "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/flystage-test"
 BUCKET = "flystage-test"
 
-TRAIN_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-train:latest"
-SERVE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-serve:latest"
+# A Docker v2 schema 2 manifest (the only kind SageMaker runs) and its digest, as ECR names it.
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "digest": "sha256:" + "0" * 64,
+            "size": 1,
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+        },
+        "layers": [],
+    }
+)
+DIGEST = "sha256:" + hashlib.sha256(MANIFEST.encode()).hexdigest()
+# Jobs name the pushed images by digest.
+TRAIN_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-train@{DIGEST}"
+SERVE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-serve@{DIGEST}"
 
 
 def put_images(api) -> None:
-    """Both repositories in moto's ECR with a `latest` image, as `make push` leaves them."""
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "config": {
-                "digest": "sha256:" + "0" * 64,
-                "size": 1,
-                "mediaType": "application/vnd.docker.container.image.v1+json",
-            },
-            "layers": [],
-        }
-    )
+    """Both repositories in moto's ECR with an image, recorded in the state file as `make push`
+    leaves them."""
+    from flystage.cloud.ecr import record_push
+
     for repo in ("flystage-train", "flystage-serve"):
         api.call("ecr", "create_repository", repositoryName=repo)
-        api.call("ecr", "put_image", repositoryName=repo, imageManifest=manifest, imageTag="latest")
+        api.call(
+            "ecr",
+            "put_image",
+            repositoryName=repo,
+            imageManifest=MANIFEST,
+            imageTag="img-000000000000",
+            imageDigest=DIGEST,
+        )
+        record_push(
+            api.settings,
+            f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{repo}",
+            "img-000000000000",
+            DIGEST,
+        )
 
 
 def free_port() -> int:

@@ -71,13 +71,16 @@ def test_push_dry_run(tmp_path):
     calls = make("push", tmp_path)
     assert operations(calls) == [
         "ecr.create_repository",
+        "ecr.put_lifecycle_policy",
         "ecr.create_repository",
+        "ecr.put_lifecycle_policy",
         "ecr.get_authorization_token",
         "docker.push",
         "docker.push",
     ]
+    assert calls[0]["request"]["imageTagMutability"] == "IMMUTABLE"
     assert (
-        calls[3]["request"]["repository"]
+        calls[5]["request"]["repository"]
         == "<account-id>.dkr.ecr.eu-west-1.amazonaws.com/flystage-train"
     )
 

@@ -140,7 +140,7 @@ def described_endpoint(arn: str, config: str, status: str) -> dict:
 def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
     api, settings = aws
     api.out = io.StringIO()
-    settings = settings.replace(registry_override="registry.example:5000")
+    settings = settings.replace(registry_override="registry.example:5000", image_tag="latest")
     client = api.client("sagemaker")
     arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/flystage"
     endpoint = described_endpoint(arn, "flystage-config-old", "InService")
@@ -192,7 +192,7 @@ def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
 
 def test_redeploy_while_updating_is_refused(aws):
     api, settings = aws
-    settings = settings.replace(registry_override="registry.example:5000")
+    settings = settings.replace(registry_override="registry.example:5000", image_tag="latest")
     client = api.client("sagemaker")
     endpoint = described_endpoint(ARN, "c", "Updating")
     with Stubber(client) as stub:
@@ -217,7 +217,9 @@ def test_redeploy_while_updating_is_refused(aws):
 
 def test_serverless_onto_an_instance_endpoint_is_refused_before_creating_anything(aws):
     api, settings = aws
-    settings = settings.replace(registry_override="registry.example:5000", serverless=True)
+    settings = settings.replace(
+        registry_override="registry.example:5000", image_tag="latest", serverless=True
+    )
     endpoint = described_endpoint(ARN, "flystage-config-old", "InService")
     with Stubber(api.client("sagemaker")) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})

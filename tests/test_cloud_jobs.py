@@ -27,7 +27,7 @@ def test_jobs_refuse_an_image_that_was_not_pushed(aws):
     api, settings = aws
     with pytest.raises(
         CloudError,
-        match=r"image flystage-train:latest is not in ECR \(eu-west-1\): run `make push` first",
+        match=r"image flystage-train is not in ECR \(eu-west-1\): run `make push` first",
     ):
         training.train(api, settings, {"epochs": "1"})
 
@@ -202,7 +202,7 @@ def test_train_with_the_best_of_the_last_tuning_job(aws, out):
     """moto's BestTrainingJob is a fixed placeholder, so this flow runs on stubs, which also
     pin the exact CreateTrainingJob request (MetricDefinitions included: moto rewrites them)."""
     api, settings = aws
-    settings = settings.replace(registry_override="registry.example:5000")
+    settings = settings.replace(registry_override="registry.example:5000", image_tag="latest")
     update_state(settings.state_file, tuning_job="flystage-tune-1")
     client = api.client("sagemaker")
     image = "registry.example:5000/flystage-train:latest"

@@ -66,10 +66,11 @@ def test_push_upload_tune_train_deploy_batch_teardown(aws, moto_url, start_regis
 
     try:
         out = make("push")
-        assert (
-            f"{registry}/flystage-train:latest" in out
-            and f"{registry}/flystage-serve:latest" in out
-        )
+        # Each image is named by the digest the push recorded.
+        pushed = read_state(settings.state_file)["images"]
+        train_uri = f"{registry}/flystage-train@{pushed[f'{registry}/flystage-train']['digest']}"
+        serve_uri = f"{registry}/flystage-serve@{pushed[f'{registry}/flystage-serve']['digest']}"
+        assert train_uri in out and serve_uri in out
         catalog = json.load(urllib.request.urlopen(f"http://{registry}/v2/_catalog", timeout=10))[
             "repositories"
         ]
@@ -89,7 +90,7 @@ def test_push_upload_tune_train_deploy_batch_teardown(aws, moto_url, start_regis
         )
         assert (
             described["TrainingJobDefinition"]["AlgorithmSpecification"]["TrainingImage"]
-            == f"{registry}/flystage-train:latest"
+            == train_uri
         )
 
         out = make("train", "INSTANCE_COUNT=2", "SPOT=1", "HP=learning_rate=0.01 batch_size=64")

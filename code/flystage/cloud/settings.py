@@ -42,7 +42,10 @@ class Settings:
     serve_image: str = "flystage-serve:latest"
     train_repository: str = "flystage-train"
     serve_repository: str = "flystage-serve"
-    image_tag: str = "latest"
+    # Empty: each image is pushed under a tag made from its content (img-<local image ID>), so
+    # a tag never names two images. A fixed tag (e.g. "v1") can be pushed once per image into
+    # the IMMUTABLE repositories `make push` makes; jobs name the image by digest either way.
+    image_tag: str = ""
     # Training and tuning.
     instance_type: str = "ml.m5.xlarge"
     instance_count: int = 1
