@@ -46,27 +46,27 @@ TRAIN_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-train@{DIGEST}"
 SERVE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/flystage-serve@{DIGEST}"
 
 
-def put_images(api) -> None:
-    """Both repositories in moto's ECR with an image, recorded in the state file as `make push`
-    leaves them."""
+def put_images(
+    api, manifest: str = MANIFEST, tag: str = "img-000000000000", media_type: str = ""
+) -> None:
+    """Both repositories in moto's ECR with ``manifest`` under ``tag``, recorded in the state
+    file as `make push` leaves them."""
     from flystage.cloud.ecr import record_push
 
+    digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+    media = {"imageManifestMediaType": media_type} if media_type else {}
     for repo in ("flystage-train", "flystage-serve"):
         api.call("ecr", "create_repository", repositoryName=repo)
         api.call(
             "ecr",
             "put_image",
             repositoryName=repo,
-            imageManifest=MANIFEST,
-            imageTag="img-000000000000",
-            imageDigest=DIGEST,
+            imageManifest=manifest,
+            imageTag=tag,
+            imageDigest=digest,
+            **media,
         )
-        record_push(
-            api.settings,
-            f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{repo}",
-            "img-000000000000",
-            DIGEST,
-        )
+        record_push(api.settings, f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{repo}", tag, digest)
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ from cloud_helpers import (  # fixtures are used as test parameters
     foreign_image,
     free_port,
     moto_url,
+    put_images,
     start_registry,
     tiny_image,
 )
@@ -229,11 +230,10 @@ def v2_manifest(config_digest: str, media_type: str = DOCKER_V2) -> str:
 )
 @pytest.mark.parametrize("target", ["train", "deploy"])
 def test_an_image_sagemaker_refuses_is_refused_before_any_job(aws, media_type, target):
-    """The image ECR holds under the pushed tag is an OCI index with an attestation manifest, a
-    single-platform OCI manifest or a manifest list: training and deploy refuse it with how to
-    rebuild, before any training job or model exists."""
+    """The image a push left in ECR (and recorded) is an OCI index with an attestation manifest,
+    a single-platform OCI manifest or a manifest list: training and deploy refuse it with how
+    to rebuild, before any training job or model exists."""
     api, settings = aws
-    settings = settings.replace(image_tag="v1")
     if media_type == "docker-list":
         media_type = "application/vnd.docker.distribution.manifest.list.v2+json"
         manifest = oci_index("sha256:" + "b" * 64).replace(INDEX, media_type)
@@ -241,16 +241,7 @@ def test_an_image_sagemaker_refuses_is_refused_before_any_job(aws, media_type, t
         manifest = oci_index("sha256:" + "b" * 64)
     else:
         manifest = v2_manifest("sha256:" + "c" * 64, media_type)
-    for repository in ("flystage-train", "flystage-serve"):
-        api.call("ecr", "create_repository", repositoryName=repository)
-        api.call(
-            "ecr",
-            "put_image",
-            repositoryName=repository,
-            imageManifest=manifest,
-            imageManifestMediaType=media_type,
-            imageTag="v1",
-        )
+    put_images(api, manifest, "v1", media_type)
     with pytest.raises(CloudError) as refused:
         if target == "train":
             training.train(api, settings, {"epochs": "1"})
