@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 
 import pytest
 from botocore.stub import ANY, Stubber
@@ -24,6 +25,45 @@ def listing(api) -> tuple[list, list, list]:
         [m["ModelName"] for m in api.call(sm, "list_models")["Models"]],
         [c["EndpointConfigName"] for c in api.call(sm, "list_endpoint_configs")["EndpointConfigs"]],
         [e["EndpointName"] for e in api.call(sm, "list_endpoints")["Endpoints"]],
+    )
+
+
+LAB = [{"Key": "project", "Value": "someone-else"}]
+
+
+def make_endpoint(api, settings, name: str, tags: list[list]) -> None:
+    """A model ``<name>-model``, config ``<name>-config`` and endpoint ``name`` made straight
+    through moto, tagged ``tags`` = [model tags, config tags, endpoint tags]."""
+    model_tags, config_tags, endpoint_tags = tags
+    sm = "sagemaker"
+    api.call(
+        sm,
+        "create_model",
+        ModelName=f"{name}-model",
+        ExecutionRoleArn=settings.role_arn,
+        Tags=model_tags,
+        PrimaryContainer={"Image": SERVE_URI, "ModelDataUrl": MODEL},
+    )
+    api.call(
+        sm,
+        "create_endpoint_config",
+        EndpointConfigName=f"{name}-config",
+        Tags=config_tags,
+        ProductionVariants=[
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": f"{name}-model",
+                "InstanceType": "ml.m5.xlarge",
+                "InitialInstanceCount": 1,
+            }
+        ],
+    )
+    api.call(
+        sm,
+        "create_endpoint",
+        EndpointName=name,
+        EndpointConfigName=f"{name}-config",
+        Tags=endpoint_tags,
     )
 
 
@@ -146,6 +186,7 @@ def test_redeploy_updates_the_endpoint_and_removes_the_old_model(aws):
     endpoint = described_endpoint(arn, "flystage-config-old", "InService")
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
+        stub.add_response("list_tags", {"Tags": settings.tag_list()}, {"ResourceArn": arn})
         stub.add_response(
             "describe_endpoint_config", old_config(), {"EndpointConfigName": "flystage-config-old"}
         )
@@ -195,8 +236,10 @@ def test_redeploy_while_updating_is_refused(aws):
     settings = settings.replace(registry_override="registry.example:5000", image_tag="latest")
     client = api.client("sagemaker")
     endpoint = described_endpoint(ARN, "c", "Updating")
+    ours = {"Tags": settings.tag_list()}
     with Stubber(client) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
+        stub.add_response("list_tags", ours, {"ResourceArn": ARN})
         with pytest.raises(
             CloudError, match="endpoint flystage is Updating: wait until it is InService"
         ):
@@ -206,6 +249,7 @@ def test_redeploy_while_updating_is_refused(aws):
             endpoint | {"EndpointStatus": "Failed", "FailureReason": "ping timed out"},
             {"EndpointName": "flystage"},
         )
+        stub.add_response("list_tags", ours, {"ResourceArn": ARN})
         with pytest.raises(
             CloudError,
             match=r"Failed \(ping timed out\) and cannot be updated: run `make teardown`",
@@ -213,6 +257,43 @@ def test_redeploy_while_updating_is_refused(aws):
             hosting.deploy(api, settings, MODEL)
         # Nothing was created for either refused deploy.
         stub.assert_no_pending_responses()
+
+
+def test_deploy_refuses_an_endpoint_without_flystages_tags_and_creates_nothing(aws):
+    """An existing endpoint of that name that does not carry every flystage tag (someone
+    else's, or one deployed without tags) is not updated: the refusal says what to do, and no
+    model or endpoint config is made."""
+    api, settings = aws
+    api.out = io.StringIO()
+    settings = settings.replace(registry_override="registry.example:5000", image_tag="test")
+    make_endpoint(api, settings, "flystage", [LAB, LAB, LAB])
+    # Carries project=flystage but not the lab's second tag.
+    make_endpoint(api, settings, "flystage-lab", [[], [], settings.tag_list()])
+    before = listing(api)
+    arn = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/flystage"
+    with pytest.raises(
+        CloudError,
+        match=re.escape(
+            "endpoint flystage exists and does not carry flystage's tags (project=flystage): "
+            "deploy replaces only an endpoint flystage created, and nothing was created. Deploy "
+            "under another endpoint_name (FLYSTAGE_ENDPOINT_NAME=...); or, if it is yours, "
+            "delete it by hand (aws sagemaker delete-endpoint --endpoint-name flystage: "
+            "`make teardown` leaves it alone); or, for flystage to manage it, tag it (aws "
+            f"sagemaker add-tags --resource-arn {arn} --tags Key=project,Value=flystage)"
+        ),
+    ):
+        hosting.deploy(api, settings, MODEL)
+    two_tags = settings.replace(
+        endpoint_name="flystage-lab", tags={"project": "flystage", "lab": "x"}
+    )
+    with pytest.raises(
+        CloudError, match=r"does not carry flystage's tags \(lab=x, project=flystage\)"
+    ):
+        hosting.deploy(api, two_tags, MODEL)
+    with pytest.raises(CloudError, match="endpoint flystage exists and tags is empty"):
+        hosting.deploy(api, settings.replace(tags={}), MODEL)
+    assert listing(api) == before
+    assert "endpoint" not in read_state(settings.state_file)
 
 
 def test_serverless_onto_an_instance_endpoint_is_refused_before_creating_anything(aws):
@@ -223,6 +304,7 @@ def test_serverless_onto_an_instance_endpoint_is_refused_before_creating_anythin
     endpoint = described_endpoint(ARN, "flystage-config-old", "InService")
     with Stubber(api.client("sagemaker")) as stub:
         stub.add_response("describe_endpoint", endpoint, {"EndpointName": "flystage"})
+        stub.add_response("list_tags", {"Tags": settings.tag_list()}, {"ResourceArn": ARN})
         stub.add_response(
             "describe_endpoint_config",
             old_config(InstanceType="ml.m5.xlarge", InitialInstanceCount=1),
@@ -264,40 +346,7 @@ def test_teardown_deletes_only_what_carries_flystages_tags(aws):
     without the tags behind a flystage endpoint; each skip is said."""
     api, settings = aws
     api.out = io.StringIO()
-    sm, lab = "sagemaker", [{"Key": "project", "Value": "someone-else"}]
-
-    def endpoint(name: str, model_tags: list, config_tags: list, endpoint_tags: list) -> None:
-        api.call(
-            sm,
-            "create_model",
-            ModelName=f"{name}-model",
-            ExecutionRoleArn=settings.role_arn,
-            Tags=model_tags,
-            PrimaryContainer={"Image": SERVE_URI, "ModelDataUrl": MODEL},
-        )
-        api.call(
-            sm,
-            "create_endpoint_config",
-            EndpointConfigName=f"{name}-config",
-            Tags=config_tags,
-            ProductionVariants=[
-                {
-                    "VariantName": "AllTraffic",
-                    "ModelName": f"{name}-model",
-                    "InstanceType": "ml.m5.xlarge",
-                    "InitialInstanceCount": 1,
-                }
-            ],
-        )
-        api.call(
-            sm,
-            "create_endpoint",
-            EndpointName=name,
-            EndpointConfigName=f"{name}-config",
-            Tags=endpoint_tags,
-        )
-
-    endpoint("flystage", lab, lab, lab)
+    make_endpoint(api, settings, "flystage", [LAB, LAB, LAB])
     assert hosting.teardown(api, settings) == []
     assert listing(api) == (["flystage-model"], ["flystage-config"], ["flystage"])
     text = api.out.getvalue()
@@ -305,7 +354,7 @@ def test_teardown_deletes_only_what_carries_flystages_tags(aws):
     assert "left endpoint config flystage-config and its models as they are" in text
 
     ours = settings.tag_list()
-    endpoint("flystage-lab", [], ours, ours)
+    make_endpoint(api, settings, "flystage-lab", [[], ours, ours])
     assert hosting.teardown(api, settings.replace(endpoint_name="flystage-lab")) == [
         "flystage-lab",
         "flystage-lab-config",

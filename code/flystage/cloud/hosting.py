@@ -9,6 +9,7 @@ its config and its model, each only if it carries flystage's tags; never S3 data
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 from flystage.cloud import ecr
@@ -136,14 +137,39 @@ def _delete_config_and_models(api: Api, config_name: str, models: list[str]) -> 
         api.say(f"deleted model {model}")
 
 
+def _check_ours(api: Api, settings: Settings, arn: str) -> None:
+    """Refuse to update an endpoint that does not carry every flystage tag: it may be someone
+    else's, and `make teardown` would leave what replaced it behind."""
+    name = settings.endpoint_name
+    if not settings.tags:
+        raise CloudError(
+            f"endpoint {name} exists and tags is empty: deploy replaces only an endpoint that "
+            "carries flystage's tags; set the [tags] it was deployed with (default: project = "
+            '"flystage")'
+        )
+    if carries_tags(api, settings.tags, arn):
+        return
+    wanted = ", ".join(f"{k}={v}" for k, v in sorted(settings.tags.items()))
+    tag_args = " ".join(f"Key={k},Value={v}" for k, v in sorted(settings.tags.items()))
+    raise CloudError(
+        f"endpoint {name} exists and does not carry flystage's tags ({wanted}): deploy replaces "
+        "only an endpoint flystage created, and nothing was created. Deploy under another "
+        f"endpoint_name (FLYSTAGE_ENDPOINT_NAME=...); or, if it is yours, delete it by hand "
+        f"(aws sagemaker delete-endpoint --endpoint-name {name}: `make teardown` leaves it "
+        f"alone); or, for flystage to manage it, tag it (aws sagemaker add-tags --resource-arn "
+        f"{arn} --tags {tag_args})"
+    )
+
+
 def _check_updatable(
     api: Api, settings: Settings, existing: dict[str, Any] | None
 ) -> tuple[str | None, list[str]]:
-    """Refuse a deploy onto an endpoint that cannot be updated (Failed, not InService, or
-    instance-based when serverless is asked). Returns the endpoint's current config and its
-    models (None, [] when there is no endpoint yet)."""
+    """Refuse a deploy onto an endpoint that cannot be updated (not flystage's, Failed, not
+    InService, or instance-based when serverless is asked). Returns the endpoint's current
+    config and its models (None, [] when there is no endpoint yet)."""
     if existing is None:
         return None, []
+    _check_ours(api, settings, existing["EndpointArn"])
     if existing["EndpointStatus"] == "Failed":
         raise CloudError(
             f"endpoint {settings.endpoint_name} is Failed "
@@ -270,11 +296,17 @@ def _teardown_dry_run(api: Api, name: str, wanted: str) -> None:
     api.say(f"# each is deleted only if it carries the tags {wanted}")
 
 
-def _owned(api: Api, tags: dict, wanted: str, kind: str, resource: str, arn: str) -> bool:
-    """Whether the resource at ``arn`` carries every tag of ``tags``; says so when not."""
+def carries_tags(api: Api, tags: Mapping[str, str], arn: str) -> bool:
+    """Whether the SageMaker resource at ``arn`` carries every tag of ``tags`` (ListTags): the
+    one ownership rule of deploy and teardown."""
     listed = api.call("sagemaker", "list_tags", ResourceArn=arn).get("Tags", [])
     carried = {t["Key"]: t["Value"] for t in listed}
-    if all(carried.get(k) == str(v) for k, v in tags.items()):
+    return all(carried.get(k) == str(v) for k, v in tags.items())
+
+
+def _owned(api: Api, tags: dict, wanted: str, kind: str, resource: str, arn: str) -> bool:
+    """Whether the resource at ``arn`` carries every tag of ``tags``; says so when not."""
+    if carries_tags(api, tags, arn):
         return True
     api.say(
         f"skipped {kind} {resource}: it does not carry flystage's tags ({wanted}); delete it "
