@@ -120,8 +120,8 @@ BENCH_SERVE_REQUESTS ?= 1000
 
 images: ## build the train and serve images [OFFLINE=1] [BASE_IMAGE=...] [PRETRAINED_WEIGHTS=resnet18] [TORCH_SPEC=...]
 ifeq ($(OFFLINE),)
-	docker build --platform linux/amd64 -f docker/Dockerfile --target serve -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) .
-	docker build --platform linux/amd64 -f docker/Dockerfile --target train -t $(TRAIN_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	docker build $$(docker/build-offline.sh build-flags) --platform linux/amd64 -f docker/Dockerfile --target serve -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) .
+	docker build $$(docker/build-offline.sh build-flags) --platform linux/amd64 -f docker/Dockerfile --target train -t $(TRAIN_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 		--build-arg PRETRAINED_WEIGHTS='$(PRETRAINED_WEIGHTS)' .
 	$(IMAGE_ENV) docker/build-offline.sh check
 else
@@ -136,7 +136,7 @@ wheelhouse: ## download every pinned requirement of the images into wheelhouse/ 
 
 baseline-image: ## the benchmark-only torch-eager serving baseline (on the train and serve images)
 ifeq ($(OFFLINE),)
-	docker build --platform linux/amd64 -f docker/baseline/Dockerfile -t $(BASELINE_IMAGE) \
+	docker build $$(docker/build-offline.sh build-flags) --platform linux/amd64 -f docker/baseline/Dockerfile -t $(BASELINE_IMAGE) \
 		--build-arg TRAIN_IMAGE=$(TRAIN_IMAGE) --build-arg SERVE_IMAGE=$(SERVE_IMAGE) .
 else
 	$(IMAGE_ENV) BUILD_IMAGES=baseline docker/build-offline.sh all

@@ -2,7 +2,7 @@
 # Build the flystage train and serve images where no container registry and no public package
 # index can be reached from inside a build (our build machines and CI; see docs in docker/README.md).
 #
-#   docker/build-offline.sh [base|wheelhouse|images|all|check]     (default: all)
+#   docker/build-offline.sh [base|wheelhouse|images|all|check|build-flags]     (default: all)
 #
 # 1. base:       a Debian bookworm base image made locally with debootstrap (no registry pull),
 #                with Debian's Python 3.11; skipped when $BASE_IMAGE already exists.
@@ -14,6 +14,10 @@
 # Every image is built with --platform linux/amd64 (what SageMaker's instances run) and checked
 # afterwards: the classic builder silently keeps a local base image of another platform.
 # `check` only checks that the BUILD_IMAGES images exist and are linux/amd64.
+# SageMaker runs Docker v2 schema 2 manifests only ("Unsupported manifest media type" otherwise):
+# when buildx is what `docker build` runs, its provenance/SBOM attestations (which turn a push
+# into an OCI image index) are turned off; `build-flags` prints those flags for the Makefile's
+# online builds (nothing for the classic builder, which makes no attestations and refuses them).
 #
 # Settings (environment): BASE_IMAGE, DEBIAN_MIRROR, WHEELHOUSE, TORCH_SPEC, TRAIN_IMAGE,
 # SERVE_IMAGE, BASELINE_IMAGE, HOST_PYTHON, WHEELHOUSE_PORT, PRETRAINED_WEIGHTS,
@@ -152,11 +156,31 @@ EOF
     log "wheelhouse served on http://127.0.0.1:$PORT/"
 }
 
+build_flags() {
+    # buildx builds when its plugin answers and DOCKER_BUILDKIT does not ask for the classic
+    # builder; the classic builder fails on these flags.
+    if [[ "${DOCKER_BUILDKIT:-1}" != 0 ]] && docker buildx version >/dev/null 2>&1; then
+        echo "--provenance=false --sbom=false"
+    fi
+}
+
+warn_containerd_store() {
+    # Docker's containerd image store pushes OCI manifests whatever the build flags.
+    if docker info -f '{{json .DriverStatus}}' 2>/dev/null | grep -q 'io.containerd.snapshotter'; then
+        log "warning: Docker's containerd image store is on: its pushes are OCI manifests, which SageMaker refuses (make push refuses them too). Turn it off (Docker Desktop: Settings > General, 'Use containerd for pulling and storing images'; dockerd: \"features\": {\"containerd-snapshotter\": false} in /etc/docker/daemon.json), then rebuild"
+    fi
+}
+
 build_images() {
     need docker "apt-get install -y docker.io, then start dockerd"
     serve_wheelhouse
     local index="http://127.0.0.1:$PORT/"
-    local common=(--network host --platform "$PLATFORM"
+    local attestations
+    # shellcheck disable=SC2207  # two flags or none, no spaces inside
+    attestations=($(build_flags))
+    # No default attestations either where buildx reads this instead of the flags (bake, CI).
+    export BUILDX_NO_DEFAULT_ATTESTATIONS=1
+    local common=(--network host --platform "$PLATFORM" "${attestations[@]}"
         --build-arg "BASE_IMAGE=$BASE_IMAGE"
         --build-arg PIP_NO_INDEX=1
         --build-arg "PIP_FIND_LINKS=$index"
@@ -203,8 +227,9 @@ check_platform() {
 case "${1:-all}" in
     base) build_base ;;
     wheelhouse) build_wheelhouse ;;
-    images) build_images ;;
-    all) build_base; build_wheelhouse; build_images ;;
-    check) for which in $BUILD_IMAGES; do tag="$(image_tag "$which")"; check_platform "$tag"; done ;;
-    *) log "usage: $0 [base|wheelhouse|images|all|check]"; exit 2 ;;
+    images) build_images; warn_containerd_store ;;
+    all) build_base; build_wheelhouse; build_images; warn_containerd_store ;;
+    check) for which in $BUILD_IMAGES; do tag="$(image_tag "$which")"; check_platform "$tag"; done; warn_containerd_store ;;
+    build-flags) build_flags ;;
+    *) log "usage: $0 [base|wheelhouse|images|all|check|build-flags]"; exit 2 ;;
 esac

@@ -526,3 +526,46 @@ def test_the_image_build_refuses_an_image_that_is_not_linux_amd64():
         assert f"{foreign} is linux/arm64, not linux/amd64" in done.stderr
     finally:
         client.images.remove(foreign, force=True)
+
+
+BUILDX_PLUGIN = """#!/bin/sh
+# A docker CLI plugin that answers as buildx does (this machine has none).
+if [ "$1" = docker-cli-plugin-metadata ]; then
+    echo '{"SchemaVersion": "0.1.0", "Vendor": "flystage test", "Version": "v0.0.0-test"}'
+    exit 0
+fi
+echo "github.com/docker/buildx v0.0.0-test"
+"""
+
+
+@pytest.mark.parametrize(
+    "plugin, buildkit, flags",
+    [
+        (False, None, ""),
+        (True, None, "--provenance=false --sbom=false"),
+        (True, "0", ""),
+    ],
+)
+def test_the_image_build_turns_attestations_off_only_where_buildx_builds(
+    tmp_path, plugin, buildkit, flags
+):
+    """`docker/build-offline.sh build-flags` (the Makefile's `docker build` lines use it): the
+    attestation flags when the real docker CLI finds a buildx plugin (one answering as buildx,
+    in a private DOCKER_CONFIG) and DOCKER_BUILDKIT does not ask for the classic builder, which
+    would refuse them; nothing with this machine's classic builder."""
+    config = tmp_path / "docker-config"
+    (config / "cli-plugins").mkdir(parents=True)
+    if plugin:
+        buildx = config / "cli-plugins" / "docker-buildx"
+        buildx.write_text(BUILDX_PLUGIN)
+        buildx.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "DOCKER_BUILDKIT"}
+    env["DOCKER_CONFIG"] = str(config)
+    if buildkit is not None:
+        env["DOCKER_BUILDKIT"] = buildkit
+    script = Path(__file__).resolve().parents[1] / "docker" / "build-offline.sh"
+    done = subprocess.run(
+        [str(script), "build-flags"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == flags
