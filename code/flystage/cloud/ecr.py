@@ -251,7 +251,7 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
             )
         )
     images = {} if api.dry_run else _local_images(docker_client, settings)
-    mutability = _prepare_repositories(api, settings)
+    repositories = _prepare_repositories(api, settings)
     if api.dry_run:
         api.call("ecr", "get_authorization_token")
         return _push_dry_run(api, settings)
@@ -264,7 +264,7 @@ def push(api: Api, settings: Settings, docker_client: Any = None) -> dict[str, s
             images[local],
             local,
             repository,
-            mutability.get(repository, "IMMUTABLE"),
+            repositories[repository],
             login,
         )
         for local, repository in image_pairs(settings)
@@ -287,13 +287,13 @@ def _local_images(docker_client: Any, settings: Settings) -> dict[str, Any]:
     return images
 
 
-def _prepare_repositories(api: Api, settings: Settings) -> dict[str, str]:
+def _prepare_repositories(api: Api, settings: Settings) -> dict[str, dict]:
     """Create both repositories with IMMUTABLE tags (one that exists is kept, a MUTABLE one with
-    a warning) and give each the lifecycle policy; {repository: its tag mutability}."""
-    mutability = {}
+    a warning) and give each the lifecycle policy; {name: ECR's description ({} in a dry run)}."""
+    described = {}
     for _, repository in image_pairs(settings):
         try:
-            api.call(
+            made = api.call(
                 "ecr",
                 "create_repository",
                 repositoryName=repository,
@@ -301,7 +301,7 @@ def _prepare_repositories(api: Api, settings: Settings) -> dict[str, str]:
                 imageScanningConfiguration={"scanOnPush": True},
                 tags=settings.tag_list(),
             )
-            mutability[repository] = "IMMUTABLE"
+            described[repository] = made["repository"] if made else {}
             api.say(
                 f"would create ECR repository {repository} (IMMUTABLE tags) unless it exists"
                 if api.dry_run
@@ -310,13 +310,13 @@ def _prepare_repositories(api: Api, settings: Settings) -> dict[str, str]:
         except CloudError as err:
             if api.error_code(err) != "RepositoryAlreadyExistsException":
                 raise
-            mutability[repository] = _existing_mutability(api, repository)
+            described[repository] = _existing_repository(api, repository)
         _ensure_lifecycle_policy(api, repository)
-    return mutability
+    return described
 
 
-def _existing_mutability(api: Api, repository: str) -> str:
-    """The tag mutability of an existing repository; a MUTABLE one is kept, with a warning
+def _existing_repository(api: Api, repository: str) -> dict:
+    """ECR's description of an existing repository; a MUTABLE one is kept, with a warning
     (changing it is the owner's decision: other tools may move its tags)."""
     found = api.call("ecr", "describe_repositories", repositoryNames=[repository])
     mutability = found["repositories"][0].get("imageTagMutability", "MUTABLE")
@@ -327,7 +327,7 @@ def _existing_mutability(api: Api, repository: str) -> str:
             "affected). To make it immutable: aws ecr put-image-tag-mutability "
             f"--repository-name {repository} --image-tag-mutability IMMUTABLE"
         )
-    return mutability
+    return found["repositories"][0]
 
 
 def _ensure_lifecycle_policy(api: Api, repository: str) -> None:
@@ -405,20 +405,24 @@ def _push_or_reuse(
     image: Any,
     local: str,
     repository: str,
-    mutability: str,
+    described: dict,
     login: Callable[[], tuple],
 ) -> str:
-    """Push ``image`` to ``repository`` unless ECR holds it under its tag already; check the
-    manifest's media type, record tag and digest; the URI pinned to the digest."""
+    """Push ``image`` to ``repository`` (``described`` by ECR) unless ECR holds it under its
+    tag already; check the manifest's media type, record tag and digest; the URI pinned to the
+    digest."""
     tag = settings.image_tag or content_tag(image)
+    mutability = described.get("imageTagMutability", "IMMUTABLE")
     held = None if settings.registry_override else _in_ecr(api, repository, tag, image, mutability)
     if held:
-        target = held["repositoryUri"]
+        target = described["repositoryUri"]
         api.say(f"{local} is in ECR already as {repository}:{tag}: not pushed again")
         media_type, digest = held["imageManifestMediaType"], held["imageDigest"]
     else:
         registry, credentials = login()
-        target = f"{registry}/{repository}"
+        # ECR's own name for the repository, the key image_uri finds the record under.
+        target = described.get("repositoryUri") if not settings.registry_override else None
+        target = target or f"{registry}/{repository}"
         _push_image(api, docker_client, image, local, target, tag, credentials)
         media_type, digest = pushed_manifest(docker_client, f"{target}:{tag}", credentials)
     check_manifest_media_type(media_type, f"{target}:{tag}", repository, tag)
@@ -442,11 +446,7 @@ def _in_ecr(api: Api, repository: str, tag: str, image: Any, mutability: str) ->
     held = found[0]
     config = json.loads(held.get("imageManifest") or "{}").get("config", {}).get("digest")
     if tag.startswith(CONTENT_TAG_PREFIX) or config == image.id:
-        repository_uri = api.call("ecr", "describe_repositories", repositoryNames=[repository])[
-            "repositories"
-        ][0]["repositoryUri"]
         return {
-            "repositoryUri": repository_uri,
             "imageDigest": held["imageId"]["imageDigest"],
             "imageManifestMediaType": held.get("imageManifestMediaType", ""),
         }
