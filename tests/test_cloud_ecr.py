@@ -172,7 +172,9 @@ def test_a_later_push_does_not_change_the_image_of_a_running_tuning_job(
     finally:
         for tag in client.images.get(new.id).tags:
             client.images.remove(tag, force=True)
-        old.tag(tags["train"])  # the fixture removes it
+        old.tag(tags["train"])  # the fixture removes it, once no pushed digest names it
+        for reference in client.images.get(old.id).attrs["RepoDigests"]:
+            client.images.remove(reference)
 
 
 INDEX = "application/vnd.oci.image.index.v1+json"
