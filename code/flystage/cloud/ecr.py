@@ -49,6 +49,7 @@ _REFUSED_MANIFESTS = {
         "a Docker v2 schema 1 manifest (Docker before 1.10)"
     ),
 }
+_INDEX_AND_OCI_MANIFESTS = [t for t in _REFUSED_MANIFESTS if "prettyjws" not in t]
 # Content tags: the prefix, then the 12 hex digits of the local image ID.
 CONTENT_TAG_PREFIX = "img-"
 # Untagged images (a moved tag in a MUTABLE repository, a refused index's children) expire this
@@ -439,7 +440,8 @@ def _in_ecr(api: Api, repository: str, tag: str, image: Any, mutability: str) ->
         "batch_get_image",
         repositoryName=repository,
         imageIds=[{"imageTag": tag}],
-        acceptedMediaTypes=[DOCKER_V2_MANIFEST, *_REFUSED_MANIFESTS],
+        # Every type a push may leave, so ECR answers with the stored manifest as it is.
+        acceptedMediaTypes=[DOCKER_V2_MANIFEST, *_INDEX_AND_OCI_MANIFESTS],
     )["images"]
     if not found:
         return None
