@@ -77,8 +77,12 @@ def test_tune_through_moto(aws, out):
 
 def test_tuned_hyperparameters_cannot_also_be_fixed(aws):
     api, settings = aws
+    with pytest.raises(CloudError, match=r"\['probe_l2'\] are tuned"):
+        tuning.tuning_job_request(settings, TRAIN_URI, {"probe_l2": "0.1"}, name="t")
     with pytest.raises(CloudError, match=r"\['learning_rate'\] are tuned"):
-        tuning.tuning_job_request(settings, TRAIN_URI, {"learning_rate": "0.1"}, name="t")
+        tuning.tuning_job_request(
+            settings, TRAIN_URI, {"learning_rate": "0.1", "mode": "finetune"}, name="t"
+        )
     with pytest.raises(CloudError, match="parallel jobs"):
         tuning.tuning_job_request(settings, TRAIN_URI, {}, name="t", max_jobs=2, parallel_jobs=3)
 
@@ -98,7 +102,11 @@ def tuning_description(status: str, best: bool, counts: dict) -> dict:
             "RoleArn": "arn:aws:iam::000000000000:role/x",
             "OutputDataConfig": {"S3OutputPath": "s3://b/o"},
             "StoppingCondition": {},
-            "StaticHyperParameters": {"epochs": "30", "_tuning_objective_metric": "valid:top3"},
+            "StaticHyperParameters": {
+                "epochs": "30",
+                "mode": "finetune",
+                "_tuning_objective_metric": "valid:top3",
+            },
         },
         "HyperParameterTuningJobStatus": status,
         "CreationTime": dt.datetime(2025, 1, 1),
@@ -209,7 +217,7 @@ def test_train_with_the_best_of_the_last_tuning_job(aws, out):
     expected = jobdef.training_job_request(
         settings,
         image,
-        {"epochs": "30", "learning_rate": "0.0123", "batch_size": '"64"'},
+        {"epochs": "30", "mode": "finetune", "learning_rate": "0.0123", "batch_size": '"64"'},
         training.data_channels(settings),
         job_name="flystage-train-2",
     )
@@ -320,7 +328,7 @@ def test_best_job_that_tuned_other_hyperparameters_is_refused(aws):
     tuning.tune(api, settings, name="flystage-tune-9")
     with pytest.raises(
         CloudError,
-        match=r"tuned \['string'\], not \['batch_size', 'learning_rate'\]: "
+        match=r"tuned \['string'\], not \['probe_columns', 'probe_l2'\]: "
         "it is not a flystage tuning job",
     ):
         training.train(api, settings, None)
@@ -423,3 +431,147 @@ def test_uris_the_execution_role_cannot_read_are_refused_before_sending(aws, out
         model_data=f"s3://{BUCKET}/elsewhere/model.tar.gz",
     )
     assert uri.endswith("/output") and "sagemaker.create_transform_job" in calls
+
+
+PROBE_RANGES = {
+    "ContinuousParameterRanges": [
+        {"Name": "probe_l2", "MinValue": "0.01", "MaxValue": "10", "ScalingType": "Logarithmic"}
+    ],
+    "CategoricalParameterRanges": [{"Name": "probe_columns", "Values": ["1", "3"]}],
+}
+GRADIENT_RANGES = {
+    "ContinuousParameterRanges": [
+        {
+            "Name": "learning_rate",
+            "MinValue": "0.001",
+            "MaxValue": "0.1",
+            "ScalingType": "Logarithmic",
+        }
+    ],
+    "CategoricalParameterRanges": [{"Name": "batch_size", "Values": ["32", "64", "128", "256"]}],
+}
+
+
+def test_default_model_tunes_its_l2_prior_and_bands_within_a_capped_budget(aws, out):
+    """The default (an exactly solved probe) ignores learning_rate and batch_size: tuning them
+    paid for identical trials. Its search is over probe_l2 and probe_columns, and 20 trials of a
+    deterministic fit are cut to what the space needs, with the reason said."""
+    api, settings = aws
+    put_images(api)
+    assert settings.tuning_max_jobs == 20
+    described = tuning.tune(api, settings, {"epochs": "5"}, name="flystage-tune-3")
+    config = described["HyperParameterTuningJobConfig"]
+    assert config["ParameterRanges"] == PROBE_RANGES
+    budget = jobdef.trial_budget({})
+    assert budget == 12 and config["ResourceLimits"]["MaxNumberOfTrainingJobs"] == budget
+    assert f"max jobs capped from 20 to {budget}" in out.getvalue()
+    assert "probe_columns, probe_l2 change it" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "static",
+    [
+        {"probe_solver": "sgd"},
+        {"mode": "finetune"},
+        {"mode": "full"},
+        {"arch": "small_cnn"},
+        {"arch": "resnet18"},  # mode auto: not pretrained, so trained in full
+        {"ensemble_archs": "efficientnet_lite0,small_cnn"},  # one member has epochs
+    ],
+)
+def test_gradient_trained_modes_tune_learning_rate_and_batch_size(aws, static):
+    _, settings = aws
+    request = tuning.tuning_job_request(settings, TRAIN_URI, static, name="t", max_jobs=20)
+    config = request["HyperParameterTuningJobConfig"]
+    assert config["ParameterRanges"] == GRADIENT_RANGES
+    assert tuning.trial_limits(settings, static, 20, 2) == (20, 2, None)  # stochastic: no cap
+
+
+@pytest.mark.parametrize(
+    "static", [{}, {"arch": "resnet18", "pretrained": "true"}, {"mode": "probe", "arch": "hognet"}]
+)
+def test_exact_probes_tune_the_prior(aws, static):
+    _, settings = aws
+    request = tuning.tuning_job_request(settings, TRAIN_URI, static, name="t", max_jobs=6)
+    assert request["HyperParameterTuningJobConfig"]["ParameterRanges"] == PROBE_RANGES
+
+
+def _validate(operation: str, request: dict) -> None:
+    """botocore's own check of a request against the SageMaker service model (and the enum
+    values, which its validator does not check)."""
+    import botocore.session
+    from botocore.validate import validate_parameters
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shape = model.operation_model(operation).input_shape
+    validate_parameters(request, shape)
+    warm = shape.members["WarmStartConfig"]
+    assert request["WarmStartConfig"]["WarmStartType"] in warm.members["WarmStartType"].enum
+
+
+def test_warm_start_from_a_finished_tuning_job(aws, out, monkeypatch):
+    api, settings = aws
+    put_images(api)
+    tuning.tune(api, settings, {"epochs": "5"}, name="flystage-tune-4")
+    requests = []
+    call = api.call
+
+    def record(service, operation, **request):
+        if operation == "create_hyper_parameter_tuning_job":
+            requests.append(request)
+        return call(service, operation, **request)
+
+    monkeypatch.setattr(api, "call", record)
+    tuning.tune(
+        api, settings, {"epochs": "5"}, name="flystage-tune-5", warm_start=["flystage-tune-4"]
+    )
+    (request,) = requests
+    assert request["WarmStartConfig"] == {
+        "ParentHyperParameterTuningJobs": [{"HyperParameterTuningJobName": "flystage-tune-4"}],
+        "WarmStartType": "IdenticalDataAndAlgorithm",
+    }
+    _validate("CreateHyperParameterTuningJob", request)
+
+
+@pytest.mark.parametrize(
+    "parent_static, child_static, warm_start, message",
+    [
+        ({"epochs": "5"}, {"epochs": "6"}, ["flystage-tune-6"], "fixed hyperparameters"),
+        ({"epochs": "5"}, {"epochs": "5", "mode": "finetune"}, ["flystage-tune-6"], "differ"),
+        ({"epochs": "5"}, {"epochs": "5"}, ["flystage-tune-nope"], "give an existing tuning"),
+        ({"epochs": "5"}, {"epochs": "5"}, ["flystage-tune-6"] * 6, "at most 5"),
+    ],
+)
+def test_warm_start_refused_before_a_job_is_created(
+    aws, parent_static, child_static, warm_start, message
+):
+    api, settings = aws
+    put_images(api)
+    tuning.tune(api, settings, parent_static, name="flystage-tune-6")
+    with pytest.raises(CloudError, match=message):
+        tuning.tune(api, settings, child_static, name="flystage-tune-7", warm_start=warm_start)
+    listed = api.call("sagemaker", "list_hyper_parameter_tuning_jobs")
+    assert [
+        j["HyperParameterTuningJobName"] for j in listed["HyperParameterTuningJobSummaries"]
+    ] == ["flystage-tune-6"]
+
+
+def test_best_job_of_a_default_probe_search_is_taken(aws, out):
+    """train takes probe_l2 and probe_columns from a search of the default model."""
+    api, settings = aws
+    client = api.client("sagemaker")
+    update_state(settings.state_file, tuning_job="flystage-tune-1")
+    described = tuning_description("Completed", True, {"done": 3})
+    described["TrainingJobDefinition"]["StaticHyperParameters"] = {"epochs": "30"}
+    described["BestTrainingJob"]["TunedHyperParameters"] = {
+        "probe_l2": "0.3",
+        "probe_columns": '"3"',
+    }
+    with Stubber(client) as stub:
+        stub.add_response(
+            "describe_hyper_parameter_tuning_job",
+            described,
+            {"HyperParameterTuningJobName": "flystage-tune-1"},
+        )
+        best = training.best_hyperparameters(api, settings)
+    assert best == {"epochs": "30", "probe_l2": "0.3", "probe_columns": '"3"'}

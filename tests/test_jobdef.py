@@ -13,6 +13,7 @@ from flystage import jobdef
 from flystage.cloud.settings import Settings
 from train_helpers import make_manifest_set, train_command
 
+SIX_STAGES = ("1-3", "4-6", "7-8", "9-10", "11-12", "13-16")
 ROLE = "arn:aws:iam::000000000000:role/flystage-test"
 
 
@@ -101,12 +102,13 @@ def test_bad_requests_are_refused(kwargs, message):
 
 @pytest.fixture(scope="module")
 def train_log(tmp_path_factory) -> tuple[str, dict]:
-    """The stdout+stderr of a real two-epoch run of the training program (as SageMaker sees
-    the job log), and the metrics it stored in the artefact."""
+    """The stdout+stderr of a real three-epoch run of the training program (as SageMaker sees
+    the job log), and the metrics it stored in the artefact. Six stages, so that top-3 is not
+    always 1; with this seed its best epoch is not its last (checked below)."""
     root = tmp_path_factory.mktemp("jobdef-train")
-    manifest = make_manifest_set(root / "set")
+    manifest = make_manifest_set(root / "set", labels=SIX_STAGES)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    small = "--arch small_cnn --epochs 2 --height 32 --width 80 --threads 1 --batch_size 4".split()
+    small = "--arch small_cnn --epochs 3 --height 32 --width 80 --threads 1 --batch_size 4".split()
     result = subprocess.run(
         train_command("--manifest", manifest, "--model_dir", root / "model", *small),
         stdout=subprocess.PIPE,
@@ -122,10 +124,12 @@ def train_log(tmp_path_factory) -> tuple[str, dict]:
 
 def test_metric_regexes_read_the_training_program_log(train_log):
     log, best = train_log
-    values = {d["Name"]: jobdef.read_metric(log, d["Name"]) for d in jobdef.METRIC_DEFINITIONS}
+    values = {
+        d["Name"]: jobdef.read_epoch_metric(log, d["Name"]) for d in jobdef.METRIC_DEFINITIONS
+    }
     # One value per epoch and per metric, nothing from the other lines of the log.
     assert {name: len(v) for name, v in values.items()} == {
-        d["Name"]: 2 for d in jobdef.METRIC_DEFINITIONS
+        d["Name"]: 3 for d in jobdef.METRIC_DEFINITIONS
     }
     # The best epoch's line carries the values the program stored in its artefact.
     i = best["epoch"] - 1
@@ -133,4 +137,17 @@ def test_metric_regexes_read_the_training_program_log(train_log):
     assert values["valid:top1"][i] == pytest.approx(best["valid_top1"], abs=1e-4)
     assert values["valid:loss"][i] == pytest.approx(best["valid_loss"], abs=1e-4)
     assert values["train:loss"][i] == pytest.approx(best["train_loss"], abs=1e-4)
-    assert jobdef.read_metric(log) == values[jobdef.OBJECTIVE_METRIC]
+    assert jobdef.read_epoch_metric(log) == values[jobdef.OBJECTIVE_METRIC]
+
+
+def test_the_last_objective_value_is_the_saved_models(train_log):
+    """SageMaker ranks a tuning trial by the objective's last value: it must be the saved
+    model's (the best epoch), not the last epoch's."""
+    log, best = train_log
+    per_epoch = jobdef.read_epoch_metric(log)
+    assert best["epoch"] < len(per_epoch), "this run's best epoch should not be its last"
+    assert per_epoch[-1] != pytest.approx(best["valid_top3"], abs=1e-4)  # so the test can fail
+    for definition in jobdef.METRIC_DEFINITIONS:
+        last = jobdef.read_metric(log, definition["Name"])[-1]
+        key = definition["Name"].replace(":", "_")  # valid:top3 -> valid_top3
+        assert last == pytest.approx(best[key], abs=1e-4), definition["Name"]

@@ -153,6 +153,27 @@ def test_search_design_covers_the_tuning_ranges() -> None:
     assert points == tuning.trial_points(dims, 8, seed=1) != tuning.trial_points(dims, 8, seed=2)
 
 
+def test_local_search_tunes_what_the_mode_uses(capsys) -> None:
+    """The local tuner searches the ranges the SageMaker tuning job gets for the same mode."""
+    default = [d.name for d in tuning.dimensions(jobdef.tuning_ranges({}))]
+    assert default == ["probe_l2", "probe_columns"]
+    for fixed in ({"probe_solver": "sgd"}, {"mode": "finetune"}, {"arch": "small_cnn"}):
+        names = [d.name for d in tuning.dimensions(jobdef.tuning_ranges(fixed))]
+        assert names == ["learning_rate", "batch_size"], fixed
+        assert tuning.trial_count(20, fixed) == 20
+    assert tuning.trial_count(20, {}) == jobdef.trial_budget({}) == 12
+    assert "TRIALS=20 capped to 12" in capsys.readouterr().out
+    with pytest.raises(LocalModeError, match=r"\['probe_l2'\] are tuned"):
+        tuning.trial_count(4, {"probe_l2": "1"})
+
+
+def test_local_tune_refuses_a_fixed_tuned_value_before_any_job(tmp_path: Path, capsys) -> None:
+    argv = ["--runs", str(tmp_path), "tune", "--data", str(tmp_path / "none.csv")]
+    assert main([*argv, "--hp", "probe_l2=0.5", "--trials", "2"]) == 2
+    assert "['probe_l2'] are tuned" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing staged, no job folder
+
+
 # ---- with Docker and the images ------------------------------------------------------------
 
 
@@ -186,7 +207,7 @@ def test_one_host_job_leaves_model_and_success(trained: training.JobResult) -> N
         assert {"model.onnx", "metadata.json"} <= set(tar.getnames())
     # The metric regexes SageMaker will use read the image's real log: one value per epoch.
     log = (trained.folder / "logs" / "algo-1.log").read_text()
-    assert len(jobdef.read_metric(log, "valid:top3")) == 2
+    assert len(jobdef.read_epoch_metric(log, "valid:top3")) == 2
     assert 0.0 <= trained.final_metrics["valid:top3"] <= 1.0
     assert "host=algo-1 rank=0 world_size=1" in log
     described = json.loads((trained.folder / "job.json").read_text())
@@ -297,7 +318,7 @@ def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(
     assert stopped.status == "Stopped" and stopped.failure_reason.startswith("MaxRuntimeExceeded")
     assert (stopped.folder / "output" / "failure").is_file()
     assert any(checkpoints.iterdir()), "no checkpoint kept"
-    epochs_done = len(jobdef.read_metric(stopped.logs["algo-1"], "valid:top3"))
+    epochs_done = len(jobdef.read_epoch_metric(stopped.logs["algo-1"], "valid:top3"))
     assert 0 < epochs_done < 5000
 
     again = {**long, "epochs": str(epochs_done + 1)}
@@ -306,7 +327,7 @@ def test_job_past_its_max_runtime_is_stopped_and_a_rerun_resumes(
     assert resumed.status == "Completed", resumed.failure_reason
     assert "resuming from checkpoint" in resumed.logs["algo-1"]
     # Only the epochs the first job did not finish are trained again.
-    assert len(jobdef.read_metric(resumed.logs["algo-1"], "valid:top3")) <= 2
+    assert len(jobdef.read_epoch_metric(resumed.logs["algo-1"], "valid:top3")) <= 2
 
 
 @pytest.mark.docker
@@ -344,6 +365,34 @@ def test_tune_reads_each_trials_objective_from_its_log(
     best = max(summary["trials"], key=lambda t: t["objective"])
     assert summary["best"]["objective"] == best["objective"]
     assert "best hyperparameters: learning_rate=" in capsys.readouterr().out
+
+
+@pytest.mark.docker
+def test_tune_of_the_default_probe_searches_its_prior(
+    engine, channel: Path, runs: Path, capsys
+) -> None:
+    fixed = "height=32 width=80 threads=1"
+    argv = ["--runs", str(runs / "tune"), "tune", "--image", TRAIN_IMAGE, "--trials", "2"]
+    argv += [
+        "--data",
+        str(channel / "manifest.csv"),
+        "--hp",
+        fixed,
+        "--job-name",
+        "test-tune-probe",
+    ]
+    assert main(argv) == 0
+    folder = runs / "tune" / "test-tune-probe"
+    summary = json.loads((folder / "tuning.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["Completed", "Completed"]
+    for trial in summary["trials"]:
+        job = folder / trial["job"]
+        sent = json.loads((job / "algo-1" / "input/config/hyperparameters.json").read_text())
+        assert set(trial["hyperparameters"]) == {"probe_l2", "probe_columns"}
+        assert sent["probe_l2"] == trial["hyperparameters"]["probe_l2"]
+        assert "learning_rate" not in sent
+        assert trial["objective"] == jobdef.read_metric((job / "logs/algo-1.log").read_text())[-1]
+    assert "best hyperparameters: probe_l2=" in capsys.readouterr().out
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from flystage.artefact import check_artefact
-from flystage.jobdef import METRIC_DEFINITIONS, read_metric
+from flystage.jobdef import METRIC_DEFINITIONS, read_epoch_metric, read_metric
 from train_helpers import copy_bdgp_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_one_host_writes_the_artefact(tmp_path: Path, channels) -> None:
     assert done.returncode == 0, log
     # Every metric definition SageMaker will use finds one value per epoch in the real log.
     for definition in METRIC_DEFINITIONS:
-        assert len(read_metric(log, definition["Name"])) == 2, definition
+        assert len(read_epoch_metric(log, definition["Name"])) == 2, definition
     metadata = check_artefact(base / "model")
     assert metadata.labels == list(STAGES) and metadata.arch == "small_cnn"
     assert metadata.preprocess.height == 32 and metadata.preprocess.width == 80
@@ -212,7 +212,7 @@ def test_two_hosts_train_data_parallel(tmp_path: Path, channels) -> None:
         assert took_part, logs[host]
         assert int(took_part.group(1)) == 2 * 6  # 12 train images, 2 epochs, half on each host
     # Rank 0 prints the (all-reduced) metrics and writes the artefact; rank 1 neither.
-    assert len(read_metric(logs["algo-1"], "valid:top3")) == 2
+    assert len(read_epoch_metric(logs["algo-1"], "valid:top3")) == 2
     assert read_metric(logs["algo-2"], "valid:top3") == []
     assert check_artefact(tmp_path / "algo-1" / "model").labels == list(STAGES)
     assert not any((tmp_path / "algo-2" / "model").iterdir())

@@ -11,9 +11,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from flystage.training.kinds import EXACT_PROBE, training_kind  # torch-free, as this module
+
 # The training program prints one line per epoch, for example
 #   epoch=3 train_loss=0.8123 valid_loss=0.4100 valid_top1=0.8200 valid_top3=0.9700
-# SageMaker scans the job log with these regexes; the local tuner uses the same ones.
+# and, last, the same line for the model it saved (its best epoch), prefixed "saved model: ".
+# SageMaker scans the job log with these regexes and ranks a tuning trial by the objective's
+# LAST value, so that is the saved model's; the local tuner reads the log the same way.
 METRIC_DEFINITIONS: list[dict[str, str]] = [
     {"Name": "train:loss", "Regex": r"epoch=\d+ train_loss=([0-9.]+)"},
     {"Name": "valid:loss", "Regex": r"epoch=\d+ .*valid_loss=([0-9.]+)"},
@@ -22,7 +26,8 @@ METRIC_DEFINITIONS: list[dict[str, str]] = [
 ]
 OBJECTIVE_METRIC = "valid:top3"
 
-# What the lab tunes: learning rate on a log scale, batch size from a fixed set.
+# What the gradient-trained modes tune (probe_solver=sgd, finetune, full): learning rate on a
+# log scale, batch size from a fixed set.
 TUNING_RANGES: dict[str, dict] = {
     "ContinuousParameterRanges": [
         {
@@ -39,9 +44,51 @@ TUNING_RANGES: dict[str, dict] = {
 }
 
 
-def tuned_names() -> set[str]:
-    """The names of the tuned hyperparameters (``learning_rate``, ``batch_size``)."""
-    return {r["Name"] for ranges in TUNING_RANGES.values() for r in ranges}
+# The default model (the exactly solved probe) has no learning rate or batches: it is tuned by
+# its L2 prior, measured best near 1.0 and within a few points from 0.01 to 10 (docs/accuracy.md),
+# and by its bands along the embryo (1 or 3 measured; 3 gained 1.7-2.6 points of top-1).
+PROBE_TUNING_RANGES: dict[str, list[dict]] = {
+    "ContinuousParameterRanges": [
+        {"Name": "probe_l2", "MinValue": "0.01", "MaxValue": "10", "ScalingType": "Logarithmic"},
+    ],
+    "CategoricalParameterRanges": [{"Name": "probe_columns", "Values": ["1", "3"]}],
+    "IntegerParameterRanges": [],
+}
+# An exact probe is deterministic: trials beyond this many per continuous range and category
+# re-measure points the search has already pinned down.
+EXACT_TRIALS_PER_POINT = 6
+
+
+def tuning_ranges(static_hyperparameters: Mapping[str, Any] | None = None) -> dict[str, list]:
+    """The ranges a tuning job searches for the mode ``static_hyperparameters`` train (resolved
+    as TrainConfig resolves it): ``PROBE_TUNING_RANGES`` for the exactly solved probe (the
+    default), ``TUNING_RANGES`` (learning rate x batch size) for every gradient-trained mode."""
+    exact = training_kind(static_hyperparameters or {}) == EXACT_PROBE
+    return PROBE_TUNING_RANGES if exact else TUNING_RANGES
+
+
+def trial_budget(static_hyperparameters: Mapping[str, Any] | None = None) -> int | None:
+    """The most trials worth running for these hyperparameters' mode, or None (no cap): an
+    exact probe gives the same model for the same point, so a budget beyond a few trials per
+    continuous range and category pays to re-measure the same answer."""
+    if training_kind(static_hyperparameters or {}) != EXACT_PROBE:
+        return None
+    ranges = tuning_ranges(static_hyperparameters)
+    points = 1
+    for r in ranges.get("CategoricalParameterRanges", []):
+        points *= len(r["Values"])
+    continuous = len(ranges.get("ContinuousParameterRanges", [])) + len(
+        ranges.get("IntegerParameterRanges", [])
+    )
+    return points * EXACT_TRIALS_PER_POINT * continuous if continuous else points
+
+
+def tuned_names(static_hyperparameters: Mapping[str, Any] | None = None) -> set[str]:
+    """The names of the hyperparameters tuned for the mode ``static_hyperparameters`` train
+    (``probe_l2``, ``probe_columns`` for the default exact probe; ``learning_rate``,
+    ``batch_size`` for the gradient-trained modes)."""
+    ranges = tuning_ranges(static_hyperparameters)
+    return {r["Name"] for kind in ranges.values() for r in kind}
 
 
 def metric_regex(name: str) -> re.Pattern[str]:
@@ -55,6 +102,13 @@ def metric_regex(name: str) -> re.Pattern[str]:
 def read_metric(log: str, name: str = OBJECTIVE_METRIC) -> list[float]:
     """Every value of metric ``name`` in a job log, in order (as SageMaker would chart them)."""
     return [float(m.group(1)) for m in metric_regex(name).finditer(log)]
+
+
+def read_epoch_metric(log: str, name: str = OBJECTIVE_METRIC) -> list[float]:
+    """The values of metric ``name`` on the per-epoch lines only (not the saved model's line)."""
+    return read_metric(
+        "\n".join(line for line in log.splitlines() if line.startswith("epoch=")), name
+    )
 
 
 # ---- the SageMaker requests -------------------------------------------------------------

@@ -80,13 +80,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    channel = _stage(args)
     fixed = parse_hyperparameters(args.hp.split())
+    # The same ranges, for the same mode, as the SageMaker tuning job (flystage.jobdef).
+    ranges = jobdef.tuning_ranges(fixed)
+    trials = tuning.trial_count(args.trials, fixed)
+    channel = _stage(args)
     search = args.job_name or job_name("tune")
     folder = args.runs / search
     folder.mkdir(parents=True)
     print(
-        f"tuning {search}: {args.trials} trial(s) over {[d.name for d in tuning.dimensions()]}, "
+        f"tuning {search}: {trials} trial(s) over {[d.name for d in tuning.dimensions(ranges)]}, "
         f"objective {jobdef.OBJECTIVE_METRIC} (maximise), fixed {fixed}"
     )
 
@@ -105,7 +108,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if trial.job.failure_reason:
             print("  " + trial.job.failure_reason.strip().splitlines()[-1])
 
-    trials = tuning.run_search(run_job, args.trials, seed=args.seed, report=report)
+    trials = tuning.run_search(run_job, trials, seed=args.seed, ranges=ranges, report=report)
     print(tuning.table(trials))
     tuning.write_summary(trials, folder / "tuning.json")
     best = tuning.best_trial(trials)

@@ -1,8 +1,9 @@
 """A small local hyperparameter search: one training job of the train image per trial.
 
-The search space is ``flystage.jobdef.TUNING_RANGES`` (the ranges the SageMaker tuning job
-gets) and the objective is read from each job's log with the metric regex SageMaker uses
-(``flystage.jobdef.OBJECTIVE_METRIC``). Trials run one after another (two cores).
+The search space is ``flystage.jobdef.tuning_ranges`` of the fixed hyperparameters (the
+ranges the SageMaker tuning job gets for the same mode) and the objective is read from each
+job's log with the metric regex SageMaker uses (``flystage.jobdef.OBJECTIVE_METRIC``).
+Trials run one after another (two cores).
 
 The search itself is deliberately simple and honest: a scrambled Halton sequence, a
 quasi-random design that covers the space more evenly than random sampling with a handful of
@@ -106,6 +107,24 @@ def trial_points(dims: list[Dimension], trials: int, seed: int = 0) -> list[dict
         }
         for i in range(1, trials + 1)
     ]
+
+
+def trial_count(trials: int, fixed: Mapping[str, str]) -> int:
+    """``trials``, refused when the fixed hyperparameters are also tuned, and cut (with a note)
+    to ``jobdef.trial_budget``: an exact probe gives the same model at the same point."""
+    clash = jobdef.tuned_names(fixed) & set(fixed)
+    if clash:
+        raise LocalModeError(
+            f"hyperparameter(s) {sorted(clash)} are tuned: do not also give them fixed values"
+        )
+    budget = jobdef.trial_budget(fixed)
+    if budget is not None and trials > budget:
+        print(
+            f"TRIALS={trials} capped to {budget}: the exactly solved probe is deterministic and "
+            f"only {', '.join(sorted(jobdef.tuned_names(fixed)))} change it"
+        )
+        return budget
+    return trials
 
 
 @dataclass

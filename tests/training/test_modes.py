@@ -257,3 +257,41 @@ def test_finetune_a_torchvision_backbone_from_the_hub_cache(records, tmp_path, m
     for name, buffer in result.model.backbone.named_buffers():
         if "running" in name:
             assert torch.equal(buffer, reference[name]), f"{name} moved during fine-tuning"
+
+
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {},
+        {"probe_solver": "sgd"},
+        {"mode": "finetune"},
+        {"mode": "full"},
+        {"arch": "small_cnn"},
+        {"arch": "hognet"},
+        {"arch": "hognet", "mode": "probe"},
+        {"arch": "resnet18"},
+        {"arch": "resnet18", "pretrained": "true"},
+        {"arch": "efficientnet_lite0", "mode": "probe", "probe_solver": "lbfgs"},
+        {"ensemble_archs": "efficientnet_lite0,efficientnet_lite1"},
+        {"ensemble_archs": "efficientnet_lite0,small_cnn"},
+    ],
+)
+def test_the_tuner_resolves_the_mode_as_the_training_program(hyperparameters) -> None:
+    """The tuner (torch-free, flystage.training.kinds) must search for the mode the job trains:
+    parse the same hyperparameters as the training program does and compare."""
+    from flystage.options import ArgumentParser
+    from flystage.training import kinds
+    from flystage.training.backbones import LITE_ARCHS
+    from flystage.training.models import PRETRAINED_ARCHS, TORCHVISION_ARCHS
+    from flystage.training.train import config_from_args, configure_parser
+
+    assert kinds.LITE_ARCHS == LITE_ARCHS and tuple(TORCHVISION_ARCHS) == kinds.TORCHVISION_ARCHS
+    assert kinds.PRETRAINED_ARCHS == PRETRAINED_ARCHS
+    parser = ArgumentParser()
+    configure_parser(parser)
+    argv = [f"--{k}={v}" for k, v in hyperparameters.items()]
+    config = config_from_args(parser.parse_args(argv))
+    exact = config.probe_solver == "lbfgs" and all(
+        config.mode_of(a) == "probe" for a in config.member_archs
+    )
+    assert kinds.training_kind(hyperparameters) == (kinds.EXACT_PROBE if exact else kinds.GRADIENT)

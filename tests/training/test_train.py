@@ -17,7 +17,7 @@ from flystage.artefact import check_artefact, load_metadata
 from flystage.augment import AugmentConfig
 from flystage.channels import split_channels
 from flystage.imaging import PreprocessConfig
-from flystage.jobdef import METRIC_DEFINITIONS, read_metric
+from flystage.jobdef import METRIC_DEFINITIONS, read_epoch_metric, read_metric
 from flystage.options import ArgumentParser, parse_bool
 from flystage.organise import manifest_sha256
 from flystage.training.backbones import DEFAULT_TAPS
@@ -176,7 +176,7 @@ def test_main_writes_artefact_history_and_checkpoint(
     code = train_main(manifest, model_dir, *options, *TINY_ARGS)
     log = capsys.readouterr().out
     assert code == 0, log
-    assert len(read_metric(log, "valid:top3")) == 2
+    assert len(read_epoch_metric(log, "valid:top3")) == 2
     metadata = check_artefact(model_dir)  # ONNX runs and matches the metadata
     assert metadata.labels == list(LABELS)
     assert metadata.arch == "small_cnn"
@@ -445,12 +445,12 @@ def test_main_with_the_default_probe_says_which_hyperparameters_it_ignores(
     log = capsys.readouterr().out
     assert code == 0, log
     assert "note: learning_rate, batch_size not used" in log
-    assert len(read_metric(log, "valid:top3")) == 1
+    assert len(read_epoch_metric(log, "valid:top3")) == 1
     assert check_artefact(tmp_path / "model").extra["model"]["mode"] == "probe"
     sgd = "--learning_rate 0.01 --probe_solver sgd --epochs 2".split()
     code = train_main(manifest, tmp_path / "sgd", *sgd, *small)
     log = capsys.readouterr().out
-    assert code == 0 and "not used" not in log and len(read_metric(log, "valid:top3")) == 2
+    assert code == 0 and "not used" not in log and len(read_epoch_metric(log, "valid:top3")) == 2
 
 
 def test_train_refuses_to_replace_a_model_without_force(

@@ -15,7 +15,9 @@ TARGETS = {
     "upload": (
         "upload a manifest and its images to s3://bucket/prefix/data/ (skips unchanged files)"
     ),
-    "tune": "hyperparameter tuning job (Bayesian: learning_rate, batch_size; maximise valid:top3)",
+    "tune": "hyperparameter tuning job (Bayesian over what the mode uses: probe_l2 and "
+    "probe_columns for the default exact probe, else learning_rate and batch_size; maximise "
+    "valid:top3)",
     "train": "training job with the best (or given) hyperparameters",
     "deploy": "model, endpoint config and endpoint on the serve image; waits until InService",
     "predict": "top-3 stages for a folder of images through the endpoint (CSV/JSON, --rename)",
@@ -63,6 +65,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--parallel-jobs", type=int, help="trials at once (default: tuning_parallel_jobs)"
     )
     p["tune"].add_argument("--no-wait", action="store_true", help="start the job and return")
+    p["tune"].add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        metavar="TUNING_JOB",
+        help="seed the search with this finished tuning job's trials (same data, image and HP=; "
+        "repeat for up to 5)",
+    )
 
     _hp_argument(p["train"])
     p["train"].add_argument(
@@ -163,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
             max_jobs=args.max_jobs,
             parallel_jobs=args.parallel_jobs,
             wait=not args.no_wait,
+            warm_start=args.warm_start,
         )
     elif args.target == "train":
         from flystage.cloud.training import train

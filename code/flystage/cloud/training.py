@@ -87,7 +87,8 @@ def best_hyperparameters(
         )
     static = (described.get("TrainingJobDefinition") or {}).get("StaticHyperParameters") or {}
     tuned = best["TunedHyperParameters"]
-    expected = jobdef.tuned_names()
+    # What a flystage tuning job tunes depends on the mode its fixed hyperparameters train.
+    expected = jobdef.tuned_names(static)
     if set(tuned) != expected:
         raise CloudError(
             f"the best job of tuning job {tuning_job} tuned {sorted(tuned)}, not "

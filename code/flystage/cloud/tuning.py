@@ -1,14 +1,16 @@
-"""A SageMaker hyperparameter tuning job: Bayesian search of learning rate and batch size.
+"""A SageMaker hyperparameter tuning job: Bayesian search of what the job's mode uses.
 
 The objective (maximise ``valid:top3``), the metric regexes and the ranges come from
-``flystage.jobdef``; the training part of the request is the training job's own, so a tuning
+``flystage.jobdef`` (the exact probe's L2 prior and bands for the default model, learning rate
+and batch size for the gradient-trained modes, the mode read from the static hyperparameters);
+the training part of the request is the training job's own, so a tuning
 trial runs exactly what ``make train`` runs. No waiter exists for tuning jobs: we poll.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flystage import jobdef
@@ -29,6 +31,7 @@ _SHARED = (
     "CheckpointConfig",
 )
 FINAL_STATES = ("Completed", "Failed", "Stopped")
+MAX_WARM_START_PARENTS = 5  # the API's limit
 
 
 def tuning_job_request(
@@ -39,9 +42,11 @@ def tuning_job_request(
     name: str,
     max_jobs: int | None = None,
     parallel_jobs: int | None = None,
+    warm_start: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The ``create_hyper_parameter_tuning_job`` request (keyword arguments)."""
-    clash = jobdef.tuned_names() & set(static_hyperparameters)
+    """The ``create_hyper_parameter_tuning_job`` request (keyword arguments); ``warm_start``:
+    parent tuning jobs whose trials seed the search (same data and image)."""
+    clash = jobdef.tuned_names(static_hyperparameters) & set(static_hyperparameters)
     if clash:
         raise CloudError(
             f"hyperparameter(s) {sorted(clash)} are tuned: do not also give them fixed values"
@@ -51,6 +56,11 @@ def tuning_job_request(
     if not 1 <= parallel_jobs <= max_jobs:
         raise CloudError(
             f"parallel jobs ({parallel_jobs}) must be between 1 and max jobs ({max_jobs})"
+        )
+    if len(warm_start) > MAX_WARM_START_PARENTS:
+        raise CloudError(
+            f"warm start from {len(warm_start)} tuning jobs: SageMaker takes at most "
+            f"{MAX_WARM_START_PARENTS}; name the best ones"
         )
     # No CheckpointConfig for trials: every trial would share the one URI, and one trial must
     # never resume from another's checkpoint. An interrupted spot trial restarts from scratch.
@@ -65,7 +75,8 @@ def tuning_job_request(
     definition = {k: training[k] for k in _SHARED if k in training}
     definition["AlgorithmSpecification"] = training["AlgorithmSpecification"]
     definition["StaticHyperParameters"] = training["HyperParameters"]
-    return {
+    ranges = jobdef.tuning_ranges(static_hyperparameters)
+    request = {
         "HyperParameterTuningJobName": name,
         "HyperParameterTuningJobConfig": {
             "Strategy": "Bayesian",
@@ -77,14 +88,105 @@ def tuning_job_request(
                 "MaxNumberOfTrainingJobs": int(max_jobs),
                 "MaxParallelTrainingJobs": int(parallel_jobs),
             },
-            "ParameterRanges": {
-                k: [dict(r) for r in v] for k, v in jobdef.TUNING_RANGES.items() if v
-            },
+            "ParameterRanges": {k: [dict(r) for r in v] for k, v in ranges.items() if v},
             "TrainingJobEarlyStoppingType": "Auto",
         },
         "TrainingJobDefinition": definition,
         "Tags": settings.tag_list(),
     }
+    if warm_start:
+        request["WarmStartConfig"] = {
+            "ParentHyperParameterTuningJobs": [
+                {"HyperParameterTuningJobName": parent} for parent in warm_start
+            ],
+            "WarmStartType": "IdenticalDataAndAlgorithm",
+        }
+    return request
+
+
+def trial_limits(
+    settings: Settings,
+    static_hyperparameters: Mapping[str, Any],
+    max_jobs: int | None,
+    parallel_jobs: int | None,
+) -> tuple[int, int, str | None]:
+    """(max jobs, parallel jobs, a note when they were capped): an exact probe's search space
+    is small and every point gives the same model again, so a budget beyond
+    ``jobdef.trial_budget`` is cut to it rather than paid for."""
+    max_jobs = settings.tuning_max_jobs if max_jobs is None else max_jobs
+    parallel_jobs = settings.tuning_parallel_jobs if parallel_jobs is None else parallel_jobs
+    budget = jobdef.trial_budget(static_hyperparameters)
+    if budget is None or max_jobs <= budget:
+        return max_jobs, parallel_jobs, None
+    names = ", ".join(sorted(jobdef.tuned_names(static_hyperparameters)))
+    note = (
+        f"max jobs capped from {max_jobs} to {budget}: the default model (an exactly solved probe) "
+        f"is deterministic and only {names} change it, so more trials would re-measure the "
+        "same models; pass probe_solver=sgd or mode=finetune in HP= to tune learning_rate and "
+        "batch_size instead"
+    )
+    return budget, min(parallel_jobs, budget), note
+
+
+def check_warm_start(api: Api, request: Mapping[str, Any], parents: Sequence[str]) -> None:
+    """Refuse, before anything is created, parents SageMaker would reject for an
+    IdenticalDataAndAlgorithm warm start: not finished, another image, other static
+    hyperparameters, another objective, or other tuned names."""
+    definition = request["TrainingJobDefinition"]
+    ours = _static(definition["StaticHyperParameters"])
+    tuned = {
+        r["Name"]
+        for v in request["HyperParameterTuningJobConfig"]["ParameterRanges"].values()
+        for r in v
+    }
+    for parent in parents:
+        try:
+            described = api.call(
+                "sagemaker",
+                "describe_hyper_parameter_tuning_job",
+                HyperParameterTuningJobName=parent,
+            )
+        except CloudError as exc:
+            raise CloudError(
+                f"warm start from {parent}: {exc}; give an existing tuning job"
+            ) from exc
+        theirs = described.get("TrainingJobDefinition") or {}
+        config = described.get("HyperParameterTuningJobConfig") or {}
+        their_tuned = {r["Name"] for v in (config.get("ParameterRanges") or {}).values() for r in v}
+        problems = [
+            (
+                described["HyperParameterTuningJobStatus"] not in FINAL_STATES,
+                f"it is {described['HyperParameterTuningJobStatus']}: wait until it ends",
+            ),
+            (
+                (theirs.get("AlgorithmSpecification") or {}).get("TrainingImage")
+                != definition["AlgorithmSpecification"]["TrainingImage"],
+                "it ran another train image (a warm start needs the identical image: push the "
+                "image it used, or start a new search without --warm-start)",
+            ),
+            (
+                _static(theirs.get("StaticHyperParameters") or {}) != ours,
+                f"its fixed hyperparameters {_static(theirs.get('StaticHyperParameters') or {})} "
+                f"differ from these {ours}: give the same HP=",
+            ),
+            (
+                (config.get("HyperParameterTuningJobObjective") or {}).get("MetricName")
+                != jobdef.OBJECTIVE_METRIC,
+                "it maximised another objective",
+            ),
+            (
+                their_tuned != tuned,
+                f"it tuned {sorted(their_tuned)}, this job tunes {sorted(tuned)} (another mode)",
+            ),
+        ]
+        for bad, why in problems:
+            if bad:
+                raise CloudError(f"cannot warm start from tuning job {parent}: {why}")
+
+
+def _static(hyperparameters: Mapping[str, str]) -> dict[str, str]:
+    """The hyperparameters a user fixed (SageMaker adds its own ``sagemaker_``/``_tuning``)."""
+    return {k: v for k, v in hyperparameters.items() if not k.startswith(("sagemaker_", "_tuning"))}
 
 
 def status_line(described: Mapping[str, Any]) -> str:
@@ -135,20 +237,28 @@ def tune(
     parallel_jobs: int | None = None,
     wait: bool = True,
     name: str | None = None,
+    warm_start: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """Start the tuning job, wait for it, print the best job. Returns the final description
-    (None in a dry run or without ``wait``)."""
+    (None in a dry run or without ``wait``). ``warm_start``: parent tuning jobs, checked first."""
     settings.require("role_arn", "bucket")
     check_bucket(api, settings)
     name = name or job_name("tune")
+    static = static_hyperparameters or {}
+    max_jobs, parallel_jobs, note = trial_limits(settings, static, max_jobs, parallel_jobs)
+    if note:
+        api.say(note)
     request = tuning_job_request(
         settings,
         ecr.image_uri(api, settings, settings.train_repository),
-        static_hyperparameters or {},
+        static,
         name=name,
         max_jobs=max_jobs,
         parallel_jobs=parallel_jobs,
+        warm_start=warm_start,
     )
+    if warm_start and not api.dry_run:
+        check_warm_start(api, request, warm_start)
     if not start(
         api,
         settings,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from flystage.training import kinds
 from flystage.training.backbones import (
     DEFAULT_TAPS,
     LITE_ARCHS,
@@ -37,12 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # arch -> torchvision builder; the builder's weights enum comes from torchvision itself.
 TORCHVISION_ARCHS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": tvm.resnet18,
-    "resnet34": tvm.resnet34,
-    "resnet50": tvm.resnet50,
-    "mobilenet_v3_small": tvm.mobilenet_v3_small,
-    "mobilenet_v3_large": tvm.mobilenet_v3_large,
-    "efficientnet_b0": tvm.efficientnet_b0,
+    name: getattr(tvm, name) for name in kinds.TORCHVISION_ARCHS
 }
 # From-scratch CNNs for small data sets: arch -> channel widths of its stages.
 SMALL_CNN_WIDTHS: dict[str, tuple[int, ...]] = {
@@ -58,7 +54,7 @@ HOG_ARCHS: tuple[str, ...] = ("hognet", "hognet_turn")
 ARCHS: tuple[str, ...] = (
     tuple(HOG_ARCHS) + LITE_ARCHS + tuple(TORCHVISION_ARCHS) + tuple(SMALL_CNN_WIDTHS)
 )
-PRETRAINED_ARCHS: tuple[str, ...] = LITE_ARCHS + tuple(TORCHVISION_ARCHS)
+PRETRAINED_ARCHS: tuple[str, ...] = kinds.PRETRAINED_ARCHS
 
 # A download that cannot reach its host must fail, not hang a training job.
 DOWNLOAD_TIMEOUT_S = 60.0

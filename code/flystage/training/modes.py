@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, TensorDataset
 from flystage.augment import build_train_transform
 from flystage.organise import Record
 from flystage.training.data import ImageCache, StageDataset
+from flystage.training.kinds import MODES  # noqa: F401 (re-exported: train.py reads it here)
 from flystage.training.models import build_feature_extractor, build_model, freeze_backbone
 from flystage.training.ordinal import ordinal_targets
 from flystage.training.probe import ProbeNet, cached_features, fit_logistic, scaled_l2
@@ -43,8 +44,6 @@ from flystage.training.unlabelled import (
 
 if TYPE_CHECKING:
     from flystage.training.train import TrainConfig
-
-MODES = ("auto", "full", "probe", "finetune")
 
 
 @dataclass

@@ -64,7 +64,8 @@ from flystage.options import (
     regex_text,
 )
 from flystage.organise import Record, iter_images, manifest_sha256, sort_labels
-from flystage.training.backbones import DEFAULT_TAPS, LITE_ARCHS
+from flystage.training import kinds
+from flystage.training.backbones import DEFAULT_TAPS
 from flystage.training.data import (
     BALANCE_MODES,
     CACHE_DTYPES,
@@ -73,6 +74,7 @@ from flystage.training.data import (
     make_sampler,
     to_float,
 )
+from flystage.training.kinds import MODES, PROBE_SOLVERS
 from flystage.training.models import (
     ARCHS,
     HOG_ARCHS,
@@ -81,17 +83,17 @@ from flystage.training.models import (
     Calibrated,
     EnsembleNet,
 )
-from flystage.training.modes import MODES, SETUPS
+from flystage.training.modes import SETUPS
 from flystage.training.ordinal import OrdinalLoss
 from flystage.training.unlabelled import PseudoLabel
 
 OPTIMIZERS = ("adamw", "sgd")
-PROBE_SOLVERS = ("lbfgs", "sgd")
 SCHEDULERS = ("cosine", "onecycle")
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 DEFAULT_DIST_PORT = 29500
 DEFAULT_DIST_TIMEOUT_S = 900
+SAVED_MODEL_PREFIX = "saved model: "
 EXIT_STOPPED = 3  # stopped early on request (SIGTERM, stop_after_epoch); a checkpoint was saved
 
 
@@ -107,12 +109,12 @@ class TrainConfig:
     # probe on EfficientNet-Lite2's pooled stages 1-6, solved exactly, beats every model
     # trained from scratch, fine-tuning and the ensembles tried, in seconds per fold.
     arch: str = option(
-        "efficientnet_lite2",
+        kinds.DEFAULT_ARCH,
         f"model architecture: {', '.join(ARCHS)}; the EfficientNet-Lites are "
         "ImageNet-pretrained, the others train from scratch unless pretrained is true",
     )
     mode: str = option(
-        "auto",
+        kinds.DEFAULT_MODE,
         "what is trained: probe (frozen pretrained features and a linear head), finetune "
         "(a pretrained backbone at a lower learning rate), full (every weight), or auto (probe for "
         "the EfficientNet-Lites and pretrained torchvision archs, full for the rest)",
@@ -178,7 +180,7 @@ class TrainConfig:
         "(0 = off)",
     )
     probe_solver: str = option(
-        "lbfgs",
+        kinds.DEFAULT_PROBE_SOLVER,
         "probe: lbfgs solves the head exactly (no epochs, learning rate or "
         "batches: those options are then unused), sgd trains it in the epoch loop",
     )
@@ -355,14 +357,7 @@ class TrainConfig:
 
     def mode_of(self, arch: str | None = None) -> str:
         """The training mode of ``arch`` (default ``self.arch``), ``auto`` resolved."""
-        arch = arch or self.arch
-        if self.mode != "auto":
-            return self.mode
-        return (
-            "probe"
-            if arch in LITE_ARCHS or (self.pretrained and arch in PRETRAINED_ARCHS)
-            else "full"
-        )
+        return kinds.mode_of(self.mode, arch or self.arch, self.pretrained)
 
     @property
     def member_archs(self) -> tuple[str, ...]:
@@ -379,7 +374,7 @@ class TrainConfig:
         }
         if spec["mode"] == "probe":  # how a probe's features are pooled; nothing to other modes
             spec["flips"] = self.probe_flips
-            if spec["arch"] in LITE_ARCHS:
+            if spec["arch"] in kinds.LITE_ARCHS:
                 spec["columns"] = self.probe_columns
         return spec
 
@@ -516,6 +511,12 @@ def metric_line(entry: dict[str, float]) -> str:
         f"valid_loss={entry['valid_loss']:.4f} valid_top1={entry['valid_top1']:.4f} "
         f"valid_top3={entry['valid_top3']:.4f}"
     )
+
+
+def saved_model_line(best: dict[str, float]) -> str:
+    """The saved model's metrics in the metric line's format, printed last: a tuning job ranks a
+    trial by the last value of its objective, and the artefact is the best epoch, not the last."""
+    return SAVED_MODEL_PREFIX + metric_line(best)
 
 
 def _is_better(entry: dict[str, float], best: dict[str, float] | None) -> bool:
@@ -1133,7 +1134,7 @@ def train_model(
     valid_logits = _logits(model, image_cache.get([r.path for r in valid_records]))
     index = {label: i for i, label in enumerate(labels)}
     valid_targets = np.array([index[r.label] for r in valid_records])
-    best = dict(results[0].best) if len(results) == 1 else {}
+    best = dict(results[0].best) if len(results) == 1 else _ensemble_best(results)
     best.update(_valid_scores(valid_logits, valid_targets, "valid"))
     if config.calibrate:
         temperature = fit_temperature(valid_logits, valid_targets)
@@ -1156,6 +1157,15 @@ def train_model(
         spec=spec,
         pseudo_labels=[p for r in results for p in r.pseudo_labels],
     )
+
+
+def _ensemble_best(results: Sequence[FitResult]) -> dict[str, float]:
+    """An ensemble's epoch (its last-trained member's best) and training loss (the members'
+    mean at their best epochs), so its saved-model line reads like a single model's."""
+    return {
+        "epoch": max(r.best["epoch"] for r in results),
+        "train_loss": float(np.mean([r.best["train_loss"] for r in results])),
+    }
 
 
 def _valid_scores(logits: np.ndarray, targets: np.ndarray, prefix: str) -> dict[str, float]:
@@ -1465,6 +1475,7 @@ def _save(
         extra["pseudo_labelled_images"] = len(result.pseudo_labels)
     if stopped:
         extra["stopped"] = stopped
+    _log(saved_model_line(result.best))
     save_artefact(
         args.model_dir,
         result.model,
