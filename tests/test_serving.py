@@ -352,3 +352,40 @@ def test_model_watch_calls_on_lost_once_the_registered_model_disappears():
         server.shutdown()
     # A server that does not answer is unknown, not "no model".
     assert model_watch.model_registered(url, timeout=0.5) is None
+
+
+# ---- the management API's port -----------------------------------------------------------------
+
+
+def test_management_port_is_8081_unless_sagemaker_gives_a_safe_range():
+    assert settings.management_port({}) == 8081
+    assert settings.management_port({settings.SAFE_PORT_RANGE: " 10000 - 10999 "}) == 10000
+    # 8080 is the inference port, never the management API's.
+    assert settings.management_port({settings.SAFE_PORT_RANGE: "8080-8082"}) == 8081
+
+
+def test_management_port_skips_a_port_in_use():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert settings.management_port({settings.SAFE_PORT_RANGE: f"{port}-{port + 1}"}) == (
+            port + 1
+        )
+        with pytest.raises(settings.SettingsError, match="no free port"):
+            settings.management_port({settings.SAFE_PORT_RANGE: f"{port}-{port}"})
+
+
+@pytest.mark.parametrize("value", ["10000", "10000:10999", "10999-10000", "0-10", "9-70000", "a-b"])
+def test_malformed_safe_port_range_is_refused_with_its_name(value):
+    with pytest.raises(settings.SettingsError, match=f"SAGEMAKER_SAFE_PORT_RANGE='{value}'"):
+        settings.management_port({settings.SAFE_PORT_RANGE: value})
+
+
+def test_serve_refuses_a_malformed_safe_port_range(tmp_path, monkeypatch, caplog, saved_environ):
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv(settings.SAFE_PORT_RANGE, "10000:10999")
+    with caplog.at_level(logging.ERROR):
+        assert entrypoint.serve() == entrypoint.EXIT_BAD_SETTINGS
+    assert "SAGEMAKER_SAFE_PORT_RANGE='10000:10999'" in caplog.text

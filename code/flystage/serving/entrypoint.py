@@ -26,7 +26,6 @@ HANDLER_SERVICE = "flystage.serving.handler_service"
 EXIT_BAD_MODEL = 1
 EXIT_BAD_SETTINGS = 2
 EXIT_MODEL_LOST = 3
-MANAGEMENT_ADDRESS = "http://127.0.0.1:8081"
 
 logger = logging.getLogger("flystage.serve")
 
@@ -47,6 +46,7 @@ def serve() -> int:
         return EXIT_BAD_SETTINGS
     try:
         config = settings.apply()
+        management = f"http://127.0.0.1:{settings.management_port()}"
     except settings.SettingsError as exc:
         logger.error("flystage serve: %s", exc)
         return EXIT_BAD_SETTINGS
@@ -58,7 +58,7 @@ def serve() -> int:
         return EXIT_BAD_MODEL
     logger.info(
         "flystage serve: model %s (%d stages: %s) in %s; %d workers x %d threads, timeout %d s, "
-        "payload limit %d MB",
+        "payload limit %d MB; management API on %s",
         metadata.arch,
         len(metadata.labels),
         ", ".join(metadata.labels),
@@ -67,18 +67,20 @@ def serve() -> int:
         config.threads,
         config.timeout_seconds,
         config.max_payload_mb,
+        management,
     )
     # The model server's management API (register, unregister, scale models; fetch a model from
     # any URL) shares port 8080 by default: keep it on the container's loopback, where only
-    # this container can reach it. multi-model-server reads MMS_<FIELD> over its config file.
-    os.environ["MMS_MANAGEMENT_ADDRESS"] = MANAGEMENT_ADDRESS
+    # this container can reach it, on a port SageMaker allows (settings.management_port).
+    # multi-model-server reads MMS_<FIELD> over its config file.
+    os.environ["MMS_MANAGEMENT_ADDRESS"] = management
     # Imported late: it configures logging and reads the environment at import time.
     from sagemaker_inference import model_server
 
     from flystage.serving.model_watch import ModelWatch
 
     # SIGTERM to ourselves runs sagemaker-inference's handler, which stops the model server.
-    watch = ModelWatch(MANAGEMENT_ADDRESS, on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    watch = ModelWatch(management, on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     watch.start()
     model_server.start_model_server(handler_service=HANDLER_SERVICE)
     watch.stop()

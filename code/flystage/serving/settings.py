@@ -13,6 +13,7 @@ variable                                    meaning                             
 ``FLYSTAGE_MAX_PIXELS``                     largest image accepted, in pixels       100,000,000
 ``FLYSTAGE_MAX_DECODED_MB``                 largest decoded image accepted, in MiB  512
 ``FLYSTAGE_MAX_BATCH``                      most images in one JSON request         16
+``SAGEMAKER_SAFE_PORT_RANGE``               ports the container may use beside 8080 unset (8081)
 ==========================================  ======================================  ===============
 
 CPUs are those this container may use (CPU affinity and cgroup quota), not the host's. One
@@ -27,12 +28,19 @@ fill its memory. An image is refused (400) before decoding when its header promi
 are the command line's (:mod:`flystage.imaging`): 512 MiB holds a 100 MP 16-bit grey image and
 costs a worker about 3 times that at its peak, while a 600 KB zlib TIFF of 25 MP float64 RGB
 (572 MiB decoded) is refused.
+
+The model server's management API listens on the container's loopback at
+:func:`management_port`: 8081, or, when SageMaker sets ``SAGEMAKER_SAFE_PORT_RANGE`` (as it does
+for multi-container endpoints, whose containers share one network), the first free port of that
+range, since no other port may be used.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import socket
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +63,9 @@ DEFAULT_MAX_PAYLOAD_MB = 6
 DEFAULT_MAX_PIXELS = imaging.DEFAULT_MAX_PIXELS
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_DECODED_MB = imaging.DEFAULT_MAX_DECODED_MB
+SAFE_PORT_RANGE = "SAGEMAKER_SAFE_PORT_RANGE"
+INFERENCE_PORT = 8080
+DEFAULT_MANAGEMENT_PORT = 8081
 
 
 class SettingsError(ValueError):
@@ -156,3 +167,43 @@ def apply(
     settings = resolve(environ, cpus)
     environ.update(settings.as_environment())
     return settings
+
+
+def safe_port_range(environ: MutableMapping[str, str]) -> range | None:
+    """The ports of ``SAGEMAKER_SAFE_PORT_RANGE`` (``LOW-HIGH``, both included), None if unset."""
+    raw = environ.get(SAFE_PORT_RANGE, "").strip()
+    if not raw:
+        return None
+    match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", raw)
+    low, high = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not match or not 1 <= low <= high <= 65535:
+        raise SettingsError(
+            f"{SAFE_PORT_RANGE}={raw!r}: expected two port numbers LOW-HIGH (1-65535, LOW <= "
+            "HIGH), as SageMaker sets it, e.g. 10000-10999; unset it to use port 8081"
+        )
+    return range(low, high + 1)
+
+
+def _free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def management_port(environ: MutableMapping[str, str] | None = None) -> int:
+    """The management API's port: 8081, or the first free one in ``SAGEMAKER_SAFE_PORT_RANGE``
+    (never 8080, the inference port)."""
+    environ = os.environ if environ is None else environ
+    ports = safe_port_range(environ)
+    if ports is None:
+        return DEFAULT_MANAGEMENT_PORT
+    for port in ports:
+        if port != INFERENCE_PORT and _free(port):
+            return port
+    raise SettingsError(
+        f"{SAFE_PORT_RANGE}={environ[SAFE_PORT_RANGE]!r}: no free port in the range for the "
+        "model server's management API; give a range with a free port other than 8080"
+    )
