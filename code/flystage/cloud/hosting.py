@@ -2,8 +2,9 @@
 
 Deploy = CreateModel (serve image + model.tar.gz) -> CreateEndpointConfig (real-time, or
 serverless) -> CreateEndpoint, or UpdateEndpoint when the endpoint exists (then the old
-config and model are deleted once the new one is in service). Teardown deletes the endpoint,
-its config and its model, each only if it carries flystage's tags; never S3 data or images.
+config and model are deleted once the new one is in service); an existing endpoint without
+every flystage tag is refused before anything is created. Teardown deletes the endpoint, its
+config and its model, each only if it carries flystage's tags; never S3 data or images.
 """
 
 from __future__ import annotations
