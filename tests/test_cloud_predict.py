@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import re
 import subprocess
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -192,3 +195,100 @@ def test_batch_transform_answers_become_the_predict_csv(aws, endpoint, folder, t
     for name, prediction in local.items():
         if name != first:
             assert [rows[name][f"stage_{i}"] for i in (1, 2, 3)] == [s for s, _ in prediction.top]
+
+
+@pytest.fixture
+def transform_on_container(aws, endpoint, monkeypatch):
+    """moto's CreateTransformJob (in this process's moto server) made to do SageMaker's work:
+    every object under the input prefix goes, as one request with the job's content type and
+    accept, to the real serve container; an answer becomes ``<key>.out`` under the output path,
+    and any refused object fails the job (status Failed, SageMaker's FailureReason) while the
+    other answers stay, as SageMaker leaves them. Only the job's status and outputs are moto's
+    own state changed; every call still crosses HTTP."""
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    api, _ = aws
+    proxy, _ = endpoint
+    original = SageMakerModelBackend.create_transform_job
+
+    def transform(job) -> int:
+        source = job.transform_input["DataSource"]["S3DataSource"]["S3Uri"]
+        bucket, _, prefix = source.removeprefix("s3://").partition("/")
+        out_bucket, _, out_prefix = job.transform_output["S3OutputPath"][5:].partition("/")
+        failed = 0
+        listed = api.call("s3", "list_objects_v2", Bucket=bucket, Prefix=prefix + "/")
+        for item in listed.get("Contents", []):
+            body = api.call("s3", "get_object", Bucket=bucket, Key=item["Key"])["Body"].read()
+            request = urllib.request.Request(
+                f"{proxy.url}/endpoints/flystage/invocations",
+                data=body,
+                headers={
+                    "Content-Type": job.transform_input["ContentType"],
+                    "Accept": job.transform_output["Accept"],
+                },
+                method="POST",
+            )
+            try:
+                answer = urllib.request.urlopen(request, timeout=60).read()
+            except urllib.error.HTTPError:
+                failed += 1
+                continue
+            name = item["Key"].removeprefix(prefix + "/")
+            api.call(
+                "s3", "put_object", Bucket=out_bucket, Key=f"{out_prefix}/{name}.out", Body=answer
+            )
+        return failed
+
+    def create_transform_job(self, *args, **kwargs):
+        job = original(self, *args, **kwargs)
+        if transform(job):
+            job.transform_job_status = "Failed"
+            job.failure_reason = "ClientError: See job logs for more information"
+        return job
+
+    monkeypatch.setattr(SageMakerModelBackend, "create_transform_job", create_transform_job)
+
+
+def test_one_bad_image_fails_the_job_but_the_csv_has_every_other_answer(
+    aws, endpoint, folder, tmp_path, transform_on_container
+):
+    """`make batch-predict DIR=...` of a folder with a broken TIFF: SageMaker fails the job but
+    uploads the other answers; the CSV/JSON is written from them, the broken image gets an
+    error row, and then the failure is reported with the count and where the job's log is."""
+    from cloud_helpers import put_images
+    from flystage.cloud.batch import batch_predict
+
+    api, settings = aws
+    api.out = io.StringIO()
+    _, model_dir = endpoint
+    put_images(api)
+    out = tmp_path / "batch.csv"
+    with pytest.raises(CloudError) as failure:
+        batch_predict(
+            api,
+            settings,
+            str(folder),
+            model_data=f"s3://{BUCKET}/flystage/output/job/output/model.tar.gz",
+            out_csv=out,
+        )
+    rows = {r["file"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"a/e1.tif", "a/e2.png", "b/e3.bmp", "e4.jpg", "b/broken.tif"}
+    error = rows["b/broken.tif"]["error"]
+    assert "no answer from the transform job flystage-batch-" in error
+    assert "the job failed on it" in error and "flystage predict" in error
+    good = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "broken.tif")
+    names = [p.relative_to(folder).as_posix() for p in good]
+    for expected in Predictor(model_dir, threads=1).predict_sources(good, k=3, names=names):
+        row = rows[expected.source]
+        assert not row["error"]
+        assert [row[f"stage_{i}"] for i in (1, 2, 3)] == [s for s, _ in expected.top]
+    answers = json.loads(out.with_suffix(".json").read_text())
+    assert (answers["n"], answers["errors"]) == (5, 1)
+    message = str(failure.value)
+    assert re.search(
+        r"transform job flystage-batch-\S+ Failed \(ClientError: See job logs", message
+    )
+    assert "1 of 5 image(s) have no answer" in message and str(out) in message
+    assert "/aws/sagemaker/TransformJobs" in message and "aws logs tail" in message
+    # The job's own model is deleted also when the job failed.
+    assert api.call("sagemaker", "list_models")["Models"] == []

@@ -64,6 +64,8 @@ class Settings:
     serverless_memory_mb: int = 3072
     serverless_max_concurrency: int = 5
     transform_instance_type: str = "ml.m5.xlarge"
+    # Serve workers (= requests in flight) on the transform instance; 0: one per vCPU of its type.
+    transform_workers: int = 0
     # Seconds between status lines while waiting for a tuning job.
     poll_s: float = 30.0
     # Tags put on every job, model, endpoint config and endpoint.
