@@ -14,9 +14,14 @@ import botocore.session
 import pytest
 
 from cloud_helpers import aws, moto_url  # noqa: F401 (fixtures)
+from flystage.cloud import policies as generator
+from flystage.cloud.policies import PLACEHOLDER_SETTINGS, render
+from flystage.cloud.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD = REPO / "code" / "flystage" / "cloud"
+# The modules that send requests (policies.py and check.py only describe them).
+SOURCES = sorted(set(CLOUD.glob("*.py")) - {CLOUD / "policies.py", CLOUD / "check.py"})
 IAM = REPO / "iam"
 
 S3_ACTIONS = {
@@ -48,7 +53,7 @@ def camel(op: str) -> str:
 
 def code_actions() -> set[str]:
     """IAM actions of every api.call / client call / waiter in flystage.cloud."""
-    text = "\n".join(p.read_text() for p in CLOUD.glob("*.py"))
+    text = "\n".join(p.read_text() for p in SOURCES)
     actions = set()
     for service, op in re.findall(r'api\.call\(\s*"([a-z0-9-]+)",\s*"([a-z_0-9]+)"', text):
         if service == "docker":
@@ -66,6 +71,10 @@ def code_actions() -> set[str]:
         actions.add("sagemaker:InvokeEndpoint")
     for waiter in re.findall(r'api\.wait\(\s*"sagemaker",\s*"([a-z_]+)"', text):
         actions.add(WAITERS[waiter])
+    # Each module's own _describe(api, "<operation>", ...) helper: ECR's and SageMaker's.
+    for module, service in (("ecr.py", "ecr"), ("hosting.py", "sagemaker")):
+        for op in re.findall(r'_describe\(\s*api,\s*"([a-z_]+)"', (CLOUD / module).read_text()):
+            actions.add(f"{service}:{camel(op)}")
     return actions
 
 
@@ -180,21 +189,17 @@ def test_no_account_ids_anywhere(policies):
 
 # ---- the S3 keys the operator may write, and the trust policy's conditions -----------------
 
-# Filled in as docs/aws.md says (sed ... s/ACCOUNT_ID/.../g), with moto's account and the
-# tests' bucket: what an operator would attach.
-PLACEHOLDERS = {
-    "ACCOUNT_ID": "123456789012",
-    "REGION": "eu-west-1",
-    "BUCKET": "flystage-test",
-    "PREFIX": "flystage",
-}
+# The policies `flystage cloud policies` writes for moto's account and the tests' bucket: what
+# an operator would attach.
+FILLED = Settings(
+    region="eu-west-1",
+    role_arn="arn:aws:iam::123456789012:role/flystage-sagemaker",
+    bucket="flystage-test",
+)
 
 
-def filled(name: str, values: dict[str, str] = PLACEHOLDERS) -> str:
-    text = (IAM / f"{name}.json").read_text()
-    for placeholder, value in values.items():
-        text = text.replace(placeholder, value)
-    return text
+def filled(name: str, source_arn: bool = False) -> str:
+    return render(generator.policies(FILLED, source_arn=source_arn)[name])
 
 
 def put_resources(policy: dict) -> list[str]:
@@ -213,7 +218,7 @@ def put_resources(policy: dict) -> list[str]:
 def test_operator_may_put_only_where_the_code_writes(policies):
     """The code writes under data/ (upload) and batch/<job>/input/ (batch-predict of a folder):
     PutObject on exactly data/* and batch/*, never on the models (output/) or checkpoints."""
-    text = "\n".join(p.read_text() for p in CLOUD.glob("*.py"))
+    text = "\n".join(p.read_text() for p in SOURCES)
     # What the scan below rests on: every upload goes through upload_files, fed these URIs.
     assert re.findall(r'settings\.s3_uri\("(\w+)"[^)]*\)[^\n]*\n[^\n]*upload_files', text) == [
         "batch"
@@ -317,14 +322,16 @@ def arn_like(pattern: str, arn: str) -> bool:
 
 
 def test_execution_role_trust_has_confused_deputy_conditions(aws):
-    """SageMaker may assume the role only for this account's own SageMaker resources:
-    aws:SourceAccount and aws:SourceArn, both naming the account, in the region. The filled-in
+    """SageMaker may assume the role only for this account (aws:SourceAccount, always) and,
+    with --source-arn, only for this account's SageMaker resources in the region. The filled-in
     trust policy is a valid role in moto, and moto's evaluator refuses another account."""
     from moto.iam.access_control import IAMPolicy, PermissionResult
 
     api, _ = aws
-    account, region = PLACEHOLDERS["ACCOUNT_ID"], PLACEHOLDERS["REGION"]
-    document = filled("execution-role-trust")
+    default = json.loads(filled("execution-role-trust"))["Statement"][0]["Condition"]
+    assert default == {"StringEquals": {"aws:SourceAccount": "123456789012"}}
+    account, region = "123456789012", "eu-west-1"
+    document = filled("execution-role-trust", source_arn=True)
     trust = json.loads(document)
     (statement,) = trust["Statement"]
     assert (
@@ -364,3 +371,40 @@ def test_execution_role_trust_has_confused_deputy_conditions(aws):
         policy.is_action_permitted("sts:AssumeRole", incoming_condition_values=theirs)
         == PermissionResult.DENIED
     )
+
+
+def test_checked_in_policies_are_the_generators_output():
+    """iam/*.json are `flystage cloud policies` for the placeholder settings, byte for byte:
+    edit the generator (flystage/cloud/policies.py), never the files."""
+    generated = generator.policies(PLACEHOLDER_SETTINGS)
+    assert sorted(generated) == sorted(p.stem for p in IAM.glob("*.json"))
+    for stem, policy in generated.items():
+        assert (IAM / f"{stem}.json").read_text() == render(policy), (
+            f"iam/{stem}.json differs from the generator's output: regenerate it"
+        )
+
+
+def test_generated_policies_name_the_settings_not_the_defaults():
+    """Another endpoint, role, repositories, prefix and tags appear in the policies; nothing of
+    the defaults the old hand-written operator policy hard-coded is left."""
+    lab = FILLED.replace(
+        role_arn="arn:aws:iam::123456789012:role/service-role/lab-sm-exec",
+        prefix="lab/fly",
+        endpoint_name="Lab-Stages",
+        train_repository="lab-train",
+        serve_repository="lab-serve",
+        tags={"owner": "lab-7"},
+    )
+    text = "".join(render(p) for p in generator.policies(lab).values())
+    for wanted in (
+        "role/service-role/lab-sm-exec",
+        ":endpoint/lab-stages",  # SageMaker ARNs are lower case
+        "endpoint-config/lab-stages-config-*",
+        "model/lab-stages-model-*",
+        "repository/lab-train",
+        "flystage-test/lab/fly/data/*",
+        '"aws:ResourceTag/owner": "lab-7"',
+    ):
+        assert wanted in text, wanted
+    for gone in ("flystage-sagemaker", "endpoint/flystage", "repository/flystage-", "/flystage/"):
+        assert gone not in text, gone

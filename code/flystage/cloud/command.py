@@ -26,6 +26,8 @@ TARGETS = {
         "delete the endpoint, its config and model if they carry flystage's tags (never S3 data "
         "or images)"
     ),
+    "policies": "write the IAM policies (execution role, its trust, operator) for the settings",
+    "check": "dry run of every target, its requests checked against the IAM policies",
 }
 
 
@@ -37,6 +39,23 @@ def _hp_argument(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="hyperparameters (for example learning_rate=0.01 epochs=30)",
     )
+
+
+def _policies_arguments(policies: argparse.ArgumentParser, check: argparse.ArgumentParser) -> None:
+    source_arn = (
+        "also require aws:SourceArn in the trust policy (off: SageMaker may not send it on every "
+        "AssumeRole; aws:SourceAccount is always required)"
+    )
+    policies.add_argument(
+        "--out", type=Path, default=Path("iam"), help="folder to write them to (default: iam)"
+    )
+    policies.add_argument("--source-arn", action="store_true", help=source_arn)
+    check.add_argument(
+        "--policies",
+        type=Path,
+        help="check the policies in this folder (default: those `policies` generates)",
+    )
+    check.add_argument("--source-arn", action="store_true", help=source_arn)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +127,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p["predict"].add_argument(
         "--concurrency", type=int, default=4, help="requests in flight (default 4)"
     )
+
+    _policies_arguments(p["policies"], p["check"])
 
     p["batch-predict"].add_argument(
         "source", help="s3:// prefix of images, or a local folder (uploaded first)"
@@ -209,6 +230,22 @@ def _run(args: argparse.Namespace) -> int:
         from flystage.cloud.hosting import teardown
 
         teardown(api, settings)
+    elif args.target in ("policies", "check"):
+        return _iam(settings, args)
+    return 0
+
+
+def _iam(settings, args: argparse.Namespace) -> int:
+    """``policies``: write the three policies; ``check``: the dry-run check against them."""
+    if args.target == "check":
+        from flystage.cloud.check import run_check
+
+        return run_check(settings, args.policies, source_arn=args.source_arn)
+    from flystage.cloud.policies import write_policies
+
+    settings.require("region", "role_arn", "bucket")
+    for path in write_policies(settings, args.out, source_arn=args.source_arn):
+        print(path)
     return 0
 
 
