@@ -47,7 +47,10 @@ def _policies_arguments(policies: argparse.ArgumentParser, check: argparse.Argum
         "AssumeRole; aws:SourceAccount is always required)"
     )
     policies.add_argument(
-        "--out", type=Path, default=Path("iam"), help="folder to write them to (default: iam)"
+        "--out",
+        type=Path,
+        default=Path("runs/cloud/iam"),
+        help="folder to write them to (default: runs/cloud/iam)",
     )
     policies.add_argument("--source-arn", action="store_true", help=source_arn)
     check.add_argument(
