@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_helpers import BUCKET, REGION, ROLE, aws, moto_url  # noqa: F401 (fixtures)
+from cloud_helpers import BUCKET, REGION, ROLE, aws, moto_url, put_images  # noqa: F401 (fixtures)
 from sdk_helpers import remove_compose_containers, write_sdk_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,6 +181,7 @@ def test_notebook_aws_cells_write_only_where_the_role_may(
     s3://bucket/prefix/output with Debugger and Profiler off; the SDK never touches its
     default bucket; the endpoint is the settings' endpoint_name with flystage's tags."""
     api, settings = aws
+    put_images(api)  # in moto's ECR and the state file, as `make push` leaves them
     nb = read_notebook()
     nb.cells = aws_cells(nb)
     (tmp_path / "flystage.toml").write_text("")
@@ -195,9 +196,6 @@ def test_notebook_aws_cells_write_only_where_the_role_may(
         "FLYSTAGE_TAGS": "project=flystage,lab=notebook-test",
         "FLYSTAGE_MAX_RUNTIME_S": "7200",
         "FLYSTAGE_STATE_FILE": str(tmp_path / "state.json"),
-        # Images named without ECR (their push is tested in test_cloud_ecr.py).
-        "FLYSTAGE_REGISTRY_OVERRIDE": "registry.example:5000",
-        "FLYSTAGE_IMAGE_TAG": "test",
         "FLYSTAGE_NOTEBOOK_WORK": str(tmp_path / "work"),
         "FLYSTAGE_DATA": str(bdgp_root),
         "FLYSTAGE_NOTEBOOK_GENES": GENES,
@@ -218,9 +216,10 @@ def test_notebook_aws_cells_write_only_where_the_role_may(
 
 def check_requests(requests: list[dict]) -> None:
     """All in the settings' region; S3 only in the project's bucket, never a CreateBucket
-    or ListBuckets (the SDK's default bucket), no STS (its account lookup for that bucket)."""
+    or ListBuckets (the SDK's default bucket), no STS (its account lookup for that bucket);
+    ECR only to find the pushed images."""
     assert requests and {r["region"] for r in requests} == {REGION}
-    assert {r["service"] for r in requests} <= {"s3", "sagemaker"}
+    assert {r["service"] for r in requests} <= {"ecr", "s3", "sagemaker"}
     s3 = [r for r in requests if r["service"] == "s3"]
     assert s3 and all(r["path"].split("/")[1] == BUCKET for r in s3), [r["path"] for r in s3]
     assert not [r for r in s3 if r["method"] == "PUT" and r["path"].rstrip("/") == f"/{BUCKET}"]
@@ -243,6 +242,8 @@ def check_jobs(sent: dict[str, dict]) -> None:
     assert training.get("ProfilerConfig", {"DisableProfiler": True}) == {"DisableProfiler": True}
     assert training["StoppingCondition"]["MaxRuntimeInSeconds"] == 7200
     assert training["ResourceConfig"]["InstanceCount"] == 2
+    # The pushed image by digest, whose name the SDK would make every job's name from.
+    assert "/flystage-train@sha256:" in training["AlgorithmSpecification"]["TrainingImage"]
     names = [
         tuning["HyperParameterTuningJobName"],
         training["TrainingJobName"],
