@@ -170,11 +170,7 @@ def aws_cells(nb) -> list:
 
 @pytest.mark.slow
 def test_notebook_aws_cells_write_only_where_the_role_may(
-    aws,
-    moto_url,
-    tmp_path: Path,
-    bdgp_root: Path,
-    monkeypatch,  # noqa: F811 (fixtures)
+    aws, moto_url, tmp_path: Path, bdgp_root: Path, monkeypatch
 ) -> None:
     """The AWS cells, run against moto with the real SDK: every request in the settings'
     region although AWS_DEFAULT_REGION says another; the jobs write under
@@ -195,7 +191,7 @@ def test_notebook_aws_cells_write_only_where_the_role_may(
         "FLYSTAGE_BUCKET": BUCKET,
         "FLYSTAGE_TAGS": "project=flystage,lab=notebook-test",
         "FLYSTAGE_MAX_RUNTIME_S": "7200",
-        "FLYSTAGE_STATE_FILE": str(tmp_path / "state.json"),
+        "FLYSTAGE_STATE_FILE": settings.state_file,  # where put_images recorded the push
         "FLYSTAGE_NOTEBOOK_WORK": str(tmp_path / "work"),
         "FLYSTAGE_DATA": str(bdgp_root),
         "FLYSTAGE_NOTEBOOK_GENES": GENES,
