@@ -186,7 +186,7 @@ CLOUD = $(PY) -m flystage cloud $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) 
 CLOUD_MANIFEST ?= $(RUNS)/cloud/manifest.csv
 CLOUD_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(RUNS)/cloud/predictions-$(shell date +%Y%m%d-%H%M%S).csv)
 
-.PHONY: push upload tune train deploy predict batch-predict teardown
+.PHONY: push upload tune train deploy predict batch-predict teardown aws-check policies
 
 push: ## create the ECR repositories, log in, push flystage-train/serve; prints the image URIs [DRY_RUN=1]
 	$(CLOUD) push
@@ -215,3 +215,9 @@ batch-predict: ## batch transform over S3=s3://... or DIR=folder (uploaded, CSV 
 
 teardown: ## delete the endpoint, its config and model (never S3 data or images) [DRY_RUN=1]
 	$(CLOUD) teardown
+
+aws-check: ## every target's requests as a dry run (no credentials, nothing sent), each with the IAM actions and resources it needs, checked against the generated policies; exit 1 names what they do not allow [POLICIES=dir: check attached ones] [SOURCE_ARN=1]
+	$(PY) -m flystage cloud $(if $(CONFIG),--config '$(CONFIG)') check $(if $(POLICIES),--policies '$(POLICIES)') $(if $(filter 1,$(SOURCE_ARN)),--source-arn)
+
+policies: ## the three IAM policies for your settings (flystage.toml), into IAM_DIR (default runs/cloud/iam) [SOURCE_ARN=1]
+	$(PY) -m flystage cloud $(if $(CONFIG),--config '$(CONFIG)') policies $(if $(IAM_DIR),--out '$(IAM_DIR)') $(if $(filter 1,$(SOURCE_ARN)),--source-arn)
