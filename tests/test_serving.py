@@ -389,3 +389,28 @@ def test_serve_refuses_a_malformed_safe_port_range(tmp_path, monkeypatch, caplog
     with caplog.at_level(logging.ERROR):
         assert entrypoint.serve() == entrypoint.EXIT_BAD_SETTINGS
     assert "SAGEMAKER_SAFE_PORT_RANGE='10000:10999'" in caplog.text
+
+
+# ---- GET /execution-parameters ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("workers", "payload_mb", "expected"),
+    [(1, 6, (1, 6)), (4, 6, (4, 6)), (2, 80, (2, 50)), (36, 6, (16, 6)), (1, 200, (1, 100))],
+)
+def test_execution_parameters_stay_within_sagemaker_s_100_mb(workers, payload_mb, expected):
+    env = {settings.WORKERS: str(workers), settings.MAX_PAYLOAD_MB: str(payload_mb)}
+    served = settings.apply(env, cpus=workers)
+    answer = json.loads(env[settings.EXECUTION_PARAMETERS])
+    assert (
+        answer
+        == served.execution_parameters()
+        == {
+            "MaxConcurrentTransforms": expected[0],
+            "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": expected[1],
+        }
+    )
+    # Never more than the container takes, nor more requests than workers.
+    assert answer["MaxPayloadInMB"] <= served.max_payload_mb
+    assert answer["MaxConcurrentTransforms"] <= served.workers

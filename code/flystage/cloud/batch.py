@@ -9,9 +9,10 @@ One image SageMaker could not transform fails the whole job, but the other image
 still uploaded: the CSV/JSON is written from them, each image without an answer gets an error
 row, and only then is the failure reported.
 
-SageMaker sends a transform instance one request at a time unless told otherwise
-(``MaxConcurrentTransforms``; the serve image does not answer ``GET /execution-parameters``):
-the job asks for one request per serve worker, and the serve image runs one worker per vCPU.
+SageMaker sends a transform instance one request at a time unless told otherwise: the job asks
+for one request per serve worker (``MaxConcurrentTransforms``), and the serve image runs one
+worker per vCPU. (The serve image also answers ``GET /execution-parameters`` with the same rule,
+for jobs that other tools start without the value.)
 """
 
 from __future__ import annotations
@@ -36,13 +37,10 @@ from flystage.cloud.training import job_name
 from flystage.serving.client import AnswerError, parse_top
 from flystage.serving.settings import MAX_PAYLOAD_MB as SERVE_PAYLOAD_ENV
 from flystage.serving.settings import WORKERS as SERVE_WORKERS_ENV
+from flystage.serving.settings import transform_limits
 
 # Batch transform allows bodies up to 100 MB; lab TIFFs are a few MB.
 MAX_PAYLOAD_MB = 20
-# SageMaker refuses a job whose MaxConcurrentTransforms * MaxPayloadInMB is over 100 MB.
-TOTAL_PAYLOAD_MB = 100
-# Concurrency stops growing where the body limit would fall below a real-time endpoint's 6 MB.
-MIN_PAYLOAD_MB = 6
 # vCPUs per instance size: SageMaker's CPU families (m4-m7, c4-c7, r5-r7, t2/t3) have 2 in a
 # "large", 4 in an "xlarge" and 4 per "Nxlarge", except those listed.
 SIZE_VCPUS = {"medium": 2, "large": 2, "xlarge": 4}
@@ -74,8 +72,7 @@ def transform_concurrency(settings: Settings) -> tuple[int, int, int]:
             f"cannot tell how many vCPUs a {settings.transform_instance_type} has: set "
             "transform_workers = N (its vCPUs) in flystage.toml or FLYSTAGE_TRANSFORM_WORKERS=N"
         )
-    concurrent = min(workers, TOTAL_PAYLOAD_MB // MIN_PAYLOAD_MB)
-    return workers, concurrent, min(MAX_PAYLOAD_MB, TOTAL_PAYLOAD_MB // concurrent)
+    return workers, *transform_limits(workers, MAX_PAYLOAD_MB)
 
 
 def transform_job_request(

@@ -33,10 +33,16 @@ The model server's management API listens on the container's loopback at
 :func:`management_port`: 8081, or, when SageMaker sets ``SAGEMAKER_SAFE_PORT_RANGE`` (as it does
 for multi-container endpoints, whose containers share one network), the first free port of that
 range, since no other port may be used.
+
+``GET /execution-parameters`` (a batch transform job that does not say how many requests to send
+at once asks it) answers :meth:`ServeSettings.execution_parameters`: one request per worker, up
+to 16, with a body limit that keeps both within SageMaker's 100 MB; the entrypoint passes it to
+the model server's endpoint plugin in ``FLYSTAGE_EXECUTION_PARAMETERS``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -66,6 +72,12 @@ DEFAULT_MAX_DECODED_MB = imaging.DEFAULT_MAX_DECODED_MB
 SAFE_PORT_RANGE = "SAGEMAKER_SAFE_PORT_RANGE"
 INFERENCE_PORT = 8080
 DEFAULT_MANAGEMENT_PORT = 8081
+# Read by the model server's /execution-parameters plugin (docker/serve/execution-parameters).
+EXECUTION_PARAMETERS = "FLYSTAGE_EXECUTION_PARAMETERS"
+# SageMaker refuses a transform job whose MaxConcurrentTransforms * MaxPayloadInMB is over 100 MB.
+TRANSFORM_TOTAL_PAYLOAD_MB = 100
+# Concurrency stops growing where the body limit would fall below a real-time endpoint's 6 MB.
+TRANSFORM_MIN_PAYLOAD_MB = 6
 
 
 class SettingsError(ValueError):
@@ -86,6 +98,15 @@ class ServeSettings:
     def max_payload_bytes(self) -> int:
         return self.max_payload_mb * 2**20
 
+    def execution_parameters(self) -> dict[str, int | str]:
+        """What ``GET /execution-parameters`` answers a batch transform job."""
+        concurrent, payload_mb = transform_limits(self.workers, self.max_payload_mb)
+        return {
+            "MaxConcurrentTransforms": concurrent,
+            "BatchStrategy": "SINGLE_RECORD",
+            "MaxPayloadInMB": payload_mb,
+        }
+
     def as_environment(self) -> dict[str, str]:
         return {
             WORKERS: str(self.workers),
@@ -96,7 +117,16 @@ class ServeSettings:
             MAX_BATCH: str(self.max_batch),
             MAX_DECODED_MB: str(self.max_decoded_mb),
             TRANSPORT_LIMIT: str(TRANSPORT_FACTOR * self.max_payload_bytes),
+            EXECUTION_PARAMETERS: json.dumps(self.execution_parameters()),
         }
+
+
+def transform_limits(workers: int, max_payload_mb: int) -> tuple[int, int]:
+    """(MaxConcurrentTransforms, MaxPayloadInMB) for ``workers`` serve workers that accept bodies
+    up to ``max_payload_mb``: a request in flight per worker, at most 16, each body limit within
+    SageMaker's 100 MB in total."""
+    concurrent = max(1, min(workers, TRANSFORM_TOTAL_PAYLOAD_MB // TRANSFORM_MIN_PAYLOAD_MB))
+    return concurrent, min(max_payload_mb, TRANSFORM_TOTAL_PAYLOAD_MB // concurrent)
 
 
 def available_cpus(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
