@@ -108,6 +108,8 @@ SERVE_IMAGE ?= flystage-serve:latest
 # the Dockerfiles' defaults (python:3.11-slim, PyPI, CPU-only torch). Once a wheelhouse exists,
 # OFFLINE defaults to 1, so later builds on that machine take the same route.
 # Always linux/amd64, what SageMaker's instances run (`make push` refuses any other platform).
+# With buildx, `docker build` gets --provenance=false --sbom=false (docker/build-offline.sh
+# build-flags): SageMaker refuses the OCI index that BuildKit's attestations make.
 OFFLINE ?= $(if $(wildcard wheelhouse/.complete),1,)
 BASE_IMAGE ?= $(if $(OFFLINE),flystage-base:bookworm,python:3.11-slim)
 PRETRAINED_WEIGHTS ?=
@@ -188,7 +190,7 @@ CLOUD_OUT = $(if $(filter command line environment,$(origin OUT)),$(OUT),$(RUNS)
 
 .PHONY: push upload tune train deploy predict batch-predict teardown aws-check policies
 
-push: ## create the ECR repositories, log in, push flystage-train/serve; prints the image URIs [DRY_RUN=1]
+push: ## create the ECR repositories (IMMUTABLE tags, lifecycle policy), push the images tagged by content, check their manifests; prints digest-pinned URIs [DRY_RUN=1]
 	$(CLOUD) push
 
 upload: ## upload a manifest + images to s3://bucket/prefix/data/ (unchanged files skipped): [MANIFEST=x.csv] (default: organise DATA) [DRY_RUN=1]

@@ -74,7 +74,8 @@ class Settings:
     # also honours AWS_ENDPOINT_URL), and a registry host that replaces ECR's proxyEndpoint.
     endpoint_url: str = ""
     registry_override: str = ""
-    # Where the names of the last tuning and training jobs are kept between targets.
+    # Where the pushed images' digests and the last tuning and training jobs are kept between
+    # targets (flystage.cloud.state).
     state_file: str = "runs/cloud/state.json"
 
     # ---- derived names -------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""What one target leaves for the next: the last tuning job, training job and model data.
+"""What one target leaves for the next: the pushed images, the last tuning and training jobs.
 
 A small JSON file (``settings.state_file``), so that ``make train`` finds the tuning job of
-``make tune`` and ``make deploy`` the model of ``make train``. Only names are kept: the
-details are always read back from SageMaker.
+``make tune``, ``make deploy`` the model of ``make train``, and every job the image digest
+``make push`` pushed (``images``: repository -> tag and digest). Only names are kept: the
+details are always read back from AWS.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from flystage.cloud.settings import CloudError
 
 
-def read_state(path: str | Path) -> dict[str, str]:
+def read_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         return {}
@@ -26,7 +28,7 @@ def read_state(path: str | Path) -> dict[str, str]:
         ) from None
 
 
-def update_state(path: str | Path, **values: str) -> None:
+def update_state(path: str | Path, **values: Any) -> None:
     """Merge ``values`` into the state file (written atomically)."""
     path = Path(path)
     state = read_state(path) | values
