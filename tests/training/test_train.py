@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -486,3 +489,88 @@ def test_a_crafted_checkpoint_is_refused_not_run(manifest: Path, tmp_path: Path,
     )
     assert code == 1 and not marker.exists()
     assert "not a readable flystage checkpoint" in capsys.readouterr().err
+
+
+# The training program with the probe's feature extraction counted (one line per call).
+COUNTING_PROGRAM = """
+import sys
+import flystage.training.probe as probe
+real = probe.extract
+def counting(features, images, batch_size=32):
+    print(f"extracted {len(images)} images", flush=True)
+    return real(features, images, batch_size)
+probe.extract = counting
+from flystage.training.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _probe_job(manifest: Path, model_dir: Path, *args: str, env=None) -> subprocess.Popen:
+    small = "--threads 1 --height 32 --width 80 --augment_draws 1".split()
+    return subprocess.Popen(
+        [sys.executable, "-c", COUNTING_PROGRAM, "--manifest", str(manifest)]
+        + ["--model_dir", str(model_dir), *small, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _extracted(log: str) -> int:
+    return sum(int(n) for n in re.findall(r"^extracted (\d+) images$", log, re.M))
+
+
+def test_two_hosts_share_the_probe_features_and_solve_the_same_head(
+    manifest: Path, tmp_path: Path
+) -> None:
+    """INSTANCE_COUNT=2 for the default probe: each host reads, augments and runs the backbone
+    on its half of the images only, the rows are exchanged over gloo, and the exact solve gives
+    the head a single host gives."""
+    one = _probe_job(manifest, tmp_path / "one")
+    single_log = one.communicate(timeout=600)[0]
+    assert one.returncode == 0, single_log[-3000:]
+    env = dict(
+        os.environ,
+        FLYSTAGE_MASTER_ADDR="127.0.0.1",
+        FLYSTAGE_DIST_PORT=str(_free_port()),
+        FLYSTAGE_DIST_TIMEOUT="300",
+    )
+    hosts = ["algo-1", "algo-2"]
+    jobs = {
+        host: _probe_job(
+            manifest,
+            tmp_path / host,
+            "--hosts",
+            json.dumps(hosts),
+            "--current_host",
+            host,
+            env=env,
+        )
+        for host in hosts
+    }
+    try:
+        logs = {host: job.communicate(timeout=600)[0] for host, job in jobs.items()}
+    finally:
+        for job in jobs.values():
+            job.kill()
+    for host, job in jobs.items():
+        assert job.returncode == 0, f"{host}:\n{logs[host][-3000:]}"
+    # 18 training images x (1 + 1 draw) and 9 valid images: 45 on one host, split in two.
+    total = _extracted(single_log)
+    assert total == 18 * 2 + 9
+    assert sorted(_extracted(log) for log in logs.values()) == [22, 23]
+    single = load_torch_model(tmp_path / "one")
+    shared = load_torch_model(tmp_path / "algo-1")
+    for name, weights in single.state_dict().items():
+        torch.testing.assert_close(shared.state_dict()[name], weights, rtol=1e-4, atol=1e-4)
+    a, b = load_metadata(tmp_path / "one").metrics, load_metadata(tmp_path / "algo-1").metrics
+    assert a["valid_top1"] == b["valid_top1"] and a["valid_top3"] == b["valid_top3"]
+    assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-4)
+    assert not any((tmp_path / "algo-2").glob("*"))  # only rank 0 writes the artefact

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from flystage.channels import DataError  # the channel reader's error type is the dataset's too
@@ -83,6 +84,37 @@ def to_float(images: np.ndarray) -> torch.Tensor:
 # ---- the dataset -------------------------------------------------------------------------
 
 
+def label_indices(records: Sequence[Record], labels: Sequence[str]) -> np.ndarray:
+    """The label index of every record (int64), refusing labels outside ``labels``."""
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = [r for r in records if r.label not in index]
+    if unknown:
+        raise DataError(
+            f"{len(unknown)} image(s) have labels outside {list(labels)}, e.g. "
+            f"{unknown[0].path} ({unknown[0].label!r}); train with those labels or drop the "
+            "images"
+        )
+    return np.array([index[r.label] for r in records], dtype=np.int64)
+
+
+def gather_rows(compute: Callable[[list], torch.Tensor], items: Sequence[Any]) -> torch.Tensor:
+    """``compute(items)``, one row per item, split between the hosts when torch.distributed is
+    up: each rank computes ``items[rank::world]`` and every rank gets all rows, in order.
+
+    Every rank must call it with the same items (it is a collective). The shares differ in
+    size by one, so they travel as objects (gloo's all_gather needs equal shapes).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or not items:
+        return compute(list(items))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, compute(list(items[rank::world])))
+    rows: list[Any] = [None] * len(items)
+    for r, share in enumerate(shares):
+        rows[r::world] = list(share)
+    return torch.stack(rows)
+
+
 class StageDataset(Dataset):
     """Records as ``(image, label index)`` pairs: image float32 ``(C, H, W)`` in [0, 1].
 
@@ -102,17 +134,9 @@ class StageDataset(Dataset):
         transform: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
         train: bool = False,
     ):
-        index = {label: i for i, label in enumerate(labels)}
-        unknown = [r for r in records if r.label not in index]
-        if unknown:
-            raise DataError(
-                f"{len(unknown)} image(s) have labels outside {list(labels)}, e.g. "
-                f"{unknown[0].path} ({unknown[0].label!r}); train with those labels or drop the "
-                "images"
-            )
         self.records = list(records)
         self.labels = list(labels)
-        self.targets = np.array([index[r.label] for r in self.records], dtype=np.int64)
+        self.targets = label_indices(self.records, self.labels)
         self.images = cache.get([r.path for r in self.records])
         self.transform = transform
         self.train = train

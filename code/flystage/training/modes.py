@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from flystage.augment import build_train_transform
 from flystage.organise import Record
-from flystage.training.data import ImageCache, StageDataset
+from flystage.training.data import ImageCache, StageDataset, label_indices
 from flystage.training.kinds import MODES  # noqa: F401 (re-exported: train.py reads it here)
 from flystage.training.models import build_feature_extractor, build_model, freeze_backbone
 from flystage.training.ordinal import ordinal_targets
@@ -127,7 +127,9 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
         columns=config.probe_columns,
     )
     t0 = time.perf_counter()
-    train_set, valid_set = _image_sets(train, valid, labels, cache, config)
+    # Only labels here: the images are read where their features are computed (on each host's
+    # share of them when training on several hosts).
+    train_targets, valid_targets = label_indices(train, labels), label_indices(valid, labels)
     # Every image once as it is, and augment_draws augmented copies, each drawn once: the
     # backbone runs (1 + draws) times per training image in the whole run (and across
     # cross-validation folds), not once per epoch.
@@ -147,7 +149,7 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
             for draw in range(1 + config.augment_draws)
         ]
     )
-    y = np.tile(train_set.targets, 1 + config.augment_draws)
+    y = np.tile(train_targets, 1 + config.augment_draws)
     valid_x = cached_features(features, key, cache, valid_paths, 0, None, config.seed)
     log(
         f"probe: {config.arch} features ({dim}) of {len(train)} training images x "
@@ -175,7 +177,7 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
         if unlabelled and config.self_training:
             with torch.no_grad():
                 take, stage, probability = pseudo_labels(
-                    head(unlabelled_x), head(valid_x), valid_set.targets, config.self_training
+                    head(unlabelled_x), head(valid_x), valid_targets, config.self_training
                 )
             x, y, pseudo = with_pseudo_labels(
                 x, y, unlabelled_x, list(unlabelled), take, stage, probability, labels
@@ -193,7 +195,7 @@ def setup_probe(train, valid, labels, cache, config, log, unlabelled=()) -> Setu
     # (AdamW's decoupled decay is far weaker at these learning rates; docs/accuracy.md).
     return Setup(
         TensorDataset(x, torch.from_numpy(y)),
-        TensorDataset(valid_x, torch.from_numpy(valid_set.targets)),
+        TensorDataset(valid_x, torch.from_numpy(valid_targets)),
         y,
         head,
         _decay_groups(list(head.parameters()), 0.0),

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flystage.training.data import ImageCache, to_float
+from flystage.training.data import ImageCache, gather_rows, to_float
 
 
 class ProbeNet(nn.Module):
@@ -60,23 +60,29 @@ def cached_features(
     augmented copy), computed once per (``key``, path, draw) and kept in ``cache.derived``.
 
     Each copy's augmentation is seeded by (seed, draw, path), so it is the same copy whichever
-    fold or call asks for it: cross-validation folds share every feature row.
+    fold, call or host asks for it: cross-validation folds share every feature row, and with
+    torch.distributed up each host computes only its share of the missing rows.
     """
     store = cache.derived.setdefault(("probe", key, seed), {})
     missing = [p for p in dict.fromkeys(map(Path, paths)) if (p, draw) not in store]
-    if missing:
-        images = cache.get(missing)
-        if draw:
+
+    def compute(share: list[Path]) -> torch.Tensor:
+        images = cache.get(share)
+        if draw and share:
             images = np.stack(
                 [
                     transform(
                         to_float(image),
                         np.random.default_rng((seed, draw, zlib.crc32(str(p).encode()))),
                     ).numpy()
-                    for p, image in zip(missing, images)
+                    for p, image in zip(share, images)
                 ]
             ).astype(np.float32)
-        for p, row in zip(missing, extract(features, images)):
+        return extract(features, images)
+
+    if missing:
+        # With several hosts each reads, augments and runs the backbone on its share only.
+        for p, row in zip(missing, gather_rows(compute, missing)):
             store[(p, draw)] = row
     return torch.stack([store[(Path(p), draw)] for p in paths]) if paths else torch.zeros(0, 0)
 

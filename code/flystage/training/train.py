@@ -71,6 +71,7 @@ from flystage.training.data import (
     CACHE_DTYPES,
     ImageCache,
     class_weights,
+    gather_rows,
     make_sampler,
     to_float,
 )
@@ -1131,7 +1132,11 @@ def train_model(
         results[0].model if len(results) == 1 else EnsembleNet([r.model for r in results]).eval()
     )
     spec = results[0].spec if len(results) == 1 else {"members": [r.spec for r in results]}
-    valid_logits = _logits(model, image_cache.get([r.path for r in valid_records]))
+    # Each host scores its share of the valid images; every host gets all logits.
+    valid_logits = gather_rows(
+        lambda paths: torch.from_numpy(_logits(model, image_cache.get(paths))),
+        [r.path for r in valid_records],
+    ).numpy()
     index = {label: i for i, label in enumerate(labels)}
     valid_targets = np.array([index[r.label] for r in valid_records])
     best = dict(results[0].best) if len(results) == 1 else _ensemble_best(results)
