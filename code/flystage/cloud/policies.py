@@ -147,6 +147,8 @@ def hosted_resources(settings: Settings) -> list[str]:
             arn(settings, "sagemaker", f"endpoint-config/{p}")
             for p in hosted_patterns(settings, "config")
         ]
+        # The SDK's Model.deploy (the notebook) names the config after the endpoint.
+        + [arn(settings, "sagemaker", f"endpoint-config/{settings.endpoint_name.lower()}")]
         + [arn(settings, "sagemaker", f"endpoint/{settings.endpoint_name.lower()}")]
     )
 
