@@ -164,7 +164,7 @@ local-train: ## train in the train image as SageMaker would: [INSTANCES=1|2] [DA
 	$(LOCAL_MODE) train --image $(TRAIN_IMAGE) --instances $(INSTANCES) --data $(DATA) --hp '$(HP)' \
 		$(if $(CHECKPOINTS),--checkpoints $(CHECKPOINTS))
 
-local-tune: ## search learning_rate x batch_size with one train-image job per trial: [TRIALS=4] [DATA=...] [HP=fixed]
+local-tune: ## search what the mode uses (probe_l2 x probe_columns for the default exact probe, else learning_rate x batch_size), one train-image job per trial: [TRIALS=4] [DATA=...] [HP=fixed]
 	$(LOCAL_MODE) tune --image $(TRAIN_IMAGE) --instances $(INSTANCES) --trials $(TRIALS) --data $(DATA) --hp '$(HP)'
 
 local-serve: ## start the serve image on 127.0.0.1:$(PORT): [MODEL=runs/local/<job>/model.tar.gz] (default: newest)
@@ -197,8 +197,8 @@ upload: ## upload a manifest + images to s3://bucket/prefix/data/ (unchanged fil
 	$(if $(MANIFEST),,$(PY) -m flystage organise $(DATA) --out '$(CLOUD_MANIFEST)' --force --group-regex '^(?P<group>[^/]+)/' &&) \
 	$(CLOUD) upload '$(or $(MANIFEST),$(CLOUD_MANIFEST))'
 
-tune: ## SageMaker tuning job (Bayesian learning_rate x batch_size, max valid:top3): [MAX_JOBS=20] [PARALLEL_JOBS=2] [HP=fixed] [DRY_RUN=1]
-	$(CLOUD) tune $(if $(MAX_JOBS),--max-jobs $(MAX_JOBS)) $(if $(PARALLEL_JOBS),--parallel-jobs $(PARALLEL_JOBS)) $(if $(HP),--hp $(HP))
+tune: ## SageMaker tuning job (Bayesian over what the mode uses: probe_l2 x probe_columns for the default, learning_rate x batch_size for probe_solver=sgd/finetune/full; max valid:top3 of the saved model): [MAX_JOBS=20] [PARALLEL_JOBS=2] [HP=fixed] [WARM_START='tuning-job ...'] [DRY_RUN=1]
+	$(CLOUD) tune $(if $(MAX_JOBS),--max-jobs $(MAX_JOBS)) $(if $(PARALLEL_JOBS),--parallel-jobs $(PARALLEL_JOBS)) $(foreach w,$(WARM_START),--warm-start $(w)) $(if $(HP),--hp $(HP))
 
 train: ## SageMaker training job, best of the last tuning job or HP='learning_rate=0.01 batch_size=64': [INSTANCE_COUNT=2] [SPOT=1] [UNLABELLED=s3://.../unlabelled/] [DRY_RUN=1]
 	$(CLOUD) train $(if $(TUNING_JOB),--tuning-job $(TUNING_JOB)) $(if $(INSTANCE_COUNT),--instance-count $(INSTANCE_COUNT)) \
