@@ -23,7 +23,7 @@ def test_importing_needs_no_sdk() -> None:
         "import sys; sys.modules['sagemaker'] = None\n"  # any `import sagemaker` now fails
         "from flystage import sagemaker as fs\n"
         "assert not fs.sdk_available()\n"
-        "assert set(fs.hyperparameter_ranges()) == {'learning_rate', 'batch_size'}\n"
+        "assert set(fs.hyperparameter_ranges()) == {'probe_l2', 'probe_columns'}\n"
         "try:\n    fs.FlystagePredictor\nexcept ImportError as e:\n    print(e)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -31,33 +31,79 @@ def test_importing_needs_no_sdk() -> None:
     assert "pip install 'flystage[sdk]'" in done.stdout
 
 
-def test_metrics_and_ranges_come_from_the_job_definition() -> None:
+def test_metrics_come_from_the_job_definition() -> None:
     assert (
         fs.METRIC_DEFINITIONS is jobdef.METRIC_DEFINITIONS and fs.OBJECTIVE_METRIC == "valid:top3"
     )
+
+
+def test_the_default_model_is_tuned_by_its_probe_prior_and_bands() -> None:
+    # The default (an exactly solved probe) has no learning rate or batches to tune.
     plain = fs.hyperparameter_ranges(as_sdk=False)
+    assert plain == fs.hyperparameter_ranges(as_sdk=False, static={"epochs": "30"})
+    assert plain == {
+        "probe_l2": {
+            "Name": "probe_l2",
+            "MinValue": "0.01",
+            "MaxValue": "10",
+            "ScalingType": "Logarithmic",
+        },
+        "probe_columns": {"Name": "probe_columns", "Values": ["1", "3"]},
+    }
+
+
+@pytest.mark.parametrize(
+    "static", [{"probe_solver": "sgd"}, {"mode": "finetune"}, {"arch": "small_cnn"}]
+)
+def test_gradient_modes_are_tuned_by_learning_rate_and_batch_size(static: dict) -> None:
+    plain = fs.hyperparameter_ranges(as_sdk=False, static=static)
     assert plain["learning_rate"] == {
         "Name": "learning_rate",
         "MinValue": "0.001",
         "MaxValue": "0.1",
         "ScalingType": "Logarithmic",
     }
+    assert set(plain) == {"learning_rate", "batch_size"}
     assert plain["batch_size"]["Values"] == ["32", "64", "128", "256"]
 
 
-def test_ranges_as_sdk_objects() -> None:
+def _as_request(ranges: dict) -> dict[str, list]:
+    """SDK parameter objects as CreateHyperParameterTuningJob's ParameterRanges, numbers parsed
+    (the SDK writes 10 as "10.0")."""
+    from sagemaker.tuner import CategoricalParameter, ContinuousParameter
+
+    out: dict[str, list] = {
+        "ContinuousParameterRanges": [],
+        "CategoricalParameterRanges": [],
+        "IntegerParameterRanges": [],
+    }
+    for name, r in ranges.items():
+        kind = (
+            "CategoricalParameterRanges"
+            if isinstance(r, CategoricalParameter)
+            else "ContinuousParameterRanges"
+            if isinstance(r, ContinuousParameter)
+            else "IntegerParameterRanges"
+        )
+        out[kind].append(_numbers(r.as_tuning_range(name)))
+    return out
+
+
+def _numbers(r: dict) -> dict:
+    return {k: float(v) if k in ("MinValue", "MaxValue") else v for k, v in r.items()}
+
+
+@pytest.mark.parametrize("static", [None, {"probe_solver": "sgd"}])
+def test_ranges_as_sdk_objects(static: dict | None) -> None:
     pytest.importorskip("sagemaker")
     from sagemaker.tuner import CategoricalParameter, ContinuousParameter
 
-    ranges = fs.hyperparameter_ranges()
-    lr, batch = ranges["learning_rate"], ranges["batch_size"]
-    assert isinstance(lr, ContinuousParameter) and isinstance(batch, CategoricalParameter)
-    assert (
-        lr.as_tuning_range("learning_rate") == jobdef.TUNING_RANGES["ContinuousParameterRanges"][0]
-    )
-    assert (
-        batch.as_tuning_range("batch_size") == jobdef.TUNING_RANGES["CategoricalParameterRanges"][0]
-    )
+    ranges = fs.hyperparameter_ranges(static=static)
+    [continuous] = [r for r in ranges.values() if isinstance(r, ContinuousParameter)]
+    [categorical] = [r for r in ranges.values() if isinstance(r, CategoricalParameter)]
+    assert continuous.scaling_type == "Logarithmic" and categorical.values
+    wanted = {kind: [_numbers(r) for r in rs] for kind, rs in jobdef.tuning_ranges(static).items()}
+    assert _as_request(ranges) == wanted
 
 
 def test_image_uris_from_the_settings() -> None:

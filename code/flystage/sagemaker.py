@@ -4,9 +4,15 @@ What an SDK user would otherwise copy by hand, each from the one place flystage 
 
 - :data:`METRIC_DEFINITIONS`, :data:`OBJECTIVE_METRIC`: the regexes SageMaker reads the
   training log with (``flystage.jobdef``, the same ones ``make tune`` sends);
-- :func:`hyperparameter_ranges`: what the lab tunes (learning_rate 0.001-0.1 on a log scale,
-  batch_size 32-256), as the SDK's ``ContinuousParameter``/``CategoricalParameter`` objects
-  when the SDK is installed, else the CreateHyperParameterTuningJob dicts;
+- :func:`hyperparameter_ranges`: what a tuning job searches for the model the static
+  hyperparameters train (``flystage.jobdef.tuning_ranges``, as ``make tune`` does): ``probe_l2``
+  (0.01-10 on a log scale) and ``probe_columns`` (1 or 3) for the default model, an exactly
+  solved probe; ``learning_rate`` (0.001-0.1, log) and ``batch_size`` (32-256) for the
+  gradient-trained modes (``probe_solver=sgd``, ``mode=finetune``, networks trained from
+  scratch). As the SDK's ``ContinuousParameter``/``CategoricalParameter``/``IntegerParameter``
+  objects when the SDK is installed, else the CreateHyperParameterTuningJob dicts. An exact
+  probe gives the same model at the same point, so its search is worth at most
+  ``flystage.jobdef.trial_budget`` trials: give the tuner ``max_jobs`` no larger;
 - :func:`image_uris`: the train and serve images from the settings (``flystage.toml`` /
   ``FLYSTAGE_*``): the local tags for ``instance_type="local"``, the ECR URIs otherwise;
 - :func:`folder_hyperparameters`: the folder-channel rules (``label_regex``, ``label_level``,
@@ -36,7 +42,7 @@ Example (local mode; on AWS use ``ml.m5.xlarge`` and the ECR URIs)::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +51,6 @@ from flystage.serving.client import content_type, parse_answer, predict_each
 
 METRIC_DEFINITIONS: list[dict[str, str]] = jobdef.METRIC_DEFINITIONS
 OBJECTIVE_METRIC: str = jobdef.OBJECTIVE_METRIC
-TUNING_RANGES: dict[str, list[dict[str, Any]]] = jobdef.TUNING_RANGES
 # The one input channel: a folder/prefix with manifest.csv, or a folder tree (label rules below).
 DATA_CHANNEL = jobdef.DATA_CHANNEL
 # BDGP-like trees <gene>/<stage>/<image>: the first folder (the gene) is the group.
@@ -73,30 +78,35 @@ def sdk_available() -> bool:
     return True
 
 
-def hyperparameter_ranges(as_sdk: bool | None = None) -> dict[str, Any]:
-    """The tuned hyperparameters by name, from ``flystage.jobdef.TUNING_RANGES``.
+def hyperparameter_ranges(
+    as_sdk: bool | None = None, *, static: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The hyperparameters a tuning job searches for the model ``static`` (the Estimator's
+    hyperparameters; default: none, the default model) trains, by name, from
+    ``flystage.jobdef.tuning_ranges``.
 
     ``as_sdk`` None: SDK objects (``sagemaker.tuner.ContinuousParameter`` with
     ``scaling_type="Logarithmic"``, ``CategoricalParameter``, ``IntegerParameter``) when the
     SDK is installed, else the request dicts; True requires the SDK; False always gives dicts.
     """
+    ranges = jobdef.tuning_ranges(static)
     if as_sdk is None:
         as_sdk = sdk_available()
     if not as_sdk:
-        return {r["Name"]: dict(r) for ranges in TUNING_RANGES.values() for r in ranges}
+        return {r["Name"]: dict(r) for kind in ranges.values() for r in kind}
     _sdk()
     from sagemaker.tuner import CategoricalParameter, ContinuousParameter, IntegerParameter
 
     out: dict[str, Any] = {}
-    for r in TUNING_RANGES.get("ContinuousParameterRanges", []):
+    for r in ranges.get("ContinuousParameterRanges", []):
         out[r["Name"]] = ContinuousParameter(
             float(r["MinValue"]), float(r["MaxValue"]), scaling_type=r.get("ScalingType", "Auto")
         )
-    for r in TUNING_RANGES.get("IntegerParameterRanges", []):
+    for r in ranges.get("IntegerParameterRanges", []):
         out[r["Name"]] = IntegerParameter(
             int(r["MinValue"]), int(r["MaxValue"]), scaling_type=r.get("ScalingType", "Auto")
         )
-    for r in TUNING_RANGES.get("CategoricalParameterRanges", []):
+    for r in ranges.get("CategoricalParameterRanges", []):
         out[r["Name"]] = CategoricalParameter(list(r["Values"]))
     return out
 
