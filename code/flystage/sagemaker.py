@@ -78,6 +78,15 @@ def sdk_available() -> bool:
     return True
 
 
+def _number(text: str) -> int | float:
+    # "10" stays an int: the SDK writes the number back with str(), so the request then says
+    # "10" as make tune's does, not "10.0".
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def hyperparameter_ranges(
     as_sdk: bool | None = None, *, static: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -100,7 +109,9 @@ def hyperparameter_ranges(
     out: dict[str, Any] = {}
     for r in ranges.get("ContinuousParameterRanges", []):
         out[r["Name"]] = ContinuousParameter(
-            float(r["MinValue"]), float(r["MaxValue"]), scaling_type=r.get("ScalingType", "Auto")
+            _number(r["MinValue"]),
+            _number(r["MaxValue"]),
+            scaling_type=r.get("ScalingType", "Auto"),
         )
     for r in ranges.get("IntegerParameterRanges", []):
         out[r["Name"]] = IntegerParameter(
