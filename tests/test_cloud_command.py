@@ -129,11 +129,14 @@ def test_tune_train_deploy_teardown_dry_runs(tmp_path):
         MODEL_DATA="s3://lab-bucket/flystage/output/j/output/model.tar.gz",
     )
     assert operations(deploy) == [
+        # Is there an endpoint of that name, and does it carry flystage's tags?
+        "sagemaker.describe_endpoint",
+        "sagemaker.list_tags",
         "sagemaker.create_model",
         "sagemaker.create_endpoint_config",
         "sagemaker.create_endpoint",
     ]
-    assert "ServerlessConfig" in deploy[1]["request"]["ProductionVariants"][0]
+    assert "ServerlessConfig" in deploy[3]["request"]["ProductionVariants"][0]
 
     teardown = make("teardown", tmp_path)
     assert [op for op in operations(teardown) if "delete" in op] == [

@@ -242,6 +242,11 @@ def deploy(
     stamp = job_name("x").removeprefix("flystage-x-")
     model_name = derived_name(settings.endpoint_name, "model", stamp)
     config_name = derived_name(settings.endpoint_name, "config", stamp)
+    if api.dry_run:
+        # What a real deploy asks first: is there an endpoint of that name, and is it ours?
+        # (The dry run goes on as if there were none.)
+        api.call("sagemaker", "describe_endpoint", EndpointName=settings.endpoint_name)
+        api.call("sagemaker", "list_tags", ResourceArn=f"<EndpointArn of {settings.endpoint_name}>")
     existing = None if api.dry_run else current_endpoint(api, settings.endpoint_name)
     # Checked before creating anything, so a refused deploy leaves nothing behind.
     old_config, old_models = _check_updatable(api, settings, existing)
