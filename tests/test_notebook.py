@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import urllib.parse
 import urllib.request
@@ -16,6 +17,9 @@ from pathlib import Path
 import pytest
 
 from cloud_helpers import BUCKET, REGION, ROLE, aws, moto_url, put_images  # noqa: F401 (fixtures)
+from flystage import jobdef
+from flystage.cloud.settings import load_settings
+from flystage.training.kinds import EXACT_PROBE, training_kind
 from sdk_helpers import remove_compose_containers, write_sdk_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +98,9 @@ def test_notebook_local_cells_run(tmp_path: Path, bdgp_root: Path, monkeypatch) 
         outputs = run(nb, env, monkeypatch)
     finally:
         remove_compose_containers(tmp_path / "work")
-    assert "ContinuousParameterRanges" in outputs and "Logarithmic" in outputs
+    # The tuner searches the default model by what changes it, within its budget.
+    assert "ContinuousParameterRanges" in outputs and "'Name': 'probe_l2'" in outputs
+    assert f"{jobdef.trial_budget({})} trials over" in outputs
     assert "exit status 0" in outputs
     assert outputs.count("renamed 4 file(s), skipped 0") == 2  # the rename, then its undo
 
@@ -145,11 +151,19 @@ def s3_uris(value) -> list[str]:
     return [value] if isinstance(value, str) and value.startswith("s3://") else []
 
 
+BEST_POINT = """\
+ranges = tuner.hyperparameter_ranges()
+point = {r["Name"]: r.get("Values", [r.get("MinValue")])[0] for rs in ranges.values() for r in rs}
+best_hyperparameters = {**tuner.estimator.hyperparameters(), **point}
+"""
+
+
 def aws_cells(nb) -> list:
     """The AWS path up to the deploy: the cells not tagged ``local`` before section 6 (the
     predictions: moto's invoke_endpoint cannot take image bytes). The cells that wait for
     hours (tagged ``wait``) are left out; the one that reads the tuned hyperparameters is
-    replaced by a cell that sets them."""
+    replaced by a cell that sets them as ``best_estimator().hyperparameters()`` gives them:
+    the tuner's static ones and a point of its ranges."""
     import nbformat
 
     cells = []
@@ -161,9 +175,7 @@ def aws_cells(nb) -> list:
         if "wait" in tags(cell):
             if "best_hyperparameters =" not in cell.source:
                 continue
-            cell = nbformat.v4.new_code_cell(
-                'best_hyperparameters = {"learning_rate": "0.01", "batch_size": "64"}'
-            )
+            cell = nbformat.v4.new_code_cell(BEST_POINT)
         cells.append(cell)
     return cells
 
@@ -206,7 +218,9 @@ def test_notebook_aws_cells_write_only_where_the_role_may(
         moto_api(moto_url, "stop-recording")
     requests = recorded(moto_url)
     check_requests(requests)
-    check_jobs({r["operation"]: r["body"] for r in requests if r["service"] == "sagemaker"})
+    sent = {r["operation"]: r["body"] for r in requests if r["service"] == "sagemaker"}
+    check_jobs(sent)
+    check_tuning(sent, load_settings())
     check_endpoint(api)
 
 
@@ -251,6 +265,26 @@ def check_jobs(sent: dict[str, dict]) -> None:
     wanted = [{"Key": "lab", "Value": "notebook-test"}, {"Key": "project", "Value": "flystage"}]
     for operation in ("CreateHyperParameterTuningJob", "CreateTrainingJob", "CreateModel"):
         assert sorted(sent[operation]["Tags"], key=lambda t: t["Key"]) == wanted, operation
+
+
+def check_tuning(sent: dict[str, dict], settings) -> None:
+    """The tuner searches what changes the model its static hyperparameters train (the
+    default, an exactly solved probe, as make tune tunes it), within that model's trial
+    budget; the training job then trains that same kind of model."""
+    tuning = sent["CreateHyperParameterTuningJob"]
+    config = tuning["HyperParameterTuningJobConfig"]
+    static = {
+        k: v
+        for k, v in tuning["TrainingJobDefinition"]["StaticHyperParameters"].items()
+        if not k.startswith(("sagemaker_", "_tuning"))
+    }
+    assert training_kind(static) == EXACT_PROBE, static
+    assert config["ParameterRanges"] == jobdef.tuning_ranges(static)
+    budget = jobdef.trial_budget(static)
+    limits = config["ResourceLimits"]
+    assert limits["MaxNumberOfTrainingJobs"] == min(settings.tuning_max_jobs, budget or math.inf)
+    assert limits["MaxParallelTrainingJobs"] <= limits["MaxNumberOfTrainingJobs"]
+    assert training_kind(sent["CreateTrainingJob"]["HyperParameters"]) == EXACT_PROBE
 
 
 def check_endpoint(api) -> None:
