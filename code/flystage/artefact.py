@@ -4,6 +4,10 @@ It holds everything serving needs and nothing else:
 
 - ``model.onnx``: input ``image`` float32 ``(N, C, H, W)`` in [0, 1] (dynamic batch), output
   ``logits`` ``(N, K)``; checked against torch when saved.
+- ``model-int8.onnx`` (optional): the same graph statically quantised to int8 (weights per
+  channel, activations calibrated on training images), written by training only when it
+  answers like ``model.onnx`` on the validation images; ``metadata.json``'s ``int8`` says
+  which graph was kept and why, and holds this file's SHA-256.
 - ``weights.pt``: ``{"arch", "labels", "channels", "spec", "state_dict"}`` for torch users
   (fine-tuning, the eager baseline).
 - ``metadata.json``: ``format_version``, ``flystage_version``, ``arch``, ``labels`` (output
@@ -28,6 +32,10 @@ from flystage.imaging import PreprocessConfig
 
 FORMAT_VERSION = 1
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model-int8.onnx"
+# Which graph predict and serve run: the int8 one when the artefact has it ("auto"), or a
+# given one ("int8" without the file is an error, not a silent float).
+PRECISIONS = ("auto", "float", "int8")
 WEIGHTS_FILE = "weights.pt"
 METADATA_FILE = "metadata.json"
 INPUT_NAME = "image"
@@ -36,7 +44,7 @@ OPSET = 17
 # Everything a model directory may hold when served: what save_artefact writes. Anything else
 # (a code/ folder would go on the server's PYTHONPATH, code/requirements.txt be pip-installed)
 # is refused by check_artefact(strict=True).
-ARTEFACT_FILES = frozenset({ONNX_FILE, WEIGHTS_FILE, METADATA_FILE})
+ARTEFACT_FILES = frozenset({ONNX_FILE, INT8_FILE, WEIGHTS_FILE, METADATA_FILE})
 
 
 _CORE_FIELDS = frozenset(
@@ -238,15 +246,53 @@ def _checked_preprocess(
     return config, shape
 
 
-def open_session(model_dir: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session on ``model_dir/model.onnx``; ``threads`` None = all cores."""
+def int8_record(metadata: Metadata) -> dict[str, Any]:
+    """``metadata.json``'s ``int8`` object (``{}`` for a model saved without one)."""
+    record = metadata.extra.get("int8")
+    return record if isinstance(record, dict) else {}
+
+
+def graph_file(
+    model_dir: str | Path, metadata: Metadata, precision: str = "auto"
+) -> tuple[str, str]:
+    """The ONNX file to run for ``precision`` and the precision it has: ``(file name,
+    "float" | "int8")``.
+
+    ``auto`` takes the int8 graph when training kept one (and the file is there), the float
+    graph otherwise. ``int8`` on a model without one, or an int8 file whose SHA-256 is not the
+    one recorded when it was kept, raises ``ArtefactError`` saying what to do.
+    """
+    import hashlib
+
+    if precision not in PRECISIONS:
+        raise ArtefactError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "float":
+        return ONNX_FILE, "float"
+    record = int8_record(metadata)
+    path = Path(model_dir) / INT8_FILE
+    if not record.get("kept") or not path.is_file():
+        if precision == "auto":
+            return ONNX_FILE, "float"
+        why = record.get("reason") or "it was saved without one"
+        raise ArtefactError(f"{model_dir}: no int8 model ({why}); use precision float or auto")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != record.get("sha256"):
+        raise ArtefactError(
+            f"{path}: not the int8 model saved with this {METADATA_FILE} (SHA-256 differs); "
+            f"delete it, or re-train the model"
+        )
+    return INT8_FILE, "int8"
+
+
+def open_session(model_dir: str | Path, threads: int | None = None, graph: str = ONNX_FILE):
+    """An onnxruntime CPU session on ``model_dir/graph``; ``threads`` None = all cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or 0)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    path = Path(model_dir) / ONNX_FILE
+    path = Path(model_dir) / graph
     try:
         return ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
@@ -257,10 +303,12 @@ def open_session(model_dir: str | Path, threads: int | None = None):
         ) from None
 
 
-def check_session(session: Any, metadata: Metadata, model_dir: str | Path) -> None:
+def check_session(
+    session: Any, metadata: Metadata, model_dir: str | Path, graph: str = ONNX_FILE
+) -> None:
     """Raise ``ArtefactError`` unless the ONNX graph's input/output match the metadata."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    where = Path(model_dir) / ONNX_FILE
+    where = Path(model_dir) / graph
     if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
         raise ArtefactError(
             f"{where}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}', found inputs "
@@ -312,18 +360,27 @@ def check_artefact(
                 "else is served, installed or imported"
             )
     metadata = load_metadata(model_dir)
-    session = open_session(model_dir, threads)
-    check_session(session, metadata, model_dir)
+    graphs = [ONNX_FILE] + ([INT8_FILE] if int8_record(metadata).get("kept") else [])
+    for graph in graphs:
+        if graph == INT8_FILE:
+            graph_file(model_dir, metadata, "int8")  # present and the one recorded
+        _trial_batch(model_dir, metadata, threads, graph)
+    return metadata
+
+
+def _trial_batch(
+    model_dir: str | Path, metadata: Metadata, threads: int | None, graph: str
+) -> None:
+    """Open ``graph`` and run a batch of two through it; ``ArtefactError`` if anything is off."""
+    where = Path(model_dir) / graph
+    session = open_session(model_dir, threads, graph)
+    check_session(session, metadata, model_dir, graph)
     batch = np.zeros((2, *metadata.input_shape), dtype=np.float32)
     try:
         logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
     except Exception as exc:
-        raise ArtefactError(
-            f"{Path(model_dir) / ONNX_FILE}: a trial batch failed ({exc}); re-export the model"
-        ) from None
+        raise ArtefactError(f"{where}: a trial batch failed ({exc}); re-export the model") from None
     if logits.shape != (2, len(metadata.labels)) or not np.all(np.isfinite(logits)):
         raise ArtefactError(
-            f"{Path(model_dir) / ONNX_FILE}: a trial batch gave shape {logits.shape} or "
-            "non-finite logits"
+            f"{where}: a trial batch gave shape {logits.shape} or non-finite logits"
         )
-    return metadata

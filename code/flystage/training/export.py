@@ -25,6 +25,7 @@ from flystage.artefact import (
     FORMAT_VERSION,
     INPUT_NAME,
     METADATA_FILE,
+    INT8_FILE,
     ONNX_FILE,
     OPSET,
     OUTPUT_NAME,
@@ -113,6 +114,8 @@ def save_artefact(
             (tmp / METADATA_FILE).write_text(
                 json.dumps(metadata.to_dict(), indent=2) + "\n", encoding="utf-8"
             )
+            # An int8 graph quantised from the model being replaced must not outlive it.
+            (model_dir / INT8_FILE).unlink(missing_ok=True)
             # Metadata last: a reader never sees new metadata next to an old model.
             for name in (ONNX_FILE, WEIGHTS_FILE, METADATA_FILE):
                 os.replace(tmp / name, model_dir / name)
