@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,9 +36,11 @@ import numpy as np
 from flystage.artefact import (
     INPUT_NAME,
     OUTPUT_NAME,
+    PRECISIONS,
     ArtefactError,
     Metadata,
     check_session,
+    graph_file,
     load_metadata,
     open_session,
 )
@@ -46,6 +48,10 @@ from flystage.imaging import ImageError, preprocess, read_image
 from flystage.organise import iter_images
 
 Source = str | Path | bytes
+# Chosen by bench-predict on 2 cores (docs/speed.md): batches in flight, each on one
+# onnxruntime thread, with image reading on its own threads.
+DEFAULT_WORKERS = 2
+DEFAULT_READERS = 1
 
 # What --rename appends: "__s<label>_s<label>_s<label>" before the suffix.
 RENAMED_RE = re.compile(r"__s[A-Za-z0-9.+-]+(?:_s[A-Za-z0-9.+-]+)*$")
@@ -158,14 +164,17 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int = 3) -> list[list[tup
 class Predictor:
     """The artefact's ONNX model on onnxruntime, with the artefact's own preprocessing.
 
-    ``threads`` bounds onnxruntime's intra-op threads (None: all cores).
+    ``threads`` bounds onnxruntime's intra-op threads (None: all cores). ``precision`` picks
+    the graph (:func:`flystage.artefact.graph_file`): ``auto`` runs the int8 graph when training
+    kept one; ``self.precision`` and ``self.graph`` say which runs.
     """
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, precision: str = "auto"):
         self.model_dir = Path(model_dir)
         self.metadata: Metadata = load_metadata(self.model_dir)
-        self.session = open_session(self.model_dir, threads)
-        check_session(self.session, self.metadata, self.model_dir)
+        self.graph, self.precision = graph_file(self.model_dir, self.metadata, precision)
+        self.session = open_session(self.model_dir, threads, self.graph)
+        check_session(self.session, self.metadata, self.model_dir, self.graph)
         self.labels = list(self.metadata.labels)
         self.config = self.metadata.preprocess
 
@@ -184,41 +193,52 @@ class Predictor:
         logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch)})[0]
         return softmax(logits)
 
-    def predict_sources(
-        self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None
-    ) -> list[Prediction]:
-        """Top-k for each image (path or bytes); an unreadable image gets its ``error`` instead.
+    def prepare(self, source: Source, name: str) -> np.ndarray | str:
+        """The model input float32 ``(C, H, W)`` in [0, 1] for one image (path or bytes), or why
+        there is none: the decoder's error, or ``blank image (...)``.
 
-        So does a blank image (every pixel NaN, or one value, or no contrast left after
-        preprocessing): the model would name three stages for nothing, and --rename would put
-        them in its name. Its row says ``blank image (...)`` and it keeps its name.
+        A blank image (every pixel NaN, or one value, or no contrast left after preprocessing)
+        gets no input: the model would name three stages for nothing, and --rename would put
+        them in its name.
         """
-        names = (
-            list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
-        )
+        try:
+            image = read_image(source, page=self.config.page, name=name)
+            blank = blank_reason(image)
+            array = None if blank else preprocess(image, self.config)
+            if array is not None and float(array.max() - array.min()) == 0.0:
+                blank = "no contrast left after preprocessing"
+        except ImageError as exc:
+            return str(exc)
+        if blank:
+            return f"{name}: blank image ({blank}); not predicted"
+        return array
+
+    def predict_prepared(
+        self, prepared: Sequence[np.ndarray | str], names: Sequence[str], k: int = 3
+    ) -> list[Prediction]:
+        """Predictions for the outputs of :meth:`prepare` (one batch through the model)."""
         predictions = [Prediction(name) for name in names]
-        arrays, good = [], []
-        for i, (source, name) in enumerate(zip(sources, names)):
-            try:
-                image = read_image(source, page=self.config.page, name=name)
-                blank = blank_reason(image)
-                array = None if blank else preprocess(image, self.config)
-                if array is not None and float(array.max() - array.min()) == 0.0:
-                    blank = "no contrast left after preprocessing"
-            except ImageError as exc:
-                predictions[i].error = str(exc)
-                continue
-            if blank:
-                # The model would still answer a confident-looking top-3 for nothing at all.
-                predictions[i].error = f"{name}: blank image ({blank}); not predicted"
-                continue
-            arrays.append(array)
-            good.append(i)
-        if arrays:
-            probs = self.predict_arrays(np.stack(arrays))
+        good = [i for i, item in enumerate(prepared) if not isinstance(item, str)]
+        for i, item in enumerate(prepared):
+            if isinstance(item, str):
+                predictions[i].error = item
+        if good:
+            probs = self.predict_arrays(np.stack([prepared[i] for i in good]))
             for i, top in zip(good, top_k(probs, self.labels, k)):
                 predictions[i].top = top
         return predictions
+
+    def predict_sources(
+        self, sources: Sequence[Source], k: int = 3, names: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Top-k for each image (path or bytes); an unreadable or blank image gets its ``error``
+        instead (:meth:`prepare`); a blank image's row says ``blank image (...)`` and it keeps its
+        name."""
+        names = (
+            list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
+        )
+        prepared = [self.prepare(source, name) for source, name in zip(sources, names)]
+        return self.predict_prepared(prepared, names, k)
 
 
 def blank_reason(image: np.ndarray) -> str | None:
@@ -254,28 +274,51 @@ def predict_files(
     batch_size: int = 16,
     progress: bool | None = None,
     workers: int = 1,
+    readers: int = 1,
 ) -> list[Prediction]:
     """Predictions for ``paths`` in batches, in order, named relative to ``root``.
 
-    ``workers`` > 1 keeps that many batches in flight on threads (onnxruntime and OpenCV
-    release the GIL, so one batch is decoded while another runs the model; for a remote
-    predictor, requests overlap). A tqdm bar shows on a terminal.
+    A local :class:`Predictor` runs as a pipeline (:func:`flystage.pipeline.pipelined_batches`):
+    ``readers`` threads decode and preprocess ahead while ``workers`` batches run the model. A
+    remote predictor gets ``workers`` batches in flight at once. A tqdm bar with images/s shows
+    on a terminal.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from tqdm import tqdm
 
     names = [_relative_name(p, root) for p in paths]
-    step = max(1, batch_size)
-    chunks = [slice(start, start + step) for start in range(0, len(paths), step)]
+    if hasattr(predictor, "prepare") and hasattr(predictor, "predict_prepared"):
+        from flystage.pipeline import pipelined_batches
+
+        batches = pipelined_batches(
+            predictor, paths, names, k, batch_size, workers=workers, readers=readers
+        )
+    else:
+        batches = _remote_batches(predictor, paths, names, k, batch_size, workers)
     out: list[Prediction] = []
     # disable=None: a bar on a terminal, silence in logs and CI.
-    with (
-        tqdm(
-            total=len(paths), unit="img", disable=None if progress is None else not progress
-        ) as bar,
-        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
-    ):
+    with tqdm(
+        total=len(paths), unit="img", disable=None if progress is None else not progress
+    ) as bar:
+        for batch in batches:
+            out.extend(batch)
+            bar.update(len(batch))
+    return out
+
+
+def _remote_batches(
+    predictor: SourcePredictor,
+    paths: Sequence[Path],
+    names: Sequence[str],
+    k: int,
+    batch_size: int,
+    workers: int,
+) -> Iterator[list[Prediction]]:
+    """Batches sent ``workers`` at a time (requests overlap), yielded in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = max(1, batch_size)
+    chunks = [slice(start, start + step) for start in range(0, len(paths), step)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = []
         for i, chunk in enumerate(chunks):
             pending.append(
@@ -283,10 +326,7 @@ def predict_files(
             )
             # Collect in order, with at most `workers` + 1 batches in memory.
             while pending and (len(pending) > max(1, workers) or i == len(chunks) - 1):
-                batch = pending.pop(0).result()
-                out.extend(batch)
-                bar.update(len(batch))
-    return out
+                yield pending.pop(0).result()
 
 
 def _relative_name(path: Path, root: Path | None) -> str:
@@ -702,8 +742,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, help="onnxruntime threads per batch (default: cores / workers)"
     )
-    # Two batches in flight: one decoding while the other runs the model (see bench-predict).
-    parser.set_defaults(workers=2)
+    parser.add_argument(
+        "--readers",
+        type=int,
+        default=DEFAULT_READERS,
+        help=(
+            f"threads reading and preprocessing images ahead of the model (default "
+            f"{DEFAULT_READERS})"
+        ),
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help=(
+            "which of the model's graphs to run: auto (default) = the int8 one when training kept "
+            "it (it answered like the float one on the validation images; metadata.json's "
+            "'int8' says why), else float; int8 = refuse a model without one"
+        ),
+    )
+    # Batches in flight, one onnxruntime thread each (see bench-predict and docs/speed.md).
+    parser.set_defaults(workers=DEFAULT_WORKERS)
 
 
 def run_undo(manifest: Path) -> int:
@@ -748,6 +807,7 @@ def run_with(
         k=args.k,
         batch_size=args.batch_size,
         workers=getattr(args, "workers", 1),
+        readers=getattr(args, "readers", 1),
     )
     below = getattr(args, "unsure_below", None)
     write_csv(predictions, args.out, k=args.k, force=args.force, unsure_below=below)
@@ -837,7 +897,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
-        predictor = Predictor(args.model, threads=threads)
+        predictor = Predictor(args.model, threads=threads, precision=args.precision)
     except ArtefactError as exc:
         _print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -845,6 +905,7 @@ def run(args: argparse.Namespace) -> int:
     info = {
         "model_dir": str(args.model),
         "arch": md.arch,
+        "precision": predictor.precision,
         "labels": md.labels,
         "flystage_version": md.flystage_version,
         "created": md.created,
