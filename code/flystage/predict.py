@@ -278,7 +278,7 @@ def predict_files(
 ) -> list[Prediction]:
     """Predictions for ``paths`` in batches, in order, named relative to ``root``.
 
-    A local :class:`Predictor` runs as a pipeline (:func:`flystage.pipeline.pipelined_batches`):
+    A local :class:`Predictor` runs as a pipeline (:func:`flystage.batches.pipelined_batches`):
     ``readers`` threads decode and preprocess ahead while ``workers`` batches run the model. A
     remote predictor gets ``workers`` batches in flight at once. A tqdm bar with images/s shows
     on a terminal.
@@ -287,7 +287,7 @@ def predict_files(
 
     names = [_relative_name(p, root) for p in paths]
     if hasattr(predictor, "prepare") and hasattr(predictor, "predict_prepared"):
-        from flystage.pipeline import pipelined_batches
+        from flystage.batches import pipelined_batches
 
         batches = pipelined_batches(
             predictor, paths, names, k, batch_size, workers=workers, readers=readers
