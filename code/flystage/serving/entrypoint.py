@@ -36,7 +36,7 @@ def model_dir() -> Path:
 
 
 def serve() -> int:
-    from flystage.artefact import ArtefactError, check_artefact
+    from flystage.artefact import ArtefactError, check_artefact, graph_file
     from flystage.serving import settings
 
     if os.environ.get("SAGEMAKER_MULTI_MODEL", "false").lower() == "true":
@@ -53,16 +53,19 @@ def serve() -> int:
     where = model_dir()
     try:
         metadata = check_artefact(where, threads=1, strict=True)
+        graph, precision = graph_file(where, metadata, config.precision)
     except ArtefactError as exc:
         logger.error("flystage serve: NOT SERVING, the model in %s is unusable: %s", where, exc)
         return EXIT_BAD_MODEL
     logger.info(
-        "flystage serve: model %s (%d stages: %s) in %s; %d workers x %d threads, timeout %d s, "
-        "payload limit %d MB; management API on %s",
+        "flystage serve: model %s (%d stages: %s) in %s, %s graph %s; %d workers x %d threads, "
+        "timeout %d s, payload limit %d MB; management API on %s",
         metadata.arch,
         len(metadata.labels),
         ", ".join(metadata.labels),
         where,
+        precision,
+        graph,
         config.workers,
         config.threads,
         config.timeout_seconds,

@@ -25,7 +25,6 @@ from sagemaker_inference.default_inference_handler import DefaultInferenceHandle
 from sagemaker_inference.errors import BaseInferenceToolkitError
 from sagemaker_inference.transformer import Transformer
 
-from flystage.artefact import ONNX_FILE
 from flystage.imaging import preprocess
 from flystage.predict import Predictor
 from flystage.serving import codec, settings
@@ -44,11 +43,13 @@ class ServedModel:
 
 
 def model_info(predictor: Predictor) -> dict[str, Any]:
-    """The model facts every answer carries; ``version`` is the ONNX file's SHA-256 prefix."""
+    """The model facts every answer carries; ``version`` is the SHA-256 prefix of the ONNX graph
+    that runs (``precision`` says which: float or int8)."""
     meta = predictor.metadata
-    digest = hashlib.sha256((predictor.model_dir / ONNX_FILE).read_bytes()).hexdigest()
+    digest = hashlib.sha256((predictor.model_dir / predictor.graph).read_bytes()).hexdigest()
     return {
         "version": digest[:16],
+        "precision": predictor.precision,
         "arch": meta.arch,
         "labels": list(meta.labels),
         "flystage_version": meta.flystage_version,
@@ -70,10 +71,12 @@ class InferenceHandler(DefaultInferenceHandler):
 
     def default_model_fn(self, model_dir: str, context: Any = None) -> ServedModel:
         config = settings.resolve()
-        predictor = Predictor(model_dir, threads=config.threads)
+        predictor = Predictor(model_dir, threads=config.threads, precision=config.precision)
         logger.info(
-            "flystage model %s loaded from %s (%d onnxruntime threads)",
+            "flystage model %s (%s graph %s) loaded from %s (%d onnxruntime threads)",
             predictor.metadata.arch,
+            predictor.precision,
+            predictor.graph,
             model_dir,
             config.threads,
         )

@@ -14,6 +14,7 @@ variable                                    meaning                             
 ``FLYSTAGE_MAX_DECODED_MB``                 largest decoded image accepted, in MiB  512
 ``FLYSTAGE_MAX_BATCH``                      most images in one JSON request         16
 ``SAGEMAKER_SAFE_PORT_RANGE``               ports the container may use beside 8080 unset (8081)
+``FLYSTAGE_PRECISION``                      graph to run: auto, float or int8       auto
 ==========================================  ======================================  ===============
 
 CPUs are those this container may use (CPU affinity and cgroup quota), not the host's. One
@@ -28,6 +29,11 @@ fill its memory. An image is refused (400) before decoding when its header promi
 are the command line's (:mod:`flystage.imaging`): 512 MiB holds a 100 MP 16-bit grey image and
 costs a worker about 3 times that at its peak, while a 600 KB zlib TIFF of 25 MP float64 RGB
 (572 MiB decoded) is refused.
+
+``FLYSTAGE_PRECISION``: ``auto`` runs the artefact's int8 graph when training kept one (it
+answered like the float graph on the validation images), the float graph otherwise; ``int8``
+refuses to start on a model without one; ``float`` always runs ``model.onnx``. Every answer's
+``model`` says which ran (``precision``) and its ``version`` is that graph's SHA-256 prefix.
 
 The model server's management API listens on the container's loopback at
 :func:`management_port`: 8081, or, when SageMaker sets ``SAGEMAKER_SAFE_PORT_RANGE`` (as it does
@@ -60,6 +66,7 @@ MAX_PAYLOAD_MB = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
 MAX_PIXELS = "FLYSTAGE_MAX_PIXELS"
 MAX_BATCH = "FLYSTAGE_MAX_BATCH"
 MAX_DECODED_MB = "FLYSTAGE_MAX_DECODED_MB"
+PRECISION = "FLYSTAGE_PRECISION"
 # multi-model-server reads MMS_<FIELD> over its config file; its own body limit, in bytes.
 TRANSPORT_LIMIT = "MMS_MAX_REQUEST_SIZE"
 TRANSPORT_FACTOR = 4
@@ -93,6 +100,7 @@ class ServeSettings:
     max_pixels: int
     max_batch: int
     max_decoded_mb: int
+    precision: str = "auto"
 
     @property
     def max_payload_bytes(self) -> int:
@@ -116,6 +124,7 @@ class ServeSettings:
             MAX_PIXELS: str(self.max_pixels),
             MAX_BATCH: str(self.max_batch),
             MAX_DECODED_MB: str(self.max_decoded_mb),
+            PRECISION: self.precision,
             TRANSPORT_LIMIT: str(TRANSPORT_FACTOR * self.max_payload_bytes),
             EXECUTION_PARAMETERS: json.dumps(self.execution_parameters()),
         }
@@ -185,7 +194,20 @@ def resolve(
         max_pixels=_positive_int(environ, MAX_PIXELS, DEFAULT_MAX_PIXELS),
         max_batch=_positive_int(environ, MAX_BATCH, DEFAULT_MAX_BATCH),
         max_decoded_mb=_positive_int(environ, MAX_DECODED_MB, DEFAULT_MAX_DECODED_MB),
+        precision=_precision(environ),
     )
+
+
+def _precision(environ: MutableMapping[str, str]) -> str:
+    from flystage.artefact import PRECISIONS
+
+    raw = environ.get(PRECISION, "").strip().lower() or "auto"
+    if raw not in PRECISIONS:
+        raise SettingsError(
+            f"{PRECISION}={environ[PRECISION]!r}: expected one of {', '.join(PRECISIONS)} "
+            "(auto: the int8 graph when the model has one)"
+        )
+    return raw
 
 
 def apply(
