@@ -78,7 +78,7 @@ bench-accuracy-lablike: ## the same on lab-like copies of BDGP (dim 1110x420 16-
 bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model input (JSON line)
 	$(PY) bench/bench_preprocess.py
 
-bench-predict: ## images/s of `flystage predict` over 200 lab-like 1110x420 16-bit TIFFs, ONNX model (JSON line; MODEL=dir, else untrained default)
+bench-predict: ## images/s of `flystage predict` over 2,000 lab-like 1110x420 16-bit TIFFs, int8 and float graphs and torch eager, with their leave-one-gene-out accuracy (JSON line; MODEL=dir, else the default trained on BDGP)
 	$(PY) bench/bench_predict.py $(if $(MODEL),--model $(MODEL))
 
 .PHONY: screenshots bench-review
@@ -145,7 +145,7 @@ else
 	$(IMAGE_ENV) BUILD_IMAGES=baseline docker/build-offline.sh all
 endif
 
-bench-serve: baseline-image ## serve image vs torch-eager baseline: latency, throughput, start time, sizes [MODEL=dir]
+bench-serve: baseline-image ## serve image (int8 and float) vs torch-eager baseline: latency and its breakdown, throughput, start time, sizes [MODEL=dir]
 	$(PY) bench/bench_serve.py --serve-image $(SERVE_IMAGE) --baseline-image $(BASELINE_IMAGE) \
 		--train-image $(TRAIN_IMAGE) --requests $(BENCH_SERVE_REQUESTS) $(if $(MODEL),--model $(MODEL))
 
