@@ -22,7 +22,12 @@ the toolkit's defaults (``TrainConfig()``: the pretrained Lite2 probe) unless ``
 
 Each scores the pooled held-out predictions once, prints one line per fold, and as its last
 line one JSON object: ``top1``, ``top3``, ``ece``, ``within1``, ``mae`` and their 95 %
-intervals ``top1_ci`` ... ``mae_ci`` (a bootstrap over groups), ``protocol``, ``data``
+intervals ``top1_ci`` ... ``mae_ci`` (a bootstrap over groups); with ``int8`` on (the default)
+each fold's model is also quantised as training quantises it, and ``int8_top1``,
+``int8_top3``, ``int8_top1_ci``, ``int8_top3_ci``, ``int8_minus_float_top1`` (and ``_ci``,
+paired over the same groups), ``int8_top1_changed_images`` (images whose top-1 correctness
+differs from the float model's), ``int8_minus_float_top1_images`` (net correct images), the
+same for top-3, ``int8_kept_folds`` and ``int8_seconds`` follow; ``protocol``, ``data``
 ("bdgp", "lablike" or "stages15"), ``seconds``, ``arch``, ``mode``, ``input``, ``coverage``,
 ``per_fold``, ``per_stage_recall``, ``config_changes`` (every setting that differs from the
 defaults) and more. ``--out DIR`` (default ``runs/bench-accuracy[-lablike|-stages15]``) gets
@@ -60,6 +65,7 @@ from flystage.training.crossval import (
     UNLABELLED_PROTOCOLS,
     CrossvalError,
     crossval,
+    pooled_int8,
     pooled_pseudo,
     write_report,
 )
@@ -179,6 +185,8 @@ def pool(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     )
     if "unlabelled" in first:
         pooled["unlabelled"] = pooled_pseudo(first["unlabelled"]["protocol"], pooled["folds"])
+    if "int8" in first:
+        pooled["int8"] = pooled_int8(predictions, labels, pooled["folds"])
     return pooled
 
 
@@ -282,16 +290,37 @@ def summary(
         # The baseline and the goal are BDGP's six stage ranges; stages15 has neither.
         "baseline": BASELINE if data != "stages15" else None,
         "goal": GOAL if data != "stages15" else None,
-        "per_fold": [
-            {
-                k: f[k]
-                for k in ("seed", "group", "n_test", "top1", "top3", "best_epoch", "seconds")
-                if k in f
-            }
-            for f in report["folds"]
-        ],
+        # The int8 graph of each fold (TrainConfig.int8): its scores and the images it answers
+        # differently from the float model.
+        **int8_keys(report.get("int8")),
+        "per_fold": [{k: f[k] for k in FOLD_KEYS if k in f} for f in report["folds"]],
         "per_stage_recall": {label: s["recall"] for label, s in report["per_stage"].items()},
     }
+
+
+FOLD_KEYS = (
+    "seed",
+    "group",
+    "n_test",
+    "top1",
+    "top3",
+    "best_epoch",
+    "seconds",
+    "int8_top1",
+    "int8_top3",
+    "int8_top1_changed",
+    "int8_top3_changed",
+    "int8_kept",
+    "int8_seconds",
+)
+
+
+def int8_keys(int8: dict[str, Any] | None) -> dict[str, Any]:
+    """The pooled int8 figures (crossval's ``pooled_int8``) as ``int8_<key>`` entries of the
+    JSON line; ``{"int8": None}`` when the config trains without an int8 graph."""
+    if not int8:
+        return {"int8": None}
+    return {f"int8_{key}": value for key, value in int8.items() if key != "n"}
 
 
 # ---- the program -------------------------------------------------------------------------

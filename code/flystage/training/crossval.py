@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from flystage.bootstrap import bootstrap_intervals, image_terms, paired_bootstrap
+from flystage.calibrate import softmax
 from flystage.channels import DataError
 from flystage.evaluate import (
     evaluate_probs,
@@ -377,8 +380,14 @@ def crossval(
         )
         probs = predict_probs(result.model, cache.get([r.path for r in fold.test]))
         targets = np.array([index[r.label] for r in fold.test], dtype=np.int64)
+        int8_probs, int8_fold = (
+            int8_of_fold(result, fold, cache, labels, config, probs, targets)
+            if config.int8
+            else (None, {})
+        )
         seconds = time.perf_counter() - t0
         fold_reports.append(_fold_report(fold, group_column, probs, targets, result, seconds))
+        fold_reports[-1].update(int8_fold)
         if extra:
             fold_reports[-1].update(_pseudo_report(extra, result, group_column))
         log(
@@ -386,14 +395,24 @@ def crossval(
             f"top1={fold_reports[-1]['top1']:.3f} top3={fold_reports[-1]['top3']:.3f} "
             f"best_epoch={fold_reports[-1]['best_epoch']} "
             f"T={fold_reports[-1]['temperature'] or 1:.2f} {seconds:.0f} s"
+            + (
+                f" (int8 top1={int8_fold['int8_top1']:.3f} top3={int8_fold['int8_top3']:.3f}, "
+                f"{int8_fold['int8_seconds']:.0f} s of them)"
+                if int8_fold
+                else ""
+            )
         )
         all_probs.append(probs)
         all_targets.append(targets)
         # Each image's own group (in leave-one-group-out, the fold's): what the intervals
         # resample.
-        predictions += predictions_of(
+        fold_predictions = predictions_of(
             fold.test, probs, [group_of(r, group_column) for r in fold.test]
         )
+        if int8_probs is not None:
+            for entry, row in zip(fold_predictions, int8_probs):
+                entry["int8_probs"] = [round(float(p), 6) for p in row]
+        predictions += fold_predictions
     # Intervals resample whole held-out groups, the unit the folds hold out.
     report = evaluate_probs(
         np.concatenate(all_probs),
@@ -413,7 +432,113 @@ def crossval(
     )
     if unlabelled != "none":
         report["unlabelled"] = pooled_pseudo(unlabelled, fold_reports)
+    if config.int8:
+        report["int8"] = pooled_int8(predictions, labels, fold_reports)
     return report
+
+
+def int8_of_fold(
+    result: Any,
+    fold: Fold,
+    cache: ImageCache,
+    labels: Sequence[str],
+    config: TrainConfig,
+    probs: np.ndarray,
+    targets: np.ndarray,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The fold's model as training would save it, quantised (:mod:`flystage.training.quantise`,
+    calibrated on a label-stratified sample of the fold's training images) and run by
+    onnxruntime on the test images: its probabilities ``(n, K)`` and the fold's int8 entries
+    (top-1/top-3, images whose top-1/top-3 correctness differs from the float model's
+    ``probs``, whether training's rule would keep it on the fold's valid images, seconds).
+
+    When quantising fails the float probabilities stand in (what the artefact would serve)
+    and ``int8_error`` says why."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    try:
+        int8_probs, out["int8_kept"] = _quantised_fold(result, fold, cache, labels, config)
+    except Exception as exc:  # the quantiser's errors are untyped; the fold's float result stands
+        int8_probs = probs
+        out.update(int8_kept=False, int8_error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+    float_terms, int8_terms = image_terms(probs, targets), image_terms(int8_probs, targets)
+    out.update(
+        int8_top1=round(float(int8_terms[:, 0].mean()), 6),
+        int8_top3=round(float(int8_terms[:, 1].mean()), 6),
+        int8_top1_changed=int((float_terms[:, 0] != int8_terms[:, 0]).sum()),
+        int8_top3_changed=int((float_terms[:, 1] != int8_terms[:, 1]).sum()),
+        int8_seconds=round(time.perf_counter() - t0, 1),
+    )
+    return int8_probs, out
+
+
+def _quantised_fold(
+    result: Any, fold: Fold, cache: ImageCache, labels: Sequence[str], config: TrainConfig
+) -> tuple[np.ndarray, bool]:
+    """The int8 graph's probabilities on the fold's test images, and whether training's keep
+    rule would keep it on the fold's valid images."""
+    from flystage.artefact import INT8_FILE, ONNX_FILE
+    from flystage.training import quantise as q
+    from flystage.training.export import save_artefact
+
+    def images(records: Sequence[Record]) -> np.ndarray:
+        return to_float(cache.get([r.path for r in records])).numpy()
+
+    threads = config.threads or None
+    chosen = q.stratified_sample([r.label for r in fold.train], q.CALIBRATION_IMAGES, config.seed)
+    index = {label: i for i, label in enumerate(labels)}
+    valid_targets = np.array([index[r.label] for r in fold.valid], dtype=np.int64)
+    with tempfile.TemporaryDirectory(prefix="flystage-fold-int8-") as tmp:
+        save_artefact(tmp, result.model, config.arch, labels, config.preprocess, spec=result.spec)
+        q.quantise(
+            Path(tmp) / ONNX_FILE, Path(tmp) / INT8_FILE, images([fold.train[i] for i in chosen])
+        )
+        test_logits = q.onnx_logits(tmp, INT8_FILE, images(fold.test), threads)
+        valid = images(fold.valid)
+        kept, _ = q.keep_decision(
+            *(
+                q.correct_counts(q.onnx_logits(tmp, graph, valid, threads), valid_targets)
+                for graph in (ONNX_FILE, INT8_FILE)
+            )
+        )
+    return softmax(test_logits), kept
+
+
+def pooled_int8(
+    predictions: Sequence[dict[str, Any]],
+    labels: Sequence[str],
+    fold_reports: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """The int8 graphs' pooled held-out scores, from the predictions' ``probs`` (float) and
+    ``int8_probs``: ``top1``/``top3`` with 95 % bootstrap intervals over the predictions'
+    groups (as the float figures), ``minus_float`` (int8 - float per score with the paired
+    interval), images whose top-1/top-3 correctness differs (``top1_changed_images``, ...) and
+    the net change in correct images, folds whose graph training would keep, seconds."""
+    index = {label: i for i, label in enumerate(labels)}
+    targets = np.array([index[p["label"]] for p in predictions], dtype=np.int64)
+    groups = [p["group"] for p in predictions]
+    float_terms = image_terms(np.array([p["probs"] for p in predictions]), targets)
+    int8_terms = image_terms(np.array([p["int8_probs"] for p in predictions]), targets)
+    drawn, _ = bootstrap_intervals(int8_terms, groups)
+    paired, _ = paired_bootstrap(float_terms, int8_terms, groups)
+    out: dict[str, Any] = {"n": len(predictions)}
+    for j, key in enumerate(("top1", "top3")):
+        out[key] = round(float(int8_terms[:, j].mean()), 6)
+        out[f"{key}_ci"] = [round(float(v), 6) for v in drawn[key]]
+        out[f"minus_float_{key}"] = round(paired[key]["difference"], 6)
+        out[f"minus_float_{key}_ci"] = [round(float(v), 6) for v in paired[key]["interval"]]
+        out[f"{key}_changed_images"] = int((float_terms[:, j] != int8_terms[:, j]).sum())
+        out[f"minus_float_{key}_images"] = int(int8_terms[:, j].sum() - float_terms[:, j].sum())
+    from flystage.training.quantise import CALIBRATION_IMAGES
+
+    out.update(
+        calibration_images=CALIBRATION_IMAGES,
+        kept_folds=sum(bool(f.get("int8_kept")) for f in fold_reports),
+        failed_folds=sum("int8_error" in f for f in fold_reports),
+        folds=len(fold_reports),
+        seconds=round(sum(f.get("int8_seconds", 0.0) for f in fold_reports), 1),
+    )
+    return out
 
 
 UNLABELLED_PROTOCOLS = ("none", "held-out", "other-group")
