@@ -24,8 +24,8 @@ from flystage import __version__
 from flystage.artefact import (
     FORMAT_VERSION,
     INPUT_NAME,
-    METADATA_FILE,
     INT8_FILE,
+    METADATA_FILE,
     ONNX_FILE,
     OPSET,
     OUTPUT_NAME,
@@ -124,8 +124,68 @@ def save_artefact(
     return metadata
 
 
+def with_static_padding(model: Any, chw: tuple[int, int, int]) -> Any:
+    """``model``, or a copy whose TF-"same" convolutions pad by constants for input ``chw``.
+
+    timm's ``Conv2dSame`` (the stride-2 layers of the tf_ EfficientNets) works out its padding
+    from the input size on every call; exported, that is shape arithmetic and a separate Pad
+    per layer (about 10 % of the float model's time, and float islands in an int8 graph). An
+    artefact's input size is fixed, so each such layer becomes a zero pad by the amounts it
+    computes for that size plus an unpadded convolution, which onnxruntime fuses into one
+    padded convolution. A layer seen at more than one size keeps its dynamic padding.
+    """
+    import copy
+
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    sizes: dict[str, set[tuple[int, int]]] = {}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _, inputs, name=name: sizes.setdefault(name, set()).add(
+                tuple(inputs[0].shape[-2:])
+            )
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, Conv2dSame)
+    ]
+    if not hooks:
+        return model
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *chw))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    static = copy.deepcopy(model)
+    for name, seen in sizes.items():
+        if len(seen) != 1:
+            continue
+        (height, width), same = next(iter(seen)), static.get_submodule(name)
+        pad_h, pad_w = (
+            get_same_padding(size, k, s, d)
+            for size, k, s, d in zip((height, width), same.kernel_size, same.stride, same.dilation)
+        )
+        conv = torch.nn.Conv2d(
+            same.in_channels,
+            same.out_channels,
+            same.kernel_size,
+            same.stride,
+            0,
+            same.dilation,
+            same.groups,
+            same.bias is not None,
+        )
+        conv.load_state_dict(same.state_dict())
+        pad = torch.nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        parent, _, child = name.rpartition(".")
+        setattr(static.get_submodule(parent), child, torch.nn.Sequential(pad, conv))
+    return static.eval()
+
+
 def _export_onnx(model: Any, path: Path, chw: tuple[int, int, int], opset: int) -> None:
     """``model`` exported to ``path`` by torch's TorchScript exporter, the batch axis dynamic."""
+    model = with_static_padding(model, chw)
     with warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose (dynamo=False: no onnxscript
         # dependency, proven on these models); its deprecation notice is noise here.
