@@ -43,3 +43,35 @@ def stages15_root() -> Path:
             "bdgp-stages15 folder to run this test"
         )
     return STAGES15
+
+
+@pytest.fixture(scope="session")
+def int8_model(bdgp_root: Path, tmp_path_factory) -> Path:
+    """The default model really trained (``flystage train``, in this process) on 11 BDGP images
+    per stage, 3 per stage to validate on, with the int8 graph training keeps: a model
+    directory for predict and serve tests (copy it before changing it)."""
+    import contextlib
+    import dataclasses
+    import io
+
+    from flystage.artefact import int8_record, load_metadata
+    from flystage.organise import write_manifest
+    from flystage.training.train import main
+    from train_helpers import bdgp_records
+
+    root = tmp_path_factory.mktemp("int8-model")
+    stages = ("1-3", "4-6", "7-8", "9-10", "11-12", "13-16")
+    train, valid = bdgp_records(bdgp_root, train_per_stage=11, valid_per_stage=3, stages=stages)
+    # Each image its own group: a gene may give both training and validation images here.
+    manifest = write_manifest(
+        [dataclasses.replace(r, group=f"{r.group}/{r.path.stem}") for r in (*train, *valid)],
+        root / "manifest.csv",
+    )
+    model_dir = root / "model"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["--manifest", str(manifest), "--model_dir", str(model_dir), "--threads", "2"])
+    assert code == 0, out.getvalue()
+    record = int8_record(load_metadata(model_dir))
+    assert record.get("kept"), f"training did not keep the int8 graph: {record}"
+    return model_dir

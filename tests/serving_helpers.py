@@ -130,12 +130,13 @@ def image_body(ext: str, seed: int) -> bytes:
 
 
 @contextlib.contextmanager
-def healthy_serve_container(model_dir: Path, image: str):
-    """The serve image on model_dir with one model-server worker, once /ping answers 200
-    (three minutes at most); removed on leaving, also when it never became healthy."""
+def healthy_serve_container(model_dir: Path, image: str, environment: dict | None = None):
+    """The serve image on model_dir with one model-server worker (and ``environment``), once
+    /ping answers 200 (three minutes at most); removed on leaving, also when it never became
+    healthy."""
     from flystage.serving.container import start_serve_container
 
-    one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    one_worker = {"SAGEMAKER_MODEL_SERVER_WORKERS": "1", **(environment or {})}
     with start_serve_container(model_dir, image, environment=one_worker) as container:
         container.wait_healthy(timeout=180)
         yield container

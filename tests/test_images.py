@@ -161,6 +161,26 @@ def test_raw_image_gets_the_same_top3_as_the_predictor(server, model_dir, ext, c
     assert answer["timing_ms"]["total"] > 0
 
 
+@pytest.mark.parametrize("precision", [None, "float"])
+def test_the_serve_image_runs_the_int8_graph_unless_told_float(
+    images, int8_model, tmp_path, precision
+):
+    model = shutil.copytree(int8_model, tmp_path / "model")
+    model.chmod(0o755)
+    body = image_body(".tif", seed=5)
+    environment = {"FLYSTAGE_PRECISION": precision} if precision else {}
+    with healthy_serve_container(model, images["serve"], environment) as server:
+        response = post(server, body, "image/tiff")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    runs = precision or "int8"
+    assert answer["model"]["precision"] == runs
+    expected = Predictor(model, threads=1, precision=runs).predict_sources([body], k=3)[0]
+    got = answer["predictions"][0]["top"]
+    assert [t["stage"] for t in got] == [s for s, _ in expected.top]
+    assert [t["probability"] for t in got] == pytest.approx([p for _, p in expected.top], abs=1e-3)
+
+
 def test_json_single_batch_and_k(server):
     one = base64.b64encode(tiff_bytes(lab_image(seed=1))).decode()
     response = post(server, json.dumps({"image": one, "k": 6}).encode(), "application/json")

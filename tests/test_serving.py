@@ -5,10 +5,12 @@ trained here. The same code in the real container: tests/test_images.py."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.server
 import json
 import logging
 import os
+import shutil
 import threading
 from http import HTTPStatus
 from pathlib import Path
@@ -414,3 +416,46 @@ def test_execution_parameters_stay_within_sagemaker_s_100_mb(workers, payload_mb
     # Never more than the container takes, nor more requests than workers.
     assert answer["MaxPayloadInMB"] <= served.max_payload_mb
     assert answer["MaxConcurrentTransforms"] <= served.workers
+
+
+# ---- precision: the int8 graph of a really trained model -------------------------------------
+
+
+@pytest.mark.parametrize("value", ["int4", "fp16", "1"])
+def test_bad_precision_is_refused_with_its_name(value):
+    with pytest.raises(settings.SettingsError, match=settings.PRECISION):
+        settings.resolve({settings.PRECISION: value}, cpus=2)
+
+
+def test_precision_defaults_to_auto_and_reaches_the_workers():
+    env = {settings.PRECISION: " Float "}
+    assert settings.apply(env, cpus=2).precision == "float"
+    assert env[settings.PRECISION] == "float"
+    assert settings.resolve({}, cpus=2).precision == "auto"
+
+
+@pytest.mark.parametrize("precision, runs", [(None, "int8"), ("float", "float"), ("int8", "int8")])
+def test_the_worker_runs_the_graph_the_setting_picks(int8_model, monkeypatch, precision, runs):
+    if precision:
+        monkeypatch.setenv(settings.PRECISION, precision)
+    else:
+        monkeypatch.delenv(settings.PRECISION, raising=False)
+    handler = HandlerService()
+    context = Context("model", str(int8_model), None, 1, None, "1.1.11")
+    handler.initialize(context)
+    status, answer = invoke((handler, context), image_body(".tif", seed=5), "image/tiff")
+    assert status == 200, answer
+    assert answer["model"]["precision"] == runs
+    graph = int8_model / ("model-int8.onnx" if runs == "int8" else "model.onnx")
+    assert answer["model"]["version"] == hashlib.sha256(graph.read_bytes()).hexdigest()[:16]
+
+
+def test_serve_refuses_int8_for_a_model_without_one(
+    tmp_path, monkeypatch, caplog, model_dir, saved_environ
+):
+    shutil.copytree(model_dir, tmp_path / "model")
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv(settings.PRECISION, "int8")
+    with caplog.at_level(logging.ERROR):
+        assert entrypoint.serve() == entrypoint.EXIT_BAD_MODEL
+    assert "no int8 model" in caplog.text and "NOT SERVING" in caplog.text

@@ -27,7 +27,7 @@ from flystage.artefact import (
 )
 from flystage.datasets import bdgp_by_gene
 from flystage.organise import read_manifest, write_manifest
-from flystage.training.crossval import crossval
+from flystage.training.crossval import crossval, int8_line
 from flystage.training.export import load_torch_model, save_artefact
 from flystage.training.quantise import (
     CALIBRATION_IMAGES,
@@ -127,7 +127,10 @@ def test_the_head_and_the_padding_arithmetic_stay_float(trained) -> None:
     for name in ("model.mean", "model.std", "model.head.weight", "temperature"):
         assert initializers[name].data_type == onnx.TensorProto.FLOAT, name
     convs = [n for n in graph.node if n.op_type == "Conv"]
-    assert convs and all(any(i in dequantized for i in n.input) for n in convs)
+    float_convs = [n.name for n in convs if n.input[0] not in dequantized]
+    # The stem sees the image itself (a dim 16-bit frame would keep 256 grey levels): float.
+    assert len(float_convs) == 1 and "conv_stem" in float_convs[0], float_convs
+    assert all(any(i in dequantized for i in n.input) for n in convs if n.name not in float_convs)
 
 
 def test_a_graph_that_fails_the_rule_is_not_kept(trained, tmp_path: Path) -> None:
@@ -226,3 +229,6 @@ def test_crossval_scores_each_folds_int8_graph(bdgp_root: Path) -> None:
     assert int8["top1_ci"][0] <= int8["top1"] <= int8["top1_ci"][1]
     assert int8["top3_ci"][0] <= int8["top3"] <= int8["top3_ci"][1]
     assert json.loads(json.dumps(report))["int8"] == int8
+    assert f"top-1 right/wrong differs from float on {int8['top1_changed_images']} images" in (
+        int8_line(int8)
+    )
