@@ -178,7 +178,10 @@ def test_the_serve_image_runs_the_int8_graph_unless_told_float(
     expected = Predictor(model, threads=1, precision=runs).predict_sources([body], k=3)[0]
     got = answer["predictions"][0]["top"]
     assert [t["stage"] for t in got] == [s for s, _ in expected.top]
-    assert [t["probability"] for t in got] == pytest.approx([p for _, p in expected.top], abs=1e-3)
+    # The image's libraries are its own builds, not the host's (the thread count makes no
+    # difference): a float graph answers within 1e-3, an int8 graph's 8-bit steps turn the same
+    # tiny input differences into a few thousandths.
+    assert [t["probability"] for t in got] == pytest.approx([p for _, p in expected.top], abs=0.01)
 
 
 def test_json_single_batch_and_k(server):
