@@ -44,7 +44,7 @@ from flystage.artefact import (
     load_metadata,
     open_session,
 )
-from flystage.imaging import ImageError, preprocess, read_image
+from flystage.imaging import ImageError, preprocess, read_image, set_threads
 from flystage.organise import iter_images
 
 Source = str | Path | bytes
@@ -898,6 +898,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
         predictor = Predictor(args.model, threads=threads, precision=args.precision)
+        set_threads(threads)
     except ArtefactError as exc:
         _print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from sagemaker_inference.default_inference_handler import DefaultInferenceHandle
 from sagemaker_inference.errors import BaseInferenceToolkitError
 from sagemaker_inference.transformer import Transformer
 
-from flystage.imaging import preprocess
+from flystage.imaging import preprocess, set_threads
 from flystage.predict import Predictor
 from flystage.serving import codec, settings
 
@@ -73,6 +73,7 @@ class InferenceHandler(DefaultInferenceHandler):
     def default_model_fn(self, model_dir: str, context: Any = None) -> ServedModel:
         config = settings.resolve()
         predictor = Predictor(model_dir, threads=config.threads, precision=config.precision)
+        set_threads(config.threads)  # one CPU's share per worker, OpenCV included
         logger.info(
             "flystage model %s (%s graph %s) loaded from %s (%d onnxruntime threads)",
             predictor.metadata.arch,
