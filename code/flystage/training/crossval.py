@@ -472,6 +472,19 @@ def int8_of_fold(
     return int8_probs, out
 
 
+def int8_line(int8: dict[str, Any]) -> str:
+    """One line of :func:`pooled_int8`'s figures for the command's output."""
+    return (
+        f"int8 graphs: top1 {int8['top1']:.3f} [{int8['top1_ci'][0]:.3f}, "
+        f"{int8['top1_ci'][1]:.3f}], top3 {int8['top3']:.3f} [{int8['top3_ci'][0]:.3f}, "
+        f"{int8['top3_ci'][1]:.3f}]; top-1 right/wrong differs from float on "
+        f"{int8['top1_changed_images']} images (net {int8['minus_float_top1_images']:+d}), "
+        f"top-3 on {int8['top3_changed_images']} (net {int8['minus_float_top3_images']:+d}); "
+        f"kept by training's rule in {int8['kept_folds']}/{int8['folds']} folds, "
+        f"{int8['seconds']:.0f} s"
+    )
+
+
 def _quantised_fold(
     result: Any, fold: Fold, cache: ImageCache, labels: Sequence[str], config: TrainConfig
 ) -> tuple[np.ndarray, bool]:
@@ -691,6 +704,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report_text(report))
+    if "int8" in report:
+        print(int8_line(report["int8"]))
     print(f"pooled over {len(report['folds'])} folds in {report['seconds']:.0f} s")
     print(f"wrote {report_path} and {png_path}")
     return 0
