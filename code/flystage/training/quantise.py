@@ -12,10 +12,13 @@ ensemble's averaging, and the "same"-padding arithmetic on the input's shape.
 
 Measured on the default probe (efficientnet_lite2, trained on 6 BDGP genes; onnxruntime 1.32,
 2 threads, batch 16; issue 17): quantising only ``Conv`` kept top-1 on 89 % of the 193
-BDGP images, ``Conv`` + ``Add`` + ``Clip`` on 99 % at ~1.35x the float graph's speed;
-QOperator answered the same as QDQ and was no faster; Entropy calibration the same as MinMax
-(3x slower to calibrate), Percentile 99.999 slightly worse; 16-160 calibration images within
-one image of each other, so :data:`CALIBRATION_IMAGES` = 64.
+BDGP images, ``Conv`` + ``Add`` + ``Clip`` on 98-99 % at ~1.35x the float graph's images/s;
+QOperator answered the same as QDQ at about the same speed; Entropy calibration the same as
+MinMax (3x slower to calibrate), Percentile 99.999 slightly worse; 16-160 calibration images
+within one image of each other, so :data:`CALIBRATION_IMAGES` = 64. In leave-one-gene-out
+cross-validation (``make bench-accuracy``) int8 changed top-1 by +0.5 points [-3.1, +6.9] on
+BDGP but by -3.6 [-5.5, -0.8] on the lab-like copies, where the keep rule, judging ~10
+validation images per fold, kept 23 of 24 graphs.
 
 :func:`add_int8` quantises a model directory's graph, scores both graphs on the validation
 images and keeps ``model-int8.onnx`` only when it loses at most ``allowed_loss`` correct top-1
