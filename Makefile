@@ -81,6 +81,10 @@ bench-preprocess: ## median/p90 ms to turn a 1110x420 16-bit TIFF into a model i
 bench-predict: ## images/s of `flystage predict` over 2,000 lab-like 1110x420 16-bit TIFFs, int8 and float graphs and torch eager, with their leave-one-gene-out accuracy (JSON line; MODEL=dir, else the default trained on BDGP)
 	$(PY) bench/bench_predict.py $(if $(MODEL),--model $(MODEL))
 
+.PHONY: bench-int8-choices
+bench-int8-choices: ## the int8 graph's and the export's choices on BDGP (default trained first): same top-1 as float, CPU ms/image, quantise seconds (JSON lines; docs/speed.md) [MODEL=dir]
+	$(PY) bench/bench_int8_choices.py $(if $(MODEL),--model $(MODEL))
+
 .PHONY: screenshots bench-review
 
 screenshots: ## docs/review.png, the review page on the demo's predictions in headless Chromium (run `make demo` first)
