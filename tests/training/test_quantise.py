@@ -160,6 +160,21 @@ def test_a_graph_that_fails_the_rule_is_not_kept(trained, tmp_path: Path) -> Non
         graph_file(copy, metadata, "int8")
 
 
+def test_a_graph_that_answers_too_differently_is_not_kept(trained, tmp_path: Path) -> None:
+    model_dir, train, valid, _ = trained
+    copy = _copy(model_dir, tmp_path / "model", with_int8=False)
+    images, targets = _valid_arrays(copy, valid)
+    calibration = preprocessed([r.path for r in train[:8]], load_metadata(copy).preprocess)
+    # Demanding more agreement than there can be: the counts pass, the agreement fails.
+    record = add_int8(copy, calibration, images, targets, lambda _: None, min_agreement=1.01)
+    assert record["kept"] is False and "answers too differently" in record["reason"]
+    assert record["checked_images"] == len(images) + len(calibration)
+    assert 0.9 <= record["checked_top1_agreement"] <= 1.0
+    assert not (copy / INT8_FILE).exists()
+    # The same model under the default rule is kept: the agreement is the only thing refused.
+    assert add_int8(copy, calibration, images, targets, lambda _: None)["kept"] is True
+
+
 def test_a_failed_quantisation_leaves_the_float_model_as_it_was(trained, tmp_path: Path) -> None:
     model_dir, _, valid, _ = trained
     copy = _copy(model_dir, tmp_path / "model")

@@ -503,16 +503,18 @@ def _quantised_fold(
     valid_targets = np.array([index[r.label] for r in fold.valid], dtype=np.int64)
     with tempfile.TemporaryDirectory(prefix="flystage-fold-int8-") as tmp:
         save_artefact(tmp, result.model, config.arch, labels, config.preprocess, spec=result.spec)
-        q.quantise(
-            Path(tmp) / ONNX_FILE, Path(tmp) / INT8_FILE, images([fold.train[i] for i in chosen])
-        )
+        calibration = images([fold.train[i] for i in chosen])
+        q.quantise(Path(tmp) / ONNX_FILE, Path(tmp) / INT8_FILE, calibration)
         test_logits = q.onnx_logits(tmp, INT8_FILE, images(fold.test), threads)
         valid = images(fold.valid)
         kept, _ = q.keep_decision(
             *(
                 q.correct_counts(q.onnx_logits(tmp, graph, valid, threads), valid_targets)
                 for graph in (ONNX_FILE, INT8_FILE)
-            )
+            ),
+            agreement=q.agreement_check(
+                tmp, INT8_FILE, np.concatenate([valid, calibration]), threads
+            ),
         )
     return softmax(test_logits), kept
 
