@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def make_folder(folder: Path, source: str, n: int) -> str:
 
 
 def end_to_end(folder: Path, model_dir: Path, out: Path, args: argparse.Namespace, precision: str):
-    """Seconds of the real command from its start to its exit, and the command."""
+    """Seconds of the real command from its start to its exit, its CPU seconds (all threads),
+    and the command."""
     command = [
         sys.executable,
         "-m",
@@ -100,12 +102,15 @@ def end_to_end(folder: Path, model_dir: Path, out: Path, args: argparse.Namespac
     for option in ("batch_size", "workers", "readers", "threads"):
         if getattr(args, option):
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         sys.exit(f"flystage predict failed ({result.returncode}):\n{result.stderr}")
-    return seconds, " ".join(["flystage", *command[3:]])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, " ".join(["flystage", *command[3:]])
 
 
 def onnx_figures(
@@ -117,7 +122,9 @@ def onnx_figures(
     from flystage.predict import DEFAULT_READERS, DEFAULT_WORKERS, Predictor, predict_files
 
     paths, _ = iter_images([folder])
-    seconds, command = end_to_end(folder, model_dir, folder.parent / "preds.csv", args, precision)
+    seconds, cpu, command = end_to_end(
+        folder, model_dir, folder.parent / "preds.csv", args, precision
+    )
     workers = args.workers or DEFAULT_WORKERS
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     predictor = Predictor(model_dir, threads=threads, precision=precision)
@@ -139,6 +146,9 @@ def onnx_figures(
         "graph": predictor.graph,
         "images_per_s": round(len(paths) / seconds, 1),
         "seconds": round(seconds, 2),
+        # CPU time is steadier than wall time on a shared machine: a neighbour's load on the
+        # other hyperthread still shows, but waiting for a core does not.
+        "cpu_ms_per_image": round(1000 * cpu / len(paths), 2),
         "steady_images_per_s": round(len(paths) / steady, 1),
         "model_images_per_s": round(throughput(alone.predict_arrays, batch, args.images), 1),
         "command": command,
