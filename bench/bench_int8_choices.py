@@ -63,23 +63,11 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 def dynamic_padding_graph(model_dir: Path, dest: Path) -> None:
     """``model.onnx`` as exported before static padding: torch's export of ``weights.pt``."""
-    import torch
+    from flystage.artefact import load_metadata
+    from flystage.training.export import export_onnx, load_torch_model
 
-    from flystage.artefact import INPUT_NAME, OUTPUT_NAME, load_metadata
-    from flystage.training.export import load_torch_model
-
-    model = load_torch_model(model_dir)
     chw = tuple(load_metadata(model_dir).input_shape)
-    torch.onnx.export(
-        model,
-        (torch.rand(1, *chw),),
-        str(dest),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    export_onnx(load_torch_model(model_dir), dest, chw, static_padding=False)
 
 
 def int8_variant(source: Path, dest: Path, calibration: np.ndarray, change: str) -> float:

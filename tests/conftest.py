@@ -46,20 +46,19 @@ def stages15_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def int8_model(bdgp_root: Path, tmp_path_factory) -> Path:
-    """The default model really trained (``flystage train``, in this process) on 11 BDGP images
-    per stage, 3 per stage to validate on, with the int8 graph training keeps: a model
-    directory for predict and serve tests (copy it before changing it)."""
+def trained_default(bdgp_root: Path, tmp_path_factory):
+    """``flystage train`` (in this process) of the default model on 11 real BDGP images per
+    stage, 3 per stage to validate on: (model dir, train records, valid records, log). Shared
+    by every test that needs a really trained model; copy the model before changing it."""
     import contextlib
     import dataclasses
     import io
 
-    from flystage.artefact import int8_record, load_metadata
-    from flystage.organise import write_manifest
+    from flystage.organise import read_manifest, write_manifest
     from flystage.training.train import main
     from train_helpers import bdgp_records
 
-    root = tmp_path_factory.mktemp("int8-model")
+    root = tmp_path_factory.mktemp("trained-default")
     stages = ("1-3", "4-6", "7-8", "9-10", "11-12", "13-16")
     train, valid = bdgp_records(bdgp_root, train_per_stage=11, valid_per_stage=3, stages=stages)
     # Each image its own group: a gene may give both training and validation images here.
@@ -72,6 +71,19 @@ def int8_model(bdgp_root: Path, tmp_path_factory) -> Path:
     with contextlib.redirect_stdout(out):
         code = main(["--manifest", str(manifest), "--model_dir", str(model_dir), "--threads", "2"])
     assert code == 0, out.getvalue()
+    train, valid = [
+        [r for r in read_manifest(manifest) if r.split == split] for split in ("train", "valid")
+    ]
+    return model_dir, train, valid, out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def int8_model(trained_default) -> Path:
+    """The model directory of ``trained_default``, with the int8 graph training kept: for
+    predict and serve tests (copy it before changing it)."""
+    from flystage.artefact import int8_record, load_metadata
+
+    model_dir = trained_default[0]
     record = int8_record(load_metadata(model_dir))
     assert record.get("kept"), f"training did not keep the int8 graph: {record}"
     return model_dir

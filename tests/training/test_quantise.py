@@ -44,25 +44,10 @@ STAGES = ("1-3", "4-6", "7-8", "9-10", "11-12", "13-16")
 
 
 @pytest.fixture(scope="module")
-def trained(bdgp_root: Path, tmp_path_factory):
-    """``flystage train`` (in this process) of the default model on 11 real BDGP images per
-    stage, 3 per stage to validate on: (model dir, train records, valid records, log)."""
-    root = tmp_path_factory.mktemp("int8")
-    train, valid = bdgp_records(bdgp_root, train_per_stage=11, valid_per_stage=3, stages=STAGES)
-    # Each image its own group: a gene may give both training and validation images here.
-    manifest = write_manifest(
-        [dataclasses.replace(r, group=f"{r.group}/{r.path.stem}") for r in (*train, *valid)],
-        root / "manifest.csv",
-    )
-    model_dir = root / "model"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["--manifest", str(manifest), "--model_dir", str(model_dir), "--threads", "2"])
-    assert code == 0, out.getvalue()
-    train, valid = [
-        [r for r in read_manifest(manifest) if r.split == split] for split in ("train", "valid")
-    ]
-    return model_dir, train, valid, out.getvalue()
+def trained(trained_default):
+    """The default model trained on real BDGP images (conftest): (model dir, train records,
+    valid records, log)."""
+    return trained_default
 
 
 def _copy(model_dir: Path, dest: Path, with_int8: bool = True) -> Path:

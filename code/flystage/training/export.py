@@ -90,7 +90,7 @@ def save_artefact(
                     f"the model returns shape {tuple(out.shape)} for one image but there are "
                     f"{len(labels)} labels"
                 )
-            _export_onnx(model, tmp / ONNX_FILE, (c, h, w), opset)
+            export_onnx(model, tmp / ONNX_FILE, (c, h, w), opset)
             max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
             torch.save(
                 {
@@ -183,9 +183,17 @@ def with_static_padding(model: Any, chw: tuple[int, int, int]) -> Any:
     return static.eval()
 
 
-def _export_onnx(model: Any, path: Path, chw: tuple[int, int, int], opset: int) -> None:
-    """``model`` exported to ``path`` by torch's TorchScript exporter, the batch axis dynamic."""
-    model = with_static_padding(model, chw)
+def export_onnx(
+    model: Any,
+    path: Path,
+    chw: tuple[int, int, int],
+    opset: int = OPSET,
+    static_padding: bool = True,
+) -> None:
+    """``model`` exported to ``path`` by torch's TorchScript exporter, the batch axis dynamic
+    (``static_padding``: :func:`with_static_padding` first; off only to measure what it buys)."""
+    if static_padding:
+        model = with_static_padding(model, chw)
     with warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose (dynamo=False: no onnxscript
         # dependency, proven on these models); its deprecation notice is noise here.
