@@ -198,6 +198,11 @@ def export_onnx(
         # The TorchScript exporter is chosen on purpose (dynamo=False: no onnxscript
         # dependency, proven on these models); its deprecation notice is noise here.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # The flips' reversed Slice (step -1) is not folded into a constant, nor should it be:
+        # it reverses the input at run time. With static padding the exporter tries, and says so.
+        warnings.filterwarnings(
+            "ignore", message="Constant folding - Only steps=1", category=UserWarning
+        )
         torch.onnx.export(
             model,
             (torch.rand(1, *chw),),
