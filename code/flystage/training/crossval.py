@@ -44,9 +44,11 @@ from flystage.evaluate import (
     report_text,
     topk_accuracy,
 )
+from flystage.options import UsageError
 from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
+from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.data import ImageCache, to_float
-from flystage.training.train import TrainConfig, UsageError, config_from_args, train_model
+from flystage.training.ensemble import train_model
 
 PROTOCOL = "leave-one-group-out"
 # Share of each fold's training images (whole groups) kept for choosing the best epoch: on
@@ -349,7 +351,7 @@ def crossval(
     (transductive: the model sees the images it is scored on, without their stages);
     ``other-group``, one training group's images, taken out of training (never the test
     group); each fold then reports how many took a pseudo-label and how many of those were
-    right. ``fit_fn`` is :func:`flystage.training.train.train_model` (replaceable to
+    right. ``fit_fn`` is :func:`flystage.training.ensemble.train_model` (replaceable to
     watch what each fold is given).
     """
     t_start = time.perf_counter()
@@ -610,8 +612,6 @@ def pooled_pseudo(protocol: str, fold_reports: Sequence[dict[str, Any]]) -> dict
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from flystage.training import train
-
     parser.add_argument(
         "--manifest",
         type=Path,
@@ -653,7 +653,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "taken out of training; default none",
     )
     # The training options of `flystage train`, with the same names and defaults.
-    train.add_config_options(parser)
+    add_config_options(parser)
 
 
 def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -> tuple[Path, Path]:
