@@ -64,12 +64,12 @@ from flystage.organise import Record, organise, read_manifest, write_manifest
 from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.crossval import (
     UNLABELLED_PROTOCOLS,
-    CrossvalError,
     crossval,
     pooled_int8,
     pooled_pseudo,
     write_report,
 )
+from flystage.training.folds import CrossvalError
 from make_lablike import LablikeConfig, LablikeError, make_lablike
 
 STAGES15 = Path(
