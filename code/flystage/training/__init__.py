@@ -8,7 +8,7 @@
 - :mod:`~flystage.training.loop`: ``fit``, the epoch loop with its checkpoints;
 - :mod:`~flystage.training.ensemble`: ``train_model``, ensemble members and calibration;
 - :mod:`~flystage.training.train`: ``flystage train`` and the SageMaker training program;
-- :mod:`~flystage.training.crossval`: ``flystage crossval``;
+- :mod:`~flystage.training.folds`, :mod:`~flystage.training.crossval`: ``flystage crossval``;
 - :mod:`~flystage.training.export`: the model artefact written from a torch model (ONNX,
   weights, metadata), and the torch model read back.
 
