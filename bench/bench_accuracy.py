@@ -59,17 +59,17 @@ import torch
 
 from common import DATA, REPO, read_by_gene
 from flystage.evaluate import evaluate_probs
+from flystage.options import UsageError
 from flystage.organise import Record, organise, read_manifest, write_manifest
-from flystage.training import train
+from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.crossval import (
     UNLABELLED_PROTOCOLS,
-    CrossvalError,
     crossval,
     pooled_int8,
     pooled_pseudo,
     write_report,
 )
-from flystage.training.train import TrainConfig, UsageError, config_from_args
+from flystage.training.folds import CrossvalError
 from make_lablike import LablikeConfig, LablikeError, make_lablike
 
 STAGES15 = Path(
@@ -106,7 +106,7 @@ def config_of(argv: Sequence[str]) -> TrainConfig:
     """The TrainConfig that ``flystage train argv`` would train with."""
     # No abbreviations: --set probe=1 must not quietly set probe_l2.
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False, exit_on_error=False)
-    train.add_config_options(parser)
+    add_config_options(parser)
     try:
         args, unknown = parser.parse_known_args(list(argv))
     except argparse.ArgumentError as exc:

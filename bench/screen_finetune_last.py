@@ -29,8 +29,8 @@ from flystage.evaluate import topk_accuracy
 from flystage.imaging import PreprocessConfig
 from flystage.organise import sort_labels
 from flystage.training.backbones import LiteFeatures
-from flystage.training.crossval import plan_folds
 from flystage.training.data import ImageCache, to_float
+from flystage.training.folds import plan_folds
 from flystage.training.probe import fit_logistic, scaled_l2
 
 STAGES15 = DATA.parent / "bdgp-stages15"

@@ -33,13 +33,14 @@ def bdgp_records(bdgp_root: Path, train_per_stage: int = 3, valid_per_stage: int
 
 
 def train_artefact(model_dir: Path, bdgp_root: Path, epochs: int = 1):
-    """Train a small CNN on a few real BDGP images with ``flystage.training.train.fit`` and save
+    """Train a small CNN on a few real BDGP images with ``flystage.training.loop.fit`` and save
     the artefact."""
     import torch
 
     from flystage.imaging import PreprocessConfig
+    from flystage.training.config import TrainConfig
     from flystage.training.export import save_artefact
-    from flystage.training.train import TrainConfig, fit
+    from flystage.training.loop import fit
 
     torch.set_num_threads(1)
     train, valid = bdgp_records(bdgp_root)
@@ -62,9 +63,9 @@ def default_artefact(model_dir: Path, labels: list[str]):
     only."""
     import torch
 
+    from flystage.training.config import TrainConfig
     from flystage.training.export import save_artefact
     from flystage.training.models import build_from_spec
-    from flystage.training.train import TrainConfig
 
     torch.manual_seed(0)
     config = TrainConfig()

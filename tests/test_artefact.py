@@ -306,8 +306,8 @@ def test_the_default_and_small_models_export_and_match_onnx(tmp_path, arch):
     """The default model (TrainConfig().architecture()) and every from-scratch arch export at
     the default input size (ONNX checked against torch)."""
     from flystage.imaging import PreprocessConfig
+    from flystage.training.config import TrainConfig
     from flystage.training.models import build_from_spec
-    from flystage.training.train import TrainConfig
 
     labels = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
     spec = TrainConfig().architecture() if arch == "default" else {"arch": arch, "mode": "full"}
@@ -352,7 +352,8 @@ def bdgp_set(bdgp_root):
 def train_and_save(train, valid, model_dir: Path, preprocess: PreprocessConfig, **choices):
     """Two epochs of ``train_model`` (one thread, batches of 8) with the given choices, saved
     as an artefact in model_dir; returns the result and the metadata."""
-    from flystage.training.train import TrainConfig, train_model
+    from flystage.training.config import TrainConfig
+    from flystage.training.ensemble import train_model
 
     config = TrainConfig(**choices, epochs=2, batch_size=8, threads=1, preprocess=preprocess)
     result = train_model(train, valid, config, log=lambda line: None)

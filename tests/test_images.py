@@ -1,7 +1,7 @@
 """The real train and serve images in real containers (Docker engine needed; `make images` builds
 them, and this module builds any that is missing through docker/build-offline.sh).
 
-The serve container runs a model trained here with flystage.training.train.fit: good requests of
+The serve container runs a model trained here with flystage.training.loop.fit: good requests of
 every content type, every kind of bad request each followed by a good one, honest health on a
 missing or broken model, SIGTERM. The train container gets SIGTERM mid-job. No image may carry
 credentials.

@@ -19,12 +19,13 @@ from flystage.options import (
     option,
     parse_bool,
 )
-from flystage.training.train import configure_parser, hyperparameters_markdown, option_groups
+from flystage.training.config import hyperparameters_markdown, option_groups
+from flystage.training.train import configure_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "hyperparameters.md"
 BEGIN, END = (
-    "<!-- BEGIN generated: flystage.training.train.hyperparameters_markdown() -->\n",
+    "<!-- BEGIN generated: flystage.training.config.hyperparameters_markdown() -->\n",
     "<!-- END generated -->",
 )
 
@@ -35,7 +36,7 @@ def test_the_docs_table_is_the_generated_one() -> None:
     in_doc = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert in_doc == hyperparameters_markdown(), (
         f"{DOC} is out of date: replace the text between its markers with the output of "
-        "`python -c 'from flystage.training.train import hyperparameters_markdown as m; "
+        "`python -c 'from flystage.training.config import hyperparameters_markdown as m; "
         'print(m(), end="")\'`'
     )
 

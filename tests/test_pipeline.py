@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flystage.organise import read_manifest
-from flystage.training.train import TrainConfig
+from flystage.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -93,16 +93,17 @@ def test_corrections_are_what_training_reads(tmp_path: Path, monkeypatch) -> Non
     assert {r.path: r.label for r in read_manifest(manifest)} == wanted
 
     # Watch what training itself is handed.
-    import flystage.training.train as train
+    # train_model calls fit once per ensemble member.
+    import flystage.training.ensemble as ensemble
 
     seen: dict[Path, str] = {}
-    real_fit = train.fit
+    real_fit = ensemble.fit
 
     def spy(train_records, valid_records, *args, **kwargs):
         seen.update({r.path: r.label for r in [*train_records, *valid_records]})
         return real_fit(train_records, valid_records, *args, **kwargs)
 
-    monkeypatch.setattr(train, "fit", spy)
+    monkeypatch.setattr(ensemble, "fit", spy)
     assert (
         cli.main(
             [

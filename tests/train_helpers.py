@@ -29,7 +29,7 @@ def tiny_config(**changes):
     """A ``TrainConfig`` for a tiny small_cnn run (3 epochs, one thread); ``changes`` override.
     (flystage.training is imported here: the torch-free tests import this module too.)"""
     from flystage.imaging import PreprocessConfig
-    from flystage.training.train import TrainConfig
+    from flystage.training.config import TrainConfig
 
     base = dict(
         arch="small_cnn",

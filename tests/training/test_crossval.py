@@ -17,15 +17,11 @@ from flystage.cli import main as cli_main
 from flystage.datasets import bdgp_by_gene
 from flystage.evaluate import evaluate_probs
 from flystage.organise import Record, file_sha1, read_manifest, write_manifest
-from flystage.training.crossval import (
-    CrossvalError,
-    crossval,
-    inner_validation_groups,
-    make_folds,
-    make_kfolds,
-)
+from flystage.training.config import TrainConfig
+from flystage.training.crossval import crossval
+from flystage.training.ensemble import train_model
+from flystage.training.folds import CrossvalError, inner_validation_groups, make_folds, make_kfolds
 from flystage.training.probe import cached_features
-from flystage.training.train import TrainConfig, train_model
 from train_helpers import LABELS, count_extracted, embryo_image
 from train_helpers import TINY_ARGS as TINY_TRAIN_ARGS
 from train_helpers import tiny_config as tiny_train_config

@@ -7,9 +7,9 @@ import onnxruntime as ort
 import torch
 
 from flystage.artefact import ONNX_FILE, load_metadata
+from flystage.training.config import TrainConfig
 from flystage.training.export import save_artefact, with_static_padding
 from flystage.training.models import build_from_spec
-from flystage.training.train import TrainConfig
 
 LABELS = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
 

@@ -13,7 +13,9 @@ import torch
 
 from flystage.artefact import INPUT_NAME, METADATA_FILE, OUTPUT_NAME, open_session
 from flystage.training.backbones import LiteFeatures
+from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, to_float
+from flystage.training.ensemble import train_model
 from flystage.training.export import load_torch_model, save_artefact
 from flystage.training.gradcam import GradCam, gradcam, target_layer
 from flystage.training.models import (
@@ -22,7 +24,6 @@ from flystage.training.models import (
     build_feature_extractor,
     build_from_spec,
 )
-from flystage.training.train import TrainConfig, train_model
 from serving_helpers import bdgp_records
 
 torch.set_num_threads(1)

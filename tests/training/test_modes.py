@@ -1,4 +1,4 @@
-"""Training modes through the real loop (``train.fit``) on tiny synthetic embryos: full,
+"""Training modes through the real loop (``loop.fit``) on tiny synthetic embryos: full,
 probe (frozen features cached per image and draw) and finetune (first stages frozen,
 ImageNet BatchNorm statistics kept)."""
 
@@ -14,7 +14,9 @@ from flystage.augment import AugmentConfig, build_train_transform
 from flystage.channels import split_channels
 from flystage.imaging import PreprocessConfig
 from flystage.training.backbones import DEFAULT_TAPS, build_lite
+from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, StageDataset, to_float
+from flystage.training.loop import fit, make_optimizer
 from flystage.training.models import (
     HOGNet,
     LiteNet,
@@ -24,7 +26,6 @@ from flystage.training.models import (
 )
 from flystage.training.modes import setup_finetune
 from flystage.training.probe import ProbeNet, cached_features
-from flystage.training.train import TrainConfig, fit, make_optimizer
 from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, make_manifest_set
 from train_helpers import tiny_config as tiny_train_config
 
@@ -282,8 +283,9 @@ def test_the_tuner_resolves_the_mode_as_the_training_program(hyperparameters) ->
     from flystage.options import ArgumentParser
     from flystage.training import kinds
     from flystage.training.backbones import LITE_ARCHS
+    from flystage.training.config import config_from_args
     from flystage.training.models import PRETRAINED_ARCHS, TORCHVISION_ARCHS
-    from flystage.training.train import config_from_args, configure_parser
+    from flystage.training.train import configure_parser
 
     assert kinds.LITE_ARCHS == LITE_ARCHS and tuple(TORCHVISION_ARCHS) == kinds.TORCHVISION_ARCHS
     assert kinds.PRETRAINED_ARCHS == PRETRAINED_ARCHS

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, to_float
+from flystage.training.ensemble import train_model
 from flystage.training.ordinal import OrdinalLoss, ordinal_matrix, ordinal_targets
 from flystage.training.probe import L2_REFERENCE_IMAGES, scaled_l2
-from flystage.training.train import TrainConfig, train_model
 from serving_helpers import bdgp_records
 
 

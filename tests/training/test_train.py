@@ -24,19 +24,12 @@ from flystage.jobdef import METRIC_DEFINITIONS, read_epoch_metric, read_metric
 from flystage.options import ArgumentParser, parse_bool
 from flystage.organise import manifest_sha256
 from flystage.training.backbones import DEFAULT_TAPS
+from flystage.training.config import config_from_args
+from flystage.training.ensemble import train_model
 from flystage.training.export import load_torch_model
+from flystage.training.loop import CHECKPOINT_FILE, TrainingStopped, _is_better, fit, metric_line
 from flystage.training.models import Calibrated
-from flystage.training.train import (
-    CHECKPOINT_FILE,
-    EXIT_STOPPED,
-    TrainingStopped,
-    _is_better,
-    config_from_args,
-    fit,
-    main,
-    metric_line,
-    train_model,
-)
+from flystage.training.train import EXIT_STOPPED, main
 from train_helpers import (
     LABELS,
     TINY_ARGS,

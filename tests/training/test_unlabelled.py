@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from flystage.options import UsageError
+from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache
+from flystage.training.ensemble import train_model
 from flystage.training.probe import extract
-from flystage.training.train import TrainConfig, UsageError, main, train_model
+from flystage.training.train import main
 from serving_helpers import bdgp_records
 
 

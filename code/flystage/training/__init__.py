@@ -4,8 +4,11 @@
 - :mod:`~flystage.training.backbones`, :mod:`~flystage.training.models`: the networks;
 - :mod:`~flystage.training.modes`, :mod:`~flystage.training.probe`: what the epoch loop trains
   (full, linear probe, fine-tune);
-- :mod:`~flystage.training.train`: the training config, ``fit`` and ``flystage train``;
-- :mod:`~flystage.training.crossval`: ``flystage crossval``;
+- :mod:`~flystage.training.config`: ``TrainConfig`` and its options;
+- :mod:`~flystage.training.loop`: ``fit``, the epoch loop with its checkpoints;
+- :mod:`~flystage.training.ensemble`: ``train_model``, ensemble members and calibration;
+- :mod:`~flystage.training.train`: ``flystage train`` and the SageMaker training program;
+- :mod:`~flystage.training.folds`, :mod:`~flystage.training.crossval`: ``flystage crossval``;
 - :mod:`~flystage.training.export`: the model artefact written from a torch model (ONNX,
   weights, metadata), and the torch model read back.
 

@@ -1,4 +1,4 @@
-"""Training modes: what ``flystage.training.train.fit``'s epoch loop trains, and on which samples.
+"""Training modes: what ``flystage.training.loop.fit``'s epoch loop trains, and on which samples.
 
 Each mode is one small function ``setup_<mode>(train, valid, labels, cache, config, log)``
 returning a :class:`Setup`; the loop (optimiser, schedule, metric lines, best epoch,
@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from flystage.augment import build_train_transform
 from flystage.organise import Record
+from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, StageDataset, label_indices
-from flystage.training.kinds import MODES  # noqa: F401 (re-exported: train.py reads it here)
 from flystage.training.models import build_feature_extractor, build_model, freeze_backbone
 from flystage.training.ordinal import ordinal_targets
 from flystage.training.probe import ProbeNet, cached_features, fit_logistic, scaled_l2
@@ -41,9 +41,6 @@ from flystage.training.unlabelled import (
     pseudo_labels,
     with_pseudo_labels,
 )
-
-if TYPE_CHECKING:
-    from flystage.training.train import TrainConfig
 
 
 @dataclass
