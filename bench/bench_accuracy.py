@@ -59,7 +59,8 @@ import torch
 
 from common import DATA, REPO, read_by_gene
 from flystage.evaluate import evaluate_probs
-from flystage.organise import Record, organise, read_manifest, write_manifest
+from flystage.manifest import Record, read_manifest, write_manifest
+from flystage.organise import organise
 from flystage.training import train
 from flystage.training.crossval import (
     UNLABELLED_PROTOCOLS,

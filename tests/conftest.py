@@ -55,7 +55,7 @@ def int8_model(bdgp_root: Path, tmp_path_factory) -> Path:
     import io
 
     from flystage.artefact import int8_record, load_metadata
-    from flystage.organise import write_manifest
+    from flystage.manifest import write_manifest
     from flystage.training.train import main
     from train_helpers import bdgp_records
 

@@ -44,7 +44,7 @@ from flystage.evaluate import (
     report_text,
     topk_accuracy,
 )
-from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
+from flystage.manifest import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
 from flystage.training.data import ImageCache, to_float
 from flystage.training.train import TrainConfig, UsageError, config_from_args, train_model
 

@@ -50,6 +50,7 @@ from flystage.augment import AugmentConfig
 from flystage.calibrate import fit_temperature
 from flystage.channels import DataError, FolderRules, data_summary, split_channels
 from flystage.imaging import PreprocessConfig
+from flystage.manifest import Record, manifest_sha256, sort_labels
 from flystage.options import (
     ArgumentParser,
     Option,
@@ -63,7 +64,7 @@ from flystage.options import (
     option,
     regex_text,
 )
-from flystage.organise import Record, iter_images, manifest_sha256, sort_labels
+from flystage.organise import iter_images
 from flystage.training import kinds
 from flystage.training.backbones import DEFAULT_TAPS
 from flystage.training.data import (
