@@ -48,7 +48,7 @@ demo: ## the main job on the default dataset (BDGP): fetch, organise by gene, tr
 	$(FLY) evaluate --model $(DEMO)/model --manifest $(DEMO)/manifest.csv --split test --out $(DEMO)/evaluation --force
 	@# "New" images: copies of the held-out test genes, so renaming touches no source file.
 	mkdir -p $(DEMO)/new-images
-	$(PY) -c 'import shutil, sys; from flystage.organise import read_manifest; \
+	$(PY) -c 'import shutil, sys; from flystage.manifest import read_manifest; \
 		[shutil.copy2(r.path, sys.argv[1]) for r in read_manifest(sys.argv[2]) if r.split == "test"]' \
 		$(DEMO)/new-images $(DEMO)/manifest.csv
 	$(FLY) predict $(DEMO)/new-images --model $(DEMO)/model --out $(DEMO)/predictions.csv --force --rename

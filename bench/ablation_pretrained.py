@@ -27,7 +27,7 @@ import torch
 from common import DATA, read_by_gene
 from flystage.evaluate import topk_accuracy
 from flystage.imaging import PreprocessConfig
-from flystage.organise import sort_labels
+from flystage.manifest import sort_labels
 from flystage.training.backbones import LiteFeatures
 from flystage.training.data import ImageCache
 from flystage.training.models import HOGFeatures

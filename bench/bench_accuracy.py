@@ -59,8 +59,9 @@ import torch
 
 from common import DATA, REPO, read_by_gene
 from flystage.evaluate import evaluate_probs
+from flystage.manifest import Record, read_manifest, write_manifest
 from flystage.options import UsageError
-from flystage.organise import Record, organise, read_manifest, write_manifest
+from flystage.organise import organise
 from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.crossval import (
     UNLABELLED_PROTOCOLS,

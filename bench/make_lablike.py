@@ -80,7 +80,7 @@ import tifffile
 
 from flystage.augment import rotate_full
 from flystage.imaging import read_image
-from flystage.organise import file_sha1
+from flystage.manifest import file_sha1
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "bdgp-insitu"))

@@ -54,7 +54,7 @@ def trained_default(bdgp_root: Path, tmp_path_factory):
     import dataclasses
     import io
 
-    from flystage.organise import read_manifest, write_manifest
+    from flystage.manifest import read_manifest, write_manifest
     from flystage.training.train import main
     from train_helpers import bdgp_records
 

@@ -17,7 +17,7 @@ TINY_HEIGHT, TINY_WIDTH = 32, 80
 
 def bdgp_records(bdgp_root: Path, train_per_stage: int = 3, valid_per_stage: int = 1):
     """(train, valid) Records: the first images of every stage, grouped by gene, from labels.csv."""
-    from flystage.organise import Record
+    from flystage.manifest import Record
 
     by_stage: dict[str, list[dict[str, str]]] = {}
     with open(bdgp_root / "labels.csv", newline="", encoding="utf-8") as f:

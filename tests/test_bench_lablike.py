@@ -16,7 +16,7 @@ import pytest
 import tifffile
 
 from flystage.imaging import PreprocessConfig, foreground_mask, load, read_image, stretch_contrast
-from flystage.organise import file_sha1
+from flystage.manifest import file_sha1
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from cloud_helpers import BUCKET, aws, moto_url  # noqa: F401 (fixtures)
 from flystage.cloud.s3 import check_bucket, upload_dataset
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError
-from flystage.organise import Record, file_sha1, write_manifest
+from flystage.manifest import Record, file_sha1, write_manifest
 from train_helpers import make_manifest_set
 
 
@@ -27,7 +27,7 @@ def dataset(tmp_path):
     big.parent.mkdir(parents=True)
     rng = np.random.default_rng(0)
     tifffile.imwrite(big, rng.integers(0, 4096, (1536, 2048), dtype=np.uint16))  # 6.3 MB
-    from flystage.organise import read_manifest
+    from flystage.manifest import read_manifest
 
     records = read_manifest(manifest) + [Record(big, "1-3", "big", "train", file_sha1(big))]
     write_manifest(records, manifest, force=True)
@@ -120,11 +120,11 @@ def test_bucket_checks(aws, moto_url):
 
 
 def test_missing_manifest_image_is_a_manifest_error(aws, tmp_path):
-    from flystage.organise import OrganiseError
+    from flystage.manifest import ManifestError
 
     api, settings = aws
     manifest = make_manifest_set(tmp_path / "set", train_per_class=1, valid_per_class=1)
     (manifest.parent / "1-3" / "1-3_0.png").unlink()
-    with pytest.raises(OrganiseError, match="1-3_0.png"):
+    with pytest.raises(ManifestError, match="1-3_0.png"):
         upload_dataset(api, settings, manifest, progress=False)
     assert objects(api, "flystage/") == {}

@@ -14,7 +14,7 @@ import pytest
 from flystage import cli
 from flystage.compare import verdict
 from flystage.evaluate import evaluate_probs, predictions_of
-from flystage.organise import Record
+from flystage.manifest import Record
 
 LABELS = ["1-3", "4-6", "7-8", "9-10", "11-12", "13-16"]
 N = 300

@@ -25,7 +25,7 @@ from flystage.evaluate import (
     topk_accuracy,
     topk_contiguous,
 )
-from flystage.organise import ManifestError, Record, write_manifest
+from flystage.manifest import ManifestError, Record, write_manifest
 from flystage.predict import Predictor
 
 # Four images, three classes; targets 0, 0, 2, 1.

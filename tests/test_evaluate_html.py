@@ -12,7 +12,7 @@ from artefact_helpers import write_image
 from flystage.evaluate import evaluate_probs, plot_confusion
 from flystage.evaluate_html import worst_errors, write_html
 from flystage.imaging import PreprocessConfig
-from flystage.organise import Record
+from flystage.manifest import Record
 
 LABELS = ["1-3", "4-6", "7-8"]
 

@@ -64,7 +64,7 @@ def channel(tmp_path_factory: pytest.TempPathFactory, bdgp_root: Path) -> Path:
 
 
 def test_channel_is_a_manifest_with_every_split(channel: Path) -> None:
-    from flystage.organise import read_manifest
+    from flystage.manifest import read_manifest
 
     records = read_manifest(channel / "manifest.csv")
     assert len(records) == 63

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flystage.organise import read_manifest
+from flystage.manifest import read_manifest
 from flystage.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ pytest.importorskip("flask")
 
 from artefact_helpers import make_artefact  # noqa: E402
 from flystage import cli  # noqa: E402
-from flystage.organise import read_manifest  # noqa: E402
+from flystage.manifest import read_manifest  # noqa: E402
 from review_helpers import Server, review_args  # noqa: E402
 from train_helpers import TINY_ARGS, make_tree  # noqa: E402
 

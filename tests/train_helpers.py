@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flystage.organise import Record, file_sha1, write_manifest
+from flystage.manifest import Record, file_sha1, write_manifest
 
 LABELS = ("1-3", "4-6", "7-8")
 # Tiny model input: training steps take milliseconds.

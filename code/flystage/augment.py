@@ -430,17 +430,17 @@ def _output_stems(records: list, out_dir: Path, split: str) -> list[Path]:
 
 def _check_out_dir(out_dir: Path, split: str, resume: bool) -> None:
     """Refuse an ``out_dir`` that is not empty (unless ``resume``) or holds another split."""
-    from flystage.organise import OrganiseError
+    from flystage.manifest import ManifestError
 
     if out_dir.exists() and any(out_dir.iterdir()):
         if not resume:
-            raise OrganiseError(
+            raise ManifestError(
                 f"{out_dir} is not empty; choose a new --out folder, or pass --resume to finish an "
                 "interrupted run there (existing files are kept, never replaced)"
             )
         others = sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name != split)
         if others:
-            raise OrganiseError(
+            raise ManifestError(
                 f"{out_dir} already holds split(s) {others}; an augmented set holds one split "
                 "only, so choose another --out folder"
             )
@@ -484,12 +484,12 @@ def augment_split(
     from tqdm import tqdm
 
     from flystage.imaging import ImageError, read_image
-    from flystage.organise import OrganiseError, Record, file_sha1, read_manifest, write_manifest
+    from flystage.manifest import ManifestError, Record, file_sha1, read_manifest, write_manifest
 
     out_dir = Path(out_dir).expanduser().resolve()
     records = [r for r in read_manifest(manifest) if r.split == split]
     if not records:
-        raise OrganiseError(
+        raise ManifestError(
             f"{manifest}: no images in split {split!r}; choose a split that has images"
         )
     new_manifest = out_dir / "manifest.csv"
@@ -525,7 +525,7 @@ def augment_split(
             new_records.append(Record(path, record.label, record.group, record.split, sha1, extra))
     bar.close()
     if not new_records:
-        raise OrganiseError(
+        raise ManifestError(
             f"none of the {len(records)} image(s) of split {split!r} could be read:\n"
             + "\n".join(failures[:10])
         )
@@ -568,7 +568,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flystage.organise import OrganiseError
+    from flystage.manifest import ManifestError
 
     try:
         manifest, failures = augment_split(
@@ -580,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             page=args.page,
         )
-    except (OrganiseError, FileExistsError) as exc:
+    except (ManifestError, FileExistsError) as exc:
         print(f"flystage augment: {exc}", file=sys.stderr)
         return 2
     for message in failures:

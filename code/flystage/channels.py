@@ -14,17 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flystage.organise import (
-    ManifestError,
-    OrganiseOptions,
-    OrganiseResult,
-    Record,
-    organise,
-    read_manifest,
-    report_lines,
-    sort_labels,
-    summary_table,
-)
+from flystage.manifest import ManifestError, Record, read_manifest, sort_labels
+from flystage.organise import OrganiseOptions, OrganiseResult, organise, report_lines, summary_table
 
 MANIFEST_NAME = "manifest.csv"
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from flystage.imaging import ImageError, PreprocessConfig, load
-from flystage.organise import Record
+from flystage.manifest import Record
 
 WORST = 12  # thumbnails of the most confident errors
 

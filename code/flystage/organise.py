@@ -6,8 +6,8 @@ image's stage label from its folder name, a filename pattern or a CSV, maps and 
 removes exact duplicates by content hash, and splits into train/valid/test so that every group
 (an embryo, a gene, a session) lies in one split only.
 
-The manifest (``path,label,group,split,sha1``) is the contract every later stage reads; see
-``docs/architecture.md``.
+The manifest it writes (``path,label,group,split,sha1``) is the contract every later stage
+reads: ``flystage.manifest``; see ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import math
 import os
 import random
 import re
-import secrets
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -28,9 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flystage.manifest import (
+    SPLITS,
+    ManifestError,
+    Record,
+    cell_path,
+    file_sha1,
+    is_utf8,
+    printable_path,
+    real_path,
+    sort_labels,
+    write_manifest,
+)
+
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
-SPLITS = ("train", "valid", "test")
-MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha1")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 # A folder name that looks like a stage: "11", "13-16", "stage 9-10", "st13", "Stage_4_6".
 DEFAULT_LABEL_PATTERN = r"(?i)^(?:stage|st)?[\s_-]*\d{1,2}(?:\s*(?:-|_|to)\s*\d{1,2})?$"
@@ -38,24 +47,9 @@ DEFAULT_LABEL_PATTERN = r"(?i)^(?:stage|st)?[\s_-]*\d{1,2}(?:\s*(?:-|_|to)\s*\d{
 JUNK_FOLDERS = {".ipynb_checkpoints": "checkpoint folder", "__MACOSX": "__MACOSX folder"}
 
 
-class OrganiseError(ValueError):
-    """Bad input to organise, or a manifest that cannot be used; the message says what to do."""
-
-
-# Readers of manifests catch this name; it is the same error type.
-ManifestError = OrganiseError
-
-
-@dataclass
-class Record:
-    """One image of a manifest. ``path`` is absolute once read or organised."""
-
-    path: Path
-    label: str
-    group: str
-    split: str
-    sha1: str
-    extra: dict[str, str] = field(default_factory=dict)
+class OrganiseError(ManifestError):
+    """Bad input to organise (folders, labels CSV, label, group and split options); the message
+    says what to do. A ``ManifestError``: catching that catches both."""
 
 
 # ---- scanning ------------------------------------------------------------------------------
@@ -81,7 +75,7 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
     found: list[tuple[Path, Path]] = []
     ignored: Counter = Counter()
     for folder in folders:
-        root = real_path(folder)
+        root = real_path(folder, OrganiseError)
         if root.is_file():
             # A single file given directly: kept if it is an image.
             if root.suffix.lower() in IMAGE_SUFFIXES:
@@ -132,45 +126,7 @@ def iter_images(folders: Iterable[str | Path]) -> tuple[list[Path], Counter]:
 NOT_UTF8 = "name not valid UTF-8 (rename it to include it)"
 
 
-def _is_utf8(text: str | Path) -> bool:
-    """False for a path or text whose bytes are not UTF-8 (Python holds them as surrogate
-    escapes)."""
-    try:
-        str(text).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable_path(path: str | Path) -> str:
-    """``path`` as text safe to print or write: bytes that are not UTF-8 shown as ``\\xe9``."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-1 of a file's bytes (exact-duplicate detection; matches BDGP's labels.csv)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---- labels ----------------------------------------------------------------------------------
-
-
-def sort_labels(labels: Iterable[str]) -> list[str]:
-    """Unique labels in stage order: by the first number in the label, then by text.
-
-    ``["13-16", "1-3", "9-10", "4-6"] -> ["1-3", "4-6", "9-10", "13-16"]``; labels without a
-    number come last, alphabetically.
-    """
-
-    def key(label: str) -> tuple[float, str]:
-        m = re.search(r"\d+", label)
-        return (int(m.group()) if m else math.inf, label)
-
-    return sorted(set(labels), key=key)
 
 
 def _parse_map(pairs: Sequence[str]) -> dict[str, str]:
@@ -201,30 +157,6 @@ def _compile(pattern: str, group: str, option: str) -> re.Pattern[str]:
     if group not in regex.groupindex:
         raise OrganiseError(f"{option} {pattern!r} needs a named group (?P<{group}>...)")
     return regex
-
-
-def real_path(path: str | Path) -> Path:
-    """``path`` made absolute with ``~`` expanded and links resolved, like ``Path.resolve()`` but
-    never raising on a link loop (left as it is: it is then no file); ``OrganiseError`` for an
-    unknown ``~user`` or a NUL byte."""
-    text = os.fspath(path)
-    if "\0" in text:
-        raise OrganiseError(f"{printable_path(text)!r}: a path cannot contain a NUL byte")
-    try:
-        return Path(os.path.realpath(Path(text).expanduser()))
-    except RuntimeError as exc:  # ~user that does not exist
-        raise OrganiseError(f"{text!r}: {exc}") from None
-
-
-def _cell_path(text: str, where: str) -> Path:
-    """The path in a CSV cell, ``~`` expanded (not resolved); ``OrganiseError`` naming ``where``
-    (file and line) for a NUL byte or an unknown ``~user``."""
-    if "\0" in text:
-        raise OrganiseError(f"{where}: the path {text!r} contains a NUL byte")
-    try:
-        return Path(text).expanduser()
-    except RuntimeError as exc:
-        raise OrganiseError(f"{where}: cannot expand {text!r} ({exc})") from None
 
 
 def _read_labels_csv(
@@ -259,8 +191,12 @@ def _read_labels_csv(
                     )
                 if not row["path"].strip():
                     raise OrganiseError(f"{csv_path}: line {reader.line_num}: empty path")
-                path = _cell_path(row["path"].strip(), f"{csv_path}: line {reader.line_num}")
-                path = real_path(path if path.is_absolute() else csv_path.parent / path)
+                path = cell_path(
+                    row["path"].strip(), f"{csv_path}: line {reader.line_num}", OrganiseError
+                )
+                path = real_path(
+                    path if path.is_absolute() else csv_path.parent / path, OrganiseError
+                )
                 group = (row.get(group_column) or None) if group_column in columns else None
                 table[path] = (row[label_column].strip(), group)
     except UnicodeDecodeError as exc:
@@ -563,7 +499,7 @@ def _label_records(
     out = _Labelled()
     mapping = options.mapping or {}
     for root, path in found:
-        if not _is_utf8(path):
+        if not is_utf8(path):
             # The manifest is UTF-8 text: a name that is not cannot be written into it (or
             # read back by every later stage). Skipped, counted and listed, never guessed.
             ignored[NOT_UTF8] += 1
@@ -615,7 +551,9 @@ def organise(
     options = dataclasses.replace(options or OrganiseOptions(), **overrides)
     label_re, group_re, folder_re = options.patterns()
     table = (
-        _read_labels_csv(real_path(options.labels_csv), options.label_column, options.group_column)
+        _read_labels_csv(
+            real_path(options.labels_csv, OrganiseError), options.label_column, options.group_column
+        )
         if options.labels_csv
         else None
     )
@@ -686,216 +624,6 @@ def _deduplicate(records: list[Record]) -> tuple[list[Record], list, list]:
             duplicates.append((copies[0].path, [c.path for c in copies[1:]]))
     kept.sort(key=lambda r: r.path.as_posix())
     return kept, duplicates, conflicts
-
-
-# ---- manifest I/O ----------------------------------------------------------------------------
-
-
-def _manifest_path_text(path: Path, folder: Path) -> str:
-    try:
-        return path.resolve().relative_to(folder).as_posix()
-    except ValueError:
-        return str(path.resolve())
-
-
-def write_manifest(records: Sequence[Record], path: str | Path, force: bool = False) -> Path:
-    """Write ``records`` as a manifest CSV; image paths below its folder are made relative.
-
-    Refuses to replace an existing file unless ``force``, and refuses (``OrganiseError``) text
-    that is not valid UTF-8. Written to a temporary file in the same folder and renamed over
-    the manifest when complete; on any failure the temporary file is removed, so a crash never
-    leaves half a manifest or a stray ``.tmp``. Returns the manifest path.
-    """
-    path = Path(path).expanduser().resolve()
-    if path.exists() and not force:
-        raise OrganiseError(
-            f"{path} already exists; choose another --out or pass --force to replace it"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra_columns = sorted({k for r in records for k in r.extra} - set(MANIFEST_COLUMNS))
-    rows = [
-        [_manifest_path_text(r.path, path.parent), r.label, r.group, r.split, r.sha1]
-        + [r.extra.get(c, "") for c in extra_columns]
-        for r in records
-    ]
-    for row in rows:
-        bad = [cell for cell in row if not _is_utf8(cell)]
-        if bad:
-            raise OrganiseError(
-                f"{path}: cannot write {printable_path(bad[0])}: not valid UTF-8 (a manifest is "
-                "UTF-8 text); rename the file"
-            )
-    # A temporary file of its own in the same folder, renamed over the manifest only when
-    # complete: a crash or an error never leaves half a manifest or a stray temporary file.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow([*MANIFEST_COLUMNS, *extra_columns])
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _manifest_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    """The manifest's columns and its (line number, row) pairs; every column required."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-            if missing:
-                raise ManifestError(
-                    f"{path}: missing column(s) {missing}; a manifest has "
-                    f"{','.join(MANIFEST_COLUMNS)} (make one with `flystage organise`)"
-                )
-            rows = [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError as exc:
-        raise ManifestError(
-            f"{path}: not UTF-8 text ({exc}); a manifest is UTF-8 (make one with `flystage "
-            "organise`)"
-        ) from None
-    except csv.Error as exc:
-        raise ManifestError(
-            f"{path}: not a valid CSV ({exc}); make one with `flystage organise`"
-        ) from None
-    return columns, rows
-
-
-def _refuse_bad_rows(
-    path: Path,
-    records: list[Record],
-    escaping: list[str],
-    bad_split: list[str],
-    missing_files: list[str],
-) -> None:
-    """Raise ``ManifestError`` for the rows found wrong, or for a group in two splits."""
-    if escaping:
-        raise ManifestError(
-            f"{path}: relative path(s) that leave the manifest's folder {path.parent} through "
-            "'..': "
-            + "; ".join(escaping[:10])
-            + (f" and {len(escaping) - 10} more" if len(escaping) > 10 else "")
-            + (
-                ". List images below the manifest's folder, or by absolute path (organise writes "
-                "both)"
-            )
-        )
-    if bad_split:
-        raise ManifestError(
-            f"{path}: split must be one of {', '.join(SPLITS)}; found "
-            + "; ".join(bad_split[:10])
-            + (f" and {len(bad_split) - 10} more" if len(bad_split) > 10 else "")
-        )
-    if missing_files:
-        raise ManifestError(
-            f"{path}: {len(missing_files)} image(s) listed but not found, e.g.\n  "
-            + "\n  ".join(missing_files[:10])
-            + "\nMove the manifest with its images, or organise again."
-        )
-    splits_of_group: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        splits_of_group[r.group].add(r.split)
-    leaking = sorted(g for g, s in splits_of_group.items() if len(s) > 1)
-    if leaking:
-        raise ManifestError(
-            f"{path}: group(s) {leaking[:10]} appear in more than one split; organise again"
-        )
-
-
-def read_manifest(path: str | Path, check_files: bool = True) -> list[Record]:
-    """Records of a manifest CSV, with image paths resolved against the manifest's folder.
-
-    Raises ``ManifestError`` for a missing file, missing columns, an empty manifest, a short
-    row, bad split values, a relative path that leaves the manifest's folder through ``..``,
-    (with ``check_files``) images that do not exist, a group in two splits, or one image in
-    two splits (the same file once resolved, or the same SHA-1 where the column holds a
-    40-digit hex SHA-1); the message names the rows.
-    """
-    path = real_path(path)
-    if not os.path.isfile(path):
-        raise ManifestError(f"{path}: manifest not found; make one with `flystage organise`")
-    columns, rows = _manifest_rows(path)
-    if not rows:
-        raise ManifestError(f"{path}: the manifest has no rows")
-    records, bad_split, missing_files, escaping, lines = [], [], [], [], []
-    for line, row in rows:
-        short = [c for c in columns if row.get(c) is None]
-        if short:
-            raise ManifestError(
-                f"{path}: line {line}: no value for column(s) {short}; every row needs "
-                f"{len(columns)} values"
-            )
-        image = _cell_path(row["path"], f"{path}: line {line}")
-        if not image.is_absolute():
-            image = path.parent / image
-            # Relative paths name images below the manifest's folder; '..' must not lead out.
-            if not Path(os.path.normpath(image)).is_relative_to(path.parent):
-                escaping.append(f"line {line}: {row['path']!r}")
-        if row["split"] not in SPLITS:
-            bad_split.append(f"line {line}: {row['split']!r}")
-        if not row["label"]:
-            raise ManifestError(f"{path}: line {line} has an empty label")
-        if check_files and not os.path.isfile(image):
-            missing_files.append(str(image))
-        extra = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and k is not None}
-        records.append(Record(image, row["label"], row["group"], row["split"], row["sha1"], extra))
-        lines.append(line)
-    _refuse_bad_rows(path, records, escaping, bad_split, missing_files)
-    _refuse_images_in_two_splits(path, records, lines)
-    return records
-
-
-_SHA1 = re.compile(r"[0-9a-f]{40}")
-
-
-def _refuse_images_in_two_splits(
-    path: Path, records: Sequence[Record], lines: Sequence[int]
-) -> None:
-    """``ManifestError`` naming both rows when one image (the same file once resolved, or the
-    same SHA-1 where the column holds one) is listed in two splits: it would be tested on
-    what it was trained on. Repeats within one split are left alone."""
-    first: dict[tuple[str, str], tuple[int, Record]] = {}
-    leaks = []
-    for line, r in zip(lines, records):
-        keys = [("file", os.path.realpath(r.path))]
-        sha1 = r.sha1.strip().lower()
-        if _SHA1.fullmatch(sha1):
-            keys.append(("sha1", sha1))
-        for key in keys:
-            seen = first.setdefault(key, (line, r))
-            if seen[1].split != r.split:
-                other_line, other = seen
-                what = "the same file" if key[0] == "file" else f"the same SHA-1 {sha1[:12]}"
-                leaks.append(
-                    f"line {other_line} ({other.split}: {printable_path(other.path)}) and line "
-                    f"{line} ({r.split}: {printable_path(r.path)}) are {what}"
-                )
-                break
-    if leaks:
-        raise ManifestError(
-            f"{path}: {len(leaks)} image(s) in two splits: "
-            + "; ".join(leaks[:5])
-            + (f" and {len(leaks) - 5} more" if len(leaks) > 5 else "")
-            + (
-                ". An image must lie in one split only (else it is tested on what it was trained "
-                "on): remove the copies or organise again (organise removes exact duplicates)"
-            )
-        )
-
-
-def manifest_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of the manifest file's bytes (recorded in the model artefact)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- reporting -------------------------------------------------------------------------------
@@ -1079,7 +807,7 @@ def run(args: argparse.Namespace) -> int:
         )
         result = organise(args.folders, options)
         out = write_manifest(result.records, args.out, force=args.force)
-    except OrganiseError as exc:
+    except ManifestError as exc:  # OrganiseError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report_text(result))

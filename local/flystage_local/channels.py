@@ -17,14 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from flystage.jobdef import DATA_MANIFEST
-from flystage.organise import (
-    OrganiseError,
-    Record,
-    organise,
-    read_manifest,
-    report_text,
-    write_manifest,
-)
+from flystage.manifest import ManifestError, Record, read_manifest, write_manifest
+from flystage.organise import organise, report_text
 from flystage_local import LocalModeError
 
 # BDGP's layout is <gene>/<stage>/<id>.bmp: the gene, the first folder, is the group.
@@ -40,7 +34,7 @@ def _records(
             records = read_manifest(sources[0])
             return records, f"read {len(records)} images from {sources[0]}"
         result = organise(sources, group_regex=group_regex, seed=seed)
-    except OrganiseError as exc:
+    except ManifestError as exc:  # OrganiseError is one
         raise LocalModeError(str(exc)) from None
     return result.records, report_text(result)
 

@@ -16,7 +16,7 @@ import torch
 from flystage.cli import main as cli_main
 from flystage.datasets import bdgp_by_gene
 from flystage.evaluate import evaluate_probs
-from flystage.organise import Record, file_sha1, read_manifest, write_manifest
+from flystage.manifest import Record, file_sha1, read_manifest, write_manifest
 from flystage.training.config import TrainConfig
 from flystage.training.crossval import crossval
 from flystage.training.ensemble import train_model

@@ -14,7 +14,7 @@ from torch.utils.data import DistributedSampler
 from flystage.augment import AugmentConfig, build_train_transform
 from flystage.channels import DataError
 from flystage.imaging import PreprocessConfig, load
-from flystage.organise import read_manifest
+from flystage.manifest import read_manifest
 from flystage.training.data import (
     ImageCache,
     StageDataset,

@@ -26,7 +26,7 @@ from flystage.artefact import (
     load_metadata,
 )
 from flystage.datasets import bdgp_by_gene
-from flystage.organise import read_manifest, write_manifest
+from flystage.manifest import read_manifest, write_manifest
 from flystage.training.crossval import crossval, int8_line
 from flystage.training.export import load_torch_model, save_artefact
 from flystage.training.quantise import (

@@ -21,8 +21,8 @@ from flystage.augment import AugmentConfig
 from flystage.channels import split_channels
 from flystage.imaging import PreprocessConfig
 from flystage.jobdef import METRIC_DEFINITIONS, read_epoch_metric, read_metric
+from flystage.manifest import manifest_sha256
 from flystage.options import ArgumentParser, parse_bool
-from flystage.organise import manifest_sha256
 from flystage.training.backbones import DEFAULT_TAPS
 from flystage.training.config import config_from_args
 from flystage.training.ensemble import train_model

@@ -103,7 +103,7 @@ def test_unlabelled_images_need_the_probe(sets) -> None:
 
 
 def test_train_command_reads_an_unlabelled_folder(sets, tmp_path, capsys) -> None:
-    from flystage.organise import write_manifest
+    from flystage.manifest import write_manifest
 
     train, valid, unlabelled, _, _ = sets
     # One group per image: bdgp_records draws a gene's images into both splits.

@@ -422,7 +422,7 @@ def _tiny_image_set(root: Path) -> tuple[Path, Path]:
     """(a folder with one small PNG, a manifest naming it): inputs for upload and predict."""
     from PIL import Image
 
-    from flystage.organise import Record, file_sha1, write_manifest
+    from flystage.manifest import Record, file_sha1, write_manifest
 
     folder = root / "images"
     folder.mkdir()

@@ -282,10 +282,10 @@ def _predict(api, settings, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from flystage.cloud.settings import CloudError
-    from flystage.organise import OrganiseError
+    from flystage.manifest import ManifestError
 
     try:
         return _run(args)
-    except (CloudError, OrganiseError) as err:
+    except (CloudError, ManifestError) as err:  # OrganiseError (iter_images) is one
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -140,7 +140,7 @@ def _image_keys(paths: list[Path], manifest_dir: Path) -> dict[Path, str]:
 def plan_dataset(manifest: str | Path, staging: Path) -> Plan:
     """Read the manifest, write its S3 copy (paths relative to it) into ``staging``, and list
     every file to upload under the data prefix."""
-    from flystage.organise import read_manifest, write_manifest
+    from flystage.manifest import read_manifest, write_manifest
 
     manifest = Path(manifest).expanduser().resolve()
     records = read_manifest(manifest)

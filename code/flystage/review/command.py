@@ -18,7 +18,7 @@ from pathlib import Path
 
 from flystage.artefact import ArtefactError, load_metadata
 from flystage.imaging import PreprocessConfig
-from flystage.organise import sort_labels
+from flystage.manifest import sort_labels
 from flystage.predict import unsure_threshold
 from flystage.review.predictions import PredictionsError, read_predictions, resolve_items
 

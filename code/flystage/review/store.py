@@ -108,7 +108,7 @@ class ReviewStore:
 
     def _sha1(self, index: int) -> str:
         if index not in self._hashes:
-            from flystage.organise import file_sha1
+            from flystage.manifest import file_sha1
 
             self._hashes[index] = file_sha1(self.items[index].path)
         return self._hashes[index]
@@ -176,7 +176,7 @@ class ReviewStore:
 def _read_base(path: Path) -> list[tuple[str, str, str, str]]:
     """(absolute path, label, group, sha1 or "") of a manifest or a labels CSV
     (``path,label[,group]``)."""
-    from flystage.organise import read_manifest
+    from flystage.manifest import read_manifest
 
     with open(path, newline="", encoding="utf-8-sig") as f:
         columns = csv.DictReader(f).fieldnames or []

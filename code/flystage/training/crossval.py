@@ -40,8 +40,8 @@ from flystage.evaluate import (
     report_text,
     topk_accuracy,
 )
+from flystage.manifest import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
 from flystage.options import UsageError
-from flystage.organise import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
 from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.data import ImageCache, to_float
 from flystage.training.ensemble import train_model

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from flystage.channels import DataError  # the channel reader's error type is the dataset's too
 from flystage.imaging import PreprocessConfig, load
-from flystage.organise import Record
+from flystage.manifest import Record
 
 BALANCE_MODES = ("loss", "sampler", "none")
 CACHE_DTYPES = ("uint8", "float16")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from flystage.calibrate import expected_calibration_error, fit_temperature, nll, softmax
-from flystage.organise import Record
+from flystage.manifest import Record
 from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, gather_rows, to_float
 from flystage.training.loop import FitResult, dist_info, fit, labels_and_cache

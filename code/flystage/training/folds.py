@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flystage.organise import Record, sort_labels
+from flystage.manifest import Record, sort_labels
 
 # Share of each fold's training images (whole groups) kept for choosing the best epoch: on
 # BDGP, 0.05 beat 0.15 (more images to learn from outweigh a noisier choice; docs/accuracy.md).

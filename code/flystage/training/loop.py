@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from flystage.channels import DataError
+from flystage.manifest import Record, sort_labels
 from flystage.options import UsageError
-from flystage.organise import Record, sort_labels
 from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, class_weights, make_sampler
 from flystage.training.modes import SETUPS

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from flystage.augment import build_train_transform
-from flystage.organise import Record
+from flystage.manifest import Record
 from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, StageDataset, label_indices
 from flystage.training.models import build_feature_extractor, build_model, freeze_backbone

@@ -3,7 +3,7 @@
 Most errors of a stage classifier are between neighbouring stages (9-10 vs 11-12), where the
 stages themselves blur into each other. ``ordinal_targets`` turns class indices into target
 probabilities with ``smoothing`` moved from the true stage to its neighbours in label order
-(``flystage.organise.sort_labels``), so that the model pays less for naming a neighbour
+(``flystage.manifest.sort_labels``), so that the model pays less for naming a neighbour
 than a far stage, and its top-3 tends to be contiguous stages. ``OrdinalLoss`` is the epoch
 loop's cross-entropy on those targets; the exact probe solver takes them directly.
 """

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from flystage.channels import DataError, FolderRules, data_summary, split_channels
+from flystage.manifest import Record, manifest_sha256
 from flystage.options import ArgumentParser, UsageError, integer, regex_text
-from flystage.organise import Record, iter_images, manifest_sha256
+from flystage.organise import iter_images
 from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.ensemble import train_model
 from flystage.training.loop import STOP, FitResult, TrainingStopped, dist_info, saved_model_line
