@@ -25,7 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 def predicted(bdgp_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     """Predictions (CSV + JSON, as `flystage predict` writes) of 10 BDGP images, read in place."""
     from artefact_helpers import make_artefact
-    from flystage.predict import Predictor, predict_files, write_csv, write_json
+    from flystage.predict import Predictor, describe_model, predict_files, write_csv, write_json
 
     tmp = tmp_path_factory.mktemp("browser")
     paths = sorted(bdgp_root.glob("*/*/*.bmp"))[::19][:10]
@@ -34,9 +34,7 @@ def predicted(bdgp_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     predictions = predict_files(predictor, paths, root=bdgp_root, progress=False)
     csv_path = write_csv(predictions, tmp / "predictions.csv")
     write_json(
-        predictions,
-        tmp / "predictions.json",
-        model={"model_dir": str(tmp / "model"), "labels": predictor.labels},
+        predictions, tmp / "predictions.json", model=describe_model(predictor), images=bdgp_root
     )
     return csv_path, tmp / "model"
 
