@@ -115,15 +115,39 @@ def test_thumbnails_cached_on_disk(client, session, tmp_path) -> None:
 
 
 def test_paging_sorting_filters(client, session) -> None:
-    page = client.get("/api/items?offset=0&limit=3").get_json()
-    assert page["total"] == 8 and len(page["items"]) == 3
-    rest = client.get("/api/items?offset=3&limit=100").get_json()["items"]
-    p1 = [i["top"][0]["p"] for i in page["items"] + rest]
+    page = client.get("/api/items?limit=3").get_json()
+    assert page["total"] == 8 and len(page["items"]) == 3 and page["more"]
+    after = page["items"][-1]["id"]
+    rest = client.get(f"/api/items?after={after}&limit=100").get_json()
+    assert len(rest["items"]) == 5 and not rest["more"]
+    p1 = [i["top"][0]["p"] for i in page["items"] + rest["items"]]
     assert p1 == sorted(p1)  # least sure first
+    assert client.get("/api/items?after=x").status_code == 400
+    assert client.get("/api/items?after=99").status_code == 404
     assert client.get("/api/items?sort=nonsense").status_code == 400
     stage = session.items[0].top[0][0]
     by_stage = client.get(f"/api/items?stage={stage}&limit=100").get_json()["items"]
     assert by_stage and all(i["top"][0]["stage"] == stage for i in by_stage)
+
+
+@pytest.mark.parametrize("sort", ["unsure", "stage", "file"])
+def test_unreviewed_pages_neither_skip_nor_repeat(client, session, sort) -> None:
+    # Deciding an image takes it out of the "unreviewed" view: the next page must still start
+    # right after the last image shown (an offset counted before the decisions skipped images).
+    shown, after = [], ""
+    while True:
+        page = client.get(f"/api/items?filter=unreviewed&sort={sort}&limit=3&after={after}")
+        page = page.get_json()
+        for item in page["items"]:
+            shown.append(item["id"])
+            post(
+                client, session, "/api/decide", {"id": item["id"], "label": item["top"][0]["stage"]}
+            )
+        if not page["more"]:
+            break
+        after = shown[-1]
+    assert sorted(shown) == list(range(8))
+    assert client.get("/api/items?filter=unreviewed").get_json()["total"] == 0
 
 
 def test_decide_undo_and_the_csv(client, session, folder, tmp_path) -> None:
