@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["cached_scroll_2000_s"] = scroll_all(driver, args.images)
             times = [timed_get(f"{base}/thumb/{i}.png", token) for i in range(args.images)]
             times += [
-                timed_get(f"{base}/api/items?offset={o}&limit=60", token)
+                # Each page as the page asks for it: after an image id.
+                timed_get(f"{base}/api/items?after={o}&limit=60", token)
                 for o in range(0, args.images, 60)
             ]
             times.append(timed_get(f"{base}/", token))

@@ -13,7 +13,7 @@ def predicted_folder(root: Path, n: int = 8, suffix: str = ".tif") -> tuple[Path
     """``root/images`` with ``n`` small embryo images, a tiny artefact in ``root/model`` and
     ``root/predictions.csv`` (+ .json) as `flystage predict` writes them; returns (images, model,
     csv)."""
-    from flystage.predict import Predictor, predict_files, write_csv, write_json
+    from flystage.predict import Predictor, describe_model, predict_files, write_csv, write_json
 
     images, model = root / "images", root / "model"
     paths = [write_image(images / f"embryo{i:02d}{suffix}", seed=i) for i in range(n)]
@@ -22,9 +22,7 @@ def predicted_folder(root: Path, n: int = 8, suffix: str = ".tif") -> tuple[Path
     predictions = predict_files(predictor, paths, root=images, progress=False)
     csv_path = write_csv(predictions, root / "predictions.csv")
     write_json(
-        predictions,
-        root / "predictions.json",
-        model={"model_dir": str(model), "labels": predictor.labels},
+        predictions, root / "predictions.json", model=describe_model(predictor), images=images
     )
     return images, model, csv_path
 

@@ -128,6 +128,9 @@ def test_folder_to_csv_and_json(model_dir: Path, folder: Path, tmp_path: Path, c
         assert ps == pytest.approx([p for _, p in want], abs=1e-4)
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["n"] == 5 and doc["errors"] == 1 and doc["model"]["labels"] == LABELS
+    # What `flystage review` needs, absolute so that it works from any folder.
+    assert doc["images"] == str(folder.resolve())
+    assert doc["model"]["model_dir"] == str(model_dir.resolve())
     one = next(p for p in doc["predictions"] if p["file"] == "embryo1.tif")
     assert [t["stage"] for t in one["top"]] == [
         by_file["embryo1.tif"][f"stage_{i}"] for i in (1, 2, 3)
@@ -295,6 +298,8 @@ def test_remote_predictor_plugs_into_the_same_loop(folder: Path, tmp_path: Path)
     )
     assert run_with(remote, args) == 0
     assert remote.batches == [2, 2, 1]
+    # The folder is recorded for `flystage review` whoever predicted it.
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == str(folder.resolve())
     assert (folder / "embryo1__s13-16_s11-12_s9-10.tif").is_file()
     assert (folder / "day2" / "broken__s13-16_s11-12_s9-10.tif").is_file()
 

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("flask")
 
+from flystage.predict import Prediction  # noqa: E402
 from flystage.review.app import COOKIE, create_app  # noqa: E402
 from flystage.review.command import build_session  # noqa: E402
 from flystage.review.predictions import PredictionsError, read_predictions, resolve_items  # noqa: E402
@@ -114,15 +115,39 @@ def test_thumbnails_cached_on_disk(client, session, tmp_path) -> None:
 
 
 def test_paging_sorting_filters(client, session) -> None:
-    page = client.get("/api/items?offset=0&limit=3").get_json()
-    assert page["total"] == 8 and len(page["items"]) == 3
-    rest = client.get("/api/items?offset=3&limit=100").get_json()["items"]
-    p1 = [i["top"][0]["p"] for i in page["items"] + rest]
+    page = client.get("/api/items?limit=3").get_json()
+    assert page["total"] == 8 and len(page["items"]) == 3 and page["more"]
+    after = page["items"][-1]["id"]
+    rest = client.get(f"/api/items?after={after}&limit=100").get_json()
+    assert len(rest["items"]) == 5 and not rest["more"]
+    p1 = [i["top"][0]["p"] for i in page["items"] + rest["items"]]
     assert p1 == sorted(p1)  # least sure first
+    assert client.get("/api/items?after=x").status_code == 400
+    assert client.get("/api/items?after=99").status_code == 404
     assert client.get("/api/items?sort=nonsense").status_code == 400
     stage = session.items[0].top[0][0]
     by_stage = client.get(f"/api/items?stage={stage}&limit=100").get_json()["items"]
     assert by_stage and all(i["top"][0]["stage"] == stage for i in by_stage)
+
+
+@pytest.mark.parametrize("sort", ["unsure", "stage", "file"])
+def test_unreviewed_pages_neither_skip_nor_repeat(client, session, sort) -> None:
+    # Deciding an image takes it out of the "unreviewed" view: the next page must still start
+    # right after the last image shown (an offset counted before the decisions skipped images).
+    shown, after = [], ""
+    while True:
+        page = client.get(f"/api/items?filter=unreviewed&sort={sort}&limit=3&after={after}")
+        page = page.get_json()
+        for item in page["items"]:
+            shown.append(item["id"])
+            post(
+                client, session, "/api/decide", {"id": item["id"], "label": item["top"][0]["stage"]}
+            )
+        if not page["more"]:
+            break
+        after = shown[-1]
+    assert sorted(shown) == list(range(8))
+    assert client.get("/api/items?filter=unreviewed").get_json()["total"] == 0
 
 
 def test_decide_undo_and_the_csv(client, session, folder, tmp_path) -> None:
@@ -295,3 +320,88 @@ def test_a_thumbnail_asked_for_twice_at_once_is_made_once(tmp_path: Path, monkey
         thread.join()
     assert len(made) == 1 and len(results) == 4 and len(set(results)) == 1
     assert results[0].startswith(b"\x89PNG")
+
+
+def test_review_finds_the_folder_and_model_predict_recorded(tmp_path, monkeypatch, capsys) -> None:
+    # `flystage predict new/ --model M --out p.csv`, then `flystage review p.csv`: no --images or
+    # --model, relative paths, and review run from another folder.
+    from artefact_helpers import make_artefact, write_image
+    from flystage import cli
+
+    for i in range(3):
+        write_image(tmp_path / "new" / f"embryo{i}.tif", seed=i)
+    make_artefact(tmp_path / "M")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["predict", "new", "--model", "M", "--out", "out/p.csv", "--threads", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "out")
+    for source in ("p.csv", "p.json"):
+        session = build_session(review_args(Path(source), tmp_path / "out"))
+        assert [i.path for i in session.items] == [
+            (tmp_path / "new" / f"embryo{i}.tif").resolve() for i in range(3)
+        ]
+        assert session.model_dir == (tmp_path / "M").resolve()
+
+    # Explicit options win over what was recorded.
+    shutil.copytree(tmp_path / "new", tmp_path / "copy")
+    shutil.copytree(tmp_path / "M", tmp_path / "M2")
+    session = build_session(
+        review_args(Path("p.csv"), tmp_path, images=tmp_path / "copy", model=tmp_path / "M2")
+    )
+    assert session.items[0].path == (tmp_path / "copy" / "embryo0.tif").resolve()
+    assert session.model_dir == tmp_path / "M2"
+
+    # A recorded folder or model that is gone: a clear error naming the option to pass.
+    from flystage.review.command import run
+
+    (tmp_path / "M").rename(tmp_path / "M-moved")
+    assert run(review_args(Path("p.csv"), tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert str((tmp_path / "M").resolve()) in err and "--model DIR" in err
+    (tmp_path / "new").rename(tmp_path / "new-moved")
+    assert run(review_args(Path("p.csv"), tmp_path, model=tmp_path / "M-moved")) == 2
+    err = capsys.readouterr().err
+    assert str((tmp_path / "new").resolve()) in err and "--images FOLDER" in err
+    session = build_session(
+        review_args(
+            Path("p.csv"), tmp_path, model=tmp_path / "M-moved", images=tmp_path / "new-moved"
+        )
+    )
+    assert len(session.items) == 3
+
+
+def test_remote_predictions_review_without_model_says_so(folder, tmp_path, monkeypatch, capsys):
+    # A remote predictor (serve container, endpoint) records the folder but no model directory:
+    # review finds the images and says that --model brings the model's preprocessing, stages and
+    # overlay.
+    import argparse
+
+    from flystage.predict import add_output_arguments, run_with
+    from flystage.review import command
+
+    images, _, _ = folder
+
+    class Remote:
+        def predict_sources(self, sources, k=3, names=None):
+            return [Prediction(n, [("13-16", 0.9), ("11-12", 0.08), ("9-10", 0.02)]) for n in names]
+
+    parser = argparse.ArgumentParser()
+    add_output_arguments(parser)
+    out = tmp_path / "remote.csv"
+    args = parser.parse_args([str(images), "--out", str(out)])
+    assert run_with(Remote(), args, {"server": "http://127.0.0.1:8080"}) == 0
+
+    class Stopped:  # a server stopped at once, as by Ctrl-C
+        server_port = 0
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(command, "serve", lambda session, port, on_url: Stopped())
+    assert command.run(review_args(out, tmp_path)) == 0
+    assert "give --model DIR" in capsys.readouterr().err
+    session = build_session(review_args(out, tmp_path))
+    assert len(session.items) == 8 and session.model_dir is None

@@ -1,6 +1,7 @@
 """The review page in a real browser (Debian's headless Chromium through selenium), on real
 BDGP images predicted by a small model: correct two images by keyboard, reload, and the page
-and the reviewed CSV both show the corrections."""
+and the reviewed CSV both show the corrections. Under "unreviewed", confirming one image after
+another past the first page shows every image exactly once."""
 
 from __future__ import annotations
 
@@ -12,20 +13,21 @@ import pytest
 pytest.importorskip("flask")
 
 from browser_helpers import chromium, missing  # noqa: E402
-from review_helpers import Server, review_args  # noqa: E402
+from review_helpers import Server, predicted_folder, review_args  # noqa: E402
 
 if missing():
     pytest.skip(missing(), allow_module_level=True)
 
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def predicted(bdgp_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     """Predictions (CSV + JSON, as `flystage predict` writes) of 10 BDGP images, read in place."""
     from artefact_helpers import make_artefact
-    from flystage.predict import Predictor, predict_files, write_csv, write_json
+    from flystage.predict import Predictor, describe_model, predict_files, write_csv, write_json
 
     tmp = tmp_path_factory.mktemp("browser")
     paths = sorted(bdgp_root.glob("*/*/*.bmp"))[::19][:10]
@@ -34,9 +36,7 @@ def predicted(bdgp_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     predictions = predict_files(predictor, paths, root=bdgp_root, progress=False)
     csv_path = write_csv(predictions, tmp / "predictions.csv")
     write_json(
-        predictions,
-        tmp / "predictions.json",
-        model={"model_dir": str(tmp / "model"), "labels": predictor.labels},
+        predictions, tmp / "predictions.json", model=describe_model(predictor), images=bdgp_root
     )
     return csv_path, tmp / "model"
 
@@ -122,3 +122,48 @@ def test_correct_two_by_keyboard_and_reload(predicted, bdgp_root, tmp_path) -> N
     assert {(r["path"], r["label"], r["decision"]) for r in rows} == {
         (str(items[i].path), stage, "corrected") for i, stage in chosen.items()
     }
+
+
+def test_unreviewed_view_shows_every_image_once_across_pages(tmp_path) -> None:
+    # Deciding an image takes it out of the "unreviewed" view; the page asks for the next page
+    # (60 cards each) after its last card, so no image is skipped or shown twice.
+    _, _, csv_path = predicted_folder(tmp_path, n=67)
+    with (
+        Server(review_args(csv_path, tmp_path, out=tmp_path / "reviewed.csv")) as server,
+        chromium() as driver,
+    ):
+        n = len(server.session.items)
+        driver.get(server.url)
+        WebDriverWait(driver, 15).until(lambda d: len(cards(d)) >= 60)
+        Select(driver.find_element(By.ID, "filter")).select_by_value("unreviewed")
+        # The keys go to the page, not to the menu just used.
+        driver.execute_script("document.activeElement.blur()")
+        WebDriverWait(driver, 15).until(
+            lambda d: len(cards(d)) >= 60 and d.find_elements(By.CSS_SELECTOR, ".card.focus")
+        )
+        body = driver.find_element(By.TAG_NAME, "body")
+
+        def focused(d) -> str:
+            return d.find_element(By.CSS_SELECTOR, "article.card.focus").get_attribute("data-id")
+
+        decided: list[str] = []
+        for k in range(1, n + 1):
+            decided.append(focused(driver))
+            body.send_keys(Keys.ENTER)  # confirms the model's first stage, moves to the next card
+            WebDriverWait(driver, 10).until(
+                lambda d, k=k: d.find_element(By.ID, "counts").text.startswith(f"{k} of {n} ")
+            )
+            if k < n:
+                # The next card is one not decided yet (the focus stays put at the last card).
+                WebDriverWait(driver, 10).until(
+                    lambda d: focused(d) not in decided,
+                    f"after {k} decisions the page offers no image not yet decided",
+                )
+        shown = [c.get_attribute("data-id") for c in cards(driver)]
+        assert (
+            sorted(shown) == sorted(decided) == sorted(str(i.index) for i in server.session.items)
+        )
+        WebDriverWait(driver, 10).until(
+            lambda d: d.find_element(By.ID, "sentinel").text == f"{n} images"
+        )
+    assert len(server.session.store.decisions) == n

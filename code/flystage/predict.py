@@ -1,7 +1,8 @@
 """Top-k stages for every image in a folder, with onnxruntime (no torch on this path).
 
 ``flystage predict FOLDER --model DIR`` writes a CSV (``file, stage_1, p_1, ..., error``) and
-a JSON file; ``--rename`` appends the top-3 to each file name
+a JSON file (which also records the folder and the model, for ``flystage review``);
+``--rename`` appends the top-3 to each file name
 (``embryo12.tif -> embryo12__s11-12_s13-16_s9-10.tif``) after writing an undo manifest
 (symbolic links are skipped: neither they nor their targets are renamed), and
 ``flystage predict --undo MANIFEST`` restores the names. ``--unsure-below P`` adds a column
@@ -452,15 +453,19 @@ def write_json(
     model: dict[str, Any] | None = None,
     force: bool = False,
     unsure_below: float | None = None,
+    images: str | Path | None = None,
 ) -> Path:
     """JSON ``{"model": {...}, "n": N, "errors": E, "predictions": [{"file", "top", "error"}]}``.
 
-    With ``unsure_below``, also ``"unsure_below": P``, ``"unsure": U`` (how many) and
-    ``"unsure": true/false`` in each prediction (null for an unreadable image).
+    ``images``: the folder the file names are relative to, recorded as ``"images"`` (absolute)
+    so that ``flystage review`` finds the images without being told. With ``unsure_below``,
+    also ``"unsure_below": P``, ``"unsure": U`` (how many) and ``"unsure": true/false`` in each
+    prediction (null for an unreadable image).
     """
     path = Path(path)
     document = {
         "model": model or {},
+        **({"images": str(Path(images).expanduser().resolve())} if images is not None else {}),
         "n": len(predictions),
         "errors": sum(p.error is not None for p in predictions),
         "predictions": [p.to_dict() for p in predictions],
@@ -811,7 +816,9 @@ def run_with(
     )
     below = getattr(args, "unsure_below", None)
     write_csv(predictions, args.out, k=args.k, force=args.force, unsure_below=below)
-    write_json(predictions, json_path, model=model_info, force=args.force, unsure_below=below)
+    write_json(
+        predictions, json_path, model=model_info, force=args.force, unsure_below=below, images=root
+    )
     errors = [p for p in predictions if p.error]
     for p in errors:
         _print(f"unreadable: {p.error}", file=sys.stderr)
@@ -902,9 +909,17 @@ def run(args: argparse.Namespace) -> int:
     except ArtefactError as exc:
         _print(f"error: {exc}", file=sys.stderr)
         return 2
+    return run_with(predictor, args, describe_model(predictor))
+
+
+def describe_model(predictor: Predictor) -> dict[str, Any]:
+    """The predictions JSON's ``"model"`` block for a local model: which one answered.
+
+    ``model_dir`` is absolute, so ``flystage review`` finds the model from any folder.
+    """
     md = predictor.metadata
-    info = {
-        "model_dir": str(args.model),
+    return {
+        "model_dir": str(predictor.model_dir.expanduser().resolve()),
         "arch": md.arch,
         "precision": predictor.precision,
         "labels": md.labels,
@@ -912,4 +927,3 @@ def run(args: argparse.Namespace) -> int:
         "created": md.created,
         "manifest_sha256": md.manifest_sha256,
     }
-    return run_with(predictor, args, info)

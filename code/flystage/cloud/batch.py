@@ -292,6 +292,6 @@ def write_answers(
                 )
             )
     write_csv(predictions, out_csv, k=k, force=force)
-    write_json(predictions, out_csv.with_suffix(".json"), force=force)
+    write_json(predictions, out_csv.with_suffix(".json"), force=force, images=root)
     api.say(f"wrote {out_csv} and {out_csv.with_suffix('.json')}")
     return sum(p.error is not None for p in predictions)

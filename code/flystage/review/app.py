@@ -19,6 +19,7 @@ imported only inside the request that asks for Grad-CAM: this module runs withou
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import importlib.util
 import secrets
@@ -149,6 +150,17 @@ def item_json(session: ReviewSession, item: Item) -> dict[str, Any]:
     }
 
 
+def sort_key(session: ReviewSession, sort: str) -> Callable[[Item], tuple]:
+    """The order of a view: a key unique to each item (the index breaks ties) that no decision
+    changes, so a page can start after an item whatever was decided since."""
+    if sort == "stage":
+        order = {label: n for n, label in enumerate(session.labels)}
+        return lambda i: (order.get(i.top[0][0], len(order)) if i.top else -1, i.p1, i.index)
+    if sort == "file":
+        return lambda i: (i.name, i.index)
+    return lambda i: (i.p1, i.index)
+
+
 def select(session: ReviewSession, sort: str, keep: str, stage: str | None) -> list[Item]:
     """The items a view shows, in its order (least sure first by default)."""
     decisions = session.store.decisions
@@ -164,15 +176,7 @@ def select(session: ReviewSession, sort: str, keep: str, stage: str | None) -> l
         for i in session.items
         if tests[keep](i) and (not stage or (i.top and i.top[0][0] == stage))
     ]
-    order = {label: n for n, label in enumerate(session.labels)}
-    if sort == "stage":
-        chosen.sort(
-            key=lambda i: (order.get(i.top[0][0], len(order)) if i.top else -1, i.p1, i.index)
-        )
-    elif sort == "file":
-        chosen.sort(key=lambda i: i.name)
-    else:
-        chosen.sort(key=lambda i: (i.p1, i.index))
+    chosen.sort(key=sort_key(session, sort))
     return chosen
 
 
@@ -262,21 +266,32 @@ def _add_page_and_api(app: Flask, session: ReviewSession) -> None:
 
     @app.get("/api/items")
     def items():
+        """A page of a view: ``limit`` items after the image ``after`` (the last one the page
+        shows; none: from the start).
+
+        Not an offset: deciding an image takes it out of the "unreviewed" view, and an offset
+        counted before that decision would skip the next image.
+        """
         sort = request.args.get("sort", "unsure")
         keep = request.args.get("filter", "all")
         if sort not in SORTS or keep not in FILTERS:
             abort(400, f"sort is one of {SORTS}, filter one of {FILTERS}")
         try:
-            offset = max(0, int(request.args.get("offset", 0)))
+            after = request.args.get("after")
+            after = None if after in (None, "") else int(after)
             limit = min(PAGE_LIMIT, max(1, int(request.args.get("limit", 60))))
         except ValueError:
-            abort(400, "offset and limit are integers")
-        chosen = select(session, sort, keep, request.args.get("stage") or None)
-        page = chosen[offset : offset + limit]
+            abort(400, "after (an image id) and limit are integers")
+        view = select(session, sort, keep, request.args.get("stage") or None)
+        start = 0
+        if after is not None:
+            key = sort_key(session, sort)
+            start = bisect.bisect_right(view, key(_item(session, after)), key=key)
+        rest = view[start:]
         return jsonify(
-            total=len(chosen),
-            offset=offset,
-            items=[item_json(session, i) for i in page],
+            total=len(view),
+            more=len(rest) > limit,
+            items=[item_json(session, i) for i in rest[:limit]],
             counts=session.store.counts(),
         )
 

@@ -1,7 +1,7 @@
 """``flystage review``: start the review page on a predictions file (or a folder and a model).
 
-    flystage review runs/demo/predictions.csv --model runs/demo/model
-    flystage review new-images/ --model model/          # predicts first, then reviews
+    flystage review runs/demo/predictions.csv     # folder and model: as `flystage predict` recorded
+    flystage review new-images/ --model model/    # predicts first, then reviews
 
 prints ``http://127.0.0.1:PORT/?token=...`` and serves until Ctrl-C. Decisions go to the
 reviewed CSV (``--out``), a ``flystage organise --labels-csv`` input.
@@ -20,7 +20,12 @@ from flystage.artefact import ArtefactError, load_metadata
 from flystage.imaging import PreprocessConfig
 from flystage.manifest import sort_labels
 from flystage.predict import unsure_threshold
-from flystage.review.predictions import PredictionsError, read_predictions, resolve_items
+from flystage.review.predictions import (
+    PredictionsError,
+    read_predictions,
+    recorded_model,
+    resolve_items,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +39,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         help="model directory: labels, preprocessing (thumbnails show what it saw) and "
-        "the 'what the model looked at' overlay (default: the model named in the predictions JSON)",
+        "the 'what the model looked at' overlay (default: the model `flystage predict` recorded "
+        "in the predictions JSON)",
     )
     parser.add_argument(
         "--images",
         type=Path,
-        help="the folder that was predicted (default: the predictions file's folder)",
+        help="the folder that was predicted (default: the folder `flystage predict` recorded in "
+        "the predictions JSON, else the predictions file's folder)",
     )
     parser.add_argument(
         "--out",
@@ -88,7 +95,7 @@ def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
     """Predict ``folder`` with ``model`` into ``out`` (CSV + JSON), the same files `flystage
     predict` writes."""
     from flystage.organise import iter_images
-    from flystage.predict import Predictor, predict_files, write_csv, write_json
+    from flystage.predict import Predictor, describe_model, predict_files, write_csv, write_json
 
     predictor = Predictor(model, threads=threads)
     paths, _ = iter_images([folder])
@@ -99,8 +106,9 @@ def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
     write_json(
         predictions,
         out.with_suffix(".json"),
-        model={"model_dir": str(model), "labels": predictor.labels},
+        model=describe_model(predictor),
         force=True,
+        images=folder,
     )
     return out
 
@@ -113,7 +121,6 @@ def build_session(args: argparse.Namespace):
     from flystage.review.thumbnails import ThumbnailCache, default_cache_dir
 
     source = args.source.expanduser()
-    images = args.images
     if source.is_dir():
         if args.model is None:
             raise PredictionsError(
@@ -124,19 +131,16 @@ def build_session(args: argparse.Namespace):
         source = _predict_folder(
             source.resolve(), args.model, out.with_name(f"{out.stem}-predictions.csv"), args.threads
         )
-        images = args.source
     predictions = read_predictions(source)
-    model_dir = args.model
-    if model_dir is None and predictions.model.get("model_dir"):
-        candidate = Path(predictions.model["model_dir"])
-        model_dir = candidate if (candidate / "metadata.json").is_file() else None
+    # Explicit options win over what `flystage predict` recorded.
+    model_dir = args.model or recorded_model(predictions)
     config, labels = PreprocessConfig(), list(predictions.model.get("labels") or [])
     if model_dir is not None:
         metadata = load_metadata(model_dir)
         config, labels = metadata.preprocess, list(metadata.labels)
     if not labels:  # no model named anywhere: every stage the model ever answered
         labels = sort_labels({stage for row in predictions.rows for stage, _ in row["top"]})
-    items = resolve_items(predictions, images, unsure_below=args.unsure_below)
+    items = resolve_items(predictions, args.images, unsure_below=args.unsure_below)
     out = args.out or source.with_name(f"{source.stem}-reviewed.csv")
     store = ReviewStore(out, items, group_regex=args.group_regex, base_labels=args.base_labels)
     thumbnails = ThumbnailCache(args.cache_dir or default_cache_dir(), config)
@@ -181,6 +185,14 @@ def run(args: argparse.Namespace) -> int:
     except (PredictionsError, ArtefactError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if session.model_dir is None:
+        print(
+            "note: the predictions name no model directory (a remote predictor made them, or the "
+            "JSON beside the CSV is missing): thumbnails use the default preprocessing, the stages "
+            "offered are those the model answered, and there is no 'what the model looked at'; "
+            "give --model DIR for all three",
+            file=sys.stderr,
+        )
     counts = session.store.counts()
     server = serve(
         session,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flystage.artefact import METADATA_FILE
 from flystage.predict import UNDO_COLUMNS, csv_unsafe
 
 
@@ -45,18 +46,20 @@ class Item:
 
 @dataclass
 class PredictionsFile:
-    """What a predictions file holds: the rows, and the model block of a JSON file (else empty)."""
+    """What a predictions file holds: the rows, and the model block and the predicted folder a
+    JSON file records (else empty, None)."""
 
     path: Path
     rows: list[dict[str, Any]]
     model: dict[str, Any]
+    images: Path | None = None
 
 
 def read_predictions(path: str | Path) -> PredictionsFile:
     """Rows ``{"file", "top": [(stage, p)], "error", "unsure"}`` of a predictions CSV or JSON.
 
     The JSON beside a CSV (same name, ``.json``) is read for its model block (labels, model
-    folder) when present: the CSV alone does not name the model.
+    folder) and the predicted folder when present: the CSV alone names neither.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,8 +71,10 @@ def read_predictions(path: str | Path) -> PredictionsFile:
         return _read_json(path)
     rows = _read_csv(path)
     sibling = path.with_suffix(".json")
-    model = _read_json(sibling).model if sibling.is_file() else {}
-    return PredictionsFile(path, rows, model)
+    if not sibling.is_file():
+        return PredictionsFile(path, rows, {})
+    recorded = _read_json(sibling)
+    return PredictionsFile(path, rows, recorded.model, recorded.images)
 
 
 def _read_json(path: Path) -> PredictionsFile:
@@ -93,7 +98,27 @@ def _read_json(path: Path) -> PredictionsFile:
             f"{path}: not a flystage predictions JSON (nested too deeply)"
         ) from None
     model = document.get("model") if isinstance(document.get("model"), dict) else {}
-    return PredictionsFile(path, rows, model)
+    images = document.get("images")
+    return PredictionsFile(path, rows, model, Path(images) if isinstance(images, str) else None)
+
+
+def recorded_model(predictions: PredictionsFile) -> Path | None:
+    """The model directory the predictions were made with (``model_dir`` in the JSON), or None
+    when they name none (a remote predictor, or a CSV without its JSON).
+
+    A named model that is no longer there is refused: reviewing with another model's labels
+    and preprocessing would be a silent mistake.
+    """
+    named = predictions.model.get("model_dir")
+    if not isinstance(named, str) or not named:
+        return None
+    model = Path(named).expanduser()
+    if not (model / METADATA_FILE).is_file():
+        raise PredictionsError(
+            f"{predictions.path}: the model these predictions were made with ({model}) is no "
+            "longer there; give its directory with --model DIR"
+        )
+    return model
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -177,13 +202,22 @@ def resolve_items(
     """Every row as an :class:`Item` whose ``path`` exists; raise if any image is missing.
 
     Relative names are looked up under ``images`` (the folder given to ``flystage predict``;
-    default: the predictions file's folder), then through the rename undo manifests.
+    default: the folder the predictions JSON records, refused if it is gone; for a file that
+    records none, the folder read off the undo manifests, else the predictions file's folder),
+    then through the rename undo manifests.
     ``unsure_below`` marks images whose top-1 probability is below it when the file carries
     no ``unsure`` column.
     """
     moved = renamed_paths(predictions.path, undo_manifests)
     if images:
         root = Path(images).expanduser().resolve()
+    elif predictions.images is not None:
+        root = predictions.images
+        if not root.is_dir():
+            raise PredictionsError(
+                f"{predictions.path}: the folder that was predicted ({root}) is no longer there; "
+                "give the folder where the images are now with --images FOLDER"
+            )
     else:
         root = _root_from_renames(moved, predictions.rows) or predictions.path.parent.resolve()
     items, missing = [], []

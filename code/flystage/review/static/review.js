@@ -17,7 +17,9 @@ const sentinel = document.getElementById("sentinel");
 const PAGE = 60;
 
 let view = { sort: "unsure", filter: "all", stage: "" };
-let loaded = 0, total = Infinity, loading = false, focus = 0, generation = 0;
+// Pages follow the last card shown, never an offset: deciding an image under "unreviewed" takes
+// it out of the view, and an offset counted before that would skip the next image.
+let more = true, loading = false, focus = 0, generation = 0;
 const cards = [];                                              // in grid order
 const byId = new Map();                                        // image id -> card
 
@@ -112,13 +114,14 @@ if (methodSelect) methodSelect.addEventListener("change", () => {
 });
 
 function loadPage() {
-  if (loading || loaded >= total) return;
+  if (loading || !more) return;
   loading = true;
   const mine = generation;
-  const q = new URLSearchParams({ offset: loaded, limit: PAGE, sort: view.sort, filter: view.filter, stage: view.stage });
+  const after = cards.length ? cards[cards.length - 1].item.id : "";
+  const q = new URLSearchParams({ after, limit: PAGE, sort: view.sort, filter: view.filter, stage: view.stage });
   api(`/api/items?${q}`).then(page => {
     if (mine !== generation) return;
-    total = page.total;
+    more = page.more;
     showCounts(page.counts);
     let lastStage = cards.length ? cardStage(cards[cards.length - 1]) : null;
     for (const item of page.items) {
@@ -132,9 +135,8 @@ function loadPage() {
       byId.set(item.id, card);
       grid.append(card);
     }
-    loaded += page.items.length;
     if (cards.length && !grid.querySelector(".card.focus")) setFocus(0, false);
-    sentinel.textContent = loaded >= total ? `${total} images` : "loading...";
+    sentinel.textContent = more ? "loading..." : `${cards.length} images`;
   }).catch(e => { sentinel.textContent = `error: ${e.message}`; })
     .finally(() => {
       loading = false;
@@ -154,7 +156,7 @@ function reset() {
   generation++;
   grid.replaceChildren();
   cards.length = 0; byId.clear();
-  loaded = 0; total = Infinity; focus = 0; loading = false;
+  more = true; focus = 0; loading = false;
   loadPage();
 }
 
