@@ -142,15 +142,16 @@ class TrainConfig:
         "fit a temperature on the validation images so that the stated probabilities "
         "match how often the model is right (the ranking of stages is unchanged)",
     )
-    # Measured on the default probe (issue 17): ~1.35x the float graph's images/s on two
-    # cores, top-1 unchanged on 98-99 % of BDGP images; cross-validated top-1 +0.5 points
-    # [-3.1, +6.9] on BDGP, -3.6 [-5.5, -0.8] on lab-like copies (flystage.training.quantise).
+    # Measured on the default probe (docs/speed.md): half the float graph's CPU time per image,
+    # top-1 unchanged on 97.9 % of BDGP images; cross-validated top-1 +1.6 points [+0.0, +5.7]
+    # on BDGP, -0.9 [-1.9, +0.7] on lab-like copies (flystage.training.quantise).
     int8: bool = option(
         True,
         "after training, also save model-int8.onnx: the model quantised to int8 (calibrated on "
         "up to 64 training images), kept only if on the validation images it loses at most one "
-        "correct top-1 and one correct top-3 answer against the float model; predict and serve "
-        "then run it (--precision float overrides)",
+        "correct top-1 and one correct top-3 answer against the float model and names the float "
+        "model's top-1 stage on at least 95 % of the validation and calibration images; predict "
+        "and serve then run it (--precision float overrides)",
     )
     epochs: int = option(60, "passes over the training images (>= 1); unused by the exact probe")
     batch_size: int = option(

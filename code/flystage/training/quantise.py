@@ -10,19 +10,18 @@ the pooled features, the probe's column-band ``MatMul``, the feature standardisa
 (``Sub``/``Div`` on ``mean``/``std``), the head's ``Gemm``, a temperature ``Div``, an
 ensemble's averaging, and the "same"-padding arithmetic on the input's shape.
 
-Measured on the default probe (efficientnet_lite2, trained on 6 BDGP genes; onnxruntime 1.32,
-2 threads, batch 16; issue 17): quantising only ``Conv`` kept top-1 on 89 % of the 193
-BDGP images, ``Conv`` + ``Add`` + ``Clip`` on 98-99 % at ~1.35x the float graph's images/s;
-QOperator answered the same as QDQ at about the same speed; Entropy calibration the same as
-MinMax (3x slower to calibrate), Percentile 99.999 slightly worse; 16-160 calibration images
-within one image of each other, so :data:`CALIBRATION_IMAGES` = 64. In leave-one-gene-out
-cross-validation (``make bench-accuracy``) int8 changed top-1 by +0.5 points [-3.1, +6.9] on
-BDGP but by -3.6 [-5.5, -0.8] on the lab-like copies, where the keep rule, judging ~10
-validation images per fold, kept 23 of 24 graphs.
+The choices were measured (``make bench-int8-choices``, ``make bench-accuracy [LABLIKE=1]``;
+tables in docs/speed.md): with static padding in the export, this graph takes about half the
+float graph's CPU time per image (6.2 against 12.9 ms, one thread) and names the float graph's
+top-1 stage on 97.9 % of the 193 BDGP images; ``Conv`` alone was slower and agreed less,
+Percentile and Entropy calibration no better, more calibration images no better than 64. In
+leave-one-gene-out cross-validation int8 changed top-1 by +1.6 points [+0.0, +5.7] on BDGP and
+-0.9 [-1.9, +0.7] on the lab-like copies (-3.6 [-5.5, -0.8] with the stem quantised too).
 
 :func:`add_int8` quantises a model directory's graph, scores both graphs on the validation
 images and keeps ``model-int8.onnx`` only when it loses at most ``allowed_loss`` correct top-1
-and top-3 answers; ``metadata.json``'s ``int8`` records the decision either way
+and top-3 answers and names the float graph's top-1 on at least ``MIN_AGREEMENT`` of the
+validation and calibration images; ``metadata.json``'s ``int8`` records the decision either way
 (:func:`flystage.artefact.int8_record`).
 """
 
