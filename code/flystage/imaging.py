@@ -127,8 +127,7 @@ def set_threads(threads: int) -> None:
 
     Where the caller already keeps every core busy with its own threads or processes (the
     prediction pipeline, the serve workers), OpenCV's extra threads only compete with them:
-    they give it their per-worker share (1 on 2 cores: 6 % less CPU per image in
-    bench-predict's pipeline).
+    they give it their per-worker share.
     """
     cv2.setNumThreads(max(1, int(threads)))
 
