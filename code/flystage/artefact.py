@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from flystage import __version__
+from flystage.errors import FlystageError
 from flystage.imaging import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ _CORE_FIELDS = frozenset(
 )
 
 
-class ArtefactError(ValueError):
+class ArtefactError(FlystageError, ValueError):
     """A model directory that is missing, incomplete or inconsistent; the message says what to
     do."""
 

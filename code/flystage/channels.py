@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flystage.errors import FlystageError
 from flystage.manifest import ManifestError, Record, read_manifest, sort_labels
 from flystage.organise import OrganiseOptions, OrganiseResult, organise, report_lines, summary_table
 
 MANIFEST_NAME = "manifest.csv"
 
 
-class DataError(ValueError):
+class DataError(FlystageError, ValueError):
     """Training data that cannot be used; the message names the channel or file."""
 
 

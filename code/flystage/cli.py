@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from flystage import __version__
-from flystage.errors import FlystageError
+from flystage.errors import run_command
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     module = importlib.import_module(args._module)
-    try:
-        return int(module.run(args) or 0)
-    except FlystageError as exc:
-        print(f"flystage {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_command(args.command, lambda: module.run(args))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from flystage.bootstrap import (
     json_float,
     paired_bootstrap,
 )
+from flystage.errors import FlystageError
 
 # What each score is called in the table, and whether it prints as a percentage.
 NAMES = {
@@ -39,7 +40,7 @@ NAMES = {
 }
 
 
-class CompareError(ValueError):
+class CompareError(FlystageError, ValueError):
     """Two reports that cannot be compared; the message says what to do."""
 
 

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flystage.errors import FlystageError
+
 BDGP_COMMIT = "fd10c9d89832c48c50af5ae38bc6bf94d6dbde57"
 BDGP_URL = f"https://github.com/zzhmark/insitu-tools/archive/{BDGP_COMMIT}.tar.gz"
 MARKER = ".flystage-download"
 DEFAULT_CACHE = Path(os.environ.get("FLYSTAGE_CACHE", Path.home() / ".cache" / "flystage"))
 
 
-class DatasetError(RuntimeError):
+class DatasetError(FlystageError, RuntimeError):
     """The dataset could not be found, downloaded or verified."""
 
 

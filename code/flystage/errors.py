@@ -1,11 +1,15 @@
 """The one error convention: every failure a user can mend is a :class:`FlystageError`.
 
-A command raises it with a message that says what is wrong and what to do; ``cli.main`` is the
-one place that turns it into ``flystage COMMAND: error: MESSAGE`` on stderr and the exit code.
+A command raises it with a message that says what is wrong and what to do; :func:`run_command`
+(used by ``cli.main`` and every other entry point) is the one place that turns it into
+``flystage COMMAND: error: MESSAGE`` on stderr and the exit code.
 Library callers catch ``FlystageError`` (or the specific subclass) instead of a list of types.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class FlystageError(Exception):
@@ -24,3 +28,16 @@ class FlystageError(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def run_command(command: str, run: Callable[[], int | None]) -> int:
+    """``run()``'s exit code (``None`` is 0); a :class:`FlystageError` it raises becomes
+    ``flystage COMMAND: error: MESSAGE`` on stderr and the error's ``exit_code``.
+
+    Anything else propagates: a traceback is the honest report of a bug.
+    """
+    try:
+        return int(run() or 0)
+    except FlystageError as exc:
+        print(f"flystage {command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code

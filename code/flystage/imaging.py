@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from flystage.errors import FlystageError
 from flystage.options import option
 
 __all__ = [
@@ -75,7 +76,7 @@ MAX_DECODED_MB = int(os.environ.get("FLYSTAGE_MAX_DECODED_MB", DEFAULT_MAX_DECOD
 SUPPORTED = "TIFF, PNG, BMP or JPEG"
 
 
-class ImageError(ValueError):
+class ImageError(FlystageError, ValueError):
     """An image that cannot be read: missing, empty, truncated, corrupt, unsupported, too large.
 
     The message names the file (or the ``name`` given for bytes) and says what to do.

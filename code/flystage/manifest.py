@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flystage.errors import FlystageError
+
 SPLITS = ("train", "valid", "test")
 MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha1")
 
 
-class ManifestError(ValueError):
+class ManifestError(FlystageError, ValueError):
     """A manifest that cannot be read or written, or a path that cannot be used; the message
     says what to do. ``flystage.organise.OrganiseError`` is one too."""
 

@@ -19,12 +19,14 @@ import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from flystage.errors import FlystageError
 
-class UsageError(ValueError):
+
+class UsageError(FlystageError, ValueError):
     """A bad argument or hyperparameter."""
 
 
-class OptionValueError(argparse.ArgumentTypeError, ValueError):
+class OptionValueError(FlystageError, argparse.ArgumentTypeError, ValueError):
     """A value an option cannot take: argparse shows its message; a ``ValueError`` elsewhere."""
 
 

@@ -15,6 +15,8 @@ Run ``python -m flystage_local --help`` with ``local/`` on ``PYTHONPATH`` (the M
 ``local-*`` targets do).
 """
 
+from flystage.errors import FlystageError
 
-class LocalModeError(RuntimeError):
+
+class LocalModeError(FlystageError, RuntimeError):
     """A local job or server that cannot run as asked; the message says what to do."""

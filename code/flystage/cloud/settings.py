@@ -17,10 +17,11 @@ from typing import Any
 
 import tomllib
 
+from flystage.errors import FlystageError
 from flystage.options import parse_bool
 
 
-class CloudError(RuntimeError):
+class CloudError(FlystageError, RuntimeError):
     """The one error type of the cloud targets; the message says what to do."""
 
 

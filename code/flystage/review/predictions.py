@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from flystage.artefact import METADATA_FILE
+from flystage.errors import FlystageError
 from flystage.predict import UNDO_COLUMNS, csv_unsafe
 
 
-class PredictionsError(ValueError):
+class PredictionsError(FlystageError, ValueError):
     """A predictions file that cannot be reviewed; the message says what to do."""
 
 

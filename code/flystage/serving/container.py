@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flystage.errors import FlystageError
+
 SERVE_IMAGE = "flystage-serve:latest"
 CONTAINER_PORT = "8080/tcp"
 
 
-class ContainerError(RuntimeError):
+class ContainerError(FlystageError, RuntimeError):
     """A serve container that exited or did not become healthy; the message carries its log."""
 
 

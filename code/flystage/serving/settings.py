@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flystage import imaging
+from flystage.errors import FlystageError
 
 WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"
 THREADS = "FLYSTAGE_INTRA_OP_THREADS"
@@ -87,7 +88,7 @@ TRANSFORM_TOTAL_PAYLOAD_MB = 100
 TRANSFORM_MIN_PAYLOAD_MB = 6
 
 
-class SettingsError(ValueError):
+class SettingsError(FlystageError, ValueError):
     """A serving environment variable with a value that cannot be used."""
 
 

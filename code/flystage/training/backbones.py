@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flystage.errors import FlystageError
 
-class WeightsUnavailableError(RuntimeError):
+
+class WeightsUnavailableError(FlystageError, RuntimeError):
     """Pretrained weights are not installed, not readable, or not the expected file."""
 
 

@@ -13,6 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flystage.errors import FlystageError
 from flystage.manifest import Record, sort_labels
 
 # Share of each fold's training images (whole groups) kept for choosing the best epoch: on
@@ -20,7 +21,7 @@ from flystage.manifest import Record, sort_labels
 VALID_FRACTION = 0.05
 
 
-class CrossvalError(ValueError):
+class CrossvalError(FlystageError, ValueError):
     """Records that cannot be cross-validated (too few groups, a missing group column)."""
 
 

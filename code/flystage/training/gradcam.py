@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flystage.errors import FlystageError
 from flystage.training.backbones import LiteFeatures
 from flystage.training.models import (
     Calibrated,
@@ -58,7 +59,7 @@ from flystage.training.models import (
 from flystage.training.probe import ProbeNet
 
 
-class GradCamUnavailable(ValueError):
+class GradCamUnavailable(FlystageError, ValueError):
     """This model has no convolutional feature map to explain (HOG features)."""
 
 
