@@ -41,6 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from flystage.errors import FlystageError
 from flystage.options import option
 
 __all__ = [
@@ -318,6 +319,13 @@ def build_train_transform(
 # ---- offline rotations (the lab's old workflow) ----------------------------------------------
 
 
+class OutputExistsError(FlystageError, FileExistsError):
+    """An output file already there: an augmented set never replaces a file."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} exists; it is never replaced")
+
+
 def rotate_full(image: np.ndarray, angle: float, fill: float | tuple[float, ...] = 0) -> np.ndarray:
     """Rotate an ``(H, W)`` or ``(H, W, C)`` image of any dtype by ``angle`` degrees
     (counter-clockwise as displayed) onto a canvas that holds the whole rotated frame.
@@ -403,11 +411,11 @@ def _write_png(path: Path, image: np.ndarray) -> str:
         os.link(tmp, path)  # fails if `path` exists: never replaces a file
     except FileExistsError:
         tmp.unlink()
-        raise
+        raise OutputExistsError(path) from None
     except OSError:  # a file system without hard links
         if path.exists():
             tmp.unlink()
-            raise FileExistsError(path) from None
+            raise OutputExistsError(path) from None
         os.replace(tmp, path)
     else:
         tmp.unlink()
@@ -510,7 +518,7 @@ def augment_split(
         for angle, path in outputs:
             if path.exists():
                 if not resume:
-                    raise FileExistsError(f"{path} exists; it is never replaced")
+                    raise OutputExistsError(path)
                 sha1 = file_sha1(path)
             else:
                 try:
@@ -568,21 +576,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flystage.manifest import ManifestError
-
-    try:
-        manifest, failures = augment_split(
-            args.manifest,
-            args.split,
-            args.out,
-            tuple(args.angles),
-            eight_bit=args.eight_bit,
-            resume=args.resume,
-            page=args.page,
-        )
-    except (ManifestError, FileExistsError) as exc:
-        print(f"flystage augment: {exc}", file=sys.stderr)
-        return 2
+    manifest, failures = augment_split(
+        args.manifest,
+        args.split,
+        args.out,
+        tuple(args.angles),
+        eight_bit=args.eight_bit,
+        resume=args.resume,
+        page=args.page,
+    )
     for message in failures:
         print(f"skipped: {message}", file=sys.stderr)
     print(

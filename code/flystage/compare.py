@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -236,18 +235,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.resamples < 1:
-            raise CompareError(f"--resamples {args.resamples}: give at least 1, e.g. 2000")
-        result = compare_reports(
-            load_report(args.report_a),
-            load_report(args.report_b),
-            n_boot=args.resamples,
-            seed=args.seed,
-        )
-    except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.resamples < 1:
+        raise CompareError(f"--resamples {args.resamples}: give at least 1, e.g. 2000")
+    result = compare_reports(
+        load_report(args.report_a),
+        load_report(args.report_b),
+        n_boot=args.resamples,
+        seed=args.seed,
+    )
     result = {"a": str(args.report_a), "b": str(args.report_b), **result}
     print(json.dumps(result) if args.json else comparison_text(result))
     return 0

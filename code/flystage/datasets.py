@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -163,10 +162,5 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        folder = fetch_bdgp(args.dest, args.url)
-    except DatasetError as exc:
-        print(f"flystage fetch: {exc}", file=sys.stderr)
-        return 1
-    print(folder)
+    print(fetch_bdgp(args.dest, args.url))
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from flystage.artefact import ArtefactError
 from flystage.bootstrap import (
     LEVEL,
     N_BOOT,
@@ -37,8 +35,9 @@ from flystage.bootstrap import (
 )
 from flystage.bootstrap import json_float as _num
 from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
-from flystage.imaging import ImageError, load
+from flystage.imaging import load
 from flystage.manifest import SPLITS, ManifestError, Record, manifest_sha256, read_manifest
+from flystage.options import UsageError
 from flystage.predict import Predictor
 
 
@@ -482,18 +481,10 @@ def run(args: argparse.Namespace) -> int:
         args.out / name for name in ("report.json", "confusion.png", "coverage.png")
     )
     if not args.force and any(p.exists() for p in (report_path, png_path, coverage_path)):
-        print(
-            f"error: {args.out} already holds a report; choose another --out or pass --force",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        report, probs, targets = evaluate_manifest(
-            args.model, args.manifest, args.split, args.batch_size, args.threads
-        )
-    except (ArtefactError, ManifestError, ImageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.out} already holds a report; choose another --out or pass --force")
+    report, probs, targets = evaluate_manifest(
+        args.model, args.manifest, args.split, args.batch_size, args.threads
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{args.split} split, n={report['n']}"
     plot_confusion(np.array(report["confusion"]), report["labels"], png_path, title=title)

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import re
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -780,36 +779,30 @@ def run(args: argparse.Namespace) -> int:
     try:
         fractions = [float(x) for x in args.fractions.split(",")]
     except ValueError:
-        print(
-            f"error: --fractions {args.fractions!r}: give three numbers such as 0.7,0.15,0.15",
-            file=sys.stderr,
+        raise OrganiseError(
+            f"--fractions {args.fractions!r}: give three numbers such as 0.7,0.15,0.15"
+        ) from None
+    if args.out.exists() and not args.force:
+        raise OrganiseError(
+            f"{args.out} already exists; choose another --out or pass --force to replace it"
         )
-        return 2
-    try:
-        if args.out.exists() and not args.force:
-            raise OrganiseError(
-                f"{args.out} already exists; choose another --out or pass --force to replace it"
-            )
-        options = OrganiseOptions(
-            label_level=args.label_level,
-            label_pattern=args.label_pattern,
-            label_regex=args.label_regex,
-            labels_csv=args.labels_csv,
-            label_column=args.label_column,
-            group_column=args.group_column,
-            group_regex=args.group_regex,
-            mapping=_parse_map(args.map),
-            keep=_split_list(args.keep),
-            drop=_split_list(args.drop),
-            split=args.split,
-            fractions=fractions,
-            seed=args.seed,
-        )
-        result = organise(args.folders, options)
-        out = write_manifest(result.records, args.out, force=args.force)
-    except ManifestError as exc:  # OrganiseError is one
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    options = OrganiseOptions(
+        label_level=args.label_level,
+        label_pattern=args.label_pattern,
+        label_regex=args.label_regex,
+        labels_csv=args.labels_csv,
+        label_column=args.label_column,
+        group_column=args.group_column,
+        group_regex=args.group_regex,
+        mapping=_parse_map(args.map),
+        keep=_split_list(args.keep),
+        drop=_split_list(args.drop),
+        split=args.split,
+        fractions=fractions,
+        seed=args.seed,
+    )
+    result = organise(args.folders, options)
+    out = write_manifest(result.records, args.out, force=args.force)
     print(report_text(result))
     print(
         f"wrote {out} ({len(result.records)} images, {len({r.group for r in result.records})} "

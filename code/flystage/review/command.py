@@ -16,7 +16,8 @@ import threading
 import webbrowser
 from pathlib import Path
 
-from flystage.artefact import ArtefactError, load_metadata
+from flystage.artefact import load_metadata
+from flystage.errors import FlystageError
 from flystage.imaging import PreprocessConfig
 from flystage.manifest import sort_labels
 from flystage.predict import unsure_threshold
@@ -178,13 +179,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         import flask  # noqa: F401
     except ImportError:
-        print("error: flystage review needs Flask: pip install 'flystage[review]'", file=sys.stderr)
-        return 2
+        raise FlystageError("Flask is not installed: pip install 'flystage[review]'") from None
     try:
         session = build_session(args)
-    except (PredictionsError, ArtefactError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except FlystageError:
+        raise
+    except (OSError, ValueError) as exc:
+        # A file it cannot read or write, a value a library refuses: still the user's to mend,
+        # so a message, not a traceback.
+        raise PredictionsError(str(exc)) from exc
     if session.model_dir is None:
         print(
             "note: the predictions name no model directory (a remote predictor made them, or the "

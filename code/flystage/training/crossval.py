@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +31,6 @@ import torch
 
 from flystage.bootstrap import bootstrap_intervals, image_terms, paired_bootstrap
 from flystage.calibrate import softmax
-from flystage.channels import DataError
 from flystage.evaluate import (
     evaluate_probs,
     plot_confusion,
@@ -40,8 +38,7 @@ from flystage.evaluate import (
     report_text,
     topk_accuracy,
 )
-from flystage.manifest import ManifestError, Record, manifest_sha256, read_manifest, sort_labels
-from flystage.options import UsageError
+from flystage.manifest import Record, manifest_sha256, read_manifest, sort_labels
 from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.data import ImageCache, to_float
 from flystage.training.ensemble import train_model
@@ -462,40 +459,36 @@ def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if not args.force and (
-            (args.out / "report.json").exists() or (args.out / "confusion.png").exists()
-        ):
-            raise CrossvalError(
-                f"{args.out} already holds a report; choose another --out or pass --force"
-            )
-        if args.k_folds is not None and args.folds:
-            raise CrossvalError("--folds names groups to hold out; with --k-folds, leave it out")
-        if not 0.0 < args.valid_fraction < 1.0:
-            raise CrossvalError(
-                f"--valid-fraction {args.valid_fraction}: give a share between 0 and 1, e.g. 0.15"
-            )
-        config = config_from_args(args)
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        records = read_manifest(args.manifest)
-        folds = [g.strip() for g in args.folds.split(",") if g.strip()] if args.folds else None
-        report = crossval(
-            records,
-            config,
-            args.group_column,
-            folds,
-            k=args.k_folds,
-            valid_fraction=args.valid_fraction,
-            unlabelled=args.unlabelled,
-            log=lambda line: print(line, flush=True),
+    if not args.force and (
+        (args.out / "report.json").exists() or (args.out / "confusion.png").exists()
+    ):
+        raise CrossvalError(
+            f"{args.out} already holds a report; choose another --out or pass --force"
         )
-        report["manifest"] = str(args.manifest.resolve())
-        report["manifest_sha256"] = manifest_sha256(args.manifest)
-        report_path, png_path = write_report(report, args.out, args.force)
-    except (CrossvalError, ManifestError, DataError, UsageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.k_folds is not None and args.folds:
+        raise CrossvalError("--folds names groups to hold out; with --k-folds, leave it out")
+    if not 0.0 < args.valid_fraction < 1.0:
+        raise CrossvalError(
+            f"--valid-fraction {args.valid_fraction}: give a share between 0 and 1, e.g. 0.15"
+        )
+    config = config_from_args(args)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    records = read_manifest(args.manifest)
+    folds = [g.strip() for g in args.folds.split(",") if g.strip()] if args.folds else None
+    report = crossval(
+        records,
+        config,
+        args.group_column,
+        folds,
+        k=args.k_folds,
+        valid_fraction=args.valid_fraction,
+        unlabelled=args.unlabelled,
+        log=lambda line: print(line, flush=True),
+    )
+    report["manifest"] = str(args.manifest.resolve())
+    report["manifest_sha256"] = manifest_sha256(args.manifest)
+    report_path, png_path = write_report(report, args.out, args.force)
     print(report_text(report))
     if "int8" in report:
         print(int8_line(report["int8"]))
