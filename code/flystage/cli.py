@@ -13,6 +13,7 @@ import sys
 
 from flystage import __version__
 from flystage.errors import run_command
+from flystage.subcommands import add_subcommands
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,13 +57,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Stage Drosophila embryo images: organise, train, evaluate, predict.",
     )
     parser.add_argument("--version", action="version", version=f"flystage {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module_name)
-        if name == command:
-            importlib.import_module(module_name).configure_parser(p)
+    parsers = add_subcommands(parser, COMMANDS, "command", "COMMAND")
+    if command in parsers:
+        importlib.import_module(COMMANDS[command][0]).configure_parser(parsers[command])
     return parser
 
 
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     # `flystage predict` free of torch.
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    module = importlib.import_module(args._module)
+    module = importlib.import_module(COMMANDS[args.command][0])
     return run_command(args.command, lambda: module.run(args))
 
 

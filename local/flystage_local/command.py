@@ -10,11 +10,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from flystage import jobdef, predict
 from flystage.cloud.settings import CloudError, load_settings
 from flystage.cloud.training import job_name, parse_hyperparameters
+from flystage.errors import run_command
+from flystage.subcommands import add_subcommands
 from flystage_local import LocalModeError, channels, containers, serving, training, tuning
 
 DEFAULT_DATA = os.environ.get(
@@ -158,13 +159,20 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_job_commands(sub: Any) -> None:
-    """The ``train`` and ``tune`` sub-commands."""
-    for name, helptext in (
-        ("train", "run one training job"),
-        ("tune", "run a small hyperparameter search"),
-    ):
-        s = sub.add_parser(name, help=helptext)
+# command -> (handler(args) -> exit code, one-line help)
+COMMANDS = {
+    "train": (cmd_train, "run one training job"),
+    "tune": (cmd_tune, "run a small hyperparameter search"),
+    "serve": (cmd_serve, "start the serve image on a model.tar.gz"),
+    "predict": (cmd_predict, "send every image of a folder to the local server"),
+    "stop": (cmd_stop, "remove every container and network local mode made"),
+}
+
+
+def _add_job_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
+    """The options of ``train`` and ``tune``."""
+    for name in ("train", "tune"):
+        s = parsers[name]
         s.add_argument(
             "--data",
             nargs="+",
@@ -190,22 +198,21 @@ def _add_job_commands(sub: Any) -> None:
             default=training.STOP_GRACE_SECONDS,
             help="seconds between SIGTERM and SIGKILL when a job is stopped",
         )
-    sub.choices["train"].add_argument(
+    parsers["train"].add_argument(
         "--checkpoints",
         type=Path,
         help="checkpoint folder kept between jobs (CheckpointConfig); a rerun resumes from it",
     )
-    sub.choices["tune"].add_argument(
+    parsers["tune"].add_argument(
         "--trials", type=int, default=4, help="training jobs to run (default 4)"
     )
-    sub.choices["tune"].add_argument(
+    parsers["tune"].add_argument(
         "--seed", type=int, default=0, help="seed of the quasi-random design"
     )
 
 
-def _add_serve_command(sub: Any) -> None:
-    """The ``serve`` sub-command."""
-    s = sub.add_parser("serve", help="start the serve image on a model.tar.gz")
+def _add_serve_options(s: argparse.ArgumentParser) -> None:
+    """The options of ``serve``."""
     s.add_argument(
         "--model", type=Path, help="model.tar.gz or model folder (default: the newest under --runs)"
     )
@@ -240,15 +247,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default=Path("runs/local"),
         help="folder of jobs, channels and models (default runs/local)",
     )
-    sub = p.add_subparsers(dest="local_command", metavar="LOCAL_COMMAND", required=True)
-    _add_job_commands(sub)
-    _add_serve_command(sub)
-    s = sub.add_parser("predict", help="send every image of a folder to the local server")
-    predict.add_output_arguments(s)
-    s.add_argument(
+    parsers = add_subcommands(p, COMMANDS, "local_command", "LOCAL_COMMAND")
+    _add_job_options(parsers)
+    _add_serve_options(parsers["serve"])
+    predict.add_output_arguments(parsers["predict"])
+    parsers["predict"].add_argument(
         "--port", type=int, default=serving.DEFAULT_PORT, help="the server's port on 127.0.0.1"
     )
-    sub.add_parser("stop", help="remove every container and network local mode made")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -257,25 +262,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {
-    "train": cmd_train,
-    "tune": cmd_tune,
-    "serve": cmd_serve,
-    "predict": cmd_predict,
-    "stop": cmd_stop,
-}
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        return COMMANDS[args.local_command](args)
-    except (LocalModeError, CloudError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    handler, _ = COMMANDS[args.local_command]
+    return handler(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parser().parse_args(argv))
+    """``python -m flystage_local``: the same command, and the same error convention, as
+    ``flystage local``."""
+    return run_command("local", lambda: run(parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

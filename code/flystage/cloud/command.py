@@ -7,28 +7,10 @@ Settings come from ``flystage.toml`` (``--config``) and ``FLYSTAGE_*`` variables
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-TARGETS = {
-    "push": "create the ECR repositories, log in, tag and push the train and serve images",
-    "upload": (
-        "upload a manifest and its images to s3://bucket/prefix/data/ (skips unchanged files)"
-    ),
-    "tune": "hyperparameter tuning job (Bayesian over what the mode uses: probe_l2 and "
-    "probe_columns for the default exact probe, else learning_rate and batch_size; maximise "
-    "valid:top3)",
-    "train": "training job with the best (or given) hyperparameters",
-    "deploy": "model, endpoint config and endpoint on the serve image; waits until InService",
-    "predict": "top-3 stages for a folder of images through the endpoint (CSV/JSON, --rename)",
-    "batch-predict": "batch transform over images in S3 (or a local folder, uploaded first)",
-    "teardown": (
-        "delete the endpoint, its config and model if they carry flystage's tags (never S3 data "
-        "or images)"
-    ),
-    "policies": "write the IAM policies (execution role, its trust, operator) for the settings",
-    "check": "dry run of every target, its requests checked against the IAM policies",
-}
+from flystage.options import UsageError
+from flystage.subcommands import add_subcommands
 
 
 def _hp_argument(parser: argparse.ArgumentParser) -> None:
@@ -68,9 +50,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the AWS requests as JSON; send nothing"
     )
-    sub = parser.add_subparsers(dest="target", metavar="TARGET")
-    sub.required = True
-    p = {name: sub.add_parser(name, help=text, description=text) for name, text in TARGETS.items()}
+    p = add_subcommands(parser, TARGETS, "target", "TARGET")
 
     p["upload"].add_argument(
         "manifest", type=Path, help="the manifest CSV (flystage organise) or of an augmented set"
@@ -147,108 +127,77 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run(args: argparse.Namespace) -> int:
-    from flystage.cloud.dryrun import DryRunApi
-    from flystage.cloud.session import Api
-    from flystage.cloud.settings import load_settings
+def _emit(api, args: argparse.Namespace):
+    """Where results go: stdout, or stderr in a dry run (whose stdout is only the JSON requests)."""
+    return api.say if args.dry_run else print
 
-    settings = load_settings(args.config)
-    if getattr(args, "instance_count", None) is not None or getattr(args, "spot", None) is not None:
-        settings = settings.replace(instance_count=args.instance_count, spot=args.spot)
-    if getattr(args, "serverless", None) is not None:
-        settings = settings.replace(serverless=args.serverless)
-    # Options go through the same checks as the file and FLYSTAGE_* (--spot and max_wait_s).
-    settings = settings.validate()
-    api = (DryRunApi if args.dry_run else Api)(settings)
-    # A dry run's stdout is only the JSON requests; results go to stderr then.
-    emit = api.say if args.dry_run else print
-    hps = None
-    if getattr(args, "hp", None) is not None:
-        from flystage.cloud.training import parse_hyperparameters
 
-        hps = parse_hyperparameters(args.hp)
+def _hyperparameters(args: argparse.Namespace) -> dict[str, str] | None:
+    if args.hp is None:
+        return None
+    from flystage.cloud.training import parse_hyperparameters
 
-    if args.target == "push":
-        from flystage.cloud.ecr import push
+    return parse_hyperparameters(args.hp)
 
-        for local, uri in push(api, settings).items():
-            emit(f"{local} -> {uri}")
-    elif args.target == "upload":
-        from flystage.cloud.s3 import upload_dataset
 
-        report = upload_dataset(
-            api,
-            settings,
-            args.manifest,
-            multipart_threshold=int(args.multipart_threshold_mb * 2**20),
-        )
-        if not args.dry_run:
-            print(
-                f"{report.uri}: uploaded {len(report.uploaded)}, replaced {len(report.replaced)}, "
-                f"unchanged {len(report.skipped)}"
-            )
-    elif args.target == "tune":
-        from flystage.cloud.tuning import tune
+def _push(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.ecr import push
 
-        tune(
-            api,
-            settings,
-            hps,
-            max_jobs=args.max_jobs,
-            parallel_jobs=args.parallel_jobs,
-            wait=not args.no_wait,
-            warm_start=args.warm_start,
-        )
-    elif args.target == "train":
-        from flystage.cloud.training import train
-
-        train(
-            api,
-            settings,
-            hps,
-            tuning_job=args.tuning_job,
-            wait=not args.no_wait,
-            unlabelled=args.unlabelled,
-        )
-    elif args.target == "deploy":
-        from flystage.cloud.hosting import deploy
-
-        deploy(api, settings, args.model_data, wait=not args.no_wait)
-    elif args.target == "predict":
-        return _predict(api, settings, args)
-    elif args.target == "batch-predict":
-        from flystage.cloud.batch import batch_predict
-
-        emit(
-            batch_predict(
-                api,
-                settings,
-                args.source,
-                model_data=args.model_data,
-                out_csv=args.out,
-                force=args.force,
-            )
-        )
-    elif args.target == "teardown":
-        from flystage.cloud.hosting import teardown
-
-        teardown(api, settings)
-    elif args.target in ("policies", "check"):
-        return _iam(settings, args)
+    for local, uri in push(api, settings).items():
+        _emit(api, args)(f"{local} -> {uri}")
     return 0
 
 
-def _iam(settings, args: argparse.Namespace) -> int:
-    """``policies``: write the three policies; ``check``: the dry-run check against them."""
-    if args.target == "check":
-        from flystage.cloud.check import run_check
+def _upload(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.s3 import upload_dataset
 
-        return run_check(settings, args.policies, source_arn=args.source_arn)
-    from flystage.cloud.policies import write_policies
+    report = upload_dataset(
+        api,
+        settings,
+        args.manifest,
+        multipart_threshold=int(args.multipart_threshold_mb * 2**20),
+    )
+    if not args.dry_run:
+        print(
+            f"{report.uri}: uploaded {len(report.uploaded)}, replaced {len(report.replaced)}, "
+            f"unchanged {len(report.skipped)}"
+        )
+    return 0
 
-    settings.require("region", "role_arn", "bucket")
-    for path in write_policies(settings, args.out, source_arn=args.source_arn):
-        print(path)
+
+def _tune(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.tuning import tune
+
+    tune(
+        api,
+        settings,
+        _hyperparameters(args),
+        max_jobs=args.max_jobs,
+        parallel_jobs=args.parallel_jobs,
+        wait=not args.no_wait,
+        warm_start=args.warm_start,
+    )
+    return 0
+
+
+def _train(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.training import train
+
+    train(
+        api,
+        settings,
+        _hyperparameters(args),
+        tuning_job=args.tuning_job,
+        wait=not args.no_wait,
+        unlabelled=args.unlabelled,
+    )
+    return 0
+
+
+def _deploy(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.hosting import deploy
+
+    deploy(api, settings, args.model_data, wait=not args.no_wait)
     return 0
 
 
@@ -259,8 +208,7 @@ def _predict(api, settings, args: argparse.Namespace) -> int:
     if args.undo:
         return run_undo(args.undo)
     if args.folder is None:
-        print("error: give a FOLDER of images (DIR=...) or --undo MANIFEST", file=sys.stderr)
-        return 2
+        raise UsageError("give a FOLDER of images (DIR=...) or --undo MANIFEST")
     predictor = EndpointPredictor(
         api, settings.endpoint_name, concurrency=args.concurrency, serverless=settings.serverless
     )
@@ -280,12 +228,98 @@ def _predict(api, settings, args: argparse.Namespace) -> int:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from flystage.cloud.settings import CloudError
-    from flystage.manifest import ManifestError
+def _batch_predict(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.batch import batch_predict
 
-    try:
-        return _run(args)
-    except (CloudError, ManifestError) as err:  # OrganiseError (iter_images) is one
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _emit(api, args)(
+        batch_predict(
+            api,
+            settings,
+            args.source,
+            model_data=args.model_data,
+            out_csv=args.out,
+            force=args.force,
+        )
+    )
+    return 0
+
+
+def _teardown(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.hosting import teardown
+
+    teardown(api, settings)
+    return 0
+
+
+def _policies(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.policies import write_policies
+
+    settings.require("region", "role_arn", "bucket")
+    for path in write_policies(settings, args.out, source_arn=args.source_arn):
+        print(path)
+    return 0
+
+
+def _check(api, settings, args: argparse.Namespace) -> int:
+    from flystage.cloud.check import run_check
+
+    return run_check(settings, args.policies, source_arn=args.source_arn)
+
+
+# target -> (handler(api, settings, args) -> exit code, one-line help)
+TARGETS = {
+    "push": (
+        _push,
+        "create the ECR repositories, log in, tag and push the train and serve images",
+    ),
+    "upload": (
+        _upload,
+        "upload a manifest and its images to s3://bucket/prefix/data/ (skips unchanged files)",
+    ),
+    "tune": (
+        _tune,
+        "hyperparameter tuning job (Bayesian over what the mode uses: probe_l2 and "
+        "probe_columns for the default exact probe, else learning_rate and batch_size; maximise "
+        "valid:top3)",
+    ),
+    "train": (_train, "training job with the best (or given) hyperparameters"),
+    "deploy": (
+        _deploy,
+        "model, endpoint config and endpoint on the serve image; waits until InService",
+    ),
+    "predict": (
+        _predict,
+        "top-3 stages for a folder of images through the endpoint (CSV/JSON, --rename)",
+    ),
+    "batch-predict": (
+        _batch_predict,
+        "batch transform over images in S3 (or a local folder, uploaded first)",
+    ),
+    "teardown": (
+        _teardown,
+        "delete the endpoint, its config and model if they carry flystage's tags (never S3 data "
+        "or images)",
+    ),
+    "policies": (
+        _policies,
+        "write the IAM policies (execution role, its trust, operator) for the settings",
+    ),
+    "check": (_check, "dry run of every target, its requests checked against the IAM policies"),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    from flystage.cloud.dryrun import DryRunApi
+    from flystage.cloud.session import Api
+    from flystage.cloud.settings import load_settings
+
+    settings = load_settings(args.config)
+    if getattr(args, "instance_count", None) is not None or getattr(args, "spot", None) is not None:
+        settings = settings.replace(instance_count=args.instance_count, spot=args.spot)
+    if getattr(args, "serverless", None) is not None:
+        settings = settings.replace(serverless=args.serverless)
+    # Options go through the same checks as the file and FLYSTAGE_* (--spot and max_wait_s).
+    settings = settings.validate()
+    api = (DryRunApi if args.dry_run else Api)(settings)
+    handler, _ = TARGETS[args.target]
+    return handler(api, settings, args)
