@@ -27,15 +27,20 @@ def predicted_folder(root: Path, n: int = 8, suffix: str = ".tif") -> tuple[Path
     return images, model, csv_path
 
 
+def review_argv(source: Path, tmp: Path, **extra) -> list[str]:
+    """``flystage review``'s arguments: ``source``, a cache under ``tmp``, ``--key value``."""
+    argv = [str(source), "--cache-dir", str(tmp / "cache")]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
 def review_args(source: Path, tmp: Path, **extra) -> argparse.Namespace:
     from flystage.review.command import configure_parser
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
-    argv = [str(source), "--cache-dir", str(tmp / "cache")]
-    for key, value in extra.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return parser.parse_args(argv)
+    return parser.parse_args(review_argv(source, tmp, **extra))
 
 
 class Server:

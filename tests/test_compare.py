@@ -171,7 +171,8 @@ def test_refusals_say_what_to_do(tmp_path: Path, spread, capsys):
     (tmp_path / "labels.json").write_text(json.dumps(relabelled))
     code, out, err = _compare(capsys, a, tmp_path / "labels.json")
     assert code == 2 and out == ""
-    assert err.startswith("error: the reports' label lists differ") and "--map" in err
+    assert err.startswith("flystage compare: error: the reports' label lists differ")
+    assert "--map" in err
 
     elsewhere = json.loads(b.read_text())
     for p in elsewhere["predictions"]:

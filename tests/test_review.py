@@ -10,11 +10,12 @@ import pytest
 
 pytest.importorskip("flask")
 
+from flystage import cli  # noqa: E402
 from flystage.predict import Prediction  # noqa: E402
 from flystage.review.app import COOKIE, create_app  # noqa: E402
 from flystage.review.command import build_session  # noqa: E402
 from flystage.review.predictions import PredictionsError, read_predictions, resolve_items  # noqa: E402
-from review_helpers import predicted_folder, review_args  # noqa: E402
+from review_helpers import predicted_folder, review_args, review_argv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -279,10 +280,8 @@ def test_base_labels_and_group_column(folder, tmp_path) -> None:
 
 
 def test_command_refuses_moved_images_clearly(folder, tmp_path, capsys) -> None:
-    from flystage.review.command import run
-
     _, _, csv_path = folder
-    code = run(review_args(csv_path, tmp_path, images=tmp_path))
+    code = cli.main(["review", *review_argv(csv_path, tmp_path, images=tmp_path)])
     assert code == 2
     assert "no longer where the predictions say" in capsys.readouterr().err
 
@@ -352,14 +351,14 @@ def test_review_finds_the_folder_and_model_predict_recorded(tmp_path, monkeypatc
     assert session.model_dir == tmp_path / "M2"
 
     # A recorded folder or model that is gone: a clear error naming the option to pass.
-    from flystage.review.command import run
-
     (tmp_path / "M").rename(tmp_path / "M-moved")
-    assert run(review_args(Path("p.csv"), tmp_path)) == 2
+    assert cli.main(["review", *review_argv(Path("p.csv"), tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str((tmp_path / "M").resolve()) in err and "--model DIR" in err
     (tmp_path / "new").rename(tmp_path / "new-moved")
-    assert run(review_args(Path("p.csv"), tmp_path, model=tmp_path / "M-moved")) == 2
+    assert (
+        cli.main(["review", *review_argv(Path("p.csv"), tmp_path, model=tmp_path / "M-moved")]) == 2
+    )
     err = capsys.readouterr().err
     assert str((tmp_path / "new").resolve()) in err and "--images FOLDER" in err
     session = build_session(
