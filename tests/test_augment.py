@@ -273,3 +273,17 @@ def test_offline_augment_skips_unreadable_images_and_says_so(
     err = capsys.readouterr().err
     assert "skipped" in err and str(broken) in err
     assert len(read_manifest(out / "manifest.csv")) == 3 * 2
+
+
+def test_an_output_already_there_is_a_flystage_error_and_a_file_exists_error(tmp_path: Path):
+    from flystage.augment import OutputExistsError, _write_png
+    from flystage.errors import FlystageError
+
+    path = tmp_path / "a.png"
+    image = np.zeros((4, 4), np.uint8)
+    _write_png(path, image)
+    before = path.read_bytes()
+    with pytest.raises(OutputExistsError, match="a.png exists; it is never replaced") as info:
+        _write_png(path, image + 1)
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, FlystageError)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]  # no .partial
