@@ -33,7 +33,7 @@ from flystage.artefact import ArtefactError, check_artefact, load_metadata  # no
 from flystage.imaging import ImageError, read_image  # noqa: E402
 from flystage.manifest import ManifestError, read_manifest  # noqa: E402
 from flystage.organise import OrganiseError, organise  # noqa: E402
-from flystage.predict import undo_renames  # noqa: E402
+from flystage.rename import undo_renames  # noqa: E402
 from flystage.training.export import load_torch_model  # noqa: E402
 from flystage_local import LocalModeError  # noqa: E402
 from flystage_local.serving import unpack_model  # noqa: E402

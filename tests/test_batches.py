@@ -11,7 +11,7 @@ import pytest
 from artefact_helpers import make_artefact, write_image
 from flystage.batches import pipelined_batches
 from flystage.organise import iter_images
-from flystage.predict import Predictor, predict_files
+from flystage.predictor import Predictor, predict_files
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 
 from artefact_helpers import make_artefact, write_image
 from flystage import cli
-from flystage.predict import Prediction, add_output_arguments, run_with
+from flystage.predict import add_output_arguments, run_with
+from flystage.predictor import Prediction
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_non_utf8_file_names_are_predicted_renamed_and_restored(
 
 
 def test_a_failed_write_leaves_no_partial_output(tmp_path: Path):
-    from flystage.predict import write_csv, write_json
+    from flystage.outputs import write_csv, write_json
 
     good = [Prediction("a.tif", [("1-3", 0.9), ("4-6", 0.1)])]
     bad = good + [
@@ -244,14 +245,14 @@ def test_help_documents_that_links_are_skipped(capsys):
 def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(
     tmp_path: Path, monkeypatch, capsys
 ):
-    from flystage import predict as predict_module
+    from flystage import rename as rename_module
 
     root = tmp_path / "imgs"
     for i in range(3):
         write_image(root / f"embryo{i}.tif", seed=i)
     original = {p.name: p.read_bytes() for p in root.iterdir()}
     calls = []
-    real = predict_module._move_no_replace
+    real = rename_module.rename_no_replace
 
     def interrupted_on_second(src, dst):
         calls.append(src)
@@ -260,7 +261,7 @@ def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(
             raise KeyboardInterrupt
         real(src, dst)
 
-    monkeypatch.setattr(predict_module, "_move_no_replace", interrupted_on_second)
+    monkeypatch.setattr(rename_module, "rename_no_replace", interrupted_on_second)
     undo = tmp_path / "undo.csv"
     with pytest.raises(KeyboardInterrupt):
         run_remote(
@@ -286,7 +287,7 @@ def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(
     import numpy as np
     import tifffile
 
-    from flystage.predict import Predictor
+    from flystage.predictor import Predictor
 
     root = tmp_path / "imgs"
     write_image(root / "embryo1.tif", seed=1)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mms.context import Context, RequestProcessor
 
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 from flystage.serving import codec, entrypoint, model_watch, settings
 from flystage.serving.handler_service import HandlerService
 from serving_helpers import IMAGE_TYPES, image_body, lab_image, tiff_bytes, train_artefact

@@ -1,7 +1,7 @@
 """Batched prediction over many files as a pipeline: readers ahead of inference workers.
 
-Reading and preprocessing an image (:meth:`flystage.predict.Predictor.prepare`) and running a
-batch through onnxruntime (:meth:`~flystage.predict.Predictor.predict_prepared`) both release
+Reading and preprocessing an image (:meth:`flystage.predictor.Predictor.prepare`) and running a
+batch through onnxruntime (:meth:`~flystage.predictor.Predictor.predict_prepared`) both release
 the GIL for most of their time, so on threads they overlap: ``readers`` threads decode the
 next images while ``workers`` threads each run a batch. At most ``batch_size * (workers + 2)``
 decoded images wait at once (read ahead, plus one batch queued for a worker; about 0.1 MB

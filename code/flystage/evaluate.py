@@ -39,7 +39,7 @@ from flystage.bootstrap import json_float as _num
 from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
 from flystage.imaging import ImageError, load
 from flystage.manifest import SPLITS, ManifestError, Record, manifest_sha256, read_manifest
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 
 
 def topk_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:

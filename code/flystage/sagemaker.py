@@ -237,7 +237,7 @@ def _predictor_class():
 
         ``predict(image)``: bytes, a path or a binary file -> ``[(stage, probability), ...]``
         (top 3; ``k=`` for more). Each image goes with its own MIME type. Also a
-        ``flystage.predict.SourcePredictor``: ``predict_folder`` writes the CSV/JSON of a
+        ``flystage.predictor.SourcePredictor``: ``predict_folder`` writes the CSV/JSON of a
         folder and, with ``rename=True``, renames each file with its top-k (with an undo manifest).
         """
 

@@ -17,7 +17,7 @@ import torch
 
 from flystage.artefact import load_metadata
 from flystage.imaging import ImageError, load
-from flystage.predict import top_k
+from flystage.predictor import top_k
 from flystage.serving import codec
 from flystage.training.export import load_torch_model
 

@@ -85,7 +85,7 @@ class ReviewSession:
         """The ONNX model, opened on the first overlay request (most sessions never ask)."""
         with self._model_lock:
             if self._predictor is None and self.model_dir is not None:
-                from flystage.predict import Predictor
+                from flystage.predictor import Predictor
 
                 self._predictor = Predictor(self.model_dir, threads=self.threads)
             return self._predictor

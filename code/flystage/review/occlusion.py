@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 
 OVERLAY_SCALE = 3  # the map is shown larger than the 96 x 240 model input
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flystage.artefact import METADATA_FILE
-from flystage.predict import UNDO_COLUMNS, csv_unsafe
+from flystage.files import csv_unsafe
+from flystage.rename import UNDO_COLUMNS
 
 
 class PredictionsError(ValueError):

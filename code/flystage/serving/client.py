@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flystage.predict import Prediction, Source
+    from flystage.predictor import Prediction, Source
 
 CONTENT_TYPES = {"tiff": "image/tiff", "png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
 
@@ -83,7 +83,7 @@ def predict_each(
     """Top-k for each source through ``send``, in order; an unreadable file or a ValueError
     from ``send`` is that image's ``error`` and the others go on. Other exceptions (the server
     is gone, no permission) propagate: they would fail every image alike."""
-    from flystage.predict import Prediction, source_name
+    from flystage.predictor import Prediction, source_name
 
     names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
 
