@@ -180,3 +180,13 @@ def test_files_needs_neither_opencv_nor_torch_to_write(tmp_path: Path):
         [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_block_that_removes_its_file_moves_nothing(tmp_path: Path):
+    # An output decided against (an int8 graph that answers worse) leaves the old file alone.
+    path = tmp_path / "model-int8.onnx"
+    path.write_bytes(b"old")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"worse")
+        tmp.unlink()
+    assert path.read_bytes() == b"old" and leftovers(tmp_path) == []

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from flystage.files import atomic_write, png_bytes
 from flystage.options import option
 
 __all__ = [
@@ -391,26 +391,14 @@ def _background(image: np.ndarray) -> tuple[float, ...]:
 
 def _write_png(path: Path, image: np.ndarray) -> str:
     """Write ``image`` (RGB or grey) as PNG without ever replacing a file; return its SHA-1."""
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    ok, buf = cv2.imencode(".png", bgr)
-    if not ok:
-        raise OSError(f"{path}: OpenCV could not encode the image as PNG")
-    data = buf.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
     try:
-        os.link(tmp, path)  # fails if `path` exists: never replaces a file
-    except FileExistsError:
-        tmp.unlink()
-        raise
-    except OSError:  # a file system without hard links
-        if path.exists():
-            tmp.unlink()
-            raise FileExistsError(path) from None
-        os.replace(tmp, path)
-    else:
-        tmp.unlink()
+        data = png_bytes(image)
+    except ValueError:
+        raise OSError(f"{path}: OpenCV could not encode the image as PNG") from None
+    # No fsync, as before: one per image would slow a split of thousands down, and the
+    # outputs can be made again from the sources.
+    with atomic_write(path, "wb", force=False, fsync=False, hint="it is never replaced") as f:
+        f.write(data)
     return hashlib.sha1(data).hexdigest()
 
 

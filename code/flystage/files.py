@@ -91,8 +91,9 @@ def atomic_path(
     """A temporary path next to ``path`` for the block to write; moved to ``path`` when the
     block ends without an error, removed otherwise.
 
-    For libraries that write by file name (torch.save, ONNX exporters, quantisers). A crash or
-    an error half-way leaves no partial ``path``, so a rerun never meets "already exists".
+    For libraries that write by file name (torch.save, ONNX exporters, quantisers); a block that
+    removes the file (an output it decided against) moves nothing. A crash or an error half-way
+    leaves no partial ``path``, so a rerun never meets "already exists".
     Without ``force`` an existing ``path`` is never replaced, even one that appears while
     writing: FileExistsError says ``"PATH already exists; " + hint``. ``fsync`` makes the
     content durable before the rename (not worth it for a cache).
@@ -106,6 +107,8 @@ def atomic_path(
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
+        if not os.path.lexists(tmp):
+            return  # the block removed its file: it decided against it, so nothing is moved
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
