@@ -13,7 +13,7 @@ import pytest
 
 from artefact_helpers import make_artefact, write_image
 from flystage import cli
-from flystage.predict import add_output_arguments, run_with
+from flystage.predict import PredictError, add_output_arguments, run_with
 from flystage.predictor import Prediction
 
 
@@ -48,6 +48,14 @@ def run_remote(predictor, *argv) -> int:
     parser = argparse.ArgumentParser()
     add_output_arguments(parser)
     return run_with(predictor, parser.parse_args([str(a) for a in argv]))
+
+
+def usage_error(predictor, *argv) -> str:
+    """The message of the PredictError (exit code 2) that ``run_remote`` raises."""
+    with pytest.raises(PredictError) as raised:
+        run_remote(predictor, *argv)
+    assert raised.value.exit_code == 2
+    return str(raised.value)
 
 
 # ---- item 7: CSV injection, and an unwritable undo manifest ----------------------------------
@@ -101,13 +109,15 @@ def test_help_documents_the_csv_injection_rule(capsys):
     assert "single quote" in text and "CSV-injection" in text
 
 
-def test_unwritable_undo_manifest_fails_before_any_prediction(tmp_path: Path, capsys):
+def test_unwritable_undo_manifest_fails_before_any_prediction(
+    model_dir: Path, tmp_path: Path, capsys
+):
     root = tmp_path / "imgs"
     write_image(root / "embryo1.tif", seed=1)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     remote = Counting()
-    rc = run_remote(
+    err = usage_error(
         remote,
         root,
         "--out",
@@ -116,18 +126,22 @@ def test_unwritable_undo_manifest_fails_before_any_prediction(tmp_path: Path, ca
         "--undo-manifest",
         blocker / "undo.csv",
     )
-    assert rc == 2 and remote.calls == 0
-    err = capsys.readouterr().err
+    assert remote.calls == 0
     assert "cannot write" in err and "--undo-manifest" in err and str(blocker / "undo.csv") in err
     assert not (tmp_path / "p.csv").exists() and (root / "embryo1.tif").is_file()
     # The same for an undo manifest that names a folder.
-    rc = run_remote(
+    err = usage_error(
         remote, root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", tmp_path
     )
-    assert rc == 2 and remote.calls == 0
+    assert remote.calls == 0 and "--undo-manifest" in err
     # And for an unwritable --out.
-    rc = run_remote(remote, root, "--out", blocker / "p.csv")
-    assert rc == 2 and remote.calls == 0 and "--out" in capsys.readouterr().err
+    err = usage_error(remote, root, "--out", blocker / "p.csv")
+    assert remote.calls == 0 and "--out" in err
+    # Through the command line the same error is exit code 2 with the message on stderr.
+    capsys.readouterr()
+    assert predict(root, "--model", model_dir, "--out", blocker / "p.csv") == 2
+    err = capsys.readouterr().err
+    assert "flystage predict: error: cannot write" in err and "choose another --out" in err
 
 
 # ---- item 2: file names that are not UTF-8; no partial outputs --------------------------------

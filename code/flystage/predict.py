@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flystage.artefact import PRECISIONS, ArtefactError
+from flystage.errors import FlystageError
 from flystage.files import unwritable_reason
 from flystage.imaging import set_threads
 from flystage.organise import iter_images
@@ -54,6 +55,16 @@ def unsure_threshold(text: str) -> float:
             f"{text} is not between 0 and 1 (exclusive); give a probability such as 0.8"
         )
     return value
+
+
+class PredictError(FlystageError):
+    """Bad usage of ``flystage predict`` (or of ``run_with`` for another predictor): a missing
+    folder, an output that exists or cannot be written, a model that cannot be used. Raised
+    before any image is predicted; the message is printable whatever bytes the file names hold.
+    """
+
+    def __init__(self, message: str = "", *args: object, exit_code: int | None = None):
+        super().__init__(_printable(message), *args, exit_code=exit_code)
 
 
 def _printable(text: str) -> str:
@@ -158,11 +169,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_undo(manifest: Path) -> int:
+    """Restore the names an undo manifest records: exit code 0, or 1 when some were not."""
     try:
         report = undo_renames(manifest)
     except (OSError, ValueError) as exc:
-        _print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise PredictError(str(exc)) from None
     _print(report.text().replace("renamed", "restored", 1))
     return 1 if report.problems else 0
 
@@ -172,25 +183,18 @@ def run_with(
 ) -> int:
     """Predict ``args.folder`` with ``predictor``, write CSV/JSON, rename if asked.
 
-    Exit code 0 when every image was predicted (and renamed if asked), 1 when some were not,
-    2 for bad usage. ``args.undo`` restores names instead (no predictor call).
+    Exit code 0 when every image was predicted (and renamed if asked), 1 when some were not;
+    bad usage raises :class:`PredictError` (exit code 2) before any image is predicted.
+    ``args.undo`` restores names instead (no predictor call).
     """
     if getattr(args, "undo", None):
         return run_undo(args.undo)
     if args.folder is None:
-        _print("error: give the FOLDER of images to predict (or --undo MANIFEST)", file=sys.stderr)
-        return 2
+        raise PredictError("give the FOLDER of images to predict (or --undo MANIFEST)")
     if args.k < 1 or args.batch_size < 1:
-        _print("error: --k and --batch-size must be at least 1", file=sys.stderr)
-        return 2
-    found = _find_images(args.folder)
-    if found is None:
-        return 2
-    folder, paths = found
-    outputs = _output_paths(args)
-    if outputs is None:
-        return 2
-    json_path, undo_path = outputs
+        raise PredictError("--k and --batch-size must be at least 1")
+    folder, paths = _find_images(args.folder)
+    json_path, undo_path = _output_paths(args)
     root = folder if folder.is_dir() else folder.parent
     predictions = predict_files(
         predictor,
@@ -230,13 +234,12 @@ def run_with(
     return status
 
 
-def _find_images(folder: Path) -> tuple[Path, list[Path]] | None:
-    """The resolved ``folder`` and the images under it; None (after printing why) when there
-    are none. Ignored files are counted on stderr."""
+def _find_images(folder: Path) -> tuple[Path, list[Path]]:
+    """The resolved ``folder`` and the images under it; PredictError when there are none.
+    Ignored files are counted on stderr."""
     folder = folder.expanduser().resolve()
     if not folder.exists():
-        _print(f"error: {folder}: no such folder or file", file=sys.stderr)
-        return None
+        raise PredictError(f"{folder}: no such folder or file")
     paths, ignored = iter_images([folder])
     if ignored:
         _print(
@@ -244,31 +247,22 @@ def _find_images(folder: Path) -> tuple[Path, list[Path]] | None:
             file=sys.stderr,
         )
     if not paths:
-        _print(
-            f"error: no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}", file=sys.stderr
-        )
-        return None
+        raise PredictError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}")
     return folder, paths
 
 
-def _output_paths(args: argparse.Namespace) -> tuple[Path, Path] | None:
+def _output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """The JSON and undo-manifest paths, every output checked new (or --force) and writable
-    before the first image is predicted; None (after printing why) when one is not."""
+    before the first image is predicted; PredictError when one is not."""
     json_path = args.json or args.out.with_suffix(".json")
     for out in (args.out, json_path):
         if out.exists() and not args.force:
-            _print(
-                f"error: {out} already exists; choose another name or pass --force", file=sys.stderr
-            )
-            return None
+            raise PredictError(f"{out} already exists; choose another name or pass --force")
     undo_path = args.undo_manifest or args.out.with_name(
         f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv"
     )
     if args.rename and undo_path.exists():
-        _print(
-            f"error: {undo_path} already exists; choose another --undo-manifest", file=sys.stderr
-        )
-        return None
+        raise PredictError(f"{undo_path} already exists; choose another --undo-manifest")
     # Every output must be writable before the first image is predicted, not after all of them.
     checks = [(args.out, "--out"), (json_path, "--json")] + (
         [(undo_path, "--undo-manifest")] if args.rename else []
@@ -276,10 +270,7 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path, Path] | None:
     for out, option in checks:
         problem = unwritable_reason(out)
         if problem:
-            _print(
-                f"error: cannot write {out} ({problem}); choose another {option}", file=sys.stderr
-            )
-            return None
+            raise PredictError(f"cannot write {out} ({problem}); choose another {option}")
     return json_path, undo_path
 
 
@@ -287,13 +278,12 @@ def run(args: argparse.Namespace) -> int:
     if args.undo:
         return run_undo(args.undo)
     if args.folder is None or args.model is None:
-        _print("error: give a FOLDER and --model DIR (or --undo MANIFEST)", file=sys.stderr)
-        return 2
+        raise PredictError("give a FOLDER and --model DIR (or --undo MANIFEST)")
     try:
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
         predictor = Predictor(args.model, threads=threads, precision=args.precision)
         set_threads(threads)
     except ArtefactError as exc:
-        _print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # Until ArtefactError is a FlystageError itself: then this clause can go.
+        raise PredictError(str(exc)) from None
     return run_with(predictor, args, describe_model(predictor))

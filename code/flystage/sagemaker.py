@@ -281,7 +281,9 @@ def _predictor_class():
             unsure_below: float | None = None,
         ) -> int:
             """``flystage predict FOLDER --out OUT [--rename]`` through this endpoint: exit code 0
-            when every image was predicted (and renamed)."""
+            when every image was predicted (and renamed), 1 when some were not; bad usage (an
+            output that exists without ``force``, no images) raises
+            ``flystage.predict.PredictError`` before any image is sent."""
             parser = argparse.ArgumentParser(prog="predict_folder")
             add_output_arguments(parser)
             argv = [str(folder), "--out", str(out), "--k", str(k)]
