@@ -16,13 +16,13 @@ from flystage.manifest import read_manifest, sort_labels, write_manifest
 from flystage.organise import (
     DEFAULT_LABEL_PATTERN,
     LabelRules,
-    OrganiseError,
     OrganiseOptions,
     iter_images,
     label_and_group,
     organise,
     split_groups,
 )
+from flystage.organise_error import OrganiseError
 
 
 def touch(path: Path, content: str | bytes | None = None) -> Path:

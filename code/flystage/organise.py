@@ -38,6 +38,7 @@ from flystage.manifest import (
     sort_labels,
     write_manifest,
 )
+from flystage.organise_error import OrganiseError
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -45,11 +46,6 @@ DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 DEFAULT_LABEL_PATTERN = r"(?i)^(?:stage|st)?[\s_-]*\d{1,2}(?:\s*(?:-|_|to)\s*\d{1,2})?$"
 # Folders a lab's tools leave behind that never hold training images.
 JUNK_FOLDERS = {".ipynb_checkpoints": "checkpoint folder", "__MACOSX": "__MACOSX folder"}
-
-
-class OrganiseError(ManifestError):
-    """Bad input to organise (folders, labels CSV, label, group and split options); the message
-    says what to do. A ``ManifestError``: catching that catches both."""
 
 
 # ---- scanning ------------------------------------------------------------------------------
