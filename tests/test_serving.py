@@ -268,9 +268,9 @@ def test_handler_bad_input_is_json_4xx_and_the_next_request_works(
 
 
 def test_handler_refuses_an_image_over_the_pixel_limit(service, monkeypatch):
-    import flystage.imaging
+    import flystage.image_checks
 
-    monkeypatch.setattr(flystage.imaging, "MAX_PIXELS", 100_000)
+    monkeypatch.setattr(flystage.image_checks, "MAX_PIXELS", 100_000)
     got, answer = invoke(service, tiff_bytes(lab_image()), "image/tiff")
     assert got == 400 and "more than the limit" in answer["error"], answer
 
