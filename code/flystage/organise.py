@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flystage import formats
 from flystage.manifest import (
     SPLITS,
     ManifestError,
@@ -39,7 +40,6 @@ from flystage.manifest import (
     write_manifest,
 )
 
-IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 # A folder name that looks like a stage: "11", "13-16", "stage 9-10", "st13", "Stage_4_6".
 DEFAULT_LABEL_PATTERN = r"(?i)^(?:stage|st)?[\s_-]*\d{1,2}(?:\s*(?:-|_|to)\s*\d{1,2})?$"
@@ -78,7 +78,7 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
         root = real_path(folder, OrganiseError)
         if root.is_file():
             # A single file given directly: kept if it is an image.
-            if root.suffix.lower() in IMAGE_SUFFIXES:
+            if formats.by_suffix(root.suffix) is not None:
                 found.append((root.parent, root))
             else:
                 ignored[f"not an image ({root.suffix.lower() or 'no suffix'})"] += 1
@@ -101,7 +101,7 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
                 suffix = Path(name).suffix.lower()
                 if reason:
                     ignored[reason] += 1
-                elif suffix not in IMAGE_SUFFIXES:
+                elif formats.by_suffix(suffix) is None:
                     ignored[f"not an image ({suffix or 'no suffix'})"] += 1
                 elif not os.path.isfile(here / name):
                     # Reading a FIFO or a device never ends; a broken or looping link cannot be
@@ -115,7 +115,8 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
 def iter_images(folders: Iterable[str | Path]) -> tuple[list[Path], Counter]:
     """Every image file under ``folders`` (recursive, sorted), and counts of what was ignored.
 
-    Images are files ending in .tif/.tiff/.png/.bmp/.jpg/.jpeg (any case). Hidden files and
+    Images are files ending in a suffix of :mod:`flystage.formats`' table (any case):
+    .tif/.tiff/.png/.bmp/.jpg/.jpeg unless more formats are registered. Hidden files and
     folders, ``.ipynb_checkpoints`` and ``__MACOSX`` are skipped. A path that is itself an
     image file is kept as is.
     """
