@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flystage import formats
 from flystage.labels import (
     DEFAULT_LABEL_PATTERN,
     NOT_UTF8,
@@ -49,7 +50,6 @@ from flystage.manifest import (
 from flystage.organise_error import OrganiseError
 from flystage.splitting import DEFAULT_FRACTIONS, SPLIT_MODES, assign_splits
 
-IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
 # Folders a lab's tools leave behind that never hold training images.
 JUNK_FOLDERS = {".ipynb_checkpoints": "checkpoint folder", "__MACOSX": "__MACOSX folder"}
 
@@ -80,7 +80,7 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
         root = real_path(folder, OrganiseError)
         if root.is_file():
             # A single file given directly: kept if it is an image.
-            if root.suffix.lower() in IMAGE_SUFFIXES:
+            if formats.by_suffix(root.suffix) is not None:
                 found.append((root.parent, root))
             else:
                 ignored[f"not an image ({root.suffix.lower() or 'no suffix'})"] += 1
@@ -103,7 +103,7 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
                 suffix = Path(name).suffix.lower()
                 if reason:
                     ignored[reason] += 1
-                elif suffix not in IMAGE_SUFFIXES:
+                elif formats.by_suffix(suffix) is None:
                     ignored[f"not an image ({suffix or 'no suffix'})"] += 1
                 elif not os.path.isfile(here / name):
                     # Reading a FIFO or a device never ends; a broken or looping link cannot be
@@ -117,7 +117,8 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
 def iter_images(folders: Iterable[str | Path]) -> tuple[list[Path], Counter]:
     """Every image file under ``folders`` (recursive, sorted), and counts of what was ignored.
 
-    Images are files ending in .tif/.tiff/.png/.bmp/.jpg/.jpeg (any case). Hidden files and
+    Images are files ending in a suffix of :mod:`flystage.formats`' table (any case):
+    .tif/.tiff/.png/.bmp/.jpg/.jpeg unless more formats are registered. Hidden files and
     folders, ``.ipynb_checkpoints`` and ``__MACOSX`` are skipped. A path that is itself an
     image file is kept as is.
     """

@@ -45,8 +45,10 @@ from flystage.artefact import (
     load_metadata,
     open_session,
 )
-from flystage.imaging import ImageError, preprocess, read_image, set_threads
+from flystage.image_checks import ImageError
+from flystage.imaging import preprocess, set_threads
 from flystage.organise import iter_images
+from flystage.reading import read_image
 
 Source = str | Path | bytes
 # Chosen by bench-predict on 2 cores (docs/speed.md): batches in flight, each on one

@@ -23,7 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flystage.imaging import PreprocessConfig, load, read_image, stretch_contrast
+from flystage.imaging import PreprocessConfig, load, stretch_contrast
+from flystage.reading import read_image
 
 CACHE_VERSION = "1"
 ORIGINAL_WIDTH = 900  # wide enough to see an embryo's stripes, small enough to load at once
