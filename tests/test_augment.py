@@ -21,8 +21,9 @@ from flystage.augment import (
     sample_rng,
 )
 from flystage.cli import main as flystage_main
-from flystage.imaging import PreprocessConfig, preprocess, read_image
+from flystage.imaging import PreprocessConfig, preprocess
 from flystage.manifest import Record, file_sha1, read_manifest, write_manifest
+from flystage.reading import read_image
 from imaging_helpers import SIZE, brightfield_embryo, dim_embryo, encode, foreground_box
 
 # Every op but the flips, each drawn with this probability.

@@ -471,8 +471,9 @@ def augment_split(
     """
     from tqdm import tqdm
 
-    from flystage.imaging import ImageError, read_image
+    from flystage.image_checks import ImageError
     from flystage.manifest import ManifestError, Record, file_sha1, read_manifest, write_manifest
+    from flystage.reading import read_image
 
     out_dir = Path(out_dir).expanduser().resolve()
     records = [r for r in read_manifest(manifest) if r.split == split]

@@ -37,7 +37,8 @@ from flystage.bootstrap import (
 )
 from flystage.bootstrap import json_float as _num
 from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
-from flystage.imaging import ImageError, load
+from flystage.image_checks import ImageError
+from flystage.imaging import load
 from flystage.manifest import SPLITS, ManifestError, Record, manifest_sha256, read_manifest
 from flystage.predictor import Predictor
 

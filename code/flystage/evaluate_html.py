@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from flystage.files import png_bytes
-from flystage.imaging import ImageError, PreprocessConfig, load
+from flystage.image_checks import ImageError
+from flystage.imaging import PreprocessConfig, load
 from flystage.manifest import Record
 
 WORST = 12  # thumbnails of the most confident errors

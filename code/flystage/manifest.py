@@ -27,7 +27,7 @@ MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha1")
 
 class ManifestError(ValueError):
     """A manifest that cannot be read or written, or a path that cannot be used; the message
-    says what to do. ``flystage.organise.OrganiseError`` is one too."""
+    says what to do. ``flystage.organise_error.OrganiseError`` is one too."""
 
 
 @dataclass

@@ -26,7 +26,9 @@ from flystage.artefact import (
     load_metadata,
     open_session,
 )
-from flystage.imaging import ImageError, preprocess, read_image
+from flystage.image_checks import ImageError
+from flystage.imaging import preprocess
+from flystage.reading import read_image
 
 Source = str | Path | bytes
 # Chosen by bench-predict on 2 cores (docs/speed.md): batches in flight, each on one

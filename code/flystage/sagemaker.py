@@ -194,7 +194,7 @@ class ImageSerializer:
     binary file -> the file's bytes, sent raw. The serve image recognises TIFF, PNG, JPEG and
     BMP from the bytes; :class:`FlystagePredictor` also names each image's own MIME type."""
 
-    CONTENT_TYPE = "application/x-image"  # one of flystage.serving.codec.RAW_TYPES
+    CONTENT_TYPE = "application/x-image"  # one of flystage.serving.codec.GENERIC_TYPES
 
     @property
     def content_type(self) -> str:

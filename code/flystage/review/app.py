@@ -34,7 +34,8 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request
 
 from flystage.artefact import WEIGHTS_FILE
-from flystage.imaging import ImageError, PreprocessConfig, load
+from flystage.image_checks import ImageError
+from flystage.imaging import PreprocessConfig, load
 from flystage.review.predictions import Item
 from flystage.review.store import ReviewStore
 from flystage.review.thumbnails import ThumbnailCache

@@ -22,7 +22,8 @@ from pathlib import Path
 import cv2
 
 from flystage.files import atomic_write, png_bytes
-from flystage.imaging import PreprocessConfig, load, read_image, stretch_contrast
+from flystage.imaging import PreprocessConfig, load, stretch_contrast
+from flystage.reading import read_image
 
 CACHE_VERSION = "1"
 ORIGINAL_WIDTH = 900  # wide enough to see an embryo's stripes, small enough to load at once

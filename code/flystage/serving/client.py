@@ -16,10 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The format table is standard library only: the control plane and flystage.sagemaker import
+# this module, and the image stack (OpenCV, numpy) is no part of what they need.
+from flystage import formats
+
 if TYPE_CHECKING:
     from flystage.predictor import Prediction, Source
 
-CONTENT_TYPES = {"tiff": "image/tiff", "png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
+# For bytes of no format in the table: the server sniffs them and says what they are.
+UNKNOWN_TYPE = "application/octet-stream"
 
 # send(body, k) -> top-k [(stage, probability), ...]; raises ValueError for that image only.
 Send = Callable[[bytes, int], list[tuple[str, float]]]
@@ -31,11 +36,8 @@ class AnswerError(Exception):
 
 def content_type(body: bytes) -> str:
     """The image's MIME type from its magic bytes (the server checks them again)."""
-    # Imported here: the control plane and flystage.sagemaker import this module, and the image
-    # stack (OpenCV, numpy) is no part of what they need.
-    from flystage.imaging import sniff_format
-
-    return CONTENT_TYPES.get(sniff_format(body[:16]) or "", "application/octet-stream")
+    fmt = formats.sniff(body[: formats.HEAD_BYTES])
+    return fmt.mime_type if fmt is not None else UNKNOWN_TYPE
 
 
 def parse_top(payload: Any) -> list[tuple[str, float]]:
