@@ -3,7 +3,8 @@ probed, fine-tuned, explained and pretrained. Adding a family is one :func:`regi
 
 Torch-free: the tuners resolve the training mode where torch may be absent
 (:mod:`flystage.training.kinds`), so the built-in families name their torch hooks as
-``"module:function"`` strings imported on first call (:func:`lazy`). The hooks' contracts:
+``"module:function"`` strings imported on first call (:func:`lazy`; :func:`hooks_of` for a
+family module that names them as :data:`HOOK_FUNCTIONS` does). The hooks' contracts:
 
 - ``build(arch, num_classes, channels, pretrained)``: the classifier, ``(N, channels, H, W)``
   float32 in [0, 1] -> logits ``(N, num_classes)``, any height and width. Its input
@@ -40,6 +41,21 @@ def lazy(target: str) -> Callable[..., Any]:
 
     call.__qualname__ = call.__name__ = target
     return call
+
+
+# A family module's hooks under their conventional function names.
+HOOK_FUNCTIONS = {
+    "build": "build_classifier",
+    "features": "build_features",
+    "freeze": "stages_to_freeze",
+    "cam_layer": "cam_layer",
+}
+
+
+def hooks_of(module: str, *hooks: str) -> dict[str, Callable[..., Any]]:
+    """``hooks`` (keys of :data:`HOOK_FUNCTIONS`) of the family module ``module``, imported on
+    first call: keyword arguments for :class:`BackboneFamily`."""
+    return {hook: lazy(f"{module}:{HOOK_FUNCTIONS[hook]}") for hook in hooks}
 
 
 @dataclass(frozen=True)
@@ -135,8 +151,7 @@ HOG = register(
         # either way (it cost accuracy on BDGP, whose embryos all face left).
         "HOG networks",
         ("hognet", "hognet_turn"),
-        build=lazy("flystage.training.hog:build_classifier"),
-        features=lazy("flystage.training.hog:build_features"),
+        **hooks_of("flystage.training.hog", "build", "features"),
     )
 )
 LITE = register(
@@ -144,10 +159,7 @@ LITE = register(
         "efficientnet_lite",
         "EfficientNet-Lites",
         ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
-        build=lazy("flystage.training.lite:build_classifier"),
-        features=lazy("flystage.training.lite:build_features"),
-        freeze=lazy("flystage.training.lite:stages_to_freeze"),
-        cam_layer=lazy("flystage.training.lite:cam_layer"),
+        **hooks_of("flystage.training.lite", "build", "features", "freeze", "cam_layer"),
         # From pip packages (flystage.training.backbones), so always at hand: probed by default.
         weights=lazy("flystage.training.backbones:weights_path"),
         auto_mode="probe",
@@ -166,10 +178,9 @@ TORCHVISION = register(
             "mobilenet_v3_large",
             "efficientnet_b0",
         ),
-        build=lazy("flystage.training.torchvision_nets:build_classifier"),
-        features=lazy("flystage.training.torchvision_nets:build_features"),
-        freeze=lazy("flystage.training.torchvision_nets:stages_to_freeze"),
-        cam_layer=lazy("flystage.training.torchvision_nets:cam_layer"),
+        **hooks_of(
+            "flystage.training.torchvision_nets", "build", "features", "freeze", "cam_layer"
+        ),
         # From the torch hub cache, fetched once: trained from scratch unless pretrained=true.
         weights=lazy("flystage.training.torchvision_nets:weights_cache_path"),
         auto_mode_pretrained="probe",
@@ -180,7 +191,6 @@ SMALL_CNN = register(
         "small_cnn",
         "small CNNs",
         ("small_cnn",),
-        build=lazy("flystage.training.small_cnn:build_classifier"),
-        cam_layer=lazy("flystage.training.small_cnn:cam_layer"),
+        **hooks_of("flystage.training.small_cnn", "build", "cam_layer"),
     )
 )
