@@ -30,7 +30,7 @@ from flystage.imaging import PreprocessConfig
 from flystage.manifest import sort_labels
 from flystage.training.backbones import LiteFeatures
 from flystage.training.data import ImageCache
-from flystage.training.models import HOGFeatures
+from flystage.training.hog import HOGFeatures
 from flystage.training.probe import extract, fit_logistic, standardise
 
 

@@ -119,7 +119,7 @@ def onnx_figures(
     """The command end to end, the same pipeline in-process after loading, and onnxruntime alone
     on preprocessed batches (one at a time, all cores), for one precision."""
     from flystage.organise import iter_images
-    from flystage.predict import DEFAULT_READERS, DEFAULT_WORKERS, Predictor, predict_files
+    from flystage.predictor import DEFAULT_READERS, DEFAULT_WORKERS, Predictor, predict_files
 
     paths, _ = iter_images([folder])
     seconds, cpu, command = end_to_end(
@@ -162,7 +162,7 @@ def torch_figures(model_dir: Path, folder: Path, args: argparse.Namespace) -> di
     import torch
 
     from flystage.organise import iter_images
-    from flystage.predict import Predictor
+    from flystage.predictor import Predictor
     from flystage.training.export import load_torch_model
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -23,7 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic lab image the tests use
 
-from flystage.imaging import PreprocessConfig, preprocess, read_image  # noqa: E402
+from flystage.imaging import PreprocessConfig, preprocess  # noqa: E402
+from flystage.reading import read_image  # noqa: E402
 from imaging_helpers import LAB_HEIGHT, LAB_WIDTH, dim_embryo, tiff_bytes  # noqa: E402
 
 

@@ -30,10 +30,12 @@ import hostile_corpus as hc  # noqa: E402
 from artefact_helpers import make_artefact  # noqa: E402
 from flystage import cli  # noqa: E402
 from flystage.artefact import ArtefactError, check_artefact, load_metadata  # noqa: E402
-from flystage.imaging import ImageError, read_image  # noqa: E402
+from flystage.image_checks import ImageError  # noqa: E402
 from flystage.manifest import ManifestError, read_manifest  # noqa: E402
-from flystage.organise import OrganiseError, organise  # noqa: E402
-from flystage.predict import undo_renames  # noqa: E402
+from flystage.organise import organise  # noqa: E402
+from flystage.organise_error import OrganiseError  # noqa: E402
+from flystage.reading import read_image  # noqa: E402
+from flystage.rename import undo_renames  # noqa: E402
 from flystage.training.export import load_torch_model  # noqa: E402
 from flystage_local import LocalModeError  # noqa: E402
 from flystage_local.serving import unpack_model  # noqa: E402

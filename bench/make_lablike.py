@@ -79,8 +79,8 @@ import numpy as np
 import tifffile
 
 from flystage.augment import rotate_full
-from flystage.imaging import read_image
 from flystage.manifest import file_sha1
+from flystage.reading import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FLYSTAGE_DATA", REPO.parent / "shared" / "data" / "bdgp-insitu"))

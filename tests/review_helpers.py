@@ -13,7 +13,8 @@ def predicted_folder(root: Path, n: int = 8, suffix: str = ".tif") -> tuple[Path
     """``root/images`` with ``n`` small embryo images, a tiny artefact in ``root/model`` and
     ``root/predictions.csv`` (+ .json) as `flystage predict` writes them; returns (images, model,
     csv)."""
-    from flystage.predict import Predictor, describe_model, predict_files, write_csv, write_json
+    from flystage.outputs import write_csv, write_json
+    from flystage.predictor import Predictor, describe_model, predict_files
 
     images, model = root / "images", root / "model"
     paths = [write_image(images / f"embryo{i:02d}{suffix}", seed=i) for i in range(n)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 from pathlib import Path
 
 import cv2
@@ -141,3 +142,29 @@ def healthy_serve_container(model_dir: Path, image: str, environment: dict | Non
     with start_serve_container(model_dir, image, environment=one_worker) as container:
         container.wait_healthy(timeout=180)
         yield container
+
+
+def handler_service(model_dir: Path):
+    """(HandlerService, Context) for ``model_dir``, initialised with MMS's own Context as the
+    model server's worker does."""
+    from mms.context import Context
+
+    from flystage.serving.handler_service import HandlerService
+
+    handler = HandlerService()
+    context = Context("model", str(model_dir), None, 1, None, "1.1.11")
+    handler.initialize(context)
+    return handler, context
+
+
+def invoke(service, body, content_type: str, headers=None) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of ``body`` sent to ``service`` (:func:`handler_service`)."""
+    from mms.context import RequestProcessor
+
+    handler, context = service
+    context.request_processor = [
+        RequestProcessor({"Content-Type": content_type, **(headers or {})})
+    ]
+    # The toolkit decodes JSON bodies to str before input_fn; everything else stays bytes.
+    answer = handler.handle([{"body": bytearray(body)}], context)
+    return context.get_response_status(0)[0], json.loads(answer[0])

@@ -21,8 +21,9 @@ from flystage.augment import (
     sample_rng,
 )
 from flystage.cli import main as flystage_main
-from flystage.imaging import PreprocessConfig, preprocess, read_image
+from flystage.imaging import PreprocessConfig, preprocess
 from flystage.manifest import Record, file_sha1, read_manifest, write_manifest
+from flystage.reading import read_image
 from imaging_helpers import SIZE, brightfield_embryo, dim_embryo, encode, foreground_box
 
 # Every op but the flips, each drawn with this probability.
@@ -276,14 +277,15 @@ def test_offline_augment_skips_unreadable_images_and_says_so(
 
 
 def test_an_output_already_there_is_a_flystage_error_and_a_file_exists_error(tmp_path: Path):
-    from flystage.augment import OutputExistsError, _write_png
+    from flystage.augment import _write_png
     from flystage.errors import FlystageError
+    from flystage.files import OutputExistsError
 
     path = tmp_path / "a.png"
     image = np.zeros((4, 4), np.uint8)
     _write_png(path, image)
     before = path.read_bytes()
-    with pytest.raises(OutputExistsError, match="a.png exists; it is never replaced") as info:
+    with pytest.raises(OutputExistsError, match="a.png already exists; it is never repl") as info:
         _write_png(path, image + 1)
     assert isinstance(info.value, FileExistsError) and isinstance(info.value, FlystageError)
     assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]  # no .partial

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from flystage.imaging import PreprocessConfig, foreground_mask, load, read_image, stretch_contrast
+from flystage.imaging import PreprocessConfig, foreground_mask, load, stretch_contrast
 from flystage.manifest import file_sha1
+from flystage.reading import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 

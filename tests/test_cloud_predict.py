@@ -35,7 +35,7 @@ from cloud_helpers import (  # fixtures are used as test parameters
 from flystage.cloud.hosting import EndpointPredictor
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 from flystage_local import serving  # noqa: E402

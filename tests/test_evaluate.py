@@ -26,7 +26,7 @@ from flystage.evaluate import (
     topk_contiguous,
 )
 from flystage.manifest import ManifestError, Record, write_manifest
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 
 # Four images, three classes; targets 0, 0, 2, 1.
 PROBS = np.array(

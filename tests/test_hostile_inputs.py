@@ -25,10 +25,12 @@ import hostile_corpus as hc
 from artefact_helpers import make_artefact
 from flystage import cli
 from flystage.artefact import ArtefactError, check_artefact, load_metadata
-from flystage.imaging import ImageError, read_image
+from flystage.image_checks import ImageError
 from flystage.manifest import ManifestError, read_manifest
-from flystage.organise import OrganiseError, organise
-from flystage.predict import undo_renames
+from flystage.organise import organise
+from flystage.organise_error import OrganiseError
+from flystage.reading import read_image
+from flystage.rename import undo_renames
 from flystage.training.export import load_torch_model
 from flystage_local import LocalModeError  # noqa: E402
 from flystage_local.serving import unpack_model  # noqa: E402

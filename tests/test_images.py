@@ -24,7 +24,7 @@ import pytest
 docker = pytest.importorskip("docker")
 requests = pytest.importorskip("requests")
 
-from flystage.predict import Predictor  # noqa: E402
+from flystage.predictor import Predictor  # noqa: E402
 from flystage.serving.container import ContainerError, start_serve_container  # noqa: E402
 from serving_helpers import (  # noqa: E402
     IMAGE_TYPES,

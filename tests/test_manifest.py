@@ -108,10 +108,14 @@ def test_write_manifest_leaves_no_partial_or_temporary_file(tmp_path: Path, monk
     ]
 
     class Failing:
+        """A disk that fills up after the header line."""
+
         def __init__(self, f, **kwargs):
             self.f = f
 
         def writerow(self, row):
+            if row[0] != "path":
+                raise OSError(28, "No space left on device")
             self.f.write(",".join(row) + "\n")
 
         def writerows(self, rows):

@@ -1,4 +1,5 @@
-"""organise: scanning lab folders, labels, duplicates, grouped stratified splits, manifests."""
+"""organise: scanning lab folders, labelling through organise's options, duplicates, the report
+and the command; the label rules are tested in test_labels.py, the split in test_splitting.py."""
 
 from __future__ import annotations
 
@@ -13,16 +14,8 @@ import pytest
 
 from flystage import cli
 from flystage.manifest import read_manifest, sort_labels, write_manifest
-from flystage.organise import (
-    DEFAULT_LABEL_PATTERN,
-    LabelRules,
-    OrganiseError,
-    OrganiseOptions,
-    iter_images,
-    label_and_group,
-    organise,
-    split_groups,
-)
+from flystage.organise import OrganiseOptions, iter_images, organise
+from flystage.organise_error import OrganiseError
 
 
 def touch(path: Path, content: str | bytes | None = None) -> Path:
@@ -161,11 +154,6 @@ def test_options_are_validated_and_one_object_or_keywords(tmp_path: Path):
     by_object = organise([root], options)
     assert [(r.label, r.group) for r in by_object.records] == [("5", "E1"), ("5", "E2")]
     assert organise([root], options, group_regex=None).records[0].group == "E1/E1_stage5.tif"
-    rules = LabelRules(
-        None, re.compile(options.label_regex), None, re.compile(DEFAULT_LABEL_PATTERN), None, False
-    )
-    assert label_and_group(root, root / "E2" / "E2_stage5.tif", rules) == ("5", "E2/E2_stage5.tif")
-    assert label_and_group(root, root / "E2" / "x.tif", rules) == (None, "E2/x.tif")
 
 
 def test_labels_csv_with_groups(tmp_path: Path):
@@ -191,41 +179,6 @@ def test_labels_csv_with_groups(tmp_path: Path):
     assert {r.path.name: (r.label, r.group) for r in result.records}["img3.png"] == ("4-6", "e1")
     with pytest.raises(OrganiseError, match=r"missing column\(s\) \['label'\]"):
         organise([root], labels_csv=table)
-
-
-def test_split_keeps_groups_apart_stratifies_and_is_deterministic():
-    # 30 groups of 1-4 images with 3 labels.
-    groups = {f"g{i}": Counter({["a", "b", "c"][i % 3]: 1 + i % 4}) for i in range(30)}
-    first = split_groups(groups, (0.6, 0.2, 0.2), seed=1)
-    assert first == split_groups(groups, (0.6, 0.2, 0.2), seed=1)
-    sizes: dict[str, Counter] = defaultdict(Counter)
-    for g, s in first.items():
-        sizes[s].update(groups[g])
-    total = sum(sum(c.values()) for c in groups.values())
-    for split, frac in (("train", 0.6), ("valid", 0.2), ("test", 0.2)):
-        n = sum(sizes[split].values())
-        assert abs(n / total - frac) < 0.05, (split, n)
-        assert set(sizes[split]) == {"a", "b", "c"}  # every label in every split
-    # Singleton groups: the split follows the fractions per label within one image.
-    singles = {f"s{i}": Counter({"x" if i < 40 else "y": 1}) for i in range(60)}
-    counts = Counter(
-        (s, next(iter(groups_c)))
-        for g, s in split_groups(singles, seed=5).items()
-        for groups_c in [singles[g]]
-    )
-    assert (
-        counts[("train", "x")] == 28 and counts[("valid", "x")] == 6 and counts[("test", "x")] == 6
-    )
-    assert counts[("train", "y")] == 14 and counts[("valid", "y")] + counts[("test", "y")] == 6
-    # Different seeds order equal-size groups differently.
-    assert split_groups(singles, seed=5) != split_groups(singles, seed=6)
-
-
-def test_split_gives_every_split_a_group_when_possible():
-    groups = {"big": Counter({"a": 50}), "mid": Counter({"a": 3}), "small": Counter({"a": 2})}
-    assert set(split_groups(groups).values()) == {"train", "valid", "test"}
-    with pytest.raises(OrganiseError, match="fractions"):
-        split_groups(groups, (0.5, 0.5))
 
 
 def test_cli_writes_manifest_and_refuses_to_overwrite(lab_tree: Path, tmp_path: Path, capsys):
@@ -340,35 +293,6 @@ def test_several_folders_and_a_missing_one(lab_tree: Path, tmp_path: Path):
 
 
 # ---- malformed inputs (issue 8) -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        (
-            "path,label,group\nimgs/img0.png,4-6,e0\nimgs/img1.png\n",
-            r"line 3: no value for column\(s\) \['label', 'group'\]",
-        ),
-        ("path,label,group\nimgs/img0.png,4-6\n", r"line 2: no value for column\(s\) \['group'\]"),
-        (
-            "path,label\nimgs/img0.png,4-6,extra\n",
-            "line 2: more values than the header has columns",
-        ),
-        ("path,label\n,4-6\n", "line 2: empty path"),
-        (
-            'path,label\n"imgs/img0.png,4-6\n',
-            r"no value for column\(s\) \['label'\]",
-        ),  # unclosed quote
-    ],
-)
-def test_malformed_labels_csv_names_the_file_and_line(tmp_path: Path, text: str, message: str):
-    for i in range(2):
-        touch(tmp_path / "imgs" / f"img{i}.png")
-    table = tmp_path / "labels.csv"
-    table.write_text(text)
-    with pytest.raises(OrganiseError, match=message) as info:
-        organise([tmp_path / "imgs"], labels_csv=table)
-    assert str(table) in str(info.value)
 
 
 def test_labels_csv_not_utf8_and_short_row_through_the_cli(tmp_path: Path, capsys):

@@ -16,15 +16,8 @@ import pytest
 from artefact_helpers import LABELS, make_artefact, tiny_config, write_image
 from flystage import cli
 from flystage.imaging import load
-from flystage.predict import (
-    Prediction,
-    Predictor,
-    is_renamed,
-    renamed_path,
-    safe_label,
-    softmax,
-    top_k,
-)
+from flystage.predictor import Prediction, Predictor, softmax, top_k
+from flystage.rename import is_renamed, renamed_path, safe_label
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +236,10 @@ def test_undo_manifest_survives_a_crash_mid_rename(
     model_dir: Path, folder: Path, tmp_path: Path, monkeypatch
 ):
     """Every rename is on disk in the manifest before it happens, so a crash loses nothing."""
-    from flystage import predict as predict_module
+    from flystage import rename as rename_module
 
     calls = []
-    real = predict_module._move_no_replace
+    real = rename_module.rename_no_replace
 
     def crash_on_third(src, dst):
         calls.append(src)
@@ -254,7 +247,7 @@ def test_undo_manifest_survives_a_crash_mid_rename(
             raise KeyboardInterrupt  # the user pressed Ctrl-C
         real(src, dst)
 
-    monkeypatch.setattr(predict_module, "_move_no_replace", crash_on_third)
+    monkeypatch.setattr(rename_module, "rename_no_replace", crash_on_third)
     undo = tmp_path / "undo.csv"
     with pytest.raises(KeyboardInterrupt):
         predict_rename(folder, model_dir, tmp_path / "p.csv", undo)
@@ -314,7 +307,7 @@ def test_bad_model_directory_is_a_clear_error(tmp_path: Path, folder: Path, caps
 
 def test_batches_in_flight_keep_order_and_results(model_dir: Path, folder: Path):
     from flystage.organise import iter_images
-    from flystage.predict import predict_files
+    from flystage.predictor import predict_files
 
     predictor = Predictor(model_dir, threads=1)
     paths, _ = iter_images([folder])

@@ -13,7 +13,8 @@ import pytest
 
 from artefact_helpers import make_artefact, write_image
 from flystage import cli
-from flystage.predict import Prediction, add_output_arguments, run_with
+from flystage.predict import PredictError, add_output_arguments, run_with
+from flystage.predictor import Prediction
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,14 @@ def run_remote(predictor, *argv) -> int:
     parser = argparse.ArgumentParser()
     add_output_arguments(parser)
     return run_with(predictor, parser.parse_args([str(a) for a in argv]))
+
+
+def usage_error(predictor, *argv) -> str:
+    """The message of the PredictError (exit code 2) that ``run_remote`` raises."""
+    with pytest.raises(PredictError) as raised:
+        run_remote(predictor, *argv)
+    assert raised.value.exit_code == 2
+    return str(raised.value)
 
 
 # ---- item 7: CSV injection, and an unwritable undo manifest ----------------------------------
@@ -100,13 +109,15 @@ def test_help_documents_the_csv_injection_rule(capsys):
     assert "single quote" in text and "CSV-injection" in text
 
 
-def test_unwritable_undo_manifest_fails_before_any_prediction(tmp_path: Path, capsys):
+def test_unwritable_undo_manifest_fails_before_any_prediction(
+    model_dir: Path, tmp_path: Path, capsys
+):
     root = tmp_path / "imgs"
     write_image(root / "embryo1.tif", seed=1)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     remote = Counting()
-    rc = run_remote(
+    err = usage_error(
         remote,
         root,
         "--out",
@@ -115,18 +126,22 @@ def test_unwritable_undo_manifest_fails_before_any_prediction(tmp_path: Path, ca
         "--undo-manifest",
         blocker / "undo.csv",
     )
-    assert rc == 2 and remote.calls == 0
-    err = capsys.readouterr().err
+    assert remote.calls == 0
     assert "cannot write" in err and "--undo-manifest" in err and str(blocker / "undo.csv") in err
     assert not (tmp_path / "p.csv").exists() and (root / "embryo1.tif").is_file()
     # The same for an undo manifest that names a folder.
-    rc = run_remote(
+    err = usage_error(
         remote, root, "--out", tmp_path / "p.csv", "--rename", "--undo-manifest", tmp_path
     )
-    assert rc == 2 and remote.calls == 0
+    assert remote.calls == 0 and "--undo-manifest" in err
     # And for an unwritable --out.
-    rc = run_remote(remote, root, "--out", blocker / "p.csv")
-    assert rc == 2 and remote.calls == 0 and "--out" in capsys.readouterr().err
+    err = usage_error(remote, root, "--out", blocker / "p.csv")
+    assert remote.calls == 0 and "--out" in err
+    # Through the command line the same error is exit code 2 with the message on stderr.
+    capsys.readouterr()
+    assert predict(root, "--model", model_dir, "--out", blocker / "p.csv") == 2
+    err = capsys.readouterr().err
+    assert "flystage predict: error: cannot write" in err and "choose another --out" in err
 
 
 # ---- item 2: file names that are not UTF-8; no partial outputs --------------------------------
@@ -169,7 +184,7 @@ def test_non_utf8_file_names_are_predicted_renamed_and_restored(
 
 
 def test_a_failed_write_leaves_no_partial_output(tmp_path: Path):
-    from flystage.predict import write_csv, write_json
+    from flystage.outputs import write_csv, write_json
 
     good = [Prediction("a.tif", [("1-3", 0.9), ("4-6", 0.1)])]
     bad = good + [
@@ -244,14 +259,14 @@ def test_help_documents_that_links_are_skipped(capsys):
 def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(
     tmp_path: Path, monkeypatch, capsys
 ):
-    from flystage import predict as predict_module
+    from flystage import rename as rename_module
 
     root = tmp_path / "imgs"
     for i in range(3):
         write_image(root / f"embryo{i}.tif", seed=i)
     original = {p.name: p.read_bytes() for p in root.iterdir()}
     calls = []
-    real = predict_module._move_no_replace
+    real = rename_module.rename_no_replace
 
     def interrupted_on_second(src, dst):
         calls.append(src)
@@ -260,7 +275,7 @@ def test_undo_finishes_a_rename_interrupted_between_link_and_unlink(
             raise KeyboardInterrupt
         real(src, dst)
 
-    monkeypatch.setattr(predict_module, "_move_no_replace", interrupted_on_second)
+    monkeypatch.setattr(rename_module, "rename_no_replace", interrupted_on_second)
     undo = tmp_path / "undo.csv"
     with pytest.raises(KeyboardInterrupt):
         run_remote(
@@ -286,7 +301,7 @@ def test_blank_constant_and_nan_images_are_flagged_not_predicted_nor_renamed(
     import numpy as np
     import tifffile
 
-    from flystage.predict import Predictor
+    from flystage.predictor import Predictor
 
     root = tmp_path / "imgs"
     write_image(root / "embryo1.tif", seed=1)

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("flask")
 
 from flystage import cli  # noqa: E402
-from flystage.predict import Prediction  # noqa: E402
+from flystage.predictor import Prediction  # noqa: E402
 from flystage.review.app import COOKIE, create_app  # noqa: E402
 from flystage.review.command import build_session  # noqa: E402
 from flystage.review.predictions import PredictionsError, read_predictions, resolve_items  # noqa: E402

@@ -27,7 +27,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 def predicted(bdgp_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     """Predictions (CSV + JSON, as `flystage predict` writes) of 10 BDGP images, read in place."""
     from artefact_helpers import make_artefact
-    from flystage.predict import Predictor, describe_model, predict_files, write_csv, write_json
+    from flystage.outputs import write_csv, write_json
+    from flystage.predictor import Predictor, describe_model, predict_files
 
     tmp = tmp_path_factory.mktemp("browser")
     paths = sorted(bdgp_root.glob("*/*/*.bmp"))[::19][:10]

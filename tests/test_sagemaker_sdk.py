@@ -193,7 +193,7 @@ def test_deploy_predict_and_predict_a_folder_with_rename(
     from sagemaker.model import Model
 
     from flystage import sagemaker as fs
-    from flystage.predict import undo_renames
+    from flystage.rename import undo_renames
 
     started = time.perf_counter()
     model = Model(

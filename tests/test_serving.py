@@ -17,12 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mms.context import Context, RequestProcessor
 
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 from flystage.serving import codec, entrypoint, model_watch, settings
-from flystage.serving.handler_service import HandlerService
-from serving_helpers import IMAGE_TYPES, image_body, lab_image, tiff_bytes, train_artefact
+from serving_helpers import (
+    IMAGE_TYPES,
+    handler_service,
+    image_body,
+    invoke,
+    lab_image,
+    tiff_bytes,
+    train_artefact,
+)
 
 # ---- settings --------------------------------------------------------------------------------
 
@@ -67,7 +73,7 @@ def test_cgroup_quota_caps_the_cpus(tmp_path):
 # ---- request decoding ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content_type", sorted(codec.RAW_TYPES) + ["Image/TIFF; charset=binary"])
+@pytest.mark.parametrize("content_type", sorted(codec.raw_types()) + ["Image/TIFF; charset=binary"])
 def test_raw_body_is_one_image(content_type):
     request = codec.decode_request(bytearray(b"II*\x00data"), content_type)
     assert request.images == [b"II*\x00data"] and request.k == 3
@@ -197,21 +203,7 @@ def model_dir(tmp_path_factory, bdgp_root) -> Path:
 
 @pytest.fixture(scope="module")
 def service(model_dir):
-    """HandlerService initialised with MMS's own Context, as the model server's worker does."""
-    handler = HandlerService()
-    context = Context("model", str(model_dir), None, 1, None, "1.1.11")
-    handler.initialize(context)
-    return handler, context
-
-
-def invoke(service, body, content_type, headers=None):
-    handler, context = service
-    context.request_processor = [
-        RequestProcessor({"Content-Type": content_type, **(headers or {})})
-    ]
-    # The toolkit decodes JSON bodies to str before input_fn; everything else stays bytes.
-    answer = handler.handle([{"body": bytearray(body)}], context)
-    return context.get_response_status(0)[0], json.loads(answer[0])
+    return handler_service(model_dir)
 
 
 @pytest.mark.parametrize(
@@ -268,9 +260,9 @@ def test_handler_bad_input_is_json_4xx_and_the_next_request_works(
 
 
 def test_handler_refuses_an_image_over_the_pixel_limit(service, monkeypatch):
-    import flystage.imaging
+    import flystage.image_checks
 
-    monkeypatch.setattr(flystage.imaging, "MAX_PIXELS", 100_000)
+    monkeypatch.setattr(flystage.image_checks, "MAX_PIXELS", 100_000)
     got, answer = invoke(service, tiff_bytes(lab_image()), "image/tiff")
     assert got == 400 and "more than the limit" in answer["error"], answer
 
@@ -440,10 +432,7 @@ def test_the_worker_runs_the_graph_the_setting_picks(int8_model, monkeypatch, pr
         monkeypatch.setenv(settings.PRECISION, precision)
     else:
         monkeypatch.delenv(settings.PRECISION, raising=False)
-    handler = HandlerService()
-    context = Context("model", str(int8_model), None, 1, None, "1.1.11")
-    handler.initialize(context)
-    status, answer = invoke((handler, context), image_body(".tif", seed=5), "image/tiff")
+    status, answer = invoke(handler_service(int8_model), image_body(".tif", seed=5), "image/tiff")
     assert status == 200, answer
     assert answer["model"]["precision"] == runs
     graph = int8_model / ("model-int8.onnx" if runs == "int8" else "model.onnx")

@@ -31,6 +31,10 @@ def core_modules() -> list[str]:
 def test_the_core_imports_with_torch_made_unimportable():
     modules = core_modules()
     assert "flystage.predict" in modules and "flystage.serving.entrypoint" in modules
+    # The predictor, its outputs, renaming and the file helpers run in the serve image too.
+    assert {"flystage.predictor", "flystage.outputs", "flystage.rename", "flystage.files"} <= set(
+        modules
+    )
     code = (
         BLOCK_TORCH
         + "import importlib\n"

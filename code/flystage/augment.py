@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from flystage.errors import FlystageError
+from flystage.files import OutputExistsError, atomic_write, png_bytes
 from flystage.options import option
 
 __all__ = [
@@ -319,13 +318,6 @@ def build_train_transform(
 # ---- offline rotations (the lab's old workflow) ----------------------------------------------
 
 
-class OutputExistsError(FlystageError, FileExistsError):
-    """An output file already there: an augmented set never replaces a file."""
-
-    def __init__(self, path: Path):
-        super().__init__(f"{path} exists; it is never replaced")
-
-
 def rotate_full(image: np.ndarray, angle: float, fill: float | tuple[float, ...] = 0) -> np.ndarray:
     """Rotate an ``(H, W)`` or ``(H, W, C)`` image of any dtype by ``angle`` degrees
     (counter-clockwise as displayed) onto a canvas that holds the whole rotated frame.
@@ -399,26 +391,14 @@ def _background(image: np.ndarray) -> tuple[float, ...]:
 
 def _write_png(path: Path, image: np.ndarray) -> str:
     """Write ``image`` (RGB or grey) as PNG without ever replacing a file; return its SHA-1."""
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    ok, buf = cv2.imencode(".png", bgr)
-    if not ok:
-        raise OSError(f"{path}: OpenCV could not encode the image as PNG")
-    data = buf.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
     try:
-        os.link(tmp, path)  # fails if `path` exists: never replaces a file
-    except FileExistsError:
-        tmp.unlink()
-        raise OutputExistsError(path) from None
-    except OSError:  # a file system without hard links
-        if path.exists():
-            tmp.unlink()
-            raise OutputExistsError(path) from None
-        os.replace(tmp, path)
-    else:
-        tmp.unlink()
+        data = png_bytes(image)
+    except ValueError:
+        raise OSError(f"{path}: OpenCV could not encode the image as PNG") from None
+    # No fsync, as before: one per image would slow a split of thousands down, and the
+    # outputs can be made again from the sources.
+    with atomic_write(path, "wb", force=False, fsync=False, hint="it is never replaced") as f:
+        f.write(data)
     return hashlib.sha1(data).hexdigest()
 
 
@@ -491,8 +471,9 @@ def augment_split(
     """
     from tqdm import tqdm
 
-    from flystage.imaging import ImageError, read_image
+    from flystage.image_checks import ImageError
     from flystage.manifest import ManifestError, Record, file_sha1, read_manifest, write_manifest
+    from flystage.reading import read_image
 
     out_dir = Path(out_dir).expanduser().resolve()
     records = [r for r in read_manifest(manifest) if r.split == split]
@@ -518,7 +499,7 @@ def augment_split(
         for angle, path in outputs:
             if path.exists():
                 if not resume:
-                    raise OutputExistsError(path)
+                    raise OutputExistsError(f"{path} exists; it is never replaced")
                 sha1 = file_sha1(path)
             else:
                 try:

@@ -1,12 +1,13 @@
 """Batched prediction over many files as a pipeline: readers ahead of inference workers.
 
-Reading and preprocessing an image (:meth:`flystage.predict.Predictor.prepare`) and running a
-batch through onnxruntime (:meth:`~flystage.predict.Predictor.predict_prepared`) both release
+Reading and preprocessing an image (:meth:`flystage.predictor.Predictor.prepare`) and running a
+batch through onnxruntime (:meth:`~flystage.predictor.Predictor.predict_prepared`) both release
 the GIL for most of their time, so on threads they overlap: ``readers`` threads decode the
-next images while ``workers`` threads each run a batch. At most ``batch_size * (workers + 2)``
-decoded images wait at once (read ahead, plus one batch queued for a worker; about 0.1 MB
-each at the default input), whatever the folder's size, and batches come out in the order of
-the paths.
+next images while ``workers`` threads each run a batch. At most
+``2 * batch_size * (workers + 1)`` decoded images wait at once (``workers + 1`` batches read
+ahead, and up to ``workers + 1`` batches handed to workers that have not started them; about
+0.1 MB each at the default input), whatever the folder's size, and batches come out in the
+order of the paths.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_
 from flystage.imaging import load
 from flystage.manifest import SPLITS, ManifestError, Record, manifest_sha256, read_manifest
 from flystage.options import UsageError
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 
 
 def topk_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:

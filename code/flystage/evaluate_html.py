@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from flystage.imaging import ImageError, PreprocessConfig, load
+from flystage.files import png_bytes
+from flystage.image_checks import ImageError
+from flystage.imaging import PreprocessConfig, load
 from flystage.manifest import Record
 
 WORST = 12  # thumbnails of the most confident errors
@@ -48,15 +50,13 @@ def _error_cards(
 ) -> list[str]:
     """A figure for each of the worst errors: the image as the model saw it, true and
     predicted stage."""
-    from flystage.review.thumbnails import to_png
-
     esc = html.escape
     cards = []
     for i in worst_errors(probs, targets):
         record, p = records[i], probs[i]
         try:
             picture = _img(
-                to_png(load(record.path, config, name=str(record.path))),
+                png_bytes(load(record.path, config, name=str(record.path)), channels_first=True),
                 record.path.name,
                 "width:100%",
             )

@@ -1,9 +1,10 @@
-"""Read embryo images of any common format and turn them into the model's input.
+"""Turn embryo images into the model's input.
 
 This is the one preprocessing module: training and serving both call :func:`load` (or
-:func:`read_image` + :func:`preprocess`) with the :class:`PreprocessConfig` stored in the
-model artefact, so a served image goes through exactly the steps a training image did.
-numpy, OpenCV and tifffile only (no torch: the serve image has none).
+:func:`flystage.reading.read_image` + :func:`preprocess`) with the :class:`PreprocessConfig`
+stored in the model artefact, so a served image goes through exactly the steps a training
+image did. numpy and OpenCV only (no torch: the serve image has none); reading a file of any
+format is :mod:`flystage.reading`'s job.
 
 The pipeline, for an image ``(H, W)`` or ``(H, W, 3)`` of any dtype:
 
@@ -27,28 +28,19 @@ The result is float32 ``(channels, height, width)`` in [0, 1].
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import struct
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import tifffile
 
-from flystage.errors import FlystageError
 from flystage.options import option
+from flystage.reading import read_image
 
 __all__ = [
-    "ImageError",
-    "MAX_PIXELS",
-    "MAX_DECODED_MB",
-    "read_image",
-    "sniff_format",
+    "set_threads",
     "PreprocessConfig",
     "preprocess",
     "load",
@@ -61,67 +53,6 @@ __all__ = [
     "letterbox",
 ]
 
-# Decompression bomb guards, one default for the command line and the serve image (the
-# environment variables change both). No embryo image is anywhere near 100 MP, yet a 36 MP
-# camera frame of a whole slide is fine. Pixels alone do not bound memory: a 25 MP float64 RGB
-# TIFF is 572 MiB decoded and zlib squeezes it into 600 KB, so the decoded size (samples x
-# bytes per sample) has its own limit, checked from the header before decoding. 512 MiB holds
-# a 100 MP 16-bit grey or 8-bit RGB image; decoding and preprocessing take about 3 times the
-# decoded size at their peak.
-DEFAULT_MAX_PIXELS = 100_000_000
-DEFAULT_MAX_DECODED_MB = 512
-MAX_PIXELS = int(os.environ.get("FLYSTAGE_MAX_PIXELS", DEFAULT_MAX_PIXELS))
-MAX_DECODED_MB = int(os.environ.get("FLYSTAGE_MAX_DECODED_MB", DEFAULT_MAX_DECODED_MB))
-
-SUPPORTED = "TIFF, PNG, BMP or JPEG"
-
-
-class ImageError(FlystageError, ValueError):
-    """An image that cannot be read: missing, empty, truncated, corrupt, unsupported, too large.
-
-    The message names the file (or the ``name`` given for bytes) and says what to do.
-    """
-
-
-# ---- reading --------------------------------------------------------------------------------
-
-_MAGIC = [
-    (b"II*\x00", "tiff"),
-    (b"MM\x00*", "tiff"),
-    (b"II+\x00", "tiff"),  # BigTIFF
-    (b"MM\x00+", "tiff"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"BM", "bmp"),
-]
-# Formats we recognise only to say what they are.
-_OTHER_MAGIC = [
-    (b"GIF8", "GIF"),
-    (b"RIFF", "WebP/RIFF"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (b"%PDF", "PDF"),
-    (b"PK\x03\x04", "ZIP archive"),
-    (b"\x1f\x8b", "gzip archive"),
-]
-
-
-def sniff_format(head: bytes) -> str | None:
-    """``"tiff"``, ``"png"``, ``"jpeg"`` or ``"bmp"`` from a file's first bytes (16 are
-    enough), or None for anything else. Extensions are never trusted."""
-    for magic, kind in _MAGIC:
-        if head.startswith(magic):
-            return kind
-    return None
-
-
-def _describe_unknown(head: bytes) -> str:
-    for magic, kind in _OTHER_MAGIC:
-        if head.startswith(magic):
-            return f"it is a {kind} file, which is not supported"
-    if head[:64].strip() and all(32 <= b < 127 or b in (9, 10, 13) for b in head[:64]):
-        return "it is a text file, not an image"
-    return "its content is not a recognised image format"
-
 
 def set_threads(threads: int) -> None:
     """Let OpenCV's resizing and rotating use ``threads`` threads of its own (process-wide).
@@ -131,302 +62,6 @@ def set_threads(threads: int) -> None:
     they give it their per-worker share.
     """
     cv2.setNumThreads(max(1, int(threads)))
-
-
-def read_image(
-    source: str | Path | bytes | bytearray | memoryview,
-    page: int = 0,
-    name: str | None = None,
-    *,
-    max_pixels: int | None = None,
-    max_decoded_mb: int | None = None,
-) -> np.ndarray:
-    """Read an image file (or its bytes) to a numpy array.
-
-    The format is recognised from the content (magic bytes), never from the file name.
-
-    Parameters
-    ----------
-    source : path or bytes
-        A TIFF (8/16/32-bit integer or float, grey or RGB, multi-page), PNG (8/16-bit, grey,
-        RGB or RGBA), BMP or JPEG file, or its content.
-    page : int
-        Which page of a multi-page TIFF (0 = first). Other formats have only page 0.
-    name : str, optional
-        What to call ``source`` in error messages when it is bytes (e.g. the upload's name).
-    max_pixels : int, optional
-        Refuse images with more pixels than this (default :data:`MAX_PIXELS`, 100 MP).
-    max_decoded_mb : int, optional
-        Refuse images whose decoded pixel data (samples x bytes per sample, read from the
-        header before decoding) would exceed this many MiB (default :data:`MAX_DECODED_MB`).
-
-    Returns
-    -------
-    image : ndarray
-        ``(H, W)`` grey or ``(H, W, 3)`` RGB; dtype uint8, uint16 or float32 (other integer
-        types and float64 become float32; alpha is dropped).
-
-    Raises
-    ------
-    ImageError
-        The one error for any image that cannot be read; the message names the file.
-    """
-    limit = _Limits(
-        MAX_PIXELS if max_pixels is None else int(max_pixels),
-        (MAX_DECODED_MB if max_decoded_mb is None else int(max_decoded_mb)) * 2**20,
-    )
-    data, path, label = _open_source(source, name)
-    try:
-        image = _decode(data, path, page, label, limit)
-    except ImageError:
-        raise
-    except MemoryError as exc:
-        raise ImageError(
-            f"{label}: too large to decode in memory ({exc}); downscale it first"
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - no decoder's own exception may escape
-        raise ImageError(
-            f"{label}: the file is corrupt or truncated ({type(exc).__name__}: {exc}); "
-            f"copy it again from its source or re-save it as {SUPPORTED}"
-        ) from exc
-    return _normalise_array(image, label)
-
-
-def _open_source(
-    source: str | Path | bytes | bytearray | memoryview, name: str | None
-) -> tuple[bytes | None, Path | None, str]:
-    """(bytes or None, path or None, the name for messages) of ``read_image``'s source; a path
-    must be an existing file."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), None, name or "<image bytes>"
-    path = Path(source)
-    label = name or str(path)
-    if not path.exists():
-        raise ImageError(f"{label}: file not found; check the path")
-    if not path.is_file():
-        raise ImageError(f"{label}: not a file; give the path of an image file")
-    return None, path, label
-
-
-def _decode(
-    data: bytes | None, path: Path | None, page: int, label: str, limit: _Limits
-) -> np.ndarray:
-    """The image of ``data`` (or of the file ``path`` when ``data`` is None) by its magic bytes,
-    before ``_normalise_array``; decoders' own exceptions escape (``read_image`` wraps them)."""
-    if data is None:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    else:
-        head = data[:16]
-    if not head:
-        raise ImageError(f"{label}: the file is empty (0 bytes); copy it again from its source")
-    kind = sniff_format(head)
-    if kind is None:
-        raise ImageError(
-            f"{label}: cannot read it as an image: {_describe_unknown(head)}; "
-            f"save it as {SUPPORTED}"
-        )
-    if page < 0:
-        raise ImageError(f"{label}: page must be 0 or more, not {page}")
-    if kind == "tiff":
-        return _read_tiff(path if data is None else data, page, label, limit)
-    if page != 0:
-        raise ImageError(
-            f"{label}: a {kind.upper()} file has only one page (page 0), not page {page}; "
-            "use page 0"
-        )
-    if data is None:
-        data = path.read_bytes()
-    return _read_with_opencv(data, kind, label, limit)
-
-
-@dataclass(frozen=True)
-class _Limits:
-    pixels: int
-    decoded_bytes: int
-
-
-def _check_size(
-    height: int, width: int, label: str, limit: _Limits, decoded_bytes: int = 0
-) -> None:
-    """Refuse, before decoding, an image whose header promises too many pixels or bytes."""
-    if height <= 0 or width <= 0:
-        raise ImageError(
-            f"{label}: the image has zero size ({width}x{height} pixels); re-export it"
-        )
-    if height * width > limit.pixels:
-        raise ImageError(
-            f"{label}: {width}x{height} pixels is more than the limit of {limit.pixels:,} pixels "
-            "(a guard against decompression bombs); downscale the image, or raise "
-            "FLYSTAGE_MAX_PIXELS if it is genuine"
-        )
-    if decoded_bytes > limit.decoded_bytes:
-        raise ImageError(
-            f"{label}: {width}x{height} pixels would take {decoded_bytes / 2**20:,.0f} MiB "
-            f"decoded, more than the limit of {limit.decoded_bytes / 2**20:,.0f} MiB (a guard "
-            "against decompression bombs); save it as 8- or 16-bit, or downscale it, or raise "
-            "FLYSTAGE_MAX_DECODED_MB if it is genuine"
-        )
-
-
-def _read_tiff(source: Path | bytes, page: int, label: str, limit: _Limits) -> np.ndarray:
-    fh = io.BytesIO(source) if isinstance(source, bytes) else source
-    size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
-    with warnings.catch_warnings():
-        # tifffile warns (rather than raises) about some damage; we check the damage ourselves.
-        warnings.simplefilter("ignore")
-        with tifffile.TiffFile(fh) as tif:
-            n_pages = len(tif.pages)
-            if n_pages == 0:
-                raise ImageError(f"{label}: the TIFF has no pages; re-export it")
-            if page >= n_pages:
-                raise ImageError(
-                    f"{label}: page {page} asked for, but the TIFF has {n_pages} "
-                    f"page{'s' if n_pages != 1 else ''} (0 to {n_pages - 1}); choose one of those"
-                )
-            tp = tif.pages[page]
-            shape = tuple(int(s) for s in tp.shape)
-            if len(shape) < 2 or 0 in shape:
-                raise ImageError(
-                    f"{label}: page {page} has no pixels (shape {shape}); re-export it"
-                )
-            height, width = (int(tp.imagelength), int(tp.imagewidth))
-            itemsize = (
-                tp.dtype.itemsize
-                if tp.dtype is not None
-                else max(1, (int(tp.bitspersample) + 7) // 8)
-            )
-            _check_size(height, width, label, limit, int(np.prod(shape)) * itemsize)
-            if int(np.prod(shape)) > 4 * limit.pixels:
-                raise ImageError(f"{label}: page {page} holds {shape} samples, too many to read")
-            # A cut-off file: the pixel data would end beyond the end of the file.
-            ends = [o + c for o, c in zip(tp.dataoffsets, tp.databytecounts) if c]
-            if not ends or max(ends) > size:
-                raise ImageError(
-                    f"{label}: the TIFF is truncated (its pixel data runs past the end of the "
-                    f"{size}-byte file); copy it again from its source"
-                )
-            try:
-                return tp.asarray()
-            except (KeyError, ValueError, ImportError) as exc:
-                if "imagecodecs" not in str(exc) and not isinstance(exc, ImportError):
-                    raise
-                codec_error = exc
-    # tifffile alone cannot decompress LZW, PackBits or JPEG (it needs the imagecodecs
-    # package); OpenCV's libtiff can, so such files - common from Fiji and microscope
-    # software - are decoded by OpenCV instead.
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if not ok or len(pages) <= page:
-        raise ImageError(
-            f"{label}: cannot decompress this TIFF ({codec_error}); re-save it uncompressed "
-            "or with zlib (Deflate) compression, or install the imagecodecs package"
-        )
-    arr = pages[page]
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    return arr
-
-
-def _read_with_opencv(data: bytes, kind: str, label: str, limit: _Limits) -> np.ndarray:
-    height, width = _header_size(data, kind, label)
-    # OpenCV decodes PNG, BMP and JPEG to at most 4 channels, 16 bits only for 16-bit PNGs.
-    sample_bytes = 2 if kind == "png" and len(data) > 24 and data[24] == 16 else 1
-    _check_size(height, width, label, limit, height * width * 4 * sample_bytes)
-    if kind == "jpeg" and b"\xff\xd9" not in data[2:]:
-        # libjpeg decodes a cut-off JPEG with a grey bottom and only a warning.
-        raise ImageError(
-            f"{label}: the JPEG is truncated (no end marker); copy it again from its source"
-        )
-    if kind == "bmp":
-        declared = struct.unpack_from("<I", data, 2)[0]
-        if declared > len(data):
-            raise ImageError(
-                f"{label}: the BMP is truncated ({len(data)} of {declared} bytes); "
-                "copy it again from its source"
-            )
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.size == 0:
-        raise ImageError(
-            f"{label}: the {kind.upper()} file is corrupt or truncated and could not be decoded; "
-            "copy it again from its source"
-        )
-    if arr.ndim == 3:
-        # OpenCV decodes to BGR(A); the rest of flystage works in RGB.
-        code = cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
-        arr = cv2.cvtColor(arr, code) if arr.shape[2] in (3, 4) else arr
-    return arr
-
-
-def _header_size(data: bytes, kind: str, label: str) -> tuple[int, int]:
-    """(height, width) from the header, before anything is decoded (bomb guard)."""
-    try:
-        if kind == "png":
-            if data[12:16] != b"IHDR":
-                raise ValueError("no IHDR chunk")
-            width, height = struct.unpack(">II", data[16:24])
-            return height, width
-        if kind == "bmp":
-            header_size = struct.unpack_from("<I", data, 14)[0]
-            if header_size == 12:  # OS/2 BITMAPCOREHEADER
-                width, height = struct.unpack_from("<HH", data, 18)
-            else:
-                width, height = struct.unpack_from("<ii", data, 18)
-            return abs(height), width
-        # JPEG: walk the markers to the first start-of-frame.
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                raise ValueError(f"bad marker at byte {i}")
-            marker = data[i + 1]
-            if marker == 0xFF:
-                i += 1
-                continue
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                i += 2
-                continue
-            seg_len = struct.unpack_from(">H", data, i + 2)[0]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                height, width = struct.unpack_from(">HH", data, i + 5)
-                return height, width
-            i += 2 + seg_len
-        raise ValueError("no frame header")
-    except (struct.error, ValueError) as exc:
-        raise ImageError(
-            f"{label}: the {kind.upper()} header is corrupt or truncated ({exc}); "
-            "copy it again from its source"
-        ) from exc
-
-
-def _normalise_array(arr: np.ndarray, label: str) -> np.ndarray:
-    """To (H, W) or (H, W, 3) with dtype uint8, uint16 or float32."""
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (1, 2, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # planar (separate) RGB TIFF
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim == 3 and arr.shape[2] == 2:
-        arr = arr[:, :, 0]  # grey + alpha
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]  # alpha dropped: microscopy has no meaningful transparency
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        raise ImageError(
-            f"{label}: an image of shape {arr.shape} is neither grey (H, W) nor RGB (H, W, 3); "
-            "export one plane (or one page) as a 2-D image"
-        )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageError(f"{label}: the image has zero size {arr.shape}; re-export it")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    elif arr.dtype not in (np.uint8, np.uint16, np.float32):
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise ImageError(
-                f"{label}: pixel type {arr.dtype} is not supported; save as 8/16-bit or float"
-            )
-        arr = arr.astype(np.float32)
-    return np.ascontiguousarray(arr)
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -870,7 +505,7 @@ def _match_channels(image: np.ndarray, channels: int, grey_from: str = "luminanc
 
 
 def preprocess(image: np.ndarray, config: PreprocessConfig | None = None) -> np.ndarray:
-    """Turn an image from :func:`read_image` into the model input.
+    """Turn an image from :func:`~flystage.reading.read_image` into the model input.
 
     Parameters
     ----------
@@ -942,10 +577,10 @@ def preprocess(image: np.ndarray, config: PreprocessConfig | None = None) -> np.
 def load(
     source: str | Path | bytes, config: PreprocessConfig | None = None, name: str | None = None
 ) -> np.ndarray:
-    """:func:`read_image` (page ``config.page``) then :func:`preprocess`.
+    """:func:`~flystage.reading.read_image` (page ``config.page``) then :func:`preprocess`.
 
-    Returns float32 ``(channels, height, width)`` in [0, 1]; raises :class:`ImageError` for
-    unreadable images.
+    Returns float32 ``(channels, height, width)`` in [0, 1]; raises
+    :class:`~flystage.image_checks.ImageError` for unreadable images.
     """
     config = config or PreprocessConfig()
     return preprocess(read_image(source, page=config.page, name=name), config)

@@ -13,7 +13,6 @@ import hashlib
 import math
 import os
 import re
-import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flystage.errors import FlystageError
+from flystage.files import CsvWriter, atomic_write
 
 SPLITS = ("train", "valid", "test")
 MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha1")
@@ -28,7 +28,7 @@ MANIFEST_COLUMNS = ("path", "label", "group", "split", "sha1")
 
 class ManifestError(FlystageError, ValueError):
     """A manifest that cannot be read or written, or a path that cannot be used; the message
-    says what to do. ``flystage.organise.OrganiseError`` is one too."""
+    says what to do. ``flystage.organise_error.OrganiseError`` is one too."""
 
 
 @dataclass
@@ -157,20 +157,12 @@ def write_manifest(records: Sequence[Record], path: str | Path, force: bool = Fa
                 f"{path}: cannot write {printable_path(bad[0])}: not valid UTF-8 (a manifest is "
                 "UTF-8 text); rename the file"
             )
-    # A temporary file of its own in the same folder, renamed over the manifest only when
-    # complete: a crash or an error never leaves half a manifest or a stray temporary file.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow([*MANIFEST_COLUMNS, *extra_columns])
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Whole or not at all: a crash never leaves half a manifest or a stray temporary file.
+    with atomic_write(path) as f:
+        writer = CsvWriter(f)
+        writer.writerow([*MANIFEST_COLUMNS, *extra_columns])
+        for row in rows:
+            writer.writerow(row)
     return path
 
 

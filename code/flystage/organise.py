@@ -6,18 +6,17 @@ image's stage label from its folder name, a filename pattern or a CSV, maps and 
 removes exact duplicates by content hash, and splits into train/valid/test so that every group
 (an embryo, a gene, a session) lies in one split only.
 
-The manifest it writes (``path,label,group,split,sha1``) is the contract every later stage
-reads: ``flystage.manifest``; see ``docs/architecture.md``.
+Here: the folder walk, :func:`organise` (walk, label, de-duplicate, split), its report and the
+command. The label and group rules are :mod:`flystage.labels`, the split
+:mod:`flystage.splitting`. The manifest it writes (``path,label,group,split,sha1``) is the
+contract every later stage reads: ``flystage.manifest``; see ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import math
 import os
-import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -25,30 +24,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flystage import formats
+from flystage.labels import (
+    DEFAULT_LABEL_PATTERN,
+    NOT_UTF8,
+    LabelRules,
+    compile_named_pattern,
+    default_label_level,
+    label_records,
+    parse_label_map,
+    parse_label_set,
+    read_labels_csv,
+)
 from flystage.manifest import (
     SPLITS,
-    ManifestError,
     Record,
-    cell_path,
     file_sha1,
-    is_utf8,
     printable_path,
     real_path,
     sort_labels,
     write_manifest,
 )
+from flystage.organise_error import OrganiseError
+from flystage.splitting import DEFAULT_FRACTIONS, SPLIT_MODES, assign_splits
 
-IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg"})
-DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
-# A folder name that looks like a stage: "11", "13-16", "stage 9-10", "st13", "Stage_4_6".
-DEFAULT_LABEL_PATTERN = r"(?i)^(?:stage|st)?[\s_-]*\d{1,2}(?:\s*(?:-|_|to)\s*\d{1,2})?$"
 # Folders a lab's tools leave behind that never hold training images.
 JUNK_FOLDERS = {".ipynb_checkpoints": "checkpoint folder", "__MACOSX": "__MACOSX folder"}
-
-
-class OrganiseError(ManifestError):
-    """Bad input to organise (folders, labels CSV, label, group and split options); the message
-    says what to do. A ``ManifestError``: catching that catches both."""
 
 
 # ---- scanning ------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
         root = real_path(folder, OrganiseError)
         if root.is_file():
             # A single file given directly: kept if it is an image.
-            if root.suffix.lower() in IMAGE_SUFFIXES:
+            if formats.by_suffix(root.suffix) is not None:
                 found.append((root.parent, root))
             else:
                 ignored[f"not an image ({root.suffix.lower() or 'no suffix'})"] += 1
@@ -100,7 +101,7 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
                 suffix = Path(name).suffix.lower()
                 if reason:
                     ignored[reason] += 1
-                elif suffix not in IMAGE_SUFFIXES:
+                elif formats.by_suffix(suffix) is None:
                     ignored[f"not an image ({suffix or 'no suffix'})"] += 1
                 elif not os.path.isfile(here / name):
                     # Reading a FIFO or a device never ends; a broken or looping link cannot be
@@ -114,245 +115,13 @@ def _scan(folders: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]], Count
 def iter_images(folders: Iterable[str | Path]) -> tuple[list[Path], Counter]:
     """Every image file under ``folders`` (recursive, sorted), and counts of what was ignored.
 
-    Images are files ending in .tif/.tiff/.png/.bmp/.jpg/.jpeg (any case). Hidden files and
+    Images are files ending in a suffix of :mod:`flystage.formats`' table (any case):
+    .tif/.tiff/.png/.bmp/.jpg/.jpeg unless more formats are registered. Hidden files and
     folders, ``.ipynb_checkpoints`` and ``__MACOSX`` are skipped. A path that is itself an
     image file is kept as is.
     """
     found, ignored = _scan(folders)
     return [path for _, path in found], ignored
-
-
-NOT_UTF8 = "name not valid UTF-8 (rename it to include it)"
-
-
-# ---- labels ----------------------------------------------------------------------------------
-
-
-def _parse_map(pairs: Sequence[str]) -> dict[str, str]:
-    mapping = {}
-    for pair in pairs:
-        old, sep, new = pair.partition("=")
-        if not sep or not old.strip() or not new.strip():
-            raise OrganiseError(
-                f"--map {pair!r}: write it as OLD=NEW, for example --map 'stage 11=11-12'"
-            )
-        mapping[old.strip()] = new.strip()
-    return mapping
-
-
-def _split_list(text: str | None) -> set[str] | None:
-    if text is None:
-        return None
-    return {item.strip() for item in text.split(",") if item.strip()}
-
-
-def _compile(pattern: str, group: str, option: str) -> re.Pattern[str]:
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise OrganiseError(
-            f"{option} {pattern!r} is not a valid regular expression: {exc}"
-        ) from None
-    if group not in regex.groupindex:
-        raise OrganiseError(f"{option} {pattern!r} needs a named group (?P<{group}>...)")
-    return regex
-
-
-def _read_labels_csv(
-    csv_path: Path, label_column: str, group_column: str
-) -> dict[Path, tuple[str, str | None]]:
-    """Absolute image path -> (label, group or None) from a CSV with path,label[,group]."""
-    if not os.path.isfile(csv_path):
-        raise OrganiseError(f"{csv_path}: labels CSV not found")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            missing = [c for c in ("path", label_column) if c not in columns]
-            if missing:
-                raise OrganiseError(
-                    f"{csv_path}: missing column(s) {missing}; it has {columns}. Give a CSV with "
-                    "path,label[,group] or name the columns with --label-column/--group-column"
-                )
-            table = {}
-            for row in reader:
-                # A short row leaves its last columns None: say where, do not guess.
-                short = [c for c in columns if row.get(c) is None]
-                if short or None in row:
-                    what = (
-                        f"no value for column(s) {short}"
-                        if short
-                        else "more values than the header has columns"
-                    )
-                    raise OrganiseError(
-                        f"{csv_path}: line {reader.line_num}: {what}; every row needs "
-                        f"{len(columns)} comma-separated values ({','.join(columns)})"
-                    )
-                if not row["path"].strip():
-                    raise OrganiseError(f"{csv_path}: line {reader.line_num}: empty path")
-                path = cell_path(
-                    row["path"].strip(), f"{csv_path}: line {reader.line_num}", OrganiseError
-                )
-                path = real_path(
-                    path if path.is_absolute() else csv_path.parent / path, OrganiseError
-                )
-                group = (row.get(group_column) or None) if group_column in columns else None
-                table[path] = (row[label_column].strip(), group)
-    except UnicodeDecodeError as exc:
-        raise OrganiseError(
-            f"{csv_path}: not UTF-8 text ({exc}); save the labels CSV as UTF-8"
-        ) from None
-    except csv.Error as exc:
-        raise OrganiseError(
-            f"{csv_path}: line {reader.line_num}: not a valid CSV ({exc})"
-        ) from None
-    return table
-
-
-def stage_levels(path: Path, root: Path, pattern: re.Pattern[str]) -> list[int]:
-    """Levels (1 = the image's own folder, 2 its parent, ...) of the folders from the image up
-    to and including the scanned folder ``root`` whose names look like a stage, nearest first."""
-    levels = []
-    for level, parent in enumerate(path.parents, start=1):
-        if pattern.match(parent.name):
-            levels.append(level)
-        if parent == root:
-            break
-    return levels
-
-
-def _folder_label(
-    path: Path, root: Path, level: int | None, pattern: re.Pattern[str]
-) -> str | None:
-    parents = list(path.parents)
-    if level is not None:
-        return parents[level - 1].name if level <= len(parents) else None
-    levels = stage_levels(path, root, pattern)  # nearest first
-    return parents[levels[0] - 1].name if levels else None
-
-
-def _level_names(found: Sequence[tuple[Path, Path]], most: int = 4) -> str:
-    """What each folder level holds, e.g. ``level 1: 6 names (1-3, 4-6, ...); level 2: 11 names
-    (Dif, ...)``."""
-    names: dict[int, set[str]] = defaultdict(set)
-    for root, path in found:
-        for level, parent in enumerate(path.parents, start=1):
-            if parent == root:
-                break
-            names[level].add(parent.name)
-    return (
-        "; ".join(
-            f"level {level}: {len(n)} name(s) "
-            f"({', '.join(sorted(n)[:most])}{', ...' if len(n) > most else ''})"
-            for level, n in sorted(names.items())
-        )
-        or "no folders below the scanned folder"
-    )
-
-
-def default_label_level(found: Sequence[tuple[Path, Path]], pattern: re.Pattern[str]) -> int | None:
-    """The folder rule when no label option is given: ``None`` (the nearest folder that looks
-    like a stage), or 1 for a ``<label>/<images>`` tree in which no folder looks like a stage.
-
-    Raises ``OrganiseError`` when that would be a guess: an image below two stage-like folders
-    (``03/9-10/x.tif``: which one is the stage?), or a deeper tree without any stage-like
-    folder (``<gene>/<label>/x.tif``: which level is the label?). The message lists what each
-    level holds and says to give ``label_level`` or ``label_regex``.
-    """
-    nested = []
-    any_stage = False
-    for root, path in found:
-        levels = stage_levels(path, root, pattern)
-        any_stage = any_stage or bool(levels)
-        if len(levels) > 1:
-            nested.append((path, levels))
-    if nested:
-        path, levels = nested[0]
-        parents = list(path.parents)
-        which = ", ".join(f"level {level} {parents[level - 1].name!r}" for level in levels)
-        raise OrganiseError(
-            f"ambiguous label level: {len(nested)} image(s) lie below more than one folder that "
-            f"looks like a stage, e.g. {printable_path(path)} ({which}). Say which folder is the "
-            "label: label_level N (--label-level; 1 = the image's own folder, 2 its parent) or "
-            "label_regex (--label-regex)"
-        )
-    if any_stage:
-        return None
-    if all(path.parent.parent == root for root, path in found):
-        return 1  # <label>/<images>: one folder level, nothing to choose
-    raise OrganiseError(
-        "ambiguous label level: no folder name looks like a stage (e.g. 9-10, stage 11, st13) "
-        f"and the images lie more than one folder deep ({_level_names(found)}). Say which folder "
-        "is the label: label_level N (--label-level; 1 = the image's own folder, 2 its parent) "
-        "or label_regex (--label-regex)"
-    )
-
-
-# ---- split -----------------------------------------------------------------------------------
-
-
-def split_groups(
-    group_labels: dict[str, Counter], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
-) -> dict[str, str]:
-    """Assign each group to a split so that every split's label counts approach its fraction.
-
-    ``group_labels`` maps group -> Counter of labels. Groups are visited largest first (a
-    seeded shuffle orders groups of equal size); each goes to the split where it most reduces
-    the squared shortfall from the target counts, per label (weighted by 1 / label total, so
-    rare stages count as much as common ones) and in total. Returns group -> split.
-    """
-    if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise OrganiseError(
-            f"split fractions {list(fractions)}: give three non-negative numbers, e.g. "
-            "0.7,0.15,0.15"
-        )
-    total_f = sum(fractions)
-    fractions = [f / total_f for f in fractions]
-    label_totals: Counter = Counter()
-    for counts in group_labels.values():
-        label_totals.update(counts)
-    n = sum(label_totals.values())
-    target = [{label: f * t for label, t in label_totals.items()} for f in fractions]
-    current: list[Counter] = [Counter() for _ in SPLITS]
-    size = [0] * len(SPLITS)
-
-    order = sorted(group_labels)
-    random.Random(seed).shuffle(order)
-    order.sort(key=lambda g: -sum(group_labels[g].values()))  # stable: shuffle breaks ties
-
-    assignment: dict[str, str] = {}
-    for g in order:
-        counts = group_labels[g]
-        g_size = sum(counts.values())
-        best, best_cost = None, math.inf
-        for s, f in enumerate(fractions):
-            if f == 0:
-                continue
-            # Change in sum of squared (current - target) if g joins split s.
-            cost = sum(
-                k * (k + 2 * (current[s][label] - target[s][label])) / label_totals[label]
-                for label, k in counts.items()
-            )
-            cost += g_size * (g_size + 2 * (size[s] - f * n)) / n
-            if cost < best_cost - 1e-12:
-                best, best_cost = s, cost
-        assignment[g] = SPLITS[best]
-        current[best].update(counts)
-        size[best] += g_size
-
-    # A split with a share must not end up empty when another split can spare a group.
-    for s, f in enumerate(fractions):
-        members = [g for g, sp in assignment.items() if sp == SPLITS[s]]
-        if f > 0 and not members:
-            by_split = Counter(assignment.values())
-            donor = max(by_split, key=lambda sp: by_split[sp])
-            if by_split[donor] > 1:
-                smallest = min(
-                    (g for g, sp in assignment.items() if sp == donor),
-                    key=lambda g: (sum(group_labels[g].values()), order.index(g)),
-                )
-                assignment[smallest] = SPLITS[s]
-    return assignment
 
 
 # ---- organise --------------------------------------------------------------------------------
@@ -372,9 +141,6 @@ class OrganiseResult:
     not_utf8: list[Path] = field(default_factory=list)  # skipped: names that are not UTF-8
 
 
-SPLIT_MODES = ("stratified", "none")
-
-
 @dataclass(frozen=True)
 class OrganiseOptions:
     """How :func:`organise` labels, groups, filters and splits images (``flystage organise``'s
@@ -383,7 +149,8 @@ class OrganiseOptions:
     Labels come from ``labels_csv`` if given (its ``label_column``), else ``label_regex``
     (named group ``label``, searched in the path relative to its scanned folder), else the
     folder name (the ``label_level``-th parent, or the nearest ancestor matching
-    ``label_pattern``; when the latter is a guess, :func:`default_label_level` refuses).
+    ``label_pattern``; when the latter is a guess,
+    :func:`flystage.labels.default_label_level` refuses).
     Groups come from the CSV's ``group_column``, else ``group_regex`` (named group ``group``),
     else each image is its own group. ``mapping`` renames labels, then ``keep``/``drop``
     filter them. ``split`` is ``"stratified"`` (by ``fractions`` train, valid, test, group
@@ -417,10 +184,14 @@ class OrganiseOptions:
         """The compiled ``label_regex``, ``group_regex`` (``None`` when not given) and
         ``label_pattern``."""
         label_re = (
-            _compile(self.label_regex, "label", "--label-regex") if self.label_regex else None
+            compile_named_pattern(self.label_regex, "label", "--label-regex")
+            if self.label_regex
+            else None
         )
         group_re = (
-            _compile(self.group_regex, "group", "--group-regex") if self.group_regex else None
+            compile_named_pattern(self.group_regex, "group", "--group-regex")
+            if self.group_regex
+            else None
         )
         try:
             folder_re = re.compile(self.label_pattern)
@@ -429,114 +200,6 @@ class OrganiseOptions:
                 f"--label-pattern {self.label_pattern!r} is not a valid regular expression: {exc}"
             ) from None
         return label_re, group_re, folder_re
-
-
-@dataclass(frozen=True)
-class LabelRules:
-    """One :func:`organise` call's label and group rules, compiled, for :func:`label_and_group`.
-
-    ``table`` is the labels CSV (absolute path -> (label, group or None)); ``label_level`` is
-    resolved (``None``: the nearest folder matching ``folder_re``); ``absolute_groups``: more
-    than one folder was scanned, so an image without a group rule is grouped by its absolute
-    path rather than its path below the scanned folder.
-    """
-
-    table: dict[Path, tuple[str, str | None]] | None
-    label_re: re.Pattern[str] | None
-    group_re: re.Pattern[str] | None
-    folder_re: re.Pattern[str]
-    label_level: int | None
-    absolute_groups: bool
-
-
-def label_and_group(root: Path, path: Path, rules: LabelRules) -> tuple[str | None, str | None]:
-    """The label and group of the image ``path`` found under the scanned folder ``root``.
-
-    The label is ``None`` when no rule finds one (the image is unlabelled); the group is
-    ``None`` when ``group_regex`` does not match (never guessed: a guess could leak an embryo
-    across splits). The image must be in ``rules.table`` when there is one.
-    """
-    rel = path.relative_to(root).as_posix()
-    csv_group = None
-    if rules.table is not None:
-        label, csv_group = rules.table[path]
-    elif rules.label_re is not None:
-        m = rules.label_re.search(rel)
-        label = m.group("label") if m and m.group("label") else None
-    else:
-        label = _folder_label(path, root, rules.label_level, rules.folder_re)
-    if csv_group:
-        group = csv_group
-    elif rules.group_re is not None:
-        m = rules.group_re.search(rel)
-        group = m.group("group") if m and m.group("group") else None
-    else:
-        group = path.as_posix() if rules.absolute_groups else rel
-    return label or None, group
-
-
-@dataclass
-class _Labelled:
-    """What :func:`_label_records` kept and left out."""
-
-    records: list[Record] = field(default_factory=list)
-    unlabelled: list[Path] = field(default_factory=list)
-    mapped: Counter = field(default_factory=Counter)
-    dropped: Counter = field(default_factory=Counter)
-    unmatched_groups: list[Path] = field(default_factory=list)
-    not_utf8: list[Path] = field(default_factory=list)
-
-
-def _label_records(
-    found: Sequence[tuple[Path, Path]],
-    rules: LabelRules,
-    options: OrganiseOptions,
-    ignored: Counter,
-) -> _Labelled:
-    """Label, map, filter and group every found image; what is left out is counted in
-    ``ignored`` (not UTF-8, not in the labels CSV) or listed in the result."""
-    out = _Labelled()
-    mapping = options.mapping or {}
-    for root, path in found:
-        if not is_utf8(path):
-            # The manifest is UTF-8 text: a name that is not cannot be written into it (or
-            # read back by every later stage). Skipped, counted and listed, never guessed.
-            ignored[NOT_UTF8] += 1
-            out.not_utf8.append(path)
-            continue
-        if rules.table is not None and path not in rules.table:
-            ignored["not in the labels CSV"] += 1
-            continue
-        label, group = label_and_group(root, path, rules)
-        if not label:
-            out.unlabelled.append(path)
-            continue
-        if label in mapping:
-            out.mapped[f"{label} -> {mapping[label]}"] += 1
-            label = mapping[label]
-        if (options.keep is not None and label not in options.keep) or (
-            options.drop is not None and label in options.drop
-        ):
-            out.dropped[label] += 1
-            continue
-        if group is None:
-            out.unmatched_groups.append(path)
-            continue
-        out.records.append(Record(path=path, label=label, group=group, split="train", sha1=""))
-    return out
-
-
-def _assign_splits(records: Sequence[Record], options: OrganiseOptions) -> None:
-    if options.split == "none":
-        for r in records:
-            r.split = "train"
-        return
-    per_group: dict[str, Counter] = defaultdict(Counter)
-    for r in records:
-        per_group[r.group][r.label] += 1
-    assignment = split_groups(per_group, options.fractions, options.seed)
-    for r in records:
-        r.split = assignment[r.group]
 
 
 def organise(
@@ -550,7 +213,7 @@ def organise(
     options = dataclasses.replace(options or OrganiseOptions(), **overrides)
     label_re, group_re, folder_re = options.patterns()
     table = (
-        _read_labels_csv(
+        read_labels_csv(
             real_path(options.labels_csv, OrganiseError), options.label_column, options.group_column
         )
         if options.labels_csv
@@ -569,7 +232,9 @@ def organise(
     rules = LabelRules(
         table, label_re, group_re, folder_re, label_level, absolute_groups=len(folders) != 1
     )
-    labelled = _label_records(found, rules, options, ignored)
+    labelled = label_records(
+        found, rules, ignored, mapping=options.mapping, keep=options.keep, drop=options.drop
+    )
 
     if labelled.unmatched_groups:
         # Guessing a group could leak an embryo across splits: stop and say which files.
@@ -594,7 +259,7 @@ def organise(
     records, duplicates, conflicts = _deduplicate(labelled.records)
     if not records:
         raise OrganiseError("every image was a duplicate with conflicting labels; nothing to write")
-    _assign_splits(records, options)
+    assign_splits(records, options.split, options.fractions, options.seed)
     return OrganiseResult(
         records,
         ignored,
@@ -794,9 +459,9 @@ def run(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         group_column=args.group_column,
         group_regex=args.group_regex,
-        mapping=_parse_map(args.map),
-        keep=_split_list(args.keep),
-        drop=_split_list(args.drop),
+        mapping=parse_label_map(args.map),
+        keep=parse_label_set(args.keep),
+        drop=parse_label_set(args.drop),
         split=args.split,
         fractions=fractions,
         seed=args.seed,

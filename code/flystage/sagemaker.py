@@ -194,7 +194,7 @@ class ImageSerializer:
     binary file -> the file's bytes, sent raw. The serve image recognises TIFF, PNG, JPEG and
     BMP from the bytes; :class:`FlystagePredictor` also names each image's own MIME type."""
 
-    CONTENT_TYPE = "application/x-image"  # one of flystage.serving.codec.RAW_TYPES
+    CONTENT_TYPE = "application/x-image"  # one of flystage.serving.codec.GENERIC_TYPES
 
     @property
     def content_type(self) -> str:
@@ -237,7 +237,7 @@ def _predictor_class():
 
         ``predict(image)``: bytes, a path or a binary file -> ``[(stage, probability), ...]``
         (top 3; ``k=`` for more). Each image goes with its own MIME type. Also a
-        ``flystage.predict.SourcePredictor``: ``predict_folder`` writes the CSV/JSON of a
+        ``flystage.predictor.SourcePredictor``: ``predict_folder`` writes the CSV/JSON of a
         folder and, with ``rename=True``, renames each file with its top-k (with an undo manifest).
         """
 
@@ -281,7 +281,9 @@ def _predictor_class():
             unsure_below: float | None = None,
         ) -> int:
             """``flystage predict FOLDER --out OUT [--rename]`` through this endpoint: exit code 0
-            when every image was predicted (and renamed)."""
+            when every image was predicted (and renamed), 1 when some were not; bad usage (an
+            output that exists without ``force``, no images) raises
+            ``flystage.predict.PredictError`` before any image is sent."""
             parser = argparse.ArgumentParser(prog="predict_folder")
             add_output_arguments(parser)
             argv = [str(folder), "--out", str(out), "--k", str(k)]

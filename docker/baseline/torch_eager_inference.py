@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from flystage.artefact import load_metadata
-from flystage.imaging import ImageError, load
-from flystage.predict import top_k
+from flystage.image_checks import ImageError
+from flystage.imaging import load
+from flystage.predictor import top_k
 from flystage.serving import codec
 from flystage.training.export import load_torch_model
 

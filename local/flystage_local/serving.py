@@ -3,7 +3,8 @@
 ``start_server`` unpacks a ``model.tar.gz`` (as SageMaker unpacks it into ``/opt/ml/model``),
 starts ``IMAGE serve`` with that folder mounted read-only and port 8080 published on
 127.0.0.1, and waits until ``GET /ping`` answers 200. ``ContainerPredictor`` sends images to
-``POST /invocations`` and plugs into :mod:`flystage.predict`'s folder, CSV and rename code.
+``POST /invocations`` and plugs into :mod:`flystage.predictor`'s folder loop,
+:mod:`flystage.outputs` and :mod:`flystage.rename`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from flystage.predict import Prediction, Source
+from flystage.predictor import Prediction, Source
 from flystage.serving.client import AnswerError, content_type, parse_answer, predict_each
 from flystage.serving.container import ContainerError, ServeContainer
 from flystage_local import LocalModeError, containers
@@ -98,7 +99,7 @@ def start_server(
 
 
 class ContainerPredictor:
-    """A ``flystage.predict.SourcePredictor`` over HTTP: one ``POST /invocations`` per image."""
+    """A ``flystage.predictor.SourcePredictor`` over HTTP: one ``POST /invocations`` per image."""
 
     def __init__(self, url: str = server_url(), timeout: float = INVOKE_TIMEOUT):
         self.url = url.rstrip("/")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flystage.training.models import (
-    ARCHS,
-    TORCHVISION_ARCHS,
-    WeightsUnavailableError,
-    build_model,
-    count_parameters,
-    weights_cache_path,
-)
+from flystage.training.backbones import WeightsUnavailableError
+from flystage.training.families import archs
+from flystage.training.models import build_model, count_parameters
+from flystage.training.torchvision_nets import BUILDERS, weights_cache_path
+
+ARCHS = archs()
 
 torch.set_num_threads(1)
 
@@ -87,7 +85,7 @@ def test_pretrained_from_hub_cache_grey_sums_rgb_kernels(tmp_path, monkeypatch) 
     """With the weights file in the torch hub cache (as baked into the train image) no network
     is needed; a grey model's first conv is the sum of the RGB kernels."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    reference = TORCHVISION_ARCHS["resnet18"](weights=None)
+    reference = BUILDERS["resnet18"](weights=None)
     path = weights_cache_path("resnet18")
     path.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), path)

@@ -16,14 +16,10 @@ from flystage.imaging import PreprocessConfig
 from flystage.training.backbones import DEFAULT_TAPS, build_lite
 from flystage.training.config import TrainConfig
 from flystage.training.data import ImageCache, StageDataset, to_float
+from flystage.training.hog import HOGNet
+from flystage.training.lite import LiteNet
 from flystage.training.loop import fit, make_optimizer
-from flystage.training.models import (
-    HOGNet,
-    LiteNet,
-    StageNet,
-    build_feature_extractor,
-    build_from_spec,
-)
+from flystage.training.models import StageNet, build_feature_extractor, build_from_spec
 from flystage.training.modes import setup_finetune
 from flystage.training.probe import ProbeNet, cached_features
 from train_helpers import LABELS, TINY_PREPROCESS, count_extracted, make_manifest_set
@@ -227,12 +223,12 @@ def test_finetune_backbone_learns_at_its_scale_of_the_learning_rate(records) -> 
 def test_finetune_a_torchvision_backbone_from_the_hub_cache(records, tmp_path, monkeypatch) -> None:
     """Weights in the torch hub cache (as the train image bakes them in): the head and the
     later stages train, the stem and first stages stay as loaded."""
-    from flystage.training.models import TORCHVISION_ARCHS, weights_cache_path
+    from flystage.training.torchvision_nets import BUILDERS, weights_cache_path
 
     arch = "mobilenet_v3_small"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     torch.manual_seed(0)
-    reference = TORCHVISION_ARCHS[arch](weights=None).state_dict()
+    reference = BUILDERS[arch](weights=None).state_dict()
     weights_cache_path(arch).parent.mkdir(parents=True)
     torch.save(reference, weights_cache_path(arch))
     train, valid = records
@@ -282,13 +278,9 @@ def test_the_tuner_resolves_the_mode_as_the_training_program(hyperparameters) ->
     parse the same hyperparameters as the training program does and compare."""
     from flystage.options import ArgumentParser
     from flystage.training import kinds
-    from flystage.training.backbones import LITE_ARCHS
     from flystage.training.config import config_from_args
-    from flystage.training.models import PRETRAINED_ARCHS, TORCHVISION_ARCHS
     from flystage.training.train import configure_parser
 
-    assert kinds.LITE_ARCHS == LITE_ARCHS and tuple(TORCHVISION_ARCHS) == kinds.TORCHVISION_ARCHS
-    assert kinds.PRETRAINED_ARCHS == PRETRAINED_ARCHS
     parser = ArgumentParser()
     configure_parser(parser)
     argv = [f"--{k}={v}" for k, v in hyperparameters.items()]

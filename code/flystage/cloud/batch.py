@@ -268,7 +268,8 @@ def write_answers(
 ) -> int:
     """Download ``<key>.out`` for each image and write the predict CSV/JSON; an image without
     a readable answer gets an error row. Returns how many have none."""
-    from flystage.predict import Prediction, write_csv, write_json
+    from flystage.outputs import write_csv, write_json
+    from flystage.predictor import Prediction
 
     bucket, prefix = parse_s3_uri(output_uri)
     predictions = []

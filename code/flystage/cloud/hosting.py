@@ -393,7 +393,7 @@ RETRYABLE = {
 
 
 class EndpointPredictor:
-    """A ``flystage.predict.SourcePredictor`` backed by ``sagemaker-runtime.invoke_endpoint``.
+    """A ``flystage.predictor.SourcePredictor`` backed by ``sagemaker-runtime.invoke_endpoint``.
 
     Each image is sent as its raw bytes with its MIME type. An image over the endpoint's
     payload limit is not sent; throttling and ModelNotReady are retried ``retries`` times with

@@ -9,11 +9,11 @@ details are always read back from AWS.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from flystage.cloud.settings import CloudError
+from flystage.files import atomic_write
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -32,7 +32,5 @@ def update_state(path: str | Path, **values: Any) -> None:
     """Merge ``values`` into the state file (written atomically)."""
     path = Path(path)
     state = read_state(path) | values
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(state, indent=2, sort_keys=True) + "\n")

@@ -34,7 +34,8 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request
 
 from flystage.artefact import WEIGHTS_FILE
-from flystage.imaging import ImageError, PreprocessConfig, load
+from flystage.image_checks import ImageError
+from flystage.imaging import PreprocessConfig, load
 from flystage.review.predictions import Item
 from flystage.review.store import ReviewStore
 from flystage.review.thumbnails import ThumbnailCache
@@ -85,7 +86,7 @@ class ReviewSession:
         """The ONNX model, opened on the first overlay request (most sessions never ask)."""
         with self._model_lock:
             if self._predictor is None and self.model_dir is not None:
-                from flystage.predict import Predictor
+                from flystage.predictor import Predictor
 
                 self._predictor = Predictor(self.model_dir, threads=self.threads)
             return self._predictor

@@ -96,7 +96,8 @@ def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
     """Predict ``folder`` with ``model`` into ``out`` (CSV + JSON), the same files `flystage
     predict` writes."""
     from flystage.organise import iter_images
-    from flystage.predict import Predictor, describe_model, predict_files, write_csv, write_json
+    from flystage.outputs import write_csv, write_json
+    from flystage.predictor import Predictor, describe_model, predict_files
 
     predictor = Predictor(model, threads=threads)
     paths, _ = iter_images([folder])

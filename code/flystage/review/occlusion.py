@@ -12,7 +12,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from flystage.predict import Predictor
+from flystage.files import png_bytes
+from flystage.predictor import Predictor
 
 OVERLAY_SCALE = 3  # the map is shown larger than the 96 x 240 model input
 
@@ -68,7 +69,4 @@ def overlay_png(array: np.ndarray, heat: np.ndarray) -> bytes:
     blended = cv2.resize(
         blended, (w * OVERLAY_SCALE, h * OVERLAY_SCALE), interpolation=cv2.INTER_NEAREST
     )
-    ok, data = cv2.imencode(".png", blended)
-    if not ok:
-        raise ValueError("OpenCV could not encode a PNG")
-    return data.tobytes()
+    return png_bytes(blended[:, :, ::-1])  # OpenCV's colour map is BGR; png_bytes takes RGB

@@ -19,7 +19,8 @@ from typing import Any
 
 from flystage.artefact import METADATA_FILE
 from flystage.errors import FlystageError
-from flystage.predict import UNDO_COLUMNS, csv_unsafe
+from flystage.files import csv_unsafe
+from flystage.rename import UNDO_COLUMNS
 
 
 class PredictionsError(FlystageError, ValueError):

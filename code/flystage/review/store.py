@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flystage.predict import _CsvWriter, _write_new, csv_safe, csv_unsafe
+from flystage.files import CsvWriter, atomic_write, csv_safe, csv_unsafe
 from flystage.review.predictions import Item
 
 COLUMNS = ("path", "label", "group", "predicted", "p_predicted", "decision", "reviewed_at")
@@ -143,8 +143,8 @@ class ReviewStore:
                     d.reviewed_at,
                 ]
             )
-        with _write_new(self.out, force=True) as f:
-            writer = _CsvWriter(f)
+        with atomic_write(self.out) as f:
+            writer = CsvWriter(f)
             writer.writerow(COLUMNS)
             for row in rows:
                 writer.writerow([csv_safe(c) for c in row])

@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
-import numpy as np
 
-from flystage.imaging import PreprocessConfig, load, read_image, stretch_contrast
+from flystage.files import atomic_write, png_bytes
+from flystage.imaging import PreprocessConfig, load, stretch_contrast
+from flystage.reading import read_image
 
 CACHE_VERSION = "1"
 ORIGINAL_WIDTH = 900  # wide enough to see an embryo's stripes, small enough to load at once
@@ -32,19 +32,6 @@ ORIGINAL_WIDTH = 900  # wide enough to see an embryo's stripes, small enough to 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "flystage" / "thumbnails"
-
-
-def to_png(image: np.ndarray) -> bytes:
-    """PNG bytes of a float image in [0, 1]: ``(C, H, W)`` with C 1 or 3, or ``(H, W)``."""
-    if image.ndim == 3:
-        image = (
-            image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)[:, :, ::-1]
-        )  # RGB -> OpenCV's BGR
-    eight = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    ok, data = cv2.imencode(".png", eight)
-    if not ok:
-        raise ValueError("OpenCV could not encode a PNG")
-    return data.tobytes()
 
 
 class ThumbnailCache:
@@ -87,19 +74,19 @@ class ThumbnailCache:
     @staticmethod
     def _make(key: Path, path: Path, make) -> bytes:
         data = make(path)
-        key.parent.mkdir(parents=True, exist_ok=True)
-        # Written under a temporary name and renamed: a reader never sees half a PNG, and two
-        # threads making the same thumbnail both end with a whole file.
-        tmp = key.with_name(f".{key.name}.{secrets.token_hex(4)}")
-        tmp.write_bytes(data)
-        os.replace(tmp, key)
+        # Atomic: a reader never sees half a PNG, and two threads making the same thumbnail
+        # both end with a whole file. No fsync: a cache file lost in a crash is made again.
+        with atomic_write(key, "wb", fsync=False) as f:
+            f.write(data)
         return data
 
     def thumbnail(self, path: Path) -> bytes:
         """What the model saw: the preprocessed input, as a PNG."""
-        return self._cached(
-            path, "model-input", lambda p: to_png(load(p, self.config, name=str(p)))
-        )
+
+        def make(p: Path) -> bytes:
+            return png_bytes(load(p, self.config, name=str(p)), channels_first=True)
+
+        return self._cached(path, "model-input", make)
 
     def original(self, path: Path) -> bytes:
         """The whole frame, contrast stretched (percentiles as the model's), at most
@@ -115,7 +102,7 @@ class ThumbnailCache:
                     interpolation=cv2.INTER_AREA,
                 )
             x = stretch_contrast(image, self.config.low_percentile, self.config.high_percentile)
-            return to_png(x if x.ndim == 2 else x.transpose(2, 0, 1))
+            return png_bytes(x)
 
         return self._cached(path, "original", make)
 

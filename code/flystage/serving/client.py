@@ -16,10 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from flystage.predict import Prediction, Source
+# The format table is standard library only: the control plane and flystage.sagemaker import
+# this module, and the image stack (OpenCV, numpy) is no part of what they need.
+from flystage import formats
 
-CONTENT_TYPES = {"tiff": "image/tiff", "png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
+if TYPE_CHECKING:
+    from flystage.predictor import Prediction, Source
+
+# For bytes of no format in the table: the server sniffs them and says what they are.
+UNKNOWN_TYPE = "application/octet-stream"
 
 # send(body, k) -> top-k [(stage, probability), ...]; raises ValueError for that image only.
 Send = Callable[[bytes, int], list[tuple[str, float]]]
@@ -31,11 +36,8 @@ class AnswerError(Exception):
 
 def content_type(body: bytes) -> str:
     """The image's MIME type from its magic bytes (the server checks them again)."""
-    # Imported here: the control plane and flystage.sagemaker import this module, and the image
-    # stack (OpenCV, numpy) is no part of what they need.
-    from flystage.imaging import sniff_format
-
-    return CONTENT_TYPES.get(sniff_format(body[:16]) or "", "application/octet-stream")
+    fmt = formats.sniff(body[: formats.HEAD_BYTES])
+    return fmt.mime_type if fmt is not None else UNKNOWN_TYPE
 
 
 def parse_top(payload: Any) -> list[tuple[str, float]]:
@@ -83,7 +85,7 @@ def predict_each(
     """Top-k for each source through ``send``, in order; an unreadable file or a ValueError
     from ``send`` is that image's ``error`` and the others go on. Other exceptions (the server
     is gone, no permission) propagate: they would fail every image alike."""
-    from flystage.predict import Prediction, source_name
+    from flystage.predictor import Prediction, source_name
 
     names = list(names) if names is not None else [source_name(s, i) for i, s in enumerate(sources)]
 

@@ -2,8 +2,9 @@
 
 Requests:
 
-- a raw image body with ``Content-Type`` one of :data:`RAW_TYPES` (TIFF, PNG, JPEG, BMP;
-  the format is recognised from the bytes, so ``application/octet-stream`` works for all);
+- a raw image body with ``Content-Type`` one of :func:`raw_types`: a format's own MIME type
+  from :mod:`flystage.formats` (TIFF, PNG, JPEG, BMP) or one of :data:`GENERIC_TYPES` (the
+  format is recognised from the bytes, so ``application/octet-stream`` works for all);
 - ``application/json``: ``{"image": "<base64>"}``, ``{"instances": [...]}`` or a bare list for a
   small batch, whose items are base64 strings or ``{"image": "<base64>"}``; optional ``"k"``.
 
@@ -26,17 +27,11 @@ from typing import Any
 
 from sagemaker_inference.errors import GenericInferenceToolkitError
 
+from flystage import formats
+
 JSON_TYPE = "application/json"
-RAW_TYPES = frozenset(
-    {
-        "image/tiff",
-        "image/png",
-        "image/jpeg",
-        "image/bmp",
-        "application/x-image",
-        "application/octet-stream",
-    }
-)
+# Raw image bodies of any format (the reader sniffs the bytes), besides each format's own types.
+GENERIC_TYPES = frozenset({"application/x-image", "application/octet-stream"})
 CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
 DEFAULT_K = 3
 
@@ -58,6 +53,11 @@ class Request:
     received: float = field(default_factory=time.perf_counter)
 
 
+def raw_types() -> frozenset[str]:
+    """Every Content-Type of a raw image body: each format's MIME types and the generic ones."""
+    return formats.mime_types() | GENERIC_TYPES
+
+
 def media_type(content_type: str | None) -> str:
     """``"Image/TIFF; charset=x"`` -> ``"image/tiff"``; None -> ``""``."""
     return (content_type or "").split(";", 1)[0].strip().lower()
@@ -76,11 +76,12 @@ def decode_request(
     ``max_bytes``: the body limit (SAGEMAKER_MAX_PAYLOAD_IN_MB); a longer body is a 413.
     """
     kind = media_type(content_type)
-    if kind not in RAW_TYPES and kind != JSON_TYPE:
+    raw = kind in GENERIC_TYPES or formats.by_mime_type(kind) is not None
+    if not raw and kind != JSON_TYPE:
         raise RequestError(
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type {content_type or '(none)'!r} is not supported; send an image as one of "
-            f"{', '.join(sorted(RAW_TYPES))}, or JSON ({JSON_TYPE}) with base64 images",
+            f"{', '.join(sorted(raw_types()))}, or JSON ({JSON_TYPE}) with base64 images",
         )
     if body is None or len(body) == 0:
         raise RequestError(
@@ -95,7 +96,7 @@ def decode_request(
             "request, or smaller ones",
         )
     header_k = _k_from_headers(headers or {})
-    if kind in RAW_TYPES:
+    if raw:
         try:
             # A text body stands for bytes only as latin-1 (one character per byte).
             data = body.encode("latin-1") if isinstance(body, str) else bytes(body)

@@ -3,7 +3,7 @@
 sagemaker-inference's ``Transformer`` calls, for each request,
 ``input_fn(body, content_type)`` -> ``predict_fn(request, model)`` -> ``output_fn(result, accept)``
 after ``model_fn(model_dir)`` and a warm-up once per worker. The model is the artefact's
-``model.onnx`` on onnxruntime (:class:`flystage.predict.Predictor`), with the artefact's own
+``model.onnx`` on onnxruntime (:class:`flystage.predictor.Predictor`), with the artefact's own
 preprocessing; decoding an image is part of prediction, so an unreadable image is a 400 that
 names it. Errors are answered as JSON ``{"error": message, "status": code}``.
 """
@@ -27,7 +27,7 @@ from sagemaker_inference.errors import BaseInferenceToolkitError
 from sagemaker_inference.transformer import Transformer
 
 from flystage.imaging import preprocess, set_threads
-from flystage.predict import Predictor
+from flystage.predictor import Predictor
 from flystage.serving import codec, settings
 
 logger = logging.getLogger(__name__)

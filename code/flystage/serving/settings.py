@@ -26,9 +26,9 @@ limit is answered 413 with flystage's JSON error; the model server itself closes
 :data:`TRANSPORT_FACTOR` times the limit (its own 413, without a body) so that no body can
 fill its memory. An image is refused (400) before decoding when its header promises more than
 ``FLYSTAGE_MAX_PIXELS`` pixels or ``FLYSTAGE_MAX_DECODED_MB`` of decoded samples; the defaults
-are the command line's (:mod:`flystage.imaging`): 512 MiB holds a 100 MP 16-bit grey image and
-costs a worker about 3 times that at its peak, while a 600 KB zlib TIFF of 25 MP float64 RGB
-(572 MiB decoded) is refused.
+are the command line's (:mod:`flystage.image_checks`): 512 MiB holds a 100 MP 16-bit grey
+image and costs a worker about 3 times that at its peak, while a 600 KB zlib TIFF of 25 MP
+float64 RGB (572 MiB decoded) is refused.
 
 ``FLYSTAGE_PRECISION``: ``auto`` runs the artefact's int8 graph when training kept one (it
 answered like the float graph on the validation images), the float graph otherwise; ``int8``
@@ -57,7 +57,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from flystage import imaging
+from flystage import image_checks
 from flystage.errors import FlystageError
 
 WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"
@@ -74,9 +74,9 @@ TRANSPORT_FACTOR = 4
 
 DEFAULT_TIMEOUT_SECONDS = 60
 DEFAULT_MAX_PAYLOAD_MB = 6
-DEFAULT_MAX_PIXELS = imaging.DEFAULT_MAX_PIXELS
+DEFAULT_MAX_PIXELS = image_checks.DEFAULT_MAX_PIXELS
 DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_DECODED_MB = imaging.DEFAULT_MAX_DECODED_MB
+DEFAULT_MAX_DECODED_MB = image_checks.DEFAULT_MAX_DECODED_MB
 SAFE_PORT_RANGE = "SAGEMAKER_SAFE_PORT_RANGE"
 INFERENCE_PORT = 8080
 DEFAULT_MANAGEMENT_PORT = 8081

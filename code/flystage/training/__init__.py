@@ -1,7 +1,11 @@
 """The training side of flystage: everything that needs torch.
 
 - :mod:`~flystage.training.data`: the decoded-image cache, the dataset and class balance;
-- :mod:`~flystage.training.backbones`, :mod:`~flystage.training.models`: the networks;
+- :mod:`~flystage.training.families`: the backbone-family table (torch-free), whose families
+  are :mod:`~flystage.training.hog`, :mod:`~flystage.training.lite` (weights:
+  :mod:`~flystage.training.backbones`), :mod:`~flystage.training.torchvision_nets` and
+  :mod:`~flystage.training.small_cnn`; :mod:`~flystage.training.models`: one constructor for
+  them all, and what they share;
 - :mod:`~flystage.training.modes`, :mod:`~flystage.training.probe`: what the epoch loop trains
   (full, linear probe, fine-tune);
 - :mod:`~flystage.training.config`: ``TrainConfig`` and its options;

@@ -26,11 +26,11 @@ from flystage.options import (
     markdown_table,
     option,
 )
-from flystage.training import kinds
+from flystage.training import families, kinds
 from flystage.training.backbones import DEFAULT_TAPS
 from flystage.training.data import BALANCE_MODES, CACHE_DTYPES
 from flystage.training.kinds import MODES, PROBE_SOLVERS
-from flystage.training.models import ARCHS, HOG_ARCHS, PRETRAINED_ARCHS, PROBE_FLIPS
+from flystage.training.models import PROBE_FLIPS
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle")
@@ -46,7 +46,7 @@ class TrainConfig:
     # trained from scratch, fine-tuning and the ensembles tried, in seconds per fold.
     arch: str = option(
         kinds.DEFAULT_ARCH,
-        f"model architecture: {', '.join(ARCHS)}; the EfficientNet-Lites are "
+        f"model architecture: {', '.join(families.archs())}; the EfficientNet-Lites are "
         "ImageNet-pretrained, the others train from scratch unless pretrained is true",
     )
     mode: str = option(
@@ -223,21 +223,19 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        # Read from the family table now, not at import: a family may be registered later.
+        archs = families.archs()
+        trainable = families.archs_for(self.mode)
         checks = [
-            (self.arch in ARCHS, f"arch {self.arch!r}: choose one of {', '.join(ARCHS)}"),
+            (self.arch in archs, f"arch {self.arch!r}: choose one of {', '.join(archs)}"),
             (
-                all(a in ARCHS for a in self.ensemble_archs),
-                f"ensemble_archs {self.ensemble_archs}: choose from {', '.join(ARCHS)}",
+                all(a in archs for a in self.ensemble_archs),
+                f"ensemble_archs {self.ensemble_archs}: choose from {', '.join(archs)}",
             ),
             (self.mode in MODES, f"mode {self.mode!r}: choose one of {MODES}"),
             (
-                self.mode in ("auto", "full")
-                or all(
-                    a in PRETRAINED_ARCHS or (self.mode == "probe" and a in HOG_ARCHS)
-                    for a in self.member_archs
-                ),
-                f"mode {self.mode} needs pretrained archs ({', '.join(PRETRAINED_ARCHS)}) or, "
-                "for probe, hognet",
+                self.mode == "auto" or all(a in trainable for a in self.member_archs),
+                f"mode {self.mode} needs archs whose family trains it ({', '.join(trainable)})",
             ),
             (self.ensemble >= 1, f"ensemble must be >= 1, not {self.ensemble}"),
             (self.augment_draws >= 0, f"augment_draws must be >= 0, not {self.augment_draws}"),
@@ -321,7 +319,7 @@ class TrainConfig:
         }
         if spec["mode"] == "probe":  # how a probe's features are pooled; nothing to other modes
             spec["flips"] = self.probe_flips
-            if spec["arch"] in kinds.LITE_ARCHS:
+            if families.family_of(spec["arch"]).columns:
                 spec["columns"] = self.probe_columns
         return spec
 

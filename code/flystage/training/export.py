@@ -9,10 +9,9 @@ without torch (what predicting and serving do) is :mod:`flystage.artefact`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from flystage.artefact import (
     open_session,
     short_repr,
 )
+from flystage.files import atomic_path
 from flystage.imaging import PreprocessConfig
 from flystage.training.models import build_from_spec
 
@@ -81,8 +81,14 @@ def save_artefact(
     was_training = model.training
     model.eval()
     try:
-        with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
-            tmp = Path(tmp)
+        # A temporary file for each, all moved into place when the block ends without an
+        # error (none otherwise). The stack moves the last entered first, so the metadata,
+        # entered first, moves last: a reader never sees new metadata next to an old model.
+        with ExitStack() as stack:
+            metadata_tmp, weights_tmp, onnx_tmp = (
+                stack.enter_context(atomic_path(model_dir / name))
+                for name in (METADATA_FILE, WEIGHTS_FILE, ONNX_FILE)
+            )
             with torch.no_grad():
                 out = model(torch.zeros(1, c, h, w))
             if tuple(out.shape) != (1, len(labels)):
@@ -90,8 +96,8 @@ def save_artefact(
                     f"the model returns shape {tuple(out.shape)} for one image but there are "
                     f"{len(labels)} labels"
                 )
-            export_onnx(model, tmp / ONNX_FILE, (c, h, w), opset)
-            max_diff = _check_onnx_matches_torch(model, tmp / ONNX_FILE, (c, h, w), atol, rtol)
+            export_onnx(model, onnx_tmp, (c, h, w), opset)
+            max_diff = _check_onnx_matches_torch(model, onnx_tmp, (c, h, w), atol, rtol)
             torch.save(
                 {
                     "arch": arch,
@@ -100,7 +106,7 @@ def save_artefact(
                     "spec": spec,
                     "state_dict": model.state_dict(),
                 },
-                tmp / WEIGHTS_FILE,
+                weights_tmp,
             )
             metadata = _new_metadata(
                 arch,
@@ -111,14 +117,11 @@ def save_artefact(
                 extra={**(extra or {}), "model": spec},
                 onnx={"onnx_opset": opset, "onnx_max_abs_diff": max_diff},
             )
-            (tmp / METADATA_FILE).write_text(
+            metadata_tmp.write_text(
                 json.dumps(metadata.to_dict(), indent=2) + "\n", encoding="utf-8"
             )
             # An int8 graph quantised from the model being replaced must not outlive it.
             (model_dir / INT8_FILE).unlink(missing_ok=True)
-            # Metadata last: a reader never sees new metadata next to an old model.
-            for name in (ONNX_FILE, WEIGHTS_FILE, METADATA_FILE):
-                os.replace(tmp / name, model_dir / name)
     finally:
         model.train(was_training)
     return metadata
@@ -253,9 +256,8 @@ def _check_onnx_matches_torch(
     batch = torch.rand(3, *chw, generator=generator)  # batch 3: proves the batch axis is dynamic
     with torch.no_grad():
         expected = model(batch).numpy()
-    got = open_session(onnx_path.parent, threads=1).run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[
-        0
-    ]
+    session = open_session(onnx_path.parent, threads=1, graph=onnx_path.name)
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
     if got.shape != expected.shape:
         raise ArtefactError(f"ONNX export returns shape {got.shape}, torch {expected.shape}")
     max_diff = float(np.max(np.abs(got - expected)))

@@ -21,9 +21,11 @@ Which feature map, per model kind (:func:`target_layers`):
   averaged over flips of the image (``probe_flips``: ``FlipAverage``) runs every flipped copy
   through that layer: each copy's map is flipped back onto the image and the maps are summed,
   so the map of a mirrored image is the mirrored map.
-- fine-tuned EfficientNet-Lite (``LiteNet``): the head conv after its BN and activation
-  (``net.bn2``); torchvision ResNets: ``layer4``; MobileNet-V3 / EfficientNet-B0: the last
-  block of ``features``; ``small_cnn``: its last conv-BN-ReLU. Anything else: the last Conv2d.
+- a classifier or a probe's features: its backbone family's ``cam_layer``
+  (:mod:`flystage.training.families`). Fine-tuned EfficientNet-Lite (``LiteNet``): the head
+  conv after its BN and activation (``net.bn2``); torchvision ResNets: ``layer4``;
+  MobileNet-V3 / EfficientNet-B0: the last block of ``features``; ``small_cnn``: its last
+  conv-BN-ReLU. A module no family built: its last Conv2d.
 - calibrated (``Calibrated``): the wrapped model. Dividing logits by a positive temperature
   scales every gradient alike, so the normalised map is the same.
 - ensemble (``EnsembleNet``): one map per member, all from the gradient of the ensemble's own
@@ -31,7 +33,8 @@ Which feature map, per model kind (:func:`target_layers`):
   size, then the positive part is kept: each member counts as much as its evidence moves the
   ensemble's answer. Members the rule above cannot map are skipped (at least one must map).
 - HOG networks (``hognet``, ``hognet_turn``, a HOG-only probe) have no convolutional feature
-  map: :class:`GradCamUnavailable`; occlusion still explains them.
+  map (their family has no ``cam_layer``): :class:`GradCamUnavailable`; occlusion still
+  explains them.
 """
 
 from __future__ import annotations
@@ -44,18 +47,8 @@ import torch
 from torch import nn
 
 from flystage.errors import FlystageError
-from flystage.training.backbones import LiteFeatures
-from flystage.training.models import (
-    Calibrated,
-    ConcatFeatures,
-    EnsembleNet,
-    FlipAverage,
-    HOGNet,
-    HOGVector,
-    LiteNet,
-    SmallCNN,
-    StageNet,
-)
+from flystage.training.families import family_of
+from flystage.training.models import Calibrated, ConcatFeatures, EnsembleNet, FlipAverage, arch_of
 from flystage.training.probe import ProbeNet
 
 
@@ -81,50 +74,41 @@ def _last_conv(model: nn.Module) -> nn.Module:
     return found
 
 
-def _backbone_layer(net: nn.Module) -> nn.Module:
-    """The last stage of a CNN backbone (torchvision or :class:`SmallCNN`)."""
-    if isinstance(net, SmallCNN):
-        return net.features[-1]
-    if hasattr(net, "layer4"):  # ResNets
-        return net.layer4
-    if isinstance(getattr(net, "features", None), nn.Sequential):  # MobileNet-V3, EfficientNet-B0
-        return net.features[-1]
-    return _last_conv(net)
+def _family_layer(module: nn.Module) -> nn.Module:
+    """The feature map of a classifier or extractor a backbone family built (its ``cam_layer``);
+    of a module built otherwise, its last Conv2d."""
+    arch = arch_of(module)
+    if arch is None:
+        return _last_conv(module)
+    family = family_of(arch)
+    if family.cam_layer is None:
+        raise GradCamUnavailable(
+            f"{family.title} ({arch}) have no convolutional feature map for Grad-CAM; use occlusion"
+        )
+    return family.cam_layer(module)
 
 
 def _feature_layer(features: nn.Module) -> nn.Module:
     """The deepest convolutional feature map a probe's head sees (module docstring)."""
-    if isinstance(features, LiteFeatures):
-        return features.bn2 if features.conv_head is not None else features.blocks[-1]
     if isinstance(features, FlipAverage):
         return _feature_layer(features.features)
-    if isinstance(features, ConcatFeatures):
+    if isinstance(features, ConcatFeatures):  # the first part with a map (not appended HOG)
+        reasons = []
         for part in features.parts:
-            if not isinstance(part, HOGVector):
+            try:
                 return _feature_layer(part)
-    if isinstance(features, (HOGVector, ConcatFeatures)):
-        raise GradCamUnavailable(
-            "a probe on HOG features has no convolutional feature map for Grad-CAM; use occlusion"
-        )
-    if isinstance(features, StageNet):
-        return _backbone_layer(features.backbone)
-    return _last_conv(features)
+            except GradCamUnavailable as exc:
+                reasons.append(str(exc))
+        raise GradCamUnavailable("; ".join(reasons))
+    return _family_layer(features)
 
 
 def target_layer(model: nn.Module) -> nn.Module:
     """The feature-map module Grad-CAM reads for one (non-ensemble) model."""
     model = _unwrap(model)
-    if isinstance(model, HOGNet):
-        raise GradCamUnavailable(
-            "HOG networks have no convolutional feature map for Grad-CAM; use occlusion"
-        )
     if isinstance(model, ProbeNet):
         return _feature_layer(model.features)
-    if isinstance(model, LiteNet):
-        return model.net.bn2
-    if isinstance(model, StageNet):
-        return _backbone_layer(model.backbone)
-    return _last_conv(model)
+    return _family_layer(model)
 
 
 def _flips(model: nn.Module) -> tuple[tuple[int, ...], ...]:

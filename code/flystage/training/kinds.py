@@ -2,7 +2,8 @@
 
 The cloud and local tuners run where torch may be absent, yet must search what the job will
 train: ``TrainConfig`` takes its defaults for these fields and its ``mode_of`` from here, so
-the tuner and the training program resolve the mode by one rule.
+the tuner and the training program resolve the mode by one rule (each arch's from the
+torch-free family table, :mod:`flystage.training.families`).
 """
 
 from __future__ import annotations
@@ -11,20 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from flystage.options import parse_bool
+from flystage.training.families import archs, family_of
 
 MODES: tuple[str, ...] = ("auto", "full", "probe", "finetune")
 PROBE_SOLVERS: tuple[str, ...] = ("lbfgs", "sgd")
-# The architectures with ImageNet weights (flystage.training.backbones, .models build them).
-LITE_ARCHS: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-TORCHVISION_ARCHS: tuple[str, ...] = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-)
-PRETRAINED_ARCHS: tuple[str, ...] = LITE_ARCHS + TORCHVISION_ARCHS
 # TrainConfig's defaults of the fields that decide the mode.
 DEFAULT_ARCH = "efficientnet_lite2"
 DEFAULT_MODE = "auto"
@@ -35,11 +26,12 @@ GRADIENT = "gradient"  # trained by the epoch loop: learning rate and batch size
 
 
 def mode_of(mode: str, arch: str, pretrained: bool) -> str:
-    """The training mode of ``arch``: ``mode`` unless it is ``auto``, which probes the
-    EfficientNet-Lites (and pretrained torchvision archs) and trains the rest in full."""
+    """The training mode of ``arch``: ``mode`` unless it is ``auto``, which is the family's
+    (:mod:`flystage.training.families`: it probes the EfficientNet-Lites and pretrained
+    torchvision archs and trains the rest in full); an unknown arch: full."""
     if mode != "auto":
         return mode
-    return "probe" if arch in LITE_ARCHS or (pretrained and arch in PRETRAINED_ARCHS) else "full"
+    return family_of(arch).auto(pretrained) if arch in archs() else "full"
 
 
 def _archs(value: Any) -> tuple[str, ...]:

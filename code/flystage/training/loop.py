@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import os
 import random
 import threading
 import time
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from flystage.channels import DataError
+from flystage.files import atomic_write
 from flystage.manifest import Record, sort_labels
 from flystage.options import UsageError
 from flystage.training.config import TrainConfig
@@ -254,10 +254,8 @@ class TrainState:
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically: a reader (or a restart after SIGKILL) sees the old or the new file, never
     half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _load_checkpoint(path: Path, labels: list[str], config: TrainConfig) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +55,7 @@ from flystage.artefact import (
     model_input_shape,
     open_session,
 )
+from flystage.files import atomic_path, atomic_write
 from flystage.imaging import PreprocessConfig, load
 
 CALIBRATION_IMAGES = 64
@@ -241,14 +241,8 @@ def write_int8_record(model_dir: str | Path, record: dict[str, Any]) -> None:
     path = Path(model_dir) / METADATA_FILE
     metadata = json.loads(path.read_text(encoding="utf-8"))
     metadata["int8"] = record
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metadata-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(metadata, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(json.dumps(metadata, indent=2) + "\n")
 
 
 def add_int8(
@@ -281,43 +275,43 @@ def add_int8(
         "calibration_images": int(len(calibration)),
         "valid_images": int(len(valid_images)),
     }
-    partial = model_dir / f".{INT8_FILE}.partial"
-    try:
-        if not len(valid_images):
-            raise ValueError("no validation images to compare it with the float graph on")
-        quantise(model_dir / ONNX_FILE, partial, calibration)
-        float_logits = onnx_logits(model_dir, ONNX_FILE, valid_images, threads)
-        int8_logits = onnx_logits(model_dir, partial.name, valid_images, threads)
-        checked = np.concatenate([valid_images, calibration])
-        agreement = agreement_check(model_dir, partial.name, checked, threads)
-    except Exception as exc:  # onnxruntime's quantiser raises untyped errors
-        partial.unlink(missing_ok=True)
-        record.update(_failure(model_dir, exc))
-    else:
-        float_counts = correct_counts(float_logits, valid_targets)
-        int8_counts = correct_counts(int8_logits, valid_targets)
-        kept, reason = keep_decision(
-            float_counts, int8_counts, allowed_loss, agreement, min_agreement
-        )
-        record.update(
-            kept=kept,
-            reason=reason,
-            float_top1_correct=float_counts[0],
-            int8_top1_correct=int8_counts[0],
-            float_top3_correct=float_counts[1],
-            int8_top3_correct=int8_counts[1],
-            top1_agreement=round(
-                float(np.mean(float_logits.argmax(1) == int8_logits.argmax(1))), 6
-            ),
-            checked_top1_agreement=round(agreement, 6),
-            checked_images=int(len(checked)),
-        )
-        if kept:
-            record["sha256"] = hashlib.sha256(partial.read_bytes()).hexdigest()
-            os.replace(partial, dest)
-        else:
+    # Written under a temporary name, moved into place only when kept (removed otherwise).
+    with atomic_path(dest) as partial:
+        try:
+            if not len(valid_images):
+                raise ValueError("no validation images to compare it with the float graph on")
+            quantise(model_dir / ONNX_FILE, partial, calibration)
+            float_logits = onnx_logits(model_dir, ONNX_FILE, valid_images, threads)
+            int8_logits = onnx_logits(model_dir, partial.name, valid_images, threads)
+            checked = np.concatenate([valid_images, calibration])
+            agreement = agreement_check(model_dir, partial.name, checked, threads)
+        except Exception as exc:  # onnxruntime's quantiser raises untyped errors
             partial.unlink(missing_ok=True)
-            dest.unlink(missing_ok=True)
+            record.update(_failure(model_dir, exc))
+        else:
+            float_counts = correct_counts(float_logits, valid_targets)
+            int8_counts = correct_counts(int8_logits, valid_targets)
+            kept, reason = keep_decision(
+                float_counts, int8_counts, allowed_loss, agreement, min_agreement
+            )
+            record.update(
+                kept=kept,
+                reason=reason,
+                float_top1_correct=float_counts[0],
+                int8_top1_correct=int8_counts[0],
+                float_top3_correct=float_counts[1],
+                int8_top3_correct=int8_counts[1],
+                top1_agreement=round(
+                    float(np.mean(float_logits.argmax(1) == int8_logits.argmax(1))), 6
+                ),
+                checked_top1_agreement=round(agreement, 6),
+                checked_images=int(len(checked)),
+            )
+            if kept:
+                record["sha256"] = hashlib.sha256(partial.read_bytes()).hexdigest()
+            else:
+                partial.unlink(missing_ok=True)
+                dest.unlink(missing_ok=True)
     return _finish(model_dir, record, t0, log)
 
 
