@@ -108,9 +108,7 @@ def test_no_credentials_is_a_clear_error(monkeypatch, tmp_path):
 def test_spot_option_gets_the_same_check_as_the_setting(tmp_path, monkeypatch, capsys):
     """`flystage cloud train --spot` (make train SPOT=1) with max_wait_s < max_runtime_s is
     refused before any request, as FLYSTAGE_SPOT=1 is."""
-    import argparse
-
-    from flystage.cloud import command
+    from flystage import cli
 
     monkeypatch.chdir(tmp_path)
     for name, value in {
@@ -124,16 +122,11 @@ def test_spot_option_gets_the_same_check_as_the_setting(tmp_path, monkeypatch, c
         monkeypatch.setenv(f"FLYSTAGE_{name}", value)
     monkeypatch.delenv("FLYSTAGE_CONFIG", raising=False)
     monkeypatch.delenv("FLYSTAGE_SPOT", raising=False)
-    parser = argparse.ArgumentParser()
-    command.configure_parser(parser)
-    assert command.run(parser.parse_args(["--dry-run", "train", "--spot", "--hp", "epochs=1"])) == 2
+    assert cli.main(["cloud", "--dry-run", "train", "--spot", "--hp", "epochs=1"]) == 2
     captured = capsys.readouterr()
     assert (
         "max_wait_s (3600) must be >= max_runtime_s (7200)" in captured.err and captured.out == ""
     )
     assert (
-        command.run(
-            parser.parse_args(["--dry-run", "train", "--instance-count", "0", "--hp", "epochs=1"])
-        )
-        == 2
+        cli.main(["cloud", "--dry-run", "train", "--instance-count", "0", "--hp", "epochs=1"]) == 2
     )
