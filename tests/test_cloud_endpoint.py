@@ -13,7 +13,7 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 from cloud_helpers import REGION, fake_credentials
-from flystage.cloud.hosting import EndpointPredictor
+from flystage.cloud.endpoint import EndpointPredictor
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
 

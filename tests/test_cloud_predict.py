@@ -32,7 +32,7 @@ from cloud_helpers import (  # fixtures are used as test parameters
     free_port,
     moto_url,
 )
-from flystage.cloud.hosting import EndpointPredictor
+from flystage.cloud.endpoint import EndpointPredictor
 from flystage.cloud.session import Api
 from flystage.cloud.settings import CloudError, Settings
 from flystage.predictor import Predictor

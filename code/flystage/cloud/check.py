@@ -437,7 +437,7 @@ def _runners(folder: Path, manifest: Path) -> dict[str, Callable[[CapturingApi, 
     import argparse
 
     from flystage.cloud import batch, ecr, hosting, s3, training, tuning
-    from flystage.cloud.command import _predict
+    from flystage.cloud.endpoint import predict_folder
 
     predict_args = argparse.Namespace(undo=None, folder=folder, k=3, concurrency=1, dry_run=True)
     return {
@@ -446,7 +446,7 @@ def _runners(folder: Path, manifest: Path) -> dict[str, Callable[[CapturingApi, 
         "tune": tuning.tune,
         "train": training.train,
         "deploy": hosting.deploy,
-        "predict": lambda api, s: _predict(api, s, predict_args),
+        "predict": lambda api, s: predict_folder(api, s, predict_args),
         "batch-predict": lambda api, s: batch.batch_predict(api, s, str(folder)),
         "teardown": hosting.teardown,
     }

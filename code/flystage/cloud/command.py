@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flystage.options import UsageError
 from flystage.subcommands import add_subcommands
 
 
@@ -202,30 +201,9 @@ def _deploy(api, settings, args: argparse.Namespace) -> int:
 
 
 def _predict(api, settings, args: argparse.Namespace) -> int:
-    from flystage.cloud.hosting import EndpointPredictor
-    from flystage.predict import run_undo, run_with
+    from flystage.cloud.endpoint import predict_folder
 
-    if args.undo:
-        return run_undo(args.undo)
-    if args.folder is None:
-        raise UsageError("give a FOLDER of images (DIR=...) or --undo MANIFEST")
-    predictor = EndpointPredictor(
-        api, settings.endpoint_name, concurrency=args.concurrency, serverless=settings.serverless
-    )
-    if args.dry_run:
-        from flystage.organise import iter_images
-
-        paths, _ = iter_images([args.folder.expanduser().resolve()])
-        for path in paths:
-            api.call(
-                "sagemaker-runtime",
-                "invoke_endpoint",
-                **predictor.request(path.read_bytes(), args.k),
-            )
-        return 0
-    return run_with(
-        predictor, args, model_info={"endpoint": settings.endpoint_name, "region": api.region}
-    )
+    return predict_folder(api, settings, args)
 
 
 def _batch_predict(api, settings, args: argparse.Namespace) -> int:
