@@ -1,7 +1,7 @@
 """How long a lab image takes to become a model input.
 
 A 1110x420 16-bit dim TIFF (like the lab's), as file bytes, through
-``flystage.imaging.read_image`` and ``preprocess`` with the default PreprocessConfig, one
+``flystage.reading.read_image`` and ``imaging.preprocess`` with the default PreprocessConfig, one
 image at a time on one thread (as a serving worker does). Prints one JSON line: median and
 p90 milliseconds of the whole path, and of reading and preprocessing separately.
 

@@ -180,7 +180,7 @@ def test_a_toy_probe_is_explained_at_its_family_layer(toy) -> None:
 def test_the_training_program_trains_exports_predicts_and_explains_a_toy_arch(
     toy, tmp_path: Path
 ) -> None:
-    from flystage.predict import Predictor
+    from flystage.predictor import Predictor
     from flystage.training.gradcam import GradCam, target_layer
     from flystage.training.train import main
     from train_helpers import LABELS, TINY_ARGS, make_manifest_set, make_tree
