@@ -55,7 +55,7 @@ demo: ## the main job on the default dataset (BDGP): fetch, organise by gene, tr
 	@echo; echo "Demo done: report $(DEMO)/evaluation/report.json, confusion $(DEMO)/evaluation/confusion.png,"
 	@echo "predictions $(DEMO)/predictions.csv, renamed copies in $(DEMO)/new-images (undo: flystage predict --undo <manifest>)."
 	@echo "Look at every prediction and correct the wrong ones (then retrain: README, 'Review and retrain'):"
-	@echo "  $(FLY) review $(DEMO)/predictions.csv --model $(DEMO)/model --out $(DEMO)/reviewed.csv --base-labels $(DEMO)/manifest.csv"
+	@echo "  $(FLY) review $(DEMO)/predictions.csv --out $(DEMO)/reviewed.csv --base-labels $(DEMO)/manifest.csv"
 
 # ---- benchmarks ---------------------------------------------------------------------------
 
