@@ -20,7 +20,8 @@ from flystage import cli, formats
 from flystage.formats import ImageFormat
 from flystage.image_checks import ImageError, Limits, check_size
 from flystage.imaging import load, preprocess
-from flystage.organise import iter_images
+from flystage.organise import iter_images, organise
+from flystage.organise_error import OrganiseError
 from flystage.reading import read_image
 from flystage.serving import client, codec
 from imaging_helpers import encode, tiff_bytes
@@ -113,6 +114,7 @@ def test_register_adds_to_every_lookup_and_unregister_removes(toy):
     assert formats.sniff(body[: formats.HEAD_BYTES]) is toy
     assert formats.by_suffix(".FLYTOY") is toy and formats.by_mime_type("image/x-flytoy") is toy
     assert formats.supported() == "TIFF, PNG, BMP, JPEG or FLYTOY"
+    assert formats.suffix_text() == ".tif/.tiff/.png/.bmp/.jpg/.jpeg/.flytoy"
     assert "image/x-flytoy" in formats.mime_types()
 
 
@@ -249,3 +251,9 @@ def test_flystage_predict_on_a_folder_of_toy_files(toy, model_dir, tmp_path):
     for seed in range(3):
         toy_row, png_row = rows[f"embryo{seed}.flytoy"], rows[f"embryo{seed}.png"]
         assert toy_row["error"] == "" and toy_row == png_row
+
+
+def test_a_folder_without_images_names_every_registered_suffix(toy, tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("stage 9")
+    with pytest.raises(OrganiseError, match=r"no images \(\.tif/.*/\.jpeg/\.flytoy\) under"):
+        organise([tmp_path])

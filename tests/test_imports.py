@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,19 @@ def test_serving_and_the_core_never_import_the_cloud_or_local_mode(graph):
         for n in lower
     }
     assert not {n: t for n, t in offenders.items() if t}
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["flystage.organise", "flystage.manifest", "flystage.cloud.command", "flystage_local.tuning"],
+)
+def test_organise_and_the_control_plane_load_no_image_stack(module):
+    # They read manifests, write files and call AWS: numpy and OpenCV (tens of MB, a second of
+    # start-up) are loaded only by what reads or writes pixels.
+    code = (
+        f"import sys, {module}\n"
+        "assert not {'numpy', 'cv2', 'tifffile', 'torch'} & set(sys.modules), "
+        "sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'cv2'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,7 +1,8 @@
 """The one error convention: every failure a user can mend is a :class:`FlystageError`.
 
 A command raises it with a message that says what is wrong and what to do; :func:`run_command`
-(used by ``cli.main`` and every other entry point) is the one place that turns it into
+(used by ``cli.main`` and ``python -m flystage_local``; the training program and the serve
+entrypoint keep the exit codes SageMaker reads) is the one place that turns it into
 ``flystage COMMAND: error: MESSAGE`` on stderr and the exit code.
 Library callers catch ``FlystageError`` (or the specific subclass) instead of a list of types.
 """

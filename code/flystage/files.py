@@ -3,8 +3,8 @@ never open as formulas; PNG bytes.
 
 Every module that writes an output uses :func:`atomic_write` (or :func:`atomic_path` when a
 library writes the file by name), so a crash or an error half-way never leaves half a file
-under the real name, and :func:`png_bytes` to encode a picture. No torch, and OpenCV only
-when a PNG is made.
+under the real name, and :func:`png_bytes` to encode a picture. No torch, and numpy and
+OpenCV only when a PNG is made.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
-
-import numpy as np
+from typing import IO, TYPE_CHECKING, Any
 
 from flystage.errors import FlystageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # OWASP's CSV-injection rule: a cell starting with one of these opens as a formula in a
 # spreadsheet, so it gets a leading single quote (file names are chosen by whoever sent them).
@@ -201,7 +202,10 @@ def png_bytes(image: np.ndarray, channels_first: bool = False) -> bytes:
     uint8 and uint16 are written as they are (16 bits kept); a float image is taken to be in
     [0, 1] (a model input) and rounded to 8 bits. Raises ValueError when OpenCV cannot encode.
     """
-    import cv2  # here, not at the top: writing JSON or CSV must not load OpenCV
+    # Here, not at the top: the manifest, the control plane and local mode write files
+    # through this module without loading numpy or OpenCV.
+    import cv2
+    import numpy as np
 
     if channels_first and image.ndim == 3:
         image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)

@@ -37,6 +37,7 @@ __all__ = [
     "by_mime_type",
     "mime_types",
     "supported",
+    "suffix_text",
     "describe_unknown",
 ]
 
@@ -203,6 +204,11 @@ def supported() -> str:
     """The formats for people: ``"TIFF, PNG, BMP or JPEG"``."""
     labels = [fmt.label for fmt in _TABLE]
     return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} or {labels[-1]}"
+
+
+def suffix_text() -> str:
+    """The suffixes a folder walk takes as images, for messages: ``".tif/.tiff/.png/..."``."""
+    return "/".join(s for fmt in _TABLE for s in fmt.suffixes)
 
 
 def describe_unknown(head: bytes) -> str:

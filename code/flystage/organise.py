@@ -223,7 +223,7 @@ def organise(
     found, ignored = _scan(folders)
     if not found:
         raise OrganiseError(
-            f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {', '.join(map(str, folders))}; "
+            f"no images ({formats.suffix_text()}) under {', '.join(map(str, folders))}; "
             f"ignored: {dict(ignored) or 'nothing'}"
         )
     label_level = options.label_level

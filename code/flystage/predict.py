@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from flystage import formats
 from flystage.artefact import PRECISIONS
 from flystage.errors import FlystageError
 from flystage.files import unwritable_reason
@@ -247,7 +248,7 @@ def _find_images(folder: Path) -> tuple[Path, list[Path]]:
             file=sys.stderr,
         )
     if not paths:
-        raise PredictError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}")
+        raise PredictError(f"no images ({formats.suffix_text()}) under {folder}")
     return folder, paths
 
 

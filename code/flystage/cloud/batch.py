@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from flystage import formats
 from flystage.cloud import ecr
 from flystage.cloud.hosting import check_model_data, model_data_uri, model_request
 from flystage.cloud.s3 import (
@@ -116,7 +117,7 @@ def _local_images(source: str, payload_mb: int) -> tuple[Path, list[Path]]:
         raise CloudError(f"{root}: not a folder; give a folder of images or an s3:// prefix")
     local, _ = iter_images([root])
     if not local:
-        raise CloudError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {root}")
+        raise CloudError(f"no images ({formats.suffix_text()}) under {root}")
     for path in local:
         if path.stat().st_size > payload_mb * 2**20:
             raise CloudError(

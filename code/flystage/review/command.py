@@ -16,6 +16,7 @@ import threading
 import webbrowser
 from pathlib import Path
 
+from flystage import formats
 from flystage.artefact import load_metadata
 from flystage.errors import FlystageError
 from flystage.imaging import PreprocessConfig
@@ -102,7 +103,7 @@ def _predict_folder(folder: Path, model: Path, out: Path, threads: int) -> Path:
     predictor = Predictor(model, threads=threads)
     paths, _ = iter_images([folder])
     if not paths:
-        raise PredictionsError(f"no images (.tif/.tiff/.png/.bmp/.jpg/.jpeg) under {folder}")
+        raise PredictionsError(f"no images ({formats.suffix_text()}) under {folder}")
     predictions = predict_files(predictor, paths, root=folder, workers=1)
     write_csv(predictions, out, force=True)
     write_json(

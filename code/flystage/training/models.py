@@ -161,7 +161,8 @@ def build_feature_extractor(
     linear probe: an EfficientNet-Lite's pooled ``taps`` stages, a torchvision backbone's
     pooled last stage, or (``hognet``) the HOG features; ``hog`` appends the HOG features;
     ``flips`` (a key of :data:`PROBE_FLIPS`) averages them over those flips of the image;
-    ``columns`` bands along the width for an EfficientNet-Lite (:class:`LiteFeatures`)."""
+    ``columns`` bands along the width for an EfficientNet-Lite
+    (:class:`flystage.training.backbones.LiteFeatures`)."""
     family = _family(arch, 2, channels)
     if family.features is None:
         raise ValueError(f"{arch} has no pretrained features to probe: train it with mode=full")

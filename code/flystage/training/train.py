@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from flystage import formats
 from flystage.channels import DataError, FolderRules, data_summary, split_channels
 from flystage.manifest import Record, manifest_sha256
 from flystage.options import ArgumentParser, UsageError, integer, regex_text
@@ -300,7 +301,7 @@ def _unlabelled_images(
     if not found:
         raise DataError(
             f"--unlabelled {folder}: no images there besides the labelled ones (looked for "
-            ".tif/.tiff/.png/.bmp/.jpg/.jpeg)"
+            f"{formats.suffix_text()})"
         )
     _log(f"unlabelled: {len(found)} images from {folder}")
     return found
