@@ -383,10 +383,10 @@ def _to_png_array(image: np.ndarray, eight_bit: bool) -> np.ndarray:
 
 def _background(image: np.ndarray) -> tuple[float, ...]:
     """Per-channel median of the frame's corners: the fill for rotated corners."""
-    from flystage.imaging import _corners
+    from flystage.imaging import corner_pixels
 
     planes = [image] if image.ndim == 2 else [image[:, :, i] for i in range(image.shape[2])]
-    return tuple(float(np.median(_corners(p))) for p in planes)
+    return tuple(float(np.median(corner_pixels(p))) for p in planes)
 
 
 def _write_png(path: Path, image: np.ndarray) -> str:

@@ -221,7 +221,7 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else image.mean(axis=2, dtype=np.float32)
 
 
-def _corners(image: np.ndarray, size: float = 0.08) -> np.ndarray:
+def corner_pixels(image: np.ndarray, size: float = 0.08) -> np.ndarray:
     """The pixels of the frame's four corner patches (``size`` of each side).
 
     An embryo, an ellipse, never reaches them, even when it fills the frame edge to edge;
@@ -256,7 +256,7 @@ def has_light_background(image: np.ndarray, corner: float = 0.08) -> bool:
     """
     grey = _grey(image)
     lo, hi = np.percentile(_subsample(grey).astype(np.float32), [1.0, 99.0])
-    return bool(np.median(_corners(grey, corner).astype(np.float32)) > (lo + hi) / 2.0)
+    return bool(np.median(corner_pixels(grey, corner).astype(np.float32)) > (lo + hi) / 2.0)
 
 
 def stretch_contrast(
@@ -342,7 +342,7 @@ def foreground_mask(image: np.ndarray, smooth: float = 0.02, work_size: int = 25
     if int(u8.max()) == int(u8.min()):
         return np.ones((h, w), bool)
     otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    strip = _corners(u8).astype(np.float32)
+    strip = corner_pixels(u8).astype(np.float32)
     centre = float(np.median(strip))
     spread = 1.4826 * float(np.median(np.abs(strip - centre)))
     threshold = min(float(otsu), centre + max(6.0 * spread, 5.0))
