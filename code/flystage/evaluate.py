@@ -35,6 +35,7 @@ from flystage.bootstrap import (
 )
 from flystage.bootstrap import json_float as _num
 from flystage.calibrate import THRESHOLDS, coverage_table, expected_calibration_error
+from flystage.files import atomic_path, atomic_write
 from flystage.imaging import load
 from flystage.manifest import SPLITS, ManifestError, Record, manifest_sha256, read_manifest
 from flystage.options import UsageError
@@ -191,8 +192,8 @@ def _png(path: str | Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
     try:
         yield fig, axes
         fig.tight_layout()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        with atomic_path(path, fsync=False) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
 
@@ -494,7 +495,8 @@ def run(args: argparse.Namespace) -> int:
         marks=report["coverage"],
         title=title + (f", ECE {report['ece']:.3f}" if report.get("ece") is not None else ""),
     )
-    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(report_path) as f:
+        f.write(json.dumps(report, indent=2) + "\n")
     print(report_text(report))
     print(f"wrote {report_path}, {png_path} and {coverage_path}")
     if args.html:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flystage.files import png_bytes
+from flystage.files import atomic_write, png_bytes
 from flystage.image_checks import ImageError
 from flystage.imaging import PreprocessConfig, load
 from flystage.manifest import Record
@@ -151,5 +151,6 @@ def write_html(
     errors = "".join(cards) or "<p>No errors on this split.</p>"
     coverage = _coverage_section(coverage_png if calibrated else None)
     text = _page(report, confusion_png, errors, coverage)
-    path.write_text(text, encoding="utf-8")
+    with atomic_write(path) as f:
+        f.write(text)
     return path

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flystage import jobdef
+from flystage.files import atomic_write
 from flystage_local import LocalModeError
 from flystage_local.training import JobResult
 
@@ -220,5 +221,6 @@ def summary(trials: list[Trial], objective: str = jobdef.OBJECTIVE_METRIC) -> di
 
 
 def write_summary(trials: list[Trial], path: Path) -> Path:
-    path.write_text(json.dumps(summary(trials), indent=2) + "\n", encoding="utf-8")
+    with atomic_write(path) as f:
+        f.write(json.dumps(summary(trials), indent=2) + "\n")
     return path

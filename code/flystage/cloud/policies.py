@@ -26,6 +26,7 @@ from flystage.cloud.hosting import derived_name
 from flystage.cloud.s3 import ROLE_READS, parse_s3_uri
 from flystage.cloud.settings import CloudError, Settings
 from flystage.cloud.training import job_name
+from flystage.files import atomic_write
 
 VERSION = "2012-10-17"
 SAGEMAKER_PRINCIPAL = "sagemaker.amazonaws.com"
@@ -309,6 +310,7 @@ def write_policies(settings: Settings, out: Path, *, source_arn: bool = False) -
     paths = []
     for stem, policy in policies(settings, source_arn=source_arn).items():
         path = out / f"{stem}.json"
-        path.write_text(render(policy), encoding="utf-8")
+        with atomic_write(path) as f:
+            f.write(render(policy))
         paths.append(path)
     return paths

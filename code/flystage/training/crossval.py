@@ -38,6 +38,7 @@ from flystage.evaluate import (
     report_text,
     topk_accuracy,
 )
+from flystage.files import atomic_write
 from flystage.manifest import Record, manifest_sha256, read_manifest, sort_labels
 from flystage.training.config import TrainConfig, add_config_options, config_from_args
 from flystage.training.data import ImageCache, to_float
@@ -454,7 +455,8 @@ def write_report(report: dict[str, Any], out: str | Path, force: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     title = f"{report['protocol']} ({report['group_column']}), n={report['n']}"
     plot_confusion(np.array(report["confusion"]), report["labels"], png_path, title=title)
-    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(report_path) as f:
+        f.write(json.dumps(report, indent=2) + "\n")
     return report_path, png_path
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from flystage import formats
 from flystage.channels import DataError, FolderRules, data_summary, split_channels
+from flystage.files import atomic_write
 from flystage.manifest import Record, manifest_sha256
 from flystage.options import ArgumentParser, UsageError, integer, regex_text
 from flystage.organise import iter_images
@@ -185,13 +186,12 @@ def _write_history(
     output_dir: Path, history: list[dict[str, float]], best: dict[str, float]
 ) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "history.csv", "w", newline="") as f:
+    with atomic_write(output_dir / "history.csv") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[-1]))
         writer.writeheader()
         writer.writerows(history)
-    (output_dir / "metrics.json").write_text(
-        json.dumps({"best": best, "history": history}, indent=2) + "\n"
-    )
+    with atomic_write(output_dir / "metrics.json") as f:
+        f.write(json.dumps({"best": best, "history": history}, indent=2) + "\n")
 
 
 def _write_failure(message: str) -> Path | None:
