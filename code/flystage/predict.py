@@ -27,7 +27,7 @@ from typing import Any
 from flystage import formats
 from flystage.artefact import PRECISIONS
 from flystage.errors import FlystageError
-from flystage.files import unwritable_reason
+from flystage.files import REPLACE_HINT, unwritable_reason
 from flystage.imaging import set_threads
 from flystage.organise import iter_images
 from flystage.outputs import write_csv, write_json
@@ -258,7 +258,7 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     json_path = args.json or args.out.with_suffix(".json")
     for out in (args.out, json_path):
         if out.exists() and not args.force:
-            raise PredictError(f"{out} already exists; choose another name or pass --force")
+            raise PredictError(f"{out} already exists; {REPLACE_HINT}")
     undo_path = args.undo_manifest or args.out.with_name(
         f"{args.out.stem}-undo-{datetime.now():%Y%m%d-%H%M%S}.csv"
     )
