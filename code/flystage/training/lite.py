@@ -26,9 +26,8 @@ class LiteNet(FrozenBatchNorm, nn.Module):
         self.frozen_bn = frozen_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.expand(
-            -1, 3, -1, -1
-        )  # grey to RGB (a no-op on RGB); no branch for the exporter to trace
+        # Grey to RGB (a no-op on RGB), with no branch for the exporter to trace.
+        x = x.expand(-1, 3, -1, -1)
         return self.net(x * 2.0 - 1.0)
 
 
